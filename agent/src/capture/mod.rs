@@ -1,0 +1,337 @@
+//! The capture layer: loads Nodeward's eBPF programs, attaches them, and
+//! keeps what fail-closed needs pinned in bpffs.
+//!
+//! Node-wide programs (connect, getpeername, sockops) attach once to the
+//! cgroup v2 root and act only on sockets whose network-namespace cookie is
+//! in `PODS`. Each managed pod gets its own `sk_lookup` instance, attached to
+//! its namespace, with the pod's cookie compiled in as a constant (sk_lookup
+//! programs cannot ask for their namespace's cookie).
+//!
+//! Everything lives under `<bpffs>/nodeward/<node>/v1/`: `maps/`, `links/`
+//! and `pods/<cookie>/`. Links are pinned, so when the agent dies the
+//! programs stay: a managed pod's `connect()` still goes to the (now closed)
+//! outbound port and is refused, and inbound connections find no listener
+//! and are dropped. A restarted agent attaches fresh links first and only
+//! then unpins the old ones, so there is no moment without capture and no
+//! duplicate left behind. `nodeward cleanup` removes the directory, which
+//! detaches everything.
+
+pub mod host;
+pub mod map;
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps};
+use aya::{Ebpf, EbpfLoader};
+use nodeward_common::{ListenerKey, PodInfo, PortKey, SockAddr, SockKey};
+
+pub use map::BpfMap;
+
+use crate::netns::Netns;
+
+/// The compiled eBPF object, built by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodeward-ebpf"));
+
+/// Node-wide cgroup programs: (program, pin name).
+const CGROUP_PROGRAMS: &[&str] = &["nw_connect4", "nw_connect6", "nw_getpeer4", "nw_getpeer6"];
+
+/// Errors of the capture layer, each naming what is missing or wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// The agent lacks capabilities.
+    #[error("missing privilege: {0}")]
+    MissingPrivilege(String),
+    /// No cgroup v2 hierarchy is mounted.
+    #[error("no cgroup v2 filesystem is mounted (see /proc/mounts); Nodeward attaches its connect() programs to the cgroup v2 root")]
+    NoCgroup2,
+    /// A host resource is unusable.
+    #[error("{what}: {message}")]
+    Host {
+        /// The resource.
+        what: String,
+        /// Why.
+        message: String,
+    },
+    /// The kernel refused a program (usually a missing kernel feature).
+    #[error("the kernel refused eBPF program {program} ({hint}): {message}")]
+    Program {
+        /// Program name.
+        program: &'static str,
+        /// The kernel feature it needs.
+        hint: &'static str,
+        /// The loader's error.
+        message: String,
+    },
+    /// A pinned object could not be created, opened or replaced.
+    #[error("bpffs pin {path}: {message}")]
+    Pin {
+        /// The pin path.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// A map operation failed.
+    #[error("eBPF map {map}: {source}")]
+    Map {
+        /// Map name.
+        map: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Where and how to attach.
+#[derive(Clone, Debug)]
+pub struct CaptureConfig {
+    /// bpffs mount point.
+    pub bpffs: PathBuf,
+    /// This node's name, which scopes the pin directory.
+    pub node_name: String,
+    /// cgroup v2 root to attach to; discovered when `None`.
+    pub cgroup2: Option<PathBuf>,
+    /// Socket mark of the agent's own sockets.
+    pub socket_mark: u32,
+}
+
+/// The pin directory of a node.
+pub fn pin_dir(bpffs: &Path, node_name: &str) -> PathBuf {
+    bpffs.join("nodeward").join(node_name).join("v1")
+}
+
+/// The maps the agent reads and writes.
+#[derive(Debug)]
+pub struct Maps {
+    /// Managed pods by namespace cookie.
+    pub pods: BpfMap<u64, PodInfo>,
+    /// Excluded ports.
+    pub excluded_ports: BpfMap<PortKey, u8>,
+    /// Original destinations of captured outbound connections.
+    pub orig_dst: BpfMap<SockKey, SockAddr>,
+    /// Client addresses apps see on inbound connections.
+    pub inbound_peer: BpfMap<SockKey, SockAddr>,
+    /// Listener sockets for sk_lookup (value: socket fd on insert).
+    pub listeners: BpfMap<ListenerKey, u32>,
+    /// Node addresses whose connections to pods are health probes.
+    pub probe_sources: BpfMap<[u32; 4], u8>,
+}
+
+/// The attached capture layer of one node.
+#[derive(Debug)]
+pub struct Capture {
+    config: CaptureConfig,
+    dir: PathBuf,
+    /// The shared maps.
+    pub maps: Maps,
+}
+
+impl Capture {
+    /// Checks the host, loads and attaches the node-wide programs (replacing
+    /// those of a previous run), and opens the maps.
+    pub fn start(config: CaptureConfig) -> Result<Self, CaptureError> {
+        host::check_privileges()?;
+        let cgroup = match &config.cgroup2 {
+            Some(p) => p.clone(),
+            None => host::find_cgroup2()?,
+        };
+        host::ensure_bpffs(&config.bpffs)?;
+        let dir = pin_dir(&config.bpffs, &config.node_name);
+        for sub in ["maps", "links", "pods"] {
+            std::fs::create_dir_all(dir.join(sub)).map_err(|e| CaptureError::Pin {
+                path: dir.join(sub),
+                message: e.to_string(),
+            })?;
+        }
+        let mut ebpf = load_object(&dir, config.socket_mark, None)?;
+        let cgroup_fd = std::fs::File::open(&cgroup).map_err(|e| CaptureError::Host {
+            what: format!("cgroup v2 root {}", cgroup.display()),
+            message: e.to_string(),
+        })?;
+        for &name in CGROUP_PROGRAMS {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load().map_err(|e| refused(name, e))?;
+            // bpf_link attachments always coexist with other programs; the
+            // kernel rejects attach flags on them, hence "Single" (0).
+            let id = prog
+                .attach(&cgroup_fd, CgroupAttachMode::Single)
+                .map_err(|e| refused(name, e))?;
+            let link: FdLink = prog
+                .take_link(id)
+                .map_err(|e| refused(name, e))?
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| refused(name, e))?;
+            replace_pin(link, &dir.join("links").join(name))?;
+        }
+        let name = "nw_sockops";
+        let prog: &mut SockOps = program(&mut ebpf, name)?;
+        prog.load().map_err(|e| refused(name, e))?;
+        let id = prog
+            .attach(&cgroup_fd, CgroupAttachMode::Single)
+            .map_err(|e| refused(name, e))?;
+        let link: FdLink = prog
+            .take_link(id)
+            .map_err(|e| refused(name, e))?
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| refused(name, e))?;
+        replace_pin(link, &dir.join("links").join(name))?;
+        tracing::info!(cgroup = %cgroup.display(), pins = %dir.display(), "capture programs attached");
+
+        let maps = Maps {
+            pods: open_map(&dir, "PODS")?,
+            excluded_ports: open_map(&dir, "EXCLUDED_PORTS")?,
+            orig_dst: open_map(&dir, "ORIG_DST")?,
+            inbound_peer: open_map(&dir, "INBOUND_PEER")?,
+            listeners: open_map(&dir, "LISTENERS")?,
+            probe_sources: open_map(&dir, "PROBE_SOURCES")?,
+        };
+        Ok(Capture { config, dir, maps })
+    }
+
+    /// Attaches (or re-attaches) inbound steering to a pod's namespace.
+    pub fn attach_pod(&self, netns: &Netns) -> Result<(), CaptureError> {
+        let cookie = netns.cookie();
+        let pod_dir = self.dir.join("pods").join(cookie.to_string());
+        std::fs::create_dir_all(&pod_dir).map_err(|e| CaptureError::Pin {
+            path: pod_dir.clone(),
+            message: e.to_string(),
+        })?;
+        let mut ebpf = load_object(&self.dir, self.config.socket_mark, Some(cookie))?;
+        let name = "nw_sk_lookup";
+        let prog: &mut SkLookup = program(&mut ebpf, name)?;
+        prog.load().map_err(|e| refused(name, e))?;
+        let ns_file = std::fs::File::open(netns.path()).map_err(|e| CaptureError::Host {
+            what: format!("network namespace {}", netns.path().display()),
+            message: e.to_string(),
+        })?;
+        let id = prog.attach(ns_file.as_fd()).map_err(|e| refused(name, e))?;
+        let link: FdLink = prog.take_link(id).map_err(|e| refused(name, e))?.into();
+        replace_pin(link, &pod_dir.join("sk_lookup"))
+    }
+
+    /// Detaches a pod's inbound steering.
+    pub fn detach_pod(&self, cookie: u64) -> Result<(), CaptureError> {
+        let pod_dir = self.dir.join("pods").join(cookie.to_string());
+        remove_pins(&pod_dir)
+    }
+
+    /// Namespace cookies with pinned steering from this or a previous run.
+    pub fn pinned_pods(&self) -> Vec<u64> {
+        std::fs::read_dir(self.dir.join("pods"))
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Removes every pin of a node: programs detach, maps are freed. Returns
+/// whether there was anything to remove.
+pub fn cleanup(bpffs: &Path, node_name: &str) -> Result<bool, CaptureError> {
+    let dir = pin_dir(bpffs, node_name);
+    if !dir.exists() {
+        return Ok(false);
+    }
+    remove_pins(&dir)?;
+    let _ = std::fs::remove_dir(bpffs.join("nodeward").join(node_name));
+    Ok(true)
+}
+
+fn remove_pins(dir: &Path) -> Result<(), CaptureError> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(CaptureError::Pin {
+            path: dir.to_path_buf(),
+            message: e.to_string(),
+        }),
+    }
+}
+
+fn load_object(dir: &Path, mark: u32, netns_cookie: Option<u64>) -> Result<Ebpf, CaptureError> {
+    let cookie = netns_cookie.unwrap_or(u64::MAX);
+    EbpfLoader::new()
+        .default_map_pin_directory(dir.join("maps"))
+        .override_global("SOCKET_MARK", &mark, true)
+        .override_global("NETNS_COOKIE", &cookie, true)
+        .load(EBPF_OBJECT)
+        .map_err(|e| CaptureError::Program {
+            program: "(object)",
+            hint: "eBPF maps: hash, LRU hash and sock hash, kernel 5.9 or newer",
+            message: error_chain(&e),
+        })
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, CaptureError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf.program_mut(name).ok_or(CaptureError::Program {
+        program: name,
+        hint: "missing from the embedded object",
+        message: "not found".into(),
+    })?;
+    prog.try_into().map_err(|e| refused(name, e))
+}
+
+fn hint(program: &str) -> &'static str {
+    match program {
+        "nw_sk_lookup" => "needs BPF_PROG_TYPE_SK_LOOKUP with ingress_ifindex, Linux 5.17 or newer",
+        "nw_sockops" => "needs cgroup sock_ops with bpf_get_netns_cookie, Linux 5.15 or newer",
+        "nw_getpeer4" | "nw_getpeer6" => "needs cgroup getpeername hooks, Linux 5.8 or newer",
+        _ => "needs cgroup connect hooks with bpf_get_netns_cookie and bpf_link, Linux 5.8 or newer",
+    }
+}
+
+fn refused(program: &'static str, e: impl std::error::Error) -> CaptureError {
+    CaptureError::Program {
+        program,
+        hint: hint(program),
+        message: error_chain(&e),
+    }
+}
+
+/// An error with all its causes, since aya's errors keep the errno in a source.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        cur = s.source();
+    }
+    msg
+}
+
+/// Pins `link` at `path`, detaching whatever link was pinned there before.
+/// The new link is attached before the old one goes, so capture never lapses.
+fn replace_pin(link: FdLink, path: &Path) -> Result<(), CaptureError> {
+    let pin_err = |message: String| CaptureError::Pin {
+        path: path.to_path_buf(),
+        message,
+    };
+    if path.exists() {
+        match PinnedLink::from_pin(path) {
+            Ok(old) => drop(old.unpin().map_err(|e| pin_err(e.to_string()))?),
+            Err(_) => std::fs::remove_file(path).map_err(|e| pin_err(e.to_string()))?,
+        }
+    }
+    link.pin(path).map_err(|e| pin_err(e.to_string()))?;
+    Ok(())
+}
+
+fn open_map<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &'static str) -> Result<BpfMap<K, V>, CaptureError> {
+    let path = dir.join("maps").join(name);
+    let data = aya::maps::MapData::from_pin(&path).map_err(|e| CaptureError::Pin {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    let fd: OwnedFd = data
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| CaptureError::Map { map: name, source })?;
+    Ok(BpfMap::new(fd))
+}

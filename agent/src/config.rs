@@ -1,0 +1,155 @@
+//! Command line and environment: every flag has a `NODEWARD_*` variable,
+//! parsed in one place into one validated [`RunConfig`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Nodeward: a per-node, sidecarless service-mesh agent.
+#[derive(Debug, Parser)]
+#[command(name = "nodeward", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent for one node, in that node's network namespace.
+    Run(RunArgs),
+    /// Detach and remove everything a node's agent left pinned (including
+    /// the fail-closed programs); use after uninstalling.
+    Cleanup(CleanupArgs),
+}
+
+/// `nodeward run` flags.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Name of this node; pods whose spec.nodeName matches are managed.
+    #[arg(long, env = "NODEWARD_NODE_NAME")]
+    pub node_name: String,
+
+    /// Directory of Kubernetes YAML (Namespace and Pod objects), re-read on change.
+    #[arg(long, env = "NODEWARD_CONFIG_DIR")]
+    pub config_dir: PathBuf,
+
+    /// bpffs mount point (mounted there if it is not).
+    #[arg(long, env = "NODEWARD_BPFFS", default_value = "/sys/fs/bpf")]
+    pub bpffs: PathBuf,
+
+    /// cgroup v2 root to attach to [default: found in /proc/mounts].
+    #[arg(long, env = "NODEWARD_CGROUP2")]
+    pub cgroup2: Option<PathBuf>,
+
+    /// Socket mark that identifies the agent's own sockets to its eBPF programs.
+    #[arg(long, env = "NODEWARD_SOCKET_MARK", default_value = "0x4e57", value_parser = parse_mark)]
+    pub socket_mark: u32,
+
+    /// How long SIGTERM waits for open connections before closing them.
+    #[arg(long, env = "NODEWARD_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Close a proxied connection after this long without traffic.
+    #[arg(long, env = "NODEWARD_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Deadline for connecting to a destination.
+    #[arg(long, env = "NODEWARD_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// How often the config directory is checked for changes.
+    #[arg(long, env = "NODEWARD_CONFIG_POLL", default_value = "200ms", value_parser = parse_duration)]
+    pub config_poll: Duration,
+
+    /// Per-direction relay buffer, bytes.
+    #[arg(long, env = "NODEWARD_BUFFER_SIZE", default_value_t = 32 * 1024, value_parser = clap::value_parser!(u32).range(1024..=4 * 1024 * 1024))]
+    pub buffer_size: u32,
+
+    /// Log format.
+    #[arg(long, env = "NODEWARD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+/// `nodeward cleanup` flags.
+#[derive(Debug, Args)]
+pub struct CleanupArgs {
+    /// Name of the node whose pins to remove.
+    #[arg(long, env = "NODEWARD_NODE_NAME")]
+    pub node_name: String,
+
+    /// bpffs mount point.
+    #[arg(long, env = "NODEWARD_BPFFS", default_value = "/sys/fs/bpf")]
+    pub bpffs: PathBuf,
+}
+
+/// Parses `30s`, `250ms`, `5m`, `1h` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (expected e.g. 250ms, 30s, 5m, 1h)"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    };
+    Ok(d)
+}
+
+/// Parses a socket mark in decimal or `0x` hex; zero is refused because
+/// unmarked sockets have mark 0.
+pub fn parse_mark(s: &str) -> Result<u32, String> {
+    let v = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    }
+    .map_err(|_| format!("{s:?} is not a 32-bit number"))?;
+    if v == 0 {
+        return Err("the socket mark must not be 0: every unmarked socket has mark 0".into());
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
+
+    #[test]
+    fn marks() {
+        assert_eq!(parse_mark("0x4e57"), Ok(0x4e57));
+        assert_eq!(parse_mark("1337"), Ok(1337));
+        assert!(parse_mark("0").is_err());
+        assert!(parse_mark("x").is_err());
+    }
+
+    #[test]
+    fn every_flag_has_an_environment_variable() {
+        let cmd = Cli::command();
+        for sub in cmd.get_subcommands() {
+            for arg in sub.get_arguments() {
+                if arg.get_id() == "help" || arg.get_id() == "version" {
+                    continue;
+                }
+                assert!(arg.get_env().is_some(), "{} --{} has no environment variable", sub.get_name(), arg.get_id());
+            }
+        }
+    }
+}

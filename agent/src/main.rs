@@ -1,0 +1,55 @@
+//! The `nodeward` binary.
+
+use clap::Parser;
+use nodeward::config::{Cli, Command};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let json = matches!(&cli.command, Command::Run(a) if a.log_format == "json");
+    init_logging(json);
+    match run(cli.command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run(args) => {
+            raise_fd_limit();
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(nodeward::agent::run(args))?;
+        }
+        Command::Cleanup(args) => {
+            if nodeward::capture::cleanup(&args.bpffs, &args.node_name)? {
+                println!("removed Nodeward's eBPF programs and maps for node {}", args.node_name);
+            } else {
+                println!("nothing pinned for node {}", args.node_name);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A node proxy holds two sockets per connection: lift the soft descriptor
+/// limit to the hard one, as the default 1024 would cap it near 500.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = EnvFilter::try_from_env("NODEWARD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}

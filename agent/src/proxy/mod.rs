@@ -1,0 +1,330 @@
+//! The per-pod proxy: listeners inside the pod's network namespace and the
+//! connection handlers behind them.
+//!
+//! * `outbound` — 15001: connections the pod's apps open, redirected by
+//!   `connect()`; the original destination comes from the `ORIG_DST` map.
+//! * `inbound` — 15006: connections to the pod on any port, steered by
+//!   `sk_lookup`; the original destination is the accepted socket's own
+//!   local address.
+//! * `tunnel` — 15008: the HBONE listener.
+//!
+//! Each handler ends in [`relay::relay`] and one structured log line.
+
+pub mod inbound;
+pub mod outbound;
+pub mod relay;
+pub mod socket;
+pub mod tunnel;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nodeward_common::{
+    INBOUND_PORT, OUTBOUND_PORT, SLOT_INBOUND_V4, SLOT_INBOUND_V6, SLOT_TUNNEL_V4, SLOT_TUNNEL_V6,
+    SockAddr, SockKey, TUNNEL_PORT, map_v4,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::capture::Capture;
+use crate::netns::{Netns, NetnsError};
+use crate::state::workload::ManagedPod;
+use relay::{CloseReason, RelayOptions, RelayStats};
+
+/// Proxy settings shared by all pods.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// Mark on every socket the agent opens inside a pod.
+    pub socket_mark: u32,
+    /// Deadline for connecting upstream.
+    pub connect_timeout: Duration,
+    /// Relay settings.
+    pub relay: RelayOptions,
+}
+
+/// Agent-wide lifecycle signals and the set of live connections.
+#[derive(Clone, Debug, Default)]
+pub struct Lifecycle {
+    /// Stops every accept loop (drain begins).
+    pub stop_accepting: CancellationToken,
+    /// Aborts every connection still open (drain deadline).
+    pub hard_stop: CancellationToken,
+    /// Every connection task, so drain can wait for them.
+    pub connections: TaskTracker,
+}
+
+/// What a managed pod's handlers share.
+#[derive(Debug)]
+pub struct PodContext {
+    /// The pod.
+    pub pod: ManagedPod,
+    /// Its network namespace.
+    pub netns: Netns,
+    /// Settings.
+    pub config: Arc<ProxyConfig>,
+    /// Maps.
+    pub capture: Arc<Capture>,
+    /// Fires when the pod stops being managed or the agent stops hard.
+    pub cancel: CancellationToken,
+    /// Agent lifecycle.
+    pub lifecycle: Lifecycle,
+}
+
+/// Listeners of one pod, bound inside its namespace.
+pub struct PodListeners {
+    outbound: Vec<TcpListener>,
+    inbound: Vec<TcpListener>,
+    tunnel: Vec<TcpListener>,
+}
+
+impl PodListeners {
+    /// Binds 15001, 15006 and 15008 on the pod's loopback, IPv4 and (when
+    /// the pod has IPv6) IPv6, and registers the inbound ones for sk_lookup.
+    ///
+    /// Loopback only: outbound connections reach 15001 by a rewritten
+    /// `connect()`, inbound ones reach 15006/15008 through sk_lookup, which
+    /// may hand a connection to any listener regardless of its address, so
+    /// nothing outside the pod can address these sockets directly.
+    pub fn bind(ctx: &PodContext) -> Result<Self, NetnsError> {
+        let mut l = PodListeners {
+            outbound: Vec::new(),
+            inbound: Vec::new(),
+            tunnel: Vec::new(),
+        };
+        let families: &[(IpAddr, u32, u32)] = &[
+            (IpAddr::V4(Ipv4Addr::LOCALHOST), SLOT_INBOUND_V4, SLOT_TUNNEL_V4),
+            (IpAddr::V6(Ipv6Addr::LOCALHOST), SLOT_INBOUND_V6, SLOT_TUNNEL_V6),
+        ];
+        for &(ip, inbound_slot, tunnel_slot) in families {
+            let v6 = ip.is_ipv6();
+            match socket::listen_in(&ctx.netns, SocketAddr::new(ip, OUTBOUND_PORT), ctx.config.socket_mark) {
+                Ok(s) => l.outbound.push(s),
+                // A namespace without IPv6 cannot have IPv6 connections either.
+                Err(e) if v6 => {
+                    tracing::debug!(pod = %ctx.pod.key, "no IPv6 listeners: {e}");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            for (port, slot, list) in [
+                (INBOUND_PORT, inbound_slot, &mut l.inbound),
+                (TUNNEL_PORT, tunnel_slot, &mut l.tunnel),
+            ] {
+                let s = socket::listen_in(&ctx.netns, SocketAddr::new(ip, port), ctx.config.socket_mark)?;
+                socket::register_listener(&ctx.capture, ctx.netns.cookie(), slot, &s).map_err(|source| {
+                    NetnsError::Socket {
+                        path: ctx.netns.path().to_path_buf(),
+                        source,
+                    }
+                })?;
+                list.push(s);
+            }
+        }
+        Ok(l)
+    }
+
+    /// Starts the accept loops on the runtime.
+    pub fn serve(self, ctx: Arc<PodContext>) {
+        for l in self.outbound {
+            tokio::spawn(accept_loop(ctx.clone(), l, Direction::Outbound));
+        }
+        for l in self.inbound {
+            tokio::spawn(accept_loop(ctx.clone(), l, Direction::Inbound));
+        }
+        for l in self.tunnel {
+            tokio::spawn(accept_loop(ctx.clone(), l, Direction::Tunnel));
+        }
+    }
+}
+
+/// Which listener a connection arrived on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Captured from an app in the pod.
+    Outbound,
+    /// Plaintext to the pod.
+    Inbound,
+    /// HBONE to the pod.
+    Tunnel,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+            Direction::Tunnel => "inbound_tunnel",
+        }
+    }
+}
+
+async fn accept_loop(ctx: Arc<PodContext>, listener: TcpListener, dir: Direction) {
+    loop {
+        let accepted = tokio::select! {
+            _ = ctx.cancel.cancelled() => return,
+            _ = ctx.lifecycle.stop_accepting.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(pod = %ctx.pod.key, direction = dir.as_str(), "accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let ctx = ctx.clone();
+        ctx.lifecycle.connections.clone().spawn(async move {
+            let started = Instant::now();
+            let outcome = match dir {
+                Direction::Outbound => outbound::handle(&ctx, stream, peer).await,
+                Direction::Inbound => inbound::handle(&ctx, stream, peer).await,
+                Direction::Tunnel => tunnel::handle(&ctx, stream, peer).await,
+            };
+            log_connection(&ctx, dir, peer, &outcome, started);
+        });
+    }
+}
+
+/// The result of handling one connection, for its log line.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The destination the client asked for, when known.
+    pub dst: Option<SocketAddr>,
+    /// Byte counts and reason.
+    pub stats: RelayStats,
+}
+
+impl Outcome {
+    /// An outcome for a connection refused before relaying.
+    pub fn refused(dst: Option<SocketAddr>, reason: CloseReason) -> Self {
+        Outcome {
+            dst,
+            stats: RelayStats {
+                sent: 0,
+                received: 0,
+                reason: Some(reason),
+            },
+        }
+    }
+}
+
+fn log_connection(ctx: &PodContext, dir: Direction, src: SocketAddr, o: &Outcome, started: Instant) {
+    let reason = final_reason(ctx, o.stats.reason).as_str();
+    let dst = o.dst.map(|d| d.to_string()).unwrap_or_default();
+    tracing::info!(
+        target: "nodeward::conn",
+        direction = dir.as_str(),
+        pod = %ctx.pod.key,
+        src = %unmap(src),
+        dst = %dst,
+        sent = o.stats.sent,
+        received = o.stats.received,
+        duration_ms = started.elapsed().as_millis() as u64,
+        reason,
+        "connection closed"
+    );
+}
+
+/// A cancelled relay ended because of the pod or the agent; say which.
+pub fn final_reason(ctx: &PodContext, reason: Option<CloseReason>) -> CloseReason {
+    reason.unwrap_or(if ctx.lifecycle.hard_stop.is_cancelled() {
+        CloseReason::Shutdown
+    } else {
+        CloseReason::PodRemoved
+    })
+}
+
+/// Relays between an accepted connection and its upstream, then closes both
+/// (with a reset when the relay did not end cleanly).
+pub async fn relay_tcp(ctx: &PodContext, mut down: TcpStream, mut up: TcpStream) -> RelayStats {
+    let stats = {
+        let (dr, dw) = down.split();
+        let (ur, uw) = up.split();
+        relay::relay(dr, dw, ur, uw, ctx.config.relay, &ctx.cancel).await
+    };
+    if final_reason(ctx, stats.reason).resets() {
+        socket::reset(&down);
+        socket::reset(&up);
+    }
+    stats
+}
+
+/// An IPv4-mapped address as plain IPv4, for logs and connects.
+pub fn unmap(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => a,
+        },
+        v4 => v4,
+    }
+}
+
+/// The key the eBPF maps use for an endpoint in a pod.
+pub fn sock_key(netns: u64, a: SocketAddr) -> SockKey {
+    SockKey {
+        netns,
+        addr: ip_words(a.ip()),
+        port: a.port(),
+        pad: [0; 6],
+    }
+}
+
+/// The map form of a socket address.
+pub fn sock_addr(a: SocketAddr) -> SockAddr {
+    SockAddr {
+        addr: ip_words(a.ip()),
+        port: a.port(),
+        pad: [0; 6],
+    }
+}
+
+/// Map words of an address: IPv4 mapped into IPv6, network-order words.
+pub fn ip_words(ip: IpAddr) -> [u32; 4] {
+    match ip {
+        IpAddr::V4(v4) => map_v4(u32::from_ne_bytes(v4.octets())),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => map_v4(u32::from_ne_bytes(v4.octets())),
+            None => {
+                let o = v6.octets();
+                std::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+            }
+        },
+    }
+}
+
+/// The socket address for map words and a port.
+pub fn from_words(words: [u32; 4], port: u16) -> SocketAddr {
+    let mut o = [0u8; 16];
+    for (i, w) in words.iter().enumerate() {
+        o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    let v6 = Ipv6Addr::from(o);
+    let ip = match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    };
+    SocketAddr::new(ip, port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_round_trip_through_map_words() {
+        for a in ["10.1.2.3:80", "[fd00::1:2]:443", "127.0.0.1:15001"] {
+            let a: SocketAddr = a.parse().unwrap();
+            assert_eq!(from_words(ip_words(a.ip()), a.port()), a);
+        }
+        let mapped: SocketAddr = "[::ffff:10.0.0.1]:5".parse().unwrap();
+        assert_eq!(from_words(ip_words(mapped.ip()), 5), "10.0.0.1:5".parse().unwrap());
+        // The kernel's network-order word for 10.0.0.1 is the octets in memory order.
+        assert_eq!(ip_words("10.0.0.1".parse().unwrap())[3], u32::from_ne_bytes([10, 0, 0, 1]));
+    }
+}

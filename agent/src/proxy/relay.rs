@@ -1,0 +1,231 @@
+//! Copies bytes both ways between two connections: half-close propagates
+//! (a FIN on one side becomes a shutdown on the other), backpressure comes
+//! from awaiting each write before the next read, and the pair is closed
+//! after an idle period. Returns what a log line and metrics need.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+/// Why a proxied connection ended: a small fixed set, used in logs and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Both sides finished normally.
+    Done,
+    /// No bytes either way for the idle timeout.
+    IdleTimeout,
+    /// A side reset the connection or vanished.
+    PeerReset,
+    /// Another I/O error.
+    IoError,
+    /// The pod stopped being managed.
+    PodRemoved,
+    /// The agent's drain deadline passed.
+    Shutdown,
+    /// The upstream refused the connection.
+    ConnectRefused,
+    /// The upstream did not answer in time.
+    ConnectTimeout,
+    /// The upstream could not be reached (no route, unreachable).
+    ConnectFailed,
+    /// No original destination was recorded for a captured connection.
+    NoOriginalDestination,
+    /// The connection arrived on a port whose protocol is not served yet.
+    Unsupported,
+}
+
+impl CloseReason {
+    /// The stable name used in logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Done => "done",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::PeerReset => "peer_reset",
+            CloseReason::IoError => "io_error",
+            CloseReason::PodRemoved => "pod_removed",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::ConnectRefused => "connect_refused",
+            CloseReason::ConnectTimeout => "connect_timeout",
+            CloseReason::ConnectFailed => "connect_failed",
+            CloseReason::NoOriginalDestination => "no_original_destination",
+            CloseReason::Unsupported => "unsupported",
+        }
+    }
+
+    /// Whether the other side should see a reset rather than a clean close.
+    pub fn resets(self) -> bool {
+        !matches!(self, CloseReason::Done)
+    }
+
+    /// Classifies an I/O error.
+    pub fn from_io(e: &std::io::Error) -> Self {
+        use std::io::ErrorKind::*;
+        match e.kind() {
+            ConnectionReset | BrokenPipe | ConnectionAborted | UnexpectedEof => CloseReason::PeerReset,
+            ConnectionRefused => CloseReason::ConnectRefused,
+            TimedOut => CloseReason::ConnectTimeout,
+            HostUnreachable | NetworkUnreachable | AddrNotAvailable => CloseReason::ConnectFailed,
+            _ => CloseReason::IoError,
+        }
+    }
+}
+
+/// Byte counts and reason of a finished relay.
+#[derive(Clone, Copy, Debug)]
+pub struct RelayStats {
+    /// Bytes from the downstream (accepted) side to the upstream side.
+    pub sent: u64,
+    /// Bytes from upstream to downstream.
+    pub received: u64,
+    /// Why it ended; `None` when cancelled (the caller knows why).
+    pub reason: Option<CloseReason>,
+}
+
+/// Relay settings.
+#[derive(Clone, Copy, Debug)]
+pub struct RelayOptions {
+    /// Close after this long without a byte either way.
+    pub idle_timeout: Duration,
+    /// Per-direction buffer.
+    pub buffer_size: usize,
+}
+
+/// Relays between downstream (`dr`, `dw`) and upstream (`ur`, `uw`) until
+/// both directions finish, one fails, the idle timeout passes or `cancel`
+/// fires.
+pub async fn relay<DR, DW, UR, UW>(
+    dr: DR,
+    dw: DW,
+    ur: UR,
+    uw: UW,
+    opts: RelayOptions,
+    cancel: &CancellationToken,
+) -> RelayStats
+where
+    DR: AsyncRead + Unpin,
+    DW: AsyncWrite + Unpin,
+    UR: AsyncRead + Unpin,
+    UW: AsyncWrite + Unpin,
+{
+    let start = Instant::now();
+    let last = AtomicU64::new(0);
+    let sent = AtomicU64::new(0);
+    let received = AtomicU64::new(0);
+    let up = copy_one_way(dr, uw, &sent, &last, start, opts.buffer_size);
+    let down = copy_one_way(ur, dw, &received, &last, start, opts.buffer_size);
+    let reason = tokio::select! {
+        r = async { tokio::try_join!(up, down) } => Some(match r {
+            Ok(_) => CloseReason::Done,
+            Err(e) => CloseReason::from_io(&e),
+        }),
+        _ = idle(&last, start, opts.idle_timeout) => Some(CloseReason::IdleTimeout),
+        _ = cancel.cancelled() => None,
+    };
+    RelayStats {
+        sent: sent.load(Ordering::Relaxed),
+        received: received.load(Ordering::Relaxed),
+        reason,
+    }
+}
+
+async fn copy_one_way<R, W>(
+    mut r: R,
+    mut w: W,
+    count: &AtomicU64,
+    last: &AtomicU64,
+    start: Instant,
+    buffer_size: usize,
+) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; buffer_size];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            // Half-close: pass the FIN on and keep the other direction open.
+            // The peer may already be gone; that shows on the other direction.
+            let _ = w.shutdown().await;
+            return Ok(());
+        }
+        w.write_all(&buf[..n]).await?;
+        count.fetch_add(n as u64, Ordering::Relaxed);
+        last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+async fn idle(last: &AtomicU64, start: Instant, timeout: Duration) {
+    loop {
+        let deadline = Duration::from_millis(last.load(Ordering::Relaxed)) + timeout;
+        let now = start.elapsed();
+        if now >= deadline {
+            return;
+        }
+        tokio::time::sleep(deadline - now).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::duplex;
+
+    fn opts(idle_ms: u64) -> RelayOptions {
+        RelayOptions {
+            idle_timeout: Duration::from_millis(idle_ms),
+            buffer_size: 1024,
+        }
+    }
+
+    #[tokio::test]
+    async fn half_close_passes_through_and_the_other_direction_continues() {
+        let (client, proxy_down) = duplex(64);
+        let (proxy_up, server) = duplex(64);
+        let cancel = CancellationToken::new();
+        let (dr, dw) = tokio::io::split(proxy_down);
+        let (ur, uw) = tokio::io::split(proxy_up);
+        let relay = tokio::spawn(async move { relay(dr, dw, ur, uw, opts(5_000), &cancel).await });
+
+        let (mut cr, mut cw) = tokio::io::split(client);
+        let (mut sr, mut sw) = tokio::io::split(server);
+        cw.write_all(b"request").await.unwrap();
+        cw.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        sr.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"request", "server sees the request and then EOF");
+        sw.write_all(b"response after the client's FIN").await.unwrap();
+        sw.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        cr.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"response after the client's FIN");
+        let stats = relay.await.unwrap();
+        assert_eq!(stats.reason, Some(CloseReason::Done));
+        assert_eq!((stats.sent, stats.received), (7, 31));
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_closed() {
+        let (_client, proxy_down) = duplex(64);
+        let (proxy_up, _server) = duplex(64);
+        let cancel = CancellationToken::new();
+        let (dr, dw) = tokio::io::split(proxy_down);
+        let (ur, uw) = tokio::io::split(proxy_up);
+        let stats = relay(dr, dw, ur, uw, opts(50), &cancel).await;
+        assert_eq!(stats.reason, Some(CloseReason::IdleTimeout));
+    }
+
+    #[tokio::test]
+    async fn cancellation_ends_the_relay() {
+        let (_client, proxy_down) = duplex(64);
+        let (proxy_up, _server) = duplex(64);
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let (dr, dw) = tokio::io::split(proxy_down);
+        let (ur, uw) = tokio::io::split(proxy_up);
+        let stats = relay(dr, dw, ur, uw, opts(60_000), &cancel).await;
+        assert_eq!(stats.reason, None);
+    }
+}

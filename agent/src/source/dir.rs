@@ -1,0 +1,243 @@
+//! A directory of Kubernetes YAML as the config source.
+//!
+//! Polled (every 200 ms by default) rather than watched with inotify: polling
+//! works the same on ConfigMap volumes (atomic symlink swaps), bind mounts and
+//! network filesystems, and a stat per file is cheap. Only files whose
+//! (inode, size, mtime) changed are read again. A file that fails to parse
+//! keeps its last good objects in force and its error is logged once.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::objects::{Object, parse_file};
+use crate::state::{Snapshot, Store};
+
+/// Largest config file read; a bigger one is rejected, not loaded.
+const MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Fingerprint {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+}
+
+#[derive(Debug, Default)]
+struct FileState {
+    fingerprint: Option<Fingerprint>,
+    /// Objects from the last version of the file that parsed.
+    objects: Vec<Object>,
+    /// The error of the current version, if it did not parse.
+    error: Option<String>,
+}
+
+/// The directory source: its files' last good contents.
+#[derive(Debug)]
+pub struct DirSource {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, FileState>,
+}
+
+impl DirSource {
+    /// A source for `dir`; nothing is read until [`DirSource::refresh`].
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        DirSource {
+            dir: dir.into(),
+            files: BTreeMap::new(),
+        }
+    }
+
+    /// Re-reads changed files. Returns true when the objects changed.
+    pub fn refresh(&mut self) -> bool {
+        let listing = match list_files(&self.dir) {
+            Ok(l) => l,
+            Err(e) => {
+                // An unreadable directory keeps the last good state.
+                tracing::error!(dir = %self.dir.display(), "cannot read config directory: {e}");
+                return false;
+            }
+        };
+        let mut changed = false;
+        let before = self.files.len();
+        self.files.retain(|p, _| listing.iter().any(|(q, _)| q == p));
+        if self.files.len() != before {
+            changed = true;
+        }
+        for (path, fp) in listing {
+            let state = self.files.entry(path.clone()).or_default();
+            if state.fingerprint == Some(fp) {
+                continue;
+            }
+            state.fingerprint = Some(fp);
+            match read_and_parse(&path, fp.size) {
+                Ok(objects) => {
+                    if state.error.take().is_some() {
+                        tracing::info!(file = %path.display(), "config file is valid again");
+                    }
+                    if state.objects != objects {
+                        state.objects = objects;
+                        changed = true;
+                    }
+                }
+                Err(message) => {
+                    tracing::error!(file = %path.display(), "rejected config file, keeping its last good version: {message}");
+                    state.error = Some(message);
+                }
+            }
+        }
+        changed
+    }
+
+    /// Files currently rejected, with their errors.
+    pub fn errors(&self) -> Vec<(PathBuf, String)> {
+        self.files
+            .iter()
+            .filter_map(|(p, s)| s.error.clone().map(|e| (p.clone(), e)))
+            .collect()
+    }
+
+    /// Builds a snapshot of all files' last good objects. A pod or namespace
+    /// defined twice: the file sorting last wins, with a warning.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut snap = Snapshot::default();
+        for (path, state) in &self.files {
+            for obj in &state.objects {
+                match obj {
+                    Object::Namespace(ns) => {
+                        if snap.namespaces.insert(ns.name.clone(), ns.clone()).is_some() {
+                            tracing::warn!(file = %path.display(), namespace = %ns.name, "namespace defined more than once; the last definition wins");
+                        }
+                    }
+                    Object::Pod(pod) => {
+                        if snap.pods.insert(pod.key(), Arc::new(pod.clone())).is_some() {
+                            tracing::warn!(file = %path.display(), pod = %pod.key(), "pod defined more than once; the last definition wins");
+                        }
+                    }
+                }
+            }
+        }
+        snap
+    }
+
+    /// Polls the directory until cancelled, publishing each change.
+    pub async fn run(mut self, store: Store, interval: Duration, cancel: CancellationToken) {
+        loop {
+            let (changed, source) = tokio::task::spawn_blocking(move || {
+                let changed = self.refresh();
+                (changed, self)
+            })
+            .await
+            .expect("config refresh does not panic");
+            self = source;
+            if changed {
+                let snap = self.snapshot();
+                tracing::info!(pods = snap.pods.len(), namespaces = snap.namespaces.len(), "config applied");
+                store.publish(snap);
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+}
+
+fn list_files(dir: &Path) -> std::io::Result<Vec<(PathBuf, Fingerprint)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        // ConfigMap volumes keep versions in hidden `..data` directories.
+        if name.starts_with('.') {
+            continue;
+        }
+        if !(name.ends_with(".yaml") || name.ends_with(".yml") || name.ends_with(".json")) {
+            continue;
+        }
+        let path = entry.path();
+        // Follow symlinks, as ConfigMap volumes use them.
+        let Ok(meta) = std::fs::metadata(&path) else { continue };
+        if !meta.is_file() {
+            continue;
+        }
+        out.push((
+            path,
+            Fingerprint {
+                dev: meta.dev(),
+                ino: meta.ino(),
+                size: meta.size(),
+                mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            },
+        ));
+    }
+    Ok(out)
+}
+
+fn read_and_parse(path: &Path, size: u64) -> Result<Vec<Object>, String> {
+    if size > MAX_FILE_BYTES {
+        return Err(format!("{}: {size} bytes is over the {MAX_FILE_BYTES}-byte limit", path.display()));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    parse_file(path, &text).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("nodeward-dir-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n";
+
+    #[test]
+    fn a_broken_file_keeps_its_last_good_objects() {
+        let dir = tmpdir("lastgood");
+        write(&dir, "ns.yaml", NS);
+        let mut src = DirSource::new(&dir);
+        assert!(src.refresh());
+        assert!(src.snapshot().namespaces.contains_key("shop"));
+
+        // Different size, so the fingerprint changes even within one mtime tick.
+        write(&dir, "ns.yaml", "apiVersion: v1\nkind: Namespace\nmetadata: [broken\n");
+        assert!(!src.refresh(), "a rejected file changes nothing");
+        assert!(src.snapshot().namespaces.contains_key("shop"));
+        let errors = src.errors();
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].1.contains("ns.yaml"), "{}", errors[0].1);
+
+        std::fs::remove_file(dir.join("ns.yaml")).unwrap();
+        assert!(src.refresh());
+        assert!(src.snapshot().namespaces.is_empty());
+        assert!(src.errors().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn ignores_hidden_and_non_yaml_files() {
+        let dir = tmpdir("hidden");
+        write(&dir, ".hidden.yaml", "garbage: [");
+        write(&dir, "README.txt", "not yaml");
+        write(&dir, "ns.yml", NS);
+        let mut src = DirSource::new(&dir);
+        src.refresh();
+        assert!(src.errors().is_empty());
+        assert_eq!(src.snapshot().namespaces.len(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,101 @@
+//! The one in-memory state every part of the agent reads.
+//!
+//! A config source (the YAML directory now, the Kubernetes API later)
+//! publishes complete, immutable snapshots; readers take the current one with
+//! a cheap `Arc` clone and never see a half-applied change.
+
+pub mod workload;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use workload::{
+    EXCLUDE_INBOUND_ANNOTATION, EXCLUDE_OUTBOUND_ANNOTATION, Enrolment, ManagedPod, Namespace,
+    Pod, enrolment, parse_port_list,
+};
+
+/// Everything the agent knows about the cluster at one moment.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// Namespaces by name.
+    pub namespaces: HashMap<String, Namespace>,
+    /// Pods by `namespace/name`.
+    pub pods: BTreeMap<String, Arc<Pod>>,
+    /// Increases with every published snapshot.
+    pub generation: u64,
+}
+
+impl Snapshot {
+    /// The pods this node's agent must capture, by UID, with the reasons
+    /// for the pods of this node it must not.
+    pub fn managed_pods(&self, node: &str) -> (HashMap<String, ManagedPod>, Vec<(String, Enrolment)>) {
+        let mut managed = HashMap::new();
+        let mut skipped = Vec::new();
+        for pod in self.pods.values().filter(|p| p.node_name == node) {
+            match enrolment(pod, self.namespaces.get(&pod.namespace)) {
+                Enrolment::Enrolled => {
+                    let ports = |annotation: &str| {
+                        let value = pod.annotations.get(annotation).map(String::as_str).unwrap_or("");
+                        let (ports, bad) = parse_port_list(value);
+                        for b in bad {
+                            tracing::warn!(pod = %pod.key(), annotation, "ignoring entry {b}");
+                        }
+                        ports
+                    };
+                    managed.insert(
+                        pod.uid.clone(),
+                        ManagedPod {
+                            key: pod.key(),
+                            uid: pod.uid.clone(),
+                            namespace: pod.namespace.clone(),
+                            service_account: pod.service_account.clone(),
+                            ips: pod.ips.clone(),
+                            exclude_inbound: ports(EXCLUDE_INBOUND_ANNOTATION),
+                            exclude_outbound: ports(EXCLUDE_OUTBOUND_ANNOTATION),
+                        },
+                    );
+                }
+                other => skipped.push((pod.key(), other)),
+            }
+        }
+        (managed, skipped)
+    }
+}
+
+/// Publishes snapshots to any number of readers.
+#[derive(Clone, Debug)]
+pub struct Store {
+    tx: Arc<watch::Sender<Arc<Snapshot>>>,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Store {
+    /// An empty store.
+    pub fn new() -> Self {
+        let (tx, _) = watch::channel(Arc::new(Snapshot::default()));
+        Store { tx: Arc::new(tx) }
+    }
+
+    /// Replaces the state; readers see the new snapshot as a whole.
+    pub fn publish(&self, mut snapshot: Snapshot) {
+        snapshot.generation = self.tx.borrow().generation + 1;
+        self.tx.send_replace(Arc::new(snapshot));
+    }
+
+    /// The current snapshot.
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.tx.borrow().clone()
+    }
+
+    /// A receiver that wakes on every publish.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.tx.subscribe()
+    }
+}

@@ -1,0 +1,192 @@
+//! Namespaces and pods as the agent understands them, and which pods it
+//! manages: the enrolment rules of Istio ambient mode.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+/// Label that enrols a namespace or pod (`ambient`) or opts a pod out (`none`).
+pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+/// Annotation listing inbound ports (comma-separated) the agent never captures.
+pub const EXCLUDE_INBOUND_ANNOTATION: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
+/// Annotation listing outbound destination ports the agent never captures.
+pub const EXCLUDE_OUTBOUND_ANNOTATION: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
+
+/// A Kubernetes namespace.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Namespace {
+    /// Name.
+    pub name: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A Kubernetes pod, reduced to what the mesh needs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Pod {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// UID; a pod re-created under the same name has a new one.
+    pub uid: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Annotations.
+    pub annotations: BTreeMap<String, String>,
+    /// `spec.nodeName`.
+    pub node_name: String,
+    /// `spec.serviceAccountName`, `default` when empty.
+    pub service_account: String,
+    /// `spec.hostNetwork`: such pods share the node's namespace and are never enrolled.
+    pub host_network: bool,
+    /// `status.podIPs` (with `status.podIP`), de-duplicated.
+    pub ips: Vec<IpAddr>,
+    /// `status.phase`.
+    pub phase: String,
+}
+
+impl Pod {
+    /// `namespace/name`, for logs.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Why a pod on this node is or is not managed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Enrolment {
+    /// Enrolled by its own label or its namespace's.
+    Enrolled,
+    /// Not enrolled: no ambient label on pod or namespace.
+    NotEnrolled,
+    /// Opted out with `istio.io/dataplane-mode=none`.
+    OptedOut,
+    /// Uses the node's network: capturing it would capture the node.
+    HostNetwork,
+    /// Finished (`Succeeded`/`Failed`) or without an IP yet.
+    NotRunning,
+}
+
+/// Applies Istio ambient's enrolment rules to a pod.
+pub fn enrolment(pod: &Pod, ns: Option<&Namespace>) -> Enrolment {
+    let pod_mode = pod.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str);
+    let ns_mode = ns.and_then(|n| n.labels.get(DATAPLANE_MODE_LABEL)).map(String::as_str);
+    if pod_mode == Some("none") {
+        return Enrolment::OptedOut;
+    }
+    if pod_mode != Some("ambient") && ns_mode != Some("ambient") {
+        return Enrolment::NotEnrolled;
+    }
+    if pod.host_network {
+        return Enrolment::HostNetwork;
+    }
+    if pod.ips.is_empty() || matches!(pod.phase.as_str(), "Succeeded" | "Failed") {
+        return Enrolment::NotRunning;
+    }
+    Enrolment::Enrolled
+}
+
+/// A pod this node's agent captures: what the capture and proxy layers need.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManagedPod {
+    /// `namespace/name`.
+    pub key: String,
+    /// Pod UID.
+    pub uid: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Service account (the basis of its identity).
+    pub service_account: String,
+    /// Pod IPs.
+    pub ips: Vec<IpAddr>,
+    /// Inbound ports left uncaptured.
+    pub exclude_inbound: Vec<u16>,
+    /// Outbound destination ports left uncaptured.
+    pub exclude_outbound: Vec<u16>,
+}
+
+/// Parses a port-list annotation (`"8080, 9090"`). Bad entries are reported
+/// and skipped, which captures more, never less.
+pub fn parse_port_list(value: &str) -> (Vec<u16>, Vec<String>) {
+    let mut ports = Vec::new();
+    let mut bad = Vec::new();
+    for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if part == "*" {
+            bad.push(format!("{part:?} (excluding every port is not supported)"));
+            continue;
+        }
+        match part.parse::<u16>() {
+            Ok(p) if p != 0 => {
+                if !ports.contains(&p) {
+                    ports.push(p);
+                }
+            }
+            _ => bad.push(format!("{part:?} is not a port number")),
+        }
+    }
+    ports.sort_unstable();
+    (ports, bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(labels: &[(&str, &str)]) -> Pod {
+        Pod {
+            namespace: "shop".into(),
+            name: "web".into(),
+            uid: "u1".into(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            node_name: "n1".into(),
+            ips: vec!["10.0.0.2".parse().unwrap()],
+            phase: "Running".into(),
+            ..Default::default()
+        }
+    }
+
+    fn ns(ambient: bool) -> Namespace {
+        let mut labels = BTreeMap::new();
+        if ambient {
+            labels.insert(DATAPLANE_MODE_LABEL.to_string(), "ambient".to_string());
+        }
+        Namespace {
+            name: "shop".into(),
+            labels,
+        }
+    }
+
+    #[test]
+    fn enrolment_follows_istio_ambient_labels() {
+        let cases = [
+            ("namespace label enrols its pods", pod(&[]), Some(ns(true)), Enrolment::Enrolled),
+            ("pod label enrols alone", pod(&[(DATAPLANE_MODE_LABEL, "ambient")]), Some(ns(false)), Enrolment::Enrolled),
+            ("no label anywhere", pod(&[]), Some(ns(false)), Enrolment::NotEnrolled),
+            ("unknown namespace, no pod label", pod(&[]), None, Enrolment::NotEnrolled),
+            ("pod opts out of an ambient namespace", pod(&[(DATAPLANE_MODE_LABEL, "none")]), Some(ns(true)), Enrolment::OptedOut),
+        ];
+        for (name, p, n, want) in cases {
+            assert_eq!(enrolment(&p, n.as_ref()), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn host_network_and_finished_pods_are_never_enrolled() {
+        let mut p = pod(&[]);
+        p.host_network = true;
+        assert_eq!(enrolment(&p, Some(&ns(true))), Enrolment::HostNetwork);
+        let mut p = pod(&[]);
+        p.phase = "Succeeded".into();
+        assert_eq!(enrolment(&p, Some(&ns(true))), Enrolment::NotRunning);
+        let mut p = pod(&[]);
+        p.ips.clear();
+        assert_eq!(enrolment(&p, Some(&ns(true))), Enrolment::NotRunning);
+    }
+
+    #[test]
+    fn port_lists_skip_bad_entries_and_report_them() {
+        let (ports, bad) = parse_port_list("8080, 9090,8080,,x,0,70000,*");
+        assert_eq!(ports, vec![8080, 9090]);
+        assert_eq!(bad.len(), 4, "{bad:?}");
+    }
+}

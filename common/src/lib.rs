@@ -1,0 +1,175 @@
+//! Types shared by Nodeward's eBPF programs and its agent.
+//!
+//! Every map key and value the two sides exchange is defined here, once, as a
+//! `#[repr(C)]` struct with explicit padding, so the kernel and userspace can
+//! never disagree on a layout. Addresses are always stored as 16 bytes: IPv4
+//! as an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), so one key type serves
+//! `AF_INET` sockets, `AF_INET6` sockets and IPv4-mapped sockets alike.
+#![no_std]
+
+/// Port of the outbound capture listener; `connect()` of a managed pod is
+/// redirected to it on loopback.
+pub const OUTBOUND_PORT: u16 = 15001;
+/// Port of the inbound plaintext listener; every inbound connection to a
+/// managed pod, on any port but the tunnel port, is steered to it.
+pub const INBOUND_PORT: u16 = 15006;
+/// Port of the inbound HBONE tunnel listener.
+pub const TUNNEL_PORT: u16 = 15008;
+
+/// Loopback interface index; it is 1 in every network namespace.
+pub const LOOPBACK_IFINDEX: u32 = 1;
+
+/// `PortKey::direction` for ports excluded from outbound capture.
+pub const DIRECTION_OUTBOUND: u8 = 1;
+/// `PortKey::direction` for ports excluded from inbound capture.
+pub const DIRECTION_INBOUND: u8 = 2;
+
+/// Listener slots per pod in the `LISTENERS` sock hash.
+pub const SLOT_INBOUND_V4: u32 = 0;
+/// See [`SLOT_INBOUND_V4`].
+pub const SLOT_INBOUND_V6: u32 = 1;
+/// See [`SLOT_INBOUND_V4`].
+pub const SLOT_TUNNEL_V4: u32 = 2;
+/// See [`SLOT_INBOUND_V4`].
+pub const SLOT_TUNNEL_V6: u32 = 3;
+
+/// `PodInfo::flags`: the pod has an IPv4 address in `ipv4`.
+pub const POD_HAS_IPV4: u32 = 1;
+/// `PodInfo::flags`: the pod has an IPv6 address in `ipv6`.
+pub const POD_HAS_IPV6: u32 = 2;
+
+/// A managed pod, keyed in `PODS` by its network-namespace cookie.
+///
+/// The pod's own addresses let `connect()` leave connections to the pod
+/// itself alone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodInfo {
+    /// IPv4 address, network byte order as the kernel stores it.
+    pub ipv4: u32,
+    /// `POD_HAS_*` bits.
+    pub flags: u32,
+    /// IPv6 address, four network-order words as in `bpf_sock_addr`.
+    pub ipv6: [u32; 4],
+}
+
+/// One socket endpoint inside one network namespace.
+///
+/// Keys `ORIG_DST` (the app's local endpoint of a captured outbound
+/// connection) and `INBOUND_PEER` (the agent's local endpoint of its hop to
+/// the app).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    /// Network-namespace cookie.
+    pub netns: u64,
+    /// Address, IPv4 mapped into IPv6, network-order words.
+    pub addr: [u32; 4],
+    /// Port, host byte order.
+    pub port: u16,
+    /// Explicit padding so the key has no uninitialised bytes.
+    pub pad: [u8; 6],
+}
+
+/// A socket address as the kernel hands it to sock_addr programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockAddr {
+    /// Address, IPv4 mapped into IPv6, network-order words.
+    pub addr: [u32; 4],
+    /// Port, host byte order.
+    pub port: u16,
+    /// Explicit padding.
+    pub pad: [u8; 6],
+}
+
+/// A port of a pod excluded from capture in one direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortKey {
+    /// Network-namespace cookie of the pod.
+    pub netns: u64,
+    /// Port, host byte order.
+    pub port: u16,
+    /// `DIRECTION_OUTBOUND` or `DIRECTION_INBOUND`.
+    pub direction: u8,
+    /// Explicit padding.
+    pub pad: [u8; 5],
+}
+
+/// A listener slot of a pod in the `LISTENERS` sock hash.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    /// Network-namespace cookie of the pod.
+    pub netns: u64,
+    /// One of the `SLOT_*` constants.
+    pub slot: u32,
+    /// Explicit padding.
+    pub pad: u32,
+}
+
+/// Maps an IPv4 address (network-order word) into the IPv6 form used in keys.
+#[inline(always)]
+pub const fn map_v4(addr_be: u32) -> [u32; 4] {
+    [0, 0, u32::to_be(0xffff), addr_be]
+}
+
+/// True when a 16-byte address is IPv4-mapped (`::ffff:0:0/96`).
+#[inline(always)]
+pub const fn is_v4_mapped(addr: &[u32; 4]) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == u32::to_be(0xffff)
+}
+
+/// True for IPv4 loopback, 127.0.0.0/8, given a network-order word.
+#[inline(always)]
+pub const fn is_v4_loopback(addr_be: u32) -> bool {
+    u32::from_be(addr_be) >> 24 == 127
+}
+
+/// True for the IPv6 loopback address `::1`.
+#[inline(always)]
+pub const fn is_v6_loopback(addr: &[u32; 4]) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == 0 && addr[3] == u32::to_be(1)
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: every type below is #[repr(C)], made only of integers, and has
+    // explicit padding fields, so any bit pattern is valid and none is
+    // uninitialised.
+    unsafe impl aya::Pod for super::PodInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SockKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SockAddr {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PortKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ListenerKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_layouts_have_no_implicit_padding() {
+        assert_eq!(core::mem::size_of::<PodInfo>(), 24);
+        assert_eq!(core::mem::size_of::<SockKey>(), 32);
+        assert_eq!(core::mem::size_of::<SockAddr>(), 24);
+        assert_eq!(core::mem::size_of::<PortKey>(), 16);
+        assert_eq!(core::mem::size_of::<ListenerKey>(), 16);
+    }
+
+    #[test]
+    fn v4_mapping_round_trips() {
+        let a = u32::to_be(0x0a000102);
+        let m = map_v4(a);
+        assert!(is_v4_mapped(&m));
+        assert_eq!(m[3], a);
+        assert!(is_v4_loopback(u32::to_be(0x7f000001)));
+        assert!(!is_v4_loopback(a));
+        assert!(is_v6_loopback(&[0, 0, 0, u32::to_be(1)]));
+    }
+}
