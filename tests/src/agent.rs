@@ -1,0 +1,149 @@
+//! A real `nodeward run` process in a node's namespace, with its JSON log
+//! collected so tests can wait for and assert on what it reports.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::netns::nsenter;
+use crate::topology::Node;
+
+#[derive(Default)]
+struct Log {
+    lines: Vec<String>,
+    closed: bool,
+}
+
+/// A running agent.
+pub struct Agent {
+    child: Child,
+    log: Arc<(Mutex<Log>, Condvar)>,
+    /// The node's name, for messages.
+    pub node: String,
+}
+
+impl Agent {
+    /// Starts `nodeward run` for `node` with JSON logs.
+    pub fn start(node: &Node, config_dir: &Path, extra: &[&str]) -> Agent {
+        let bin = crate::nodeward_bin();
+        let mut cmd = nsenter(&node.netns, &[bin.to_str().expect("utf-8 path")]);
+        cmd.args(["run", "--node-name", &node.name, "--config-dir"])
+            .arg(config_dir)
+            .args(["--log-format", "json"])
+            .args(extra)
+            .env("NODEWARD_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("start nodeward");
+        let stderr = child.stderr.take().expect("stderr");
+        let log: Arc<(Mutex<Log>, Condvar)> = Arc::default();
+        let sink = log.clone();
+        let echo = std::env::var("NODEWARD_TEST_ECHO").is_ok();
+        let name = node.name.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if echo {
+                    eprintln!("[{name}] {line}");
+                }
+                let (m, cv) = &*sink;
+                m.lock().unwrap().lines.push(line);
+                cv.notify_all();
+            }
+            let (m, cv) = &*sink;
+            m.lock().unwrap().closed = true;
+            cv.notify_all();
+        });
+        Agent {
+            child,
+            log,
+            node: node.name.clone(),
+        }
+    }
+
+    /// Every log line parsed as JSON (non-JSON lines as `{"raw": line}`).
+    pub fn lines(&self) -> Vec<Value> {
+        let (m, _) = &*self.log;
+        m.lock().unwrap().lines.iter().map(|l| parse(l)).collect()
+    }
+
+    /// Waits up to `timeout` for a log line matching `pred`.
+    pub fn wait_log(&self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Option<Value> {
+        let deadline = Instant::now() + timeout;
+        let (m, cv) = &*self.log;
+        let mut g = m.lock().unwrap();
+        let mut seen = 0;
+        loop {
+            for l in &g.lines[seen..] {
+                let v = parse(l);
+                if pred(&v) {
+                    return Some(v);
+                }
+            }
+            seen = g.lines.len();
+            let now = Instant::now();
+            if now >= deadline || g.closed {
+                return None;
+            }
+            g = cv.wait_timeout(g, deadline - now).unwrap().0;
+        }
+    }
+
+    /// The connection log lines (`message == "connection closed"`).
+    pub fn connections(&self) -> Vec<Value> {
+        self.lines().into_iter().filter(|l| l["message"] == "connection closed").collect()
+    }
+
+    /// Waits for a closed-connection log line of `direction` to `dst`.
+    pub fn wait_connection(&self, direction: &str, dst: &str, timeout: Duration) -> Option<Value> {
+        self.wait_log(timeout, |l| {
+            l["message"] == "connection closed" && l["direction"] == direction && l["dst"] == dst
+        })
+    }
+
+    /// The whole log, for failure messages.
+    pub fn dump(&self) -> String {
+        let (m, _) = &*self.log;
+        m.lock().unwrap().lines.join("\n")
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn parse(l: &str) -> Value {
+    serde_json::from_str(l).unwrap_or_else(|_| serde_json::json!({ "raw": l }))
+}

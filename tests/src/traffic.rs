@@ -1,0 +1,194 @@
+//! Real clients and servers inside pods.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::netns::run_in;
+
+/// Default timeout for test sockets.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects from inside namespace `netns` (the socket is created there).
+pub fn connect(netns: &str, dst: SocketAddr) -> io::Result<TcpStream> {
+    connect_timeout(netns, dst, TIMEOUT)
+}
+
+/// [`connect`] with a timeout.
+pub fn connect_timeout(netns: &str, dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let s = run_in(netns, move || TcpStream::connect_timeout(&dst, timeout))?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    s.set_write_timeout(Some(TIMEOUT))?;
+    Ok(s)
+}
+
+/// A server thread; stops when dropped.
+pub struct Server {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Listens on `addr` inside `netns` and runs `handler` per connection on
+/// its own thread.
+pub fn serve(netns: &str, addr: SocketAddr, handler: fn(TcpStream)) -> Server {
+    let listener = run_in(netns, move || TcpListener::bind(addr)).unwrap_or_else(|e| panic!("bind {addr} in {netns}: {e}"));
+    listener.set_nonblocking(true).expect("nonblocking");
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let thread = std::thread::spawn(move || {
+        while !flag.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((s, _)) => {
+                    let _ = s.set_nonblocking(false);
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
+                    std::thread::spawn(move || handler(s));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    });
+    Server {
+        stop,
+        thread: Some(thread),
+        addr,
+    }
+}
+
+/// Handler: first sends `peer=<addr> local=<addr>\n` (what the server's
+/// `accept()` reported), then echoes until EOF, then closes its side.
+pub fn info_echo(mut s: TcpStream) {
+    let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    if writeln!(s, "peer={peer} local={local}").is_err() {
+        return;
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if s.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = s.shutdown(Shutdown::Write);
+}
+
+/// Handler: reads everything, then replies with the byte count and an
+/// FNV-1a checksum, then closes.
+pub fn checksum_sink(mut s: TcpStream) {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut sum = Fnv::default();
+    let mut n = 0u64;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => {
+                sum.update(&buf[..k]);
+                n += k as u64;
+            }
+            Err(_) => return,
+        }
+    }
+    let _ = writeln!(s, "{n} {:016x}", sum.0);
+    let _ = s.shutdown(Shutdown::Write);
+}
+
+/// What an `info_echo` server reported about a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    /// The peer the server's `accept()` saw.
+    pub peer: SocketAddr,
+    /// The server's local address.
+    pub local: SocketAddr,
+}
+
+/// Reads the `info_echo` greeting.
+pub fn read_greeting(s: &TcpStream) -> io::Result<Seen> {
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    let mut peer = None;
+    let mut local = None;
+    for part in line.split_whitespace() {
+        if let Some(v) = part.strip_prefix("peer=") {
+            peer = v.parse().ok();
+        } else if let Some(v) = part.strip_prefix("local=") {
+            local = v.parse().ok();
+        }
+    }
+    match (peer, local) {
+        (Some(peer), Some(local)) => Ok(Seen { peer, local }),
+        _ => Err(io::Error::other(format!("bad greeting {line:?}"))),
+    }
+}
+
+/// Connects, reads the greeting, echoes `msg`, half-closes and checks the
+/// echo. Returns what the server saw and the client's own view.
+pub fn round_trip(netns: &str, dst: SocketAddr, msg: &[u8]) -> io::Result<(Seen, SocketAddr, SocketAddr)> {
+    let mut s = connect(netns, dst)?;
+    let client_peer = s.peer_addr()?;
+    let client_local = s.local_addr()?;
+    let seen = read_greeting(&s)?;
+    s.write_all(msg)?;
+    s.shutdown(Shutdown::Write)?;
+    let mut back = Vec::new();
+    s.read_to_end(&mut back)?;
+    if back != msg {
+        return Err(io::Error::other(format!("echo mismatch: sent {} bytes, got {}", msg.len(), back.len())));
+    }
+    Ok((seen, client_peer, client_local))
+}
+
+/// FNV-1a 64, a cheap checksum for transfers.
+#[derive(Clone, Copy, Debug)]
+pub struct Fnv(pub u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    /// Adds bytes.
+    pub fn update(&mut self, data: &[u8]) {
+        for b in data {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+/// Deterministic pseudo-random bytes for transfers.
+pub fn pattern(seed: u64, buf: &mut [u8]) {
+    let mut x = seed | 1;
+    for chunk in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x.to_le_bytes();
+        chunk.copy_from_slice(&b[..chunk.len()]);
+    }
+}
+
+/// An IPv4-mapped IPv6 socket address as plain IPv4 (how the agent logs it).
+pub fn unmapped(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
