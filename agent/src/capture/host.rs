@@ -46,6 +46,21 @@ pub fn find_cgroup2() -> Result<PathBuf, CaptureError> {
     mount_point(&mounts, "cgroup2").ok_or(CaptureError::NoCgroup2)
 }
 
+/// Fails unless `path` is the root of a cgroup v2 filesystem.
+pub fn check_cgroup2(path: &Path) -> Result<(), CaptureError> {
+    let st = nix::sys::statfs::statfs(path).map_err(|e| CaptureError::Host {
+        what: format!("cgroup v2 root {}", path.display()),
+        message: e.to_string(),
+    })?;
+    if st.filesystem_type() != nix::sys::statfs::CGROUP2_SUPER_MAGIC {
+        return Err(CaptureError::Host {
+            what: format!("cgroup v2 root {}", path.display()),
+            message: "is not a cgroup v2 filesystem".into(),
+        });
+    }
+    Ok(())
+}
+
 /// The mount point of the first mount of filesystem type `fstype`.
 pub fn mount_point(mounts: &str, fstype: &str) -> Option<PathBuf> {
     mounts.lines().find_map(|l| {

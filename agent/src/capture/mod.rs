@@ -135,6 +135,7 @@ impl Capture {
             Some(p) => p.clone(),
             None => host::find_cgroup2()?,
         };
+        host::check_cgroup2(&cgroup)?;
         host::ensure_bpffs(&config.bpffs)?;
         let dir = pin_dir(&config.bpffs, &config.node_name);
         for sub in ["maps", "links", "pods"] {
