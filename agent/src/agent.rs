@@ -71,8 +71,18 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
         },
     });
     let source = DirSource::new(&args.config_dir);
-    let source_task = tokio::spawn(source.run(store.clone(), args.config_poll, lifecycle.stop_accepting.clone()));
-    let manager = PodManager::new(args.node_name.clone(), store, capture, proxy_config, lifecycle.clone());
+    let source_task = tokio::spawn(source.run(
+        store.clone(),
+        args.config_poll,
+        lifecycle.stop_accepting.clone(),
+    ));
+    let manager = PodManager::new(
+        args.node_name.clone(),
+        store,
+        capture,
+        proxy_config,
+        lifecycle.clone(),
+    );
     let manager_task = tokio::spawn(manager.run());
     tracing::info!(node = %args.node_name, config_dir = %args.config_dir.display(), "agent running");
 
@@ -92,10 +102,19 @@ async fn drain(lifecycle: &Lifecycle, deadline: Duration) {
     lifecycle.stop_accepting.cancel();
     lifecycle.connections.close();
     let open = lifecycle.connections.len();
-    if tokio::time::timeout(deadline, lifecycle.connections.wait()).await.is_err() {
-        tracing::warn!(open = lifecycle.connections.len(), "drain deadline passed; closing connections");
+    if tokio::time::timeout(deadline, lifecycle.connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = lifecycle.connections.len(),
+            "drain deadline passed; closing connections"
+        );
         lifecycle.hard_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), lifecycle.connections.wait()).await;
     }
-    tracing::info!(drained = open, "drained; eBPF capture stays attached so pods fail closed (`nodeward cleanup` removes it)");
+    tracing::info!(
+        drained = open,
+        "drained; eBPF capture stays attached so pods fail closed (`nodeward cleanup` removes it)"
+    );
 }

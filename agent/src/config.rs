@@ -148,7 +148,12 @@ mod tests {
                 if arg.get_id() == "help" || arg.get_id() == "version" {
                     continue;
                 }
-                assert!(arg.get_env().is_some(), "{} --{} has no environment variable", sub.get_name(), arg.get_id());
+                assert!(
+                    arg.get_env().is_some(),
+                    "{} --{} has no environment variable",
+                    sub.get_name(),
+                    arg.get_id()
+                );
             }
         }
     }

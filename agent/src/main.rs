@@ -21,12 +21,17 @@ fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run(args) => {
             raise_fd_limit();
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(nodeward::agent::run(args))?;
         }
         Command::Cleanup(args) => {
             if nodeward::capture::cleanup(&args.bpffs, &args.node_name)? {
-                println!("removed Nodeward's eBPF programs and maps for node {}", args.node_name);
+                println!(
+                    "removed Nodeward's eBPF programs and maps for node {}",
+                    args.node_name
+                );
             } else {
                 println!("nothing pinned for node {}", args.node_name);
             }
@@ -46,7 +51,9 @@ fn raise_fd_limit() {
 
 fn init_logging(json: bool) {
     let filter = EnvFilter::try_from_env("NODEWARD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().flatten_event(true).init();
     } else {

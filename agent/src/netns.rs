@@ -117,11 +117,9 @@ impl Netns {
     ///
     /// `f` must not block or await: the thread is back home when this returns.
     pub fn run<T>(&self, f: impl FnOnce() -> T) -> Result<T, NetnsError> {
-        setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| {
-            NetnsError::Enter {
-                path: self.path.clone(),
-                source,
-            }
+        setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Enter {
+            path: self.path.clone(),
+            source,
         })?;
         let out = f();
         if let Err(e) = setns(home().as_fd(), CloneFlags::CLONE_NEWNET) {
@@ -141,7 +139,9 @@ impl Netns {
         mark: Option<u32>,
     ) -> Result<socket2::Socket, NetnsError> {
         let sock = self
-            .run(|| socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP)))?
+            .run(|| {
+                socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))
+            })?
             .map_err(|source| NetnsError::Socket {
                 path: self.path.clone(),
                 source,
@@ -165,11 +165,10 @@ impl Netns {
             source,
         })?;
         std::thread::spawn(move || {
-            setns(file.as_fd(), CloneFlags::CLONE_NEWNET)
-                .map_err(|source| NetnsError::Enter {
-                    path: path.clone(),
-                    source,
-                })?;
+            setns(file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Enter {
+                path: path.clone(),
+                source,
+            })?;
             local_addresses().map_err(|source| NetnsError::Socket { path, source })
         })
         .join()
@@ -275,7 +274,10 @@ impl NetnsFinder {
         if let Ok(rd) = std::fs::read_dir("/proc") {
             for e in rd.flatten() {
                 let name = e.file_name();
-                if name.to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())) {
+                if name
+                    .to_str()
+                    .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+                {
                     out.push(e.path().join("ns/net"));
                 }
             }

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nodeward_common::{DIRECTION_INBOUND, DIRECTION_OUTBOUND, POD_HAS_IPV4, POD_HAS_IPV6, PodInfo, PortKey};
+use nodeward_common::{
+    DIRECTION_INBOUND, DIRECTION_OUTBOUND, POD_HAS_IPV4, POD_HAS_IPV6, PodInfo, PortKey,
+};
 
 use crate::capture::{Capture, CaptureError};
 use crate::netns::{Netns, NetnsError, NetnsFinder};
@@ -70,7 +72,13 @@ pub struct PodManager {
 
 impl PodManager {
     /// A manager for `node`.
-    pub fn new(node: String, store: Store, capture: Arc<Capture>, config: Arc<ProxyConfig>, lifecycle: Lifecycle) -> Self {
+    pub fn new(
+        node: String,
+        store: Store,
+        capture: Arc<Capture>,
+        config: Arc<ProxyConfig>,
+        lifecycle: Lifecycle,
+    ) -> Self {
         PodManager {
             node,
             store,
@@ -103,7 +111,10 @@ impl PodManager {
                 _ = tokio::time::sleep(TICK) => {}
             }
         }
-        tracing::info!(pods = self.active.len(), "stopped managing pods; capture stays attached");
+        tracing::info!(
+            pods = self.active.len(),
+            "stopped managing pods; capture stays attached"
+        );
     }
 
     async fn reconcile(&mut self) {
@@ -194,7 +205,10 @@ impl PodManager {
             exclude_outbound = ?pod.exclude_outbound,
             "pod captured"
         );
-        Ok(ActivePod { ctx, spec: pod.clone() })
+        Ok(ActivePod {
+            ctx,
+            spec: pod.clone(),
+        })
     }
 
     fn stop_pod(&self, a: &ActivePod) {
@@ -235,7 +249,9 @@ impl PodManager {
         if let Some(path) = cached {
             // The cache may be stale: confirm the namespace still has the IP.
             if let Ok(ns) = Netns::open(&path)
-                && ns.addresses().is_ok_and(|a| pod.ips.iter().any(|ip| a.contains(ip)))
+                && ns
+                    .addresses()
+                    .is_ok_and(|a| pod.ips.iter().any(|ip| a.contains(ip)))
             {
                 return Ok(path);
             }
@@ -275,7 +291,9 @@ impl PodManager {
     /// Keeps PROBE_SOURCES equal to the node's own addresses: connections
     /// from them to a pod are the kubelet's health probes.
     fn refresh_probe_sources(&mut self) {
-        let Ok(addrs) = crate::netns::local_addresses() else { return };
+        let Ok(addrs) = crate::netns::local_addresses() else {
+            return;
+        };
         let now: HashSet<IpAddr> = addrs.into_iter().collect();
         if now == self.probe_sources {
             return;
@@ -309,8 +327,16 @@ fn update_exclusions(capture: &Capture, cookie: u64, old: &ManagedPod, new: &Man
         pad: [0; 5],
     };
     let sets = [
-        (&old.exclude_inbound, &new.exclude_inbound, DIRECTION_INBOUND),
-        (&old.exclude_outbound, &new.exclude_outbound, DIRECTION_OUTBOUND),
+        (
+            &old.exclude_inbound,
+            &new.exclude_inbound,
+            DIRECTION_INBOUND,
+        ),
+        (
+            &old.exclude_outbound,
+            &new.exclude_outbound,
+            DIRECTION_OUTBOUND,
+        ),
     ];
     for (before, after, dir) in sets {
         for p in before.iter().filter(|p| !after.contains(p)) {

@@ -28,10 +28,10 @@ use aya_ebpf::{
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use nodeward_common::{
-    DIRECTION_INBOUND, DIRECTION_OUTBOUND, ListenerKey, LOOPBACK_IFINDEX,
-    OUTBOUND_PORT, POD_HAS_IPV4, POD_HAS_IPV6, PodInfo, PortKey, SLOT_INBOUND_V4, SLOT_INBOUND_V6,
-    SLOT_TUNNEL_V4, SLOT_TUNNEL_V6, SockAddr, SockKey, TUNNEL_PORT, is_v4_loopback, is_v4_mapped,
-    is_v6_loopback, map_v4,
+    DIRECTION_INBOUND, DIRECTION_OUTBOUND, LOOPBACK_IFINDEX, ListenerKey, OUTBOUND_PORT,
+    POD_HAS_IPV4, POD_HAS_IPV6, PodInfo, PortKey, SLOT_INBOUND_V4, SLOT_INBOUND_V6, SLOT_TUNNEL_V4,
+    SLOT_TUNNEL_V6, SockAddr, SockKey, TUNNEL_PORT, is_v4_loopback, is_v4_mapped, is_v6_loopback,
+    map_v4,
 };
 
 const AF_INET: u32 = 2;
@@ -185,7 +185,12 @@ unsafe fn connect6(ctx: &SockAddrContext) {
     let Some(pod) = (unsafe { PODS.get(&netns) }) else {
         return;
     };
-    let dst = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+    let dst = [
+        sa.user_ip6[0],
+        sa.user_ip6[1],
+        sa.user_ip6[2],
+        sa.user_ip6[3],
+    ];
     let mapped = is_v4_mapped(&dst);
     if mapped {
         if is_v4_loopback(dst[3]) || (pod.flags & POD_HAS_IPV4 != 0 && dst[3] == pod.ipv4) {
@@ -306,7 +311,11 @@ unsafe fn real_peer(ctx: &SockAddrContext, family: u32) -> Option<SockAddr> {
     // Outbound: the app's own endpoint names its captured connection.
     let src4 = unsafe { read_volatile(&(*sk).src_ip4) };
     let src6 = unsafe { read_ip6(&(*sk).src_ip6) };
-    let local = if family == AF_INET { map_v4(src4) } else { src6 };
+    let local = if family == AF_INET {
+        map_v4(src4)
+    } else {
+        src6
+    };
     let key = SockKey {
         netns,
         addr: local,

@@ -96,7 +96,10 @@ impl Agent {
 
     /// The connection log lines (`message == "connection closed"`).
     pub fn connections(&self) -> Vec<Value> {
-        self.lines().into_iter().filter(|l| l["message"] == "connection closed").collect()
+        self.lines()
+            .into_iter()
+            .filter(|l| l["message"] == "connection closed")
+            .collect()
     }
 
     /// Waits for a closed-connection log line of `direction` to `dst`.
@@ -120,7 +123,10 @@ impl Agent {
 
     /// Sends SIGTERM.
     pub fn terminate(&self) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
     }
 
     /// Waits up to `timeout` for the process to exit.

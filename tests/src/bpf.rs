@@ -66,13 +66,17 @@ pub fn pinned_link_prog(path: &str) -> Option<u64> {
 
 /// How many times a program has run (needs `kernel.bpf_stats_enabled=1`).
 pub fn run_count(prog_id: u64) -> u64 {
-    json(&["prog", "show", "id", &prog_id.to_string()])["run_cnt"].as_u64().unwrap_or(0)
+    json(&["prog", "show", "id", &prog_id.to_string()])["run_cnt"]
+        .as_u64()
+        .unwrap_or(0)
 }
 
 /// Inode of a named network namespace.
 pub fn netns_ino(name: &str) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(crate::netns::path(name)).map(|m| m.ino()).unwrap_or(0)
+    std::fs::metadata(crate::netns::path(name))
+        .map(|m| m.ino())
+        .unwrap_or(0)
 }
 
 /// Enables BPF run statistics while alive.

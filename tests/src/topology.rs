@@ -142,17 +142,55 @@ impl Topology {
             let netns = format!("nwt{id}-n{k}");
             sh(&["ip", "netns", "add", &netns]);
             ip(&netns, &["link", "set", "lo", "up"]);
-            sh(&["ip", "netns", "exec", &netns, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"]);
+            sh(&[
+                "ip",
+                "netns",
+                "exec",
+                &netns,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.forwarding=1",
+            ]);
             let f = format!("f{k}");
-            sh(&["ip", "link", "add", &f, "netns", &fabric, "type", "veth", "peer", "name", "up0", "netns", &netns]);
+            sh(&[
+                "ip", "link", "add", &f, "netns", &fabric, "type", "veth", "peer", "name", "up0",
+                "netns", &netns,
+            ]);
             ip(&fabric, &["link", "set", &f, "master", "br0", "up"]);
             ip(&netns, &["link", "set", "up0", "up"]);
-            ip(&netns, &["addr", "add", &format!("10.{id}.0.{k}/24"), "dev", "up0"]);
-            ip(&netns, &["addr", "add", &format!("fd00:{id:x}:0::{k}/64"), "dev", "up0", "nodad"]);
+            ip(
+                &netns,
+                &["addr", "add", &format!("10.{id}.0.{k}/24"), "dev", "up0"],
+            );
+            ip(
+                &netns,
+                &[
+                    "addr",
+                    "add",
+                    &format!("fd00:{id:x}:0::{k}/64"),
+                    "dev",
+                    "up0",
+                    "nodad",
+                ],
+            );
             ip(&netns, &["link", "add", "br0", "type", "bridge"]);
             ip(&netns, &["link", "set", "br0", "up"]);
-            ip(&netns, &["addr", "add", &format!("10.{id}.{k}.1/24"), "dev", "br0"]);
-            ip(&netns, &["addr", "add", &format!("fd00:{id:x}:{k}::1/64"), "dev", "br0", "nodad"]);
+            ip(
+                &netns,
+                &["addr", "add", &format!("10.{id}.{k}.1/24"), "dev", "br0"],
+            );
+            ip(
+                &netns,
+                &[
+                    "addr",
+                    "add",
+                    &format!("fd00:{id:x}:{k}::1/64"),
+                    "dev",
+                    "br0",
+                    "nodad",
+                ],
+            );
             let node_name = format!("t{id}n{k}");
             topo.nodes.push(Node {
                 name: node_name.clone(),
@@ -177,8 +215,27 @@ impl Topology {
         for k in 1..=n {
             for j in (1..=n).filter(|j| *j != k) {
                 let ns = &topo.nodes[k - 1].netns;
-                ip(ns, &["route", "add", &format!("10.{id}.{j}.0/24"), "via", &format!("10.{id}.0.{j}")]);
-                ip(ns, &["-6", "route", "add", &format!("fd00:{id:x}:{j}::/64"), "via", &format!("fd00:{id:x}:0::{j}")]);
+                ip(
+                    ns,
+                    &[
+                        "route",
+                        "add",
+                        &format!("10.{id}.{j}.0/24"),
+                        "via",
+                        &format!("10.{id}.0.{j}"),
+                    ],
+                );
+                ip(
+                    ns,
+                    &[
+                        "-6",
+                        "route",
+                        "add",
+                        &format!("fd00:{id:x}:{j}::/64"),
+                        "via",
+                        &format!("fd00:{id:x}:0::{j}"),
+                    ],
+                );
             }
         }
         std::fs::create_dir_all(&topo.config_dir).expect("config dir");
@@ -194,16 +251,38 @@ impl Topology {
         self.extra_netns.push(netns.clone());
         let node = &self.nodes[k0].netns;
         let host_if = format!("p{}", 10 + i);
-        sh(&["ip", "link", "add", &host_if, "netns", node, "type", "veth", "peer", "name", "eth0", "netns", &netns]);
+        sh(&[
+            "ip", "link", "add", &host_if, "netns", node, "type", "veth", "peer", "name", "eth0",
+            "netns", &netns,
+        ]);
         ip(node, &["link", "set", &host_if, "master", "br0", "up"]);
         let ip4: Ipv4Addr = format!("10.{id}.{k}.{}", 10 + i).parse().unwrap();
         let ip6: Ipv6Addr = format!("fd00:{id:x}:{k}::{:x}", 10 + i).parse().unwrap();
         ip(&netns, &["link", "set", "lo", "up"]);
         ip(&netns, &["link", "set", "eth0", "up"]);
-        ip(&netns, &["addr", "add", &format!("{ip4}/24"), "dev", "eth0"]);
-        ip(&netns, &["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"]);
-        ip(&netns, &["route", "add", "default", "via", &format!("10.{id}.{k}.1")]);
-        ip(&netns, &["-6", "route", "add", "default", "via", &format!("fd00:{id:x}:{k}::1")]);
+        ip(
+            &netns,
+            &["addr", "add", &format!("{ip4}/24"), "dev", "eth0"],
+        );
+        ip(
+            &netns,
+            &["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"],
+        );
+        ip(
+            &netns,
+            &["route", "add", "default", "via", &format!("10.{id}.{k}.1")],
+        );
+        ip(
+            &netns,
+            &[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("fd00:{id:x}:{k}::1"),
+            ],
+        );
         Pod {
             name: spec.name.clone(),
             namespace: spec.namespace.clone(),
@@ -252,7 +331,10 @@ impl Topology {
 
     /// The pod named `name`.
     pub fn pod(&self, name: &str) -> &Pod {
-        self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
     }
 
     /// Starts every node's agent and waits until each has captured its
@@ -280,8 +362,17 @@ impl Topology {
             .iter()
             .filter(|p| &p.node == node && !p.spec.unlisted)
             .filter(|p| {
-                let ns_ambient = self.workloads.namespaces.iter().any(|(n, a)| *a && *n == p.spec.namespace);
-                let label = p.spec.labels.iter().find(|(k, _)| k == "istio.io/dataplane-mode").map(|(_, v)| v.as_str());
+                let ns_ambient = self
+                    .workloads
+                    .namespaces
+                    .iter()
+                    .any(|(n, a)| *a && *n == p.spec.namespace);
+                let label = p
+                    .spec
+                    .labels
+                    .iter()
+                    .find(|(k, _)| k == "istio.io/dataplane-mode")
+                    .map(|(_, v)| v.as_str());
                 label != Some("none") && (ns_ambient || label == Some("ambient"))
             })
             .map(|p| format!("{}/{}", p.spec.namespace, p.spec.name))
@@ -296,7 +387,12 @@ impl Topology {
                 .wait_log(Duration::from_secs(10), |l| {
                     l["message"] == "pod captured" && l["pod"] == key.as_str()
                 })
-                .unwrap_or_else(|| panic!("agent of node {k} did not capture {key}; log:\n{}", agent.dump()));
+                .unwrap_or_else(|| {
+                    panic!(
+                        "agent of node {k} did not capture {key}; log:\n{}",
+                        agent.dump()
+                    )
+                });
         }
     }
 
@@ -308,6 +404,37 @@ impl Topology {
     /// Node `k`'s agent, mutably.
     pub fn agent_mut(&mut self, k: usize) -> &mut Agent {
         self.nodes[k].agent.as_mut().expect("agent running")
+    }
+
+    /// The kernel's links that belong to this topology's agents: those
+    /// behind the links pinned in its nodes' pin directories.
+    /// Each comes with the name of the node whose agent attached it.
+    pub fn attached_links(&self) -> Vec<(String, crate::bpf::Link)> {
+        let mut progs: Vec<(u64, String)> = Vec::new();
+        for k in 0..self.nodes.len() {
+            let dir = self.pin_dir(k);
+            let mut pins: Vec<PathBuf> = std::fs::read_dir(dir.join("links"))
+                .map(|rd| rd.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default();
+            if let Ok(rd) = std::fs::read_dir(dir.join("pods")) {
+                pins.extend(rd.flatten().map(|e| e.path().join("sk_lookup")));
+            }
+            let node = &self.nodes[k].name;
+            progs.extend(
+                pins.iter()
+                    .filter_map(|p| crate::bpf::pinned_link_prog(&p.to_string_lossy()))
+                    .map(|id| (id, node.clone())),
+            );
+        }
+        crate::bpf::links()
+            .into_iter()
+            .filter_map(|l| {
+                progs
+                    .iter()
+                    .find(|(id, _)| *id == l.prog_id)
+                    .map(|(_, n)| (n.clone(), l))
+            })
+            .collect()
     }
 
     /// Pin directory of node `k`.
@@ -324,10 +451,18 @@ impl Drop for Topology {
             }
             cleanup_node(&node.name);
         }
-        for ns in self.extra_netns.iter().chain(self.nodes.iter().map(|n| &n.netns)) {
-            let _ = std::process::Command::new("ip").args(["netns", "del", ns]).status();
+        for ns in self
+            .extra_netns
+            .iter()
+            .chain(self.nodes.iter().map(|n| &n.netns))
+        {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", ns])
+                .status();
         }
-        let _ = std::process::Command::new("ip").args(["netns", "del", &self.fabric]).status();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.fabric])
+            .status();
         let _ = std::fs::remove_dir_all(&self.config_dir);
         let _ = std::fs::remove_file(lease_file(self.id));
     }
@@ -369,7 +504,9 @@ fn lease() -> u32 {
             got = Some(id);
             break;
         }
-        let owner: Option<i32> = std::fs::read_to_string(&f).ok().and_then(|s| s.trim().parse().ok());
+        let owner: Option<i32> = std::fs::read_to_string(&f)
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
         let dead = owner.is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists());
         if dead && std::fs::remove_file(&f).is_ok() && claim(&f) {
             got = Some(id);
@@ -388,12 +525,17 @@ fn reclaim(id: u32) {
     for line in sh_out(&["ip", "netns", "list"]).lines() {
         let name = line.split_whitespace().next().unwrap_or("");
         if name.starts_with(&prefix) {
-            let _ = std::process::Command::new("ip").args(["netns", "del", name]).status();
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", name])
+                .status();
         }
     }
     if let Ok(rd) = std::fs::read_dir("/sys/fs/bpf/nodeward") {
         for e in rd.flatten() {
-            if e.file_name().to_string_lossy().starts_with(&format!("t{id}n")) {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("t{id}n"))
+            {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }

@@ -22,62 +22,112 @@ fn cluster(test: &str) -> Option<Topology> {
 #[test]
 fn cross_node_connections_are_captured_on_both_ends_ipv4_ipv6_and_mapped() {
     let _g = shared();
-    let Some(t) = cluster("cross_node_connections_are_captured_on_both_ends_ipv4_ipv6_and_mapped") else { return };
+    let Some(t) = cluster("cross_node_connections_are_captured_on_both_ends_ipv4_ipv6_and_mapped")
+    else {
+        return;
+    };
     let (a, c) = (t.pod("a"), t.pod("c"));
     let _s4 = serve(&c.netns, c.v4(8080), info_echo);
     let _s6 = serve(&c.netns, c.v6(8086), info_echo);
     let mapped: SocketAddr = format!("[::ffff:{}]:8080", c.ip4).parse().unwrap();
 
-    for (dst, want_peer) in [(c.v4(8080), a.v4(0)), (c.v6(8086), a.v6(0)), (mapped, a.v4(0))] {
-        let (seen, client_peer, client_local) = round_trip(&a.netns, dst, b"hello through the mesh").unwrap();
+    for (dst, want_peer) in [
+        (c.v4(8080), a.v4(0)),
+        (c.v6(8086), a.v6(0)),
+        (mapped, a.v4(0)),
+    ] {
+        let (seen, client_peer, client_local) =
+            round_trip(&a.netns, dst, b"hello through the mesh").unwrap();
         // The app sees the destination it asked for as its peer ...
         assert_eq!(client_peer, dst, "client's getpeername");
         // ... while its connection really went to the agent on loopback.
-        assert!(client_local.ip().is_loopback() || client_local.ip().to_canonical().is_loopback(), "captured: {client_local}");
+        assert!(
+            client_local.ip().is_loopback() || client_local.ip().to_canonical().is_loopback(),
+            "captured: {client_local}"
+        );
         // The server sees the real client pod, not the agent's hop.
-        assert_eq!(seen.peer.ip().to_canonical(), want_peer.ip(), "server's accept() peer");
+        assert_eq!(
+            seen.peer.ip().to_canonical(),
+            want_peer.ip(),
+            "server's accept() peer"
+        );
         let d = traffic::unmapped(dst).to_string();
-        let out = t.agent(0).wait_connection("outbound", &d, WAIT).unwrap_or_else(|| panic!("no outbound log for {d}:\n{}", t.agent(0).dump()));
+        let out = t
+            .agent(0)
+            .wait_connection("outbound", &d, WAIT)
+            .unwrap_or_else(|| panic!("no outbound log for {d}:\n{}", t.agent(0).dump()));
         assert_eq!(out["pod"], "mesh/a");
         assert_eq!(out["reason"], "done");
         assert_eq!(out["sent"], 22);
-        let inb = t.agent(1).wait_connection("inbound", &d, WAIT).unwrap_or_else(|| panic!("no inbound log for {d}:\n{}", t.agent(1).dump()));
+        let inb = t
+            .agent(1)
+            .wait_connection("inbound", &d, WAIT)
+            .unwrap_or_else(|| panic!("no inbound log for {d}:\n{}", t.agent(1).dump()));
         assert_eq!(inb["pod"], "mesh/c");
-        assert_eq!(inb["src"].as_str().unwrap().parse::<SocketAddr>().unwrap().ip(), want_peer.ip());
+        assert_eq!(
+            inb["src"]
+                .as_str()
+                .unwrap()
+                .parse::<SocketAddr>()
+                .unwrap()
+                .ip(),
+            want_peer.ip()
+        );
     }
 }
 
 #[test]
 fn same_node_traffic_is_captured_once_each_way_without_loops() {
     let _g = shared();
-    let Some(t) = cluster("same_node_traffic_is_captured_once_each_way_without_loops") else { return };
+    let Some(t) = cluster("same_node_traffic_is_captured_once_each_way_without_loops") else {
+        return;
+    };
     let (a, b) = (t.pod("a"), t.pod("b"));
     let _s = serve(&b.netns, b.v4(9000), info_echo);
     let (seen, _, _) = round_trip(&a.netns, b.v4(9000), b"same node").unwrap();
     assert_eq!(seen.peer.ip(), a.v4(0).ip());
     let dst = b.v4(9000).to_string();
-    t.agent(0).wait_connection("outbound", &dst, WAIT).expect("outbound log");
-    t.agent(0).wait_connection("inbound", &dst, WAIT).expect("inbound log");
+    t.agent(0)
+        .wait_connection("outbound", &dst, WAIT)
+        .expect("outbound log");
+    t.agent(0)
+        .wait_connection("inbound", &dst, WAIT)
+        .expect("inbound log");
     // One connection, one capture per direction: the agent's own sockets
     // inside the pods were not captured again.
     std::thread::sleep(Duration::from_millis(300));
     let logs = t.agent(0).connections();
-    let count = |dir: &str| logs.iter().filter(|l| l["direction"] == dir && l["dst"] == dst.as_str()).count();
+    let count = |dir: &str| {
+        logs.iter()
+            .filter(|l| l["direction"] == dir && l["dst"] == dst.as_str())
+            .count()
+    };
     assert_eq!((count("outbound"), count("inbound")), (1, 1), "{logs:#?}");
 }
 
 #[test]
 fn inbound_on_any_port_reaches_the_agent_and_15008_reaches_the_tunnel_listener() {
     let _g = shared();
-    let Some(t) = cluster("inbound_on_any_port_reaches_the_agent_and_15008_reaches_the_tunnel_listener") else { return };
+    let Some(t) =
+        cluster("inbound_on_any_port_reaches_the_agent_and_15008_reaches_the_tunnel_listener")
+    else {
+        return;
+    };
     let (c, d) = (t.pod("c"), t.pod("d"));
     // d is not enrolled: its connection to c is captured only at c's end.
     for port in [22u16, 443, 31337] {
         let _s = serve(&c.netns, c.v4(port), info_echo);
         let (seen, _, client_local) = round_trip(&d.netns, c.v4(port), b"x").unwrap();
         assert_eq!(client_local.ip(), d.v4(0).ip(), "d itself is not captured");
-        assert_eq!(seen.local, c.v4(port), "the app got the original destination port");
-        let l = t.agent(1).wait_connection("inbound", &c.v4(port).to_string(), WAIT).expect("inbound log");
+        assert_eq!(
+            seen.local,
+            c.v4(port),
+            "the app got the original destination port"
+        );
+        let l = t
+            .agent(1)
+            .wait_connection("inbound", &c.v4(port).to_string(), WAIT)
+            .expect("inbound log");
         assert_eq!(l["pod"], "mesh/c");
     }
     // 15008 belongs to the tunnel listener; until HBONE arrives it refuses
@@ -97,11 +147,15 @@ fn inbound_on_any_port_reaches_the_agent_and_15008_reaches_the_tunnel_listener()
 #[test]
 fn a_hundred_concurrent_connections_through_one_agent() {
     let _g = shared();
-    let Some(t) = cluster("a_hundred_concurrent_connections_through_one_agent") else { return };
+    let Some(t) = cluster("a_hundred_concurrent_connections_through_one_agent") else {
+        return;
+    };
     let (a, c) = (t.pod("a"), t.pod("c"));
     let _s = serve(&c.netns, c.v4(7000), info_echo);
     // Open all first, so they are really concurrent, then use them.
-    let mut conns: Vec<_> = (0..100).map(|_| traffic::connect(&a.netns, c.v4(7000)).expect("connect")).collect();
+    let mut conns: Vec<_> = (0..100)
+        .map(|_| traffic::connect(&a.netns, c.v4(7000)).expect("connect"))
+        .collect();
     for (i, s) in conns.iter_mut().enumerate() {
         traffic::read_greeting(s).unwrap();
         write!(s, "message {i}").unwrap();
@@ -114,8 +168,18 @@ fn a_hundred_concurrent_connections_through_one_agent() {
     }
     let dst = c.v4(7000).to_string();
     let deadline = std::time::Instant::now() + WAIT;
-    while t.agent(0).connections().iter().filter(|l| l["dst"] == dst.as_str()).count() < 100 {
-        assert!(std::time::Instant::now() < deadline, "agent logged fewer than 100 connections");
+    while t
+        .agent(0)
+        .connections()
+        .iter()
+        .filter(|l| l["dst"] == dst.as_str())
+        .count()
+        < 100
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "agent logged fewer than 100 connections"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -123,7 +187,9 @@ fn a_hundred_concurrent_connections_through_one_agent() {
 #[test]
 fn a_256_mib_transfer_arrives_intact() {
     let _g = shared();
-    let Some(t) = cluster("a_256_mib_transfer_arrives_intact") else { return };
+    let Some(t) = cluster("a_256_mib_transfer_arrives_intact") else {
+        return;
+    };
     let (a, c) = (t.pod("a"), t.pod("c"));
     let _s = serve(&c.netns, c.v4(7100), checksum_sink);
     let mut s = traffic::connect(&a.netns, c.v4(7100)).unwrap();
@@ -139,14 +205,19 @@ fn a_256_mib_transfer_arrives_intact() {
     let mut reply = String::new();
     s.read_to_string(&mut reply).unwrap();
     assert_eq!(reply.trim(), format!("{} {:016x}", 256u64 << 20, sum.0));
-    let l = t.agent(0).wait_connection("outbound", &c.v4(7100).to_string(), WAIT).expect("outbound log");
+    let l = t
+        .agent(0)
+        .wait_connection("outbound", &c.v4(7100).to_string(), WAIT)
+        .expect("outbound log");
     assert_eq!(l["sent"], 256u64 << 20);
 }
 
 #[test]
 fn half_close_is_propagated_both_ways() {
     let _g = shared();
-    let Some(t) = cluster("half_close_is_propagated_both_ways") else { return };
+    let Some(t) = cluster("half_close_is_propagated_both_ways") else {
+        return;
+    };
     let (a, c) = (t.pod("a"), t.pod("c"));
     // The server reads to EOF (the client's FIN, passed on by both agents),
     // and only then answers: the answer must still reach the client.
@@ -164,12 +235,20 @@ fn half_close_is_propagated_both_ways() {
 #[test]
 fn a_closed_app_port_resets_the_client_instead_of_hanging() {
     let _g = shared();
-    let Some(t) = cluster("a_closed_app_port_resets_the_client_instead_of_hanging") else { return };
+    let Some(t) = cluster("a_closed_app_port_resets_the_client_instead_of_hanging") else {
+        return;
+    };
     let (a, c) = (t.pod("a"), t.pod("c"));
     let mut s = traffic::connect(&a.netns, c.v4(7300)).expect("the agent accepts");
     let mut b = [0u8; 1];
     let r = s.read(&mut b);
-    assert!(matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset), "{r:?}");
-    let l = t.agent(1).wait_connection("inbound", &c.v4(7300).to_string(), WAIT).expect("inbound log");
+    assert!(
+        matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{r:?}"
+    );
+    let l = t
+        .agent(1)
+        .wait_connection("inbound", &c.v4(7300).to_string(), WAIT)
+        .expect("inbound log");
     assert_eq!(l["reason"], "connect_refused");
 }

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use nodeward_testbed::bpf::{self, links, netns_ino};
 use nodeward_testbed::netns::{sh, sh_out};
 use nodeward_testbed::traffic::{self, info_echo, read_greeting, round_trip, serve};
-use nodeward_testbed::{PodSpec, Topology, TopologySpec, exclusive, nodeward_bin, privileged_or_skip, shared};
+use nodeward_testbed::{
+    PodSpec, Topology, TopologySpec, exclusive, nodeward_bin, privileged_or_skip, shared,
+};
 
 const WAIT: Duration = Duration::from_secs(10);
 const QUICK: Duration = Duration::from_secs(2);
@@ -28,7 +30,10 @@ fn cluster(test: &str) -> Option<Topology> {
 fn assert_blocked(netns: &str, dst: SocketAddr) {
     match traffic::connect_timeout(netns, dst, QUICK) {
         Err(e) => assert!(
-            matches!(e.kind(), ErrorKind::ConnectionRefused | ErrorKind::TimedOut | ErrorKind::ConnectionReset),
+            matches!(
+                e.kind(),
+                ErrorKind::ConnectionRefused | ErrorKind::TimedOut | ErrorKind::ConnectionReset
+            ),
             "{dst}: unexpected error {e}"
         ),
         Ok(s) => {
@@ -45,13 +50,20 @@ fn count_links(prog: &str) -> usize {
 
 fn sk_lookup_links(netns: &str) -> usize {
     let ino = netns_ino(netns);
-    links().iter().filter(|l| l.attach_type == "sk_lookup" && l.netns_ino == Some(ino)).count()
+    links()
+        .iter()
+        .filter(|l| l.attach_type == "sk_lookup" && l.netns_ino == Some(ino))
+        .count()
 }
 
 #[test]
 fn sigkill_fails_closed_and_a_restarted_agent_readopts_without_duplicates() {
     let _g = exclusive();
-    let Some(mut t) = cluster("sigkill_fails_closed_and_a_restarted_agent_readopts_without_duplicates") else { return };
+    let Some(mut t) =
+        cluster("sigkill_fails_closed_and_a_restarted_agent_readopts_without_duplicates")
+    else {
+        return;
+    };
     let (a, c, d) = (t.pod("a").clone(), t.pod("c").clone(), t.pod("d").clone());
     let _sa = serve(&a.netns, a.v4(7000), info_echo);
     let _sa6 = serve(&a.netns, a.v6(7006), info_echo);
@@ -85,18 +97,25 @@ fn sigkill_fails_closed_and_a_restarted_agent_readopts_without_duplicates() {
     assert_eq!(sk_lookup_links(&a.netns), 1);
     assert_eq!(sk_lookup_links(&t.pod("b").netns), 1);
     let new_prog = bpf::pinned_link_prog(&format!("{}/links/nw_connect4", t.pin_dir(0).display()));
-    assert_ne!(old_prog, new_prog, "the restarted agent attached its own programs");
+    assert_ne!(
+        old_prog, new_prog,
+        "the restarted agent attached its own programs"
+    );
 }
 
 #[test]
 fn a_deleted_pod_is_released_within_a_second() {
     let _g = shared();
-    let Some(mut t) = cluster("a_deleted_pod_is_released_within_a_second") else { return };
+    let Some(mut t) = cluster("a_deleted_pod_is_released_within_a_second") else {
+        return;
+    };
     let (b, c) = (t.pod("b").clone(), t.pod("c").clone());
     let _sc = serve(&c.netns, c.v4(7000), info_echo);
     let cookie = t
         .agent(0)
-        .wait_log(WAIT, |l| l["message"] == "pod captured" && l["pod"] == "mesh/b")
+        .wait_log(WAIT, |l| {
+            l["message"] == "pod captured" && l["pod"] == "mesh/b"
+        })
         .unwrap()["cookie"]
         .as_u64()
         .unwrap();
@@ -106,13 +125,25 @@ fn a_deleted_pod_is_released_within_a_second() {
     let removed = Instant::now();
     t.edit_pod("b", |_| false);
     while pod_pins.exists() || sk_lookup_links(&b.netns) != 0 {
-        assert!(removed.elapsed() < Duration::from_secs(1), "pod state still present after 1 s");
+        assert!(
+            removed.elapsed() < Duration::from_secs(1),
+            "pod state still present after 1 s"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     t.agent(0)
-        .wait_log(Duration::from_secs(1), |l| l["message"] == "pod released" && l["pod"] == "mesh/b")
+        .wait_log(Duration::from_secs(1), |l| {
+            l["message"] == "pod released" && l["pod"] == "mesh/b"
+        })
         .expect("release logged");
-    let pods_map = sh_out(&["bpftool", "-j", "map", "dump", "pinned", &format!("{}/maps/PODS", t.pin_dir(0).display())]);
+    let pods_map = sh_out(&[
+        "bpftool",
+        "-j",
+        "map",
+        "dump",
+        "pinned",
+        &format!("{}/maps/PODS", t.pin_dir(0).display()),
+    ]);
     let keys: Vec<u64> = serde_json::from_str::<serde_json::Value>(&pods_map)
         .unwrap()
         .as_array()
@@ -123,7 +154,9 @@ fn a_deleted_pod_is_released_within_a_second() {
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|b| u8::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap())
+                .map(|b| {
+                    u8::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap()
+                })
                 .collect();
             u64::from_le_bytes(bytes.try_into().unwrap())
         })
@@ -139,7 +172,9 @@ fn a_deleted_pod_is_released_within_a_second() {
 #[test]
 fn sigterm_drains_open_connections_then_leaves_capture_attached_until_cleanup() {
     let _g = shared();
-    if !privileged_or_skip("sigterm_drains_open_connections_then_leaves_capture_attached_until_cleanup") {
+    if !privileged_or_skip(
+        "sigterm_drains_open_connections_then_leaves_capture_attached_until_cleanup",
+    ) {
         return;
     }
     let mut t = Topology::build(TopologySpec::two_nodes());
@@ -153,7 +188,9 @@ fn sigterm_drains_open_connections_then_leaves_capture_attached_until_cleanup() 
     read_greeting(&open).unwrap();
 
     t.agent(0).terminate();
-    t.agent(0).wait_log(WAIT, |l| l["message"] == "SIGTERM: draining").expect("drain started");
+    t.agent(0)
+        .wait_log(WAIT, |l| l["message"] == "SIGTERM: draining")
+        .expect("drain started");
     // New connections are refused while draining ...
     assert_blocked(&a.netns, c.v4(7000));
     // ... the open one keeps working ...
@@ -161,10 +198,18 @@ fn sigterm_drains_open_connections_then_leaves_capture_attached_until_cleanup() 
     let mut buf = [0u8; 10];
     open.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"still here");
-    assert!(t.agent_mut(0).wait_exit(Duration::from_millis(300)).is_none(), "exited before its connection closed");
+    assert!(
+        t.agent_mut(0)
+            .wait_exit(Duration::from_millis(300))
+            .is_none(),
+        "exited before its connection closed"
+    );
     // ... and when it ends the agent exits, long before the deadline.
     drop(open);
-    let status = t.agent_mut(0).wait_exit(Duration::from_secs(5)).expect("agent exits after the last connection");
+    let status = t
+        .agent_mut(0)
+        .wait_exit(Duration::from_secs(5))
+        .expect("agent exits after the last connection");
     assert!(status.success(), "{status:?}");
 
     // Capture stays attached: still no plaintext.
@@ -177,7 +222,11 @@ fn sigterm_drains_open_connections_then_leaves_capture_attached_until_cleanup() 
         .args(["cleanup", "--node-name", &t.nodes[0].name])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!t.pin_dir(0).exists());
     assert_eq!(sk_lookup_links(&a.netns), 0);
     let (_, _, local) = round_trip(&a.netns, c.v4(7000), b"direct").unwrap();
@@ -199,31 +248,72 @@ fn the_drain_deadline_closes_connections_that_stay_open() {
     let mut open = traffic::connect(&a.netns, c.v4(7000)).unwrap();
     read_greeting(&open).unwrap();
     t.agent(0).terminate();
-    let status = t.agent_mut(0).wait_exit(Duration::from_secs(8)).expect("agent exits after the deadline");
+    let status = t
+        .agent_mut(0)
+        .wait_exit(Duration::from_secs(8))
+        .expect("agent exits after the deadline");
     assert!(status.success());
     let mut buf = [0u8; 1];
     let r = open.read(&mut buf);
     assert!(matches!(r, Ok(0) | Err(_)), "connection closed: {r:?}");
-    let l = t.agent(0).wait_connection("outbound", &c.v4(7000).to_string(), QUICK).expect("logged");
+    let l = t
+        .agent(0)
+        .wait_connection("outbound", &c.v4(7000).to_string(), QUICK)
+        .expect("logged");
     assert_eq!(l["reason"], "shutdown");
 }
 
 #[test]
 fn a_pod_whose_namespace_appears_late_is_warned_about_then_captured() {
     let _g = shared();
-    let Some(mut t) = cluster("a_pod_whose_namespace_appears_late_is_warned_about_then_captured") else { return };
+    let Some(mut t) = cluster("a_pod_whose_namespace_appears_late_is_warned_about_then_captured")
+    else {
+        return;
+    };
     let e = t.add_pod(0, PodSpec::new("e", "mesh"));
     // Its addresses are not configured yet: no namespace holds its IP.
     sh(&["ip", "-n", &e.netns, "addr", "flush", "dev", "eth0"]);
     t.write_config();
     t.agent(0)
-        .wait_log(WAIT, |l| l["pod"] == "mesh/e" && l["message"].as_str().unwrap_or("").contains("will retry"))
+        .wait_log(WAIT, |l| {
+            l["pod"] == "mesh/e" && l["message"].as_str().unwrap_or("").contains("will retry")
+        })
         .unwrap_or_else(|| panic!("no warning:\n{}", t.agent(0).dump()));
-    sh(&["ip", "-n", &e.netns, "addr", "add", &format!("{}/24", e.ip4), "dev", "eth0"]);
-    sh(&["ip", "-n", &e.netns, "addr", "add", &format!("{}/64", e.ip6), "dev", "eth0", "nodad"]);
-    sh(&["ip", "-n", &e.netns, "route", "add", "default", "via", &t.nodes[0].gateway4.to_string()]);
+    sh(&[
+        "ip",
+        "-n",
+        &e.netns,
+        "addr",
+        "add",
+        &format!("{}/24", e.ip4),
+        "dev",
+        "eth0",
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        &e.netns,
+        "addr",
+        "add",
+        &format!("{}/64", e.ip6),
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        &e.netns,
+        "route",
+        "add",
+        "default",
+        "via",
+        &t.nodes[0].gateway4.to_string(),
+    ]);
     t.agent(0)
-        .wait_log(WAIT, |l| l["message"] == "pod captured" && l["pod"] == "mesh/e")
+        .wait_log(WAIT, |l| {
+            l["message"] == "pod captured" && l["pod"] == "mesh/e"
+        })
         .unwrap_or_else(|| panic!("not captured:\n{}", t.agent(0).dump()));
     let c = t.pod("c").clone();
     let _sc = serve(&c.netns, c.v4(7000), info_echo);
@@ -234,28 +324,54 @@ fn a_pod_whose_namespace_appears_late_is_warned_about_then_captured() {
 #[test]
 fn bad_config_is_reported_by_file_and_the_last_good_config_keeps_running() {
     let _g = shared();
-    let Some(t) = cluster("bad_config_is_reported_by_file_and_the_last_good_config_keeps_running") else { return };
+    let Some(t) = cluster("bad_config_is_reported_by_file_and_the_last_good_config_keeps_running")
+    else {
+        return;
+    };
     let (a, c) = (t.pod("a").clone(), t.pod("c").clone());
     let _sc = serve(&c.netns, c.v4(7000), info_echo);
     let dir = t.config_dir.clone();
-    std::fs::write(dir.join("broken.yaml"), "apiVersion: v1\nkind: Pod\nmetadata: [oops\n").unwrap();
+    std::fs::write(
+        dir.join("broken.yaml"),
+        "apiVersion: v1\nkind: Pod\nmetadata: [oops\n",
+    )
+    .unwrap();
     std::fs::write(dir.join("deploy.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n").unwrap();
     // The main file turns bad too: its last good version must stay in force.
     let good = std::fs::read_to_string(dir.join("cluster.yaml")).unwrap();
-    std::fs::write(dir.join("cluster.yaml"), format!("{good}\nthis is: [not yaml\n")).unwrap();
-    for (file, needle) in [("broken.yaml", "line 3"), ("deploy.yaml", "unknown kind \\\"Deployment\\\""), ("cluster.yaml", "line")] {
+    std::fs::write(
+        dir.join("cluster.yaml"),
+        format!("{good}\nthis is: [not yaml\n"),
+    )
+    .unwrap();
+    for (file, needle) in [
+        ("broken.yaml", "line 3"),
+        ("deploy.yaml", "unknown kind \\\"Deployment\\\""),
+        ("cluster.yaml", "line"),
+    ] {
         let l = t
             .agent(0)
-            .wait_log(WAIT, |l| l["level"] == "ERROR" && l["file"].as_str().is_some_and(|f| f.ends_with(file)))
+            .wait_log(WAIT, |l| {
+                l["level"] == "ERROR" && l["file"].as_str().is_some_and(|f| f.ends_with(file))
+            })
             .unwrap_or_else(|| panic!("no error for {file}:\n{}", t.agent(0).dump()));
         let text = l.to_string();
-        assert!(text.contains(file) && text.contains(needle), "{file}: {text}");
+        assert!(
+            text.contains(file) && text.contains(needle),
+            "{file}: {text}"
+        );
     }
     std::thread::sleep(Duration::from_millis(500));
     let (_, _, local) = round_trip(&a.netns, c.v4(7000), b"still meshed").unwrap();
-    assert!(local.ip().is_loopback(), "pods stay captured under the last good config");
     assert!(
-        !t.agent(0).lines().iter().any(|l| l["message"] == "pod released"),
+        local.ip().is_loopback(),
+        "pods stay captured under the last good config"
+    );
+    assert!(
+        !t.agent(0)
+            .lines()
+            .iter()
+            .any(|l| l["message"] == "pod released"),
         "no pod was dropped because of bad files"
     );
 }

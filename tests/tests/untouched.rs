@@ -45,14 +45,21 @@ fn loopback_inside_a_pod_is_not_captured() {
         let _s = serve(&a.netns, addr, info_echo);
         let (seen, peer, local) = round_trip(&a.netns, addr, b"local").unwrap();
         assert_eq!(peer, addr);
-        assert_eq!(seen.peer, local, "server and client agree: no proxy in between");
+        assert_eq!(
+            seen.peer, local,
+            "server and client agree: no proxy in between"
+        );
     }
     // The pod's own IP is inside the pod too.
     let _s = serve(&a.netns, a.v4(6002), info_echo);
     let (seen, _, local) = round_trip(&a.netns, a.v4(6002), b"self").unwrap();
     assert_eq!(seen.peer, local);
     barrier(&t, "a", "b", 6100);
-    assert!(!logged_port(&t, 0, 6000) && !logged_port(&t, 0, 6001) && !logged_port(&t, 0, 6002), "{}", t.agent(0).dump());
+    assert!(
+        !logged_port(&t, 0, 6000) && !logged_port(&t, 0, 6001) && !logged_port(&t, 0, 6002),
+        "{}",
+        t.agent(0).dump()
+    );
 }
 
 #[test]
@@ -84,7 +91,11 @@ fn udp_and_dns_style_traffic_is_untouched() {
     let mut b = [0u8; 16];
     let n = client.recv(&mut b).unwrap();
     assert_eq!(&b[..n], b"query");
-    assert_eq!(echo.join().unwrap().ip(), a.v4(0).ip(), "the datagram came straight from the pod");
+    assert_eq!(
+        echo.join().unwrap().ip(),
+        a.v4(0).ip(),
+        "the datagram came straight from the pod"
+    );
     assert_eq!(client.peer_addr().unwrap(), server_addr);
 }
 
@@ -95,8 +106,10 @@ fn annotated_ports_are_excluded_in_both_directions() {
         return;
     }
     let mut spec = TopologySpec::two_nodes();
-    spec.nodes[0][0] = PodSpec::new("a", "mesh").annotation("traffic.sidecar.istio.io/excludeOutboundPorts", "5432");
-    spec.nodes[1][0] = PodSpec::new("c", "mesh").annotation("traffic.sidecar.istio.io/excludeInboundPorts", "9100, 9101");
+    spec.nodes[0][0] = PodSpec::new("a", "mesh")
+        .annotation("traffic.sidecar.istio.io/excludeOutboundPorts", "5432");
+    spec.nodes[1][0] = PodSpec::new("c", "mesh")
+        .annotation("traffic.sidecar.istio.io/excludeInboundPorts", "9100, 9101");
     let mut t = Topology::build(spec);
     t.start_agents();
     let (a, c) = (t.pod("a"), t.pod("c"));
@@ -106,20 +119,30 @@ fn annotated_ports_are_excluded_in_both_directions() {
     // a -> c:5432: excluded outbound at a, but still captured inbound at c.
     let (_, _, local) = round_trip(&a.netns, c.v4(5432), b"q").unwrap();
     assert_eq!(local.ip(), a.v4(0).ip(), "not redirected to the agent");
-    t.agent(1).wait_connection("inbound", &c.v4(5432).to_string(), WAIT).expect("c still captures its inbound 5432");
+    t.agent(1)
+        .wait_connection("inbound", &c.v4(5432).to_string(), WAIT)
+        .expect("c still captures its inbound 5432");
 
     // a -> c:9100: captured outbound at a, excluded inbound at c.
     let (seen, _, local) = round_trip(&a.netns, c.v4(9100), b"scrape").unwrap();
     assert!(local.ip().is_loopback(), "outbound 9100 is captured at a");
-    t.agent(0).wait_connection("outbound", &c.v4(9100).to_string(), WAIT).expect("a captured it");
+    t.agent(0)
+        .wait_connection("outbound", &c.v4(9100).to_string(), WAIT)
+        .expect("a captured it");
     // Not captured at c: the app sees the agent-a hop's source, a's IP, as
     // it would without a mesh (no inbound log at c).
     assert_eq!(seen.peer.ip(), a.v4(0).ip());
 
     barrier(&t, "b", "c", 8001);
-    assert!(!logged_port(&t, 0, 5432), "outbound 5432 must not be captured at a");
     assert!(
-        !t.agent(1).connections().iter().any(|l| l["direction"] == "inbound" && l["dst"] == c.v4(9100).to_string().as_str()),
+        !logged_port(&t, 0, 5432),
+        "outbound 5432 must not be captured at a"
+    );
+    assert!(
+        !t.agent(1)
+            .connections()
+            .iter()
+            .any(|l| l["direction"] == "inbound" && l["dst"] == c.v4(9100).to_string().as_str()),
         "inbound 9100 must not be captured at c:\n{}",
         t.agent(1).dump()
     );
@@ -137,10 +160,17 @@ fn kubelet_probes_from_the_node_are_not_captured() {
     let _s = serve(&c.netns, c.v4(8080), info_echo);
     let node = &t.nodes[1];
     let (seen, _, _) = round_trip(&node.netns, c.v4(8080), b"GET /healthz").unwrap();
-    assert_eq!(seen.peer.ip(), std::net::IpAddr::V4(node.gateway4), "probe came from the node");
+    assert_eq!(
+        seen.peer.ip(),
+        std::net::IpAddr::V4(node.gateway4),
+        "probe came from the node"
+    );
     barrier(&t, "a", "c", 8081);
     assert!(
-        !t.agent(1).connections().iter().any(|l| l["dst"] == c.v4(8080).to_string().as_str()),
+        !t.agent(1)
+            .connections()
+            .iter()
+            .any(|l| l["dst"] == c.v4(8080).to_string().as_str()),
         "the probe must not be captured:\n{}",
         t.agent(1).dump()
     );

@@ -1,1 +1,128 @@
-fn main(){}
+//! `cargo xtask`: the project's chores, each installing what it needs first.
+//!
+//! * `demo` — two nodes and four pods in network namespaces, one agent per
+//!   node, traffic through them, a table of what was captured, fail-closed
+//!   shown live, then teardown.
+//! * `test` — formatting, clippy, unit and integration tests.
+//! * `prereqs` — only the idempotent installs (nightly rust-src, LLVM 22
+//!   development packages, bpf-linker, iproute2, bpftool, tcpdump, iperf3).
+
+mod demo;
+mod prereqs;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Nodeward's build, demo and test chores")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the build and test prerequisites (idempotent).
+    Prereqs,
+    /// Build the agent (and the eBPF programs it embeds).
+    Build,
+    /// Run the demo topology on the embedded defaults, then tear it down.
+    Demo,
+    /// Run every check and test: fmt, clippy, unit and integration tests.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Prereqs => prereqs::ensure(),
+        Cmd::Build => {
+            prereqs::ensure()?;
+            build().map(|bin| println!("built {}", bin.display()))
+        }
+        Cmd::Demo => {
+            require_root("the demo creates network namespaces and loads eBPF")?;
+            prereqs::ensure()?;
+            let bin = build()?;
+            demo::run(&bin)
+        }
+        Cmd::Test { args } => {
+            prereqs::ensure()?;
+            test(&args)
+        }
+    }
+}
+
+/// The workspace root.
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn require_root(why: &str) -> Result<()> {
+    if !nix_is_root() {
+        bail!("run as root: {why}");
+    }
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("Uid:")
+                    .map(|v| v.split_whitespace().nth(1) == Some("0"))
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// Runs a command in the workspace root, failing with its name.
+fn run(cmd: &mut Command) -> Result<()> {
+    cmd.current_dir(root());
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+/// Builds the agent; returns the binary's path.
+fn build() -> Result<PathBuf> {
+    run(cargo().args(["build", "--package", "nodeward"]))?;
+    Ok(root().join("target/debug/nodeward"))
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    println!("== cargo fmt --check");
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    println!("== cargo clippy");
+    run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    println!("== build");
+    let bin = build()?;
+    if !nix_is_root() {
+        println!(
+            "note: not root — integration tests that need network namespaces and eBPF will be skipped"
+        );
+    }
+    println!("== cargo test");
+    run(cargo()
+        .args(["test", "--no-fail-fast"])
+        .args(extra)
+        .env("NODEWARD_BIN", &bin)
+        .env("RUST_TEST_THREADS", "2"))
+}

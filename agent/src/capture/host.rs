@@ -7,8 +7,16 @@ use super::CaptureError;
 
 /// Capabilities the agent needs, with why.
 const REQUIRED_CAPS: &[(u32, &str, &str)] = &[
-    (21, "CAP_SYS_ADMIN", "enter pod network namespaces and mount bpffs"),
-    (12, "CAP_NET_ADMIN", "mark its sockets and attach to network namespaces"),
+    (
+        21,
+        "CAP_SYS_ADMIN",
+        "enter pod network namespaces and mount bpffs",
+    ),
+    (
+        12,
+        "CAP_NET_ADMIN",
+        "mark its sockets and attach to network namespaces",
+    ),
 ];
 const CAP_BPF: u32 = 39;
 
@@ -106,7 +114,10 @@ mod tests {
     #[test]
     fn finds_cgroup2_on_hybrid_hosts() {
         let mounts = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\ncgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
-        assert_eq!(mount_point(mounts, "cgroup2"), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            mount_point(mounts, "cgroup2"),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
         assert_eq!(mount_point("proc /proc proc rw 0 0\n", "cgroup2"), None);
     }
 }

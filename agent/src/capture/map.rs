@@ -57,7 +57,11 @@ impl<K: aya::Pod, V: aya::Pod> BpfMap<K, V> {
                 std::mem::size_of::<ElemAttr>() as u32,
             )
         };
-        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
     }
 
     /// The value for `key`, if any.

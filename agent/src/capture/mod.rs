@@ -44,7 +44,9 @@ pub enum CaptureError {
     #[error("missing privilege: {0}")]
     MissingPrivilege(String),
     /// No cgroup v2 hierarchy is mounted.
-    #[error("no cgroup v2 filesystem is mounted (see /proc/mounts); Nodeward attaches its connect() programs to the cgroup v2 root")]
+    #[error(
+        "no cgroup v2 filesystem is mounted (see /proc/mounts); Nodeward attaches its connect() programs to the cgroup v2 root"
+    )]
     NoCgroup2,
     /// A host resource is unusable.
     #[error("{what}: {message}")]
@@ -282,7 +284,9 @@ fn hint(program: &str) -> &'static str {
         "nw_sk_lookup" => "needs BPF_PROG_TYPE_SK_LOOKUP with ingress_ifindex, Linux 5.17 or newer",
         "nw_sockops" => "needs cgroup sock_ops with bpf_get_netns_cookie, Linux 5.15 or newer",
         "nw_getpeer4" | "nw_getpeer6" => "needs cgroup getpeername hooks, Linux 5.8 or newer",
-        _ => "needs cgroup connect hooks with bpf_get_netns_cookie and bpf_link, Linux 5.8 or newer",
+        _ => {
+            "needs cgroup connect hooks with bpf_get_netns_cookie and bpf_link, Linux 5.8 or newer"
+        }
     }
 }
 
@@ -323,7 +327,10 @@ fn replace_pin(link: FdLink, path: &Path) -> Result<(), CaptureError> {
     Ok(())
 }
 
-fn open_map<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &'static str) -> Result<BpfMap<K, V>, CaptureError> {
+fn open_map<K: aya::Pod, V: aya::Pod>(
+    dir: &Path,
+    name: &'static str,
+) -> Result<BpfMap<K, V>, CaptureError> {
     let path = dir.join("maps").join(name);
     let data = aya::maps::MapData::from_pin(&path).map_err(|e| CaptureError::Pin {
         path: path.clone(),

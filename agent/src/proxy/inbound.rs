@@ -47,7 +47,10 @@ pub async fn handle(ctx: &PodContext, down: TcpStream, peer: SocketAddr) -> Outc
         }
     };
     let stats = relay_tcp(ctx, down, up).await;
-    Outcome { dst: Some(dst), stats }
+    Outcome {
+        dst: Some(dst),
+        stats,
+    }
 }
 
 /// Removes the hop's `INBOUND_PEER` entry when the handler ends.

@@ -65,7 +65,8 @@ impl DirSource {
         };
         let mut changed = false;
         let before = self.files.len();
-        self.files.retain(|p, _| listing.iter().any(|(q, _)| q == p));
+        self.files
+            .retain(|p, _| listing.iter().any(|(q, _)| q == p));
         if self.files.len() != before {
             changed = true;
         }
@@ -110,7 +111,11 @@ impl DirSource {
             for obj in &state.objects {
                 match obj {
                     Object::Namespace(ns) => {
-                        if snap.namespaces.insert(ns.name.clone(), ns.clone()).is_some() {
+                        if snap
+                            .namespaces
+                            .insert(ns.name.clone(), ns.clone())
+                            .is_some()
+                        {
                             tracing::warn!(file = %path.display(), namespace = %ns.name, "namespace defined more than once; the last definition wins");
                         }
                     }
@@ -137,7 +142,11 @@ impl DirSource {
             self = source;
             if changed {
                 let snap = self.snapshot();
-                tracing::info!(pods = snap.pods.len(), namespaces = snap.namespaces.len(), "config applied");
+                tracing::info!(
+                    pods = snap.pods.len(),
+                    namespaces = snap.namespaces.len(),
+                    "config applied"
+                );
                 store.publish(snap);
             }
             tokio::select! {
@@ -163,7 +172,9 @@ fn list_files(dir: &Path) -> std::io::Result<Vec<(PathBuf, Fingerprint)>> {
         }
         let path = entry.path();
         // Follow symlinks, as ConfigMap volumes use them.
-        let Ok(meta) = std::fs::metadata(&path) else { continue };
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
         if !meta.is_file() {
             continue;
         }
@@ -182,7 +193,10 @@ fn list_files(dir: &Path) -> std::io::Result<Vec<(PathBuf, Fingerprint)>> {
 
 fn read_and_parse(path: &Path, size: u64) -> Result<Vec<Object>, String> {
     if size > MAX_FILE_BYTES {
-        return Err(format!("{}: {size} bytes is over the {MAX_FILE_BYTES}-byte limit", path.display()));
+        return Err(format!(
+            "{}: {size} bytes is over the {MAX_FILE_BYTES}-byte limit",
+            path.display()
+        ));
     }
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     parse_file(path, &text).map_err(|e| e.to_string())
@@ -214,7 +228,11 @@ mod tests {
         assert!(src.snapshot().namespaces.contains_key("shop"));
 
         // Different size, so the fingerprint changes even within one mtime tick.
-        write(&dir, "ns.yaml", "apiVersion: v1\nkind: Namespace\nmetadata: [broken\n");
+        write(
+            &dir,
+            "ns.yaml",
+            "apiVersion: v1\nkind: Namespace\nmetadata: [broken\n",
+        );
         assert!(!src.refresh(), "a rejected file changes nothing");
         assert!(src.snapshot().namespaces.contains_key("shop"));
         let errors = src.errors();

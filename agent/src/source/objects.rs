@@ -34,7 +34,9 @@ pub enum ParseError {
         message: String,
     },
     /// A kind this agent does not read.
-    #[error("{file}: document {doc} (line {line}): unknown kind {kind:?} (apiVersion {api_version:?}); expected Namespace, Pod or List")]
+    #[error(
+        "{file}: document {doc} (line {line}): unknown kind {kind:?} (apiVersion {api_version:?}); expected Namespace, Pod or List"
+    )]
     UnknownKind {
         /// File.
         file: String,
@@ -141,12 +143,13 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, ParseError> {
             doc: i + 1,
             line: start_line,
         };
-        let value: serde_yaml::Value = serde_yaml::from_str(body).map_err(|e| ParseError::Syntax {
-            file: file.clone(),
-            doc: at.doc,
-            line: start_line + e.location().map_or(0, |l| l.line().saturating_sub(1)),
-            message: e.to_string(),
-        })?;
+        let value: serde_yaml::Value =
+            serde_yaml::from_str(body).map_err(|e| ParseError::Syntax {
+                file: file.clone(),
+                doc: at.doc,
+                line: start_line + e.location().map_or(0, |l| l.line().saturating_sub(1)),
+                message: e.to_string(),
+            })?;
         if value.is_null() {
             continue;
         }
@@ -155,7 +158,11 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, ParseError> {
     Ok(out)
 }
 
-fn parse_value(value: serde_yaml::Value, at: &At<'_>, out: &mut Vec<Object>) -> Result<(), ParseError> {
+fn parse_value(
+    value: serde_yaml::Value,
+    at: &At<'_>,
+    out: &mut Vec<Object>,
+) -> Result<(), ParseError> {
     let syntax = |e: serde_yaml::Error| ParseError::Syntax {
         file: at.file.to_string(),
         doc: at.doc,
@@ -190,7 +197,10 @@ fn parse_value(value: serde_yaml::Value, at: &At<'_>, out: &mut Vec<Object>) -> 
             let meta = doc.metadata;
             let key = format!("{}/{}", meta.namespace, meta.name);
             if meta.name.is_empty() || meta.namespace.is_empty() {
-                return Err(invalid(&key, "metadata.name and metadata.namespace are required".into()));
+                return Err(invalid(
+                    &key,
+                    "metadata.name and metadata.namespace are required".into(),
+                ));
             }
             let spec: PodSpecDoc = if doc.spec.is_null() {
                 PodSpecDoc::default()
@@ -200,21 +210,26 @@ fn parse_value(value: serde_yaml::Value, at: &At<'_>, out: &mut Vec<Object>) -> 
             let status: PodStatusDoc = if doc.status.is_null() {
                 PodStatusDoc::default()
             } else {
-                serde_yaml::from_value(doc.status).map_err(|e| invalid(&key, format!("status: {e}")))?
+                serde_yaml::from_value(doc.status)
+                    .map_err(|e| invalid(&key, format!("status: {e}")))?
             };
             let mut ips: Vec<IpAddr> = Vec::new();
             let all = std::iter::once(status.pod_ip.as_str())
                 .chain(status.pod_ips.iter().map(|p| p.ip.as_str()))
                 .filter(|s| !s.is_empty());
             for s in all {
-                let ip: IpAddr = s
-                    .parse()
-                    .map_err(|_| invalid(&key, format!("status.podIPs: {s:?} is not an IP address")))?;
+                let ip: IpAddr = s.parse().map_err(|_| {
+                    invalid(&key, format!("status.podIPs: {s:?} is not an IP address"))
+                })?;
                 if !ips.contains(&ip) {
                     ips.push(ip);
                 }
             }
-            let uid = if meta.uid.is_empty() { key.clone() } else { meta.uid };
+            let uid = if meta.uid.is_empty() {
+                key.clone()
+            } else {
+                meta.uid
+            };
             out.push(Object::Pod(Pod {
                 namespace: meta.namespace,
                 name: meta.name,
@@ -257,14 +272,20 @@ fn split_documents(text: &str) -> Vec<(usize, &str)> {
         let is_marker = trimmed == "---" || trimmed.starts_with("--- ") || trimmed == "...";
         if is_marker {
             docs.push((start_line, &text[start..offset]));
-            let after = if trimmed.starts_with("--- ") { 4 } else { line.len() };
+            let after = if trimmed.starts_with("--- ") {
+                4
+            } else {
+                line.len()
+            };
             start = offset + after.min(line.len());
             start_line = i + 1 + usize::from(after >= line.len());
         }
         offset += line.len();
     }
     docs.push((start_line, &text[start..]));
-    docs.into_iter().filter(|(_, d)| !d.trim().is_empty()).collect()
+    docs.into_iter()
+        .filter(|(_, d)| !d.trim().is_empty())
+        .collect()
 }
 
 #[cfg(test)]
@@ -294,15 +315,24 @@ status:
 
     #[test]
     fn reads_pods_and_namespaces_from_multi_document_files() {
-        let text = format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n---\n{POD}---\n");
+        let text =
+            format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n---\n{POD}---\n");
         let objs = parse(&text).unwrap();
         assert_eq!(objs.len(), 2);
-        let Object::Pod(p) = &objs[1] else { panic!("not a pod") };
+        let Object::Pod(p) = &objs[1] else {
+            panic!("not a pod")
+        };
         assert_eq!(p.key(), "shop/web");
         assert_eq!(p.uid, "1234");
         assert_eq!(p.service_account, "web-sa");
         assert_eq!(p.node_name, "node-1");
-        assert_eq!(p.ips, vec!["10.1.1.2".parse::<IpAddr>().unwrap(), "fd00::2".parse().unwrap()]);
+        assert_eq!(
+            p.ips,
+            vec![
+                "10.1.1.2".parse::<IpAddr>().unwrap(),
+                "fd00::2".parse().unwrap()
+            ]
+        );
     }
 
     #[test]
@@ -314,8 +344,8 @@ status:
 
     #[test]
     fn lists_are_unpacked() {
-        let text = format!("apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Namespace\n  metadata: {{name: x}}\n");
-        assert_eq!(parse(&text).unwrap().len(), 1);
+        let text = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Namespace\n  metadata: {name: x}\n";
+        assert_eq!(parse(text).unwrap().len(), 1);
     }
 
     #[test]
@@ -332,7 +362,11 @@ status:
                 api_version: "apps/v1".into(),
             }
         );
-        assert!(err.to_string().contains("cfg/pods.yaml: document 2 (line 5)"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("cfg/pods.yaml: document 2 (line 5)"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -341,7 +375,10 @@ status:
         match parse(text).unwrap_err() {
             ParseError::Syntax { doc, line, .. } => {
                 assert_eq!(doc, 2);
-                assert!(line >= 7, "line {line} should point into the second document");
+                assert!(
+                    line >= 7,
+                    "line {line} should point into the second document"
+                );
             }
             other => panic!("expected a syntax error, got {other}"),
         }

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use workload::{
-    EXCLUDE_INBOUND_ANNOTATION, EXCLUDE_OUTBOUND_ANNOTATION, Enrolment, ManagedPod, Namespace,
-    Pod, enrolment, parse_port_list,
+    EXCLUDE_INBOUND_ANNOTATION, EXCLUDE_OUTBOUND_ANNOTATION, Enrolment, ManagedPod, Namespace, Pod,
+    enrolment, parse_port_list,
 };
 
 /// Everything the agent knows about the cluster at one moment.
@@ -30,14 +30,21 @@ pub struct Snapshot {
 impl Snapshot {
     /// The pods this node's agent must capture, by UID, with the reasons
     /// for the pods of this node it must not.
-    pub fn managed_pods(&self, node: &str) -> (HashMap<String, ManagedPod>, Vec<(String, Enrolment)>) {
+    pub fn managed_pods(
+        &self,
+        node: &str,
+    ) -> (HashMap<String, ManagedPod>, Vec<(String, Enrolment)>) {
         let mut managed = HashMap::new();
         let mut skipped = Vec::new();
         for pod in self.pods.values().filter(|p| p.node_name == node) {
             match enrolment(pod, self.namespaces.get(&pod.namespace)) {
                 Enrolment::Enrolled => {
                     let ports = |annotation: &str| {
-                        let value = pod.annotations.get(annotation).map(String::as_str).unwrap_or("");
+                        let value = pod
+                            .annotations
+                            .get(annotation)
+                            .map(String::as_str)
+                            .unwrap_or("");
                         let (ports, bad) = parse_port_list(value);
                         for b in bad {
                             tracing::warn!(pod = %pod.key(), annotation, "ignoring entry {b}");

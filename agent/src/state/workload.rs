@@ -70,7 +70,9 @@ pub enum Enrolment {
 /// Applies Istio ambient's enrolment rules to a pod.
 pub fn enrolment(pod: &Pod, ns: Option<&Namespace>) -> Enrolment {
     let pod_mode = pod.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str);
-    let ns_mode = ns.and_then(|n| n.labels.get(DATAPLANE_MODE_LABEL)).map(String::as_str);
+    let ns_mode = ns
+        .and_then(|n| n.labels.get(DATAPLANE_MODE_LABEL))
+        .map(String::as_str);
     if pod_mode == Some("none") {
         return Enrolment::OptedOut;
     }
@@ -137,7 +139,10 @@ mod tests {
             namespace: "shop".into(),
             name: "web".into(),
             uid: "u1".into(),
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             node_name: "n1".into(),
             ips: vec!["10.0.0.2".parse().unwrap()],
             phase: "Running".into(),
@@ -159,11 +164,36 @@ mod tests {
     #[test]
     fn enrolment_follows_istio_ambient_labels() {
         let cases = [
-            ("namespace label enrols its pods", pod(&[]), Some(ns(true)), Enrolment::Enrolled),
-            ("pod label enrols alone", pod(&[(DATAPLANE_MODE_LABEL, "ambient")]), Some(ns(false)), Enrolment::Enrolled),
-            ("no label anywhere", pod(&[]), Some(ns(false)), Enrolment::NotEnrolled),
-            ("unknown namespace, no pod label", pod(&[]), None, Enrolment::NotEnrolled),
-            ("pod opts out of an ambient namespace", pod(&[(DATAPLANE_MODE_LABEL, "none")]), Some(ns(true)), Enrolment::OptedOut),
+            (
+                "namespace label enrols its pods",
+                pod(&[]),
+                Some(ns(true)),
+                Enrolment::Enrolled,
+            ),
+            (
+                "pod label enrols alone",
+                pod(&[(DATAPLANE_MODE_LABEL, "ambient")]),
+                Some(ns(false)),
+                Enrolment::Enrolled,
+            ),
+            (
+                "no label anywhere",
+                pod(&[]),
+                Some(ns(false)),
+                Enrolment::NotEnrolled,
+            ),
+            (
+                "unknown namespace, no pod label",
+                pod(&[]),
+                None,
+                Enrolment::NotEnrolled,
+            ),
+            (
+                "pod opts out of an ambient namespace",
+                pod(&[(DATAPLANE_MODE_LABEL, "none")]),
+                Some(ns(true)),
+                Enrolment::OptedOut,
+            ),
         ];
         for (name, p, n, want) in cases {
             assert_eq!(enrolment(&p, n.as_ref()), want, "{name}");

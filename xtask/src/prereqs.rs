@@ -1,0 +1,135 @@
+//! Idempotent installation of everything the build and tests need on a
+//! fresh Debian 12 machine; each step checks first and is skipped when done.
+
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+
+/// Debian packages: LLVM 22 for bpf-linker, iproute2 for namespaces,
+/// bpftool to observe attachments, tcpdump and iperf3 for later tests.
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "iproute2",
+    "bpftool",
+    "tcpdump",
+    "iperf3",
+    "util-linux",
+];
+
+/// Installs whatever is missing.
+pub fn ensure() -> Result<()> {
+    nightly_rust_src()?;
+    apt()?;
+    bpf_linker()?;
+    components()?;
+    Ok(())
+}
+
+fn ok(cmd: &mut Command) -> bool {
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn output(cmd: &mut Command) -> String {
+    cmd.output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+fn must(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn nightly_rust_src() -> Result<()> {
+    if !output(Command::new("rustup").args(["toolchain", "list"]))
+        .lines()
+        .any(|l| l.starts_with("nightly"))
+    {
+        println!("installing the nightly toolchain (for the eBPF target)");
+        must(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]));
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        println!("adding rust-src to nightly (eBPF builds core from source)");
+        must(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    Ok(())
+}
+
+fn apt() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .contains("install ok installed")
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("installing Debian packages: {}", missing.join(" "));
+    must(Command::new("apt-get").args(["update", "-q"]))?;
+    must(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn bpf_linker() -> Result<()> {
+    if ok(Command::new("bpf-linker").arg("--version")) {
+        return Ok(());
+    }
+    println!("installing bpf-linker 0.13 against LLVM 22 (a few minutes, once)");
+    must(
+        Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                "^0.13",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
+    )
+}
+
+fn components() -> Result<()> {
+    for (check, component) in [("fmt", "rustfmt"), ("clippy", "clippy")] {
+        if !ok(Command::new("cargo").args([check, "--version"])) {
+            must(Command::new("rustup").args(["component", "add", component]))?;
+        }
+    }
+    Ok(())
+}
