@@ -8,6 +8,10 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::capture::{Capture, CaptureConfig, CaptureError};
 use crate::config::RunArgs;
+use crate::identity::ca::CaError;
+use crate::identity::manager::{CertManager, IdentityConfig};
+use crate::identity::revocation::PeerRegistry;
+use crate::identity::trust::UnknownStatus;
 use crate::pods::PodManager;
 use crate::proxy::relay::RelayOptions;
 use crate::proxy::{Lifecycle, ProxyConfig};
@@ -28,6 +32,17 @@ pub enum StartError {
     /// Capture could not be set up.
     #[error(transparent)]
     Capture(#[from] CaptureError),
+    /// The certificate authority is unusable.
+    #[error("certificate authority: {0}")]
+    Identity(#[from] CaError),
+    /// The admin address could not be bound.
+    #[error("admin address {addr}: {source}")]
+    Admin {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A signal handler could not be installed.
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
@@ -51,6 +66,30 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
         }
     }
     crate::netns::init_home();
+    let identity = match &args.ca_dir {
+        Some(dir) => Some(CertManager::start(IdentityConfig {
+            trust_domain: args.trust_domain.clone(),
+            ca_dir: dir.clone(),
+            cert_lifetime: args.cert_lifetime,
+            crl_files: args.crl.clone(),
+            deny_file: args.deny_identities.clone(),
+            unknown_status: if args.revocation_unknown == "refuse" {
+                UnknownStatus::Refuse
+            } else {
+                UnknownStatus::Accept
+            },
+        })?),
+        None => {
+            tracing::warn!("no --ca-dir: workloads get no identities");
+            None
+        }
+    };
+    let admin = tokio::net::TcpListener::bind(args.admin_addr)
+        .await
+        .map_err(|source| StartError::Admin {
+            addr: args.admin_addr,
+            source,
+        })?;
     let capture = Arc::new(Capture::start(CaptureConfig {
         bpffs: args.bpffs.clone(),
         node_name: args.node_name.clone(),
@@ -70,6 +109,23 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
             buffer_size: args.buffer_size as usize,
         },
     });
+    let peers = PeerRegistry::new();
+    if let Some(m) = &identity {
+        tokio::spawn(m.clone().run(args.config_poll, lifecycle.hard_stop.clone()));
+        tokio::spawn(peers.clone().run(m.trust(), lifecycle.hard_stop.clone()));
+    }
+    let health_identity = identity.clone();
+    let health = Arc::new(move || {
+        health_identity
+            .as_ref()
+            .map(|m| m.problems())
+            .unwrap_or_default()
+    });
+    tokio::spawn(crate::admin::serve(
+        admin,
+        health,
+        lifecycle.hard_stop.clone(),
+    ));
     let source = DirSource::new(&args.config_dir);
     let source_task = tokio::spawn(source.run(
         store.clone(),
@@ -82,6 +138,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
         capture,
         proxy_config,
         lifecycle.clone(),
+        identity,
     );
     let manager_task = tokio::spawn(manager.run());
     tracing::info!(node = %args.node_name, config_dir = %args.config_dir.display(), "agent running");
@@ -93,6 +150,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
     drain(&lifecycle, args.drain_timeout).await;
     let _ = manager_task.await;
     let _ = source_task.await;
+    lifecycle.hard_stop.cancel();
     Ok(())
 }
 
@@ -100,8 +158,11 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
 /// closes the rest. Capture stays attached: fail closed.
 async fn drain(lifecycle: &Lifecycle, deadline: Duration) {
     lifecycle.stop_accepting.cancel();
+    lifecycle.listeners.close();
+    lifecycle.listeners.wait().await;
     lifecycle.connections.close();
     let open = lifecycle.connections.len();
+    tracing::info!(open, "stopped accepting; draining open connections");
     if tokio::time::timeout(deadline, lifecycle.connections.wait())
         .await
         .is_err()

@@ -19,10 +19,54 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent for one node, in that node's network namespace.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Detach and remove everything a node's agent left pinned (including
     /// the fail-closed programs); use after uninstalling.
     Cleanup(CleanupArgs),
+    /// Certificate authority chores.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+/// `nodeward ca` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create a root and an intermediate CA in Istio's plug-in CA layout
+    /// (then move root-key.pem offline).
+    Init {
+        /// Directory to write.
+        #[arg(long, env = "NODEWARD_CA_OUT")]
+        out: PathBuf,
+    },
+    /// Issue a further intermediate CA.
+    Intermediate {
+        /// Sign with this directory's root (root-cert.pem + root-key.pem).
+        #[arg(
+            long,
+            env = "NODEWARD_CA_ROOT",
+            conflicts_with = "parent",
+            required_unless_present = "parent"
+        )]
+        root: Option<PathBuf>,
+        /// Sign with this directory's intermediate (ca-cert.pem + ca-key.pem), one level deeper.
+        #[arg(long, env = "NODEWARD_CA_PARENT")]
+        parent: Option<PathBuf>,
+        /// Directory to write.
+        #[arg(long, env = "NODEWARD_CA_OUT")]
+        out: PathBuf,
+    },
+    /// Revoke certificates by serial: appends to the CRL and re-signs it.
+    Revoke {
+        /// CA directory whose ca-key.pem signs the CRL (ca-crl.pem).
+        #[arg(long = "ca", env = "NODEWARD_CA_DIR")]
+        ca: PathBuf,
+        /// Sign with root-key.pem instead (root-crl.pem), to revoke intermediates.
+        #[arg(long, env = "NODEWARD_CA_REVOKE_AS_ROOT")]
+        as_root: bool,
+        /// Serial numbers in hex, with or without colons.
+        #[arg(required = true)]
+        serials: Vec<String>,
+    },
 }
 
 /// `nodeward run` flags.
@@ -71,6 +115,35 @@ pub struct RunArgs {
     /// Log format.
     #[arg(long, env = "NODEWARD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+
+    /// Trust domain of this cluster's SPIFFE identities.
+    #[arg(long, env = "NODEWARD_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+
+    /// CA directory (Istio plug-in CA files: ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem);
+    /// without it the agent issues no identities.
+    #[arg(long, env = "NODEWARD_CA_DIR")]
+    pub ca_dir: Option<PathBuf>,
+
+    /// Lifetime of workload certificates; renewed around half of it.
+    #[arg(long, env = "NODEWARD_CERT_LIFETIME", default_value = "24h", value_parser = parse_duration)]
+    pub cert_lifetime: Duration,
+
+    /// CRL files (PEM or DER), watched; repeat the flag or separate with commas.
+    #[arg(long, env = "NODEWARD_CRL", value_delimiter = ',')]
+    pub crl: Vec<PathBuf>,
+
+    /// File of denied identities: one SPIFFE ID or `ns/<namespace>/*` per line, watched.
+    #[arg(long, env = "NODEWARD_DENY_IDENTITIES")]
+    pub deny_identities: Option<PathBuf>,
+
+    /// Certificates no CRL speaks for: accept or refuse.
+    #[arg(long, env = "NODEWARD_REVOCATION_UNKNOWN", default_value = "accept", value_parser = ["accept", "refuse"])]
+    pub revocation_unknown: String,
+
+    /// Admin address (readiness), on the node only.
+    #[arg(long, env = "NODEWARD_ADMIN_ADDR", default_value = "127.0.0.1:15021")]
+    pub admin_addr: std::net::SocketAddr,
 }
 
 /// `nodeward cleanup` flags.

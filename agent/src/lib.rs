@@ -1,9 +1,11 @@
 //! Nodeward's agent: one per node, capturing enrolled pods' TCP connections
 //! with eBPF and proxying them (see ARCHITECTURE.md for the data path).
 
+pub mod admin;
 pub mod agent;
 pub mod capture;
 pub mod config;
+pub mod identity;
 pub mod netns;
 pub mod pods;
 pub mod proxy;

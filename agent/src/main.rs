@@ -1,7 +1,8 @@
 //! The `nodeward` binary.
 
 use clap::Parser;
-use nodeward::config::{Cli, Command};
+use nodeward::config::{CaCommand, Cli, Command};
+use nodeward::identity::ca;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
@@ -24,7 +25,35 @@ fn run(command: Command) -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(nodeward::agent::run(args))?;
+            rt.block_on(nodeward::agent::run(*args))?;
+        }
+        Command::Ca(CaCommand::Init { out }) => {
+            print!("{}", ca::init(&out)?);
+            println!(
+                "keep {} offline: the agent needs only ca-cert.pem, ca-key.pem, root-cert.pem and cert-chain.pem",
+                out.join(ca::ROOT_KEY).display()
+            );
+        }
+        Command::Ca(CaCommand::Intermediate { root, parent, out }) => {
+            let (from, signer) = match (root, parent) {
+                (Some(r), _) => (r, ca::Signer::Root),
+                (None, Some(p)) => (p, ca::Signer::Intermediate),
+                (None, None) => anyhow::bail!("--root or --parent is required"),
+            };
+            print!("{}", ca::intermediate(&from, signer, &out)?);
+        }
+        Command::Ca(CaCommand::Revoke {
+            ca: dir,
+            as_root,
+            serials,
+        }) => {
+            let signer = if as_root {
+                ca::Signer::Root
+            } else {
+                ca::Signer::Intermediate
+            };
+            let (path, n) = ca::revoke(&dir, signer, &serials)?;
+            println!("wrote {} ({n} revoked serials)", path.display());
         }
         Command::Cleanup(args) => {
             if nodeward::capture::cleanup(&args.bpffs, &args.node_name)? {

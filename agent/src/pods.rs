@@ -13,6 +13,9 @@ use nodeward_common::{
 };
 
 use crate::capture::{Capture, CaptureError};
+use crate::identity::Identity;
+use crate::identity::ca::CaError;
+use crate::identity::manager::CertManager;
 use crate::netns::{Netns, NetnsError, NetnsFinder};
 use crate::proxy::{Lifecycle, PodContext, PodListeners, ProxyConfig, ip_words};
 use crate::state::Store;
@@ -46,12 +49,17 @@ pub enum PodError {
     /// A map write failed.
     #[error("updating eBPF maps: {0}")]
     Map(#[from] std::io::Error),
+    /// The pod's certificate could not be issued.
+    #[error("issuing the pod's certificate: {0}")]
+    Identity(#[from] CaError),
 }
 
 struct ActivePod {
     ctx: Arc<PodContext>,
     /// The latest spec; `ctx.pod` keeps the one the pod was captured with.
     spec: ManagedPod,
+    /// The identity whose certificate this pod holds a share of.
+    identity: Option<Identity>,
 }
 
 /// The reconciler.
@@ -68,6 +76,7 @@ pub struct PodManager {
     warned: HashMap<String, String>,
     probe_sources: HashSet<IpAddr>,
     adopted_previous_run: bool,
+    identity: Option<Arc<CertManager>>,
 }
 
 impl PodManager {
@@ -78,6 +87,7 @@ impl PodManager {
         capture: Arc<Capture>,
         config: Arc<ProxyConfig>,
         lifecycle: Lifecycle,
+        identity: Option<Arc<CertManager>>,
     ) -> Self {
         PodManager {
             node,
@@ -92,6 +102,7 @@ impl PodManager {
             warned: HashMap::new(),
             probe_sources: HashSet::new(),
             adopted_previous_run: false,
+            identity,
         }
     }
 
@@ -167,6 +178,35 @@ impl PodManager {
     async fn start_pod(&mut self, pod: &ManagedPod) -> Result<ActivePod, PodError> {
         let path = self.resolve(pod).await?;
         let netns = Netns::open(&path)?;
+        let identity = match &self.identity {
+            Some(m) => {
+                let id = m.identity_of(&pod.namespace, &pod.service_account);
+                m.acquire(&id)?;
+                Some(id)
+            }
+            None => None,
+        };
+        let started = self.capture_pod(pod, netns).await;
+        match started {
+            Ok(ctx) => Ok(ActivePod {
+                ctx,
+                spec: pod.clone(),
+                identity,
+            }),
+            Err(e) => {
+                if let (Some(m), Some(id)) = (&self.identity, &identity) {
+                    m.release(id);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn capture_pod(
+        &self,
+        pod: &ManagedPod,
+        netns: Netns,
+    ) -> Result<Arc<PodContext>, PodError> {
         let cookie = netns.cookie();
         let ctx = Arc::new(PodContext {
             pod: pod.clone(),
@@ -205,10 +245,7 @@ impl PodManager {
             exclude_outbound = ?pod.exclude_outbound,
             "pod captured"
         );
-        Ok(ActivePod {
-            ctx,
-            spec: pod.clone(),
-        })
+        Ok(ctx)
     }
 
     fn stop_pod(&self, a: &ActivePod) {
@@ -221,6 +258,9 @@ impl PodManager {
         update_exclusions(&self.capture, cookie, pod, &empty_like(pod));
         a.ctx.cancel.cancel();
         purge_connection_entries(&self.capture, Some(cookie));
+        if let (Some(m), Some(id)) = (&self.identity, &a.identity) {
+            m.release(id);
+        }
         tracing::info!(pod = %pod.key, cookie, "pod released");
     }
 

@@ -110,6 +110,8 @@ pub struct Topology {
     pub pods: Vec<Pod>,
     /// The cluster's config directory, read by every agent.
     pub config_dir: PathBuf,
+    /// The cluster's CA directory (made with `nodeward ca init`), used by every agent.
+    pub ca_dir: PathBuf,
     /// The objects written there.
     pub workloads: Workloads,
     fabric: String,
@@ -126,7 +128,8 @@ impl Topology {
             id,
             nodes: Vec::new(),
             pods: Vec::new(),
-            config_dir: PathBuf::from(format!("/run/nodeward-testbed/{id}.config")),
+            config_dir: PathBuf::from(format!("{LEASE_DIR}/{id}.config")),
+            ca_dir: PathBuf::from(format!("{LEASE_DIR}/{id}.ca")),
             workloads: Workloads {
                 namespaces: spec.namespaces.clone(),
                 pods: Vec::new(),
@@ -240,6 +243,16 @@ impl Topology {
         }
         std::fs::create_dir_all(&topo.config_dir).expect("config dir");
         topo.write_config();
+        let out = std::process::Command::new(crate::nodeward_bin())
+            .args(["ca", "init", "--out"])
+            .arg(&topo.ca_dir)
+            .output()
+            .expect("run nodeward ca init");
+        assert!(
+            out.status.success(),
+            "ca init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         topo
     }
 
@@ -350,7 +363,10 @@ impl Topology {
 
     /// Starts node `k`'s agent with extra flags.
     pub fn start_agent(&mut self, k: usize, extra: &[&str]) {
-        let agent = Agent::start(&self.nodes[k], &self.config_dir, extra);
+        let ca = self.ca_dir.to_string_lossy().into_owned();
+        let mut args: Vec<&str> = vec!["--ca-dir", &ca];
+        args.extend_from_slice(extra);
+        let agent = Agent::start(&self.nodes[k], &self.config_dir, &args);
         self.nodes[k].agent = Some(agent);
     }
 
@@ -464,6 +480,7 @@ impl Drop for Topology {
             .args(["netns", "del", &self.fabric])
             .status();
         let _ = std::fs::remove_dir_all(&self.config_dir);
+        let _ = std::fs::remove_dir_all(&self.ca_dir);
         let _ = std::fs::remove_file(lease_file(self.id));
     }
 }
@@ -541,4 +558,5 @@ fn reclaim(id: u32) {
         }
     }
     let _ = std::fs::remove_dir_all(format!("{LEASE_DIR}/{id}.config"));
+    let _ = std::fs::remove_dir_all(format!("{LEASE_DIR}/{id}.ca"));
 }

@@ -53,6 +53,8 @@ pub struct Lifecycle {
     pub hard_stop: CancellationToken,
     /// Every connection task, so drain can wait for them.
     pub connections: TaskTracker,
+    /// Every accept loop, so drain knows when no listener is left.
+    pub listeners: TaskTracker,
 }
 
 /// What a managed pod's handlers share.
@@ -143,14 +145,15 @@ impl PodListeners {
 
     /// Starts the accept loops on the runtime.
     pub fn serve(self, ctx: Arc<PodContext>) {
+        let tasks = &ctx.lifecycle.listeners;
         for l in self.outbound {
-            tokio::spawn(accept_loop(ctx.clone(), l, Direction::Outbound));
+            tasks.spawn(accept_loop(ctx.clone(), l, Direction::Outbound));
         }
         for l in self.inbound {
-            tokio::spawn(accept_loop(ctx.clone(), l, Direction::Inbound));
+            tasks.spawn(accept_loop(ctx.clone(), l, Direction::Inbound));
         }
         for l in self.tunnel {
-            tokio::spawn(accept_loop(ctx.clone(), l, Direction::Tunnel));
+            tasks.spawn(accept_loop(ctx.clone(), l, Direction::Tunnel));
         }
     }
 }

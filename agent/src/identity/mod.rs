@@ -1,0 +1,147 @@
+//! Workload identities: SPIFFE IDs, the certificates that prove them, and
+//! the TLS configurations that check them.
+//!
+//! * `ca` — the CA directory (Istio plug-in CA file names), signing, and
+//!   the `nodeward ca` commands.
+//! * `manager` — per-identity certificates: issued on demand, shared by the
+//!   pods of an identity, renewed around half-life, dropped when unused.
+//! * `trust` — roots, CRLs and the identity deny list, hot-reloaded.
+//! * `verify` — X.509-SVID verification with a fixed set of refusal kinds.
+//! * `tls` — rustls server and client configurations.
+//! * `revocation` — closes established connections whose peer became revoked.
+
+pub mod ca;
+pub mod manager;
+pub mod revocation;
+pub mod tls;
+pub mod trust;
+pub mod verify;
+
+use std::fmt;
+
+/// A workload identity: `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Identity {
+    /// Trust domain, e.g. `cluster.local`.
+    pub trust_domain: String,
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Kubernetes service account.
+    pub service_account: String,
+}
+
+/// A string that is not a Kubernetes SPIFFE ID.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "{value:?} is not a SPIFFE ID of the form spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>: {reason}"
+)]
+pub struct IdentityError {
+    /// The offending string (certificate contents are public data).
+    pub value: String,
+    /// What is wrong.
+    pub reason: &'static str,
+}
+
+impl Identity {
+    /// An identity from its parts.
+    pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Self {
+        Identity {
+            trust_domain: trust_domain.into(),
+            namespace: namespace.into(),
+            service_account: service_account.into(),
+        }
+    }
+
+    /// Parses a SPIFFE ID strictly: lowercase scheme and trust domain, no
+    /// port, user info, query or fragment, exactly `/ns/<ns>/sa/<sa>`.
+    pub fn parse(s: &str) -> Result<Self, IdentityError> {
+        let err = |reason| IdentityError {
+            value: s.chars().take(256).collect(),
+            reason,
+        };
+        let rest = s
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| err("scheme must be spiffe://"))?;
+        let (td, path) = rest.split_once('/').ok_or_else(|| err("no path"))?;
+        if td.is_empty() || td.len() > 255 {
+            return Err(err("empty or overlong trust domain"));
+        }
+        if !td
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b))
+        {
+            return Err(err(
+                "trust domain may hold only lowercase letters, digits, '-', '.' and '_'",
+            ));
+        }
+        let segs: Vec<&str> = path.split('/').collect();
+        let [ns_kw, ns, sa_kw, sa] = segs.as_slice() else {
+            return Err(err("path must be /ns/<namespace>/sa/<service-account>"));
+        };
+        if *ns_kw != "ns" || *sa_kw != "sa" {
+            return Err(err("path must be /ns/<namespace>/sa/<service-account>"));
+        }
+        for seg in [ns, sa] {
+            if seg.is_empty() || *seg == "." || *seg == ".." {
+                return Err(err("empty or dot path segment"));
+            }
+            if !seg
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+            {
+                return Err(err(
+                    "path segments may hold only letters, digits, '-', '.' and '_'",
+                ));
+            }
+        }
+        Ok(Identity::new(td, ns, sa))
+    }
+
+    /// The identity without `spiffe://`, as Istio writes principals.
+    pub fn principal(&self) -> String {
+        format!(
+            "{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "spiffe://{}", self.principal())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_kubernetes_spiffe_ids() {
+        let id = Identity::parse("spiffe://cluster.local/ns/shop/sa/web").unwrap();
+        assert_eq!(id, Identity::new("cluster.local", "shop", "web"));
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/web");
+        assert_eq!(id.principal(), "cluster.local/ns/shop/sa/web");
+    }
+
+    #[test]
+    fn rejects_everything_else() {
+        for bad in [
+            "https://cluster.local/ns/shop/sa/web",
+            "SPIFFE://cluster.local/ns/shop/sa/web",
+            "spiffe://Cluster.local/ns/shop/sa/web",
+            "spiffe://cluster.local:443/ns/shop/sa/web",
+            "spiffe://user@cluster.local/ns/shop/sa/web",
+            "spiffe://cluster.local/ns/shop/sa/web/extra",
+            "spiffe://cluster.local/ns/shop/sa/web?x=1",
+            "spiffe://cluster.local/ns/shop/sa/web#f",
+            "spiffe://cluster.local/ns//sa/web",
+            "spiffe://cluster.local/ns/../sa/web",
+            "spiffe://cluster.local/sa/web/ns/shop",
+            "spiffe://cluster.local",
+            "spiffe:///ns/shop/sa/web",
+        ] {
+            assert!(Identity::parse(bad).is_err(), "{bad} accepted");
+        }
+    }
+}
