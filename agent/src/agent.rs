@@ -13,8 +13,10 @@ use crate::identity::manager::{CertManager, IdentityConfig};
 use crate::identity::revocation::PeerRegistry;
 use crate::identity::trust::UnknownStatus;
 use crate::pods::PodManager;
+use crate::proxy::hbone::H2Settings;
+use crate::proxy::pool::Pool;
 use crate::proxy::relay::RelayOptions;
-use crate::proxy::{Lifecycle, ProxyConfig};
+use crate::proxy::{Lifecycle, Mesh, ProxyConfig};
 use crate::source::dir::DirSource;
 use crate::state::Store;
 
@@ -132,13 +134,30 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
         args.config_poll,
         lifecycle.stop_accepting.clone(),
     ));
+    let h2 = H2Settings {
+        stream_window: args.h2_stream_window,
+        connection_window: args.h2_connection_window,
+        max_frame_size: args.h2_frame_size,
+        max_streams: args.tunnel_max_streams,
+        handshake_timeout: args.handshake_timeout,
+        ..H2Settings::default()
+    };
+    let pool = Pool::new(h2, args.tunnel_idle_timeout);
+    tokio::spawn(pool.clone().run(lifecycle.hard_stop.clone()));
+    let mesh = Arc::new(Mesh {
+        store: store.clone(),
+        certs: identity,
+        pool,
+        peers,
+        h2,
+    });
     let manager = PodManager::new(
         args.node_name.clone(),
         store,
         capture,
         proxy_config,
         lifecycle.clone(),
-        identity,
+        mesh,
     );
     let manager_task = tokio::spawn(manager.run());
     tracing::info!(node = %args.node_name, config_dir = %args.config_dir.display(), "agent running");

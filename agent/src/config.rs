@@ -141,6 +141,30 @@ pub struct RunArgs {
     #[arg(long, env = "NODEWARD_REVOCATION_UNKNOWN", default_value = "accept", value_parser = ["accept", "refuse"])]
     pub revocation_unknown: String,
 
+    /// HTTP/2 stream window of tunnels, bytes (bounds memory per stream).
+    #[arg(long, env = "NODEWARD_H2_STREAM_WINDOW", default_value_t = 4 << 20, value_parser = clap::value_parser!(u32).range(65535..=(1 << 30)))]
+    pub h2_stream_window: u32,
+
+    /// HTTP/2 connection window of tunnels, bytes.
+    #[arg(long, env = "NODEWARD_H2_CONNECTION_WINDOW", default_value_t = 16 << 20, value_parser = clap::value_parser!(u32).range(65535..=(1 << 31) - 1))]
+    pub h2_connection_window: u32,
+
+    /// Largest HTTP/2 frame of tunnels, bytes.
+    #[arg(long, env = "NODEWARD_H2_FRAME_SIZE", default_value_t = 1 << 20, value_parser = clap::value_parser!(u32).range(16384..=(1 << 24) - 1))]
+    pub h2_frame_size: u32,
+
+    /// Streams per tunnel connection; the pool opens another when full.
+    #[arg(long, env = "NODEWARD_TUNNEL_MAX_STREAMS", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub tunnel_max_streams: u32,
+
+    /// Release pooled tunnel connections unused this long.
+    #[arg(long, env = "NODEWARD_TUNNEL_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub tunnel_idle_timeout: Duration,
+
+    /// Deadline for a peer's TLS and HTTP/2 handshakes.
+    #[arg(long, env = "NODEWARD_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+
     /// Admin address (readiness), on the node only.
     #[arg(long, env = "NODEWARD_ADMIN_ADDR", default_value = "127.0.0.1:15021")]
     pub admin_addr: std::net::SocketAddr,

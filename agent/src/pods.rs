@@ -17,7 +17,7 @@ use crate::identity::Identity;
 use crate::identity::ca::CaError;
 use crate::identity::manager::CertManager;
 use crate::netns::{Netns, NetnsError, NetnsFinder};
-use crate::proxy::{Lifecycle, PodContext, PodListeners, ProxyConfig, ip_words};
+use crate::proxy::{Lifecycle, Mesh, PodContext, PodListeners, ProxyConfig, ip_words};
 use crate::state::Store;
 use crate::state::workload::ManagedPod;
 
@@ -77,6 +77,7 @@ pub struct PodManager {
     probe_sources: HashSet<IpAddr>,
     adopted_previous_run: bool,
     identity: Option<Arc<CertManager>>,
+    mesh: Arc<Mesh>,
 }
 
 impl PodManager {
@@ -87,7 +88,7 @@ impl PodManager {
         capture: Arc<Capture>,
         config: Arc<ProxyConfig>,
         lifecycle: Lifecycle,
-        identity: Option<Arc<CertManager>>,
+        mesh: Arc<Mesh>,
     ) -> Self {
         PodManager {
             node,
@@ -102,7 +103,8 @@ impl PodManager {
             warned: HashMap::new(),
             probe_sources: HashSet::new(),
             adopted_previous_run: false,
-            identity,
+            identity: mesh.certs.clone(),
+            mesh,
         }
     }
 
@@ -186,7 +188,7 @@ impl PodManager {
             }
             None => None,
         };
-        let started = self.capture_pod(pod, netns).await;
+        let started = self.capture_pod(pod, netns, identity.clone()).await;
         match started {
             Ok(ctx) => Ok(ActivePod {
                 ctx,
@@ -206,11 +208,23 @@ impl PodManager {
         &self,
         pod: &ManagedPod,
         netns: Netns,
+        identity: Option<Identity>,
     ) -> Result<Arc<PodContext>, PodError> {
         let cookie = netns.cookie();
+        let tunnel_tls = match (&self.mesh.certs, &identity) {
+            (Some(m), Some(id)) => Some(crate::identity::tls::server_config(
+                m.clone(),
+                id.clone(),
+                m.trust(),
+            )),
+            _ => None,
+        };
         let ctx = Arc::new(PodContext {
             pod: pod.clone(),
-            netns,
+            netns: Arc::new(netns),
+            identity,
+            tunnel_tls,
+            mesh: self.mesh.clone(),
             config: self.config.clone(),
             capture: self.capture.clone(),
             cancel: self.lifecycle.hard_stop.child_token(),

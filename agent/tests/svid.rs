@@ -728,3 +728,39 @@ async fn revocation_and_deny_list_cut_established_connections_within_seconds() {
         std::fs::remove_dir_all(&p.nested_dir),
     );
 }
+
+#[tokio::test]
+async fn a_bundle_with_two_roots_accepts_both_during_root_rotation() {
+    let (old, new) = (pki(), pki());
+    let mut roots = old.ca.roots().to_vec();
+    roots.extend(new.ca.roots().iter().cloned());
+    let bundle = TrustStore::new(TrustSnapshot::new(TD, roots, old.ca.chain()));
+    let server_key = key_for(&old.ca, &id("shop", "api"));
+    for (name, ca) in [("old root", &old.ca), ("new root", &new.ca)] {
+        let o = handshake(
+            server_cfg(server_key.clone(), bundle.clone()),
+            client_cfg(
+                key_for(ca, &id("shop", "web")),
+                bundle.clone(),
+                id("shop", "api"),
+            ),
+        )
+        .await;
+        assert!(o.server.is_ok(), "{name}: {:?}", o.server.err());
+    }
+    // Without the new root in the bundle, its workloads are refused.
+    let only_old = TrustStore::new(trust_for(&old.ca));
+    let o = handshake(
+        server_cfg(server_key, only_old.clone()),
+        client_cfg(
+            key_for(&new.ca, &id("shop", "web")),
+            only_old,
+            id("shop", "api"),
+        ),
+    )
+    .await;
+    assert_eq!(
+        refusal_of_io(&o.server.unwrap_err()),
+        Some(Refusal::UnknownRoot)
+    );
+}

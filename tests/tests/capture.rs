@@ -59,11 +59,16 @@ fn cross_node_connections_are_captured_on_both_ends_ipv4_ipv6_and_mapped() {
         assert_eq!(out["pod"], "mesh/a");
         assert_eq!(out["reason"], "done");
         assert_eq!(out["sent"], 22);
+        // Both ends are enrolled: the connection crossed as an HBONE tunnel
+        // that proved c's identity to a and a's to c.
+        assert_eq!(out["transport"], "hbone");
+        assert_eq!(out["peer_identity"], "spiffe://cluster.local/ns/mesh/sa/c");
         let inb = t
             .agent(1)
-            .wait_connection("inbound", &d, WAIT)
+            .wait_connection("inbound_tunnel", &d, WAIT)
             .unwrap_or_else(|| panic!("no inbound log for {d}:\n{}", t.agent(1).dump()));
         assert_eq!(inb["pod"], "mesh/c");
+        assert_eq!(inb["peer_identity"], "spiffe://cluster.local/ns/mesh/sa/a");
         assert_eq!(
             inb["src"]
                 .as_str()
@@ -91,7 +96,7 @@ fn same_node_traffic_is_captured_once_each_way_without_loops() {
         .wait_connection("outbound", &dst, WAIT)
         .expect("outbound log");
     t.agent(0)
-        .wait_connection("inbound", &dst, WAIT)
+        .wait_connection("inbound_tunnel", &dst, WAIT)
         .expect("inbound log");
     // One connection, one capture per direction: the agent's own sockets
     // inside the pods were not captured again.
@@ -102,7 +107,11 @@ fn same_node_traffic_is_captured_once_each_way_without_loops() {
             .filter(|l| l["direction"] == dir && l["dst"] == dst.as_str())
             .count()
     };
-    assert_eq!((count("outbound"), count("inbound")), (1, 1), "{logs:#?}");
+    assert_eq!(
+        (count("outbound"), count("inbound_tunnel"), count("inbound")),
+        (1, 1, 0),
+        "{logs:#?}"
+    );
 }
 
 #[test]
@@ -130,18 +139,33 @@ fn inbound_on_any_port_reaches_the_agent_and_15008_reaches_the_tunnel_listener()
             .expect("inbound log");
         assert_eq!(l["pod"], "mesh/c");
     }
-    // 15008 belongs to the tunnel listener; until HBONE arrives it refuses
-    // with a reset rather than reaching an app.
+    // 15008 belongs to the tunnel listener: plaintext there is refused at
+    // the TLS handshake (at most a TLS alert comes back) and reaches no app.
     let r = traffic::connect(&d.netns, c.v4(15008)).and_then(|mut s| {
-        let mut b = [0u8; 1];
-        s.read(&mut b)
+        s.write_all(b"GET / HTTP/1.1\r\n\r\n")?;
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).map(|_| all)
     });
-    assert!(r.is_err() || r.as_ref().is_ok_and(|n| *n == 0), "{r:?}");
+    if let Ok(bytes) = &r {
+        assert!(
+            bytes.is_empty() || bytes[0] == 0x15,
+            "only a TLS alert record may come back: {bytes:?}"
+        );
+    }
     let l = t
         .agent(1)
         .wait_log(WAIT, |l| l["direction"] == "inbound_tunnel")
         .unwrap_or_else(|| panic!("no tunnel log:\n{}", t.agent(1).dump()));
-    assert_eq!(l["dst"], c.v4(15008).to_string());
+    assert_eq!(l["reason"], "tls_refused");
+    assert_eq!(
+        l["src"]
+            .as_str()
+            .unwrap()
+            .parse::<SocketAddr>()
+            .unwrap()
+            .ip(),
+        d.v4(0).ip()
+    );
 }
 
 #[test]
@@ -252,7 +276,7 @@ fn a_closed_app_port_resets_the_client_instead_of_hanging() {
     );
     let l = t
         .agent(1)
-        .wait_connection("inbound", &c.v4(7300).to_string(), WAIT)
+        .wait_connection("inbound_tunnel", &c.v4(7300).to_string(), WAIT)
         .expect("inbound log");
     assert_eq!(l["reason"], "connect_refused");
 }

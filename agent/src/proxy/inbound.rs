@@ -4,10 +4,12 @@
 //! address *is* the original destination. The agent connects to it from
 //! inside the pod (loopback delivery, which sk_lookup leaves alone) and
 //! registers its hop's endpoint so the app's `accept()`/`getpeername()`
-//! report the real client.
+//! report the real client. The tunnel listener reuses [`connect_app`].
 
+use std::io;
 use std::net::SocketAddr;
 
+use nodeward_common::SockKey;
 use tokio::net::TcpStream;
 
 use super::relay::CloseReason;
@@ -19,8 +21,28 @@ pub async fn handle(ctx: &PodContext, down: TcpStream, peer: SocketAddr) -> Outc
         Ok(a) => unmap(a),
         Err(_) => return Outcome::refused(None, CloseReason::IoError),
     };
-    let client = sock_addr(unmap(peer));
+    let (up, _entry) = match connect_app(ctx, dst, unmap(peer)).await {
+        Ok(c) => c,
+        Err(e) => {
+            // The app's port is closed (or worse): the client must see a
+            // reset, as it would without the mesh, not a hang.
+            socket::reset(&down);
+            return Outcome::refused(Some(dst), CloseReason::from_io(&e));
+        }
+    };
+    let stats = relay_tcp(ctx, down, up).await;
+    Outcome::relayed(dst, stats, "plaintext")
+}
+
+/// Connects to the app at `dst` from inside the pod, so that the app sees
+/// `client` as its peer. The guard removes that registration when dropped.
+pub async fn connect_app<'a>(
+    ctx: &'a PodContext,
+    dst: SocketAddr,
+    client: SocketAddr,
+) -> io::Result<(TcpStream, PeerEntryGuard<'a>)> {
     let netns = ctx.netns.cookie();
+    let client = sock_addr(client);
     let mut registered = None;
     let up = socket::connect_from_pod(
         &ctx.netns,
@@ -36,31 +58,23 @@ pub async fn handle(ctx: &PodContext, down: TcpStream, peer: SocketAddr) -> Outc
         },
     )
     .await;
-    let _entry = registered.map(|key| PeerEntryGuard { ctx, key });
-    let up = match up {
-        Ok(up) => up,
-        Err(e) => {
-            // The app's port is closed (or worse): the client must see a
-            // reset, as it would without the mesh, not a hang.
-            socket::reset(&down);
-            return Outcome::refused(Some(dst), CloseReason::from_io(&e));
-        }
+    let guard = PeerEntryGuard {
+        ctx,
+        key: registered,
     };
-    let stats = relay_tcp(ctx, down, up).await;
-    Outcome {
-        dst: Some(dst),
-        stats,
-    }
+    up.map(|up| (up, guard))
 }
 
-/// Removes the hop's `INBOUND_PEER` entry when the handler ends.
-struct PeerEntryGuard<'a> {
+/// Removes the hop's `INBOUND_PEER` entry when the connection ends.
+pub struct PeerEntryGuard<'a> {
     ctx: &'a PodContext,
-    key: nodeward_common::SockKey,
+    key: Option<SockKey>,
 }
 
 impl Drop for PeerEntryGuard<'_> {
     fn drop(&mut self) {
-        let _ = self.ctx.capture.maps.inbound_peer.remove(&self.key);
+        if let Some(key) = &self.key {
+            let _ = self.ctx.capture.maps.inbound_peer.remove(key);
+        }
     }
 }

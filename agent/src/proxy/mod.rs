@@ -6,12 +6,16 @@
 //! * `inbound` — 15006: connections to the pod on any port, steered by
 //!   `sk_lookup`; the original destination is the accepted socket's own
 //!   local address.
-//! * `tunnel` — 15008: the HBONE listener.
+//! * `tunnel` — 15008: the HBONE listener (mTLS + HTTP/2 CONNECT).
+//! * `hbone` — the wire format and a stream adapter; `pool` — pooled
+//!   client connections for outbound tunnels.
 //!
-//! Each handler ends in [`relay::relay`] and one structured log line.
+//! Each proxied connection ends in [`relay::relay`] and one structured log line.
 
+pub mod hbone;
 pub mod inbound;
 pub mod outbound;
+pub mod pool;
 pub mod relay;
 pub mod socket;
 pub mod tunnel;
@@ -29,7 +33,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::capture::Capture;
+use crate::identity::Identity;
+use crate::identity::manager::CertManager;
+use crate::identity::revocation::PeerRegistry;
 use crate::netns::{Netns, NetnsError};
+use crate::state::Store;
 use crate::state::workload::ManagedPod;
 use relay::{CloseReason, RelayOptions, RelayStats};
 
@@ -57,13 +65,35 @@ pub struct Lifecycle {
     pub listeners: TaskTracker,
 }
 
+/// What the proxies of all pods share: the state to find destinations in,
+/// certificates, the tunnel pool and the registry of authenticated peers.
+#[derive(Debug)]
+pub struct Mesh {
+    /// Cluster state.
+    pub store: Store,
+    /// Workload certificates and trust; `None` without a CA.
+    pub certs: Option<Arc<CertManager>>,
+    /// Outbound tunnel connections.
+    pub pool: Arc<pool::Pool>,
+    /// Inbound authenticated connections, for revocation.
+    pub peers: Arc<PeerRegistry>,
+    /// HTTP/2 settings of tunnels.
+    pub h2: hbone::H2Settings,
+}
+
 /// What a managed pod's handlers share.
 #[derive(Debug)]
 pub struct PodContext {
     /// The pod.
     pub pod: ManagedPod,
     /// Its network namespace.
-    pub netns: Netns,
+    pub netns: Arc<Netns>,
+    /// Its identity, when the agent has a CA.
+    pub identity: Option<Identity>,
+    /// TLS configuration of its tunnel listener.
+    pub tunnel_tls: Option<Arc<rustls::ServerConfig>>,
+    /// Shared mesh services.
+    pub mesh: Arc<Mesh>,
     /// Settings.
     pub config: Arc<ProxyConfig>,
     /// Maps.
@@ -170,7 +200,8 @@ pub enum Direction {
 }
 
 impl Direction {
-    fn as_str(self) -> &'static str {
+    /// The name used in logs.
+    pub fn as_str(self) -> &'static str {
         match self {
             Direction::Outbound => "outbound",
             Direction::Inbound => "inbound",
@@ -202,7 +233,8 @@ async fn accept_loop(ctx: Arc<PodContext>, listener: TcpListener, dir: Direction
             let outcome = match dir {
                 Direction::Outbound => outbound::handle(&ctx, stream, peer).await,
                 Direction::Inbound => inbound::handle(&ctx, stream, peer).await,
-                Direction::Tunnel => tunnel::handle(&ctx, stream, peer).await,
+                // A tunnel connection carries many streams; each is logged.
+                Direction::Tunnel => return tunnel::serve(ctx, stream, peer).await,
             };
             log_connection(&ctx, dir, peer, &outcome, started);
         });
@@ -216,6 +248,12 @@ pub struct Outcome {
     pub dst: Option<SocketAddr>,
     /// Byte counts and reason.
     pub stats: RelayStats,
+    /// How it was carried: `hbone`, `passthrough` or `plaintext`.
+    pub transport: &'static str,
+    /// The authenticated peer, for tunnels.
+    pub peer_identity: Option<Identity>,
+    /// Why a peer certificate was refused, when that ended it.
+    pub refusal: Option<&'static str>,
 }
 
 impl Outcome {
@@ -228,11 +266,26 @@ impl Outcome {
                 received: 0,
                 reason: Some(reason),
             },
+            transport: "plaintext",
+            peer_identity: None,
+            refusal: None,
+        }
+    }
+
+    /// An outcome of a relay.
+    pub fn relayed(dst: SocketAddr, stats: RelayStats, transport: &'static str) -> Self {
+        Outcome {
+            dst: Some(dst),
+            stats,
+            transport,
+            peer_identity: None,
+            refusal: None,
         }
     }
 }
 
-fn log_connection(
+/// Logs the end of one proxied connection.
+pub fn log_connection(
     ctx: &PodContext,
     dir: Direction,
     src: SocketAddr,
@@ -247,6 +300,9 @@ fn log_connection(
         pod = %ctx.pod.key,
         src = %unmap(src),
         dst = %dst,
+        transport = o.transport,
+        peer_identity = o.peer_identity.as_ref().map(|i| i.to_string()),
+        refusal = o.refusal,
         sent = o.stats.sent,
         received = o.stats.received,
         duration_ms = started.elapsed().as_millis() as u64,

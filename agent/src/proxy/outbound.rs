@@ -3,16 +3,26 @@
 //! The sockops program recorded the original destination under the app's
 //! endpoint (our peer). The entry stays while the connection lives, because
 //! the app's `getpeername()` reads it too, and is removed when it closes.
+//!
+//! A destination that is an enrolled workload is reached through an HBONE
+//! tunnel to its pod's port 15008, presenting this pod's identity and
+//! requiring the destination's; any other destination is passed through
+//! unchanged from the pod's namespace.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
+use http::{Method, Request, StatusCode};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
-use super::relay::CloseReason;
-use super::{Outcome, PodContext, from_words, relay_tcp, sock_key, socket};
+use super::hbone::{self, H2Stream, HBONE_PORT};
+use super::pool::{Connector, PoolError, PoolKey, TunnelIo};
+use super::relay::{self, CloseReason};
+use super::{Outcome, PodContext, final_reason, from_words, relay_tcp, sock_key, socket};
+use crate::identity::Identity;
+use crate::identity::verify::refusal_of_io;
 
-/// Handles one captured outbound connection: plaintext passthrough from the
-/// pod's namespace to the original destination.
+/// Handles one captured outbound connection.
 pub async fn handle(ctx: &PodContext, down: TcpStream, peer: SocketAddr) -> Outcome {
     let key = sock_key(ctx.netns.cookie(), peer);
     let orig = match ctx.capture.maps.orig_dst.get(&key) {
@@ -26,6 +36,25 @@ pub async fn handle(ctx: &PodContext, down: TcpStream, peer: SocketAddr) -> Outc
     };
     let _entry = MapEntryGuard { ctx, key };
     let dst = from_words(orig.addr, orig.port);
+    let workload = ctx.mesh.store.current().enrolled_workload(dst.ip());
+    match workload {
+        Some(w) => {
+            let expected = match &ctx.mesh.certs {
+                Some(c) => c.identity_of(&w.namespace, &w.service_account),
+                None => {
+                    // A meshed destination without identities would mean
+                    // plaintext between meshed pods: refuse instead.
+                    socket::reset(&down);
+                    return Outcome::refused(Some(dst), CloseReason::NoIdentity);
+                }
+            };
+            tunnel(ctx, down, peer, dst, expected).await
+        }
+        None => passthrough(ctx, down, dst).await,
+    }
+}
+
+async fn passthrough(ctx: &PodContext, down: TcpStream, dst: SocketAddr) -> Outcome {
     let up = socket::connect_from_pod(
         &ctx.netns,
         ctx.config.socket_mark,
@@ -43,10 +72,115 @@ pub async fn handle(ctx: &PodContext, down: TcpStream, peer: SocketAddr) -> Outc
         }
     };
     let stats = relay_tcp(ctx, down, up).await;
-    Outcome {
-        dst: Some(dst),
-        stats,
+    Outcome::relayed(dst, stats, "passthrough")
+}
+
+/// The pod's own address of `dst`'s family: the tunnel's source address
+/// and the client address forwarded to the destination.
+fn pod_ip_for(ctx: &PodContext, dst: IpAddr) -> Option<IpAddr> {
+    ctx.pod
+        .ips
+        .iter()
+        .copied()
+        .find(|ip| ip.is_ipv4() == dst.is_ipv4())
+}
+
+async fn tunnel(
+    ctx: &PodContext,
+    mut down: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    expected: Identity,
+) -> Outcome {
+    let refused = |down: &TcpStream, reason: CloseReason, refusal: Option<&'static str>| {
+        socket::reset(down);
+        let mut o = Outcome::refused(Some(dst), reason);
+        o.transport = "hbone";
+        o.refusal = refusal;
+        o
+    };
+    let (Some(src_id), Some(certs)) = (ctx.identity.clone(), ctx.mesh.certs.clone()) else {
+        return refused(&down, CloseReason::NoIdentity, None);
+    };
+    let Some(client_ip) = pod_ip_for(ctx, dst.ip()) else {
+        return refused(&down, CloseReason::ConnectFailed, None);
+    };
+    let client = SocketAddr::new(client_ip, peer.port());
+    let key = PoolKey {
+        src_netns: ctx.netns.cookie(),
+        src: src_id.clone(),
+        dst: SocketAddr::new(dst.ip(), HBONE_PORT),
+        expected: expected.clone(),
+    };
+    let tls =
+        crate::identity::tls::client_config(certs.clone(), src_id, certs.trust(), expected.clone());
+    let netns = ctx.netns.clone();
+    let (mark, timeout, tunnel_addr) =
+        (ctx.config.socket_mark, ctx.config.connect_timeout, key.dst);
+    let connect = move || -> Connector<'static> {
+        Box::pin(async move {
+            let tcp =
+                socket::connect_from_pod(&netns, mark, None, tunnel_addr, timeout, |_| Ok(()))
+                    .await?;
+            let server_name = rustls::pki_types::ServerName::IpAddress(tunnel_addr.ip().into());
+            let tls = TlsConnector::from(tls).connect(server_name, tcp).await?;
+            Ok(Box::new(tls) as Box<dyn TunnelIo>)
+        })
+    };
+    let (mut sender, _lease) = match ctx.mesh.pool.sender(&key, connect).await {
+        Ok(s) => s,
+        Err(e) => {
+            let refusal = match &e {
+                PoolError::Connect(io) => refusal_of_io(io).map(|r| r.as_str()),
+                _ => None,
+            };
+            tracing::warn!(pod = %ctx.pod.key, %dst, %expected, refusal, "tunnel to destination failed: {e}");
+            let reason = match &e {
+                PoolError::Connect(io) if refusal.is_none() => CloseReason::from_io(io),
+                PoolError::Timeout => CloseReason::ConnectTimeout,
+                _ => CloseReason::TunnelRefused,
+            };
+            return refused(&down, reason, refusal);
+        }
+    };
+    let req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(hbone::authority(dst))
+        .header("forwarded", hbone::forwarded_for(client))
+        .header("traceparent", hbone::traceparent())
+        .body(())
+        .expect("valid CONNECT request");
+    let (response, send) = match sender.send_request(req, false) {
+        Ok(r) => r,
+        Err(_) => return refused(&down, CloseReason::TunnelRefused, None),
+    };
+    let response = match response.await {
+        Ok(r) => r,
+        Err(_) => return refused(&down, CloseReason::TunnelRefused, None),
+    };
+    if response.status() != StatusCode::OK {
+        // The destination refused the stream (its app port closed, or the
+        // request was invalid): the app sees a reset, as without a mesh.
+        let reason = if response.status() == StatusCode::SERVICE_UNAVAILABLE {
+            CloseReason::ConnectRefused
+        } else {
+            CloseReason::TunnelRefused
+        };
+        return refused(&down, reason, None);
     }
+    let mut stream = H2Stream::new(send, response.into_body());
+    let stats = {
+        let (dr, dw) = down.split();
+        let (mut ur, mut uw) = tokio::io::split(&mut stream);
+        relay::relay(dr, dw, &mut ur, &mut uw, ctx.config.relay, &ctx.cancel).await
+    };
+    if final_reason(ctx, stats.reason).resets() {
+        socket::reset(&down);
+        stream.reset();
+    }
+    let mut o = Outcome::relayed(dst, stats, "hbone");
+    o.peer_identity = Some(expected);
+    o
 }
 
 /// Removes the connection's `ORIG_DST` entry when the handler ends.

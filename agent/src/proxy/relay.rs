@@ -34,6 +34,18 @@ pub enum CloseReason {
     NoOriginalDestination,
     /// The connection arrived on a port whose protocol is not served yet.
     Unsupported,
+    /// A meshed destination, but this pod has no identity to tunnel with.
+    NoIdentity,
+    /// The tunnel could not be set up or the destination refused the stream.
+    TunnelRefused,
+    /// The peer did not finish the TLS/HTTP/2 handshake in time.
+    HandshakeTimeout,
+    /// The TLS handshake failed (see the refusal kind).
+    TlsRefused,
+    /// A tunnel request was invalid (method, authority, target).
+    BadRequest,
+    /// The peer's certificate was revoked or its identity denied meanwhile.
+    PeerRevoked,
 }
 
 impl CloseReason {
@@ -51,6 +63,12 @@ impl CloseReason {
             CloseReason::ConnectFailed => "connect_failed",
             CloseReason::NoOriginalDestination => "no_original_destination",
             CloseReason::Unsupported => "unsupported",
+            CloseReason::NoIdentity => "no_identity",
+            CloseReason::TunnelRefused => "tunnel_refused",
+            CloseReason::HandshakeTimeout => "handshake_timeout",
+            CloseReason::TlsRefused => "tls_refused",
+            CloseReason::BadRequest => "bad_request",
+            CloseReason::PeerRevoked => "peer_revoked",
         }
     }
 

@@ -1,21 +1,213 @@
-//! The HBONE listener on 15008.
+//! The HBONE listener on 15008: terminates mutual TLS, accepts HTTP/2
+//! `CONNECT` streams to this pod's own addresses, and relays each to the app.
 //!
-//! sk_lookup already steers 15008 here so the port is owned by the agent in
-//! every managed pod. Terminating HBONE (mTLS + HTTP/2 CONNECT) needs the
-//! workload identities of the identity issue; until then every connection is
-//! refused with a reset, which is what a client of a pod without a tunnel
-//! endpoint must see.
+//! Every input is hostile: the TLS and HTTP/2 handshakes share a deadline;
+//! streams per connection, header size and reset floods are bounded by the
+//! HTTP/2 layer; a request that is not a CONNECT to `ip:port` of this pod is
+//! answered with a 4xx status and never reaches the app. Each refusal is
+//! logged once with the peer.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
 
+use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
+use http::{Method, Request, Response, StatusCode};
+use rustls::pki_types::CertificateDer;
 use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
 
-use super::relay::CloseReason;
-use super::{Outcome, PodContext, socket, unmap};
+use super::hbone::{H2Stream, parse_authority, parse_forwarded_for};
+use super::inbound::connect_app;
+use super::relay::{self, CloseReason};
+use super::{Direction, Outcome, PodContext, final_reason, log_connection, socket, unmap};
+use crate::identity::Identity;
+use crate::identity::tls::peer_identity;
+use crate::identity::verify::refusal_of_io;
 
-/// Refuses a tunnel connection.
-pub async fn handle(_ctx: &PodContext, down: TcpStream, _peer: SocketAddr) -> Outcome {
-    let dst = down.local_addr().ok().map(unmap);
-    socket::reset(&down);
-    Outcome::refused(dst, CloseReason::Unsupported)
+/// Serves one tunnel connection until it closes, the pod goes, or its peer
+/// is revoked.
+pub async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr) {
+    let started = Instant::now();
+    let peer = unmap(peer);
+    let refused = |reason: CloseReason, refusal: Option<&'static str>| {
+        let mut o = Outcome::refused(None, reason);
+        o.transport = "hbone";
+        o.refusal = refusal;
+        log_connection(&ctx, Direction::Tunnel, peer, &o, started);
+    };
+    let Some(tls_config) = ctx.tunnel_tls.clone() else {
+        socket::reset(&tcp);
+        return refused(CloseReason::NoIdentity, None);
+    };
+    let settings = ctx.mesh.h2;
+    let tls = match tokio::time::timeout(
+        settings.handshake_timeout,
+        TlsAcceptor::from(tls_config).accept(tcp),
+    )
+    .await
+    {
+        Err(_) => return refused(CloseReason::HandshakeTimeout, None),
+        Ok(Err(e)) => {
+            let refusal = refusal_of_io(&e).map(|r| r.as_str()).unwrap_or("tls_error");
+            tracing::warn!(pod = %ctx.pod.key, %peer, refusal, "tunnel handshake refused: {e}");
+            return refused(CloseReason::TlsRefused, Some(refusal));
+        }
+        Ok(Ok(tls)) => tls,
+    };
+    let chain: Vec<CertificateDer<'static>> = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(<[_]>::to_vec)
+        .unwrap_or_default();
+    let Some(peer_id) = peer_identity(Some(&chain)) else {
+        return refused(CloseReason::TlsRefused, Some("bad_certificate"));
+    };
+    let cancel = ctx.cancel.child_token();
+    let _registration = ctx
+        .mesh
+        .peers
+        .register(peer_id.clone(), &chain, cancel.clone());
+
+    let handshake = h2::server::Builder::new()
+        .initial_window_size(settings.stream_window)
+        .initial_connection_window_size(settings.connection_window)
+        .max_frame_size(settings.max_frame_size)
+        .max_concurrent_streams(settings.max_streams)
+        .max_header_list_size(settings.max_header_list_size)
+        .max_pending_accept_reset_streams(20)
+        .max_concurrent_reset_streams(50)
+        .max_send_buffer_size(settings.stream_window as usize)
+        .handshake::<_, Bytes>(tls);
+    let mut conn = match tokio::time::timeout(settings.handshake_timeout, handshake).await {
+        Err(_) => return refused(CloseReason::HandshakeTimeout, None),
+        Ok(Err(e)) => {
+            tracing::warn!(pod = %ctx.pod.key, %peer, peer_identity = %peer_id, "tunnel HTTP/2 handshake failed: {e}");
+            return refused(CloseReason::BadRequest, Some("http2_handshake"));
+        }
+        Ok(Ok(c)) => c,
+    };
+    let mut streams = 0u64;
+    let end = loop {
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                conn.abrupt_shutdown(h2::Reason::CANCEL);
+                break "cancelled";
+            }
+            next = conn.accept() => match next {
+                None => break "closed",
+                Some(Err(e)) => {
+                    // Floods of streams or resets end here (GOAWAY sent by h2).
+                    tracing::warn!(pod = %ctx.pod.key, %peer, peer_identity = %peer_id, "tunnel connection error: {e}");
+                    break "protocol_error";
+                }
+                Some(Ok((req, respond))) => {
+                    streams += 1;
+                    let (ctx, peer_id, cancel) = (ctx.clone(), peer_id.clone(), cancel.clone());
+                    ctx.lifecycle.connections.clone().spawn(async move {
+                        stream(&ctx, req, respond, peer_id, peer, &cancel).await;
+                    });
+                }
+            }
+        }
+    };
+    if end == "closed" {
+        // Let streams in flight finish their exchange.
+        let _ = std::future::poll_fn(|cx| conn.poll_closed(cx)).await;
+    }
+    tracing::debug!(pod = %ctx.pod.key, %peer, peer_identity = %peer_id, streams, end, "tunnel connection closed");
+}
+
+async fn stream(
+    ctx: &PodContext,
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    peer_id: Identity,
+    peer: SocketAddr,
+    cancel: &CancellationToken,
+) {
+    let started = Instant::now();
+    let outcome = |dst: Option<SocketAddr>, reason: CloseReason, refusal: Option<&'static str>| {
+        let mut o = Outcome::refused(dst, reason);
+        o.transport = "hbone";
+        o.peer_identity = Some(peer_id.clone());
+        o.refusal = refusal;
+        o
+    };
+    let reject = |respond: &mut SendResponse<Bytes>, status: StatusCode| {
+        let resp = Response::builder()
+            .status(status)
+            .body(())
+            .expect("valid status response");
+        let _ = respond.send_response(resp, true);
+    };
+    if req.method() != Method::CONNECT {
+        reject(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
+        let o = outcome(None, CloseReason::BadRequest, Some("method_not_allowed"));
+        return log_connection(ctx, Direction::Tunnel, peer, &o, started);
+    }
+    let Some(dst) = req
+        .uri()
+        .authority()
+        .and_then(|a| parse_authority(a.as_str()))
+    else {
+        reject(&mut respond, StatusCode::BAD_REQUEST);
+        let o = outcome(None, CloseReason::BadRequest, Some("malformed_authority"));
+        return log_connection(ctx, Direction::Tunnel, peer, &o, started);
+    };
+    if !ctx.pod.ips.contains(&dst.ip()) {
+        reject(&mut respond, StatusCode::FORBIDDEN);
+        let o = outcome(Some(dst), CloseReason::BadRequest, Some("not_this_pod"));
+        return log_connection(ctx, Direction::Tunnel, peer, &o, started);
+    }
+    // The tunnel's source is the client pod (authenticated by mTLS); the
+    // forwarded header may only add the client's port.
+    let client = req
+        .headers()
+        .get("forwarded")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_forwarded_for)
+        .filter(|f| f.ip().to_canonical() == peer.ip() && f.port() != 0)
+        .unwrap_or(peer);
+    let (up, _entry) = match connect_app(ctx, dst, client).await {
+        Ok(c) => c,
+        Err(e) => {
+            reject(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+            let o = outcome(Some(dst), CloseReason::from_io(&e), None);
+            return log_connection(ctx, Direction::Tunnel, client, &o, started);
+        }
+    };
+    let ok = Response::builder()
+        .status(StatusCode::OK)
+        .body(())
+        .expect("valid 200");
+    let send = match respond.send_response(ok, false) {
+        Ok(s) => s,
+        Err(_) => {
+            let o = outcome(Some(dst), CloseReason::PeerReset, None);
+            return log_connection(ctx, Direction::Tunnel, client, &o, started);
+        }
+    };
+    let mut tunnel = H2Stream::new(send, req.into_body());
+    let mut up = up;
+    let stats = {
+        let (ur, uw) = up.split();
+        let (mut tr, mut tw) = tokio::io::split(&mut tunnel);
+        relay::relay(&mut tr, &mut tw, ur, uw, ctx.config.relay, cancel).await
+    };
+    let mut stats = stats;
+    if stats.reason.is_none() && !ctx.cancel.is_cancelled() {
+        stats.reason = Some(CloseReason::PeerRevoked);
+    }
+    if final_reason(ctx, stats.reason).resets() {
+        socket::reset(&up);
+        tunnel.reset();
+    }
+    let mut o = Outcome::relayed(dst, stats, "hbone");
+    o.peer_identity = Some(peer_id);
+    log_connection(ctx, Direction::Tunnel, client, &o, started);
 }

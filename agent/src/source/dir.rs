@@ -127,7 +127,7 @@ impl DirSource {
                 }
             }
         }
-        snap
+        snap.index()
     }
 
     /// Polls the directory until cancelled, publishing each change.

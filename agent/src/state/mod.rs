@@ -25,9 +25,29 @@ pub struct Snapshot {
     pub pods: BTreeMap<String, Arc<Pod>>,
     /// Increases with every published snapshot.
     pub generation: u64,
+    /// Pods by IP, built by [`Snapshot::index`].
+    by_ip: HashMap<std::net::IpAddr, Arc<Pod>>,
 }
 
 impl Snapshot {
+    /// Builds the lookup indices; sources call it before publishing.
+    pub fn index(mut self) -> Self {
+        self.by_ip = self
+            .pods
+            .values()
+            .flat_map(|p| p.ips.iter().map(move |ip| (*ip, p.clone())))
+            .collect();
+        self
+    }
+
+    /// The enrolled pod (on any node) that owns `ip`: a destination that
+    /// is reached through an HBONE tunnel.
+    pub fn enrolled_workload(&self, ip: std::net::IpAddr) -> Option<Arc<Pod>> {
+        let pod = self.by_ip.get(&ip)?;
+        (enrolment(pod, self.namespaces.get(&pod.namespace)) == Enrolment::Enrolled)
+            .then(|| pod.clone())
+    }
+
     /// The pods this node's agent must capture, by UID, with the reasons
     /// for the pods of this node it must not.
     pub fn managed_pods(

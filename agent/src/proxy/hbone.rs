@@ -1,0 +1,244 @@
+//! HBONE on the wire: HTTP/2 `CONNECT` streams over mutual TLS to port
+//! 15008, as ztunnel speaks it, and an adapter that makes one stream look
+//! like a socket so the same relay serves plaintext and tunnels.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::{RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Port of the HBONE listener in every pod.
+pub const HBONE_PORT: u16 = nodeward_common::TUNNEL_PORT;
+
+/// HTTP/2 settings of tunnel connections, both ends.
+#[derive(Clone, Copy, Debug)]
+pub struct H2Settings {
+    /// Initial stream window (bytes a peer may send on one stream unacknowledged).
+    pub stream_window: u32,
+    /// Initial connection window.
+    pub connection_window: u32,
+    /// Largest frame.
+    pub max_frame_size: u32,
+    /// Streams per connection.
+    pub max_streams: u32,
+    /// Largest accepted header list (the request line and headers).
+    pub max_header_list_size: u32,
+    /// Deadline for TLS and HTTP/2 handshakes.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for H2Settings {
+    fn default() -> Self {
+        H2Settings {
+            stream_window: 4 << 20,
+            connection_window: 16 << 20,
+            max_frame_size: 1 << 20,
+            max_streams: 100,
+            max_header_list_size: 16 << 10,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `:authority` of a CONNECT for `dst`: `ip:port`, IPv6 in brackets.
+pub fn authority(dst: SocketAddr) -> String {
+    dst.to_string()
+}
+
+/// Parses a CONNECT authority; only literal `ip:port` is valid in HBONE.
+pub fn parse_authority(a: &str) -> Option<SocketAddr> {
+    let addr: SocketAddr = a.parse().ok()?;
+    (addr.port() != 0).then_some(SocketAddr::new(addr.ip().to_canonical(), addr.port()))
+}
+
+/// The `forwarded` header value for the original client (RFC 7239).
+pub fn forwarded_for(client: SocketAddr) -> String {
+    format!("for=\"{client}\"")
+}
+
+/// The client address from a `forwarded` header, if well formed.
+pub fn parse_forwarded_for(v: &str) -> Option<SocketAddr> {
+    v.split([';', ',']).find_map(|part| {
+        let val = part.trim().strip_prefix("for=")?.trim_matches('"');
+        val.parse::<SocketAddr>()
+            .ok()
+            .or_else(|| val.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 0)))
+    })
+}
+
+/// A fresh W3C `traceparent` for a tunnel stream.
+pub fn traceparent() -> String {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 24];
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    let hex = |s: &[u8]| s.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    format!("00-{}-{}-01", hex(&b[..16]), hex(&b[16..]))
+}
+
+/// One HTTP/2 stream as a byte stream: reads take DATA frames (and give
+/// the flow-control window back as they are consumed), writes send DATA
+/// within the peer's window, shutdown sends END_STREAM (half-close).
+pub struct H2Stream {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    pending: Bytes,
+    recv_done: bool,
+}
+
+impl H2Stream {
+    /// Wraps the two halves of a stream.
+    pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
+        H2Stream {
+            send,
+            recv,
+            pending: Bytes::new(),
+            recv_done: false,
+        }
+    }
+
+    /// Resets the stream (the peer sees RST_STREAM instead of a clean end).
+    pub fn reset(&mut self) {
+        self.send.send_reset(h2::Reason::CANCEL);
+    }
+}
+
+fn h2_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        return e
+            .into_io()
+            .unwrap_or_else(|| io::Error::other("h2 I/O error"));
+    }
+    let kind = if e.is_reset() || e.is_go_away() {
+        io::ErrorKind::ConnectionReset
+    } else {
+        io::ErrorKind::Other
+    };
+    io::Error::new(kind, e)
+}
+
+impl AsyncRead for H2Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if !self.pending.is_empty() {
+                let n = self.pending.len().min(buf.remaining());
+                let chunk = self.pending.split_to(n);
+                buf.put_slice(&chunk);
+                // Window goes back only as the bytes are handed on, so a
+                // slow reader throttles the sender: bounded memory per stream.
+                let _ = self.recv.flow_control().release_capacity(n);
+                return Poll::Ready(Ok(()));
+            }
+            if self.recv_done {
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => self.pending = data,
+                Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
+                None => {
+                    self.recv_done = true;
+                    return Poll::Ready(Ok(()));
+                }
+            }
+        }
+    }
+}
+
+impl AsyncWrite for H2Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        self.send.reserve_capacity(buf.len());
+        let cap = match ready!(self.send.poll_capacity(cx)) {
+            Some(Ok(cap)) => cap,
+            Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
+            None => {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "stream closed",
+                )));
+            }
+        };
+        let n = cap.min(buf.len());
+        self.send
+            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+            .map_err(h2_io)?;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(self.send.send_data(Bytes::new(), true).map_err(h2_io))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authorities_are_literal_ip_and_port() {
+        assert_eq!(
+            parse_authority("10.1.2.3:80"),
+            Some("10.1.2.3:80".parse().unwrap())
+        );
+        assert_eq!(
+            parse_authority("[fd00::1]:443"),
+            Some("[fd00::1]:443".parse().unwrap())
+        );
+        assert_eq!(
+            parse_authority("[::ffff:10.0.0.1]:1"),
+            Some("10.0.0.1:1".parse().unwrap())
+        );
+        for bad in [
+            "example.com:80",
+            "10.1.2.3",
+            "10.1.2.3:0",
+            "10.1.2.3:99999",
+            "",
+            "[fd00::1]",
+            ":80",
+        ] {
+            assert_eq!(parse_authority(bad), None, "{bad}");
+        }
+        assert_eq!(authority("[fd00::1]:443".parse().unwrap()), "[fd00::1]:443");
+    }
+
+    #[test]
+    fn forwarded_round_trips() {
+        let c: SocketAddr = "[fd00::7]:4711".parse().unwrap();
+        assert_eq!(parse_forwarded_for(&forwarded_for(c)), Some(c));
+        assert_eq!(
+            parse_forwarded_for("for=10.0.0.1"),
+            Some("10.0.0.1:0".parse().unwrap())
+        );
+        assert_eq!(parse_forwarded_for("proto=https"), None);
+    }
+
+    #[test]
+    fn traceparent_has_the_w3c_shape() {
+        let t = traceparent();
+        let parts: Vec<&str> = t.split('-').collect();
+        assert_eq!(parts.len(), 4);
+        assert_eq!(
+            (parts[0], parts[1].len(), parts[2].len(), parts[3]),
+            ("00", 32, 16, "01")
+        );
+    }
+}

@@ -1,0 +1,271 @@
+//! Pooled HBONE connections: many CONNECT streams share one mutually
+//! authenticated HTTP/2 connection.
+//!
+//! Connections are keyed by (source pod, source identity, destination,
+//! expected identity). The source pod is part of the key because the
+//! connection is opened from that pod's network namespace and carries its
+//! IP, which the destination app sees. A connection takes up to
+//! `max_streams` streams; the next caller opens another. Concurrent first
+//! callers for a key wait on one lock and share one handshake. Connections
+//! with no stream for `idle_timeout` are released.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
+
+use super::hbone::H2Settings;
+use crate::identity::Identity;
+
+/// What identifies a reusable tunnel connection.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    /// Network-namespace cookie of the source pod.
+    pub src_netns: u64,
+    /// Identity the connection presents.
+    pub src: Identity,
+    /// The destination's HBONE address.
+    pub dst: SocketAddr,
+    /// Identity the destination must prove.
+    pub expected: Identity,
+}
+
+/// Why a stream could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// TCP or TLS failed (the TLS error may carry a refusal kind).
+    #[error("connecting tunnel: {0}")]
+    Connect(#[source] std::io::Error),
+    /// The HTTP/2 layer failed.
+    #[error("HTTP/2: {0}")]
+    H2(#[from] h2::Error),
+    /// The handshake did not finish in time.
+    #[error("tunnel handshake timed out")]
+    Timeout,
+}
+
+/// A byte stream a tunnel runs over (TLS over TCP).
+pub trait TunnelIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> TunnelIo for T {}
+
+/// Opens the transport of a new tunnel connection.
+pub type Connector<'a> =
+    Pin<Box<dyn Future<Output = std::io::Result<Box<dyn TunnelIo>>> + Send + 'a>>;
+
+struct Conn {
+    id: u64,
+    sender: SendRequest<Bytes>,
+    active: AtomicUsize,
+    idle_since: Mutex<Instant>,
+    closed: CancellationToken,
+}
+
+type Slot = Arc<tokio::sync::Mutex<Vec<Arc<Conn>>>>;
+
+/// The pool.
+pub struct Pool {
+    settings: H2Settings,
+    idle_timeout: Duration,
+    slots: Mutex<HashMap<PoolKey, Slot>>,
+    next_id: AtomicU64,
+    opened: AtomicU64,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("opened", &self.opened())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Holds a stream's place on its connection; releases it when dropped.
+pub struct StreamLease {
+    conn: Arc<Conn>,
+}
+
+impl StreamLease {
+    /// The tunnel connection's id, for logs.
+    pub fn connection_id(&self) -> u64 {
+        self.conn.id
+    }
+}
+
+impl Drop for StreamLease {
+    fn drop(&mut self) {
+        if self.conn.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self
+                .conn
+                .idle_since
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        }
+    }
+}
+
+impl Pool {
+    /// An empty pool.
+    pub fn new(settings: H2Settings, idle_timeout: Duration) -> Arc<Pool> {
+        Arc::new(Pool {
+            settings,
+            idle_timeout,
+            slots: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            opened: AtomicU64::new(0),
+        })
+    }
+
+    /// Tunnel connections opened so far.
+    pub fn opened(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed)
+    }
+
+    /// Connections currently pooled.
+    pub fn open_connections(&self) -> usize {
+        let slots: Vec<Slot> = self
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        slots
+            .iter()
+            .map(|s| s.try_lock().map(|v| v.len()).unwrap_or(0))
+            .sum()
+    }
+
+    /// A ready sender on a connection for `key` with a free stream,
+    /// opening one with `connect` if none has room.
+    pub async fn sender(
+        &self,
+        key: &PoolKey,
+        connect: impl FnOnce() -> Connector<'static>,
+    ) -> Result<(SendRequest<Bytes>, StreamLease), PoolError> {
+        let slot = self
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let conn = {
+            let mut conns = slot.lock().await;
+            conns.retain(|c| !c.closed.is_cancelled());
+            let max = self.settings.max_streams as usize;
+            let found = conns.iter().find(|c| {
+                let n = c.active.load(Ordering::Acquire);
+                n < max
+                    && c.active
+                        .compare_exchange(n, n + 1, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+            });
+            match found {
+                Some(c) => c.clone(),
+                None => {
+                    let c = self.open(key, connect).await?;
+                    c.active.fetch_add(1, Ordering::AcqRel);
+                    conns.push(c.clone());
+                    c
+                }
+            }
+        };
+        let lease = StreamLease { conn: conn.clone() };
+        let sender = conn.sender.clone().ready().await?;
+        Ok((sender, lease))
+    }
+
+    async fn open(
+        &self,
+        key: &PoolKey,
+        connect: impl FnOnce() -> Connector<'static>,
+    ) -> Result<Arc<Conn>, PoolError> {
+        let s = self.settings;
+        let handshake = async {
+            let io = connect().await.map_err(PoolError::Connect)?;
+            let (sender, connection) = h2::client::Builder::new()
+                .initial_window_size(s.stream_window)
+                .initial_connection_window_size(s.connection_window)
+                .max_frame_size(s.max_frame_size)
+                .max_header_list_size(s.max_header_list_size)
+                .max_concurrent_streams(0)
+                .enable_push(false)
+                .handshake::<_, Bytes>(io)
+                .await?;
+            Ok::<_, PoolError>((sender, connection))
+        };
+        let (sender, connection) = tokio::time::timeout(s.handshake_timeout, handshake)
+            .await
+            .map_err(|_| PoolError::Timeout)??;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        let closed = CancellationToken::new();
+        let done = closed.clone();
+        let (src, dst, expected) = (key.src.clone(), key.dst, key.expected.clone());
+        tracing::info!(id, %src, %dst, %expected, "tunnel connection opened");
+        tokio::spawn(async move {
+            let r = connection.await;
+            done.cancel();
+            tracing::info!(id, %src, %dst, error = r.err().map(|e| e.to_string()), "tunnel connection closed");
+        });
+        Ok(Arc::new(Conn {
+            id,
+            sender,
+            active: AtomicUsize::new(0),
+            idle_since: Mutex::new(Instant::now()),
+            closed,
+        }))
+    }
+
+    /// Releases connections idle longer than the idle timeout; run it
+    /// periodically. Dropping the last sender closes the connection.
+    pub async fn release_idle(&self) {
+        let slots: Vec<(PoolKey, Slot)> = self
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (key, slot) in slots {
+            let mut conns = slot.lock().await;
+            conns.retain(|c| {
+                let idle = c.active.load(Ordering::Acquire) == 0
+                    && c.idle_since
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .elapsed()
+                        >= self.idle_timeout;
+                !(idle || c.closed.is_cancelled())
+            });
+            if conns.is_empty() {
+                drop(conns);
+                let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+                if slots
+                    .get(&key)
+                    .is_some_and(|s| s.try_lock().is_ok_and(|v| v.is_empty()))
+                {
+                    slots.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Runs [`Pool::release_idle`] every second until `stop`.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => self.release_idle().await,
+            }
+        }
+    }
+}
