@@ -1,6 +1,6 @@
 //! The admin endpoint, on the node only (never inside a pod, so apps cannot
 //! reach it): `/healthz/ready` answers 200 when the agent is fully working
-//! and 503 with the list of problems otherwise.
+//! and 503 with the list of problems otherwise; `/stats` shows counters.
 //!
 //! A deliberately tiny HTTP/1.1 responder: one request per connection,
 //! request head bounded to 8 KiB and 5 s.
@@ -12,16 +12,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Something that can report problems for readiness.
+/// What the admin endpoint reports.
 pub trait Health: Send + Sync {
     /// Current problems; empty when healthy.
     fn problems(&self) -> Vec<String>;
-}
-
-impl<F: Fn() -> Vec<String> + Send + Sync> Health for F {
-    fn problems(&self) -> Vec<String> {
-        self()
-    }
+    /// Counters in Prometheus text format.
+    fn stats(&self) -> String;
 }
 
 const MAX_HEAD: usize = 8 * 1024;
@@ -68,6 +64,7 @@ pub async fn serve(listener: TcpListener, health: Arc<dyn Health>, stop: Cancell
                         )
                     }
                 }
+                "/stats" => ("200 OK", health.stats()),
                 _ => ("404 Not Found", "not found\n".to_string()),
             };
             let resp = format!(

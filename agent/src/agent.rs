@@ -50,6 +50,19 @@ pub enum StartError {
     Signals(std::io::Error),
 }
 
+impl crate::admin::Health for Mesh {
+    fn problems(&self) -> Vec<String> {
+        self.certs
+            .as_ref()
+            .map(|m| m.problems())
+            .unwrap_or_default()
+    }
+
+    fn stats(&self) -> String {
+        self.counters.render()
+    }
+}
+
 /// Runs the agent until SIGTERM/SIGINT, then drains and returns.
 pub async fn run(args: RunArgs) -> Result<(), StartError> {
     match std::fs::metadata(&args.config_dir) {
@@ -116,18 +129,6 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
         tokio::spawn(m.clone().run(args.config_poll, lifecycle.hard_stop.clone()));
         tokio::spawn(peers.clone().run(m.trust(), lifecycle.hard_stop.clone()));
     }
-    let health_identity = identity.clone();
-    let health = Arc::new(move || {
-        health_identity
-            .as_ref()
-            .map(|m| m.problems())
-            .unwrap_or_default()
-    });
-    tokio::spawn(crate::admin::serve(
-        admin,
-        health,
-        lifecycle.hard_stop.clone(),
-    ));
     let source = DirSource::new(&args.config_dir);
     let source_task = tokio::spawn(source.run(
         store.clone(),
@@ -150,7 +151,13 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
         pool,
         peers,
         h2,
+        counters: Default::default(),
     });
+    tokio::spawn(crate::admin::serve(
+        admin,
+        mesh.clone(),
+        lifecycle.hard_stop.clone(),
+    ));
     let manager = PodManager::new(
         args.node_name.clone(),
         store,

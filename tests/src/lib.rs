@@ -10,7 +10,9 @@
 pub mod agent;
 pub mod bpf;
 pub mod cluster;
+pub mod hbone;
 pub mod netns;
+pub mod sniff;
 pub mod topology;
 pub mod traffic;
 

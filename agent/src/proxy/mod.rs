@@ -12,6 +12,7 @@
 //!
 //! Each proxied connection ends in [`relay::relay`] and one structured log line.
 
+pub mod counters;
 pub mod hbone;
 pub mod inbound;
 pub mod outbound;
@@ -79,6 +80,8 @@ pub struct Mesh {
     pub peers: Arc<PeerRegistry>,
     /// HTTP/2 settings of tunnels.
     pub h2: hbone::H2Settings,
+    /// Outcome counters.
+    pub counters: counters::Counters,
 }
 
 /// What a managed pod's handlers share.
@@ -293,6 +296,7 @@ pub fn log_connection(
     started: Instant,
 ) {
     let reason = final_reason(ctx, o.stats.reason).as_str();
+    ctx.mesh.counters.count(dir.as_str(), reason, o.refusal);
     let dst = o.dst.map(|d| d.to_string()).unwrap_or_default();
     tracing::info!(
         target: "nodeward::conn",

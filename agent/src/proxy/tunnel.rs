@@ -9,6 +9,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -27,6 +28,10 @@ use super::{Direction, Outcome, PodContext, final_reason, log_connection, socket
 use crate::identity::Identity;
 use crate::identity::tls::peer_identity;
 use crate::identity::verify::refusal_of_io;
+
+/// Streams reset before being answered that a connection may accumulate
+/// before the rapid-reset check applies.
+const RAPID_RESET_MIN: u64 = 100;
 
 /// Serves one tunnel connection until it closes, the pod goes, or its peer
 /// is revoked.
@@ -92,7 +97,16 @@ pub async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr) {
         Ok(Ok(c)) => c,
     };
     let mut streams = 0u64;
+    let early_resets = Arc::new(AtomicU64::new(0));
     let end = loop {
+        // Rapid reset (CVE-2023-44487 class): a peer that cancels most of
+        // its streams before they are answered only makes us dial the app.
+        let resets = early_resets.load(Ordering::Relaxed);
+        if resets > RAPID_RESET_MIN && resets * 2 > streams {
+            tracing::warn!(pod = %ctx.pod.key, %peer, peer_identity = %peer_id, streams, resets, "closing tunnel connection: rapid stream resets");
+            conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+            break "rapid_reset";
+        }
         tokio::select! {
             _ = cancel.cancelled() => {
                 conn.abrupt_shutdown(h2::Reason::CANCEL);
@@ -107,9 +121,9 @@ pub async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr) {
                 }
                 Some(Ok((req, respond))) => {
                     streams += 1;
-                    let (ctx, peer_id, cancel) = (ctx.clone(), peer_id.clone(), cancel.clone());
+                    let (ctx, peer_id, cancel, resets) = (ctx.clone(), peer_id.clone(), cancel.clone(), early_resets.clone());
                     ctx.lifecycle.connections.clone().spawn(async move {
-                        stream(&ctx, req, respond, peer_id, peer, &cancel).await;
+                        stream(&ctx, req, respond, peer_id, peer, &cancel, &resets).await;
                     });
                 }
             }
@@ -129,6 +143,7 @@ async fn stream(
     peer_id: Identity,
     peer: SocketAddr,
     cancel: &CancellationToken,
+    early_resets: &AtomicU64,
 ) {
     let started = Instant::now();
     let outcome = |dst: Option<SocketAddr>, reason: CloseReason, refusal: Option<&'static str>| {
@@ -188,8 +203,13 @@ async fn stream(
     let send = match respond.send_response(ok, false) {
         Ok(s) => s,
         Err(_) => {
-            let o = outcome(Some(dst), CloseReason::PeerReset, None);
-            return log_connection(ctx, Direction::Tunnel, client, &o, started);
+            // Reset by the peer before we answered: counted for the
+            // connection's rapid-reset check, logged with it, not here.
+            early_resets.fetch_add(1, Ordering::Relaxed);
+            ctx.mesh
+                .counters
+                .count(Direction::Tunnel.as_str(), "early_reset", None);
+            return;
         }
     };
     let mut tunnel = H2Stream::new(send, req.into_body());
@@ -206,6 +226,15 @@ async fn stream(
     if final_reason(ctx, stats.reason).resets() {
         socket::reset(&up);
         tunnel.reset();
+    }
+    if stats.reason == Some(CloseReason::PeerReset) && stats.sent == 0 && stats.received == 0 {
+        // Opened and cancelled without a byte: a rapid-reset candidate,
+        // counted for the connection rather than logged one by one.
+        early_resets.fetch_add(1, Ordering::Relaxed);
+        ctx.mesh
+            .counters
+            .count(Direction::Tunnel.as_str(), "early_reset", None);
+        return;
     }
     let mut o = Outcome::relayed(dst, stats, "hbone");
     o.peer_identity = Some(peer_id);

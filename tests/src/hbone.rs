@@ -1,0 +1,122 @@
+//! Speaking HBONE to an agent from a test: as a legitimate workload, as an
+//! impostor, or as a hostile client, with certificates from the topology's
+//! CA (or another) through the agent's own identity library.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use nodeward::identity::Identity;
+use nodeward::identity::ca::Authority;
+use nodeward::identity::tls::{self, FixedCert, certified_key};
+use nodeward::identity::trust::{TrustSnapshot, TrustStore};
+use rustls::pki_types::ServerName;
+use rustls::sign::CertifiedKey;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::netns::run_in;
+
+/// A workload certificate for `identity` from the CA in `ca_dir`.
+pub fn workload_cert(ca_dir: &Path, identity: &Identity) -> Arc<CertifiedKey> {
+    let ca = Authority::load(ca_dir).expect("load test CA");
+    let issued = ca
+        .issue(identity, Duration::from_secs(3600))
+        .expect("issue");
+    certified_key(issued.chain, issued.key).expect("certified key")
+}
+
+/// Trust in the CA of `ca_dir`.
+pub fn trust(ca_dir: &Path) -> Arc<TrustStore> {
+    let ca = Authority::load(ca_dir).expect("load test CA");
+    TrustStore::new(TrustSnapshot::new(
+        "cluster.local",
+        ca.roots().to_vec(),
+        ca.chain(),
+    ))
+}
+
+/// A TCP connection made from inside namespace `netns`, for tokio.
+pub fn tcp_from(netns: &str, dst: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = run_in(netns, move || {
+        std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(5))
+    })?;
+    s.set_nonblocking(true)?;
+    TcpStream::from_std(s)
+}
+
+/// TLS to an agent's 15008 from `netns`, presenting `cert` as `me` and
+/// requiring the server to be `expected`.
+pub async fn tls_to(
+    netns: &str,
+    dst: SocketAddr,
+    cert: Option<Arc<CertifiedKey>>,
+    me: Identity,
+    expected: Identity,
+    trust: Arc<TrustStore>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = tcp_from(netns, dst)?;
+    let config = match cert {
+        Some(c) => tls::client_config(Arc::new(FixedCert(c)), me, trust, expected),
+        None => Arc::new(
+            rustls::ClientConfig::builder_with_provider(tls::provider())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .expect("tls13")
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(
+                    nodeward::identity::verify::SvidVerifier::for_server(
+                        trust,
+                        tls::provider(),
+                        expected,
+                    ),
+                ))
+                .with_no_client_auth(),
+        ),
+    };
+    let mut config = (*config).clone();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    TlsConnector::from(Arc::new(config))
+        .connect(ServerName::IpAddress(dst.ip().into()), tcp)
+        .await
+}
+
+/// An HTTP/2 client over an established TLS stream; the connection is
+/// driven on a spawned task.
+pub async fn h2_client(
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+    max_header_list: u32,
+) -> Result<h2::client::SendRequest<Bytes>, h2::Error> {
+    let (send, conn) = h2::client::Builder::new()
+        .max_header_list_size(max_header_list)
+        .handshake(tls)
+        .await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(send)
+}
+
+/// Sends a request with `method` and `authority` and returns the status,
+/// or the error the stream ended with.
+pub async fn request(
+    send: &mut h2::client::SendRequest<Bytes>,
+    method: http::Method,
+    authority: &str,
+    extra_header: Option<(&str, String)>,
+) -> Result<http::StatusCode, h2::Error> {
+    let mut b = http::Request::builder().method(method.clone());
+    b = if method == http::Method::CONNECT {
+        b.uri(authority)
+    } else {
+        b.uri(format!("http://{authority}/"))
+    };
+    if let Some((k, v)) = extra_header {
+        b = b.header(k, v);
+    }
+    let req = b.body(()).expect("request");
+    let mut ready = send.clone().ready().await?;
+    let (resp, _body) = ready.send_request(req, false)?;
+    Ok(resp.await?.status())
+}
