@@ -56,23 +56,26 @@ pub fn run(bin: &Path) -> Result<()> {
     );
 
     std::thread::sleep(Duration::from_millis(300));
-    println!("\nWhat the agents captured:");
+    println!("\nWhat the agents captured (transport: hbone = mTLS tunnel, plaintext = inbound from outside the mesh):");
     println!(
-        "  {:<8} {:<15} {:<8} {:<28} {:<28} {:>6} {:>6}  reason",
-        "node", "direction", "pod", "source", "original destination", "sent", "recv"
+        "  {:<7} {:<15} {:<7} {:<23} {:<22} {:<10} {:<38} {:>5} {:>5}  reason",
+        "node", "direction", "pod", "source", "original destination", "transport", "peer identity", "sent", "recv"
     );
     for (k, n) in t.nodes.iter().enumerate() {
         for l in t.agent(k).connections() {
+            let s = |f: &str| l[f].as_str().unwrap_or("-").to_string();
             println!(
-                "  {:<8} {:<15} {:<8} {:<28} {:<28} {:>6} {:>6}  {}",
+                "  {:<7} {:<15} {:<7} {:<23} {:<22} {:<10} {:<38} {:>5} {:>5}  {}",
                 n.name,
-                l["direction"].as_str().unwrap_or(""),
-                l["pod"].as_str().unwrap_or(""),
-                l["src"].as_str().unwrap_or(""),
-                l["dst"].as_str().unwrap_or(""),
+                s("direction"),
+                s("pod"),
+                s("src"),
+                s("dst"),
+                s("transport"),
+                s("peer_identity"),
                 l["sent"].as_u64().unwrap_or(0),
                 l["received"].as_u64().unwrap_or(0),
-                l["reason"].as_str().unwrap_or("")
+                s("reason")
             );
         }
     }
