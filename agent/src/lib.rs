@@ -8,6 +8,7 @@ pub mod config;
 pub mod identity;
 pub mod netns;
 pub mod pods;
+pub mod policy;
 pub mod proxy;
 pub mod source;
 pub mod state;
