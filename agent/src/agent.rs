@@ -52,10 +52,7 @@ pub enum StartError {
 
 impl crate::admin::Health for Mesh {
     fn problems(&self) -> Vec<String> {
-        self.certs
-            .as_ref()
-            .map(|m| m.problems())
-            .unwrap_or_default()
+        self.certs.as_ref().map(|m| m.problems()).unwrap_or_default()
     }
 
     fn stats(&self) -> String {
@@ -130,11 +127,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
         tokio::spawn(peers.clone().run(m.trust(), lifecycle.hard_stop.clone()));
     }
     let source = DirSource::new(&args.config_dir);
-    let source_task = tokio::spawn(source.run(
-        store.clone(),
-        args.config_poll,
-        lifecycle.stop_accepting.clone(),
-    ));
+    let source_task = tokio::spawn(source.run(store.clone(), args.config_poll, lifecycle.stop_accepting.clone()));
     let h2 = H2Settings {
         stream_window: args.h2_stream_window,
         connection_window: args.h2_connection_window,
@@ -153,11 +146,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
         h2,
         counters: Default::default(),
     });
-    tokio::spawn(crate::admin::serve(
-        admin,
-        mesh.clone(),
-        lifecycle.hard_stop.clone(),
-    ));
+    tokio::spawn(crate::admin::serve(admin, mesh.clone(), lifecycle.hard_stop.clone()));
     let manager = PodManager::new(
         args.node_name.clone(),
         store,

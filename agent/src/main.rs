@@ -22,9 +22,7 @@ fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run(args) => {
             raise_fd_limit();
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(nodeward::agent::run(*args))?;
         }
         Command::Ca(CaCommand::Init { out }) => {
@@ -57,10 +55,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Cleanup(args) => {
             if nodeward::capture::cleanup(&args.bpffs, &args.node_name)? {
-                println!(
-                    "removed Nodeward's eBPF programs and maps for node {}",
-                    args.node_name
-                );
+                println!("removed Nodeward's eBPF programs and maps for node {}", args.node_name);
             } else {
                 println!("nothing pinned for node {}", args.node_name);
             }

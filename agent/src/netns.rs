@@ -133,15 +133,9 @@ impl Netns {
 
     /// Creates a TCP socket inside the namespace, marked with `mark` so the
     /// capture programs leave it alone.
-    pub fn socket(
-        &self,
-        domain: socket2::Domain,
-        mark: Option<u32>,
-    ) -> Result<socket2::Socket, NetnsError> {
+    pub fn socket(&self, domain: socket2::Domain, mark: Option<u32>) -> Result<socket2::Socket, NetnsError> {
         let sock = self
-            .run(|| {
-                socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))
-            })?
+            .run(|| socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP)))?
             .map_err(|source| NetnsError::Socket {
                 path: self.path.clone(),
                 source,
@@ -274,10 +268,7 @@ impl NetnsFinder {
         if let Ok(rd) = std::fs::read_dir("/proc") {
             for e in rd.flatten() {
                 let name = e.file_name();
-                if name
-                    .to_str()
-                    .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
-                {
+                if name.to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())) {
                     out.push(e.path().join("ns/net"));
                 }
             }

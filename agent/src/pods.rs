@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nodeward_common::{
-    DIRECTION_INBOUND, DIRECTION_OUTBOUND, POD_HAS_IPV4, POD_HAS_IPV6, PodInfo, PortKey,
+    DIRECTION_INBOUND, DIRECTION_MTLS_OVERRIDE, DIRECTION_OUTBOUND, POD_HAS_IPV4, POD_HAS_IPV6, POD_INBOUND_DISABLED,
+    PodInfo, PortKey,
 };
 
 use crate::capture::{Capture, CaptureError};
@@ -150,7 +151,14 @@ impl PodManager {
         for (uid, want) in &desired {
             if let Some(active) = self.active.get_mut(uid) {
                 if active.spec != *want {
-                    update_exclusions(&self.capture, active.ctx.netns.cookie(), &active.spec, want);
+                    let cookie = active.ctx.netns.cookie();
+                    update_exclusions(&self.capture, cookie, &active.spec, want);
+                    if let Err(e) = self.capture.maps.pods.insert(&cookie, &pod_info(want)) {
+                        tracing::error!(pod = %want.key, "updating pod capture: {e}");
+                    }
+                    if want.inbound_disabled != active.spec.inbound_disabled {
+                        tracing::warn!(pod = %want.key, disabled = want.inbound_disabled, "mTLS DISABLE changed for the pod");
+                    }
                     active.spec = want.clone();
                 }
                 continue;
@@ -212,11 +220,7 @@ impl PodManager {
     ) -> Result<Arc<PodContext>, PodError> {
         let cookie = netns.cookie();
         let tunnel_tls = match (&self.mesh.certs, &identity) {
-            (Some(m), Some(id)) => Some(crate::identity::tls::server_config(
-                m.clone(),
-                id.clone(),
-                m.trust(),
-            )),
+            (Some(m), Some(id)) => Some(crate::identity::tls::server_config(m.clone(), id.clone(), m.trust())),
             _ => None,
         };
         let ctx = Arc::new(PodContext {
@@ -234,19 +238,7 @@ impl PodManager {
         // entries first, then steering, then outbound capture.
         let listeners = PodListeners::bind(&ctx)?;
         self.capture.attach_pod(&ctx.netns)?;
-        let mut info = PodInfo::default();
-        for ip in &pod.ips {
-            match ip {
-                IpAddr::V4(_) => {
-                    info.ipv4 = ip_words(*ip)[3];
-                    info.flags |= POD_HAS_IPV4;
-                }
-                IpAddr::V6(_) => {
-                    info.ipv6 = ip_words(*ip);
-                    info.flags |= POD_HAS_IPV6;
-                }
-            }
-        }
+        let info = pod_info(pod);
         update_exclusions(&self.capture, cookie, &empty_like(pod), pod);
         self.capture.maps.pods.insert(&cookie, &info)?;
         listeners.serve(ctx.clone());
@@ -303,9 +295,7 @@ impl PodManager {
         if let Some(path) = cached {
             // The cache may be stale: confirm the namespace still has the IP.
             if let Ok(ns) = Netns::open(&path)
-                && ns
-                    .addresses()
-                    .is_ok_and(|a| pod.ips.iter().any(|ip| a.contains(ip)))
+                && ns.addresses().is_ok_and(|a| pod.ips.iter().any(|ip| a.contains(ip)))
             {
                 return Ok(path);
             }
@@ -368,8 +358,31 @@ fn empty_like(pod: &ManagedPod) -> ManagedPod {
     ManagedPod {
         exclude_inbound: Vec::new(),
         exclude_outbound: Vec::new(),
+        mtls_port_overrides: Vec::new(),
         ..pod.clone()
     }
+}
+
+/// The `PODS` entry of a pod: its addresses and whether its inbound
+/// traffic is left alone (mTLS DISABLE).
+fn pod_info(pod: &ManagedPod) -> PodInfo {
+    let mut info = PodInfo::default();
+    for ip in &pod.ips {
+        match ip {
+            IpAddr::V4(_) => {
+                info.ipv4 = ip_words(*ip)[3];
+                info.flags |= POD_HAS_IPV4;
+            }
+            IpAddr::V6(_) => {
+                info.ipv6 = ip_words(*ip);
+                info.flags |= POD_HAS_IPV6;
+            }
+        }
+    }
+    if pod.inbound_disabled {
+        info.flags |= POD_INBOUND_DISABLED;
+    }
+    info
 }
 
 /// Applies the difference in excluded ports between two versions of a pod.
@@ -381,16 +394,9 @@ fn update_exclusions(capture: &Capture, cookie: u64, old: &ManagedPod, new: &Man
         pad: [0; 5],
     };
     let sets = [
-        (
-            &old.exclude_inbound,
-            &new.exclude_inbound,
-            DIRECTION_INBOUND,
-        ),
-        (
-            &old.exclude_outbound,
-            &new.exclude_outbound,
-            DIRECTION_OUTBOUND,
-        ),
+        (&old.exclude_inbound, &new.exclude_inbound, DIRECTION_INBOUND),
+        (&old.exclude_outbound, &new.exclude_outbound, DIRECTION_OUTBOUND),
+        (&old.mtls_port_overrides, &new.mtls_port_overrides, DIRECTION_MTLS_OVERRIDE),
     ];
     for (before, after, dir) in sets {
         for p in before.iter().filter(|p| !after.contains(p)) {

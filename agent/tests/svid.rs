@@ -78,9 +78,7 @@ fn crafted(
 ) -> Arc<CertifiedKey> {
     let (leaf, key, _) = a
         .issue_with(|p| {
-            p.subject_alt_names = vec![SanType::URI(
-                id("shop", "web").to_string().try_into().unwrap(),
-            )];
+            p.subject_alt_names = vec![SanType::URI(id("shop", "web").to_string().try_into().unwrap())];
             let now = SystemTime::now();
             p.not_before = (now - Duration::from_secs(60)).into();
             p.not_after = (now + Duration::from_secs(3600)).into();
@@ -99,10 +97,7 @@ struct Outcome {
 }
 
 /// One real handshake over loopback; each side's result.
-async fn handshake(
-    server_cfg: Arc<rustls::ServerConfig>,
-    client_cfg: Arc<rustls::ClientConfig>,
-) -> Outcome {
+async fn handshake(server_cfg: Arc<rustls::ServerConfig>, client_cfg: Arc<rustls::ClientConfig>) -> Outcome {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move {
@@ -133,17 +128,8 @@ fn server_cfg(cert: Arc<CertifiedKey>, trust: Arc<TrustStore>) -> Arc<rustls::Se
     tls::server_config(Arc::new(FixedCert(cert)), id("shop", "api"), trust)
 }
 
-fn client_cfg(
-    cert: Arc<CertifiedKey>,
-    trust: Arc<TrustStore>,
-    expected: Identity,
-) -> Arc<rustls::ClientConfig> {
-    tls::client_config(
-        Arc::new(FixedCert(cert)),
-        id("shop", "web"),
-        trust,
-        expected,
-    )
+fn client_cfg(cert: Arc<CertifiedKey>, trust: Arc<TrustStore>, expected: Identity) -> Arc<rustls::ClientConfig> {
+    tls::client_config(Arc::new(FixedCert(cert)), id("shop", "web"), trust, expected)
 }
 
 #[tokio::test]
@@ -183,17 +169,11 @@ async fn client_certificates_accepted_and_refused_each_for_its_own_reason() {
     type Case = (&'static str, Arc<CertifiedKey>, Option<Refusal>);
     let cases: Vec<Case> = vec![
         ("valid leaf", key_for(&p.ca, &web), None),
-        (
-            "valid leaf via two intermediates",
-            key_for(&p.nested, &web),
-            None,
-        ),
+        ("valid leaf via two intermediates", key_for(&p.nested, &web), None),
         (
             "wrong trust domain",
             crafted(&p.ca, &ca_chain, |c| {
-                c.subject_alt_names = vec![SanType::URI(
-                    "spiffe://evil.example/ns/shop/sa/web".try_into().unwrap(),
-                )]
+                c.subject_alt_names = vec![SanType::URI("spiffe://evil.example/ns/shop/sa/web".try_into().unwrap())]
             }),
             Some(Refusal::WrongTrustDomain),
         ),
@@ -215,21 +195,13 @@ async fn client_certificates_accepted_and_refused_each_for_its_own_reason() {
             }),
             Some(Refusal::NotYetValid),
         ),
-        (
-            "unknown root",
-            key_for(&other_ca, &web),
-            Some(Refusal::UnknownRoot),
-        ),
+        ("unknown root", key_for(&other_ca, &web), Some(Refusal::UnknownRoot)),
         (
             "missing intermediate",
             crafted(&p.nested, &nested_chain[..1], |_| {}),
             Some(Refusal::MissingIntermediate),
         ),
-        (
-            "revoked leaf",
-            revoked_leaf.clone(),
-            Some(Refusal::RevokedLeaf),
-        ),
+        ("revoked leaf", revoked_leaf.clone(), Some(Refusal::RevokedLeaf)),
         (
             "revoked intermediate",
             key_for(&sibling, &web),
@@ -262,9 +234,7 @@ async fn client_certificates_accepted_and_refused_each_for_its_own_reason() {
         (
             "SPIFFE ID in a DNS SAN (CVE-2022-21656 class)",
             crafted(&p.ca, &ca_chain, |c| {
-                c.subject_alt_names = vec![SanType::DnsName(
-                    id("shop", "web").to_string().try_into().unwrap(),
-                )]
+                c.subject_alt_names = vec![SanType::DnsName(id("shop", "web").to_string().try_into().unwrap())]
             }),
             Some(Refusal::SpiffeIdOutsideUriSan),
         ),
@@ -314,8 +284,7 @@ async fn client_certificates_accepted_and_refused_each_for_its_own_reason() {
                     Some(web.clone()),
                     "{name}: the server learns the client's identity"
                 );
-                o.client
-                    .unwrap_or_else(|e| panic!("{name}: client failed: {e}"));
+                o.client.unwrap_or_else(|e| panic!("{name}: client failed: {e}"));
             }
             Some(kind) => {
                 let err = o.server.err().unwrap_or_else(|| panic!("{name}: accepted"));
@@ -332,37 +301,22 @@ async fn client_certificates_accepted_and_refused_each_for_its_own_reason() {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap()
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(
-                nodeward::identity::verify::SvidVerifier::for_server(
-                    client_trust.clone(),
-                    tls::provider(),
-                    id("shop", "api"),
-                ),
-            ))
+            .with_custom_certificate_verifier(Arc::new(nodeward::identity::verify::SvidVerifier::for_server(
+                client_trust.clone(),
+                tls::provider(),
+                id("shop", "api"),
+            )))
             .with_no_client_auth(),
     );
-    let o = handshake(
-        server_cfg(server_key.clone(), server_trust.clone()),
-        no_cert,
-    )
-    .await;
+    let o = handshake(server_cfg(server_key.clone(), server_trust.clone()), no_cert).await;
     let err = o.server.expect_err("refused without a client certificate");
-    assert_eq!(
-        refusal_of_io(&err),
-        Some(Refusal::NoClientCertificate),
-        "{err}"
-    );
+    assert_eq!(refusal_of_io(&err), Some(Refusal::NoClientCertificate), "{err}");
     seen_kinds.push(Refusal::NoClientCertificate);
 
     // Thirteen refusals of the issue's list (the DNS-SAN and CN variants of
     // the CVE-2022-21656 class are one item, one kind), thirteen kinds.
-    let distinct: std::collections::BTreeSet<&str> =
-        seen_kinds.iter().map(|k| k.as_str()).collect();
-    assert_eq!(
-        distinct.len(),
-        13,
-        "every refusal has its own kind: {seen_kinds:?}"
-    );
+    let distinct: std::collections::BTreeSet<&str> = seen_kinds.iter().map(|k| k.as_str()).collect();
+    assert_eq!(distinct.len(), 13, "every refusal has its own kind: {seen_kinds:?}");
 }
 
 #[tokio::test]
@@ -379,9 +333,7 @@ async fn clients_refuse_servers_that_are_not_the_expected_identity() {
         (
             "no serverAuth extended key usage",
             crafted(&p.ca, p.ca.chain(), |c| {
-                c.subject_alt_names = vec![SanType::URI(
-                    id("shop", "api").to_string().try_into().unwrap(),
-                )];
+                c.subject_alt_names = vec![SanType::URI(id("shop", "api").to_string().try_into().unwrap())];
                 c.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
             }),
             Refusal::MissingServerAuth,
@@ -412,19 +364,9 @@ async fn deny_list_and_unknown_revocation_policy_refuse() {
     };
 
     let mut denied = trust_for(&p.ca);
-    denied
-        .deny
-        .entries
-        .push(DenyEntry::Namespace("shop".into()));
-    let o = handshake(
-        server_cfg(server_key.clone(), TrustStore::new(denied)),
-        client(),
-    )
-    .await;
-    assert_eq!(
-        refusal_of_io(&o.server.err().unwrap()),
-        Some(Refusal::DeniedIdentity)
-    );
+    denied.deny.entries.push(DenyEntry::Namespace("shop".into()));
+    let o = handshake(server_cfg(server_key.clone(), TrustStore::new(denied)), client()).await;
+    assert_eq!(refusal_of_io(&o.server.err().unwrap()), Some(Refusal::DeniedIdentity));
 
     let mut strict = trust_for(&p.ca);
     strict.unknown_status = UnknownStatus::Refuse;
@@ -457,10 +399,7 @@ async fn no_session_is_resumed_so_a_new_crl_applies_to_the_next_handshake() {
             .connect(ServerName::IpAddress(addr.ip().into()), tcp)
             .await
             .unwrap();
-        assert_eq!(
-            c.get_ref().1.handshake_kind(),
-            Some(rustls::HandshakeKind::Full)
-        );
+        assert_eq!(c.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Full));
         assert_eq!(srv.await.unwrap(), Some(rustls::HandshakeKind::Full));
     }
 
@@ -470,22 +409,13 @@ async fn no_session_is_resumed_so_a_new_crl_applies_to_the_next_handshake() {
     ca::revoke(&p.dir, Signer::Intermediate, &[ca::hex(leaf.raw_serial())]).unwrap();
     let mut snap = trust_for(&p.ca);
     let issuers: Vec<_> = p.ca.roots().iter().chain(p.ca.chain()).cloned().collect();
-    snap.crls =
-        nodeward::identity::trust::load_crl_file(&p.dir.join(ca::CA_CRL), &issuers).unwrap();
+    snap.crls = nodeward::identity::trust::load_crl_file(&p.dir.join(ca::CA_CRL), &issuers).unwrap();
     trust.replace(snap);
     let o = handshake(server, client).await;
-    assert_eq!(
-        refusal_of_io(&o.server.err().unwrap()),
-        Some(Refusal::RevokedLeaf)
-    );
+    assert_eq!(refusal_of_io(&o.server.err().unwrap()), Some(Refusal::RevokedLeaf));
 }
 
-fn manager(
-    dir: &Path,
-    lifetime: Duration,
-    crl: Option<PathBuf>,
-    deny: Option<PathBuf>,
-) -> Arc<CertManager> {
+fn manager(dir: &Path, lifetime: Duration, crl: Option<PathBuf>, deny: Option<PathBuf>) -> Arc<CertManager> {
     CertManager::start(IdentityConfig {
         trust_domain: TD.into(),
         ca_dir: dir.to_path_buf(),
@@ -557,10 +487,7 @@ async fn rotation_keeps_established_connections_while_new_handshakes_get_the_new
 
     long.write_all(b"pong").await.unwrap();
     long.read_exact(&mut b).await.unwrap();
-    assert_eq!(
-        &b, b"pong",
-        "the long-running connection survived rotation and expiry"
-    );
+    assert_eq!(&b, b"pong", "the long-running connection survived rotation and expiry");
     let fresh = connect().await;
     let presented = fresh.get_ref().1.peer_certificates().unwrap()[0].clone();
     use x509_parser::prelude::{FromDer, X509Certificate};
@@ -593,9 +520,7 @@ async fn certificates_are_shared_per_identity_and_dropped_with_the_last_pod() {
         let i = &m.certificates()[0];
         i.not_after.duration_since(SystemTime::now()).unwrap()
     };
-    assert!(
-        info_lifetime > Duration::from_secs(3500) && info_lifetime <= Duration::from_secs(3600)
-    );
+    assert!(info_lifetime > Duration::from_secs(3500) && info_lifetime <= Duration::from_secs(3600));
 }
 
 #[tokio::test]
@@ -636,12 +561,7 @@ async fn revocation_and_deny_list_cut_established_connections_within_seconds() {
     let crl = p.dir.join(ca::CA_CRL);
     let deny = p.dir.join("deny.txt");
     std::fs::write(&deny, "# nobody\n").unwrap();
-    let m = manager(
-        &p.dir,
-        Duration::from_secs(3600),
-        Some(crl.clone()),
-        Some(deny.clone()),
-    );
+    let m = manager(&p.dir, Duration::from_secs(3600), Some(crl.clone()), Some(deny.clone()));
     let stop = CancellationToken::new();
     tokio::spawn(m.clone().run(Duration::from_millis(200), stop.clone()));
     let registry = PeerRegistry::new();
@@ -662,8 +582,7 @@ async fn revocation_and_deny_list_cut_established_connections_within_seconds() {
         let accepted = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
             let tls = acceptor.accept(tcp).await.unwrap();
-            let chain: Vec<CertificateDer<'static>> =
-                tls.get_ref().1.peer_certificates().unwrap().to_vec();
+            let chain: Vec<CertificateDer<'static>> = tls.get_ref().1.peer_certificates().unwrap().to_vec();
             let peer = tls::peer_identity(Some(&chain)).unwrap();
             let token = CancellationToken::new();
             let registration = reg.register(peer, &chain, token.clone());
@@ -681,19 +600,12 @@ async fn revocation_and_deny_list_cut_established_connections_within_seconds() {
     // A CRL signed by a CA we do not trust is rejected; nothing is cut.
     let other = tmp("other-crl");
     ca::init(&other).unwrap();
-    ca::revoke(
-        &other,
-        Signer::Intermediate,
-        &[ca::hex(&serial_of(&client_key))],
-    )
-    .unwrap();
+    ca::revoke(&other, Signer::Intermediate, &[ca::hex(&serial_of(&client_key))]).unwrap();
     let good_crl = std::fs::read(&crl).unwrap();
     std::fs::copy(other.join(ca::CA_CRL), &crl).unwrap();
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(
-        m.problems()
-            .iter()
-            .any(|p| p.contains("not signed by a trusted CA")),
+        m.problems().iter().any(|p| p.contains("not signed by a trusted CA")),
         "{:?}",
         m.problems()
     );
@@ -702,12 +614,7 @@ async fn revocation_and_deny_list_cut_established_connections_within_seconds() {
 
     // Revoking the client's certificate closes the first connection.
     let revoked_at = std::time::Instant::now();
-    ca::revoke(
-        &p.dir,
-        Signer::Intermediate,
-        &[ca::hex(&serial_of(&client_key))],
-    )
-    .unwrap();
+    ca::revoke(&p.dir, Signer::Intermediate, &[ca::hex(&serial_of(&client_key))]).unwrap();
     tokio::time::timeout(Duration::from_secs(5), cut[0].1.1.cancelled())
         .await
         .expect("cut within 5 s of the CRL changing");
@@ -723,10 +630,7 @@ async fn revocation_and_deny_list_cut_established_connections_within_seconds() {
         .await
         .expect("cut within 5 s of the deny list changing");
     stop.cancel();
-    let _ = (
-        std::fs::remove_dir_all(&p.dir),
-        std::fs::remove_dir_all(&p.nested_dir),
-    );
+    let _ = (std::fs::remove_dir_all(&p.dir), std::fs::remove_dir_all(&p.nested_dir));
 }
 
 #[tokio::test]
@@ -739,11 +643,7 @@ async fn a_bundle_with_two_roots_accepts_both_during_root_rotation() {
     for (name, ca) in [("old root", &old.ca), ("new root", &new.ca)] {
         let o = handshake(
             server_cfg(server_key.clone(), bundle.clone()),
-            client_cfg(
-                key_for(ca, &id("shop", "web")),
-                bundle.clone(),
-                id("shop", "api"),
-            ),
+            client_cfg(key_for(ca, &id("shop", "web")), bundle.clone(), id("shop", "api")),
         )
         .await;
         assert!(o.server.is_ok(), "{name}: {:?}", o.server.err());
@@ -752,15 +652,8 @@ async fn a_bundle_with_two_roots_accepts_both_during_root_rotation() {
     let only_old = TrustStore::new(trust_for(&old.ca));
     let o = handshake(
         server_cfg(server_key, only_old.clone()),
-        client_cfg(
-            key_for(&new.ca, &id("shop", "web")),
-            only_old,
-            id("shop", "api"),
-        ),
+        client_cfg(key_for(&new.ca, &id("shop", "web")), only_old, id("shop", "api")),
     )
     .await;
-    assert_eq!(
-        refusal_of_io(&o.server.unwrap_err()),
-        Some(Refusal::UnknownRoot)
-    );
+    assert_eq!(refusal_of_io(&o.server.unwrap_err()), Some(Refusal::UnknownRoot));
 }

@@ -23,6 +23,9 @@ pub const LOOPBACK_IFINDEX: u32 = 1;
 pub const DIRECTION_OUTBOUND: u8 = 1;
 /// `PortKey::direction` for ports excluded from inbound capture.
 pub const DIRECTION_INBOUND: u8 = 2;
+/// `PortKey::direction` for ports whose mTLS mode departs from the pod's
+/// default as to DISABLE: captured on a DISABLE pod, left alone otherwise.
+pub const DIRECTION_MTLS_OVERRIDE: u8 = 3;
 
 /// Listener slots per pod in the `LISTENERS` sock hash.
 pub const SLOT_INBOUND_V4: u32 = 0;
@@ -37,6 +40,9 @@ pub const SLOT_TUNNEL_V6: u32 = 3;
 pub const POD_HAS_IPV4: u32 = 1;
 /// `PodInfo::flags`: the pod has an IPv6 address in `ipv6`.
 pub const POD_HAS_IPV6: u32 = 2;
+/// `PodInfo::flags`: the pod's mTLS mode is DISABLE; inbound is not
+/// captured except on override ports.
+pub const POD_INBOUND_DISABLED: u32 = 4;
 
 /// A managed pod, keyed in `PODS` by its network-namespace cookie.
 ///

@@ -28,9 +28,9 @@ use aya_ebpf::{
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use nodeward_common::{
-    DIRECTION_INBOUND, DIRECTION_OUTBOUND, LOOPBACK_IFINDEX, ListenerKey, OUTBOUND_PORT,
-    POD_HAS_IPV4, POD_HAS_IPV6, PodInfo, PortKey, SLOT_INBOUND_V4, SLOT_INBOUND_V6, SLOT_TUNNEL_V4,
-    SLOT_TUNNEL_V6, SockAddr, SockKey, TUNNEL_PORT, is_v4_loopback, is_v4_mapped, is_v6_loopback,
+    DIRECTION_INBOUND, DIRECTION_MTLS_OVERRIDE, DIRECTION_OUTBOUND, LOOPBACK_IFINDEX, ListenerKey, OUTBOUND_PORT,
+    POD_HAS_IPV4, POD_HAS_IPV6, POD_INBOUND_DISABLED, PodInfo, PortKey, SLOT_INBOUND_V4, SLOT_INBOUND_V6,
+    SLOT_TUNNEL_V4, SLOT_TUNNEL_V6, SockAddr, SockKey, TUNNEL_PORT, is_v4_loopback, is_v4_mapped, is_v6_loopback,
     map_v4,
 };
 
@@ -185,12 +185,7 @@ unsafe fn connect6(ctx: &SockAddrContext) {
     let Some(pod) = (unsafe { PODS.get(&netns) }) else {
         return;
     };
-    let dst = [
-        sa.user_ip6[0],
-        sa.user_ip6[1],
-        sa.user_ip6[2],
-        sa.user_ip6[3],
-    ];
+    let dst = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
     let mapped = is_v4_mapped(&dst);
     if mapped {
         if is_v4_loopback(dst[3]) || (pod.flags & POD_HAS_IPV4 != 0 && dst[3] == pod.ipv4) {
@@ -311,11 +306,7 @@ unsafe fn real_peer(ctx: &SockAddrContext, family: u32) -> Option<SockAddr> {
     // Outbound: the app's own endpoint names its captured connection.
     let src4 = unsafe { read_volatile(&(*sk).src_ip4) };
     let src6 = unsafe { read_ip6(&(*sk).src_ip6) };
-    let local = if family == AF_INET {
-        map_v4(src4)
-    } else {
-        src6
-    };
+    let local = if family == AF_INET { map_v4(src4) } else { src6 };
     let key = SockKey {
         netns,
         addr: local,
@@ -372,8 +363,16 @@ unsafe fn steer(ctx: &SkLookupContext) -> u32 {
         return sk_action::SK_PASS;
     }
     let port = lk.local_port as u16;
-    if port_excluded(netns, port, DIRECTION_INBOUND) {
-        return sk_action::SK_PASS;
+    if port != TUNNEL_PORT {
+        if port_excluded(netns, port, DIRECTION_INBOUND) {
+            return sk_action::SK_PASS;
+        }
+        // mTLS DISABLE: the agent steps aside for that port.
+        // SAFETY: read-only lookup of a plain value.
+        let disabled = unsafe { PODS.get(&netns) }.is_some_and(|p| p.flags & POD_INBOUND_DISABLED != 0);
+        if disabled != port_excluded(netns, port, DIRECTION_MTLS_OVERRIDE) {
+            return sk_action::SK_PASS;
+        }
     }
     let slot = match (port == TUNNEL_PORT, v4) {
         (true, true) => SLOT_TUNNEL_V4,
@@ -381,11 +380,7 @@ unsafe fn steer(ctx: &SkLookupContext) -> u32 {
         (false, true) => SLOT_INBOUND_V4,
         (false, false) => SLOT_INBOUND_V6,
     };
-    let key = ListenerKey {
-        netns,
-        slot,
-        pad: 0,
-    };
+    let key = ListenerKey { netns, slot, pad: 0 };
     match LISTENERS.redirect_sk_lookup(ctx, key, 0) {
         Ok(()) => sk_action::SK_PASS,
         // No listener: the agent is down or the pod is being set up. Never

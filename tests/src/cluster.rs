@@ -72,10 +72,7 @@ impl Workloads {
     pub fn to_yaml(&self) -> String {
         let mut y = String::new();
         for (ns, ambient) in &self.namespaces {
-            let _ = writeln!(
-                y,
-                "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}"
-            );
+            let _ = writeln!(y, "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}");
             if *ambient {
                 let _ = writeln!(y, "  labels:\n    istio.io/dataplane-mode: ambient");
             }

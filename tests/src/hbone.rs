@@ -22,20 +22,14 @@ use crate::netns::run_in;
 /// A workload certificate for `identity` from the CA in `ca_dir`.
 pub fn workload_cert(ca_dir: &Path, identity: &Identity) -> Arc<CertifiedKey> {
     let ca = Authority::load(ca_dir).expect("load test CA");
-    let issued = ca
-        .issue(identity, Duration::from_secs(3600))
-        .expect("issue");
+    let issued = ca.issue(identity, Duration::from_secs(3600)).expect("issue");
     certified_key(issued.chain, issued.key).expect("certified key")
 }
 
 /// Trust in the CA of `ca_dir`.
 pub fn trust(ca_dir: &Path) -> Arc<TrustStore> {
     let ca = Authority::load(ca_dir).expect("load test CA");
-    TrustStore::new(TrustSnapshot::new(
-        "cluster.local",
-        ca.roots().to_vec(),
-        ca.chain(),
-    ))
+    TrustStore::new(TrustSnapshot::new("cluster.local", ca.roots().to_vec(), ca.chain()))
 }
 
 /// A TCP connection made from inside namespace `netns`, for tokio.
@@ -65,13 +59,11 @@ pub async fn tls_to(
                 .with_protocol_versions(&[&rustls::version::TLS13])
                 .expect("tls13")
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(
-                    nodeward::identity::verify::SvidVerifier::for_server(
-                        trust,
-                        tls::provider(),
-                        expected,
-                    ),
-                ))
+                .with_custom_certificate_verifier(Arc::new(nodeward::identity::verify::SvidVerifier::for_server(
+                    trust,
+                    tls::provider(),
+                    expected,
+                )))
                 .with_no_client_auth(),
         ),
     };

@@ -26,17 +26,7 @@ impl Sniffer {
         ));
         let mut child = nsenter(
             netns,
-            &[
-                "tcpdump",
-                "--immediate-mode",
-                "-i",
-                iface,
-                "-U",
-                "-s",
-                "0",
-                "-n",
-                "-w",
-            ],
+            &["tcpdump", "--immediate-mode", "-i", iface, "-U", "-s", "0", "-n", "-w"],
         )
         .arg(&file)
         .stdout(Stdio::null())
@@ -48,8 +38,7 @@ impl Sniffer {
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut seen = Vec::new();
         let mut b = [0u8; 256];
-        while Instant::now() < deadline && !String::from_utf8_lossy(&seen).contains("listening on")
-        {
+        while Instant::now() < deadline && !String::from_utf8_lossy(&seen).contains("listening on") {
             match err.read(&mut b) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => seen.extend_from_slice(&b[..n]),

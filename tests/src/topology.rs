@@ -157,42 +157,21 @@ impl Topology {
             ]);
             let f = format!("f{k}");
             sh(&[
-                "ip", "link", "add", &f, "netns", &fabric, "type", "veth", "peer", "name", "up0",
-                "netns", &netns,
+                "ip", "link", "add", &f, "netns", &fabric, "type", "veth", "peer", "name", "up0", "netns", &netns,
             ]);
             ip(&fabric, &["link", "set", &f, "master", "br0", "up"]);
             ip(&netns, &["link", "set", "up0", "up"]);
+            ip(&netns, &["addr", "add", &format!("10.{id}.0.{k}/24"), "dev", "up0"]);
             ip(
                 &netns,
-                &["addr", "add", &format!("10.{id}.0.{k}/24"), "dev", "up0"],
-            );
-            ip(
-                &netns,
-                &[
-                    "addr",
-                    "add",
-                    &format!("fd00:{id:x}:0::{k}/64"),
-                    "dev",
-                    "up0",
-                    "nodad",
-                ],
+                &["addr", "add", &format!("fd00:{id:x}:0::{k}/64"), "dev", "up0", "nodad"],
             );
             ip(&netns, &["link", "add", "br0", "type", "bridge"]);
             ip(&netns, &["link", "set", "br0", "up"]);
+            ip(&netns, &["addr", "add", &format!("10.{id}.{k}.1/24"), "dev", "br0"]);
             ip(
                 &netns,
-                &["addr", "add", &format!("10.{id}.{k}.1/24"), "dev", "br0"],
-            );
-            ip(
-                &netns,
-                &[
-                    "addr",
-                    "add",
-                    &format!("fd00:{id:x}:{k}::1/64"),
-                    "dev",
-                    "br0",
-                    "nodad",
-                ],
+                &["addr", "add", &format!("fd00:{id:x}:{k}::1/64"), "dev", "br0", "nodad"],
             );
             let node_name = format!("t{id}n{k}");
             topo.nodes.push(Node {
@@ -265,36 +244,19 @@ impl Topology {
         let node = &self.nodes[k0].netns;
         let host_if = format!("p{}", 10 + i);
         sh(&[
-            "ip", "link", "add", &host_if, "netns", node, "type", "veth", "peer", "name", "eth0",
-            "netns", &netns,
+            "ip", "link", "add", &host_if, "netns", node, "type", "veth", "peer", "name", "eth0", "netns", &netns,
         ]);
         ip(node, &["link", "set", &host_if, "master", "br0", "up"]);
         let ip4: Ipv4Addr = format!("10.{id}.{k}.{}", 10 + i).parse().unwrap();
         let ip6: Ipv6Addr = format!("fd00:{id:x}:{k}::{:x}", 10 + i).parse().unwrap();
         ip(&netns, &["link", "set", "lo", "up"]);
         ip(&netns, &["link", "set", "eth0", "up"]);
+        ip(&netns, &["addr", "add", &format!("{ip4}/24"), "dev", "eth0"]);
+        ip(&netns, &["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"]);
+        ip(&netns, &["route", "add", "default", "via", &format!("10.{id}.{k}.1")]);
         ip(
             &netns,
-            &["addr", "add", &format!("{ip4}/24"), "dev", "eth0"],
-        );
-        ip(
-            &netns,
-            &["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"],
-        );
-        ip(
-            &netns,
-            &["route", "add", "default", "via", &format!("10.{id}.{k}.1")],
-        );
-        ip(
-            &netns,
-            &[
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("fd00:{id:x}:{k}::1"),
-            ],
+            &["-6", "route", "add", "default", "via", &format!("fd00:{id:x}:{k}::1")],
         );
         Pod {
             name: spec.name.clone(),
@@ -403,12 +365,7 @@ impl Topology {
                 .wait_log(Duration::from_secs(10), |l| {
                     l["message"] == "pod captured" && l["pod"] == key.as_str()
                 })
-                .unwrap_or_else(|| {
-                    panic!(
-                        "agent of node {k} did not capture {key}; log:\n{}",
-                        agent.dump()
-                    )
-                });
+                .unwrap_or_else(|| panic!("agent of node {k} did not capture {key}; log:\n{}", agent.dump()));
         }
     }
 
@@ -467,14 +424,8 @@ impl Drop for Topology {
             }
             cleanup_node(&node.name);
         }
-        for ns in self
-            .extra_netns
-            .iter()
-            .chain(self.nodes.iter().map(|n| &n.netns))
-        {
-            let _ = std::process::Command::new("ip")
-                .args(["netns", "del", ns])
-                .status();
+        for ns in self.extra_netns.iter().chain(self.nodes.iter().map(|n| &n.netns)) {
+            let _ = std::process::Command::new("ip").args(["netns", "del", ns]).status();
         }
         let _ = std::process::Command::new("ip")
             .args(["netns", "del", &self.fabric])
@@ -521,9 +472,7 @@ fn lease() -> u32 {
             got = Some(id);
             break;
         }
-        let owner: Option<i32> = std::fs::read_to_string(&f)
-            .ok()
-            .and_then(|s| s.trim().parse().ok());
+        let owner: Option<i32> = std::fs::read_to_string(&f).ok().and_then(|s| s.trim().parse().ok());
         let dead = owner.is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists());
         if dead && std::fs::remove_file(&f).is_ok() && claim(&f) {
             got = Some(id);
@@ -542,17 +491,12 @@ fn reclaim(id: u32) {
     for line in sh_out(&["ip", "netns", "list"]).lines() {
         let name = line.split_whitespace().next().unwrap_or("");
         if name.starts_with(&prefix) {
-            let _ = std::process::Command::new("ip")
-                .args(["netns", "del", name])
-                .status();
+            let _ = std::process::Command::new("ip").args(["netns", "del", name]).status();
         }
     }
     if let Ok(rd) = std::fs::read_dir("/sys/fs/bpf/nodeward") {
         for e in rd.flatten() {
-            if e.file_name()
-                .to_string_lossy()
-                .starts_with(&format!("t{id}n"))
-            {
+            if e.file_name().to_string_lossy().starts_with(&format!("t{id}n")) {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }

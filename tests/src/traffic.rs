@@ -45,8 +45,8 @@ impl Drop for Server {
 /// Listens on `addr` inside `netns` and runs `handler` per connection on
 /// its own thread.
 pub fn serve(netns: &str, addr: SocketAddr, handler: fn(TcpStream)) -> Server {
-    let listener = run_in(netns, move || TcpListener::bind(addr))
-        .unwrap_or_else(|e| panic!("bind {addr} in {netns}: {e}"));
+    let listener =
+        run_in(netns, move || TcpListener::bind(addr)).unwrap_or_else(|e| panic!("bind {addr} in {netns}: {e}"));
     listener.set_nonblocking(true).expect("nonblocking");
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
@@ -58,9 +58,7 @@ pub fn serve(netns: &str, addr: SocketAddr, handler: fn(TcpStream)) -> Server {
                     let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
                     std::thread::spawn(move || handler(s));
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(5))
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
                 Err(_) => std::thread::sleep(Duration::from_millis(5)),
             }
         }
@@ -144,11 +142,7 @@ pub fn read_greeting(s: &TcpStream) -> io::Result<Seen> {
 
 /// Connects, reads the greeting, echoes `msg`, half-closes and checks the
 /// echo. Returns what the server saw and the client's own view.
-pub fn round_trip(
-    netns: &str,
-    dst: SocketAddr,
-    msg: &[u8],
-) -> io::Result<(Seen, SocketAddr, SocketAddr)> {
+pub fn round_trip(netns: &str, dst: SocketAddr, msg: &[u8]) -> io::Result<(Seen, SocketAddr, SocketAddr)> {
     let mut s = connect(netns, dst)?;
     let client_peer = s.peer_addr()?;
     let client_local = s.local_addr()?;

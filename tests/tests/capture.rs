@@ -22,8 +22,7 @@ fn cluster(test: &str) -> Option<Topology> {
 #[test]
 fn cross_node_connections_are_captured_on_both_ends_ipv4_ipv6_and_mapped() {
     let _g = shared();
-    let Some(t) = cluster("cross_node_connections_are_captured_on_both_ends_ipv4_ipv6_and_mapped")
-    else {
+    let Some(t) = cluster("cross_node_connections_are_captured_on_both_ends_ipv4_ipv6_and_mapped") else {
         return;
     };
     let (a, c) = (t.pod("a"), t.pod("c"));
@@ -31,13 +30,8 @@ fn cross_node_connections_are_captured_on_both_ends_ipv4_ipv6_and_mapped() {
     let _s6 = serve(&c.netns, c.v6(8086), info_echo);
     let mapped: SocketAddr = format!("[::ffff:{}]:8080", c.ip4).parse().unwrap();
 
-    for (dst, want_peer) in [
-        (c.v4(8080), a.v4(0)),
-        (c.v6(8086), a.v6(0)),
-        (mapped, a.v4(0)),
-    ] {
-        let (seen, client_peer, client_local) =
-            round_trip(&a.netns, dst, b"hello through the mesh").unwrap();
+    for (dst, want_peer) in [(c.v4(8080), a.v4(0)), (c.v6(8086), a.v6(0)), (mapped, a.v4(0))] {
+        let (seen, client_peer, client_local) = round_trip(&a.netns, dst, b"hello through the mesh").unwrap();
         // The app sees the destination it asked for as its peer ...
         assert_eq!(client_peer, dst, "client's getpeername");
         // ... while its connection really went to the agent on loopback.
@@ -46,11 +40,7 @@ fn cross_node_connections_are_captured_on_both_ends_ipv4_ipv6_and_mapped() {
             "captured: {client_local}"
         );
         // The server sees the real client pod, not the agent's hop.
-        assert_eq!(
-            seen.peer.ip().to_canonical(),
-            want_peer.ip(),
-            "server's accept() peer"
-        );
+        assert_eq!(seen.peer.ip().to_canonical(), want_peer.ip(), "server's accept() peer");
         let d = traffic::unmapped(dst).to_string();
         let out = t
             .agent(0)
@@ -70,12 +60,7 @@ fn cross_node_connections_are_captured_on_both_ends_ipv4_ipv6_and_mapped() {
         assert_eq!(inb["pod"], "mesh/c");
         assert_eq!(inb["peer_identity"], "spiffe://cluster.local/ns/mesh/sa/a");
         assert_eq!(
-            inb["src"]
-                .as_str()
-                .unwrap()
-                .parse::<SocketAddr>()
-                .unwrap()
-                .ip(),
+            inb["src"].as_str().unwrap().parse::<SocketAddr>().unwrap().ip(),
             want_peer.ip()
         );
     }
@@ -117,9 +102,7 @@ fn same_node_traffic_is_captured_once_each_way_without_loops() {
 #[test]
 fn inbound_on_any_port_reaches_the_agent_and_15008_reaches_the_tunnel_listener() {
     let _g = shared();
-    let Some(t) =
-        cluster("inbound_on_any_port_reaches_the_agent_and_15008_reaches_the_tunnel_listener")
-    else {
+    let Some(t) = cluster("inbound_on_any_port_reaches_the_agent_and_15008_reaches_the_tunnel_listener") else {
         return;
     };
     let (c, d) = (t.pod("c"), t.pod("d"));
@@ -128,11 +111,7 @@ fn inbound_on_any_port_reaches_the_agent_and_15008_reaches_the_tunnel_listener()
         let _s = serve(&c.netns, c.v4(port), info_echo);
         let (seen, _, client_local) = round_trip(&d.netns, c.v4(port), b"x").unwrap();
         assert_eq!(client_local.ip(), d.v4(0).ip(), "d itself is not captured");
-        assert_eq!(
-            seen.local,
-            c.v4(port),
-            "the app got the original destination port"
-        );
+        assert_eq!(seen.local, c.v4(port), "the app got the original destination port");
         let l = t
             .agent(1)
             .wait_connection("inbound", &c.v4(port).to_string(), WAIT)
@@ -158,12 +137,7 @@ fn inbound_on_any_port_reaches_the_agent_and_15008_reaches_the_tunnel_listener()
         .unwrap_or_else(|| panic!("no tunnel log:\n{}", t.agent(1).dump()));
     assert_eq!(l["reason"], "tls_refused");
     assert_eq!(
-        l["src"]
-            .as_str()
-            .unwrap()
-            .parse::<SocketAddr>()
-            .unwrap()
-            .ip(),
+        l["src"].as_str().unwrap().parse::<SocketAddr>().unwrap().ip(),
         d.v4(0).ip()
     );
 }

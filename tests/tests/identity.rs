@@ -5,16 +5,14 @@
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use nodeward_testbed::{
-    PodSpec, Topology, TopologySpec, nodeward_bin, privileged_or_skip, shared, traffic,
-};
+use nodeward_testbed::{PodSpec, Topology, TopologySpec, nodeward_bin, privileged_or_skip, shared, traffic};
 
 const WAIT: Duration = Duration::from_secs(10);
 
 /// GET `path` from the agent's admin port inside node `k`'s namespace.
 fn admin_get(t: &Topology, k: usize, path: &str) -> String {
-    let mut s = traffic::connect(&t.nodes[k].netns, "127.0.0.1:15021".parse().unwrap())
-        .expect("admin port on the node");
+    let mut s =
+        traffic::connect(&t.nodes[k].netns, "127.0.0.1:15021".parse().unwrap()).expect("admin port on the node");
     write!(s, "GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
@@ -24,8 +22,7 @@ fn admin_get(t: &Topology, k: usize, path: &str) -> String {
 #[test]
 fn each_identity_on_a_node_gets_one_certificate_dropped_with_its_last_pod() {
     let _g = shared();
-    if !privileged_or_skip("each_identity_on_a_node_gets_one_certificate_dropped_with_its_last_pod")
-    {
+    if !privileged_or_skip("each_identity_on_a_node_gets_one_certificate_dropped_with_its_last_pod") {
         return;
     }
     let mut spec = TopologySpec::two_nodes();
@@ -58,15 +55,13 @@ fn each_identity_on_a_node_gets_one_certificate_dropped_with_its_last_pod() {
 
     t.edit_pod("a", |_| false);
     t.agent(0)
-        .wait_log(WAIT, |l| {
-            l["message"] == "pod released" && l["pod"] == "mesh/a"
-        })
+        .wait_log(WAIT, |l| l["message"] == "pod released" && l["pod"] == "mesh/a")
         .unwrap();
     assert!(
-        !t.agent(0).lines().iter().any(|l| l["message"]
-            .as_str()
-            .unwrap_or("")
-            .starts_with("certificate dropped")),
+        !t.agent(0)
+            .lines()
+            .iter()
+            .any(|l| l["message"].as_str().unwrap_or("").starts_with("certificate dropped")),
         "b still uses it"
     );
     t.edit_pod("b", |_| false);
@@ -81,9 +76,7 @@ fn each_identity_on_a_node_gets_one_certificate_dropped_with_its_last_pod() {
 #[test]
 fn a_ca_broken_at_runtime_is_reported_in_readiness_and_the_old_one_keeps_signing() {
     let _g = shared();
-    if !privileged_or_skip(
-        "a_ca_broken_at_runtime_is_reported_in_readiness_and_the_old_one_keeps_signing",
-    ) {
+    if !privileged_or_skip("a_ca_broken_at_runtime_is_reported_in_readiness_and_the_old_one_keeps_signing") {
         return;
     }
     let mut t = Topology::build(TopologySpec::two_nodes());
@@ -92,17 +85,10 @@ fn a_ca_broken_at_runtime_is_reported_in_readiness_and_the_old_one_keeps_signing
     let err = t
         .agent(0)
         .wait_log(WAIT, |l| {
-            l["level"] == "ERROR"
-                && l["message"]
-                    .as_str()
-                    .unwrap_or("")
-                    .contains("CA directory rejected")
+            l["level"] == "ERROR" && l["message"].as_str().unwrap_or("").contains("CA directory rejected")
         })
         .unwrap_or_else(|| panic!("no error:\n{}", t.agent(0).dump()));
-    assert!(
-        err["message"].as_str().unwrap().contains("ca-key.pem"),
-        "{err}"
-    );
+    assert!(err["message"].as_str().unwrap().contains("ca-key.pem"), "{err}");
     let ready = admin_get(&t, 0, "/healthz/ready");
     assert!(
         ready.starts_with("HTTP/1.1 503") && ready.contains("ca-key.pem"),
@@ -113,8 +99,7 @@ fn a_ca_broken_at_runtime_is_reported_in_readiness_and_the_old_one_keeps_signing
     t.write_config();
     t.agent(0)
         .wait_log(WAIT, |l| {
-            l["message"] == "workload certificate issued"
-                && l["identity"] == "spiffe://cluster.local/ns/mesh/sa/e"
+            l["message"] == "workload certificate issued" && l["identity"] == "spiffe://cluster.local/ns/mesh/sa/e"
         })
         .unwrap_or_else(|| panic!("no certificate for e:\n{}", t.agent(0).dump()));
     std::thread::sleep(Duration::from_millis(500));
@@ -122,12 +107,7 @@ fn a_ca_broken_at_runtime_is_reported_in_readiness_and_the_old_one_keeps_signing
         .agent(0)
         .lines()
         .iter()
-        .filter(|l| {
-            l["message"]
-                .as_str()
-                .unwrap_or("")
-                .contains("CA directory rejected")
-        })
+        .filter(|l| l["message"].as_str().unwrap_or("").contains("CA directory rejected"))
         .count();
     assert_eq!(errors, 1, "the error is logged once");
 }
@@ -153,10 +133,7 @@ fn bad_ca_material_at_startup_is_refused_naming_the_file() {
     ] {
         assert!(printed.contains(f), "ca init prints {f}: {printed}");
     }
-    assert!(
-        printed.contains("sha256:"),
-        "ca init prints fingerprints: {printed}"
-    );
+    assert!(printed.contains("sha256:"), "ca init prints fingerprints: {printed}");
     // Key of another CA.
     let other = dir.with_extension("other");
     let _ = std::fs::remove_dir_all(&other);
@@ -176,10 +153,7 @@ fn bad_ca_material_at_startup_is_refused_naming_the_file() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("ca-key.pem") && err.contains("does not match"),
-        "{err}"
-    );
+    assert!(err.contains("ca-key.pem") && err.contains("does not match"), "{err}");
     // Unreadable.
     let out = std::process::Command::new(&bin)
         .args(["run", "--node-name", "badca", "--config-dir"])
@@ -190,8 +164,5 @@ fn bad_ca_material_at_startup_is_refused_naming_the_file() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/ca/ca-cert.pem"), "{err}");
-    let _ = (
-        std::fs::remove_dir_all(&dir),
-        std::fs::remove_dir_all(&other),
-    );
+    let _ = (std::fs::remove_dir_all(&dir), std::fs::remove_dir_all(&other));
 }

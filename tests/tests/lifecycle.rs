@@ -9,9 +9,7 @@ use std::time::{Duration, Instant};
 use nodeward_testbed::bpf::{self, links, netns_ino};
 use nodeward_testbed::netns::{sh, sh_out};
 use nodeward_testbed::traffic::{self, info_echo, read_greeting, round_trip, serve};
-use nodeward_testbed::{
-    PodSpec, Topology, TopologySpec, exclusive, nodeward_bin, privileged_or_skip, shared,
-};
+use nodeward_testbed::{PodSpec, Topology, TopologySpec, exclusive, nodeward_bin, privileged_or_skip, shared};
 
 const WAIT: Duration = Duration::from_secs(10);
 const QUICK: Duration = Duration::from_secs(2);
@@ -59,9 +57,7 @@ fn sk_lookup_links(netns: &str) -> usize {
 #[test]
 fn sigkill_fails_closed_and_a_restarted_agent_readopts_without_duplicates() {
     let _g = exclusive();
-    let Some(mut t) =
-        cluster("sigkill_fails_closed_and_a_restarted_agent_readopts_without_duplicates")
-    else {
+    let Some(mut t) = cluster("sigkill_fails_closed_and_a_restarted_agent_readopts_without_duplicates") else {
         return;
     };
     let (a, c, d) = (t.pod("a").clone(), t.pod("c").clone(), t.pod("d").clone());
@@ -97,10 +93,7 @@ fn sigkill_fails_closed_and_a_restarted_agent_readopts_without_duplicates() {
     assert_eq!(sk_lookup_links(&a.netns), 1);
     assert_eq!(sk_lookup_links(&t.pod("b").netns), 1);
     let new_prog = bpf::pinned_link_prog(&format!("{}/links/nw_connect4", t.pin_dir(0).display()));
-    assert_ne!(
-        old_prog, new_prog,
-        "the restarted agent attached its own programs"
-    );
+    assert_ne!(old_prog, new_prog, "the restarted agent attached its own programs");
 }
 
 #[test]
@@ -113,9 +106,7 @@ fn a_deleted_pod_is_released_within_a_second() {
     let _sc = serve(&c.netns, c.v4(7000), info_echo);
     let cookie = t
         .agent(0)
-        .wait_log(WAIT, |l| {
-            l["message"] == "pod captured" && l["pod"] == "mesh/b"
-        })
+        .wait_log(WAIT, |l| l["message"] == "pod captured" && l["pod"] == "mesh/b")
         .unwrap()["cookie"]
         .as_u64()
         .unwrap();
@@ -154,9 +145,7 @@ fn a_deleted_pod_is_released_within_a_second() {
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|b| {
-                    u8::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap()
-                })
+                .map(|b| u8::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap())
                 .collect();
             u64::from_le_bytes(bytes.try_into().unwrap())
         })
@@ -172,9 +161,7 @@ fn a_deleted_pod_is_released_within_a_second() {
 #[test]
 fn sigterm_drains_open_connections_then_leaves_capture_attached_until_cleanup() {
     let _g = shared();
-    if !privileged_or_skip(
-        "sigterm_drains_open_connections_then_leaves_capture_attached_until_cleanup",
-    ) {
+    if !privileged_or_skip("sigterm_drains_open_connections_then_leaves_capture_attached_until_cleanup") {
         return;
     }
     let mut t = Topology::build(TopologySpec::two_nodes());
@@ -199,9 +186,7 @@ fn sigterm_drains_open_connections_then_leaves_capture_attached_until_cleanup() 
     open.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"still here");
     assert!(
-        t.agent_mut(0)
-            .wait_exit(Duration::from_millis(300))
-            .is_none(),
+        t.agent_mut(0).wait_exit(Duration::from_millis(300)).is_none(),
         "exited before its connection closed"
     );
     // ... and when it ends the agent exits, long before the deadline.
@@ -222,11 +207,7 @@ fn sigterm_drains_open_connections_then_leaves_capture_attached_until_cleanup() 
         .args(["cleanup", "--node-name", &t.nodes[0].name])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!t.pin_dir(0).exists());
     assert_eq!(sk_lookup_links(&a.netns), 0);
     let (_, _, local) = round_trip(&a.netns, c.v4(7000), b"direct").unwrap();
@@ -266,8 +247,7 @@ fn the_drain_deadline_closes_connections_that_stay_open() {
 #[test]
 fn a_pod_whose_namespace_appears_late_is_warned_about_then_captured() {
     let _g = shared();
-    let Some(mut t) = cluster("a_pod_whose_namespace_appears_late_is_warned_about_then_captured")
-    else {
+    let Some(mut t) = cluster("a_pod_whose_namespace_appears_late_is_warned_about_then_captured") else {
         return;
     };
     let e = t.add_pod(0, PodSpec::new("e", "mesh"));
@@ -311,9 +291,7 @@ fn a_pod_whose_namespace_appears_late_is_warned_about_then_captured() {
         &t.nodes[0].gateway4.to_string(),
     ]);
     t.agent(0)
-        .wait_log(WAIT, |l| {
-            l["message"] == "pod captured" && l["pod"] == "mesh/e"
-        })
+        .wait_log(WAIT, |l| l["message"] == "pod captured" && l["pod"] == "mesh/e")
         .unwrap_or_else(|| panic!("not captured:\n{}", t.agent(0).dump()));
     let c = t.pod("c").clone();
     let _sc = serve(&c.netns, c.v4(7000), info_echo);
@@ -324,26 +302,17 @@ fn a_pod_whose_namespace_appears_late_is_warned_about_then_captured() {
 #[test]
 fn bad_config_is_reported_by_file_and_the_last_good_config_keeps_running() {
     let _g = shared();
-    let Some(t) = cluster("bad_config_is_reported_by_file_and_the_last_good_config_keeps_running")
-    else {
+    let Some(t) = cluster("bad_config_is_reported_by_file_and_the_last_good_config_keeps_running") else {
         return;
     };
     let (a, c) = (t.pod("a").clone(), t.pod("c").clone());
     let _sc = serve(&c.netns, c.v4(7000), info_echo);
     let dir = t.config_dir.clone();
-    std::fs::write(
-        dir.join("broken.yaml"),
-        "apiVersion: v1\nkind: Pod\nmetadata: [oops\n",
-    )
-    .unwrap();
+    std::fs::write(dir.join("broken.yaml"), "apiVersion: v1\nkind: Pod\nmetadata: [oops\n").unwrap();
     std::fs::write(dir.join("deploy.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n").unwrap();
     // The main file turns bad too: its last good version must stay in force.
     let good = std::fs::read_to_string(dir.join("cluster.yaml")).unwrap();
-    std::fs::write(
-        dir.join("cluster.yaml"),
-        format!("{good}\nthis is: [not yaml\n"),
-    )
-    .unwrap();
+    std::fs::write(dir.join("cluster.yaml"), format!("{good}\nthis is: [not yaml\n")).unwrap();
     for (file, needle) in [
         ("broken.yaml", "line 3"),
         ("deploy.yaml", "unknown kind \\\"Deployment\\\""),
@@ -356,10 +325,7 @@ fn bad_config_is_reported_by_file_and_the_last_good_config_keeps_running() {
             })
             .unwrap_or_else(|| panic!("no error for {file}:\n{}", t.agent(0).dump()));
         let text = l.to_string();
-        assert!(
-            text.contains(file) && text.contains(needle),
-            "{file}: {text}"
-        );
+        assert!(text.contains(file) && text.contains(needle), "{file}: {text}");
     }
     std::thread::sleep(Duration::from_millis(500));
     let (_, _, local) = round_trip(&a.netns, c.v4(7000), b"still meshed").unwrap();
@@ -368,10 +334,7 @@ fn bad_config_is_reported_by_file_and_the_last_good_config_keeps_running() {
         "pods stay captured under the last good config"
     );
     assert!(
-        !t.agent(0)
-            .lines()
-            .iter()
-            .any(|l| l["message"] == "pod released"),
+        !t.agent(0).lines().iter().any(|l| l["message"] == "pod released"),
         "no pod was dropped because of bad files"
     );
 }

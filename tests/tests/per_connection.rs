@@ -66,10 +66,7 @@ fn established_flows_run_no_ebpf() {
     s.shutdown(Shutdown::Write).unwrap();
     let mut reply = String::new();
     s.read_to_string(&mut reply).unwrap();
-    assert!(
-        reply.starts_with(&format!("{} ", (64u64 << 20) + 1)),
-        "{reply}"
-    );
+    assert!(reply.starts_with(&format!("{} ", (64u64 << 20) + 1)), "{reply}");
     let packets = uplink_rx_packets(&t, 1) - rx_before;
     let during = nodeward_runs() - before;
     assert!(

@@ -16,10 +16,7 @@ fn run(prefix: &[&str], args: &[&str]) -> (bool, String) {
         .env("NODEWARD_BPFFS", "/sys/fs/bpf")
         .output()
         .expect("run nodeward");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 #[test]
@@ -100,14 +97,8 @@ fn a_missing_config_directory_is_refused_by_name() {
 #[test]
 fn help_documents_every_flag_with_its_environment_variable() {
     let (ok, out) = {
-        let o = Command::new(nodeward_bin())
-            .args(["run", "--help"])
-            .output()
-            .unwrap();
-        (
-            o.status.success(),
-            String::from_utf8_lossy(&o.stdout).into_owned(),
-        )
+        let o = Command::new(nodeward_bin()).args(["run", "--help"]).output().unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned())
     };
     assert!(ok);
     for flag in [

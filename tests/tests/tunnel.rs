@@ -95,10 +95,7 @@ fn no_plaintext_between_enrolled_pods_on_the_wire_but_plaintext_to_others() {
 #[test]
 fn short_and_long_connections_reuse_few_tunnel_connections() {
     let _g = shared();
-    let Some(t) = cluster(
-        "short_and_long_connections_reuse_few_tunnel_connections",
-        &[],
-    ) else {
+    let Some(t) = cluster("short_and_long_connections_reuse_few_tunnel_connections", &[]) else {
         return;
     };
     let (a, c) = (t.pod("a"), t.pod("c"));
@@ -107,10 +104,7 @@ fn short_and_long_connections_reuse_few_tunnel_connections() {
         t.agent(0)
             .lines()
             .iter()
-            .filter(|l| {
-                l["message"] == "tunnel connection opened"
-                    && l["dst"] == c.v4(15008).to_string().as_str()
-            })
+            .filter(|l| l["message"] == "tunnel connection opened" && l["dst"] == c.v4(15008).to_string().as_str())
             .count()
     };
     for i in 0..1000 {
@@ -123,10 +117,7 @@ fn short_and_long_connections_reuse_few_tunnel_connections() {
         assert_eq!(back, i.to_string());
     }
     let after_short = opened();
-    assert_eq!(
-        after_short, 1,
-        "1,000 short connections share one tunnel connection"
-    );
+    assert_eq!(after_short, 1, "1,000 short connections share one tunnel connection");
 
     let long: Vec<_> = (0..100)
         .map(|_| traffic::connect(&a.netns, c.v4(7000)).unwrap())
@@ -195,19 +186,14 @@ fn a_listener_with_another_identity_is_refused_by_the_client() {
         trust,
     );
     let addr = c.v4(15008);
-    let listener =
-        nodeward_testbed::netns::run_in(&c.netns, move || std::net::TcpListener::bind(addr))
-            .unwrap();
+    let listener = nodeward_testbed::netns::run_in(&c.netns, move || std::net::TcpListener::bind(addr)).unwrap();
     let accepted = std::thread::spawn(move || {
         let rt = rt();
         rt.block_on(async move {
             listener.set_nonblocking(true).unwrap();
             let l = tokio::net::TcpListener::from_std(listener).unwrap();
             let (tcp, _) = l.accept().await.unwrap();
-            tokio_rustls::TlsAcceptor::from(config)
-                .accept(tcp)
-                .await
-                .is_ok()
+            tokio_rustls::TlsAcceptor::from(config).accept(tcp).await.is_ok()
         })
     });
     let r = traffic::connect(&a.netns, c.v4(8080)).and_then(|s| traffic::read_greeting(&s));
@@ -217,19 +203,13 @@ fn a_listener_with_another_identity_is_refused_by_the_client() {
         .wait_connection("outbound", &c.v4(8080).to_string(), WAIT)
         .unwrap_or_else(|| panic!("no log:\n{}", t.agent(0).dump()));
     assert_eq!(l["refusal"], "wrong_identity", "{l}");
-    assert!(
-        !accepted.join().unwrap(),
-        "the impostor's handshake failed too"
-    );
+    assert!(!accepted.join().unwrap(), "the impostor's handshake failed too");
 }
 
 #[test]
 fn a_client_from_another_trust_root_is_refused_by_the_server() {
     let _g = shared();
-    let Some(t) = cluster(
-        "a_client_from_another_trust_root_is_refused_by_the_server",
-        &[],
-    ) else {
+    let Some(t) = cluster("a_client_from_another_trust_root_is_refused_by_the_server", &[]) else {
         return;
     };
     let (c, d) = (t.pod("c").clone(), t.pod("d").clone());
@@ -260,12 +240,7 @@ fn a_client_from_another_trust_root_is_refused_by_the_server() {
         })
         .unwrap_or_else(|| panic!("no refusal:\n{}", t.agent(1).dump()));
     assert_eq!(
-        l["src"]
-            .as_str()
-            .unwrap()
-            .parse::<SocketAddr>()
-            .unwrap()
-            .ip(),
+        l["src"].as_str().unwrap().parse::<SocketAddr>().unwrap().ip(),
         d.v4(0).ip()
     );
     let _ = std::fs::remove_dir_all(&other);
@@ -314,15 +289,10 @@ fn hostile_input_on_15008_is_rejected_and_other_tunnels_keep_working() {
             tr.clone(),
         )
         .await?;
-        h2_client(s, 16 << 10)
-            .await
-            .map_err(std::io::Error::other)
-            .map(|_| ())
+        h2_client(s, 16 << 10).await.map_err(std::io::Error::other).map(|_| ())
     });
     let _ = r;
-    refusal("no client certificate", &|l| {
-        l["refusal"] == "no_client_certificate"
-    });
+    refusal("no client certificate", &|l| l["refusal"] == "no_client_certificate");
 
     // A slow client that never finishes its handshake.
     let slow = traffic::connect(&d.netns, c.v4(15008)).unwrap();
@@ -347,14 +317,9 @@ fn hostile_input_on_15008_is_rejected_and_other_tunnels_keep_working() {
             .unwrap();
         assert_eq!(st, http::StatusCode::METHOD_NOT_ALLOWED);
         // CONNECT to an address that is not this pod's.
-        let st = request(
-            &mut h2,
-            http::Method::CONNECT,
-            &a.v4(7000).to_string(),
-            None,
-        )
-        .await
-        .unwrap();
+        let st = request(&mut h2, http::Method::CONNECT, &a.v4(7000).to_string(), None)
+            .await
+            .unwrap();
         assert_eq!(st, http::StatusCode::FORBIDDEN);
         // A malformed authority.
         let st = request(&mut h2, http::Method::CONNECT, "example.com:7000", None)
@@ -377,9 +342,7 @@ fn hostile_input_on_15008_is_rejected_and_other_tunnels_keep_working() {
     });
     refusal("GET", &|l| l["refusal"] == "method_not_allowed");
     refusal("foreign target", &|l| l["refusal"] == "not_this_pod");
-    refusal("malformed authority", &|l| {
-        l["refusal"] == "malformed_authority"
-    });
+    refusal("malformed authority", &|l| l["refusal"] == "malformed_authority");
 
     // A flood of streams beyond the limit: at most 10 are served at once,
     // the rest are refused by the HTTP/2 layer.
@@ -402,9 +365,7 @@ fn hostile_input_on_15008_is_rejected_and_other_tunnels_keep_working() {
                 .uri(c.v4(7000).to_string())
                 .body(())
                 .unwrap();
-            let Ok(Ok(mut ready)) =
-                tokio::time::timeout(Duration::from_millis(500), h2.clone().ready()).await
-            else {
+            let Ok(Ok(mut ready)) = tokio::time::timeout(Duration::from_millis(500), h2.clone().ready()).await else {
                 break;
             };
             match ready.send_request(req, false) {
@@ -465,19 +426,14 @@ fn hostile_input_on_15008_is_rejected_and_other_tunnels_keep_working() {
             Ok(_) => Ok(()),
         }
     });
-    assert!(
-        reset_result.is_err(),
-        "the server must cut off a rapid-reset client"
-    );
+    assert!(reset_result.is_err(), "the server must cut off a rapid-reset client");
     let mut cut_off: Vec<String> = t
         .agent(1)
         .lines()
         .iter()
         .filter(|l| {
             let m = l["message"].as_str().unwrap_or("");
-            l["target"]
-                .as_str()
-                .is_some_and(|t| t.starts_with("nodeward"))
+            l["target"].as_str().is_some_and(|t| t.starts_with("nodeward"))
                 && (m.contains("rapid stream resets") || m.contains("excessive load"))
         })
         .map(|l| l["peer"].as_str().unwrap_or("").to_string())
@@ -490,16 +446,11 @@ fn hostile_input_on_15008_is_rejected_and_other_tunnels_keep_working() {
     let n = cut_off.len();
     cut_off.sort();
     cut_off.dedup();
-    assert_eq!(
-        cut_off.len(),
-        n,
-        "each abusive connection is logged once: {cut_off:?}"
-    );
+    assert_eq!(cut_off.len(), n, "each abusive connection is logged once: {cut_off:?}");
 
     // Every refusal was counted.
     let stats = {
-        let mut s =
-            traffic::connect(&t.nodes[1].netns, "127.0.0.1:15021".parse().unwrap()).unwrap();
+        let mut s = traffic::connect(&t.nodes[1].netns, "127.0.0.1:15021".parse().unwrap()).unwrap();
         s.write_all(b"GET /stats HTTP/1.1\r\n\r\n").unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
@@ -533,32 +484,18 @@ fn pods_expose_no_agent_port_but_the_three_and_admin_stays_on_the_node() {
         return;
     };
     let listening = |netns: &str| -> Vec<u16> {
-        let out = nodeward_testbed::netns::sh_out(&[
-            "nsenter",
-            &format!("--net=/var/run/netns/{netns}"),
-            "ss",
-            "-Hltn",
-        ]);
+        let out =
+            nodeward_testbed::netns::sh_out(&["nsenter", &format!("--net=/var/run/netns/{netns}"), "ss", "-Hltn"]);
         let mut ports: Vec<u16> = out
             .lines()
-            .filter_map(|l| {
-                l.split_whitespace()
-                    .nth(3)?
-                    .rsplit(':')
-                    .next()?
-                    .parse()
-                    .ok()
-            })
+            .filter_map(|l| l.split_whitespace().nth(3)?.rsplit(':').next()?.parse().ok())
             .collect();
         ports.sort_unstable();
         ports.dedup();
         ports
     };
     assert_eq!(listening(&t.pod("a").netns), vec![15001, 15006, 15008]);
-    assert!(
-        listening(&t.nodes[0].netns).contains(&15021),
-        "admin on the node"
-    );
+    assert!(listening(&t.nodes[0].netns).contains(&15021), "admin on the node");
     assert!(
         traffic::connect_timeout(
             &t.pod("a").netns,
@@ -592,9 +529,7 @@ fn denying_an_identity_cuts_its_open_tunnels_within_seconds() {
 
     let denied_at = std::time::Instant::now();
     std::fs::write(&deny, "spiffe://cluster.local/ns/mesh/sa/a\n").unwrap();
-    from_a
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    from_a.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut buf = [0u8; 1];
     let r = from_a.read(&mut buf);
     assert!(matches!(r, Ok(0) | Err(_)), "a's tunnel is cut: {r:?}");

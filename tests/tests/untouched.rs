@@ -21,9 +21,7 @@ fn barrier(t: &Topology, from: &str, to: &str, port: u16) {
         .wait_log(WAIT, |l| {
             l["message"] == "connection closed"
                 && l["dst"] == dst.as_str()
-                && l["direction"]
-                    .as_str()
-                    .is_some_and(|d| d.starts_with("inbound"))
+                && l["direction"].as_str().is_some_and(|d| d.starts_with("inbound"))
         })
         .expect("barrier connection logged");
 }
@@ -51,10 +49,7 @@ fn loopback_inside_a_pod_is_not_captured() {
         let _s = serve(&a.netns, addr, info_echo);
         let (seen, peer, local) = round_trip(&a.netns, addr, b"local").unwrap();
         assert_eq!(peer, addr);
-        assert_eq!(
-            seen.peer, local,
-            "server and client agree: no proxy in between"
-        );
+        assert_eq!(seen.peer, local, "server and client agree: no proxy in between");
     }
     // The pod's own IP is inside the pod too.
     let _s = serve(&a.netns, a.v4(6002), info_echo);
@@ -112,10 +107,9 @@ fn annotated_ports_are_excluded_in_both_directions() {
         return;
     }
     let mut spec = TopologySpec::two_nodes();
-    spec.nodes[0][0] = PodSpec::new("a", "mesh")
-        .annotation("traffic.sidecar.istio.io/excludeOutboundPorts", "5432");
-    spec.nodes[1][0] = PodSpec::new("c", "mesh")
-        .annotation("traffic.sidecar.istio.io/excludeInboundPorts", "9100, 9101");
+    spec.nodes[0][0] = PodSpec::new("a", "mesh").annotation("traffic.sidecar.istio.io/excludeOutboundPorts", "5432");
+    spec.nodes[1][0] =
+        PodSpec::new("c", "mesh").annotation("traffic.sidecar.istio.io/excludeInboundPorts", "9100, 9101");
     let mut t = Topology::build(spec);
     t.start_agents();
     let (a, c, d) = (t.pod("a"), t.pod("c"), t.pod("d"));
@@ -135,10 +129,7 @@ fn annotated_ports_are_excluded_in_both_directions() {
     assert_eq!(seen.peer, local);
 
     barrier(&t, "b", "c", 8001);
-    assert!(
-        !logged_port(&t, 0, 5432),
-        "outbound 5432 must not be captured at a"
-    );
+    assert!(!logged_port(&t, 0, 5432), "outbound 5432 must not be captured at a");
     assert!(
         !t.agent(1)
             .connections()

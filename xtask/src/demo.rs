@@ -13,9 +13,7 @@ pub fn run(bin: &Path) -> Result<()> {
     // SAFETY: called before the demo starts any thread; the testbed reads
     // the agent's path from this variable.
     unsafe { std::env::set_var("NODEWARD_BIN", bin) };
-    println!(
-        "Building a cluster: 2 nodes, pods mesh/a + mesh/b on node 1, mesh/c + plain/d on node 2"
-    );
+    println!("Building a cluster: 2 nodes, pods mesh/a + mesh/b on node 1, mesh/c + plain/d on node 2");
     println!("(namespace `mesh` carries istio.io/dataplane-mode=ambient; `plain` does not)\n");
     let mut t = Topology::build(TopologySpec::two_nodes());
     println!("config directory {}\n", t.config_dir.display());
@@ -81,11 +79,7 @@ pub fn run(bin: &Path) -> Result<()> {
     }
 
     println!("\neBPF attachments (as the kernel reports them):");
-    let netns_names: Vec<(u64, String)> = t
-        .pods
-        .iter()
-        .map(|p| (bpf::netns_ino(&p.netns), p.key()))
-        .collect();
+    let netns_names: Vec<(u64, String)> = t.pods.iter().map(|p| (bpf::netns_ino(&p.netns), p.key())).collect();
     for (node, l) in t.attached_links() {
         let target = match l.netns_ino {
             Some(ino) => netns_names
@@ -105,24 +99,16 @@ pub fn run(bin: &Path) -> Result<()> {
     t.agent_mut(0).kill();
     let r = traffic::connect_timeout(&a.netns, c.v4(8080), Duration::from_secs(2))
         .and_then(|s| traffic::read_greeting(&s).map(|_| ()));
-    println!(
-        "  mesh/a -> mesh/c while the agent is down: {}",
-        describe(&r)
-    );
+    println!("  mesh/a -> mesh/c while the agent is down: {}", describe(&r));
     ensure!(r.is_err(), "plaintext got through with the agent down");
     let r = traffic::connect_timeout(&d.netns, b.v4(8080), Duration::from_secs(2))
         .and_then(|s| traffic::read_greeting(&s).map(|_| ()));
-    println!(
-        "  plain/d -> mesh/b while the agent is down: {}",
-        describe(&r)
-    );
+    println!("  plain/d -> mesh/b while the agent is down: {}", describe(&r));
     ensure!(r.is_err(), "plaintext got through with the agent down");
     t.start_agent(0, &[]);
     t.wait_captured(0);
     let (_, _, local) = round_trip(&a.netns, c.v4(8080), b"back")?;
-    println!(
-        "  agent restarted, pods re-adopted without restarting them: mesh/a -> mesh/c works again (via {local})"
-    );
+    println!("  agent restarted, pods re-adopted without restarting them: mesh/a -> mesh/c works again (via {local})");
     println!("\nTearing down.");
     Ok(())
 }

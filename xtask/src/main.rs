@@ -79,10 +79,8 @@ fn nix_is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("Uid:")
-                    .map(|v| v.split_whitespace().nth(1) == Some("0"))
-            })
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:").map(|v| v.split_whitespace().nth(1) == Some("0")))
         })
         .unwrap_or(false)
 }
@@ -115,9 +113,7 @@ fn test(extra: &[String]) -> Result<()> {
     println!("== build");
     let bin = build()?;
     if !nix_is_root() {
-        println!(
-            "note: not root — integration tests that need network namespaces and eBPF will be skipped"
-        );
+        println!("note: not root — integration tests that need network namespaces and eBPF will be skipped");
     }
     println!("== cargo test");
     run(cargo()

@@ -55,30 +55,12 @@ fn nightly_rust_src() -> Result<()> {
         .any(|l| l.starts_with("nightly"))
     {
         println!("installing the nightly toolchain (for the eBPF target)");
-        must(Command::new("rustup").args([
-            "toolchain",
-            "install",
-            "nightly",
-            "--profile",
-            "minimal",
-        ]))?;
+        must(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
     }
-    let installed = output(Command::new("rustup").args([
-        "component",
-        "list",
-        "--toolchain",
-        "nightly",
-        "--installed",
-    ]));
+    let installed = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]));
     if !installed.lines().any(|l| l.starts_with("rust-src")) {
         println!("adding rust-src to nightly (eBPF builds core from source)");
-        must(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
+        must(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
     }
     Ok(())
 }
@@ -88,8 +70,7 @@ fn apt() -> Result<()> {
         .iter()
         .copied()
         .filter(|p| {
-            !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
-                .contains("install ok installed")
+            !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p])).contains("install ok installed")
         })
         .collect();
     if missing.is_empty() {

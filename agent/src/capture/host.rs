@@ -7,16 +7,8 @@ use super::CaptureError;
 
 /// Capabilities the agent needs, with why.
 const REQUIRED_CAPS: &[(u32, &str, &str)] = &[
-    (
-        21,
-        "CAP_SYS_ADMIN",
-        "enter pod network namespaces and mount bpffs",
-    ),
-    (
-        12,
-        "CAP_NET_ADMIN",
-        "mark its sockets and attach to network namespaces",
-    ),
+    (21, "CAP_SYS_ADMIN", "enter pod network namespaces and mount bpffs"),
+    (12, "CAP_NET_ADMIN", "mark its sockets and attach to network namespaces"),
 ];
 const CAP_BPF: u32 = 39;
 

@@ -33,10 +33,7 @@ const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 impl<K: aya::Pod, V: aya::Pod> BpfMap<K, V> {
     /// Wraps a map fd; the caller vouches that its key and value are `K`, `V`.
     pub fn new(fd: OwnedFd) -> Self {
-        BpfMap {
-            fd,
-            _kv: PhantomData,
-        }
+        BpfMap { fd, _kv: PhantomData }
     }
 
     fn call(&self, cmd: libc::c_long, key: *const K, value: u64, flags: u64) -> io::Result<()> {

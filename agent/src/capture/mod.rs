@@ -284,9 +284,7 @@ fn hint(program: &str) -> &'static str {
         "nw_sk_lookup" => "needs BPF_PROG_TYPE_SK_LOOKUP with ingress_ifindex, Linux 5.17 or newer",
         "nw_sockops" => "needs cgroup sock_ops with bpf_get_netns_cookie, Linux 5.15 or newer",
         "nw_getpeer4" | "nw_getpeer6" => "needs cgroup getpeername hooks, Linux 5.8 or newer",
-        _ => {
-            "needs cgroup connect hooks with bpf_get_netns_cookie and bpf_link, Linux 5.8 or newer"
-        }
+        _ => "needs cgroup connect hooks with bpf_get_netns_cookie and bpf_link, Linux 5.8 or newer",
     }
 }
 
@@ -327,10 +325,7 @@ fn replace_pin(link: FdLink, path: &Path) -> Result<(), CaptureError> {
     Ok(())
 }
 
-fn open_map<K: aya::Pod, V: aya::Pod>(
-    dir: &Path,
-    name: &'static str,
-) -> Result<BpfMap<K, V>, CaptureError> {
+fn open_map<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &'static str) -> Result<BpfMap<K, V>, CaptureError> {
     let path = dir.join("maps").join(name);
     let data = aya::maps::MapData::from_pin(&path).map_err(|e| CaptureError::Pin {
         path: path.clone(),

@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
-    RevokedCertParams, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams, SanType,
+    SerialNumber,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
@@ -124,9 +124,7 @@ impl Authority {
         let key_pem = read_string(&key_path)?;
         let key = KeyPair::from_pem(&key_pem).map_err(|e| CaError::Invalid {
             file: key_path.clone(),
-            message: format!(
-                "not a PKCS#8 private key ({e}); convert with `openssl pkcs8 -topk8 -nocrypt`"
-            ),
+            message: format!("not a PKCS#8 private key ({e}); convert with `openssl pkcs8 -topk8 -nocrypt`"),
         })?;
         let roots = read_certs(&dir.join(ROOT_CERT))?;
         let chain_path = dir.join(CERT_CHAIN);
@@ -217,25 +215,14 @@ impl Authority {
     pub fn issue_with(
         &self,
         customise: impl FnOnce(&mut CertificateParams) -> Result<(), CaError>,
-    ) -> Result<
-        (
-            CertificateDer<'static>,
-            PrivatePkcs8KeyDer<'static>,
-            Vec<u8>,
-        ),
-        CaError,
-    > {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| CaError::Sign(e.to_string()))?;
+    ) -> Result<(CertificateDer<'static>, PrivatePkcs8KeyDer<'static>, Vec<u8>), CaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| CaError::Sign(e.to_string()))?;
         let serial = random_serial();
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         customise(&mut params)?;
@@ -279,19 +266,12 @@ pub fn init(out: &Path) -> Result<Written, CaError> {
         .map_err(|e| CaError::Sign(e.to_string()))?;
     let root_issuer = Issuer::new(root_params, root_key);
     let int_key = new_key()?;
-    let int = ca_params(
-        "Nodeward Intermediate CA",
-        Duration::from_secs(5 * 365 * 86400),
-    )
-    .signed_by(&int_key, &root_issuer)
-    .map_err(|e| CaError::Sign(e.to_string()))?;
+    let int = ca_params("Nodeward Intermediate CA", Duration::from_secs(5 * 365 * 86400))
+        .signed_by(&int_key, &root_issuer)
+        .map_err(|e| CaError::Sign(e.to_string()))?;
     let mut w = Written { files: Vec::new() };
     write_cert(&mut w, &out.join(ROOT_CERT), &[root.der()])?;
-    write_key(
-        &mut w,
-        &out.join(ROOT_KEY),
-        &root_issuer.key().serialize_pem(),
-    )?;
+    write_key(&mut w, &out.join(ROOT_KEY), &root_issuer.key().serialize_pem())?;
     write_cert(&mut w, &out.join(CA_CERT), &[int.der()])?;
     write_key(&mut w, &out.join(CA_KEY), &int_key.serialize_pem())?;
     write_cert(&mut w, &out.join(CERT_CHAIN), &[int.der(), root.der()])?;
@@ -319,12 +299,9 @@ pub fn intermediate(from: &Path, signer: Signer, out: &Path) -> Result<Written, 
         source,
     })?;
     let key = new_key()?;
-    let cert = ca_params(
-        "Nodeward Intermediate CA",
-        Duration::from_secs(5 * 365 * 86400),
-    )
-    .signed_by(&key, &issuer)
-    .map_err(|e| CaError::Sign(e.to_string()))?;
+    let cert = ca_params("Nodeward Intermediate CA", Duration::from_secs(5 * 365 * 86400))
+        .signed_by(&key, &issuer)
+        .map_err(|e| CaError::Sign(e.to_string()))?;
     let roots = read_certs(&from.join(ROOT_CERT))?;
     let mut chain: Vec<CertificateDer<'static>> = vec![cert.der().clone()];
     match signer {
@@ -392,9 +369,7 @@ pub fn revoke(dir: &Path, signer: Signer, serials: &[String]) -> Result<(PathBuf
             .collect(),
         key_identifier_method: KeyIdMethod::Sha256,
     };
-    let crl = params
-        .signed_by(&issuer)
-        .map_err(|e| CaError::Sign(e.to_string()))?;
+    let crl = params.signed_by(&issuer).map_err(|e| CaError::Sign(e.to_string()))?;
     let pem = crl.pem().map_err(|e| CaError::Sign(e.to_string()))?;
     std::fs::write(&crl_path, pem).map_err(|source| CaError::Write {
         file: crl_path.clone(),
@@ -416,11 +391,9 @@ fn existing_crl(path: &Path) -> Result<(RevokedSerials, u64), CaError> {
         message: "no CRL in file".into(),
     })?;
     let (_, crl) =
-        x509_parser::revocation_list::CertificateRevocationList::from_der(der).map_err(|e| {
-            CaError::Invalid {
-                file: path.to_path_buf(),
-                message: e.to_string(),
-            }
+        x509_parser::revocation_list::CertificateRevocationList::from_der(der).map_err(|e| CaError::Invalid {
+            file: path.to_path_buf(),
+            message: e.to_string(),
         })?;
     let revoked = crl
         .iter_revoked_certificates()
@@ -467,9 +440,7 @@ pub fn sha256_hex(der: &[u8]) -> String {
 fn random_serial() -> Vec<u8> {
     use ring::rand::SecureRandom;
     let mut b = [0u8; 16];
-    ring::rand::SystemRandom::new()
-        .fill(&mut b)
-        .expect("system randomness");
+    ring::rand::SystemRandom::new().fill(&mut b).expect("system randomness");
     b[0] &= 0x7f; // positive
     b[0] |= 0x01; // no leading zero byte to strip
     b.to_vec()
@@ -485,10 +456,7 @@ fn ca_params(cn: &str, lifetime: Duration) -> CertificateParams {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "Nodeward");
-    dn.push(
-        DnType::CommonName,
-        format!("{cn} {}", &hex(&random_serial())[..8]),
-    );
+    dn.push(DnType::CommonName, format!("{cn} {}", &hex(&random_serial())[..8]));
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     p.key_usages = vec![
@@ -578,10 +546,7 @@ fn check_ca(path: &Path, c: &X509Certificate<'_>) -> Result<(), CaError> {
     if !c.is_ca() {
         return Err(CaError::Invalid {
             file: path.to_path_buf(),
-            message: format!(
-                "{} is not a CA certificate (basicConstraints CA:FALSE)",
-                c.subject()
-            ),
+            message: format!("{} is not a CA certificate (basicConstraints CA:FALSE)", c.subject()),
         });
     }
     Ok(())
@@ -611,10 +576,7 @@ fn verify_chain_to_roots(
     roots: &[CertificateDer<'static>],
 ) -> Result<(), CaError> {
     let chain_file = dir.join(CERT_CHAIN);
-    let parsed: Vec<X509Certificate<'_>> = chain
-        .iter()
-        .map(|c| parse(&chain_file, c))
-        .collect::<Result<_, _>>()?;
+    let parsed: Vec<X509Certificate<'_>> = chain.iter().map(|c| parse(&chain_file, c)).collect::<Result<_, _>>()?;
     for pair in parsed.windows(2) {
         let (child, parent) = (&pair[0], &pair[1]);
         if child.issuer().as_raw() != parent.subject().as_raw()
@@ -656,8 +618,7 @@ fn write_cert(w: &mut Written, path: &Path, certs: &[&CertificateDer<'_>]) -> Re
         file: path.to_path_buf(),
         source,
     })?;
-    w.files
-        .push((path.to_path_buf(), Some(sha256_hex(certs[0].as_ref()))));
+    w.files.push((path.to_path_buf(), Some(sha256_hex(certs[0].as_ref()))));
     Ok(())
 }
 
@@ -673,11 +634,10 @@ fn write_key(w: &mut Written, path: &Path, pem: &str) -> Result<(), CaError> {
             file: path.to_path_buf(),
             source,
         })?;
-    f.write_all(pem.as_bytes())
-        .map_err(|source| CaError::Write {
-            file: path.to_path_buf(),
-            source,
-        })?;
+    f.write_all(pem.as_bytes()).map_err(|source| CaError::Write {
+        file: path.to_path_buf(),
+        source,
+    })?;
     w.files.push((path.to_path_buf(), None));
     Ok(())
 }
@@ -761,10 +721,7 @@ mod tests {
         assert!(e.contains("ca-cert.pem"), "{e}");
         std::fs::remove_file(d.join(CA_CERT)).unwrap();
         let e = Authority::load(&d).unwrap_err().to_string();
-        assert!(
-            e.contains("ca-cert.pem") && e.contains("No such file"),
-            "{e}"
-        );
+        assert!(e.contains("ca-cert.pem") && e.contains("No such file"), "{e}");
         let _ = std::fs::remove_dir_all(&d);
     }
 
@@ -775,10 +732,7 @@ mod tests {
         init(&b).unwrap();
         std::fs::copy(b.join(ROOT_CERT), a.join(ROOT_CERT)).unwrap();
         let e = Authority::load(&a).unwrap_err().to_string();
-        assert!(
-            e.contains("root-cert.pem") || e.contains("cert-chain.pem"),
-            "{e}"
-        );
+        assert!(e.contains("root-cert.pem") || e.contains("cert-chain.pem"), "{e}");
         let _ = (std::fs::remove_dir_all(&a), std::fs::remove_dir_all(&b));
     }
 
@@ -790,10 +744,7 @@ mod tests {
         let ca = Authority::load(&b).unwrap();
         assert_eq!(ca.chain().len(), 2, "both intermediates are sent");
         let leaf = ca
-            .issue(
-                &Identity::new("cluster.local", "x", "y"),
-                Duration::from_secs(60),
-            )
+            .issue(&Identity::new("cluster.local", "x", "y"), Duration::from_secs(60))
             .unwrap();
         assert_eq!(leaf.chain.len(), 3);
         let _ = (std::fs::remove_dir_all(&a), std::fs::remove_dir_all(&b));
@@ -815,10 +766,7 @@ mod tests {
         std::fs::write(d.join(CA_KEY), key.serialize_pem()).unwrap();
         std::fs::write(d.join(CERT_CHAIN), cert.pem()).unwrap();
         let e = Authority::load(&d).unwrap_err().to_string();
-        assert!(
-            e.contains("ca-cert.pem") && e.contains("not valid now"),
-            "{e}"
-        );
+        assert!(e.contains("ca-cert.pem") && e.contains("not valid now"), "{e}");
         let _ = std::fs::remove_dir_all(&d);
     }
 

@@ -180,25 +180,15 @@ impl CertManager {
             .iter()
             .cloned()
             .collect();
-        p.extend(
-            self.sources
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .problems(),
-        );
+        p.extend(self.sources.lock().unwrap_or_else(|e| e.into_inner()).problems());
         p
     }
 
     fn issue(&self, id: &Identity) -> Result<Held, CaError> {
-        let authority = self
-            .authority
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let authority = self.authority.read().unwrap_or_else(|e| e.into_inner()).clone();
         let lifetime = self.config.cert_lifetime;
         let issued = authority.issue(id, lifetime)?;
-        let key =
-            certified_key(issued.chain, issued.key).map_err(|e| CaError::Sign(e.to_string()))?;
+        let key = certified_key(issued.chain, issued.key).map_err(|e| CaError::Sign(e.to_string()))?;
         let issued_at = SystemTime::now();
         let renew_at = issued_at + lifetime.mul_f64(jitter());
         let info = CertInfo {
@@ -231,8 +221,7 @@ impl CertManager {
                     reissue_all = true;
                 }
                 Err(e) => {
-                    let msg =
-                        format!("CA directory rejected, still signing with the previous CA: {e}");
+                    let msg = format!("CA directory rejected, still signing with the previous CA: {e}");
                     let mut p = self.ca_problem.lock().unwrap_or_else(|e| e.into_inner());
                     if p.as_deref() != Some(msg.as_str()) {
                         tracing::error!("{msg}");
@@ -241,11 +230,7 @@ impl CertManager {
                 }
             }
         }
-        let authority = self
-            .authority
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let authority = self.authority.read().unwrap_or_else(|e| e.into_inner()).clone();
         let issuers = issuers(&authority);
         let trust_changed = self
             .sources

@@ -85,13 +85,8 @@ impl Identity {
             if seg.is_empty() || *seg == "." || *seg == ".." {
                 return Err(err("empty or dot path segment"));
             }
-            if !seg
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
-            {
-                return Err(err(
-                    "path segments may hold only letters, digits, '-', '.' and '_'",
-                ));
+            if !seg.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)) {
+                return Err(err("path segments may hold only letters, digits, '-', '.' and '_'"));
             }
         }
         Ok(Identity::new(td, ns, sa))

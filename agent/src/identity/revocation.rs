@@ -74,17 +74,14 @@ impl PeerRegistry {
             })
             .collect();
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        self.entries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                id,
-                Entry {
-                    identity,
-                    chain,
-                    cancel,
-                },
-            );
+        self.entries.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            id,
+            Entry {
+                identity,
+                chain,
+                cancel,
+            },
+        );
         Registration {
             registry: self.clone(),
             id,
@@ -106,10 +103,7 @@ impl PeerRegistry {
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let mut cut = 0;
         for e in entries.values() {
-            let revoked = e
-                .chain
-                .iter()
-                .any(|(issuer, serial)| trust.is_revoked(issuer, serial));
+            let revoked = e.chain.iter().any(|(issuer, serial)| trust.is_revoked(issuer, serial));
             let denied = trust.deny.denies(&e.identity);
             if (revoked || denied) && !e.cancel.is_cancelled() {
                 tracing::warn!(peer = %e.identity, revoked, denied, "closing connection: peer no longer trusted");

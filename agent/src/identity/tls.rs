@@ -74,11 +74,7 @@ impl ResolvesClientCert for Resolver {
 }
 
 /// Server side: presents `id`, requires a client SVID.
-pub fn server_config(
-    source: Arc<dyn CertSource>,
-    id: Identity,
-    trust: Arc<TrustStore>,
-) -> Arc<ServerConfig> {
+pub fn server_config(source: Arc<dyn CertSource>, id: Identity, trust: Arc<TrustStore>) -> Arc<ServerConfig> {
     let p = provider();
     let mut cfg = ServerConfig::builder_with_provider(p.clone())
         .with_protocol_versions(&[&TLS13])

@@ -58,9 +58,7 @@ impl DenyList {
             }
             if let Some(ns) = line.strip_prefix("ns/").and_then(|r| r.strip_suffix("/*"))
                 && !ns.is_empty()
-                && ns
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+                && ns.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
             {
                 list.entries.push(DenyEntry::Namespace(ns.to_string()));
                 continue;
@@ -127,11 +125,7 @@ impl TrustSnapshot {
     ) -> TrustSnapshot {
         let anchors = roots
             .iter()
-            .filter_map(|r| {
-                webpki::anchor_from_trusted_cert(r)
-                    .ok()
-                    .map(|a| a.to_owned())
-            })
+            .filter_map(|r| webpki::anchor_from_trusted_cert(r).ok().map(|a| a.to_owned()))
             .collect();
         let known_intermediates = intermediates
             .iter()
@@ -180,10 +174,7 @@ impl TrustStore {
 
     /// The current snapshot.
     pub fn current(&self) -> Arc<TrustSnapshot> {
-        self.current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Replaces the snapshot and wakes watchers (the revocation sweeper).
@@ -219,18 +210,11 @@ pub fn read_crl_ders(path: &Path) -> Result<Vec<Vec<u8>>, String> {
 
 /// Parses and checks one CRL file: every CRL in it must be signed by one
 /// of `issuers` (the roots and our CA chain).
-pub fn load_crl_file(
-    path: &Path,
-    issuers: &[CertificateDer<'static>],
-) -> Result<Vec<LoadedCrl>, String> {
+pub fn load_crl_file(path: &Path, issuers: &[CertificateDer<'static>]) -> Result<Vec<LoadedCrl>, String> {
     validate_crls(path, &read_crl_ders(path)?, issuers)
 }
 
-fn validate_crls(
-    path: &Path,
-    ders: &[Vec<u8>],
-    issuers: &[CertificateDer<'static>],
-) -> Result<Vec<LoadedCrl>, String> {
+fn validate_crls(path: &Path, ders: &[Vec<u8>], issuers: &[CertificateDer<'static>]) -> Result<Vec<LoadedCrl>, String> {
     let mut out = Vec::new();
     for der in ders {
         let (_, parsed) = x509_parser::revocation_list::CertificateRevocationList::from_der(der)
@@ -238,8 +222,7 @@ fn validate_crls(
         let issuer_raw = parsed.issuer().as_raw().to_vec();
         let signed = issuers.iter().any(|c| {
             X509Certificate::from_der(c.as_ref()).is_ok_and(|(_, cert)| {
-                cert.subject().as_raw() == issuer_raw.as_slice()
-                    && parsed.verify_signature(cert.public_key()).is_ok()
+                cert.subject().as_raw() == issuer_raw.as_slice() && parsed.verify_signature(cert.public_key()).is_ok()
             })
         });
         if !signed {
@@ -252,8 +235,7 @@ fn validate_crls(
             .iter_revoked_certificates()
             .map(|r| r.raw_serial().to_vec())
             .collect();
-        let owned =
-            OwnedCertRevocationList::from_der(der).map_err(|e| format!("CRL rejected: {e:?}"))?;
+        let owned = OwnedCertRevocationList::from_der(der).map_err(|e| format!("CRL rejected: {e:?}"))?;
         out.push(LoadedCrl {
             file: path.to_path_buf(),
             issuer: issuer_raw,
@@ -325,8 +307,8 @@ impl TrustSources {
             if !f.changed() && !force {
                 continue;
             }
-            let loaded = read_crl_ders(&f.path)
-                .and_then(|ders| validate_crls(&f.path, &ders, issuers).map(|c| (ders, c)));
+            let loaded =
+                read_crl_ders(&f.path).and_then(|ders| validate_crls(&f.path, &ders, issuers).map(|c| (ders, c)));
             match loaded {
                 Ok((ders, crls)) => {
                     if self.problems.remove(&f.path).is_some() {
@@ -338,8 +320,7 @@ impl TrustSources {
                 }
                 Err(e) => {
                     tracing::error!(file = %f.path.display(), "rejected CRL, keeping the previous one: {e}");
-                    self.problems
-                        .insert(f.path.clone(), format!("CRL rejected: {e}"));
+                    self.problems.insert(f.path.clone(), format!("CRL rejected: {e}"));
                 }
             }
         }
@@ -373,11 +354,7 @@ impl TrustSources {
     /// Builds a snapshot from the good contents on top of `base`. CRLs are
     /// re-validated against the current issuers: a CRL whose signer left
     /// the bundle stops counting.
-    pub fn apply(
-        &self,
-        mut base: TrustSnapshot,
-        issuers: &[CertificateDer<'static>],
-    ) -> TrustSnapshot {
+    pub fn apply(&self, mut base: TrustSnapshot, issuers: &[CertificateDer<'static>]) -> TrustSnapshot {
         for (path, ders) in &self.crl_good {
             match validate_crls(path, ders, issuers) {
                 Ok(crls) => base.crls.extend(crls),
@@ -403,8 +380,7 @@ mod tests {
 
     #[test]
     fn deny_list_takes_ids_and_namespace_patterns_and_reports_bad_lines() {
-        let text =
-            "# compromised\nspiffe://cluster.local/ns/shop/sa/web\nns/payments/*\nnot an id\n\n";
+        let text = "# compromised\nspiffe://cluster.local/ns/shop/sa/web\nns/payments/*\nnot an id\n\n";
         let (list, errors) = DenyList::parse(Path::new("deny.txt"), text);
         assert_eq!(list.entries.len(), 2);
         assert_eq!(errors.len(), 1);

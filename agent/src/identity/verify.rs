@@ -14,12 +14,8 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
-};
-use webpki::{
-    EndEntityCert, KeyUsage, RevocationCheckDepth, RevocationOptionsBuilder, UnknownStatusPolicy,
-};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme};
+use webpki::{EndEntityCert, KeyUsage, RevocationCheckDepth, RevocationOptionsBuilder, UnknownStatusPolicy};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -142,8 +138,8 @@ pub fn verify_peer(
     let leaf_der = chain
         .first()
         .ok_or_else(|| refuse(Refusal::NoClientCertificate, "empty chain"))?;
-    let (_, leaf) = X509Certificate::from_der(leaf_der.as_ref())
-        .map_err(|e| refuse(Refusal::BadCertificate, e.to_string()))?;
+    let (_, leaf) =
+        X509Certificate::from_der(leaf_der.as_ref()).map_err(|e| refuse(Refusal::BadCertificate, e.to_string()))?;
     if leaf.is_ca() {
         return Err(refuse(
             Refusal::CaCertificate,
@@ -151,11 +147,7 @@ pub fn verify_peer(
         ));
     }
     let id = spiffe_id(&leaf)?;
-    let eku = leaf
-        .extended_key_usage()
-        .ok()
-        .flatten()
-        .map(|e| e.value.clone());
+    let eku = leaf.extended_key_usage().ok().flatten().map(|e| e.value.clone());
     match role {
         Role::Client if !eku.as_ref().is_some_and(|e| e.client_auth) => {
             return Err(refuse(
@@ -172,8 +164,7 @@ pub fn verify_peer(
         _ => {}
     }
 
-    let ee = EndEntityCert::try_from(leaf_der)
-        .map_err(|e| refuse(Refusal::BadCertificate, format!("{e:?}")))?;
+    let ee = EndEntityCert::try_from(leaf_der).map_err(|e| refuse(Refusal::BadCertificate, format!("{e:?}")))?;
     let crls: Vec<&webpki::CertRevocationList<'_>> = trust.crls.iter().map(|c| &c.crl).collect();
     let policy = match trust.unknown_status {
         UnknownStatus::Accept => UnknownStatusPolicy::Allow,
@@ -215,10 +206,7 @@ pub fn verify_peer(
         ));
     }
     if trust.deny.denies(&id) {
-        return Err(refuse(
-            Refusal::DeniedIdentity,
-            format!("{id} is on the deny list"),
-        ));
+        return Err(refuse(Refusal::DeniedIdentity, format!("{id} is on the deny list")));
     }
     Ok(id)
 }
@@ -239,17 +227,15 @@ fn spiffe_id(leaf: &X509Certificate<'_>) -> Result<Identity, SvidError> {
         })
         .collect();
     match uris.as_slice() {
-        [uri] => {
-            Identity::parse(uri).map_err(|e| refuse(Refusal::MalformedSpiffeId, e.to_string()))
-        }
+        [uri] => Identity::parse(uri).map_err(|e| refuse(Refusal::MalformedSpiffeId, e.to_string())),
         [] => {
             let in_dns = names
                 .iter()
                 .any(|n| matches!(n, GeneralName::DNSName(d) if d.to_ascii_lowercase().contains("spiffe://")));
-            let in_cn = leaf.subject().iter_common_name().any(|cn| {
-                cn.as_str()
-                    .is_ok_and(|s| s.to_ascii_lowercase().contains("spiffe://"))
-            });
+            let in_cn = leaf
+                .subject()
+                .iter_common_name()
+                .any(|cn| cn.as_str().is_ok_and(|s| s.to_ascii_lowercase().contains("spiffe://")));
             if in_dns || in_cn {
                 Err(refuse(
                     Refusal::SpiffeIdOutsideUriSan,
@@ -259,10 +245,7 @@ fn spiffe_id(leaf: &X509Certificate<'_>) -> Result<Identity, SvidError> {
                 Err(refuse(Refusal::NoUriSan, "the certificate has no URI SAN"))
             }
         }
-        _ => Err(refuse(
-            Refusal::MultipleUriSans,
-            format!("{} URI SANs", uris.len()),
-        )),
+        _ => Err(refuse(Refusal::MultipleUriSans, format!("{} URI SANs", uris.len()))),
     }
 }
 
@@ -296,10 +279,7 @@ fn classify(
                 )
             }
         }
-        W::UnknownRevocationStatus => refuse(
-            Refusal::RevocationUnknown,
-            format!("{id}: no CRL covers its chain"),
-        ),
+        W::UnknownRevocationStatus => refuse(Refusal::RevocationUnknown, format!("{id}: no CRL covers its chain")),
         W::RequiredEkuNotFoundContext(_) => refuse(
             Refusal::MissingClientAuth,
             format!("{id}: extended key usage does not allow this role"),
@@ -370,11 +350,7 @@ impl SvidVerifier {
     }
 
     /// Verifies a server that must be `expected` (client side).
-    pub fn for_server(
-        trust: Arc<TrustStore>,
-        provider: Arc<CryptoProvider>,
-        expected: Identity,
-    ) -> Self {
+    pub fn for_server(trust: Arc<TrustStore>, provider: Arc<CryptoProvider>, expected: Identity) -> Self {
         SvidVerifier {
             trust,
             provider,
@@ -392,8 +368,7 @@ impl SvidVerifier {
         let mut chain = Vec::with_capacity(1 + intermediates.len());
         chain.push(end_entity.clone());
         chain.extend(intermediates.iter().cloned());
-        let id = verify_peer(&chain, &self.trust.current(), role, now, &self.provider)
-            .map_err(into_rustls)?;
+        let id = verify_peer(&chain, &self.trust.current(), role, now, &self.provider).map_err(into_rustls)?;
         if let Some(expected) = &self.expected
             && *expected != id
         {
@@ -431,12 +406,7 @@ impl ClientCertVerifier for SvidVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -445,18 +415,11 @@ impl ClientCertVerifier for SvidVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -479,12 +442,7 @@ impl ServerCertVerifier for SvidVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -493,18 +451,11 @@ impl ServerCertVerifier for SvidVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -521,7 +472,5 @@ pub fn refusal_of(e: &rustls::Error) -> Option<Refusal> {
 
 /// [`refusal_of`] for the `io::Error` tokio-rustls returns.
 pub fn refusal_of_io(e: &std::io::Error) -> Option<Refusal> {
-    e.get_ref()?
-        .downcast_ref::<rustls::Error>()
-        .and_then(refusal_of)
+    e.get_ref()?.downcast_ref::<rustls::Error>().and_then(refusal_of)
 }

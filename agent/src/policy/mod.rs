@@ -114,7 +114,10 @@ pub fn mtls_mode(policies: &[Arc<PeerAuthentication>], root_ns: &str, pod: &Pod)
                 .collect()
         })
         .unwrap_or_default();
-    WorkloadMtls { default: wl_mode, ports }
+    WorkloadMtls {
+        default: wl_mode,
+        ports,
+    }
 }
 
 /// Authorizes a connection to `pod` under `policies`.
@@ -171,9 +174,9 @@ fn rule_matches(r: &Rule, c: &ConnInfo, l7_means_nothing: bool) -> bool {
         _ => true,
     };
     let to = match &r.to {
-        Some(ops) if !ops.is_empty() => ops.iter().any(|o| {
-            (o.ports.is_empty() || o.ports.contains(&c.dst_port)) && !o.not_ports.contains(&c.dst_port)
-        }),
+        Some(ops) if !ops.is_empty() => ops
+            .iter()
+            .any(|o| (o.ports.is_empty() || o.ports.contains(&c.dst_port)) && !o.not_ports.contains(&c.dst_port)),
         _ => true,
     };
     from && to && r.when.iter().all(|w| condition_matches(w, c))
@@ -221,7 +224,9 @@ fn condition_matches(w: &Condition, c: &ConnInfo) -> bool {
             let port = c.dst_port.to_string();
             (w.values.is_empty() || w.values.contains(&port)) && !w.not_values.contains(&port)
         }
-        Key::SourceNamespace => positive(&strs(&w.values), namespace(c)) && negative(&strs(&w.not_values), namespace(c)),
+        Key::SourceNamespace => {
+            positive(&strs(&w.values), namespace(c)) && negative(&strs(&w.not_values), namespace(c))
+        }
         Key::SourcePrincipal => {
             let p = principal(c);
             positive(&strs(&w.values), p.as_deref()) && negative(&strs(&w.not_values), p.as_deref())

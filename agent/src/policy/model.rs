@@ -170,11 +170,19 @@ impl Cidr {
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip.to_canonical()) {
             (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = if self.len == 0 { 0 } else { u32::MAX << (32 - u32::from(self.len)) };
+                let mask = if self.len == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - u32::from(self.len))
+                };
                 u32::from(n) & mask == u32::from(a) & mask
             }
             (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = if self.len == 0 { 0 } else { u128::MAX << (128 - u32::from(self.len)) };
+                let mask = if self.len == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - u32::from(self.len))
+                };
                 u128::from(n) & mask == u128::from(a) & mask
             }
             _ => false,
@@ -309,9 +317,15 @@ fn meta_of(metadata: &serde_yaml::Value, spec: &serde_yaml::Value) -> (PolicyMet
 /// Parses a PeerAuthentication; never fails, invalid content is recorded.
 pub fn parse_peer_authentication(metadata: &serde_yaml::Value, spec: &serde_yaml::Value) -> PeerAuthentication {
     let (mut meta, mut errors) = meta_of(metadata, spec);
-    let mode_str = spec.get("mtls").and_then(|m| m.get("mode")).and_then(|m| m.as_str()).unwrap_or("");
+    let mode_str = spec
+        .get("mtls")
+        .and_then(|m| m.get("mode"))
+        .and_then(|m| m.as_str())
+        .unwrap_or("");
     let mode = Mode::parse(mode_str).unwrap_or_else(|| {
-        errors.push(format!("spec.mtls.mode: unknown mode {mode_str:?} (STRICT, PERMISSIVE, DISABLE or UNSET)"));
+        errors.push(format!(
+            "spec.mtls.mode: unknown mode {mode_str:?} (STRICT, PERMISSIVE, DISABLE or UNSET)"
+        ));
         Mode::Strict
     });
     let mut port_modes = BTreeMap::new();
@@ -435,17 +449,29 @@ fn parse_rule(r: &serde_yaml::Value, at: &str, errors: &mut Vec<String>, warning
                 }
             }
             let get = |name: &str, errors: &mut Vec<String>| {
-                strings(s.get(name).unwrap_or(&serde_yaml::Value::Null), &format!("{at}.{name}"), errors)
+                strings(
+                    s.get(name).unwrap_or(&serde_yaml::Value::Null),
+                    &format!("{at}.{name}"),
+                    errors,
+                )
             };
-            for (field, out) in [("principals", &mut src.principals), ("notPrincipals", &mut src.not_principals)] {
+            for (field, out) in [
+                ("principals", &mut src.principals),
+                ("notPrincipals", &mut src.not_principals),
+            ] {
                 for p in get(field, errors) {
                     if p.starts_with("spiffe://") || p.is_empty() {
-                        errors.push(format!("{at}.{field}: {p:?} is malformed (write principals without spiffe://)"));
+                        errors.push(format!(
+                            "{at}.{field}: {p:?} is malformed (write principals without spiffe://)"
+                        ));
                     }
                     out.push(StrMatch::parse(&p));
                 }
             }
-            for (field, out) in [("namespaces", &mut src.namespaces), ("notNamespaces", &mut src.not_namespaces)] {
+            for (field, out) in [
+                ("namespaces", &mut src.namespaces),
+                ("notNamespaces", &mut src.not_namespaces),
+            ] {
                 out.extend(get(field, errors).iter().map(|n| StrMatch::parse(n)));
             }
             for (field, negated) in [
@@ -479,7 +505,11 @@ fn parse_rule(r: &serde_yaml::Value, at: &str, errors: &mut Vec<String>, warning
             }
             let mut op = Operation::default();
             for (field, out) in [("ports", &mut op.ports), ("notPorts", &mut op.not_ports)] {
-                for p in strings(o.get(field).unwrap_or(&serde_yaml::Value::Null), &format!("{at}.{field}"), errors) {
+                for p in strings(
+                    o.get(field).unwrap_or(&serde_yaml::Value::Null),
+                    &format!("{at}.{field}"),
+                    errors,
+                ) {
                     match p.parse::<u16>() {
                         Ok(p) if p != 0 => out.push(p),
                         _ => errors.push(format!("{at}.{field}: {p:?} is not a port number")),
@@ -494,9 +524,16 @@ fn parse_rule(r: &serde_yaml::Value, at: &str, errors: &mut Vec<String>, warning
         for (j, c) in when.iter().enumerate() {
             let at = format!("{at}.when[{j}]");
             let key = c.get("key").and_then(|k| k.as_str()).unwrap_or("");
-            let values = strings(c.get("values").unwrap_or(&serde_yaml::Value::Null), &format!("{at}.values"), errors);
-            let not_values =
-                strings(c.get("notValues").unwrap_or(&serde_yaml::Value::Null), &format!("{at}.notValues"), errors);
+            let values = strings(
+                c.get("values").unwrap_or(&serde_yaml::Value::Null),
+                &format!("{at}.values"),
+                errors,
+            );
+            let not_values = strings(
+                c.get("notValues").unwrap_or(&serde_yaml::Value::Null),
+                &format!("{at}.notValues"),
+                errors,
+            );
             let key = match key {
                 "source.ip" | "remote.ip" => Key::SourceIp,
                 "source.namespace" => Key::SourceNamespace,
@@ -527,7 +564,11 @@ fn parse_rule(r: &serde_yaml::Value, at: &str, errors: &mut Vec<String>, warning
                     }
                 }
             }
-            rule.when.push(Condition { key, values, not_values });
+            rule.when.push(Condition {
+                key,
+                values,
+                not_values,
+            });
         }
     }
     rule

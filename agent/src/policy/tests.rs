@@ -24,7 +24,9 @@ fn yaml(s: &str) -> serde_yaml::Value {
 }
 
 fn pa(ns: &str, name: &str, created: &str, spec: &str) -> Arc<PeerAuthentication> {
-    let meta = yaml(&format!("{{name: {name}, namespace: {ns}, creationTimestamp: '{created}'}}"));
+    let meta = yaml(&format!(
+        "{{name: {name}, namespace: {ns}, creationTimestamp: '{created}'}}"
+    ));
     Arc::new(parse_peer_authentication(&meta, &yaml(spec)))
 }
 
@@ -58,7 +60,10 @@ fn peer_authentication_scopes_precedence_and_inheritance() {
         (
             // PeerAuthentication reference: namespace "foo" PERMISSIVE overriding the mesh.
             "namespace-wide overrides mesh-wide",
-            vec![pa(ROOT, "default", "", "mtls: {mode: STRICT}"), pa("foo", "default", "", "mtls: {mode: PERMISSIVE}")],
+            vec![
+                pa(ROOT, "default", "", "mtls: {mode: STRICT}"),
+                pa("foo", "default", "", "mtls: {mode: PERMISSIVE}"),
+            ],
             Mode::Permissive,
             vec![],
         ),
@@ -66,14 +71,24 @@ fn peer_authentication_scopes_precedence_and_inheritance() {
             "workload selector overrides namespace",
             vec![
                 pa("foo", "default", "", "mtls: {mode: PERMISSIVE}"),
-                pa("foo", "web", "", "selector: {matchLabels: {app: web}}\nmtls: {mode: STRICT}"),
+                pa(
+                    "foo",
+                    "web",
+                    "",
+                    "selector: {matchLabels: {app: web}}\nmtls: {mode: STRICT}",
+                ),
             ],
             Mode::Strict,
             vec![],
         ),
         (
             "a selector that does not match is ignored",
-            vec![pa("foo", "api", "", "selector: {matchLabels: {app: api}}\nmtls: {mode: DISABLE}")],
+            vec![pa(
+                "foo",
+                "api",
+                "",
+                "selector: {matchLabels: {app: api}}\nmtls: {mode: DISABLE}",
+            )],
             Mode::Permissive,
             vec![],
         ),
@@ -87,14 +102,22 @@ fn peer_authentication_scopes_precedence_and_inheritance() {
             "UNSET at workload level inherits the namespace",
             vec![
                 pa("foo", "default", "", "mtls: {mode: STRICT}"),
-                pa("foo", "web", "", "selector: {matchLabels: {app: web}}\nmtls: {mode: UNSET}"),
+                pa(
+                    "foo",
+                    "web",
+                    "",
+                    "selector: {matchLabels: {app: web}}\nmtls: {mode: UNSET}",
+                ),
             ],
             Mode::Strict,
             vec![],
         ),
         (
             "UNSET at namespace level inherits the mesh",
-            vec![pa(ROOT, "default", "", "mtls: {mode: STRICT}"), pa("foo", "default", "", "mtls: {}")],
+            vec![
+                pa(ROOT, "default", "", "mtls: {mode: STRICT}"),
+                pa("foo", "default", "", "mtls: {}"),
+            ],
             Mode::Strict,
             vec![],
         ),
@@ -141,7 +164,12 @@ fn peer_authentication_scopes_precedence_and_inheritance() {
                 ),
             ],
             Mode::Strict,
-            vec![(8080, Mode::Permissive), (8443, Mode::Disable), (9000, Mode::Strict), (7000, Mode::Strict)],
+            vec![
+                (8080, Mode::Permissive),
+                (8443, Mode::Disable),
+                (9000, Mode::Strict),
+                (7000, Mode::Strict),
+            ],
         ),
         (
             "an unknown mode is reported and fails closed as STRICT",
@@ -158,7 +186,11 @@ fn peer_authentication_scopes_precedence_and_inheritance() {
         }
     }
     let bad = pa("foo", "default", "", "mtls: {mode: SOMETIMES}");
-    assert!(bad.meta.error.as_deref().unwrap().contains("spec.mtls.mode"), "{:?}", bad.meta.error);
+    assert!(
+        bad.meta.error.as_deref().unwrap().contains("spec.mtls.mode"),
+        "{:?}",
+        bad.meta.error
+    );
 }
 
 #[test]
@@ -179,14 +211,44 @@ fn authorization_actions_fields_and_edge_cases() {
     let cases: Vec<Case> = vec![
         ("no policy allows", vec![], other.clone(), true),
         // Authorization Policy reference, "allow-nothing": `spec: {}`.
-        ("allow-nothing: spec {} allows nothing", vec![ap("shop", "allow-nothing", "{}")], frontend.clone(), false),
+        (
+            "allow-nothing: spec {} allows nothing",
+            vec![ap("shop", "allow-nothing", "{}")],
+            frontend.clone(),
+            false,
+        ),
         // Authorization Policy reference, "allow-all": one empty rule.
-        ("allow-all: rule {} matches everything", vec![ap("shop", "allow-all", "rules: [{}]")], plain.clone(), true),
+        (
+            "allow-all: rule {} matches everything",
+            vec![ap("shop", "allow-all", "rules: [{}]")],
+            plain.clone(),
+            true,
+        ),
         // Authorization Policy reference, "deny-all": DENY with one empty rule.
-        ("deny-all", vec![ap("shop", "deny-all", "action: DENY\nrules: [{}]")], frontend.clone(), false),
-        ("ALLOW by principal: match", vec![only_frontend()], frontend.clone(), true),
-        ("ALLOW by principal: other identity", vec![only_frontend()], other.clone(), false),
-        ("ALLOW by principal: plaintext has no principal", vec![only_frontend()], plain.clone(), false),
+        (
+            "deny-all",
+            vec![ap("shop", "deny-all", "action: DENY\nrules: [{}]")],
+            frontend.clone(),
+            false,
+        ),
+        (
+            "ALLOW by principal: match",
+            vec![only_frontend()],
+            frontend.clone(),
+            true,
+        ),
+        (
+            "ALLOW by principal: other identity",
+            vec![only_frontend()],
+            other.clone(),
+            false,
+        ),
+        (
+            "ALLOW by principal: plaintext has no principal",
+            vec![only_frontend()],
+            plain.clone(),
+            false,
+        ),
         (
             "selector narrows to workloads",
             vec![ap("shop", "web-only", "selector: {matchLabels: {app: web}}\nrules: []")],
@@ -195,7 +257,11 @@ fn authorization_actions_fields_and_edge_cases() {
         ),
         (
             "root-namespace policy applies mesh-wide",
-            vec![ap(ROOT, "global-deny", "action: DENY\nrules:\n- from:\n  - source: {namespaces: [test]}")],
+            vec![ap(
+                ROOT,
+                "global-deny",
+                "action: DENY\nrules:\n- from:\n  - source: {namespaces: [test]}",
+            )],
             foreign_ns.clone(),
             false,
         ),
@@ -209,7 +275,11 @@ fn authorization_actions_fields_and_edge_cases() {
             "any matching DENY wins over ALLOW",
             vec![
                 only_frontend(),
-                ap("shop", "deny-frontend", "action: DENY\nrules:\n- from:\n  - source: {principals: ['*/sa/frontend']}"),
+                ap(
+                    "shop",
+                    "deny-frontend",
+                    "action: DENY\nrules:\n- from:\n  - source: {principals: ['*/sa/frontend']}",
+                ),
             ],
             frontend.clone(),
             false,
@@ -236,13 +306,21 @@ fn authorization_actions_fields_and_edge_cases() {
         ),
         (
             "prefix principal",
-            vec![ap("shop", "p", "rules:\n- from:\n  - source: {principals: ['cluster.local/ns/shop/*']}")],
+            vec![ap(
+                "shop",
+                "p",
+                "rules:\n- from:\n  - source: {principals: ['cluster.local/ns/shop/*']}",
+            )],
             other.clone(),
             true,
         ),
         (
             "suffix principal",
-            vec![ap("shop", "p", "rules:\n- from:\n  - source: {principals: ['*/sa/tester']}")],
+            vec![ap(
+                "shop",
+                "p",
+                "rules:\n- from:\n  - source: {principals: ['*/sa/tester']}",
+            )],
             foreign_ns.clone(),
             true,
         ),
@@ -273,68 +351,112 @@ fn authorization_actions_fields_and_edge_cases() {
         ),
         (
             "ipBlocks",
-            vec![ap("shop", "p", "rules:\n- from:\n  - source: {ipBlocks: [10.0.9.0/24]}")],
+            vec![ap(
+                "shop",
+                "p",
+                "rules:\n- from:\n  - source: {ipBlocks: [10.0.9.0/24]}",
+            )],
             plain.clone(),
             true,
         ),
         (
             "notIpBlocks",
-            vec![ap("shop", "p", "rules:\n- from:\n  - source: {notIpBlocks: [10.0.9.0/24]}")],
+            vec![ap(
+                "shop",
+                "p",
+                "rules:\n- from:\n  - source: {notIpBlocks: [10.0.9.0/24]}",
+            )],
             plain.clone(),
             false,
         ),
         (
             "remoteIpBlocks is the source at L4",
-            vec![ap("shop", "p", "rules:\n- from:\n  - source: {remoteIpBlocks: [10.0.1.1]}")],
+            vec![ap(
+                "shop",
+                "p",
+                "rules:\n- from:\n  - source: {remoteIpBlocks: [10.0.1.1]}",
+            )],
             frontend.clone(),
             true,
         ),
         (
             "notRemoteIpBlocks",
-            vec![ap("shop", "p", "action: DENY\nrules:\n- from:\n  - source: {notRemoteIpBlocks: [10.0.1.0/24]}")],
+            vec![ap(
+                "shop",
+                "p",
+                "action: DENY\nrules:\n- from:\n  - source: {notRemoteIpBlocks: [10.0.1.0/24]}",
+            )],
             plain.clone(),
             false,
         ),
         (
             // "Authorization for TCP traffic" task: allow ports 9000 and 9001.
             "ports",
-            vec![ap("shop", "tcp-policy", "rules:\n- to:\n  - operation: {ports: ['9000', '9001']}")],
+            vec![ap(
+                "shop",
+                "tcp-policy",
+                "rules:\n- to:\n  - operation: {ports: ['9000', '9001']}",
+            )],
             frontend.clone(),
             false,
         ),
         (
             "notPorts",
-            vec![ap("shop", "p", "action: DENY\nrules:\n- to:\n  - operation: {notPorts: ['9000']}")],
+            vec![ap(
+                "shop",
+                "p",
+                "action: DENY\nrules:\n- to:\n  - operation: {notPorts: ['9000']}",
+            )],
             frontend.clone(),
             false,
         ),
         (
             "when source.ip",
-            vec![ap("shop", "p", "rules:\n- when:\n  - {key: source.ip, values: [10.0.1.0/24]}")],
+            vec![ap(
+                "shop",
+                "p",
+                "rules:\n- when:\n  - {key: source.ip, values: [10.0.1.0/24]}",
+            )],
             frontend.clone(),
             true,
         ),
         (
             "when source.namespace notValues",
-            vec![ap("shop", "p", "rules:\n- when:\n  - {key: source.namespace, notValues: [shop]}")],
+            vec![ap(
+                "shop",
+                "p",
+                "rules:\n- when:\n  - {key: source.namespace, notValues: [shop]}",
+            )],
             other.clone(),
             false,
         ),
         (
             "when source.principal",
-            vec![ap("shop", "p", "rules:\n- when:\n  - {key: source.principal, values: ['*/sa/frontend']}")],
+            vec![ap(
+                "shop",
+                "p",
+                "rules:\n- when:\n  - {key: source.principal, values: ['*/sa/frontend']}",
+            )],
             frontend.clone(),
             true,
         ),
         (
             "when destination.ip",
-            vec![ap("shop", "p", "rules:\n- when:\n  - {key: destination.ip, values: [10.0.0.5]}")],
+            vec![ap(
+                "shop",
+                "p",
+                "rules:\n- when:\n  - {key: destination.ip, values: [10.0.0.5]}",
+            )],
             other.clone(),
             true,
         ),
         (
             "when destination.port",
-            vec![ap("shop", "p", "action: DENY\nrules:\n- when:\n  - {key: destination.port, values: ['8080']}")],
+            vec![ap(
+                "shop",
+                "p",
+                "action: DENY\nrules:\n- when:\n  - {key: destination.port, values: ['8080']}",
+            )],
             other.clone(),
             false,
         ),
@@ -372,13 +494,21 @@ fn authorization_actions_fields_and_edge_cases() {
         ),
         (
             "CUSTOM is unsupported and fails closed",
-            vec![ap("shop", "ext", "action: CUSTOM\nprovider: {name: ext-authz}\nrules: [{}]")],
+            vec![ap(
+                "shop",
+                "ext",
+                "action: CUSTOM\nprovider: {name: ext-authz}\nrules: [{}]",
+            )],
             frontend.clone(),
             false,
         ),
         (
             "a broken DENY fails closed for what it selects",
-            vec![ap("shop", "bad-deny", "action: DENY\nrules:\n- from:\n  - source: {ipBlocks: [not-a-cidr]}")],
+            vec![ap(
+                "shop",
+                "bad-deny",
+                "action: DENY\nrules:\n- from:\n  - source: {ipBlocks: [not-a-cidr]}",
+            )],
             frontend.clone(),
             false,
         ),
@@ -394,7 +524,14 @@ fn authorization_actions_fields_and_edge_cases() {
         ),
         (
             "a broken ALLOW leaves other ALLOWs working",
-            vec![ap("shop", "bad-allow", "rules:\n- from:\n  - source: {ipBlocks: [999.1.1.1]}"), only_frontend()],
+            vec![
+                ap(
+                    "shop",
+                    "bad-allow",
+                    "rules:\n- from:\n  - source: {ipBlocks: [999.1.1.1]}",
+                ),
+                only_frontend(),
+            ],
             frontend.clone(),
             true,
         ),
@@ -408,9 +545,18 @@ fn authorization_actions_fields_and_edge_cases() {
 #[test]
 fn audits_are_reported_and_l7_fields_warned() {
     let api = pod("shop", &[]);
-    let d = authorize(&[ap("shop", "audit", "action: AUDIT\nrules: [{}]")], ROOT, &api, &conn("10.0.0.1", None, 80));
+    let d = authorize(
+        &[ap("shop", "audit", "action: AUDIT\nrules: [{}]")],
+        ROOT,
+        &api,
+        &conn("10.0.0.1", None, 80),
+    );
     assert_eq!(d.audited, vec!["shop/audit".to_string()]);
-    let p = ap("shop", "p", "rules:\n- to:\n  - operation: {methods: [GET], hosts: [x]}\n  when:\n  - {key: 'request.headers[x]', values: [y]}");
+    let p = ap(
+        "shop",
+        "p",
+        "rules:\n- to:\n  - operation: {methods: [GET], hosts: [x]}\n  when:\n  - {key: 'request.headers[x]', values: [y]}",
+    );
     assert_eq!(p.warnings.len(), 3, "{:?}", p.warnings);
     assert!(p.meta.error.is_none());
 }
@@ -419,11 +565,26 @@ fn audits_are_reported_and_l7_fields_warned() {
 fn invalid_policies_name_the_field() {
     for (spec, field) in [
         ("action: MAYBE", "spec.action"),
-        ("rules:\n- from:\n  - source: {ipBlocks: [10.0.0.0/33]}", "spec.rules[0].from[0].source.ipBlocks"),
-        ("rules:\n- from:\n  - source: {principals: ['spiffe://x/ns/a/sa/b']}", "spec.rules[0].from[0].source.principals"),
-        ("rules:\n- to:\n  - operation: {ports: [http]}", "spec.rules[0].to[0].operation.ports"),
-        ("rules:\n- when:\n  - {key: source.color, values: [red]}", "spec.rules[0].when[0].key"),
-        ("rules:\n- from:\n  - source: {principal: [x]}", "spec.rules[0].from[0].source.principal"),
+        (
+            "rules:\n- from:\n  - source: {ipBlocks: [10.0.0.0/33]}",
+            "spec.rules[0].from[0].source.ipBlocks",
+        ),
+        (
+            "rules:\n- from:\n  - source: {principals: ['spiffe://x/ns/a/sa/b']}",
+            "spec.rules[0].from[0].source.principals",
+        ),
+        (
+            "rules:\n- to:\n  - operation: {ports: [http]}",
+            "spec.rules[0].to[0].operation.ports",
+        ),
+        (
+            "rules:\n- when:\n  - {key: source.color, values: [red]}",
+            "spec.rules[0].when[0].key",
+        ),
+        (
+            "rules:\n- from:\n  - source: {principal: [x]}",
+            "spec.rules[0].from[0].source.principal",
+        ),
     ] {
         let p = ap("shop", "bad", spec);
         let e = p.meta.error.clone().unwrap_or_default();
@@ -441,7 +602,10 @@ fn string_and_cidr_matching() {
     let c = Cidr::parse("10.1.0.0/16").unwrap();
     assert!(c.contains("10.1.200.3".parse().unwrap()));
     assert!(!c.contains("10.2.0.1".parse().unwrap()));
-    assert!(c.contains("::ffff:10.1.0.1".parse().unwrap()), "IPv4-mapped sources match IPv4 blocks");
+    assert!(
+        c.contains("::ffff:10.1.0.1".parse().unwrap()),
+        "IPv4-mapped sources match IPv4 blocks"
+    );
     assert!(Cidr::parse("fd00::/8").unwrap().contains("fd12::1".parse().unwrap()));
     assert!(Cidr::parse("0.0.0.0/0").unwrap().contains("1.2.3.4".parse().unwrap()));
     assert_eq!(Cidr::parse("1.2.3.4/40"), None);

@@ -14,15 +14,9 @@ pub struct Counters {
 
 impl Counters {
     /// Counts one connection.
-    pub fn count(
-        &self,
-        direction: &'static str,
-        reason: &'static str,
-        refusal: Option<&'static str>,
-    ) {
+    pub fn count(&self, direction: &'static str, reason: &'static str, refusal: Option<&'static str>) {
         let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        *m.entry((direction, reason, refusal.unwrap_or("")))
-            .or_default() += 1;
+        *m.entry((direction, reason, refusal.unwrap_or(""))).or_default() += 1;
     }
 
     /// Prometheus text exposition of the counters.

@@ -109,9 +109,7 @@ impl H2Stream {
 
 fn h2_io(e: h2::Error) -> io::Error {
     if e.is_io() {
-        return e
-            .into_io()
-            .unwrap_or_else(|| io::Error::other("h2 I/O error"));
+        return e.into_io().unwrap_or_else(|| io::Error::other("h2 I/O error"));
     }
     let kind = if e.is_reset() || e.is_go_away() {
         io::ErrorKind::ConnectionReset
@@ -122,11 +120,7 @@ fn h2_io(e: h2::Error) -> io::Error {
 }
 
 impl AsyncRead for H2Stream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         loop {
             if !self.pending.is_empty() {
                 let n = self.pending.len().min(buf.remaining());
@@ -153,11 +147,7 @@ impl AsyncRead for H2Stream {
 }
 
 impl AsyncWrite for H2Stream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
@@ -166,10 +156,7 @@ impl AsyncWrite for H2Stream {
             Some(Ok(cap)) => cap,
             Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
             None => {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::BrokenPipe,
-                    "stream closed",
-                )));
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "stream closed")));
             }
         };
         let n = cap.min(buf.len());
@@ -194,14 +181,8 @@ mod tests {
 
     #[test]
     fn authorities_are_literal_ip_and_port() {
-        assert_eq!(
-            parse_authority("10.1.2.3:80"),
-            Some("10.1.2.3:80".parse().unwrap())
-        );
-        assert_eq!(
-            parse_authority("[fd00::1]:443"),
-            Some("[fd00::1]:443".parse().unwrap())
-        );
+        assert_eq!(parse_authority("10.1.2.3:80"), Some("10.1.2.3:80".parse().unwrap()));
+        assert_eq!(parse_authority("[fd00::1]:443"), Some("[fd00::1]:443".parse().unwrap()));
         assert_eq!(
             parse_authority("[::ffff:10.0.0.1]:1"),
             Some("10.0.0.1:1".parse().unwrap())
@@ -224,10 +205,7 @@ mod tests {
     fn forwarded_round_trips() {
         let c: SocketAddr = "[fd00::7]:4711".parse().unwrap();
         assert_eq!(parse_forwarded_for(&forwarded_for(c)), Some(c));
-        assert_eq!(
-            parse_forwarded_for("for=10.0.0.1"),
-            Some("10.0.0.1:0".parse().unwrap())
-        );
+        assert_eq!(parse_forwarded_for("for=10.0.0.1"), Some("10.0.0.1:0".parse().unwrap()));
         assert_eq!(parse_forwarded_for("proto=https"), None);
     }
 

@@ -58,10 +58,7 @@ pub async fn connect_app<'a>(
         },
     )
     .await;
-    let guard = PeerEntryGuard {
-        ctx,
-        key: registered,
-    };
+    let guard = PeerEntryGuard { ctx, key: registered };
     up.map(|up| (up, guard))
 }
 

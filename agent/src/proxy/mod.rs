@@ -26,8 +26,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nodeward_common::{
-    INBOUND_PORT, OUTBOUND_PORT, SLOT_INBOUND_V4, SLOT_INBOUND_V6, SLOT_TUNNEL_V4, SLOT_TUNNEL_V6,
-    SockAddr, SockKey, TUNNEL_PORT, map_v4,
+    INBOUND_PORT, OUTBOUND_PORT, SLOT_INBOUND_V4, SLOT_INBOUND_V6, SLOT_TUNNEL_V4, SLOT_TUNNEL_V6, SockAddr, SockKey,
+    TUNNEL_PORT, map_v4,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -129,24 +129,12 @@ impl PodListeners {
             tunnel: Vec::new(),
         };
         let families: &[(IpAddr, u32, u32)] = &[
-            (
-                IpAddr::V4(Ipv4Addr::LOCALHOST),
-                SLOT_INBOUND_V4,
-                SLOT_TUNNEL_V4,
-            ),
-            (
-                IpAddr::V6(Ipv6Addr::LOCALHOST),
-                SLOT_INBOUND_V6,
-                SLOT_TUNNEL_V6,
-            ),
+            (IpAddr::V4(Ipv4Addr::LOCALHOST), SLOT_INBOUND_V4, SLOT_TUNNEL_V4),
+            (IpAddr::V6(Ipv6Addr::LOCALHOST), SLOT_INBOUND_V6, SLOT_TUNNEL_V6),
         ];
         for &(ip, inbound_slot, tunnel_slot) in families {
             let v6 = ip.is_ipv6();
-            match socket::listen_in(
-                &ctx.netns,
-                SocketAddr::new(ip, OUTBOUND_PORT),
-                ctx.config.socket_mark,
-            ) {
+            match socket::listen_in(&ctx.netns, SocketAddr::new(ip, OUTBOUND_PORT), ctx.config.socket_mark) {
                 Ok(s) => l.outbound.push(s),
                 // A namespace without IPv6 cannot have IPv6 connections either.
                 Err(e) if v6 => {
@@ -159,17 +147,13 @@ impl PodListeners {
                 (INBOUND_PORT, inbound_slot, &mut l.inbound),
                 (TUNNEL_PORT, tunnel_slot, &mut l.tunnel),
             ] {
-                let s = socket::listen_in(
-                    &ctx.netns,
-                    SocketAddr::new(ip, port),
-                    ctx.config.socket_mark,
-                )?;
-                socket::register_listener(&ctx.capture, ctx.netns.cookie(), slot, &s).map_err(
-                    |source| NetnsError::Socket {
+                let s = socket::listen_in(&ctx.netns, SocketAddr::new(ip, port), ctx.config.socket_mark)?;
+                socket::register_listener(&ctx.capture, ctx.netns.cookie(), slot, &s).map_err(|source| {
+                    NetnsError::Socket {
                         path: ctx.netns.path().to_path_buf(),
                         source,
-                    },
-                )?;
+                    }
+                })?;
                 list.push(s);
             }
         }
@@ -288,13 +272,7 @@ impl Outcome {
 }
 
 /// Logs the end of one proxied connection.
-pub fn log_connection(
-    ctx: &PodContext,
-    dir: Direction,
-    src: SocketAddr,
-    o: &Outcome,
-    started: Instant,
-) {
+pub fn log_connection(ctx: &PodContext, dir: Direction, src: SocketAddr, o: &Outcome, started: Instant) {
     let reason = final_reason(ctx, o.stats.reason).as_str();
     ctx.mesh.counters.count(dir.as_str(), reason, o.refusal);
     let dst = o.dst.map(|d| d.to_string()).unwrap_or_default();
@@ -377,9 +355,7 @@ pub fn ip_words(ip: IpAddr) -> [u32; 4] {
             Some(v4) => map_v4(u32::from_ne_bytes(v4.octets())),
             None => {
                 let o = v6.octets();
-                std::array::from_fn(|i| {
-                    u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
-                })
+                std::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
             }
         },
     }
@@ -410,10 +386,7 @@ mod tests {
             assert_eq!(from_words(ip_words(a.ip()), a.port()), a);
         }
         let mapped: SocketAddr = "[::ffff:10.0.0.1]:5".parse().unwrap();
-        assert_eq!(
-            from_words(ip_words(mapped.ip()), 5),
-            "10.0.0.1:5".parse().unwrap()
-        );
+        assert_eq!(from_words(ip_words(mapped.ip()), 5), "10.0.0.1:5".parse().unwrap());
         // The kernel's network-order word for 10.0.0.1 is the octets in memory order.
         assert_eq!(
             ip_words("10.0.0.1".parse().unwrap())[3],

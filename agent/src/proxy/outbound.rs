@@ -78,11 +78,7 @@ async fn passthrough(ctx: &PodContext, down: TcpStream, dst: SocketAddr) -> Outc
 /// The pod's own address of `dst`'s family: the tunnel's source address
 /// and the client address forwarded to the destination.
 fn pod_ip_for(ctx: &PodContext, dst: IpAddr) -> Option<IpAddr> {
-    ctx.pod
-        .ips
-        .iter()
-        .copied()
-        .find(|ip| ip.is_ipv4() == dst.is_ipv4())
+    ctx.pod.ips.iter().copied().find(|ip| ip.is_ipv4() == dst.is_ipv4())
 }
 
 async fn tunnel(
@@ -112,16 +108,12 @@ async fn tunnel(
         dst: SocketAddr::new(dst.ip(), HBONE_PORT),
         expected: expected.clone(),
     };
-    let tls =
-        crate::identity::tls::client_config(certs.clone(), src_id, certs.trust(), expected.clone());
+    let tls = crate::identity::tls::client_config(certs.clone(), src_id, certs.trust(), expected.clone());
     let netns = ctx.netns.clone();
-    let (mark, timeout, tunnel_addr) =
-        (ctx.config.socket_mark, ctx.config.connect_timeout, key.dst);
+    let (mark, timeout, tunnel_addr) = (ctx.config.socket_mark, ctx.config.connect_timeout, key.dst);
     let connect = move || -> Connector<'static> {
         Box::pin(async move {
-            let tcp =
-                socket::connect_from_pod(&netns, mark, None, tunnel_addr, timeout, |_| Ok(()))
-                    .await?;
+            let tcp = socket::connect_from_pod(&netns, mark, None, tunnel_addr, timeout, |_| Ok(())).await?;
             let server_name = rustls::pki_types::ServerName::IpAddress(tunnel_addr.ip().into());
             let tls = TlsConnector::from(tls).connect(server_name, tcp).await?;
             Ok(Box::new(tls) as Box<dyn TunnelIo>)

@@ -57,8 +57,7 @@ pub trait TunnelIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> TunnelIo for T {}
 
 /// Opens the transport of a new tunnel connection.
-pub type Connector<'a> =
-    Pin<Box<dyn Future<Output = std::io::Result<Box<dyn TunnelIo>>> + Send + 'a>>;
+pub type Connector<'a> = Pin<Box<dyn Future<Output = std::io::Result<Box<dyn TunnelIo>>> + Send + 'a>>;
 
 struct Conn {
     id: u64,
@@ -102,11 +101,7 @@ impl StreamLease {
 impl Drop for StreamLease {
     fn drop(&mut self) {
         if self.conn.active.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *self
-                .conn
-                .idle_since
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = Instant::now();
+            *self.conn.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
         }
     }
 }
@@ -137,10 +132,7 @@ impl Pool {
             .values()
             .cloned()
             .collect();
-        slots
-            .iter()
-            .map(|s| s.try_lock().map(|v| v.len()).unwrap_or(0))
-            .sum()
+        slots.iter().map(|s| s.try_lock().map(|v| v.len()).unwrap_or(0)).sum()
     }
 
     /// A ready sender on a connection for `key` with a free stream,
@@ -183,11 +175,7 @@ impl Pool {
         Ok((sender, lease))
     }
 
-    async fn open(
-        &self,
-        key: &PoolKey,
-        connect: impl FnOnce() -> Connector<'static>,
-    ) -> Result<Arc<Conn>, PoolError> {
+    async fn open(&self, key: &PoolKey, connect: impl FnOnce() -> Connector<'static>) -> Result<Arc<Conn>, PoolError> {
         let s = self.settings;
         let handshake = async {
             let io = connect().await.map_err(PoolError::Connect)?;
@@ -239,11 +227,7 @@ impl Pool {
             let mut conns = slot.lock().await;
             conns.retain(|c| {
                 let idle = c.active.load(Ordering::Acquire) == 0
-                    && c.idle_since
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .elapsed()
-                        >= self.idle_timeout;
+                    && c.idle_since.lock().unwrap_or_else(|e| e.into_inner()).elapsed() >= self.idle_timeout;
                 !(idle || c.closed.is_cancelled())
             });
             if conns.is_empty() {

@@ -81,9 +81,7 @@ impl CloseReason {
     pub fn from_io(e: &std::io::Error) -> Self {
         use std::io::ErrorKind::*;
         match e.kind() {
-            ConnectionReset | BrokenPipe | ConnectionAborted | UnexpectedEof => {
-                CloseReason::PeerReset
-            }
+            ConnectionReset | BrokenPipe | ConnectionAborted | UnexpectedEof => CloseReason::PeerReset,
             ConnectionRefused => CloseReason::ConnectRefused,
             TimedOut => CloseReason::ConnectTimeout,
             HostUnreachable | NetworkUnreachable | AddrNotAvailable => CloseReason::ConnectFailed,
@@ -216,9 +214,7 @@ mod tests {
         let mut got = Vec::new();
         sr.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"request", "server sees the request and then EOF");
-        sw.write_all(b"response after the client's FIN")
-            .await
-            .unwrap();
+        sw.write_all(b"response after the client's FIN").await.unwrap();
         sw.shutdown().await.unwrap();
         let mut back = Vec::new();
         cr.read_to_end(&mut back).await.unwrap();

@@ -34,17 +34,8 @@ pub fn listen_in(netns: &Netns, addr: SocketAddr, mark: u32) -> Result<TcpListen
 }
 
 /// Puts a listener into the sk_lookup sock hash under the pod's slot.
-pub fn register_listener(
-    capture: &Capture,
-    netns: u64,
-    slot: u32,
-    l: &TcpListener,
-) -> io::Result<()> {
-    let key = ListenerKey {
-        netns,
-        slot,
-        pad: 0,
-    };
+pub fn register_listener(capture: &Capture, netns: u64, slot: u32, l: &TcpListener) -> io::Result<()> {
+    let key = ListenerKey { netns, slot, pad: 0 };
     capture.maps.listeners.insert(&key, &(l.as_raw_fd() as u32))
 }
 

@@ -49,12 +49,7 @@ pub async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr) {
         return refused(CloseReason::NoIdentity, None);
     };
     let settings = ctx.mesh.h2;
-    let tls = match tokio::time::timeout(
-        settings.handshake_timeout,
-        TlsAcceptor::from(tls_config).accept(tcp),
-    )
-    .await
-    {
+    let tls = match tokio::time::timeout(settings.handshake_timeout, TlsAcceptor::from(tls_config).accept(tcp)).await {
         Err(_) => return refused(CloseReason::HandshakeTimeout, None),
         Ok(Err(e)) => {
             let refusal = refusal_of_io(&e).map(|r| r.as_str()).unwrap_or("tls_error");
@@ -73,10 +68,7 @@ pub async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr) {
         return refused(CloseReason::TlsRefused, Some("bad_certificate"));
     };
     let cancel = ctx.cancel.child_token();
-    let _registration = ctx
-        .mesh
-        .peers
-        .register(peer_id.clone(), &chain, cancel.clone());
+    let _registration = ctx.mesh.peers.register(peer_id.clone(), &chain, cancel.clone());
 
     let handshake = h2::server::Builder::new()
         .initial_window_size(settings.stream_window)
@@ -165,11 +157,7 @@ async fn stream(
         let o = outcome(None, CloseReason::BadRequest, Some("method_not_allowed"));
         return log_connection(ctx, Direction::Tunnel, peer, &o, started);
     }
-    let Some(dst) = req
-        .uri()
-        .authority()
-        .and_then(|a| parse_authority(a.as_str()))
-    else {
+    let Some(dst) = req.uri().authority().and_then(|a| parse_authority(a.as_str())) else {
         reject(&mut respond, StatusCode::BAD_REQUEST);
         let o = outcome(None, CloseReason::BadRequest, Some("malformed_authority"));
         return log_connection(ctx, Direction::Tunnel, peer, &o, started);
@@ -196,19 +184,14 @@ async fn stream(
             return log_connection(ctx, Direction::Tunnel, client, &o, started);
         }
     };
-    let ok = Response::builder()
-        .status(StatusCode::OK)
-        .body(())
-        .expect("valid 200");
+    let ok = Response::builder().status(StatusCode::OK).body(()).expect("valid 200");
     let send = match respond.send_response(ok, false) {
         Ok(s) => s,
         Err(_) => {
             // Reset by the peer before we answered: counted for the
             // connection's rapid-reset check, logged with it, not here.
             early_resets.fetch_add(1, Ordering::Relaxed);
-            ctx.mesh
-                .counters
-                .count(Direction::Tunnel.as_str(), "early_reset", None);
+            ctx.mesh.counters.count(Direction::Tunnel.as_str(), "early_reset", None);
             return;
         }
     };
@@ -231,9 +214,7 @@ async fn stream(
         // Opened and cancelled without a byte: a rapid-reset candidate,
         // counted for the connection rather than logged one by one.
         early_resets.fetch_add(1, Ordering::Relaxed);
-        ctx.mesh
-            .counters
-            .count(Direction::Tunnel.as_str(), "early_reset", None);
+        ctx.mesh.counters.count(Direction::Tunnel.as_str(), "early_reset", None);
         return;
     }
     let mut o = Outcome::relayed(dst, stats, "hbone");

@@ -65,8 +65,7 @@ impl DirSource {
         };
         let mut changed = false;
         let before = self.files.len();
-        self.files
-            .retain(|p, _| listing.iter().any(|(q, _)| q == p));
+        self.files.retain(|p, _| listing.iter().any(|(q, _)| q == p));
         if self.files.len() != before {
             changed = true;
         }
@@ -111,14 +110,12 @@ impl DirSource {
             for obj in &state.objects {
                 match obj {
                     Object::Namespace(ns) => {
-                        if snap
-                            .namespaces
-                            .insert(ns.name.clone(), ns.clone())
-                            .is_some()
-                        {
+                        if snap.namespaces.insert(ns.name.clone(), ns.clone()).is_some() {
                             tracing::warn!(file = %path.display(), namespace = %ns.name, "namespace defined more than once; the last definition wins");
                         }
                     }
+                    Object::PeerAuthentication(p) => snap.peer_authentications.push(p.clone()),
+                    Object::AuthorizationPolicy(p) => snap.authorization_policies.push(p.clone()),
                     Object::Pod(pod) => {
                         if snap.pods.insert(pod.key(), Arc::new(pod.clone())).is_some() {
                             tracing::warn!(file = %path.display(), pod = %pod.key(), "pod defined more than once; the last definition wins");
@@ -228,11 +225,7 @@ mod tests {
         assert!(src.snapshot().namespaces.contains_key("shop"));
 
         // Different size, so the fingerprint changes even within one mtime tick.
-        write(
-            &dir,
-            "ns.yaml",
-            "apiVersion: v1\nkind: Namespace\nmetadata: [broken\n",
-        );
+        write(&dir, "ns.yaml", "apiVersion: v1\nkind: Namespace\nmetadata: [broken\n");
         assert!(!src.refresh(), "a rejected file changes nothing");
         assert!(src.snapshot().namespaces.contains_key("shop"));
         let errors = src.errors();

@@ -4,9 +4,13 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::Deserialize;
 
+use crate::policy::model::{
+    AuthorizationPolicy, PeerAuthentication, parse_authorization_policy, parse_peer_authentication,
+};
 use crate::state::workload::{Namespace, Pod};
 
 /// A parsed object from the config directory.
@@ -16,6 +20,10 @@ pub enum Object {
     Namespace(Namespace),
     /// A `v1/Pod`.
     Pod(Pod),
+    /// A `security.istio.io` PeerAuthentication (kept even when invalid).
+    PeerAuthentication(Arc<PeerAuthentication>),
+    /// A `security.istio.io` AuthorizationPolicy (kept even when invalid).
+    AuthorizationPolicy(Arc<AuthorizationPolicy>),
 }
 
 /// Why a file was rejected. The file's previous good content stays in force.
@@ -117,7 +125,7 @@ struct Doc {
     #[serde(default)]
     kind: String,
     #[serde(default)]
-    metadata: Meta,
+    metadata: serde_yaml::Value,
     #[serde(default)]
     spec: serde_yaml::Value,
     #[serde(default)]
@@ -143,13 +151,12 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, ParseError> {
             doc: i + 1,
             line: start_line,
         };
-        let value: serde_yaml::Value =
-            serde_yaml::from_str(body).map_err(|e| ParseError::Syntax {
-                file: file.clone(),
-                doc: at.doc,
-                line: start_line + e.location().map_or(0, |l| l.line().saturating_sub(1)),
-                message: e.to_string(),
-            })?;
+        let value: serde_yaml::Value = serde_yaml::from_str(body).map_err(|e| ParseError::Syntax {
+            file: file.clone(),
+            doc: at.doc,
+            line: start_line + e.location().map_or(0, |l| l.line().saturating_sub(1)),
+            message: e.to_string(),
+        })?;
         if value.is_null() {
             continue;
         }
@@ -158,11 +165,7 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, ParseError> {
     Ok(out)
 }
 
-fn parse_value(
-    value: serde_yaml::Value,
-    at: &At<'_>,
-    out: &mut Vec<Object>,
-) -> Result<(), ParseError> {
+fn parse_value(value: serde_yaml::Value, at: &At<'_>, out: &mut Vec<Object>) -> Result<(), ParseError> {
     let syntax = |e: serde_yaml::Error| ParseError::Syntax {
         file: at.file.to_string(),
         doc: at.doc,
@@ -170,6 +173,16 @@ fn parse_value(
         message: e.to_string(),
     };
     let doc: Doc = serde_yaml::from_value(value).map_err(syntax)?;
+    let metadata: Meta = if doc.metadata.is_null() {
+        Meta::default()
+    } else {
+        serde_yaml::from_value(doc.metadata.clone()).map_err(|e| ParseError::Syntax {
+            file: at.file.to_string(),
+            doc: at.doc,
+            line: at.line,
+            message: format!("metadata: {e}"),
+        })?
+    };
     let invalid = |name: &str, message: String| ParseError::Invalid {
         file: at.file.to_string(),
         doc: at.doc,
@@ -184,17 +197,35 @@ fn parse_value(
                 parse_value(item, at, out)?;
             }
         }
+        (
+            "security.istio.io/v1" | "security.istio.io/v1beta1",
+            kind @ ("PeerAuthentication" | "AuthorizationPolicy"),
+        ) => {
+            if metadata.name.is_empty() || metadata.namespace.is_empty() {
+                return Err(invalid("", "metadata.name and metadata.namespace are required".into()));
+            }
+            let spec = if doc.spec.is_null() {
+                serde_yaml::Value::Mapping(Default::default())
+            } else {
+                doc.spec.clone()
+            };
+            out.push(if kind == "PeerAuthentication" {
+                Object::PeerAuthentication(Arc::new(parse_peer_authentication(&doc.metadata, &spec)))
+            } else {
+                Object::AuthorizationPolicy(Arc::new(parse_authorization_policy(&doc.metadata, &spec)))
+            });
+        }
         ("v1", "Namespace") => {
-            if doc.metadata.name.is_empty() {
+            if metadata.name.is_empty() {
                 return Err(invalid("", "metadata.name is required".into()));
             }
             out.push(Object::Namespace(Namespace {
-                name: doc.metadata.name,
-                labels: doc.metadata.labels,
+                name: metadata.name,
+                labels: metadata.labels,
             }));
         }
         ("v1", "Pod") => {
-            let meta = doc.metadata;
+            let meta = metadata;
             let key = format!("{}/{}", meta.namespace, meta.name);
             if meta.name.is_empty() || meta.namespace.is_empty() {
                 return Err(invalid(
@@ -210,26 +241,21 @@ fn parse_value(
             let status: PodStatusDoc = if doc.status.is_null() {
                 PodStatusDoc::default()
             } else {
-                serde_yaml::from_value(doc.status)
-                    .map_err(|e| invalid(&key, format!("status: {e}")))?
+                serde_yaml::from_value(doc.status).map_err(|e| invalid(&key, format!("status: {e}")))?
             };
             let mut ips: Vec<IpAddr> = Vec::new();
             let all = std::iter::once(status.pod_ip.as_str())
                 .chain(status.pod_ips.iter().map(|p| p.ip.as_str()))
                 .filter(|s| !s.is_empty());
             for s in all {
-                let ip: IpAddr = s.parse().map_err(|_| {
-                    invalid(&key, format!("status.podIPs: {s:?} is not an IP address"))
-                })?;
+                let ip: IpAddr = s
+                    .parse()
+                    .map_err(|_| invalid(&key, format!("status.podIPs: {s:?} is not an IP address")))?;
                 if !ips.contains(&ip) {
                     ips.push(ip);
                 }
             }
-            let uid = if meta.uid.is_empty() {
-                key.clone()
-            } else {
-                meta.uid
-            };
+            let uid = if meta.uid.is_empty() { key.clone() } else { meta.uid };
             out.push(Object::Pod(Pod {
                 namespace: meta.namespace,
                 name: meta.name,
@@ -272,20 +298,14 @@ fn split_documents(text: &str) -> Vec<(usize, &str)> {
         let is_marker = trimmed == "---" || trimmed.starts_with("--- ") || trimmed == "...";
         if is_marker {
             docs.push((start_line, &text[start..offset]));
-            let after = if trimmed.starts_with("--- ") {
-                4
-            } else {
-                line.len()
-            };
+            let after = if trimmed.starts_with("--- ") { 4 } else { line.len() };
             start = offset + after.min(line.len());
             start_line = i + 1 + usize::from(after >= line.len());
         }
         offset += line.len();
     }
     docs.push((start_line, &text[start..]));
-    docs.into_iter()
-        .filter(|(_, d)| !d.trim().is_empty())
-        .collect()
+    docs.into_iter().filter(|(_, d)| !d.trim().is_empty()).collect()
 }
 
 #[cfg(test)]
@@ -315,23 +335,17 @@ status:
 
     #[test]
     fn reads_pods_and_namespaces_from_multi_document_files() {
-        let text =
-            format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n---\n{POD}---\n");
+        let text = format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n---\n{POD}---\n");
         let objs = parse(&text).unwrap();
         assert_eq!(objs.len(), 2);
-        let Object::Pod(p) = &objs[1] else {
-            panic!("not a pod")
-        };
+        let Object::Pod(p) = &objs[1] else { panic!("not a pod") };
         assert_eq!(p.key(), "shop/web");
         assert_eq!(p.uid, "1234");
         assert_eq!(p.service_account, "web-sa");
         assert_eq!(p.node_name, "node-1");
         assert_eq!(
             p.ips,
-            vec![
-                "10.1.1.2".parse::<IpAddr>().unwrap(),
-                "fd00::2".parse().unwrap()
-            ]
+            vec!["10.1.1.2".parse::<IpAddr>().unwrap(), "fd00::2".parse().unwrap()]
         );
     }
 
@@ -362,11 +376,7 @@ status:
                 api_version: "apps/v1".into(),
             }
         );
-        assert!(
-            err.to_string()
-                .contains("cfg/pods.yaml: document 2 (line 5)"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("cfg/pods.yaml: document 2 (line 5)"), "{err}");
     }
 
     #[test]
@@ -375,10 +385,7 @@ status:
         match parse(text).unwrap_err() {
             ParseError::Syntax { doc, line, .. } => {
                 assert_eq!(doc, 2);
-                assert!(
-                    line >= 7,
-                    "line {line} should point into the second document"
-                );
+                assert!(line >= 7, "line {line} should point into the second document");
             }
             other => panic!("expected a syntax error, got {other}"),
         }
@@ -386,7 +393,8 @@ status:
 
     #[test]
     fn bad_pod_ip_is_invalid() {
-        let err = parse("apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: b}\nstatus: {podIP: 10.0.0.300}\n").unwrap_err();
+        let err = parse("apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: b}\nstatus: {podIP: 10.0.0.300}\n")
+            .unwrap_err();
         assert!(matches!(err, ParseError::Invalid { .. }), "{err}");
         assert!(err.to_string().contains("b/a"), "{err}");
         assert!(err.to_string().contains("10.0.0.300"), "{err}");

@@ -11,9 +11,12 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
+use crate::policy::model::{AuthorizationPolicy, Mode, PeerAuthentication};
+use crate::policy::{ConnInfo, Decision, WorkloadMtls};
+
 use workload::{
-    EXCLUDE_INBOUND_ANNOTATION, EXCLUDE_OUTBOUND_ANNOTATION, Enrolment, ManagedPod, Namespace, Pod,
-    enrolment, parse_port_list,
+    EXCLUDE_INBOUND_ANNOTATION, EXCLUDE_OUTBOUND_ANNOTATION, Enrolment, ManagedPod, Namespace, Pod, enrolment,
+    parse_port_list,
 };
 
 /// Everything the agent knows about the cluster at one moment.
@@ -23,6 +26,12 @@ pub struct Snapshot {
     pub namespaces: HashMap<String, Namespace>,
     /// Pods by `namespace/name`.
     pub pods: BTreeMap<String, Arc<Pod>>,
+    /// PeerAuthentications.
+    pub peer_authentications: Vec<Arc<PeerAuthentication>>,
+    /// AuthorizationPolicies.
+    pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
+    /// Istio's root namespace: its policies apply mesh-wide.
+    pub root_namespace: String,
     /// Increases with every published snapshot.
     pub generation: u64,
     /// Pods by IP, built by [`Snapshot::index`].
@@ -40,31 +49,34 @@ impl Snapshot {
         self
     }
 
+    /// The mTLS modes of a pod.
+    pub fn mtls(&self, pod: &Pod) -> WorkloadMtls {
+        crate::policy::mtls_mode(&self.peer_authentications, &self.root_namespace, pod)
+    }
+
+    /// Authorizes a connection to `pod`.
+    pub fn authorize(&self, pod: &Pod, conn: &ConnInfo) -> Decision {
+        crate::policy::authorize(&self.authorization_policies, &self.root_namespace, pod, conn)
+    }
+
     /// The enrolled pod (on any node) that owns `ip`: a destination that
     /// is reached through an HBONE tunnel.
     pub fn enrolled_workload(&self, ip: std::net::IpAddr) -> Option<Arc<Pod>> {
         let pod = self.by_ip.get(&ip)?;
-        (enrolment(pod, self.namespaces.get(&pod.namespace)) == Enrolment::Enrolled)
-            .then(|| pod.clone())
+        (enrolment(pod, self.namespaces.get(&pod.namespace)) == Enrolment::Enrolled).then(|| pod.clone())
     }
 
     /// The pods this node's agent must capture, by UID, with the reasons
     /// for the pods of this node it must not.
-    pub fn managed_pods(
-        &self,
-        node: &str,
-    ) -> (HashMap<String, ManagedPod>, Vec<(String, Enrolment)>) {
+    pub fn managed_pods(&self, node: &str) -> (HashMap<String, ManagedPod>, Vec<(String, Enrolment)>) {
         let mut managed = HashMap::new();
         let mut skipped = Vec::new();
         for pod in self.pods.values().filter(|p| p.node_name == node) {
             match enrolment(pod, self.namespaces.get(&pod.namespace)) {
                 Enrolment::Enrolled => {
+                    let mtls = self.mtls(pod);
                     let ports = |annotation: &str| {
-                        let value = pod
-                            .annotations
-                            .get(annotation)
-                            .map(String::as_str)
-                            .unwrap_or("");
+                        let value = pod.annotations.get(annotation).map(String::as_str).unwrap_or("");
                         let (ports, bad) = parse_port_list(value);
                         for b in bad {
                             tracing::warn!(pod = %pod.key(), annotation, "ignoring entry {b}");
@@ -81,6 +93,13 @@ impl Snapshot {
                             ips: pod.ips.clone(),
                             exclude_inbound: ports(EXCLUDE_INBOUND_ANNOTATION),
                             exclude_outbound: ports(EXCLUDE_OUTBOUND_ANNOTATION),
+                            inbound_disabled: mtls.default == Mode::Disable,
+                            mtls_port_overrides: mtls
+                                .ports
+                                .iter()
+                                .filter(|(_, m)| (**m == Mode::Disable) != (mtls.default == Mode::Disable))
+                                .map(|(p, _)| *p)
+                                .collect(),
                         },
                     );
                 }

@@ -70,9 +70,7 @@ pub enum Enrolment {
 /// Applies Istio ambient's enrolment rules to a pod.
 pub fn enrolment(pod: &Pod, ns: Option<&Namespace>) -> Enrolment {
     let pod_mode = pod.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str);
-    let ns_mode = ns
-        .and_then(|n| n.labels.get(DATAPLANE_MODE_LABEL))
-        .map(String::as_str);
+    let ns_mode = ns.and_then(|n| n.labels.get(DATAPLANE_MODE_LABEL)).map(String::as_str);
     if pod_mode == Some("none") {
         return Enrolment::OptedOut;
     }
@@ -105,6 +103,11 @@ pub struct ManagedPod {
     pub exclude_inbound: Vec<u16>,
     /// Outbound destination ports left uncaptured.
     pub exclude_outbound: Vec<u16>,
+    /// mTLS DISABLE for the workload: inbound is not captured by default.
+    pub inbound_disabled: bool,
+    /// Ports whose mode differs from the default in that respect: captured
+    /// when the workload is DISABLE, uncaptured (DISABLE) otherwise.
+    pub mtls_port_overrides: Vec<u16>,
 }
 
 /// Parses a port-list annotation (`"8080, 9090"`). Bad entries are reported
@@ -139,10 +142,7 @@ mod tests {
             namespace: "shop".into(),
             name: "web".into(),
             uid: "u1".into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             node_name: "n1".into(),
             ips: vec!["10.0.0.2".parse().unwrap()],
             phase: "Running".into(),
@@ -176,12 +176,7 @@ mod tests {
                 Some(ns(false)),
                 Enrolment::Enrolled,
             ),
-            (
-                "no label anywhere",
-                pod(&[]),
-                Some(ns(false)),
-                Enrolment::NotEnrolled,
-            ),
+            ("no label anywhere", pod(&[]), Some(ns(false)), Enrolment::NotEnrolled),
             (
                 "unknown namespace, no pod label",
                 pod(&[]),
