@@ -116,6 +116,10 @@ pub struct RunArgs {
     #[arg(long, env = "NODEWARD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
 
+    /// Istio root namespace: policies there apply mesh-wide.
+    #[arg(long, env = "NODEWARD_ROOT_NAMESPACE", default_value = "istio-system")]
+    pub root_namespace: String,
+
     /// Trust domain of this cluster's SPIFFE identities.
     #[arg(long, env = "NODEWARD_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,

@@ -79,6 +79,7 @@ pub struct PodManager {
     adopted_previous_run: bool,
     identity: Option<Arc<CertManager>>,
     mesh: Arc<Mesh>,
+    revalidated: u64,
 }
 
 impl PodManager {
@@ -106,6 +107,7 @@ impl PodManager {
             adopted_previous_run: false,
             identity: mesh.certs.clone(),
             mesh,
+            revalidated: 0,
         }
     }
 
@@ -134,6 +136,15 @@ impl PodManager {
     async fn reconcile(&mut self) {
         self.refresh_probe_sources();
         let snap = self.store.current();
+        if snap.generation != self.revalidated {
+            // Policy may have changed: close what it no longer allows.
+            self.revalidated = snap.generation;
+            for a in self.active.values() {
+                if let Some(pod) = snap.pods.get(&a.ctx.pod.key) {
+                    a.ctx.live.revalidate(&snap, pod);
+                }
+            }
+        }
         let (desired, _skipped) = snap.managed_pods(&self.node);
 
         let gone: Vec<String> = self
@@ -228,6 +239,7 @@ impl PodManager {
             netns: Arc::new(netns),
             identity,
             tunnel_tls,
+            live: Default::default(),
             mesh: self.mesh.clone(),
             config: self.config.clone(),
             capture: self.capture.clone(),
@@ -396,7 +408,11 @@ fn update_exclusions(capture: &Capture, cookie: u64, old: &ManagedPod, new: &Man
     let sets = [
         (&old.exclude_inbound, &new.exclude_inbound, DIRECTION_INBOUND),
         (&old.exclude_outbound, &new.exclude_outbound, DIRECTION_OUTBOUND),
-        (&old.mtls_port_overrides, &new.mtls_port_overrides, DIRECTION_MTLS_OVERRIDE),
+        (
+            &old.mtls_port_overrides,
+            &new.mtls_port_overrides,
+            DIRECTION_MTLS_OVERRIDE,
+        ),
     ];
     for (before, after, dir) in sets {
         for p in before.iter().filter(|p| !after.contains(p)) {

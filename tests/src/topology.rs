@@ -290,6 +290,18 @@ impl Topology {
         std::fs::rename(&tmp, self.config_dir.join("cluster.yaml")).expect("rename config");
     }
 
+    /// Writes (or replaces) an extra config file `name.yaml`, atomically.
+    pub fn apply(&self, name: &str, yaml: &str) {
+        let tmp = self.config_dir.join(format!(".{name}.yaml.tmp"));
+        std::fs::write(&tmp, yaml).expect("write config");
+        std::fs::rename(&tmp, self.config_dir.join(format!("{name}.yaml"))).expect("rename config");
+    }
+
+    /// Removes an extra config file.
+    pub fn unapply(&self, name: &str) {
+        let _ = std::fs::remove_file(self.config_dir.join(format!("{name}.yaml")));
+    }
+
     /// Changes a pod's spec (or removes it with `None`) and rewrites the config.
     pub fn edit_pod(&mut self, name: &str, edit: impl FnOnce(&mut PodSpec) -> bool) {
         let idx = self

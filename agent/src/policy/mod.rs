@@ -54,7 +54,7 @@ fn selects(selector: &Option<BTreeMap<String, String>>, labels: &BTreeMap<String
         .is_none_or(|sel| sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
 }
 
-fn oldest<'a>(mut v: Vec<&'a PeerAuthentication>) -> Option<&'a PeerAuthentication> {
+fn oldest(mut v: Vec<&PeerAuthentication>) -> Option<&PeerAuthentication> {
     v.sort_by(|a, b| (&a.meta.created, &a.meta.name).cmp(&(&b.meta.created, &b.meta.name)));
     v.into_iter().next()
 }

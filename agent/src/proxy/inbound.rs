@@ -13,15 +13,44 @@ use nodeward_common::SockKey;
 use tokio::net::TcpStream;
 
 use super::relay::CloseReason;
-use super::{Outcome, PodContext, relay_tcp, sock_addr, sock_key, socket, unmap};
+use super::{Outcome, PodContext, log_audits, relay_tcp, sock_addr, sock_key, socket, unmap};
+use crate::policy::ConnInfo;
+use crate::policy::model::Mode;
 
-/// Handles one inbound plaintext connection.
+/// Handles one inbound plaintext connection: refused on a STRICT port,
+/// otherwise authorized without a principal (PERMISSIVE), then relayed.
 pub async fn handle(ctx: &PodContext, down: TcpStream, peer: SocketAddr) -> Outcome {
     let dst = match down.local_addr() {
         Ok(a) => unmap(a),
         Err(_) => return Outcome::refused(None, CloseReason::IoError),
     };
-    let (up, _entry) = match connect_app(ctx, dst, unmap(peer)).await {
+    let client = unmap(peer);
+    let snap = ctx.mesh.store.current();
+    let Some(pod) = snap.pods.get(&ctx.pod.key).cloned() else {
+        socket::reset(&down);
+        return Outcome::refused(Some(dst), CloseReason::PodRemoved);
+    };
+    if snap.mtls(&pod).mode(dst.port()) == Mode::Strict {
+        socket::reset(&down);
+        return Outcome::refused(Some(dst), CloseReason::MtlsStrict);
+    }
+    let info = ConnInfo {
+        src_ip: client.ip(),
+        src_identity: None,
+        dst_ip: dst.ip(),
+        dst_port: dst.port(),
+    };
+    let decision = snap.authorize(&pod, &info);
+    log_audits(ctx, &info, &decision);
+    if !decision.allowed {
+        socket::reset(&down);
+        let mut o = Outcome::refused(Some(dst), CloseReason::PolicyDenied);
+        o.refusal = Some(decision.reason);
+        o.policy = decision.policy;
+        return o;
+    }
+    let live = ctx.live.register(info, &ctx.cancel);
+    let (up, _entry) = match connect_app(ctx, dst, client).await {
         Ok(c) => c,
         Err(e) => {
             // The app's port is closed (or worse): the client must see a
@@ -30,7 +59,10 @@ pub async fn handle(ctx: &PodContext, down: TcpStream, peer: SocketAddr) -> Outc
             return Outcome::refused(Some(dst), CloseReason::from_io(&e));
         }
     };
-    let stats = relay_tcp(ctx, down, up).await;
+    let mut stats = relay_tcp(ctx, down, up, &live.cancel).await;
+    if stats.reason.is_none() && live.closed_by_policy() {
+        stats.reason = Some(CloseReason::PolicyChanged);
+    }
     Outcome::relayed(dst, stats, "plaintext")
 }
 

@@ -15,6 +15,7 @@
 pub mod counters;
 pub mod hbone;
 pub mod inbound;
+pub mod live;
 pub mod outbound;
 pub mod pool;
 pub mod relay;
@@ -95,6 +96,8 @@ pub struct PodContext {
     pub identity: Option<Identity>,
     /// TLS configuration of its tunnel listener.
     pub tunnel_tls: Option<Arc<rustls::ServerConfig>>,
+    /// Its open inbound connections, for policy changes.
+    pub live: live::LiveConns,
     /// Shared mesh services.
     pub mesh: Arc<Mesh>,
     /// Settings.
@@ -239,6 +242,8 @@ pub struct Outcome {
     pub transport: &'static str,
     /// The authenticated peer, for tunnels.
     pub peer_identity: Option<Identity>,
+    /// The policy that refused it, if one did.
+    pub policy: Option<String>,
     /// Why a peer certificate was refused, when that ended it.
     pub refusal: Option<&'static str>,
 }
@@ -256,6 +261,7 @@ impl Outcome {
             transport: "plaintext",
             peer_identity: None,
             refusal: None,
+            policy: None,
         }
     }
 
@@ -267,6 +273,7 @@ impl Outcome {
             transport,
             peer_identity: None,
             refusal: None,
+            policy: None,
         }
     }
 }
@@ -285,12 +292,29 @@ pub fn log_connection(ctx: &PodContext, dir: Direction, src: SocketAddr, o: &Out
         transport = o.transport,
         peer_identity = o.peer_identity.as_ref().map(|i| i.to_string()),
         refusal = o.refusal,
+        policy = o.policy.as_deref(),
         sent = o.stats.sent,
         received = o.stats.received,
         duration_ms = started.elapsed().as_millis() as u64,
         reason,
         "connection closed"
     );
+}
+
+/// Logs the AUDIT policies a connection matched.
+pub fn log_audits(ctx: &PodContext, info: &crate::policy::ConnInfo, d: &crate::policy::Decision) {
+    for policy in &d.audited {
+        tracing::info!(
+            target: "nodeward::audit",
+            policy = %policy,
+            pod = %ctx.pod.key,
+            src = %info.src_ip,
+            principal = info.src_identity.as_ref().map(|i| i.principal()),
+            dst_port = info.dst_port,
+            allowed = d.allowed,
+            "audit"
+        );
+    }
 }
 
 /// A cancelled relay ended because of the pod or the agent; say which.
@@ -304,11 +328,16 @@ pub fn final_reason(ctx: &PodContext, reason: Option<CloseReason>) -> CloseReaso
 
 /// Relays between an accepted connection and its upstream, then closes both
 /// (with a reset when the relay did not end cleanly).
-pub async fn relay_tcp(ctx: &PodContext, mut down: TcpStream, mut up: TcpStream) -> RelayStats {
+pub async fn relay_tcp(
+    ctx: &PodContext,
+    mut down: TcpStream,
+    mut up: TcpStream,
+    cancel: &CancellationToken,
+) -> RelayStats {
     let stats = {
         let (dr, dw) = down.split();
         let (ur, uw) = up.split();
-        relay::relay(dr, dw, ur, uw, ctx.config.relay, &ctx.cancel).await
+        relay::relay(dr, dw, ur, uw, ctx.config.relay, cancel).await
     };
     if final_reason(ctx, stats.reason).resets() {
         socket::reset(&down);

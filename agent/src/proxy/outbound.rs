@@ -36,7 +36,12 @@ pub async fn handle(ctx: &PodContext, down: TcpStream, peer: SocketAddr) -> Outc
     };
     let _entry = MapEntryGuard { ctx, key };
     let dst = from_words(orig.addr, orig.port);
-    let workload = ctx.mesh.store.current().enrolled_workload(dst.ip());
+    let snap = ctx.mesh.store.current();
+    // A destination port in mTLS DISABLE is reached in plaintext: its
+    // agent has stepped aside and would not capture the tunnel's stream.
+    let workload = snap
+        .enrolled_workload(dst.ip())
+        .filter(|w| snap.mtls(w).mode(dst.port()) != crate::policy::model::Mode::Disable);
     match workload {
         Some(w) => {
             let expected = match &ctx.mesh.certs {
@@ -71,7 +76,7 @@ async fn passthrough(ctx: &PodContext, down: TcpStream, dst: SocketAddr) -> Outc
             return Outcome::refused(Some(dst), CloseReason::from_io(&e));
         }
     };
-    let stats = relay_tcp(ctx, down, up).await;
+    let stats = relay_tcp(ctx, down, up, &ctx.cancel).await;
     Outcome::relayed(dst, stats, "passthrough")
 }
 

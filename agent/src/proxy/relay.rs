@@ -46,6 +46,12 @@ pub enum CloseReason {
     BadRequest,
     /// The peer's certificate was revoked or its identity denied meanwhile.
     PeerRevoked,
+    /// Plaintext to a port whose mTLS mode is STRICT.
+    MtlsStrict,
+    /// Authorization policy denied it.
+    PolicyDenied,
+    /// A policy change no longer allows it.
+    PolicyChanged,
 }
 
 impl CloseReason {
@@ -69,6 +75,9 @@ impl CloseReason {
             CloseReason::TlsRefused => "tls_refused",
             CloseReason::BadRequest => "bad_request",
             CloseReason::PeerRevoked => "peer_revoked",
+            CloseReason::MtlsStrict => "mtls_strict",
+            CloseReason::PolicyDenied => "policy_denied",
+            CloseReason::PolicyChanged => "policy_changed",
         }
     }
 

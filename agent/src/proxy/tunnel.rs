@@ -24,10 +24,11 @@ use tokio_util::sync::CancellationToken;
 use super::hbone::{H2Stream, parse_authority, parse_forwarded_for};
 use super::inbound::connect_app;
 use super::relay::{self, CloseReason};
-use super::{Direction, Outcome, PodContext, final_reason, log_connection, socket, unmap};
+use super::{Direction, Outcome, PodContext, final_reason, log_audits, log_connection, socket, unmap};
 use crate::identity::Identity;
 use crate::identity::tls::peer_identity;
 use crate::identity::verify::refusal_of_io;
+use crate::policy::ConnInfo;
 
 /// Streams reset before being answered that a connection may accumulate
 /// before the rapid-reset check applies.
@@ -167,6 +168,27 @@ async fn stream(
         let o = outcome(Some(dst), CloseReason::BadRequest, Some("not_this_pod"));
         return log_connection(ctx, Direction::Tunnel, peer, &o, started);
     }
+    let snap = ctx.mesh.store.current();
+    let Some(pod) = snap.pods.get(&ctx.pod.key).cloned() else {
+        reject(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+        let o = outcome(Some(dst), CloseReason::PodRemoved, None);
+        return log_connection(ctx, Direction::Tunnel, peer, &o, started);
+    };
+    let info = ConnInfo {
+        src_ip: peer.ip(),
+        src_identity: Some(peer_id.clone()),
+        dst_ip: dst.ip(),
+        dst_port: dst.port(),
+    };
+    let decision = snap.authorize(&pod, &info);
+    log_audits(ctx, &info, &decision);
+    if !decision.allowed {
+        reject(&mut respond, StatusCode::FORBIDDEN);
+        let mut o = outcome(Some(dst), CloseReason::PolicyDenied, Some(decision.reason));
+        o.policy = decision.policy;
+        return log_connection(ctx, Direction::Tunnel, peer, &o, started);
+    }
+    let live = ctx.live.register(info, cancel);
     // The tunnel's source is the client pod (authenticated by mTLS); the
     // forwarded header may only add the client's port.
     let client = req
@@ -200,10 +222,12 @@ async fn stream(
     let stats = {
         let (ur, uw) = up.split();
         let (mut tr, mut tw) = tokio::io::split(&mut tunnel);
-        relay::relay(&mut tr, &mut tw, ur, uw, ctx.config.relay, cancel).await
+        relay::relay(&mut tr, &mut tw, ur, uw, ctx.config.relay, &live.cancel).await
     };
     let mut stats = stats;
-    if stats.reason.is_none() && !ctx.cancel.is_cancelled() {
+    if stats.reason.is_none() && live.closed_by_policy() {
+        stats.reason = Some(CloseReason::PolicyChanged);
+    } else if stats.reason.is_none() && !ctx.cancel.is_cancelled() {
         stats.reason = Some(CloseReason::PeerRevoked);
     }
     if final_reason(ctx, stats.reason).resets() {

@@ -42,6 +42,7 @@ struct FileState {
 pub struct DirSource {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
+    root_namespace: String,
 }
 
 impl DirSource {
@@ -50,7 +51,14 @@ impl DirSource {
         DirSource {
             dir: dir.into(),
             files: BTreeMap::new(),
+            root_namespace: "istio-system".into(),
         }
+    }
+
+    /// Sets Istio's root namespace (mesh-wide policies).
+    pub fn with_root_namespace(mut self, ns: &str) -> Self {
+        self.root_namespace = ns.to_string();
+        self
     }
 
     /// Re-reads changed files. Returns true when the objects changed.
@@ -124,6 +132,8 @@ impl DirSource {
                 }
             }
         }
+        snap.root_namespace = self.root_namespace.clone();
+        report_policies(&snap);
         snap.index()
     }
 
@@ -150,6 +160,44 @@ impl DirSource {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(interval) => {}
             }
+        }
+    }
+}
+
+/// Logs what operators must know about the policies now in force: invalid
+/// ones (and how they fail safe), unsupported ones, L7-only fields, DISABLE.
+fn report_policies(snap: &Snapshot) {
+    use crate::policy::model::{Action, Mode};
+    for p in &snap.peer_authentications {
+        if let Some(e) = &p.meta.error {
+            tracing::error!(policy = %p.meta.key(), kind = "PeerAuthentication", "invalid policy, treated as STRICT: {e}");
+        }
+        let disabled = p.mode == Mode::Disable || p.port_modes.values().any(|m| *m == Mode::Disable);
+        if disabled {
+            tracing::warn!(policy = %p.meta.key(), kind = "PeerAuthentication", "mTLS DISABLE in force: plaintext allowed");
+        }
+        if p.meta.selector.is_none() && !p.port_modes.is_empty() {
+            tracing::warn!(policy = %p.meta.key(), kind = "PeerAuthentication", "portLevelMtls needs a selector; ignored as in Istio");
+        }
+    }
+    for p in &snap.authorization_policies {
+        match (&p.meta.error, p.action) {
+            (Some(e), Action::Deny) => {
+                tracing::error!(policy = %p.meta.key(), kind = "AuthorizationPolicy", "invalid DENY policy, denies everything it selects: {e}")
+            }
+            (Some(e), _) => {
+                tracing::error!(policy = %p.meta.key(), kind = "AuthorizationPolicy", "invalid policy, matches nothing: {e}")
+            }
+            (None, Action::Custom) => tracing::error!(
+                policy = %p.meta.key(),
+                kind = "AuthorizationPolicy",
+                status = "unsupported",
+                "CUSTOM authorization is unsupported at L4; the workloads it selects are refused"
+            ),
+            _ => {}
+        }
+        for w in &p.warnings {
+            tracing::warn!(policy = %p.meta.key(), kind = "AuthorizationPolicy", "{w}: in ALLOW rules it matches nothing, in DENY rules it is ignored");
         }
     }
 }

@@ -1,0 +1,286 @@
+//! mTLS modes and L4 authorization on the two-node topology, from the same
+//! PeerAuthentication and AuthorizationPolicy YAML operators write for Istio.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use nodeward_testbed::traffic::{self, info_echo, read_greeting, round_trip, serve};
+use nodeward_testbed::{PodSpec, Topology, TopologySpec, privileged_or_skip, shared};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// node 1: frontend, other; node 2: api, frontend2 (sa frontend), other2
+/// (sa other); namespace `plain` (not enrolled): outsider on node 2.
+fn cluster(test: &str) -> Option<Topology> {
+    if !privileged_or_skip(test) {
+        return None;
+    }
+    let sa = |name: &str, sa: &str| {
+        let mut p = PodSpec::new(name, "mesh").label("app", name);
+        p.service_account = sa.into();
+        p
+    };
+    let spec = TopologySpec {
+        nodes: vec![
+            vec![sa("frontend", "frontend"), sa("other", "other")],
+            vec![
+                sa("api", "api"),
+                sa("frontend2", "frontend"),
+                sa("other2", "other"),
+                PodSpec::new("outsider", "plain"),
+            ],
+        ],
+        namespaces: vec![("mesh".into(), true), ("plain".into(), false)],
+    };
+    let mut t = Topology::build(spec);
+    t.start_agents();
+    Some(t)
+}
+
+/// Whether a connection gets through to the app (its greeting arrives).
+fn reaches(t: &Topology, from: &str, dst: SocketAddr) -> bool {
+    traffic::connect_timeout(&t.pod(from).netns, dst, Duration::from_secs(3))
+        .and_then(|s| read_greeting(&s))
+        .is_ok()
+}
+
+/// Waits until `from -> dst` reaches (or stops reaching) the app: policy
+/// applies within one config poll of the file changing.
+fn eventually(t: &Topology, from: &str, dst: SocketAddr, want: bool) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while reaches(t, from, dst) != want {
+        assert!(Instant::now() < deadline, "{from} -> {dst}: expected reach={want}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+const ONLY_FRONTEND: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: api-from-frontend, namespace: mesh}
+spec:
+  selector: {matchLabels: {app: api}}
+  action: ALLOW
+  rules:
+  - from:
+    - source: {principals: [cluster.local/ns/mesh/sa/frontend]}
+";
+
+#[test]
+fn only_frontend_may_call_api_on_the_same_node_and_across() {
+    let _g = shared();
+    let Some(t) = cluster("only_frontend_may_call_api_on_the_same_node_and_across") else {
+        return;
+    };
+    let api = t.pod("api").clone();
+    let _s = serve(&api.netns, api.v4(8080), info_echo);
+    assert!(reaches(&t, "other", api.v4(8080)), "no policy yet: allowed");
+    t.apply("authz", ONLY_FRONTEND);
+    eventually(&t, "other", api.v4(8080), false);
+    assert!(reaches(&t, "frontend", api.v4(8080)), "frontend across nodes");
+    assert!(reaches(&t, "frontend2", api.v4(8080)), "frontend on the same node");
+    assert!(!reaches(&t, "other2", api.v4(8080)), "another service on the same node");
+    assert!(!reaches(&t, "outsider", api.v4(8080)), "plaintext has no principal");
+    let l = t
+        .agent(1)
+        .wait_log(WAIT, |l| {
+            l["reason"] == "policy_denied" && l["peer_identity"] == "spiffe://cluster.local/ns/mesh/sa/other"
+        })
+        .unwrap_or_else(|| panic!("no denial logged:\n{}", t.agent(1).dump()));
+    assert_eq!(l["refusal"], "no_allow_match");
+}
+
+fn pa(name: &str, body: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata: {{name: {name}, namespace: mesh}}\nspec:\n{body}"
+    )
+}
+
+#[test]
+fn strict_refuses_plaintext_permissive_accepts_it_and_port_levels_apply_each_to_their_port() {
+    let _g = shared();
+    let Some(t) = cluster("strict_refuses_plaintext_permissive_accepts_it_and_port_levels_apply_each_to_their_port")
+    else {
+        return;
+    };
+    let api = t.pod("api").clone();
+    let _s: Vec<_> = [8080, 9090, 9091]
+        .iter()
+        .map(|p| serve(&api.netns, api.v4(*p), info_echo))
+        .collect();
+    // PERMISSIVE (the default): a client outside the mesh gets through.
+    assert!(reaches(&t, "outsider", api.v4(8080)));
+    t.apply("pa", &pa("default", "  mtls: {mode: STRICT}\n"));
+    eventually(&t, "outsider", api.v4(8080), false);
+    assert!(
+        reaches(&t, "frontend", api.v4(8080)),
+        "HBONE is still accepted under STRICT"
+    );
+    t.agent(1)
+        .wait_log(WAIT, |l| l["reason"] == "mtls_strict")
+        .unwrap_or_else(|| panic!("STRICT refusal not logged:\n{}", t.agent(1).dump()));
+
+    // Port-level PERMISSIVE on two ports of api, under the STRICT namespace.
+    let ports = format!(
+        "{}---\n{}",
+        pa("default", "  mtls: {mode: STRICT}\n"),
+        pa(
+            "api-ports",
+            "  selector: {matchLabels: {app: api}}\n  portLevelMtls:\n    9090: {mode: PERMISSIVE}\n    9091: {mode: PERMISSIVE}\n"
+        )
+    );
+    t.apply("pa", &ports);
+    eventually(&t, "outsider", api.v4(9090), true);
+    assert!(
+        reaches(&t, "outsider", api.v4(9091)),
+        "the second port-level entry applies to its own port"
+    );
+    assert!(!reaches(&t, "outsider", api.v4(8080)), "other ports stay STRICT");
+
+    t.apply("pa", &pa("default", "  mtls: {mode: PERMISSIVE}\n"));
+    eventually(&t, "outsider", api.v4(8080), true);
+}
+
+#[test]
+fn strict_still_refuses_plaintext_with_the_agent_killed() {
+    let _g = shared();
+    let Some(mut t) = cluster("strict_still_refuses_plaintext_with_the_agent_killed") else {
+        return;
+    };
+    let api = t.pod("api").clone();
+    let _s = serve(&api.netns, api.v4(8080), info_echo);
+    t.apply("pa", &pa("default", "  mtls: {mode: STRICT}\n"));
+    eventually(&t, "outsider", api.v4(8080), false);
+    t.agent_mut(1).kill();
+    assert!(!reaches(&t, "outsider", api.v4(8080)));
+}
+
+#[test]
+fn disable_steps_aside_and_peers_send_plaintext() {
+    let _g = shared();
+    let Some(t) = cluster("disable_steps_aside_and_peers_send_plaintext") else {
+        return;
+    };
+    let api = t.pod("api").clone();
+    let _s = serve(&api.netns, api.v4(8080), info_echo);
+    t.apply(
+        "pa",
+        &pa(
+            "api-off",
+            "  selector: {matchLabels: {app: api}}\n  mtls: {mode: DISABLE}\n",
+        ),
+    );
+    t.agent(0)
+        .wait_log(WAIT, |l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("mTLS DISABLE in force"))
+        })
+        .expect("DISABLE is logged");
+    std::thread::sleep(Duration::from_millis(500));
+    let (seen, _, _) = round_trip(&t.pod("frontend").netns, api.v4(8080), b"plain").unwrap();
+    assert_eq!(seen.peer.ip(), t.pod("frontend").v4(0).ip());
+    let l = t
+        .agent(0)
+        .wait_connection("outbound", &api.v4(8080).to_string(), WAIT)
+        .unwrap();
+    assert_eq!(
+        l["transport"], "passthrough",
+        "peers of a DISABLE workload send plaintext"
+    );
+    let (_, _, local) = round_trip(&t.pod("outsider").netns, api.v4(8080), b"x").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !t.agent(1).connections().iter().any(|l| l["pod"] == "mesh/api"),
+        "inbound to a DISABLE workload is not captured (client {local}):\n{}",
+        t.agent(1).dump()
+    );
+}
+
+#[test]
+fn a_deny_on_a_port_and_a_policy_edit_closes_live_connections() {
+    let _g = shared();
+    let Some(t) = cluster("a_deny_on_a_port_and_a_policy_edit_closes_live_connections") else {
+        return;
+    };
+    let api = t.pod("api").clone();
+    let _s: Vec<_> = [8080, 9090]
+        .iter()
+        .map(|p| serve(&api.netns, api.v4(*p), info_echo))
+        .collect();
+    let mut live = traffic::connect(&t.pod("frontend").netns, api.v4(8080)).unwrap();
+    read_greeting(&live).unwrap();
+    let applied = Instant::now();
+    t.apply(
+        "deny",
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-8080, namespace: mesh}
+spec:
+  selector: {matchLabels: {app: api}}
+  action: DENY
+  rules:
+  - to:
+    - operation: {ports: ['8080']}
+",
+    );
+    live.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut b = [0u8; 1];
+    let r = live.read(&mut b);
+    assert!(matches!(r, Ok(0) | Err(_)), "the live connection is closed: {r:?}");
+    assert!(
+        applied.elapsed() < Duration::from_millis(1500),
+        "closed after {:?}",
+        applied.elapsed()
+    );
+    assert!(
+        !reaches(&t, "frontend", api.v4(8080)),
+        "new connections to 8080 are denied"
+    );
+    assert!(reaches(&t, "frontend", api.v4(9090)), "other ports are unaffected");
+    t.agent(1)
+        .wait_log(WAIT, |l| l["reason"] == "policy_changed")
+        .expect("logged as a policy change");
+}
+
+#[test]
+fn invalid_policies_are_reported_by_name_and_field_and_fail_safe() {
+    let _g = shared();
+    let Some(t) = cluster("invalid_policies_are_reported_by_name_and_field_and_fail_safe") else {
+        return;
+    };
+    let api = t.pod("api").clone();
+    let _s = serve(&api.netns, api.v4(8080), info_echo);
+    // A broken DENY selecting api fails closed for api only.
+    t.apply(
+        "broken",
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: broken-deny, namespace: mesh}
+spec:
+  selector: {matchLabels: {app: api}}
+  action: DENY
+  rules:
+  - from:
+    - source: {ipBlocks: [10.0.0.0/99]}
+",
+    );
+    let l = t
+        .agent(1)
+        .wait_log(WAIT, |l| l["policy"] == "mesh/broken-deny" && l["level"] == "ERROR")
+        .unwrap_or_else(|| panic!("not reported:\n{}", t.agent(1).dump()));
+    assert!(
+        l["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.rules[0].from[0].source.ipBlocks"),
+        "{l}"
+    );
+    eventually(&t, "frontend", api.v4(8080), false);
+    let other = t.pod("other2").clone();
+    let _s2 = serve(&other.netns, other.v4(8080), info_echo);
+    assert!(
+        reaches(&t, "frontend", other.v4(8080)),
+        "the rest of the configuration keeps working"
+    );
+}
