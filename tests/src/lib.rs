@@ -11,6 +11,7 @@ pub mod agent;
 pub mod bpf;
 pub mod cluster;
 pub mod hbone;
+pub mod loadgen;
 pub mod netns;
 pub mod sniff;
 pub mod topology;

@@ -7,6 +7,7 @@
 //! * `prereqs` — only the idempotent installs (nightly rust-src, LLVM 22
 //!   development packages, bpf-linker, iproute2, bpftool, tcpdump, iperf3).
 
+mod bench;
 mod demo;
 mod prereqs;
 
@@ -31,6 +32,15 @@ enum Cmd {
     Build,
     /// Run the demo topology on the embedded defaults, then tear it down.
     Demo,
+    /// Benchmark the mesh against no mesh on the namespace topology.
+    Bench {
+        /// Smoke mode: one short round with the debug build, to prove the harness.
+        #[arg(long)]
+        quick: bool,
+        /// A/B rounds (medians are taken over them).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// Run every check and test: fmt, clippy, unit and integration tests.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -52,6 +62,12 @@ fn main() -> Result<()> {
             prereqs::ensure()?;
             let bin = build()?;
             demo::run(&bin)
+        }
+        Cmd::Bench { quick, rounds } => {
+            require_root("the benchmark creates network namespaces and loads eBPF")?;
+            prereqs::ensure()?;
+            let bin = if quick { build()? } else { build_release()? };
+            bench::run(&bin, bench::Options { quick, rounds })
         }
         Cmd::Test { args } => {
             prereqs::ensure()?;
@@ -105,6 +121,12 @@ fn build() -> Result<PathBuf> {
     Ok(root().join("target/debug/nodeward"))
 }
 
+/// Builds the agent optimised, for benchmarks.
+fn build_release() -> Result<PathBuf> {
+    run(cargo().args(["build", "--release", "--package", "nodeward"]))?;
+    Ok(root().join("target/release/nodeward"))
+}
+
 fn test(extra: &[String]) -> Result<()> {
     println!("== cargo fmt --check");
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
@@ -120,5 +142,10 @@ fn test(extra: &[String]) -> Result<()> {
         .args(["test", "--no-fail-fast"])
         .args(extra)
         .env("NODEWARD_BIN", &bin)
-        .env("RUST_TEST_THREADS", "2"))
+        .env("RUST_TEST_THREADS", "2"))?;
+    if nix_is_root() && extra.is_empty() {
+        println!("== benchmark harness smoke run (cargo xtask bench --quick)");
+        bench::run(&bin, bench::Options { quick: true, rounds: 1 })?;
+    }
+    Ok(())
 }

@@ -60,7 +60,7 @@ pub async fn handle(ctx: &PodContext, down: TcpStream, peer: SocketAddr) -> Outc
         }
     };
     let mut stats = relay_tcp(ctx, down, up, &live.cancel).await;
-    if stats.reason.is_none() && live.closed_by_policy() {
+    if live.closed_by_policy() {
         stats.reason = Some(CloseReason::PolicyChanged);
     }
     Outcome::relayed(dst, stats, "plaintext")

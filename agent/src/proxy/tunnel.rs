@@ -224,10 +224,12 @@ async fn stream(
         let (mut tr, mut tw) = tokio::io::split(&mut tunnel);
         relay::relay(&mut tr, &mut tw, ur, uw, ctx.config.relay, &live.cancel).await
     };
+    // Who cancelled wins over however the relay saw the end: tearing the
+    // connection down also errors its streams.
     let mut stats = stats;
-    if stats.reason.is_none() && live.closed_by_policy() {
+    if live.closed_by_policy() {
         stats.reason = Some(CloseReason::PolicyChanged);
-    } else if stats.reason.is_none() && !ctx.cancel.is_cancelled() {
+    } else if cancel.is_cancelled() && !ctx.cancel.is_cancelled() {
         stats.reason = Some(CloseReason::PeerRevoked);
     }
     if final_reason(ctx, stats.reason).resets() {

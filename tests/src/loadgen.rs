@@ -1,0 +1,257 @@
+//! A small load generator for the benchmarks: request/response latency at a
+//! fixed rate or at saturation, and connection rate, with HDR histograms.
+//!
+//! Each worker is a thread that enters the client pod's namespace once and
+//! runs a single-threaded tokio runtime there, so every socket it opens
+//! belongs to the pod (and is captured like an app's).
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use nix::sched::{CloneFlags, setns};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+    let file = File::open(crate::netns::path(netns)).expect("open netns");
+    std::thread::spawn(move || {
+        setns(file.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// An echo server of fixed-size messages, in a pod, until dropped.
+pub struct EchoServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EchoServer {
+    /// Listens on `addr` in `netns` and echoes every byte back (`size` is
+    /// the expected message size, for the buffer).
+    pub fn start(netns: &str, addr: SocketAddr, size: usize) -> EchoServer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = in_netns(netns, move || {
+            runtime().block_on(async move {
+                let l = tokio::net::TcpListener::bind(addr).await.expect("bind echo server");
+                let _ = tx.send(());
+                while !flag.load(Ordering::Relaxed) {
+                    let Ok(Ok((mut s, _))) = tokio::time::timeout(Duration::from_millis(100), l.accept()).await else {
+                        continue;
+                    };
+                    let _ = s.set_nodelay(true);
+                    tokio::spawn(async move {
+                        // Echo whatever arrives: clients of any message size.
+                        let mut buf = vec![0u8; size.max(64 * 1024)];
+                        loop {
+                            match s.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    if s.write_all(&buf[..n]).await.is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                    });
+                }
+            })
+        });
+        let _ = rx.recv_timeout(Duration::from_secs(5));
+        EchoServer {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One request and its response, with a deadline so no run can hang.
+async fn exchange(s: &mut tokio::net::TcpStream, req: &[u8], resp: &mut [u8]) -> bool {
+    let io = async {
+        s.write_all(req).await?;
+        s.read_exact(resp).await
+    };
+    matches!(tokio::time::timeout(Duration::from_secs(5), io).await, Ok(Ok(_)))
+}
+
+/// Request/response results.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RrResult {
+    /// Median latency, µs.
+    pub p50_us: f64,
+    /// 99th percentile, µs.
+    pub p99_us: f64,
+    /// 99.9th percentile, µs.
+    pub p999_us: f64,
+    /// Completed requests per second.
+    pub rps: f64,
+}
+
+/// Runs `conns` persistent connections from `netns` to `dst` for
+/// `duration`, each sending `size`-byte requests; at `rate` total
+/// requests/s when given (open loop, latency measured from the scheduled
+/// send time), else as fast as possible.
+pub fn request_response(
+    netns: &str,
+    dst: SocketAddr,
+    conns: usize,
+    size: usize,
+    rate: Option<f64>,
+    duration: Duration,
+) -> RrResult {
+    let workers = 2.min(conns).max(1);
+    let per_worker = conns.div_ceil(workers);
+    let handles: Vec<_> = (0..workers)
+        .map(|_| {
+            in_netns(netns, move || {
+                runtime().block_on(async move {
+                    let mut tasks = Vec::new();
+                    for _ in 0..per_worker {
+                        let interval = rate.map(|r| Duration::from_secs_f64(conns as f64 / r));
+                        tasks.push(tokio::spawn(async move {
+                            let mut h = Histogram::<u64>::new(3).expect("histogram");
+                            let Ok(mut s) = tokio::net::TcpStream::connect(dst).await else {
+                                return (h, 0u64);
+                            };
+                            let _ = s.set_nodelay(true);
+                            let req = vec![7u8; size];
+                            let mut resp = vec![0u8; size];
+                            let start = Instant::now();
+                            let mut next = Instant::now();
+                            let mut n = 0u64;
+                            while start.elapsed() < duration {
+                                if interval.is_some() {
+                                    tokio::time::sleep_until(next.into()).await;
+                                }
+                                let t0 = Instant::now();
+                                if !exchange(&mut s, &req, &mut resp).await {
+                                    break;
+                                }
+                                let _ = h.record(t0.elapsed().as_micros() as u64);
+                                n += 1;
+                                if let Some(iv) = interval {
+                                    next += iv;
+                                }
+                            }
+                            (h, n)
+                        }));
+                    }
+                    let mut h = Histogram::<u64>::new(3).expect("histogram");
+                    let mut n = 0;
+                    for t in tasks {
+                        if let Ok((th, tn)) = t.await {
+                            let _ = h.add(th);
+                            n += tn;
+                        }
+                    }
+                    (h, n)
+                })
+            })
+        })
+        .collect();
+    let mut h = Histogram::<u64>::new(3).expect("histogram");
+    let mut n = 0;
+    for t in handles {
+        if let Ok((th, tn)) = t.join() {
+            let _ = h.add(th);
+            n += tn;
+        }
+    }
+    RrResult {
+        p50_us: h.value_at_quantile(0.5) as f64,
+        p99_us: h.value_at_quantile(0.99) as f64,
+        p999_us: h.value_at_quantile(0.999) as f64,
+        rps: n as f64 / duration.as_secs_f64(),
+    }
+}
+
+/// Connection-rate results.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnRate {
+    /// Completed connections per second.
+    pub cps: f64,
+    /// 99th percentile of connect + first response, µs.
+    pub p99_us: f64,
+}
+
+/// New connection, one `size`-byte exchange, close; `concurrency` at a time.
+pub fn connection_rate(netns: &str, dst: SocketAddr, concurrency: usize, size: usize, duration: Duration) -> ConnRate {
+    let workers = 2usize;
+    let per_worker = concurrency.div_ceil(workers);
+    let handles: Vec<_> = (0..workers)
+        .map(|_| {
+            in_netns(netns, move || {
+                runtime().block_on(async move {
+                    let mut tasks = Vec::new();
+                    for _ in 0..per_worker {
+                        tasks.push(tokio::spawn(async move {
+                            let mut h = Histogram::<u64>::new(3).expect("histogram");
+                            let req = vec![1u8; size];
+                            let mut resp = vec![0u8; size];
+                            let start = Instant::now();
+                            let mut n = 0u64;
+                            while start.elapsed() < duration {
+                                let t0 = Instant::now();
+                                let Ok(mut s) = tokio::net::TcpStream::connect(dst).await else {
+                                    continue;
+                                };
+                                let _ = s.set_nodelay(true);
+                                if !exchange(&mut s, &req, &mut resp).await {
+                                    continue;
+                                }
+                                let _ = h.record(t0.elapsed().as_micros() as u64);
+                                n += 1;
+                                // Close with a reset-free shutdown, as clients do.
+                                let _ = s.shutdown().await;
+                            }
+                            (h, n)
+                        }));
+                    }
+                    let mut h = Histogram::<u64>::new(3).expect("histogram");
+                    let mut n = 0;
+                    for t in tasks {
+                        if let Ok((th, tn)) = t.await {
+                            let _ = h.add(th);
+                            n += tn;
+                        }
+                    }
+                    (h, n)
+                })
+            })
+        })
+        .collect();
+    let mut h = Histogram::<u64>::new(3).expect("histogram");
+    let mut n = 0;
+    for t in handles {
+        if let Ok((th, tn)) = t.join() {
+            let _ = h.add(th);
+            n += tn;
+        }
+    }
+    ConnRate {
+        cps: n as f64 / duration.as_secs_f64(),
+        p99_us: h.value_at_quantile(0.99) as f64,
+    }
+}

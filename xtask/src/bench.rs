@@ -1,0 +1,362 @@
+//! `cargo xtask bench`: the mesh against no mesh, on the same two-node
+//! namespace topology, in the same run, alternating A/B over rounds.
+//!
+//! *direct*: agents stopped and their pins removed, pods not enrolled.
+//! *mesh*: agents running, namespace enrolled and STRICT, so pod `a` (node 1)
+//! reaches pod `c` (node 2) over HBONE. Medians per scenario and mode, the
+//! ratio mesh/direct, the machine, and a JSON copy in target/bench/latest.json.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use nodeward_testbed::loadgen::{self, EchoServer};
+use nodeward_testbed::netns::nsenter;
+use nodeward_testbed::{PodSpec, Topology, TopologySpec};
+use serde_json::json;
+
+/// Bench settings.
+pub struct Options {
+    /// Smoke mode: one short round (proves the harness, measures nothing).
+    pub quick: bool,
+    /// Rounds of A/B.
+    pub rounds: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Mode {
+    Direct,
+    Mesh,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::Mesh => "mesh",
+        }
+    }
+}
+
+type Samples = BTreeMap<(&'static str, Mode), Vec<f64>>;
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
+}
+
+const PA_STRICT: &str = "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: mesh}
+spec:
+  mtls: {mode: STRICT}
+";
+
+fn set_mode(t: &mut Topology, mode: Mode) {
+    for k in 0..t.nodes.len() {
+        if let Some(mut a) = t.nodes[k].agent.take() {
+            a.kill();
+        }
+        let _ = std::fs::remove_dir_all(t.pin_dir(k).parent().expect("node pin dir"));
+    }
+    t.workloads.namespaces = vec![("mesh".into(), mode == Mode::Mesh)];
+    t.write_config();
+    if mode == Mode::Mesh {
+        for k in 0..t.nodes.len() {
+            t.start_agent(k, &[]);
+        }
+        for k in 0..t.nodes.len() {
+            t.wait_captured(k);
+        }
+    }
+}
+
+/// iperf3 from pod `a` to pod `c`; returns Gbit/s received.
+fn iperf(t: &Topology, streams: u32, secs: u64) -> Result<f64> {
+    let (a, c) = (t.pod("a"), t.pod("c"));
+    let mut server = nsenter(&c.netns, &["iperf3", "-s", "-1", "-p", "5201"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("iperf3 server (installed by `cargo xtask prereqs`)")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let out = nsenter(
+        &a.netns,
+        &[
+            "iperf3",
+            "-c",
+            &c.ip4.to_string(),
+            "-p",
+            "5201",
+            "-t",
+            &secs.to_string(),
+            "-P",
+            &streams.to_string(),
+            "-J",
+        ],
+    )
+    .output()?;
+    let _ = server.kill();
+    let _ = server.wait();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .with_context(|| format!("iperf3 gave no result: {}", String::from_utf8_lossy(&out.stdout)))?;
+    Ok(bps / 1e9)
+}
+
+fn round(t: &Topology, mode: Mode, o: &Options, s: &mut Samples) -> Result<()> {
+    let secs = if o.quick { 1 } else { 5 };
+    let dur = Duration::from_secs(secs);
+    let (a, c) = (t.pod("a").clone(), t.pod("c").clone());
+    let mut put = |k: &'static str, v: f64| s.entry((k, mode)).or_default().push(v);
+
+    let cpu0 = agent_cpu(t);
+    let g1 = iperf(t, 1, secs)?;
+    let cpu1 = agent_cpu(t);
+    put("throughput_1_stream_gbps", g1);
+    if mode == Mode::Mesh {
+        let gib = g1 * secs as f64 / 8.0 / 1.073_741_824;
+        put("agent_cpu_s_per_gib", (cpu1 - cpu0) / gib.max(1e-9));
+    }
+    put("throughput_4_streams_gbps", iperf(t, 4, secs)?);
+
+    let _echo = EchoServer::start(&c.netns, c.v4(7070), 1024);
+    let dst: SocketAddr = c.v4(7070);
+    let fixed = loadgen::request_response(&a.netns, dst, 8, 1024, Some(2000.0), dur);
+    put("rr_fixed_2k_rps_p50_us", fixed.p50_us);
+    put("rr_fixed_2k_rps_p99_us", fixed.p99_us);
+    put("rr_fixed_2k_rps_p999_us", fixed.p999_us);
+    let sat = loadgen::request_response(&a.netns, dst, 16, 1024, None, dur);
+    put("rr_saturation_rps", sat.rps);
+    put("rr_saturation_p99_us", sat.p99_us);
+    let cr = loadgen::connection_rate(&a.netns, dst, 16, 64, dur);
+    put("conn_rate_cps", cr.cps);
+    put("conn_setup_p99_us", cr.p99_us);
+    Ok(())
+}
+
+fn agent_cpu(t: &Topology) -> f64 {
+    t.nodes
+        .iter()
+        .filter_map(|n| n.agent.as_ref())
+        .map(|a| a.cpu_seconds())
+        .sum()
+}
+
+/// Scale measurements, mesh only.
+fn scale(t: &mut Topology, o: &Options, s: &mut Samples) -> Result<()> {
+    let mut put = |k: &'static str, v: f64| s.entry((k, Mode::Mesh)).or_default().push(v);
+    let (a, c) = (t.pod("a").clone(), t.pod("c").clone());
+    let _echo = EchoServer::start(&c.netns, c.v4(7071), 16);
+
+    // Idle connections through one agent: memory per connection.
+    let n = if o.quick { 50 } else { 1000 };
+    std::thread::sleep(Duration::from_millis(300));
+    let before = t.agent(0).rss_kib();
+    let conns: Vec<_> = (0..n)
+        .map(|_| nodeward_testbed::traffic::connect(&a.netns, c.v4(7071)))
+        .collect::<std::io::Result<_>>()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let after = t.agent(0).rss_kib();
+    put("idle_conn_kib_each", (after.saturating_sub(before)) as f64 / n as f64);
+    drop(conns);
+
+    // A new pod: from its file appearing to its traffic being captured.
+    let e = t.add_pod(0, PodSpec::new("e", "mesh"));
+    let written = Instant::now();
+    t.write_config();
+    t.agent(0)
+        .wait_log(Duration::from_secs(10), |l| {
+            l["message"] == "pod captured" && l["pod"] == "mesh/e"
+        })
+        .context("new pod not captured")?;
+    put("new_pod_captured_ms", written.elapsed().as_secs_f64() * 1000.0);
+    let _ = e;
+
+    // 10,000 workloads and 1,000 policies in the config directory.
+    let (pods, policies) = if o.quick { (1000, 100) } else { (10_000, 1000) };
+    let base = t.agent(0).rss_kib();
+    t.apply("scale", &scale_yaml(pods, policies));
+    t.agent(0)
+        .wait_log(Duration::from_secs(30), |l| {
+            l["message"] == "config applied" && l["pods"].as_u64().is_some_and(|p| p as usize >= pods)
+        })
+        .context("scale config not applied")?;
+    std::thread::sleep(Duration::from_millis(500));
+    put("scale_config_rss_mib", t.agent(0).rss_kib() as f64 / 1024.0);
+    put(
+        "scale_config_rss_delta_mib",
+        t.agent(0).rss_kib().saturating_sub(base) as f64 / 1024.0,
+    );
+    t.unapply("scale");
+
+    // Policy evaluation cost per connection with that many policies.
+    put("policy_eval_ns", policy_eval_ns(policies));
+    Ok(())
+}
+
+fn scale_yaml(pods: usize, policies: usize) -> String {
+    let mut y = String::with_capacity(pods * 300);
+    for i in 0..pods {
+        y.push_str(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: w{i}, namespace: scale{}, uid: s{i}, labels: {{app: w{}}}}}\nspec: {{nodeName: elsewhere, serviceAccountName: sa{}}}\nstatus: {{podIP: 10.250.{}.{}}}\n---\n",
+            i % 100,
+            i % 500,
+            i % 50,
+            (i / 250) % 250,
+            i % 250 + 1
+        ));
+    }
+    for i in 0..policies {
+        y.push_str(&format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p{i}, namespace: scale{}}}\nspec:\n  selector: {{matchLabels: {{app: w{}}}}}\n  rules:\n  - from:\n    - source: {{principals: [cluster.local/ns/scale{}/sa/sa{}]}}\n    to:\n    - operation: {{ports: ['8080']}}\n---\n",
+            i % 100,
+            i % 500,
+            i % 100,
+            i % 50
+        ));
+    }
+    y
+}
+
+/// Mean cost of authorizing one connection against `n` policies spread
+/// over 100 namespaces (10 in the pod's), in-process.
+fn policy_eval_ns(n: usize) -> f64 {
+    use nodeward::policy::{ConnInfo, authorize, model::parse_authorization_policy};
+    use std::sync::Arc;
+    let policies: Vec<_> = (0..n)
+        .map(|i| {
+            let m = serde_yaml::from_str(&format!("{{name: p{i}, namespace: scale{}}}", i % 100)).unwrap();
+            let spec = serde_yaml::from_str(&format!(
+                "selector: {{matchLabels: {{app: w{}}}}}\nrules:\n- from:\n  - source: {{principals: [cluster.local/ns/scale{}/sa/sa{}]}}",
+                i % 500,
+                i % 100,
+                i % 50
+            ))
+            .unwrap();
+            Arc::new(parse_authorization_policy(&m, &spec))
+        })
+        .collect();
+    let pod = nodeward::state::workload::Pod {
+        namespace: "scale7".into(),
+        name: "w7".into(),
+        labels: [("app".to_string(), "w7".to_string())].into_iter().collect(),
+        ..Default::default()
+    };
+    let conn = ConnInfo {
+        src_ip: "10.0.0.1".parse().unwrap(),
+        src_identity: Some(nodeward::identity::Identity::new("cluster.local", "scale7", "sa7")),
+        dst_ip: "10.0.0.2".parse().unwrap(),
+        dst_port: 8080,
+    };
+    let iters = 20_000;
+    let start = Instant::now();
+    let mut allowed = 0;
+    for _ in 0..iters {
+        allowed += usize::from(authorize(&policies, "istio-system", &pod, &conn).allowed);
+    }
+    std::hint::black_box(allowed);
+    start.elapsed().as_nanos() as f64 / iters as f64
+}
+
+/// Runs the benchmark with the agent at `bin`.
+pub fn run(bin: &Path, o: Options) -> Result<()> {
+    // SAFETY: before any thread starts; the testbed reads the agent path here.
+    unsafe { std::env::set_var("NODEWARD_BIN", bin) };
+    let spec = TopologySpec {
+        nodes: vec![vec![PodSpec::new("a", "mesh")], vec![PodSpec::new("c", "mesh")]],
+        namespaces: vec![("mesh".into(), false)],
+    };
+    let mut t = Topology::build(spec);
+    t.apply("strict", PA_STRICT);
+    let mut samples = Samples::new();
+    let rounds = if o.quick { 1 } else { o.rounds.max(1) };
+    for r in 0..rounds {
+        // Alternate the order so drift does not favour one side.
+        let order = if r % 2 == 0 {
+            [Mode::Direct, Mode::Mesh]
+        } else {
+            [Mode::Mesh, Mode::Direct]
+        };
+        for mode in order {
+            eprintln!("round {}/{rounds}: {}", r + 1, mode.name());
+            set_mode(&mut t, mode);
+            round(&t, mode, &o, &mut samples)?;
+        }
+    }
+    set_mode(&mut t, Mode::Mesh);
+    scale(&mut t, &o, &mut samples)?;
+    report(&samples, &o, rounds)
+}
+
+fn machine() -> String {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
+        .unwrap_or_default();
+    let date = Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%dT%H:%M:%SZ")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    format!("{date}, {cores} cores ({cpu}), Linux {}", kernel.trim())
+}
+
+fn report(s: &Samples, o: &Options, rounds: usize) -> Result<()> {
+    let machine = machine();
+    println!("\nNodeward benchmark — {machine}");
+    println!(
+        "{} round(s){}; medians; ratio = mesh / direct\n",
+        rounds,
+        if o.quick {
+            " (QUICK smoke mode: not a measurement)"
+        } else {
+            ""
+        }
+    );
+    println!("{:<30} {:>12} {:>12} {:>8}", "scenario", "direct", "mesh", "ratio");
+    let mut keys: Vec<&'static str> = s.keys().map(|(k, _)| *k).collect();
+    keys.dedup();
+    let mut rows = Vec::new();
+    for k in keys {
+        let d = s.get(&(k, Mode::Direct)).map(|v| median(v));
+        let m = s.get(&(k, Mode::Mesh)).map(|v| median(v));
+        let ratio = match (d, m) {
+            (Some(d), Some(m)) if d > 0.0 => Some(m / d),
+            _ => None,
+        };
+        let f = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
+        println!(
+            "{k:<30} {:>12} {:>12} {:>8}",
+            f(d),
+            f(m),
+            ratio.map(|r| format!("{r:.2}")).unwrap_or_else(|| "-".into())
+        );
+        rows.push(json!({"scenario": k, "direct": d, "mesh": m, "ratio": ratio}));
+    }
+    let out = json!({"machine": machine, "rounds": rounds, "quick": o.quick, "results": rows});
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("root")
+        .join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("latest.json"), serde_json::to_string_pretty(&out)?)?;
+    println!("\nwritten to {}", dir.join("latest.json").display());
+    if s.is_empty() {
+        bail!("no samples");
+    }
+    Ok(())
+}
