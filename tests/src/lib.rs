@@ -36,6 +36,17 @@ pub fn privileged_or_skip(test: &str) -> bool {
     false
 }
 
+/// The standard two-node cluster with its agents running (extra flags
+/// `extra`), or `None` when `test` must be skipped for want of root.
+pub fn two_node_cluster(test: &str, extra: &[&str]) -> Option<Topology> {
+    if !privileged_or_skip(test) {
+        return None;
+    }
+    let mut t = Topology::build(TopologySpec::two_nodes());
+    t.start_agents_with(extra);
+    Some(t)
+}
+
 /// The `nodeward` binary under test: `$NODEWARD_BIN`, else the one built
 /// next to the test executable.
 pub fn nodeward_bin() -> std::path::PathBuf {

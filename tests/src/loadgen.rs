@@ -87,6 +87,47 @@ impl Drop for EchoServer {
     }
 }
 
+fn histogram() -> Histogram<u64> {
+    Histogram::new(3).expect("3 significant digits is valid")
+}
+
+/// Runs `per_worker` copies of `task` on each of `workers` threads inside
+/// `netns`, and merges their histograms and counts.
+fn run_workers<F, Fut>(netns: &str, workers: usize, per_worker: usize, task: F) -> (Histogram<u64>, u64)
+where
+    F: Fn() -> Fut + Send + Clone + 'static,
+    Fut: std::future::Future<Output = (Histogram<u64>, u64)> + Send + 'static,
+{
+    let handles: Vec<_> = (0..workers)
+        .map(|_| {
+            let task = task.clone();
+            in_netns(netns, move || {
+                runtime().block_on(async move {
+                    let tasks: Vec<_> = (0..per_worker).map(|_| tokio::spawn(task())).collect();
+                    let mut h = histogram();
+                    let mut n = 0;
+                    for t in tasks {
+                        if let Ok((th, tn)) = t.await {
+                            let _ = h.add(th);
+                            n += tn;
+                        }
+                    }
+                    (h, n)
+                })
+            })
+        })
+        .collect();
+    let mut h = histogram();
+    let mut n = 0;
+    for t in handles {
+        if let Ok((th, tn)) = t.join() {
+            let _ = h.add(th);
+            n += tn;
+        }
+    }
+    (h, n)
+}
+
 /// One request and its response, with a deadline so no run can hang.
 async fn exchange(s: &mut tokio::net::TcpStream, req: &[u8], resp: &mut [u8]) -> bool {
     let io = async {
@@ -122,63 +163,32 @@ pub fn request_response(
     duration: Duration,
 ) -> RrResult {
     let workers = 2.min(conns).max(1);
-    let per_worker = conns.div_ceil(workers);
-    let handles: Vec<_> = (0..workers)
-        .map(|_| {
-            in_netns(netns, move || {
-                runtime().block_on(async move {
-                    let mut tasks = Vec::new();
-                    for _ in 0..per_worker {
-                        let interval = rate.map(|r| Duration::from_secs_f64(conns as f64 / r));
-                        tasks.push(tokio::spawn(async move {
-                            let mut h = Histogram::<u64>::new(3).expect("histogram");
-                            let Ok(mut s) = tokio::net::TcpStream::connect(dst).await else {
-                                return (h, 0u64);
-                            };
-                            let _ = s.set_nodelay(true);
-                            let req = vec![7u8; size];
-                            let mut resp = vec![0u8; size];
-                            let start = Instant::now();
-                            let mut next = Instant::now();
-                            let mut n = 0u64;
-                            while start.elapsed() < duration {
-                                if interval.is_some() {
-                                    tokio::time::sleep_until(next.into()).await;
-                                }
-                                let t0 = Instant::now();
-                                if !exchange(&mut s, &req, &mut resp).await {
-                                    break;
-                                }
-                                let _ = h.record(t0.elapsed().as_micros() as u64);
-                                n += 1;
-                                if let Some(iv) = interval {
-                                    next += iv;
-                                }
-                            }
-                            (h, n)
-                        }));
-                    }
-                    let mut h = Histogram::<u64>::new(3).expect("histogram");
-                    let mut n = 0;
-                    for t in tasks {
-                        if let Ok((th, tn)) = t.await {
-                            let _ = h.add(th);
-                            n += tn;
-                        }
-                    }
-                    (h, n)
-                })
-            })
-        })
-        .collect();
-    let mut h = Histogram::<u64>::new(3).expect("histogram");
-    let mut n = 0;
-    for t in handles {
-        if let Ok((th, tn)) = t.join() {
-            let _ = h.add(th);
-            n += tn;
+    let interval = rate.map(|r| Duration::from_secs_f64(conns as f64 / r));
+    let (h, n) = run_workers(netns, workers, conns.div_ceil(workers), move || async move {
+        let mut h = histogram();
+        let Ok(mut s) = tokio::net::TcpStream::connect(dst).await else {
+            return (h, 0u64);
+        };
+        let _ = s.set_nodelay(true);
+        let req = vec![7u8; size];
+        let mut resp = vec![0u8; size];
+        let start = Instant::now();
+        let mut next = Instant::now();
+        let mut n = 0u64;
+        while start.elapsed() < duration {
+            if let Some(iv) = interval {
+                tokio::time::sleep_until(next.into()).await;
+                next += iv;
+            }
+            let t0 = Instant::now();
+            if !exchange(&mut s, &req, &mut resp).await {
+                break;
+            }
+            let _ = h.record(t0.elapsed().as_micros() as u64);
+            n += 1;
         }
-    }
+        (h, n)
+    });
     RrResult {
         p50_us: h.value_at_quantile(0.5) as f64,
         p99_us: h.value_at_quantile(0.99) as f64,
@@ -198,58 +208,28 @@ pub struct ConnRate {
 
 /// New connection, one `size`-byte exchange, close; `concurrency` at a time.
 pub fn connection_rate(netns: &str, dst: SocketAddr, concurrency: usize, size: usize, duration: Duration) -> ConnRate {
-    let workers = 2usize;
-    let per_worker = concurrency.div_ceil(workers);
-    let handles: Vec<_> = (0..workers)
-        .map(|_| {
-            in_netns(netns, move || {
-                runtime().block_on(async move {
-                    let mut tasks = Vec::new();
-                    for _ in 0..per_worker {
-                        tasks.push(tokio::spawn(async move {
-                            let mut h = Histogram::<u64>::new(3).expect("histogram");
-                            let req = vec![1u8; size];
-                            let mut resp = vec![0u8; size];
-                            let start = Instant::now();
-                            let mut n = 0u64;
-                            while start.elapsed() < duration {
-                                let t0 = Instant::now();
-                                let Ok(mut s) = tokio::net::TcpStream::connect(dst).await else {
-                                    continue;
-                                };
-                                let _ = s.set_nodelay(true);
-                                if !exchange(&mut s, &req, &mut resp).await {
-                                    continue;
-                                }
-                                let _ = h.record(t0.elapsed().as_micros() as u64);
-                                n += 1;
-                                // Close with a reset-free shutdown, as clients do.
-                                let _ = s.shutdown().await;
-                            }
-                            (h, n)
-                        }));
-                    }
-                    let mut h = Histogram::<u64>::new(3).expect("histogram");
-                    let mut n = 0;
-                    for t in tasks {
-                        if let Ok((th, tn)) = t.await {
-                            let _ = h.add(th);
-                            n += tn;
-                        }
-                    }
-                    (h, n)
-                })
-            })
-        })
-        .collect();
-    let mut h = Histogram::<u64>::new(3).expect("histogram");
-    let mut n = 0;
-    for t in handles {
-        if let Ok((th, tn)) = t.join() {
-            let _ = h.add(th);
-            n += tn;
+    let (h, n) = run_workers(netns, 2, concurrency.div_ceil(2), move || async move {
+        let mut h = histogram();
+        let req = vec![1u8; size];
+        let mut resp = vec![0u8; size];
+        let start = Instant::now();
+        let mut n = 0u64;
+        while start.elapsed() < duration {
+            let t0 = Instant::now();
+            let Ok(mut s) = tokio::net::TcpStream::connect(dst).await else {
+                continue;
+            };
+            let _ = s.set_nodelay(true);
+            if !exchange(&mut s, &req, &mut resp).await {
+                continue;
+            }
+            let _ = h.record(t0.elapsed().as_micros() as u64);
+            n += 1;
+            // Close with a reset-free shutdown, as clients do.
+            let _ = s.shutdown().await;
         }
-    }
+        (h, n)
+    });
     ConnRate {
         cps: n as f64 / duration.as_secs_f64(),
         p99_us: h.value_at_quantile(0.99) as f64,

@@ -327,8 +327,13 @@ impl Topology {
     /// Starts every node's agent and waits until each has captured its
     /// enrolled pods.
     pub fn start_agents(&mut self) {
+        self.start_agents_with(&[]);
+    }
+
+    /// [`Topology::start_agents`] with extra agent flags.
+    pub fn start_agents_with(&mut self, extra: &[&str]) {
         for k in 0..self.nodes.len() {
-            self.start_agent(k, &[]);
+            self.start_agent(k, extra);
         }
         for k in 0..self.nodes.len() {
             self.wait_captured(k);

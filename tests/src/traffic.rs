@@ -161,6 +161,34 @@ pub fn round_trip(netns: &str, dst: SocketAddr, msg: &[u8]) -> io::Result<(Seen,
     Ok((seen, client_peer, client_local))
 }
 
+/// Sends `chunks` chunks of `chunk` pseudo-random bytes from `netns` to a
+/// [`checksum_sink`] at `dst`, half-closes, and checks that the sink saw
+/// exactly those bytes (count and checksum). Returns the bytes sent.
+pub fn checked_transfer(netns: &str, dst: SocketAddr, chunks: u64, chunk: usize) -> io::Result<u64> {
+    let mut s = connect(netns, dst)?;
+    s.set_write_timeout(Some(Duration::from_secs(300)))?;
+    let mut buf = vec![0u8; chunk];
+    let mut sum = Fnv::default();
+    for i in 0..chunks {
+        pattern(i, &mut buf);
+        sum.update(&buf);
+        s.write_all(&buf)?;
+    }
+    s.shutdown(Shutdown::Write)?;
+    s.set_read_timeout(Some(Duration::from_secs(300)))?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)?;
+    let total = chunks * chunk as u64;
+    let want = format!("{total} {:016x}", sum.0);
+    if reply.trim() != want {
+        return Err(io::Error::other(format!(
+            "sink saw {:?}, expected {want:?}",
+            reply.trim()
+        )));
+    }
+    Ok(total)
+}
+
 /// FNV-1a 64, a cheap checksum for transfers.
 #[derive(Clone, Copy, Debug)]
 pub struct Fnv(pub u64);

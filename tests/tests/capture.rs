@@ -5,18 +5,13 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::time::Duration;
 
-use nodeward_testbed::traffic::{self, Fnv, checksum_sink, info_echo, pattern, round_trip, serve};
-use nodeward_testbed::{Topology, TopologySpec, privileged_or_skip, shared};
+use nodeward_testbed::traffic::{self, Fnv, checksum_sink, info_echo, round_trip, serve};
+use nodeward_testbed::{Topology, shared};
 
 const WAIT: Duration = Duration::from_secs(10);
 
 fn cluster(test: &str) -> Option<Topology> {
-    if !privileged_or_skip(test) {
-        return None;
-    }
-    let mut t = Topology::build(TopologySpec::two_nodes());
-    t.start_agents();
-    Some(t)
+    nodeward_testbed::two_node_cluster(test, &[])
 }
 
 #[test]
@@ -190,19 +185,8 @@ fn a_256_mib_transfer_arrives_intact() {
     };
     let (a, c) = (t.pod("a"), t.pod("c"));
     let _s = serve(&c.netns, c.v4(7100), checksum_sink);
-    let mut s = traffic::connect(&a.netns, c.v4(7100)).unwrap();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut sum = Fnv::default();
-    for i in 0..256u64 {
-        pattern(i, &mut buf);
-        sum.update(&buf);
-        s.write_all(&buf).unwrap();
-    }
-    s.shutdown(Shutdown::Write).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).unwrap();
-    assert_eq!(reply.trim(), format!("{} {:016x}", 256u64 << 20, sum.0));
+    let sent = traffic::checked_transfer(&a.netns, c.v4(7100), 256, 1 << 20).unwrap();
+    assert_eq!(sent, 256 << 20);
     let l = t
         .agent(0)
         .wait_connection("outbound", &c.v4(7100).to_string(), WAIT)

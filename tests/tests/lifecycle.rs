@@ -15,12 +15,7 @@ const WAIT: Duration = Duration::from_secs(10);
 const QUICK: Duration = Duration::from_secs(2);
 
 fn cluster(test: &str) -> Option<Topology> {
-    if !privileged_or_skip(test) {
-        return None;
-    }
-    let mut t = Topology::build(TopologySpec::two_nodes());
-    t.start_agents();
-    Some(t)
+    nodeward_testbed::two_node_cluster(test, &[])
 }
 
 /// A plaintext connection attempt that must not get through: refused or

@@ -10,24 +10,14 @@ use std::time::Duration;
 use nodeward::identity::Identity;
 use nodeward_testbed::hbone::{h2_client, request, tls_to, trust, workload_cert};
 use nodeward_testbed::sniff::{Sniffer, contains};
-use nodeward_testbed::traffic::{self, Fnv, checksum_sink, info_echo, pattern, round_trip, serve};
+use nodeward_testbed::traffic::{self, checksum_sink, info_echo, round_trip, serve};
 use nodeward_testbed::{Topology, TopologySpec, privileged_or_skip, shared};
 
 const WAIT: Duration = Duration::from_secs(10);
 const MARKER: &[u8] = b"NODEWARD-PLAINTEXT-MARKER-7c1e";
 
 fn cluster(test: &str, extra: &[&str]) -> Option<Topology> {
-    if !privileged_or_skip(test) {
-        return None;
-    }
-    let mut t = Topology::build(TopologySpec::two_nodes());
-    for k in 0..t.nodes.len() {
-        t.start_agent(k, extra);
-    }
-    for k in 0..t.nodes.len() {
-        t.wait_captured(k);
-    }
-    Some(t)
+    nodeward_testbed::two_node_cluster(test, extra)
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -145,20 +135,8 @@ fn a_gibibyte_crosses_the_tunnel_intact() {
     };
     let (a, c) = (t.pod("a"), t.pod("c"));
     let _s = serve(&c.netns, c.v4(7100), checksum_sink);
-    let mut s = traffic::connect(&a.netns, c.v4(7100)).unwrap();
-    s.set_write_timeout(Some(Duration::from_secs(300))).unwrap();
-    let mut buf = vec![0u8; 4 << 20];
-    let mut sum = Fnv::default();
-    for i in 0..256u64 {
-        pattern(i, &mut buf);
-        sum.update(&buf);
-        s.write_all(&buf).unwrap();
-    }
-    s.shutdown(Shutdown::Write).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).unwrap();
-    assert_eq!(reply.trim(), format!("{} {:016x}", 1u64 << 30, sum.0));
+    let sent = traffic::checked_transfer(&a.netns, c.v4(7100), 256, 4 << 20).unwrap();
+    assert_eq!(sent, 1 << 30);
     let l = t
         .agent(1)
         .wait_connection("inbound_tunnel", &c.v4(7100).to_string(), WAIT)

@@ -137,15 +137,14 @@ fn test(extra: &[String]) -> Result<()> {
     if !nix_is_root() {
         println!("note: not root — integration tests that need network namespaces and eBPF will be skipped");
     }
+    if nix_is_root() && extra.is_empty() {
+        println!("== benchmark harness smoke run (cargo xtask bench --quick)");
+        bench::run(&bin, bench::Options { quick: true, rounds: 1 })?;
+    }
     println!("== cargo test");
     run(cargo()
         .args(["test", "--no-fail-fast"])
         .args(extra)
         .env("NODEWARD_BIN", &bin)
-        .env("RUST_TEST_THREADS", "2"))?;
-    if nix_is_root() && extra.is_empty() {
-        println!("== benchmark harness smoke run (cargo xtask bench --quick)");
-        bench::run(&bin, bench::Options { quick: true, rounds: 1 })?;
-    }
-    Ok(())
+        .env("RUST_TEST_THREADS", "2"))
 }
