@@ -36,6 +36,11 @@ pub struct Snapshot {
     pub generation: u64,
     /// Pods by IP, built by [`Snapshot::index`].
     by_ip: HashMap<std::net::IpAddr, Arc<Pod>>,
+    /// AuthorizationPolicies by namespace, built by [`Snapshot::index`]:
+    /// a connection only ever consults its pod's namespace and the root.
+    authz_by_ns: HashMap<String, Vec<Arc<AuthorizationPolicy>>>,
+    /// PeerAuthentications by namespace, likewise.
+    peer_auth_by_ns: HashMap<String, Vec<Arc<PeerAuthentication>>>,
 }
 
 impl Snapshot {
@@ -46,17 +51,34 @@ impl Snapshot {
             .values()
             .flat_map(|p| p.ips.iter().map(move |ip| (*ip, p.clone())))
             .collect();
+        self.authz_by_ns.clear();
+        for p in &self.authorization_policies {
+            self.authz_by_ns.entry(p.meta.namespace.clone()).or_default().push(p.clone());
+        }
+        self.peer_auth_by_ns.clear();
+        for p in &self.peer_authentications {
+            self.peer_auth_by_ns.entry(p.meta.namespace.clone()).or_default().push(p.clone());
+        }
         self
+    }
+
+    fn by_ns<'a, T>(&'a self, map: &'a HashMap<String, Vec<Arc<T>>>, ns: &str) -> Vec<Arc<T>> {
+        let mut v: Vec<Arc<T>> = map.get(&self.root_namespace).cloned().unwrap_or_default();
+        if ns != self.root_namespace {
+            v.extend(map.get(ns).into_iter().flatten().cloned());
+        }
+        v
     }
 
     /// The mTLS modes of a pod.
     pub fn mtls(&self, pod: &Pod) -> WorkloadMtls {
-        crate::policy::mtls_mode(&self.peer_authentications, &self.root_namespace, pod)
+        crate::policy::mtls_mode(&self.by_ns(&self.peer_auth_by_ns, &pod.namespace), &self.root_namespace, pod)
     }
 
-    /// Authorizes a connection to `pod`.
+    /// Authorizes a connection to `pod`, consulting only the policies of
+    /// its namespace and the root namespace.
     pub fn authorize(&self, pod: &Pod, conn: &ConnInfo) -> Decision {
-        crate::policy::authorize(&self.authorization_policies, &self.root_namespace, pod, conn)
+        crate::policy::authorize(&self.by_ns(&self.authz_by_ns, &pod.namespace), &self.root_namespace, pod, conn)
     }
 
     /// The enrolled pod (on any node) that owns `ip`: a destination that
