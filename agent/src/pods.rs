@@ -73,7 +73,7 @@ pub struct PodManager {
     finder: NetnsFinder,
     active: HashMap<String, ActivePod>,
     ip_cache: HashMap<IpAddr, Vec<PathBuf>>,
-    last_scan: Option<Instant>,
+    last_scan: Option<(Instant, u64)>,
     warned: HashMap<String, String>,
     probe_sources: HashSet<IpAddr>,
     adopted_previous_run: bool,
@@ -312,9 +312,13 @@ impl PodManager {
                 return Ok(path);
             }
         }
-        let due = self.last_scan.is_none_or(|t| t.elapsed() >= SCAN_INTERVAL);
+        // Scan at once for a new config (a pod just appeared), otherwise
+        // at most every SCAN_INTERVAL while some pod is unresolved.
+        let snap = self.store.current();
+        let due = self
+            .last_scan
+            .is_none_or(|(t, generation)| t.elapsed() >= SCAN_INTERVAL || generation != snap.generation);
         if due {
-            let snap = self.store.current();
             let (desired, _) = snap.managed_pods(&self.node);
             let wanted: HashSet<IpAddr> = desired
                 .values()
@@ -327,7 +331,7 @@ impl PodManager {
             self.ip_cache = tokio::task::spawn_blocking(move || finder.scan(&wanted))
                 .await
                 .unwrap_or_default();
-            self.last_scan = Some(Instant::now());
+            self.last_scan = Some((Instant::now(), snap.generation));
         }
         for ip in &pod.ips {
             match self.ip_cache.get(ip).map(Vec::as_slice) {

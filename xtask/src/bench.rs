@@ -196,7 +196,8 @@ fn scale(t: &mut Topology, o: &Options, s: &mut Samples) -> Result<()> {
     t.unapply("scale");
 
     // Policy evaluation cost per connection with that many policies.
-    put("policy_eval_ns", policy_eval_ns(policies));
+    // Measured in this (debug-built) xtask process: an upper bound.
+    put("policy_eval_ns_debug_build", policy_eval_ns(policies));
     Ok(())
 }
 
@@ -240,7 +241,8 @@ fn policy_eval_ns(n: usize) -> f64 {
             i % 50
         ))
         .unwrap();
-        snap.authorization_policies.push(Arc::new(parse_authorization_policy(&m, &spec)));
+        snap.authorization_policies
+            .push(Arc::new(parse_authorization_policy(&m, &spec)));
     }
     let snap = snap.index();
     let pod = nodeward::state::workload::Pod {

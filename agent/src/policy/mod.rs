@@ -134,10 +134,14 @@ pub fn authorize(policies: &[Arc<AuthorizationPolicy>], root_ns: &str, pod: &Pod
         policy: p.map(|p| p.meta.key()),
         audited,
     };
+    let facts = Facts {
+        conn,
+        principal: conn.src_identity.as_ref().map(Identity::principal),
+    };
     let audited: Vec<String> = applicable
         .iter()
         .filter(|p| p.action == Action::Audit && p.meta.error.is_none())
-        .filter(|p| p.rules.iter().any(|r| rule_matches(r, conn, false)))
+        .filter(|p| p.rules.iter().any(|r| rule_matches(r, &facts, false)))
         .map(|p| p.meta.key())
         .collect();
     if let Some(p) = applicable.iter().find(|p| p.action == Action::Custom) {
@@ -148,7 +152,7 @@ pub fn authorize(policies: &[Arc<AuthorizationPolicy>], root_ns: &str, pod: &Pod
             return decide(false, "invalid_deny_policy", Some(p), audited);
         }
         // L7-only fields were dropped at parse time: the rule denies more.
-        if p.rules.iter().any(|r| rule_matches(r, conn, false)) {
+        if p.rules.iter().any(|r| rule_matches(r, &facts, false)) {
             return decide(false, "denied", Some(p), audited);
         }
     }
@@ -158,19 +162,26 @@ pub fn authorize(policies: &[Arc<AuthorizationPolicy>], root_ns: &str, pod: &Pod
     }
     for p in &allows {
         // A broken ALLOW matches nothing; an L7-only rule matches nothing.
-        if p.meta.error.is_none() && p.rules.iter().any(|r| rule_matches(r, conn, true)) {
+        if p.meta.error.is_none() && p.rules.iter().any(|r| rule_matches(r, &facts, true)) {
             return decide(true, "allowed", Some(p), audited);
         }
     }
     decide(false, "no_allow_match", None, audited)
 }
 
-fn rule_matches(r: &Rule, c: &ConnInfo, l7_means_nothing: bool) -> bool {
+/// A connection's attributes in the form rules compare, computed once.
+struct Facts<'a> {
+    conn: &'a ConnInfo,
+    principal: Option<String>,
+}
+
+fn rule_matches(r: &Rule, f: &Facts<'_>, l7_means_nothing: bool) -> bool {
+    let c = f.conn;
     if l7_means_nothing && r.has_l7 {
         return false;
     }
     let from = match &r.from {
-        Some(sources) if !sources.is_empty() => sources.iter().any(|s| source_matches(s, c)),
+        Some(sources) if !sources.is_empty() => sources.iter().any(|s| source_matches(s, f)),
         _ => true,
     };
     let to = match &r.to {
@@ -179,11 +190,7 @@ fn rule_matches(r: &Rule, c: &ConnInfo, l7_means_nothing: bool) -> bool {
             .any(|o| (o.ports.is_empty() || o.ports.contains(&c.dst_port)) && !o.not_ports.contains(&c.dst_port)),
         _ => true,
     };
-    from && to && r.when.iter().all(|w| condition_matches(w, c))
-}
-
-fn principal(c: &ConnInfo) -> Option<String> {
-    c.src_identity.as_ref().map(Identity::principal)
+    from && to && r.when.iter().all(|w| condition_matches(w, f))
 }
 
 fn namespace(c: &ConnInfo) -> Option<&str> {
@@ -201,17 +208,18 @@ fn negative(list: &[StrMatch], v: Option<&str>) -> bool {
     list.is_empty() || v.is_none_or(|v| !list.iter().any(|m| m.matches(v)))
 }
 
-fn source_matches(s: &Source, c: &ConnInfo) -> bool {
-    let p = principal(c);
-    positive(&s.principals, p.as_deref())
-        && negative(&s.not_principals, p.as_deref())
+fn source_matches(s: &Source, f: &Facts<'_>) -> bool {
+    let (c, p) = (f.conn, f.principal.as_deref());
+    positive(&s.principals, p)
+        && negative(&s.not_principals, p)
         && positive(&s.namespaces, namespace(c))
         && negative(&s.not_namespaces, namespace(c))
         && (s.ip_blocks.is_empty() || s.ip_blocks.iter().any(|b| b.contains(c.src_ip)))
         && !s.not_ip_blocks.iter().any(|b| b.contains(c.src_ip))
 }
 
-fn condition_matches(w: &Condition, c: &ConnInfo) -> bool {
+fn condition_matches(w: &Condition, f: &Facts<'_>) -> bool {
+    let c = f.conn;
     let strs = |v: &[String]| v.iter().map(|s| StrMatch::parse(s)).collect::<Vec<_>>();
     match w.key {
         Key::SourceIp | Key::DestinationIp => {
@@ -228,8 +236,8 @@ fn condition_matches(w: &Condition, c: &ConnInfo) -> bool {
             positive(&strs(&w.values), namespace(c)) && negative(&strs(&w.not_values), namespace(c))
         }
         Key::SourcePrincipal => {
-            let p = principal(c);
-            positive(&strs(&w.values), p.as_deref()) && negative(&strs(&w.not_values), p.as_deref())
+            let p = f.principal.as_deref();
+            positive(&strs(&w.values), p) && negative(&strs(&w.not_values), p)
         }
     }
 }

@@ -53,11 +53,17 @@ impl Snapshot {
             .collect();
         self.authz_by_ns.clear();
         for p in &self.authorization_policies {
-            self.authz_by_ns.entry(p.meta.namespace.clone()).or_default().push(p.clone());
+            self.authz_by_ns
+                .entry(p.meta.namespace.clone())
+                .or_default()
+                .push(p.clone());
         }
         self.peer_auth_by_ns.clear();
         for p in &self.peer_authentications {
-            self.peer_auth_by_ns.entry(p.meta.namespace.clone()).or_default().push(p.clone());
+            self.peer_auth_by_ns
+                .entry(p.meta.namespace.clone())
+                .or_default()
+                .push(p.clone());
         }
         self
     }
@@ -72,13 +78,22 @@ impl Snapshot {
 
     /// The mTLS modes of a pod.
     pub fn mtls(&self, pod: &Pod) -> WorkloadMtls {
-        crate::policy::mtls_mode(&self.by_ns(&self.peer_auth_by_ns, &pod.namespace), &self.root_namespace, pod)
+        crate::policy::mtls_mode(
+            &self.by_ns(&self.peer_auth_by_ns, &pod.namespace),
+            &self.root_namespace,
+            pod,
+        )
     }
 
     /// Authorizes a connection to `pod`, consulting only the policies of
     /// its namespace and the root namespace.
     pub fn authorize(&self, pod: &Pod, conn: &ConnInfo) -> Decision {
-        crate::policy::authorize(&self.by_ns(&self.authz_by_ns, &pod.namespace), &self.root_namespace, pod, conn)
+        crate::policy::authorize(
+            &self.by_ns(&self.authz_by_ns, &pod.namespace),
+            &self.root_namespace,
+            pod,
+            conn,
+        )
     }
 
     /// The enrolled pod (on any node) that owns `ip`: a destination that
