@@ -167,7 +167,7 @@ fn scale(t: &mut Topology, o: &Options, s: &mut Samples) -> Result<()> {
     drop(conns);
 
     // A new pod: from its file appearing to its traffic being captured.
-    let e = t.add_pod(0, PodSpec::new("e", "mesh"));
+    t.add_pod(0, PodSpec::new("e", "mesh"));
     let written = Instant::now();
     t.write_config();
     t.agent(0)
@@ -176,7 +176,6 @@ fn scale(t: &mut Topology, o: &Options, s: &mut Samples) -> Result<()> {
         })
         .context("new pod not captured")?;
     put("new_pod_captured_ms", written.elapsed().as_secs_f64() * 1000.0);
-    let _ = e;
 
     // 10,000 workloads and 1,000 policies in the config directory.
     let (pods, policies) = if o.quick { (1000, 100) } else { (10_000, 1000) };
