@@ -246,6 +246,20 @@ fn hostile_input_on_15008_is_rejected_and_other_tunnels_keep_working() {
     let rt = rt();
     let me = workload_cert(&t.ca_dir, &id("mesh", "d"));
     let tr = trust(&t.ca_dir);
+    // An HTTP/2 connection to c's tunnel port as the workload mesh/d.
+    let as_d = || async {
+        let tls = tls_to(
+            &d.netns,
+            c.v4(15008),
+            Some(me.clone()),
+            id("mesh", "d"),
+            id("mesh", "c"),
+            tr.clone(),
+        )
+        .await
+        .unwrap();
+        h2_client(tls, 1 << 20).await.unwrap()
+    };
 
     // Non-TLS bytes.
     let mut s = traffic::connect(&d.netns, c.v4(15008)).unwrap();
@@ -278,17 +292,7 @@ fn hostile_input_on_15008_is_rejected_and_other_tunnels_keep_working() {
     drop(slow);
 
     rt.block_on(async {
-        let tls = tls_to(
-            &d.netns,
-            c.v4(15008),
-            Some(me.clone()),
-            id("mesh", "d"),
-            id("mesh", "c"),
-            tr.clone(),
-        )
-        .await
-        .unwrap();
-        let mut h2 = h2_client(tls, 1 << 20).await.unwrap();
+        let mut h2 = as_d().await;
         // Methods other than CONNECT.
         let st = request(&mut h2, http::Method::GET, &c.v4(7000).to_string(), None)
             .await
@@ -325,17 +329,7 @@ fn hostile_input_on_15008_is_rejected_and_other_tunnels_keep_working() {
     // A flood of streams beyond the limit: at most 10 are served at once,
     // the rest are refused by the HTTP/2 layer.
     let served = rt.block_on(async {
-        let tls = tls_to(
-            &d.netns,
-            c.v4(15008),
-            Some(me.clone()),
-            id("mesh", "d"),
-            id("mesh", "c"),
-            tr.clone(),
-        )
-        .await
-        .unwrap();
-        let h2 = h2_client(tls, 1 << 20).await.unwrap();
+        let h2 = as_d().await;
         let mut pending = Vec::new();
         for _ in 0..50 {
             let req = http::Request::builder()
@@ -370,17 +364,7 @@ fn hostile_input_on_15008_is_rejected_and_other_tunnels_keep_working() {
 
     // Rapid reset: open and cancel streams as fast as possible.
     let reset_result = rt.block_on(async {
-        let tls = tls_to(
-            &d.netns,
-            c.v4(15008),
-            Some(me.clone()),
-            id("mesh", "d"),
-            id("mesh", "c"),
-            tr.clone(),
-        )
-        .await
-        .unwrap();
-        let h2 = h2_client(tls, 1 << 20).await.unwrap();
+        let h2 = as_d().await;
         for i in 0..5000 {
             let req = http::Request::builder()
                 .method(http::Method::CONNECT)
