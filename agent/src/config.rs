@@ -169,6 +169,10 @@ pub struct RunArgs {
     #[arg(long, env = "NODEWARD_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
 
+    /// Threads of the proxy runtime [default: one per CPU].
+    #[arg(long, env = "NODEWARD_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub worker_threads: Option<u16>,
+
     /// Admin address (readiness), on the node only.
     #[arg(long, env = "NODEWARD_ADMIN_ADDR", default_value = "127.0.0.1:15021")]
     pub admin_addr: std::net::SocketAddr,

@@ -22,7 +22,11 @@ fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run(args) => {
             raise_fd_limit();
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let mut rt = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = args.worker_threads {
+                rt.worker_threads(usize::from(n));
+            }
+            let rt = rt.enable_all().build()?;
             rt.block_on(nodeward::agent::run(*args))?;
         }
         Command::Ca(CaCommand::Init { out }) => {
