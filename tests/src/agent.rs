@@ -35,7 +35,7 @@ impl Agent {
             .arg(config_dir)
             .args(["--log-format", "json"])
             .args(extra)
-            .env("NODEWARD_LOG", "info")
+            .env("NODEWARD_LOG", std::env::var("NODEWARD_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
