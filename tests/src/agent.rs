@@ -35,7 +35,10 @@ impl Agent {
             .arg(config_dir)
             .args(["--log-format", "json"])
             .args(extra)
-            .env("NODEWARD_LOG", std::env::var("NODEWARD_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "NODEWARD_LOG",
+                std::env::var("NODEWARD_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

@@ -280,7 +280,15 @@ pub fn run(bin: &Path, o: Options) -> Result<()> {
     // one address: let it reuse TIME_WAIT ports, as load generators do.
     let a = t.pod("a").netns.clone();
     let _ = Command::new("ip")
-        .args(["netns", "exec", &a, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=1024 65535"])
+        .args([
+            "netns",
+            "exec",
+            &a,
+            "sysctl",
+            "-qw",
+            "net.ipv4.tcp_tw_reuse=1",
+            "net.ipv4.ip_local_port_range=1024 65535",
+        ])
         .status();
     let mut samples = Samples::new();
     let rounds = if o.quick { 1 } else { o.rounds.max(1) };
