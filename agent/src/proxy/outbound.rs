@@ -113,10 +113,13 @@ async fn tunnel(
         dst: SocketAddr::new(dst.ip(), HBONE_PORT),
         expected: expected.clone(),
     };
-    let tls = crate::identity::tls::client_config(certs.clone(), src_id, certs.trust(), expected.clone());
     let netns = ctx.netns.clone();
     let (mark, timeout, tunnel_addr) = (ctx.config.socket_mark, ctx.config.connect_timeout, key.dst);
+    let expected_server = expected.clone();
+    // Only called when the pool has no connection with room: the TLS
+    // configuration is built then, not for every stream.
     let connect = move || -> Connector<'static> {
+        let tls = crate::identity::tls::client_config(certs.clone(), src_id, certs.trust(), expected_server);
         Box::pin(async move {
             let tcp = socket::connect_from_pod(&netns, mark, None, tunnel_addr, timeout, |_| Ok(())).await?;
             let server_name = rustls::pki_types::ServerName::IpAddress(tunnel_addr.ip().into());
