@@ -20,6 +20,16 @@ fn cluster(test: &str) -> Option<Topology> {
 
 /// A plaintext connection attempt that must not get through: refused or
 /// reset, never an app's greeting.
+/// Two nodes, node 1's agent with `--drain-timeout drain`, both capturing.
+fn draining_cluster(drain: &str) -> Topology {
+    let mut t = Topology::build(TopologySpec::two_nodes());
+    t.start_agent(0, &["--drain-timeout", drain]);
+    t.start_agent(1, &[]);
+    t.wait_captured(0);
+    t.wait_captured(1);
+    t
+}
+
 #[track_caller]
 fn assert_blocked(netns: &str, dst: SocketAddr) {
     match traffic::connect_timeout(netns, dst, QUICK) {
@@ -162,11 +172,7 @@ fn sigterm_drains_open_connections_then_leaves_capture_attached_until_cleanup() 
     if !privileged_or_skip("sigterm_drains_open_connections_then_leaves_capture_attached_until_cleanup") {
         return;
     }
-    let mut t = Topology::build(TopologySpec::two_nodes());
-    t.start_agent(0, &["--drain-timeout", "20s"]);
-    t.start_agent(1, &[]);
-    t.wait_captured(0);
-    t.wait_captured(1);
+    let mut t = draining_cluster("20s");
     let (a, c) = (t.pod("a").clone(), t.pod("c").clone());
     let _sc = serve(&c.netns, c.v4(7000), info_echo);
     let mut open = traffic::connect(&a.netns, c.v4(7000)).unwrap();
@@ -218,11 +224,7 @@ fn the_drain_deadline_closes_connections_that_stay_open() {
     if !privileged_or_skip("the_drain_deadline_closes_connections_that_stay_open") {
         return;
     }
-    let mut t = Topology::build(TopologySpec::two_nodes());
-    t.start_agent(0, &["--drain-timeout", "1s"]);
-    t.start_agent(1, &[]);
-    t.wait_captured(0);
-    t.wait_captured(1);
+    let mut t = draining_cluster("1s");
     let (a, c) = (t.pod("a").clone(), t.pod("c").clone());
     let _sc = serve(&c.netns, c.v4(7000), info_echo);
     let mut open = traffic::connect(&a.netns, c.v4(7000)).unwrap();

@@ -76,24 +76,30 @@ impl WorkloadMtls {
 }
 
 /// Resolves the mTLS modes of `pod` under `policies`.
-pub fn mtls_mode(policies: &[Arc<PeerAuthentication>], root_ns: &str, pod: &Pod) -> WorkloadMtls {
+pub fn mtls_mode<'a, I>(policies: I, root_ns: &str, pod: &Pod) -> WorkloadMtls
+where
+    I: IntoIterator<Item = &'a Arc<PeerAuthentication>> + Clone,
+{
     let mesh = oldest(
         policies
-            .iter()
+            .clone()
+            .into_iter()
             .map(Arc::as_ref)
             .filter(|p| p.meta.namespace == root_ns && p.meta.selector.is_none())
             .collect(),
     );
     let namespace = oldest(
         policies
-            .iter()
+            .clone()
+            .into_iter()
             .map(Arc::as_ref)
             .filter(|p| p.meta.namespace == pod.namespace && p.meta.selector.is_none())
             .collect(),
     );
     let workload = oldest(
         policies
-            .iter()
+            .clone()
+            .into_iter()
             .map(Arc::as_ref)
             .filter(|p| p.meta.namespace == pod.namespace && p.meta.selector.is_some())
             .filter(|p| selects(&p.meta.selector, &pod.labels))
@@ -121,9 +127,14 @@ pub fn mtls_mode(policies: &[Arc<PeerAuthentication>], root_ns: &str, pod: &Pod)
 }
 
 /// Authorizes a connection to `pod` under `policies`.
-pub fn authorize(policies: &[Arc<AuthorizationPolicy>], root_ns: &str, pod: &Pod, conn: &ConnInfo) -> Decision {
+pub fn authorize<'a>(
+    policies: impl IntoIterator<Item = &'a Arc<AuthorizationPolicy>>,
+    root_ns: &str,
+    pod: &Pod,
+    conn: &ConnInfo,
+) -> Decision {
     let applicable: Vec<&AuthorizationPolicy> = policies
-        .iter()
+        .into_iter()
         .map(Arc::as_ref)
         .filter(|p| p.meta.namespace == root_ns || p.meta.namespace == pod.namespace)
         .filter(|p| selects(&p.meta.selector, &pod.labels))

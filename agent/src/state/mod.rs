@@ -68,18 +68,20 @@ impl Snapshot {
         self
     }
 
-    fn by_ns<'a, T>(&'a self, map: &'a HashMap<String, Vec<Arc<T>>>, ns: &str) -> Vec<Arc<T>> {
-        let mut v: Vec<Arc<T>> = map.get(&self.root_namespace).cloned().unwrap_or_default();
-        if ns != self.root_namespace {
-            v.extend(map.get(ns).into_iter().flatten().cloned());
-        }
-        v
+    /// The policies of the root namespace and of `ns`, without copying.
+    fn by_ns<'a, T>(
+        &'a self,
+        map: &'a HashMap<String, Vec<Arc<T>>>,
+        ns: &str,
+    ) -> impl Iterator<Item = &'a Arc<T>> + Clone {
+        let own = (ns != self.root_namespace).then(|| map.get(ns)).flatten();
+        map.get(&self.root_namespace).into_iter().chain(own).flatten()
     }
 
     /// The mTLS modes of a pod.
     pub fn mtls(&self, pod: &Pod) -> WorkloadMtls {
         crate::policy::mtls_mode(
-            &self.by_ns(&self.peer_auth_by_ns, &pod.namespace),
+            self.by_ns(&self.peer_auth_by_ns, &pod.namespace),
             &self.root_namespace,
             pod,
         )
@@ -89,7 +91,7 @@ impl Snapshot {
     /// its namespace and the root namespace.
     pub fn authorize(&self, pod: &Pod, conn: &ConnInfo) -> Decision {
         crate::policy::authorize(
-            &self.by_ns(&self.authz_by_ns, &pod.namespace),
+            self.by_ns(&self.authz_by_ns, &pod.namespace),
             &self.root_namespace,
             pod,
             conn,
