@@ -3,12 +3,15 @@
 //! * `demo` — two nodes and four pods in network namespaces, one agent per
 //!   node, traffic through them, a table of what was captured, fail-closed
 //!   shown live, then teardown.
+//! * `bench` — the mesh against no mesh (the testbed's `nodeward-bench`).
 //! * `test` — formatting, clippy, unit and integration tests.
+//!
+//! xtask depends on nothing in the workspace: on a fresh machine it must
+//! build before `bpf-linker` exists, so the demo and the bench live in the
+//! testbed crate and are run from here once the prerequisites are in place.
 //! * `prereqs` — only the idempotent installs (nightly rust-src, LLVM 22
 //!   development packages, bpf-linker, iproute2, bpftool, tcpdump, iperf3).
 
-mod bench;
-mod demo;
 mod prereqs;
 
 use std::path::{Path, PathBuf};
@@ -40,6 +43,9 @@ enum Cmd {
         /// A/B rounds (medians are taken over them).
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+        /// Only these scenario groups, comma-separated: throughput, latency, conn-rate, scale.
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Run every check and test: fmt, clippy, unit and integration tests.
     Test {
@@ -61,13 +67,12 @@ fn main() -> Result<()> {
             require_root("the demo creates network namespaces and loads eBPF")?;
             prereqs::ensure()?;
             let bin = build()?;
-            demo::run(&bin)
+            run(testbed_bin("nodeward-demo", false).env("NODEWARD_BIN", bin))
         }
-        Cmd::Bench { quick, rounds } => {
+        Cmd::Bench { quick, rounds, only } => {
             require_root("the benchmark creates network namespaces and loads eBPF")?;
             prereqs::ensure()?;
-            let bin = if quick { build()? } else { build_release()? };
-            bench::run(&bin, bench::Options { quick, rounds })
+            bench(quick, rounds, only.as_deref())
         }
         Cmd::Test { args } => {
             prereqs::ensure()?;
@@ -127,6 +132,31 @@ fn build_release() -> Result<PathBuf> {
     Ok(root().join("target/release/nodeward"))
 }
 
+/// `cargo run` of one of the testbed's binaries.
+fn testbed_bin(name: &str, release: bool) -> Command {
+    let mut cmd = cargo();
+    cmd.args(["run", "--quiet", "--package", "nodeward-testbed", "--bin", name]);
+    if release {
+        cmd.arg("--release");
+    }
+    cmd
+}
+
+/// The benchmark: release agent and harness, or the debug build for the
+/// quick smoke run (which measures nothing, only proves the harness).
+fn bench(quick: bool, rounds: usize, only: Option<&str>) -> Result<()> {
+    let bin = if quick { build()? } else { build_release()? };
+    let mut cmd = testbed_bin("nodeward-bench", !quick);
+    cmd.arg("--").arg(format!("--rounds={rounds}"));
+    if quick {
+        cmd.arg("--quick");
+    }
+    if let Some(only) = only {
+        cmd.arg(format!("--only={only}"));
+    }
+    run(cmd.env("NODEWARD_BIN", bin))
+}
+
 fn test(extra: &[String]) -> Result<()> {
     println!("== cargo fmt --check");
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
@@ -139,7 +169,7 @@ fn test(extra: &[String]) -> Result<()> {
     }
     if nix_is_root() && extra.is_empty() {
         println!("== benchmark harness smoke run (cargo xtask bench --quick)");
-        bench::run(&bin, bench::Options { quick: true, rounds: 1 })?;
+        bench(true, 1, None)?;
     }
     println!("== cargo test");
     run(cargo()

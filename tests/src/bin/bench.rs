@@ -1,4 +1,5 @@
-//! `cargo xtask bench`: the mesh against no mesh, on the same two-node
+//! `cargo xtask bench` (this binary, run by xtask with the release agent in
+//! `NODEWARD_BIN`): the mesh against no mesh, on the same two-node
 //! namespace topology, in the same run, alternating A/B over rounds.
 //!
 //! *direct*: agents stopped and their pins removed, pods not enrolled.
@@ -19,11 +20,40 @@ use nodeward_testbed::{PodSpec, Topology, TopologySpec};
 use serde_json::json;
 
 /// Bench settings.
-pub struct Options {
+#[derive(clap::Parser)]
+#[command(
+    name = "nodeward-bench",
+    about = "Nodeward against no mesh on the namespace topology"
+)]
+struct Options {
     /// Smoke mode: one short round (proves the harness, measures nothing).
-    pub quick: bool,
-    /// Rounds of A/B.
-    pub rounds: usize,
+    #[arg(long)]
+    quick: bool,
+    /// Rounds of A/B (medians are taken over them).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Run only these scenario groups (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Group>,
+}
+
+/// Scenario groups, selectable with `--only` when working on one of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Group {
+    /// Bulk throughput (iperf3) and agent CPU per GiB.
+    Throughput,
+    /// Request/response latency and saturation.
+    Latency,
+    /// New connections per second.
+    ConnRate,
+    /// Idle connections, new pods, config size, policy evaluation.
+    Scale,
+}
+
+impl Options {
+    fn runs(&self, g: Group) -> bool {
+        self.only.is_empty() || self.only.contains(&g)
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
@@ -115,31 +145,37 @@ fn round(t: &Topology, mode: Mode, o: &Options, s: &mut Samples) -> Result<()> {
     let (a, c) = (t.pod("a").clone(), t.pod("c").clone());
     let mut put = |k: &'static str, v: f64| s.entry((k, mode)).or_default().push(v);
 
-    let cpu0 = agent_cpu(t);
-    let g1 = iperf(t, 1, secs)?;
-    let cpu1 = agent_cpu(t);
-    put("throughput_1_stream_gbps", g1);
-    if mode == Mode::Mesh {
-        let gib = g1 * secs as f64 / 8.0 / 1.073_741_824;
-        put("agent_cpu_s_per_gib", (cpu1 - cpu0) / gib.max(1e-9));
+    if o.runs(Group::Throughput) {
+        let cpu0 = agent_cpu(t);
+        let g1 = iperf(t, 1, secs)?;
+        let cpu1 = agent_cpu(t);
+        put("throughput_1_stream_gbps", g1);
+        if mode == Mode::Mesh {
+            let gib = g1 * secs as f64 / 8.0 / 1.073_741_824;
+            put("agent_cpu_s_per_gib", (cpu1 - cpu0) / gib.max(1e-9));
+        }
+        put("throughput_4_streams_gbps", iperf(t, 4, secs)?);
     }
-    put("throughput_4_streams_gbps", iperf(t, 4, secs)?);
 
     let _echo = EchoServer::start(&c.netns, c.v4(7070), 1024);
     let dst: SocketAddr = c.v4(7070);
-    let fixed = loadgen::request_response(&a.netns, dst, 8, 1024, Some(2000.0), dur);
-    put("rr_fixed_2k_rps_p50_us", fixed.p50_us);
-    put("rr_fixed_2k_rps_p99_us", fixed.p99_us);
-    put("rr_fixed_2k_rps_p999_us", fixed.p999_us);
-    let sat = loadgen::request_response(&a.netns, dst, 16, 1024, None, dur);
-    put("rr_saturation_rps", sat.rps);
-    put("rr_saturation_p99_us", sat.p99_us);
-    let busy0 = cpu_busy();
-    let cr = loadgen::connection_rate(&a.netns, dst, 16, 64, dur);
-    let busy1 = cpu_busy();
-    put("conn_rate_cps", cr.cps);
-    put("conn_rate_host_cpu_busy_pct", busy_pct(busy0, busy1));
-    put("conn_setup_p99_us", cr.p99_us);
+    if o.runs(Group::Latency) {
+        let fixed = loadgen::request_response(&a.netns, dst, 8, 1024, Some(2000.0), dur);
+        put("rr_fixed_2k_rps_p50_us", fixed.p50_us);
+        put("rr_fixed_2k_rps_p99_us", fixed.p99_us);
+        put("rr_fixed_2k_rps_p999_us", fixed.p999_us);
+        let sat = loadgen::request_response(&a.netns, dst, 16, 1024, None, dur);
+        put("rr_saturation_rps", sat.rps);
+        put("rr_saturation_p99_us", sat.p99_us);
+    }
+    if o.runs(Group::ConnRate) {
+        let busy0 = cpu_busy();
+        let cr = loadgen::connection_rate(&a.netns, dst, 16, 64, dur);
+        let busy1 = cpu_busy();
+        put("conn_rate_cps", cr.cps);
+        put("conn_rate_host_cpu_busy_pct", busy_pct(busy0, busy1));
+        put("conn_setup_p99_us", cr.p99_us);
+    }
     Ok(())
 }
 
@@ -220,8 +256,9 @@ fn scale(t: &mut Topology, o: &Options, s: &mut Samples) -> Result<()> {
     t.unapply("scale");
 
     // Policy evaluation cost per connection with that many policies.
-    // Measured in this (debug-built) xtask process: an upper bound.
-    put("policy_eval_ns_debug_build", policy_eval_ns(policies));
+    // Measured in this process, built like the agent (release, except in
+    // quick mode, where the figure means nothing).
+    put("policy_eval_ns", policy_eval_ns(policies));
     Ok(())
 }
 
@@ -291,10 +328,11 @@ fn policy_eval_ns(n: usize) -> f64 {
     start.elapsed().as_nanos() as f64 / iters as f64
 }
 
-/// Runs the benchmark with the agent at `bin`.
-pub fn run(bin: &Path, o: Options) -> Result<()> {
-    // SAFETY: before any thread starts; the testbed reads the agent path here.
-    unsafe { std::env::set_var("NODEWARD_BIN", bin) };
+fn main() -> Result<()> {
+    let o = <Options as clap::Parser>::parse();
+    if !nodeward_testbed::privileged_or_skip("bench") {
+        bail!("run as root: the benchmark creates network namespaces and loads eBPF");
+    }
     let spec = TopologySpec {
         nodes: vec![vec![PodSpec::new("a", "mesh")], vec![PodSpec::new("c", "mesh")]],
         namespaces: vec![("mesh".into(), false)],
@@ -330,8 +368,10 @@ pub fn run(bin: &Path, o: Options) -> Result<()> {
             round(&t, mode, &o, &mut samples)?;
         }
     }
-    set_mode(&mut t, Mode::Mesh);
-    scale(&mut t, &o, &mut samples)?;
+    if o.runs(Group::Scale) {
+        set_mode(&mut t, Mode::Mesh);
+        scale(&mut t, &o, &mut samples)?;
+    }
     report(&samples, &o, rounds)
 }
 

@@ -1,18 +1,18 @@
-//! The demo: a two-node cluster in network namespaces on the built-in
-//! defaults, traffic through the agents, and what they captured.
+//! The demo (`cargo xtask demo`): a two-node cluster in network namespaces
+//! on the built-in defaults, traffic through the agents, and what they
+//! captured. The agent binary comes from `NODEWARD_BIN`.
 
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use nodeward_testbed::traffic::{self, info_echo, round_trip, serve};
 use nodeward_testbed::{Topology, TopologySpec, bpf};
 
-/// Runs the demo with the agent binary at `bin`.
-pub fn run(bin: &Path) -> Result<()> {
-    // SAFETY: called before the demo starts any thread; the testbed reads
-    // the agent's path from this variable.
-    unsafe { std::env::set_var("NODEWARD_BIN", bin) };
+fn main() -> Result<()> {
+    ensure!(
+        nodeward_testbed::privileged_or_skip("demo"),
+        "run as root: the demo creates network namespaces and loads eBPF"
+    );
     println!("Building a cluster: 2 nodes, pods mesh/a + mesh/b on node 1, mesh/c + plain/d on node 2");
     println!("(namespace `mesh` carries istio.io/dataplane-mode=ambient; `plain` does not)\n");
     let mut t = Topology::build(TopologySpec::two_nodes());
