@@ -5,7 +5,9 @@
 //!   managed pod's `connect()` to the agent's outbound listener on the pod's
 //!   loopback and remember where it was going.
 //! * `nw_sockops` hands that original destination to the agent when the
-//!   redirected connection is established, keyed by the app's endpoint.
+//!   redirected connection is established, keyed by the app's endpoint, and
+//!   files the client of each agent hop into a pod under the hop's endpoint
+//!   the moment `connect()` has chosen it.
 //! * `nw_getpeer4`/`nw_getpeer6` make `getpeername()`/`accept()` show apps
 //!   the peers they would see without the mesh.
 //! * `nw_sk_lookup` (attached to each pod's network namespace, one instance
@@ -21,7 +23,7 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_NO_PREALLOC, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, sk_action},
+    bindings::{BPF_F_NO_PREALLOC, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_CONNECT_CB, sk_action},
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{HashMap, LruHashMap, SockHash},
@@ -71,9 +73,17 @@ static PENDING: LruHashMap<u64, SockAddr> = LruHashMap::pinned(65536, 0);
 static ORIG_DST: HashMap<SockKey, SockAddr> = HashMap::pinned(262144, BPF_F_NO_PREALLOC);
 
 /// The client an app should see as its peer, keyed by the local endpoint of
-/// the agent's hop into the pod; written by the agent before it connects.
+/// the agent's hop into the pod. Filed by `nw_sockops` from `HOP_PEER` when
+/// the hop's `connect()` picks its port (before the SYN), removed by the agent.
 #[map]
 static INBOUND_PEER: HashMap<SockKey, SockAddr> = HashMap::pinned(262144, BPF_F_NO_PREALLOC);
+
+/// The client behind an agent hop that is about to connect, by the hop
+/// socket's cookie: the agent cannot know the hop's port before
+/// `connect()` picks it, so it leaves the client here. LRU so a hop that
+/// never connects cannot fill it.
+#[map]
+static HOP_PEER: LruHashMap<u64, SockAddr> = LruHashMap::pinned(65536, 0);
 
 /// The agent's listeners, per pod and slot.
 #[map]
@@ -223,21 +233,29 @@ unsafe fn connect6(ctx: &SockAddrContext) {
 
 #[sock_ops]
 pub fn nw_sockops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+    let op = ctx.op();
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         // SAFETY: ctx is the kernel's bpf_sock_ops for this callback.
-        unsafe { publish_orig_dst(&ctx) };
+        unsafe { move_to_endpoint(&ctx, &PENDING, &ORIG_DST) };
+    } else if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        // The local port is chosen and the SYN not yet sent: the app
+        // cannot accept this hop before its client is on file.
+        // SAFETY: as above.
+        unsafe { move_to_endpoint(&ctx, &HOP_PEER, &INBOUND_PEER) };
     }
     1
 }
 
+/// Moves this socket's entry of `from` (by socket cookie) to `to`, keyed by
+/// the socket's local endpoint; nothing when the socket has no entry.
 #[inline(always)]
-unsafe fn publish_orig_dst(ctx: &SockOpsContext) {
+unsafe fn move_to_endpoint(ctx: &SockOpsContext, from: &LruHashMap<u64, SockAddr>, to: &HashMap<SockKey, SockAddr>) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(orig) = (unsafe { PENDING.get(&cookie) }) else {
+    let Some(value) = (unsafe { from.get(&cookie) }) else {
         return;
     };
-    let orig = *orig;
-    let _ = PENDING.remove(&cookie);
+    let value = *value;
+    let _ = from.remove(&cookie);
     // Read both forms unconditionally: a branch-selected context offset is
     // something the verifier refuses.
     let ops = unsafe { &*ctx.ops };
@@ -254,7 +272,7 @@ unsafe fn publish_orig_dst(ctx: &SockOpsContext) {
         port: ctx.local_port() as u16,
         pad: [0; 6],
     };
-    let _ = ORIG_DST.insert(&key, &orig, 0);
+    let _ = to.insert(&key, &value, 0);
 }
 
 // === getpeername / accept: show apps their real peers ===

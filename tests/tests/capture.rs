@@ -238,3 +238,38 @@ fn a_closed_app_port_resets_the_client_instead_of_hanging() {
         .expect("inbound log");
     assert_eq!(l["reason"], "connect_refused");
 }
+
+/// The agent's hop into a pod always goes to the same app endpoint, so it
+/// can only differ by source port; hops end in TIME_WAIT (the agent passes
+/// the client's FIN on first). With the pod's ephemeral ports cut to 50,
+/// 200 short connections in a few seconds must still all arrive, each with
+/// its real client: the hop's ports are reused once their TIME_WAIT is a
+/// second old instead of running out.
+#[test]
+fn many_short_connections_to_one_app_port_do_not_run_out_of_hop_ports() {
+    let _g = shared();
+    let Some(t) = cluster("many_short_connections_to_one_app_port_do_not_run_out_of_hop_ports") else {
+        return;
+    };
+    let (a, c, d) = (t.pod("a"), t.pod("c"), t.pod("d"));
+    let ok = nodeward_testbed::netns::nsenter(&c.netns, &["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40049"])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "sysctl in the pod");
+    let _s = serve(&c.netns, c.v4(7400), info_echo);
+    let start = std::time::Instant::now();
+    for i in 0..200u32 {
+        // Tunnelled from a meshed pod, and plaintext from one outside the mesh.
+        let from = if i % 4 == 3 { d } else { a };
+        let (seen, _, _) = round_trip(&from.netns, c.v4(7400), format!("{i}").as_bytes())
+            .unwrap_or_else(|e| panic!("connection {i} from {} after {:?}: {e}", from.key(), start.elapsed()));
+        assert_eq!(
+            seen.peer.ip().to_canonical(),
+            from.ip4,
+            "connection {i}: the app sees the client"
+        );
+        // 40 a second: the 50 ports cycle every 1.25 s, just past the
+        // one-second age at which a TIME_WAIT port may be reused.
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}

@@ -113,6 +113,9 @@ pub struct Maps {
     pub orig_dst: BpfMap<SockKey, SockAddr>,
     /// Client addresses apps see on inbound connections.
     pub inbound_peer: BpfMap<SockKey, SockAddr>,
+    /// Clients of hops about to connect, by hop socket cookie (sockops
+    /// moves each into `inbound_peer`).
+    pub hop_peer: BpfMap<u64, SockAddr>,
     /// Listener sockets for sk_lookup (value: socket fd on insert).
     pub listeners: BpfMap<ListenerKey, u32>,
     /// Node addresses whose connections to pods are health probes.
@@ -185,6 +188,7 @@ impl Capture {
             excluded_ports: open_map(&dir, "EXCLUDED_PORTS")?,
             orig_dst: open_map(&dir, "ORIG_DST")?,
             inbound_peer: open_map(&dir, "INBOUND_PEER")?,
+            hop_peer: open_map(&dir, "HOP_PEER")?,
             listeners: open_map(&dir, "LISTENERS")?,
             probe_sources: open_map(&dir, "PROBE_SOURCES")?,
         };

@@ -7,7 +7,7 @@
 //! report the real client. The tunnel listener reuses [`connect_app`].
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use nodeward_common::SockKey;
 use tokio::net::TcpStream;
@@ -68,42 +68,56 @@ pub async fn handle(ctx: &PodContext, down: TcpStream, peer: SocketAddr) -> Outc
 
 /// Connects to the app at `dst` from inside the pod, so that the app sees
 /// `client` as its peer. The guard removes that registration when dropped.
+///
+/// The hop comes from the pod's loopback (`127.0.0.6`, `::1`), not from the
+/// pod's IP: its endpoints never collide with the pod's own connections,
+/// and the kernel may reuse a loopback 4-tuple still in TIME_WAIT
+/// (`tcp_tw_reuse`), so thousands of hops a second to one app port do not
+/// run out of ports. The client is left under the socket's cookie; sockops
+/// files it under the hop's endpoint inside `connect()`, before the SYN, so
+/// the app can never accept the hop before its real peer is known.
 pub async fn connect_app<'a>(
     ctx: &'a PodContext,
     dst: SocketAddr,
     client: SocketAddr,
 ) -> io::Result<(TcpStream, PeerEntryGuard<'a>)> {
-    let netns = ctx.netns.cookie();
-    let client = sock_addr(client);
-    let mut registered = None;
-    let up = socket::connect_from_pod(
-        &ctx.netns,
-        ctx.config.socket_mark,
-        Some(SocketAddr::new(dst.ip(), 0)),
-        dst,
-        ctx.config.connect_timeout,
-        |local| {
-            let key = sock_key(netns, local);
-            ctx.capture.maps.inbound_peer.insert(&key, &client)?;
-            registered = Some(key);
-            Ok(())
-        },
-    )
-    .await;
-    let guard = PeerEntryGuard { ctx, key: registered };
-    up.map(|up| (up, guard))
+    let maps = &ctx.capture.maps;
+    let sock = socket::pod_socket(&ctx.netns, ctx.config.socket_mark, dst, Some(hop_source(dst.ip())))?;
+    let cookie = sock.cookie()?;
+    maps.hop_peer.insert(&cookie, &sock_addr(client))?;
+    let connecting = match socket::Connecting::start(sock, dst) {
+        Ok(c) => c,
+        Err(e) => {
+            // connect() failed before choosing a port: sockops never ran.
+            let _ = maps.hop_peer.remove(&cookie);
+            return Err(e);
+        }
+    };
+    let guard = PeerEntryGuard {
+        ctx,
+        key: sock_key(ctx.netns.cookie(), connecting.local_addr()),
+    };
+    let up = connecting.finish(ctx.config.connect_timeout).await?;
+    Ok((up, guard))
+}
+
+/// Source address of the hop to an app at `dst`: the loopback of its family
+/// (Istio uses 127.0.0.6 for the same purpose).
+fn hop_source(dst: IpAddr) -> IpAddr {
+    match dst {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6)),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+    }
 }
 
 /// Removes the hop's `INBOUND_PEER` entry when the connection ends.
 pub struct PeerEntryGuard<'a> {
     ctx: &'a PodContext,
-    key: Option<SockKey>,
+    key: SockKey,
 }
 
 impl Drop for PeerEntryGuard<'_> {
     fn drop(&mut self) {
-        if let Some(key) = &self.key {
-            let _ = self.ctx.capture.maps.inbound_peer.remove(key);
-        }
+        let _ = self.ctx.capture.maps.inbound_peer.remove(&self.key);
     }
 }

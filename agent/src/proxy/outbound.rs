@@ -60,15 +60,7 @@ pub async fn handle(ctx: &PodContext, down: TcpStream, peer: SocketAddr) -> Outc
 }
 
 async fn passthrough(ctx: &PodContext, down: TcpStream, dst: SocketAddr) -> Outcome {
-    let up = socket::connect_from_pod(
-        &ctx.netns,
-        ctx.config.socket_mark,
-        None,
-        dst,
-        ctx.config.connect_timeout,
-        |_| Ok(()),
-    )
-    .await;
+    let up = socket::connect_from_pod(&ctx.netns, ctx.config.socket_mark, dst, ctx.config.connect_timeout).await;
     let up = match up {
         Ok(up) => up,
         Err(e) => {
@@ -121,7 +113,7 @@ async fn tunnel(
     let connect = move || -> Connector<'static> {
         let tls = crate::identity::tls::client_config(certs.clone(), src_id, certs.trust(), expected_server);
         Box::pin(async move {
-            let tcp = socket::connect_from_pod(&netns, mark, None, tunnel_addr, timeout, |_| Ok(())).await?;
+            let tcp = socket::connect_from_pod(&netns, mark, tunnel_addr, timeout).await?;
             let server_name = rustls::pki_types::ServerName::IpAddress(tunnel_addr.ip().into());
             let tls = TlsConnector::from(tls).connect(server_name, tcp).await?;
             Ok(Box::new(tls) as Box<dyn TunnelIo>)
