@@ -136,7 +136,16 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
         handshake_timeout: args.handshake_timeout,
         ..H2Settings::default()
     };
-    let pool = Pool::new(h2, args.tunnel_idle_timeout);
+    let spread = match args.tunnel_connections {
+        Some(n) => usize::from(n),
+        None => args
+            .worker_threads
+            .map(usize::from)
+            .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+            .unwrap_or(1)
+            .min(4),
+    };
+    let pool = Pool::new(h2, args.tunnel_idle_timeout, spread);
     tokio::spawn(pool.clone().run(lifecycle.hard_stop.clone()));
     let mesh = Arc::new(Mesh {
         store: store.clone(),

@@ -161,6 +161,12 @@ pub struct RunArgs {
     #[arg(long, env = "NODEWARD_TUNNEL_MAX_STREAMS", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub tunnel_max_streams: u32,
 
+    /// Tunnel connections per destination over which concurrent streams are
+    /// spread, since each connection's TLS runs on one core at each end
+    /// [default: one per worker thread, at most 4].
+    #[arg(long, env = "NODEWARD_TUNNEL_CONNECTIONS", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub tunnel_connections: Option<u16>,
+
     /// Release pooled tunnel connections unused this long.
     #[arg(long, env = "NODEWARD_TUNNEL_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub tunnel_idle_timeout: Duration,

@@ -85,7 +85,10 @@ fn no_plaintext_between_enrolled_pods_on_the_wire_but_plaintext_to_others() {
 #[test]
 fn short_and_long_connections_reuse_few_tunnel_connections() {
     let _g = shared();
-    let Some(t) = cluster("short_and_long_connections_reuse_few_tunnel_connections", &[]) else {
+    let Some(t) = cluster(
+        "short_and_long_connections_reuse_few_tunnel_connections",
+        &["--tunnel-connections", "2"],
+    ) else {
         return;
     };
     let (a, c) = (t.pod("a"), t.pod("c"));
@@ -106,8 +109,14 @@ fn short_and_long_connections_reuse_few_tunnel_connections() {
         s.read_to_string(&mut back).unwrap();
         assert_eq!(back, i.to_string());
     }
+    // One stream at a time needs one connection; a client that opens its
+    // next connection while the agent is still closing the previous stream
+    // may be given the second connection of the spread.
     let after_short = opened();
-    assert_eq!(after_short, 1, "1,000 short connections share one tunnel connection");
+    assert!(
+        (1..=2).contains(&after_short),
+        "1,000 short connections share the pooled tunnel connections, got {after_short}"
+    );
 
     let long: Vec<_> = (0..100)
         .map(|_| traffic::connect(&a.netns, c.v4(7000)).unwrap())
@@ -120,10 +129,12 @@ fn short_and_long_connections_reuse_few_tunnel_connections() {
         s.read_to_string(&mut back).unwrap();
         assert_eq!(back, format!("long {i}"));
     }
+    // Concurrent streams are spread over exactly the two connections
+    // allowed, and 100 streams fit on them.
     let total = opened();
-    assert!(
-        total <= 2,
-        "100 concurrent connections need at most one more tunnel connection, got {total}"
+    assert_eq!(
+        total, 2,
+        "100 concurrent connections are spread over the 2 tunnel connections allowed"
     );
 }
 

@@ -8,6 +8,11 @@
 //! `max_streams` streams; the next caller opens another. Concurrent first
 //! callers for a key wait on one lock and share one handshake. Connections
 //! with no stream for `idle_timeout` are released.
+//!
+//! Concurrent streams are spread over up to `spread` connections before any
+//! connection takes a second one: each connection's TLS and HTTP/2 work runs
+//! in one task, so a single connection would put every byte to a
+//! destination through one core at each end.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -73,6 +78,7 @@ type Slot = Arc<tokio::sync::Mutex<Vec<Arc<Conn>>>>;
 pub struct Pool {
     settings: H2Settings,
     idle_timeout: Duration,
+    spread: usize,
     slots: Mutex<HashMap<PoolKey, Slot>>,
     next_id: AtomicU64,
     opened: AtomicU64,
@@ -107,11 +113,13 @@ impl Drop for StreamLease {
 }
 
 impl Pool {
-    /// An empty pool.
-    pub fn new(settings: H2Settings, idle_timeout: Duration) -> Arc<Pool> {
+    /// An empty pool that spreads concurrent streams to one destination
+    /// over up to `spread` connections (at least one).
+    pub fn new(settings: H2Settings, idle_timeout: Duration, spread: usize) -> Arc<Pool> {
         Arc::new(Pool {
             settings,
             idle_timeout,
+            spread: spread.max(1),
             slots: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             opened: AtomicU64::new(0),
@@ -153,15 +161,23 @@ impl Pool {
             let mut conns = slot.lock().await;
             conns.retain(|c| !c.closed.is_cancelled());
             let max = self.settings.max_streams as usize;
-            let found = conns.iter().find(|c| {
-                let n = c.active.load(Ordering::Acquire);
-                n < max
-                    && c.active
-                        .compare_exchange(n, n + 1, Ordering::AcqRel, Ordering::Acquire)
-                        .is_ok()
-            });
-            match found {
-                Some(c) => c.clone(),
+            // The least busy connection with room; an idle one is taken as is.
+            let least = conns
+                .iter()
+                .map(|c| (c.active.load(Ordering::Acquire), c))
+                .filter(|(n, _)| *n < max)
+                .min_by_key(|(n, _)| *n);
+            let reuse = match least {
+                Some((n, c)) if n == 0 || conns.len() >= self.spread => Some(c.clone()),
+                _ => None,
+            };
+            match reuse {
+                // Streams are only taken under the slot lock, so the count
+                // read above still holds.
+                Some(c) => {
+                    c.active.fetch_add(1, Ordering::AcqRel);
+                    c
+                }
                 None => {
                     let c = self.open(key, connect).await?;
                     c.active.fetch_add(1, Ordering::AcqRel);
