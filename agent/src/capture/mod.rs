@@ -260,6 +260,11 @@ fn remove_pins(dir: &Path) -> Result<(), CaptureError> {
 fn load_object(dir: &Path, mark: u32, netns_cookie: Option<u64>) -> Result<Ebpf, CaptureError> {
     let cookie = netns_cookie.unwrap_or(u64::MAX);
     EbpfLoader::new()
+        // The programs read only UAPI context structs, which never move, so
+        // they need no CO-RE relocation. Without this the loader parses the
+        // kernel's BTF (~5 MiB, tens of thousands of types) on every load —
+        // once per pod — and the heap keeps tens of MiB from it.
+        .btf(None)
         .default_map_pin_directory(dir.join("maps"))
         .override_global("SOCKET_MARK", &mark, true)
         .override_global("NETNS_COOKIE", &cookie, true)

@@ -99,6 +99,9 @@ impl CloseReason {
     }
 }
 
+/// Buffer a direction starts with, before it proves to carry bulk data.
+const INITIAL_BUFFER: usize = 4096;
+
 /// Byte counts and reason of a finished relay.
 #[derive(Clone, Copy, Debug)]
 pub struct RelayStats {
@@ -115,7 +118,8 @@ pub struct RelayStats {
 pub struct RelayOptions {
     /// Close after this long without a byte either way.
     pub idle_timeout: Duration,
-    /// Per-direction buffer.
+    /// Per-direction buffer of a direction that carries bulk data (each
+    /// starts at 4 KiB and grows to this on its first full read).
     pub buffer_size: usize,
 }
 
@@ -169,7 +173,9 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; buffer_size];
+    // Most connections are idle or small-message: start small, and take the
+    // full buffer the first time a read fills the small one.
+    let mut buf = vec![0u8; INITIAL_BUFFER.min(buffer_size)];
     loop {
         let n = r.read(&mut buf).await?;
         if n == 0 {
@@ -179,6 +185,9 @@ where
             return Ok(());
         }
         w.write_all(&buf[..n]).await?;
+        if n == buf.len() && buf.len() < buffer_size {
+            buf = vec![0u8; buffer_size];
+        }
         count.fetch_add(n as u64, Ordering::Relaxed);
         last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
@@ -231,6 +240,42 @@ mod tests {
         let stats = relay.await.unwrap();
         assert_eq!(stats.reason, Some(CloseReason::Done));
         assert_eq!((stats.sent, stats.received), (7, 31));
+    }
+
+    #[tokio::test]
+    async fn bulk_data_crosses_intact_as_the_buffer_grows() {
+        let (client, proxy_down) = duplex(64 << 10);
+        let (proxy_up, server) = duplex(64 << 10);
+        let cancel = CancellationToken::new();
+        let (dr, dw) = tokio::io::split(proxy_down);
+        let (ur, uw) = tokio::io::split(proxy_up);
+        let o = RelayOptions {
+            idle_timeout: Duration::from_secs(5),
+            buffer_size: 32 << 10,
+        };
+        let relay = tokio::spawn(async move { relay(dr, dw, ur, uw, o, &cancel).await });
+        let data: Vec<u8> = (0..1_000_003u32).map(|i| (i % 251) as u8).collect();
+        let (_cr, mut cw) = tokio::io::split(client);
+        let (mut sr, mut sw) = tokio::io::split(server);
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            // Small writes first (the 4 KiB start), then large ones.
+            cw.write_all(&sent[..100]).await.unwrap();
+            cw.write_all(&sent[100..]).await.unwrap();
+            cw.shutdown().await.unwrap();
+        });
+        let mut got = Vec::new();
+        sr.read_to_end(&mut got).await.unwrap();
+        writer.await.unwrap();
+        assert!(
+            got == data,
+            "{} bytes arrived of {}, or out of order",
+            got.len(),
+            data.len()
+        );
+        sw.shutdown().await.unwrap();
+        let stats = relay.await.unwrap();
+        assert_eq!((stats.reason, stats.sent), (Some(CloseReason::Done), data.len() as u64));
     }
 
     #[tokio::test]
