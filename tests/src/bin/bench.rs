@@ -260,6 +260,31 @@ fn scale(t: &mut Topology, o: &Options, s: &mut Samples) -> Result<()> {
     );
     t.unapply("scale");
 
+    // 200 pods captured on one node (fresh agents again): agent RSS, and how
+    // soon one more pod is captured among them.
+    let on_node: usize = if o.quick { 10 } else { 200 };
+    let present = t.pods.iter().filter(|p| p.node == 0).count();
+    for i in present..on_node.saturating_sub(1) {
+        t.add_pod(0, PodSpec::new(&format!("m{i}"), "mesh"));
+    }
+    set_mode(t, Mode::Mesh);
+    std::thread::sleep(Duration::from_millis(500));
+    let captured = t.pods.iter().filter(|p| p.node == 0).count();
+    put("pods_on_node", (captured + 1) as f64);
+    put("node_pods_rss_mib", t.agent(0).rss_kib() as f64 / 1024.0);
+    t.add_pod(0, PodSpec::new("last", "mesh"));
+    let written = Instant::now();
+    t.write_config();
+    t.agent(0)
+        .wait_log(Duration::from_secs(10), |l| {
+            l["message"] == "pod captured" && l["pod"] == "mesh/last"
+        })
+        .context("pod added to a full node not captured")?;
+    put(
+        "new_pod_captured_full_node_ms",
+        written.elapsed().as_secs_f64() * 1000.0,
+    );
+
     // Policy evaluation cost per connection with that many policies.
     // Measured in this process, built like the agent (release, except in
     // quick mode, where the figure means nothing).
