@@ -152,8 +152,10 @@ pub struct RrResult {
 
 /// Runs `conns` persistent connections from `netns` to `dst` for
 /// `duration`, each sending `size`-byte requests; at `rate` total
-/// requests/s when given (open loop, latency measured from the scheduled
-/// send time), else as fast as possible.
+/// requests/s when given (connections evenly out of phase, so requests are
+/// spread over time; latency is measured from each request's send, since
+/// the timer's 1 ms granularity would otherwise count), else as fast as
+/// possible.
 pub fn request_response(
     netns: &str,
     dst: SocketAddr,
@@ -164,30 +166,38 @@ pub fn request_response(
 ) -> RrResult {
     let workers = 2.min(conns).max(1);
     let interval = rate.map(|r| Duration::from_secs_f64(conns as f64 / r));
-    let (h, n) = run_workers(netns, workers, conns.div_ceil(workers), move || async move {
-        let mut h = histogram();
-        let Ok(mut s) = tokio::net::TcpStream::connect(dst).await else {
-            return (h, 0u64);
-        };
-        let _ = s.set_nodelay(true);
-        let req = vec![7u8; size];
-        let mut resp = vec![0u8; size];
-        let start = Instant::now();
-        let mut next = Instant::now();
-        let mut n = 0u64;
-        while start.elapsed() < duration {
-            if let Some(iv) = interval {
-                tokio::time::sleep_until(next.into()).await;
-                next += iv;
+    // Connections take evenly spaced phases of the interval, so requests
+    // arrive one every 1/rate seconds rather than all together in bursts.
+    let next_phase = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let epoch = Instant::now() + Duration::from_millis(100);
+    let (h, n) = run_workers(netns, workers, conns.div_ceil(workers), move || {
+        let next_phase = next_phase.clone();
+        async move {
+            let mut h = histogram();
+            let Ok(mut s) = tokio::net::TcpStream::connect(dst).await else {
+                return (h, 0u64);
+            };
+            let _ = s.set_nodelay(true);
+            let req = vec![7u8; size];
+            let mut resp = vec![0u8; size];
+            let phase = next_phase.fetch_add(1, Ordering::Relaxed);
+            let mut next = epoch + interval.map_or(Duration::ZERO, |iv| iv * phase / conns as u32);
+            let start = Instant::now();
+            let mut n = 0u64;
+            while start.elapsed() < duration {
+                if let Some(iv) = interval {
+                    tokio::time::sleep_until(next.into()).await;
+                    next += iv;
+                }
+                let t0 = Instant::now();
+                if !exchange(&mut s, &req, &mut resp).await {
+                    break;
+                }
+                let _ = h.record(t0.elapsed().as_micros() as u64);
+                n += 1;
             }
-            let t0 = Instant::now();
-            if !exchange(&mut s, &req, &mut resp).await {
-                break;
-            }
-            let _ = h.record(t0.elapsed().as_micros() as u64);
-            n += 1;
+            (h, n)
         }
-        (h, n)
     });
     RrResult {
         p50_us: h.value_at_quantile(0.5) as f64,
