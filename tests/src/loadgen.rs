@@ -31,60 +31,95 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-/// An echo server of fixed-size messages, in a pod, until dropped.
-pub struct EchoServer {
+/// A TCP service in a pod: a thread in the pod's namespace running a tokio
+/// runtime that serves every accepted connection, until dropped.
+pub struct PodService {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl EchoServer {
-    /// Listens on `addr` in `netns` and echoes every byte back (`size` is
-    /// the expected message size, for the buffer).
-    pub fn start(netns: &str, addr: SocketAddr, size: usize) -> EchoServer {
+impl PodService {
+    /// Listens on `addr` in `netns` with `threads` runtime threads (0: the
+    /// listening thread alone) and runs `serve` for each connection.
+    fn start<F, Fut>(netns: &str, addr: SocketAddr, threads: usize, serve: F) -> PodService
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = in_netns(netns, move || {
-            runtime().block_on(async move {
-                let l = tokio::net::TcpListener::bind(addr).await.expect("bind echo server");
+            // Worker threads are created from this one and so share its namespace.
+            let rt = if threads == 0 {
+                runtime()
+            } else {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(threads)
+                    .enable_all()
+                    .build()
+                    .expect("runtime")
+            };
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::bind(addr).await.expect("bind pod service");
                 let _ = tx.send(());
                 while !flag.load(Ordering::Relaxed) {
-                    let Ok(Ok((mut s, _))) = tokio::time::timeout(Duration::from_millis(100), l.accept()).await else {
+                    let Ok(Ok((s, _))) = tokio::time::timeout(Duration::from_millis(100), l.accept()).await else {
                         continue;
                     };
                     let _ = s.set_nodelay(true);
-                    tokio::spawn(async move {
-                        // Echo whatever arrives: clients of any message size.
-                        let mut buf = vec![0u8; size.max(64 * 1024)];
-                        loop {
-                            match s.read(&mut buf).await {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => {
-                                    if s.write_all(&buf[..n]).await.is_err() {
-                                        break;
-                                    }
-                                }
-                            }
-                        }
-                    });
+                    tokio::spawn(serve(s));
                 }
             })
         });
         let _ = rx.recv_timeout(Duration::from_secs(5));
-        EchoServer {
+        PodService {
             stop,
             thread: Some(thread),
         }
     }
 }
 
-impl Drop for EchoServer {
+impl Drop for PodService {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
+}
+
+/// An echo server in a pod: every byte goes back (`size` is the expected
+/// message size, for the buffer).
+pub fn echo_server(netns: &str, addr: SocketAddr, size: usize) -> PodService {
+    PodService::start(netns, addr, 0, move |mut s| async move {
+        // Echo whatever arrives: clients of any message size.
+        let mut buf = vec![0u8; size.max(64 * 1024)];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// A plain userspace TCP relay in a pod, on two threads like the agent:
+/// each connection accepted on `listen` is copied both ways to `target`,
+/// with no TLS and no HTTP/2. Two of them, one per node, are the floor any
+/// two-proxy mesh pays on a path: the benchmark's `floor` column.
+pub fn relay(netns: &str, listen: SocketAddr, target: SocketAddr) -> PodService {
+    PodService::start(netns, listen, 2, move |mut down| async move {
+        let Ok(mut up) = tokio::net::TcpStream::connect(target).await else {
+            return;
+        };
+        let _ = up.set_nodelay(true);
+        let _ = tokio::io::copy_bidirectional_with_sizes(&mut down, &mut up, 32 << 10, 32 << 10).await;
+    })
 }
 
 fn histogram() -> Histogram<u64> {

@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use nodeward_testbed::loadgen::{self, EchoServer};
+use nodeward_testbed::loadgen;
 use nodeward_testbed::netns::nsenter;
 use nodeward_testbed::{PodSpec, Topology, TopologySpec};
 use serde_json::json;
@@ -58,7 +58,12 @@ impl Options {
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum Mode {
+    /// Pod to pod, nothing in between.
     Direct,
+    /// Through two plain userspace relays, one in each pod (no TLS, no
+    /// HTTP/2, no policy): what any two-proxy design costs on this path.
+    Floor,
+    /// Through Nodeward.
     Mesh,
 }
 
@@ -66,10 +71,16 @@ impl Mode {
     fn name(self) -> &'static str {
         match self {
             Mode::Direct => "direct",
+            Mode::Floor => "floor",
             Mode::Mesh => "mesh",
         }
     }
 }
+
+/// Ports of the floor's relays: in pod `a` (where its client connects), and
+/// in pod `c`, in front of the real server port.
+const FLOOR_CLIENT_SIDE: u16 = 20_000;
+const FLOOR_SERVER_SIDE: u16 = 21_000;
 
 type Samples = BTreeMap<(&'static str, Mode), Vec<f64>>;
 
@@ -106,7 +117,7 @@ fn set_mode(t: &mut Topology, mode: Mode) {
 }
 
 /// iperf3 from pod `a` to pod `c`; returns Gbit/s received.
-fn iperf(t: &Topology, streams: u32, secs: u64) -> Result<f64> {
+fn iperf(t: &Topology, dst: SocketAddr, streams: u32, secs: u64) -> Result<f64> {
     let (a, c) = (t.pod("a"), t.pod("c"));
     let mut server = nsenter(&c.netns, &["iperf3", "-s", "-1", "-p", "5201"])
         .stdout(Stdio::null())
@@ -119,9 +130,9 @@ fn iperf(t: &Topology, streams: u32, secs: u64) -> Result<f64> {
         &[
             "iperf3",
             "-c",
-            &c.ip4.to_string(),
+            &dst.ip().to_string(),
             "-p",
-            "5201",
+            &dst.port().to_string(),
             "-t",
             &secs.to_string(),
             "-P",
@@ -139,6 +150,21 @@ fn iperf(t: &Topology, streams: u32, secs: u64) -> Result<f64> {
     Ok(bps / 1e9)
 }
 
+/// Where the client connects to reach the server at `dst` in pod `c`, and
+/// the relays that carry it in the floor mode.
+fn path(t: &Topology, mode: Mode, dst: SocketAddr) -> (SocketAddr, Vec<loadgen::PodService>) {
+    if mode != Mode::Floor {
+        return (dst, Vec::new());
+    }
+    let (a, c) = (t.pod("a"), t.pod("c"));
+    // On the client pod's loopback, as the agent's outbound listener is
+    // (and clear of the client's ephemeral ports on the pod's IP).
+    let near = SocketAddr::from(([127, 0, 0, 1], FLOOR_CLIENT_SIDE + dst.port() % 1000));
+    let far = c.v4(FLOOR_SERVER_SIDE + dst.port() % 1000);
+    let relays = vec![loadgen::relay(&c.netns, far, dst), loadgen::relay(&a.netns, near, far)];
+    (near, relays)
+}
+
 fn round(t: &Topology, mode: Mode, o: &Options, s: &mut Samples) -> Result<()> {
     let secs = if o.quick { 1 } else { 5 };
     let dur = Duration::from_secs(secs);
@@ -146,19 +172,20 @@ fn round(t: &Topology, mode: Mode, o: &Options, s: &mut Samples) -> Result<()> {
     let mut put = |k: &'static str, v: f64| s.entry((k, mode)).or_default().push(v);
 
     if o.runs(Group::Throughput) {
+        let (dst, _relays) = path(t, mode, c.v4(5201));
         let cpu0 = agent_cpu(t);
-        let g1 = iperf(t, 1, secs)?;
+        let g1 = iperf(t, dst, 1, secs)?;
         let cpu1 = agent_cpu(t);
         put("throughput_1_stream_gbps", g1);
         if mode == Mode::Mesh {
             let gib = g1 * secs as f64 / 8.0 / 1.073_741_824;
             put("agent_cpu_s_per_gib", (cpu1 - cpu0) / gib.max(1e-9));
         }
-        put("throughput_4_streams_gbps", iperf(t, 4, secs)?);
+        put("throughput_4_streams_gbps", iperf(t, dst, 4, secs)?);
     }
 
-    let _echo = EchoServer::start(&c.netns, c.v4(7070), 1024);
-    let dst: SocketAddr = c.v4(7070);
+    let _echo = loadgen::echo_server(&c.netns, c.v4(7070), 1024);
+    let (dst, _relays) = path(t, mode, c.v4(7070));
     if o.runs(Group::Latency) {
         let fixed = loadgen::request_response(&a.netns, dst, 8, 1024, Some(2000.0), dur);
         put("rr_fixed_2k_rps_p50_us", fixed.p50_us);
@@ -213,7 +240,7 @@ fn agent_cpu(t: &Topology) -> f64 {
 fn scale(t: &mut Topology, o: &Options, s: &mut Samples) -> Result<()> {
     let mut put = |k: &'static str, v: f64| s.entry((k, Mode::Mesh)).or_default().push(v);
     let (a, c) = (t.pod("a").clone(), t.pod("c").clone());
-    let _echo = EchoServer::start(&c.netns, c.v4(7071), 16);
+    let _echo = loadgen::echo_server(&c.netns, c.v4(7071), 16);
 
     // The agent at rest (two pods captured, tunnels not yet open), then
     // idle connections through it: memory per connection.
@@ -369,20 +396,23 @@ fn main() -> Result<()> {
     };
     let mut t = Topology::build(spec);
     t.apply("strict", PA_STRICT);
-    // The connection-rate client opens tens of thousands of connections to
-    // one address: let it reuse TIME_WAIT ports, as load generators do.
-    let a = t.pod("a").netns.clone();
-    let _ = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &a,
-            "sysctl",
-            "-qw",
-            "net.ipv4.tcp_tw_reuse=1",
-            "net.ipv4.ip_local_port_range=1024 65535",
-        ])
+    // The connection-rate client (pod a) and the floor's far relay (pod c)
+    // open tens of thousands of connections to one address: let them reuse
+    // TIME_WAIT ports, as load generators and proxies are set up to do (the
+    // agent's own hop needs neither: it comes from loopback).
+    // Ranges stay above the agent's ports (150xx) and the floor's relays (2xxxx).
+    for (pod, range) in [("a", "32768 65535"), ("c", "32768 60999")] {
+        let _ = nsenter(
+            &t.pod(pod).netns,
+            &[
+                "sysctl",
+                "-qw",
+                "net.ipv4.tcp_tw_reuse=1",
+                &format!("net.ipv4.ip_local_port_range={range}"),
+            ],
+        )
         .status();
+    }
     let mut samples = Samples::new();
     let rounds = if o.quick { 1 } else { o.rounds.max(1) };
     let ab_rounds = [Group::Throughput, Group::Latency, Group::ConnRate]
@@ -399,6 +429,11 @@ fn main() -> Result<()> {
             eprintln!("round {}/{rounds}: {}", r + 1, mode.name());
             set_mode(&mut t, mode);
             round(&t, mode, &o, &mut samples)?;
+            if mode == Mode::Direct {
+                // Agents are stopped: the relays carry plain traffic.
+                eprintln!("round {}/{rounds}: {}", r + 1, Mode::Floor.name());
+                round(&t, Mode::Floor, &o, &mut samples)?;
+            }
         }
     }
     if o.runs(Group::Scale) {
@@ -433,7 +468,7 @@ fn report(s: &Samples, o: &Options, rounds: usize) -> Result<()> {
     let machine = machine();
     println!("\nNodeward benchmark — {machine}");
     println!(
-        "{} round(s){}; medians; ratio = mesh / direct\n",
+        "{} round(s){}; medians; ratio = mesh / direct; floor = two plain userspace relays on the same path\n",
         rounds,
         if o.quick {
             " (QUICK smoke mode: not a measurement)"
@@ -441,25 +476,31 @@ fn report(s: &Samples, o: &Options, rounds: usize) -> Result<()> {
             ""
         }
     );
-    println!("{:<30} {:>12} {:>12} {:>8}", "scenario", "direct", "mesh", "ratio");
+    println!(
+        "{:<32} {:>11} {:>11} {:>11} {:>7} {:>11}",
+        "scenario", "direct", "floor", "mesh", "ratio", "mesh-floor"
+    );
     let mut keys: Vec<&'static str> = s.keys().map(|(k, _)| *k).collect();
     keys.dedup();
     let mut rows = Vec::new();
     for k in keys {
-        let d = s.get(&(k, Mode::Direct)).map(|v| median(v));
-        let m = s.get(&(k, Mode::Mesh)).map(|v| median(v));
+        let get = |m: Mode| s.get(&(k, m)).map(|v| median(v));
+        let (d, fl, m) = (get(Mode::Direct), get(Mode::Floor), get(Mode::Mesh));
         let ratio = match (d, m) {
             (Some(d), Some(m)) if d > 0.0 => Some(m / d),
             _ => None,
         };
+        let over_floor = fl.zip(m).map(|(fl, m)| m - fl);
         let f = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
         println!(
-            "{k:<30} {:>12} {:>12} {:>8}",
+            "{k:<32} {:>11} {:>11} {:>11} {:>7} {:>11}",
             f(d),
+            f(fl),
             f(m),
-            ratio.map(|r| format!("{r:.2}")).unwrap_or_else(|| "-".into())
+            f(ratio),
+            f(over_floor)
         );
-        rows.push(json!({"scenario": k, "direct": d, "mesh": m, "ratio": ratio}));
+        rows.push(json!({"scenario": k, "direct": d, "floor": fl, "mesh": m, "ratio": ratio}));
     }
     let out = json!({"machine": machine, "rounds": rounds, "quick": o.quick, "results": rows});
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
