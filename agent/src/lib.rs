@@ -6,6 +6,7 @@ pub mod agent;
 pub mod capture;
 pub mod config;
 pub mod identity;
+pub mod logging;
 pub mod netns;
 pub mod pods;
 pub mod policy;

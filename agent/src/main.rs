@@ -8,8 +8,11 @@ use tracing_subscriber::EnvFilter;
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let json = matches!(&cli.command, Command::Run(a) if a.log_format == "json");
-    init_logging(json);
-    match run(cli.command) {
+    let logs = init_logging(json);
+    let result = run(cli.command);
+    // The last log lines go out before the final error, which explains them.
+    drop(logs);
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -77,14 +80,14 @@ fn raise_fd_limit() {
     }
 }
 
-fn init_logging(json: bool) {
+fn init_logging(json: bool) -> nodeward::logging::LogFlush {
     let filter = EnvFilter::try_from_env("NODEWARD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let (writer, flush) = nodeward::logging::batched_stderr();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     if json {
         builder.json().flatten_event(true).init();
     } else {
         builder.init();
     }
+    flush
 }

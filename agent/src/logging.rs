@@ -1,0 +1,199 @@
+//! Log output kept off the data path.
+//!
+//! Every proxied connection ends in a log line. Written straight to stderr,
+//! each line is a `write(2)` on the connection's thread and a wake-up of
+//! whatever reads the other end of the pipe. Here lines are appended to a
+//! bounded in-memory buffer, and one thread writes what has gathered every
+//! 20 ms, in one call. If the reader falls behind by more than the bound,
+//! lines are dropped and counted rather than stalling connections; the
+//! count is reported in the output. [`LogFlush`] writes what is left when
+//! the agent exits (a SIGKILL loses at most the last 20 ms).
+
+#![forbid(unsafe_code)]
+
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tracing_subscriber::fmt::MakeWriter;
+
+/// How often gathered lines are written.
+const FLUSH_EVERY: Duration = Duration::from_millis(20);
+
+/// Most bytes held before lines are dropped.
+const MAX_PENDING: usize = 4 << 20;
+
+struct Shared {
+    pending: Mutex<Vec<u8>>,
+    dropped: AtomicU64,
+    stop: AtomicBool,
+    wake: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes what has gathered (and any drop count) to `out`.
+    fn flush_to(&self, out: &mut impl Write) {
+        let batch = std::mem::take(&mut *self.lock());
+        if !batch.is_empty() {
+            let _ = out.write_all(&batch);
+        }
+        let dropped = self.dropped.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
+            let _ = writeln!(out, "nodeward: {dropped} log lines dropped: the log reader fell behind");
+        }
+    }
+}
+
+/// A `MakeWriter` for `tracing_subscriber` that batches lines to stderr.
+#[derive(Clone)]
+pub struct BatchedStderr {
+    shared: Arc<Shared>,
+}
+
+/// Writes one formatted event into the batch.
+pub struct LineWriter<'a> {
+    shared: &'a Shared,
+}
+
+impl Write for LineWriter<'_> {
+    fn write(&mut self, line: &[u8]) -> io::Result<usize> {
+        let mut pending = self.shared.lock();
+        if pending.len() + line.len() > MAX_PENDING {
+            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+        } else {
+            pending.extend_from_slice(line);
+        }
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for BatchedStderr {
+    type Writer = LineWriter<'a>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        LineWriter { shared: &self.shared }
+    }
+}
+
+/// Stops the writer thread and writes the remaining lines when dropped.
+pub struct LogFlush {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for LogFlush {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        self.shared.wake.notify_all();
+        match self.thread.take() {
+            // The thread writes what is left before it ends.
+            Some(t) => {
+                let _ = t.join();
+            }
+            None => self.shared.flush_to(&mut io::stderr()),
+        }
+    }
+}
+
+/// A batching stderr writer and the guard that flushes it at exit.
+pub fn batched_stderr() -> (BatchedStderr, LogFlush) {
+    batched(io::stderr)
+}
+
+fn batched<W: Write>(out: impl Fn() -> W + Send + 'static) -> (BatchedStderr, LogFlush) {
+    let shared = Arc::new(Shared {
+        pending: Mutex::new(Vec::new()),
+        dropped: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+        wake: Condvar::new(),
+    });
+    let bg = shared.clone();
+    let thread = std::thread::Builder::new()
+        .name("nodeward-log".into())
+        .spawn(move || {
+            while !bg.stop.load(Ordering::Relaxed) {
+                // Sleep on the condvar so that exit interrupts the wait.
+                let guard = bg.lock();
+                let _ = bg.wake.wait_timeout(guard, FLUSH_EVERY);
+                bg.flush_to(&mut out());
+            }
+            bg.flush_to(&mut out());
+        })
+        .ok();
+    (BatchedStderr { shared: shared.clone() }, LogFlush { shared, thread })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sink the tests can read back.
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn lines_arrive_whole_in_order_and_promptly() {
+        let sink = Sink::default();
+        let out = sink.clone();
+        let (w, _flush) = batched(move || out.clone());
+        for i in 0..100 {
+            w.make_writer().write_all(format!("line {i}\n").as_bytes()).unwrap();
+        }
+        std::thread::sleep(FLUSH_EVERY * 5);
+        let got = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        let want: String = (0..100).map(|i| format!("line {i}\n")).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn the_guard_writes_what_is_left_at_exit() {
+        let sink = Sink::default();
+        let out = sink.clone();
+        let (w, flush) = batched(move || out.clone());
+        w.make_writer().write_all(b"last words\n").unwrap();
+        // Well within one flush period: only the exit can have written it.
+        drop(flush);
+        assert_eq!(sink.0.lock().unwrap().as_slice(), b"last words\n");
+    }
+
+    #[test]
+    fn a_reader_that_falls_behind_costs_lines_not_memory() {
+        let shared = Shared {
+            pending: Mutex::new(Vec::new()),
+            dropped: AtomicU64::new(0),
+            stop: AtomicBool::new(true),
+            wake: Condvar::new(),
+        };
+        let line = vec![b'x'; 1024];
+        for _ in 0..(MAX_PENDING / 1024 + 10) {
+            LineWriter { shared: &shared }.write_all(&line).unwrap();
+        }
+        assert!(shared.lock().len() <= MAX_PENDING);
+        assert_eq!(shared.dropped.load(Ordering::Relaxed), 10);
+        let mut out = Vec::new();
+        shared.flush_to(&mut out);
+        assert!(
+            String::from_utf8_lossy(&out).ends_with("nodeward: 10 log lines dropped: the log reader fell behind\n")
+        );
+    }
+}
