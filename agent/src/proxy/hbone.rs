@@ -1,16 +1,16 @@
 //! HBONE on the wire: HTTP/2 `CONNECT` streams over mutual TLS to port
-//! 15008, as ztunnel speaks it, and an adapter that makes one stream look
-//! like a socket so the same relay serves plaintext and tunnels.
+//! 15008, as ztunnel speaks it, and the two halves of a stream as the
+//! relay's [`Source`] and [`Sink`], so the same relay serves plaintext and
+//! tunnels and DATA frames are never copied on the way.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
-use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::relay::{Sink, Source};
 
 /// Port of the HBONE listener in every pod.
 pub const HBONE_PORT: u16 = nodeward_common::TUNNEL_PORT;
@@ -80,30 +80,25 @@ pub fn traceparent() -> String {
     format!("00-{}-{}-01", hex(&b[..16]), hex(&b[16..]))
 }
 
-/// One HTTP/2 stream as a byte stream: reads take DATA frames (and give
-/// the flow-control window back as they are consumed), writes send DATA
-/// within the peer's window, shutdown sends END_STREAM (half-close).
-pub struct H2Stream {
-    send: SendStream<Bytes>,
-    recv: RecvStream,
-    pending: Bytes,
-    recv_done: bool,
+/// The receiving half of a tunnel stream: DATA frames as they arrive, the
+/// flow-control window given back only as the relay hands bytes on, so a
+/// slow reader throttles the sender and memory per stream is bounded by the
+/// stream window.
+pub struct H2Recv(RecvStream);
+
+/// The sending half of a tunnel stream: DATA within the peer's window,
+/// END_STREAM as half-close, RST_STREAM as reset.
+pub struct H2Send(SendStream<Bytes>);
+
+/// The halves of one tunnel stream.
+pub fn stream_halves(send: SendStream<Bytes>, recv: RecvStream) -> (H2Send, H2Recv) {
+    (H2Send(send), H2Recv(recv))
 }
 
-impl H2Stream {
-    /// Wraps the two halves of a stream.
-    pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
-        H2Stream {
-            send,
-            recv,
-            pending: Bytes::new(),
-            recv_done: false,
-        }
-    }
-
+impl H2Send {
     /// Resets the stream (the peer sees RST_STREAM instead of a clean end).
     pub fn reset(&mut self) {
-        self.send.send_reset(h2::Reason::CANCEL);
+        self.0.send_reset(h2::Reason::CANCEL);
     }
 }
 
@@ -119,59 +114,42 @@ fn h2_io(e: h2::Error) -> io::Error {
     io::Error::new(kind, e)
 }
 
-impl AsyncRead for H2Stream {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+impl Source for H2Recv {
+    async fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
         loop {
-            if !self.pending.is_empty() {
-                let n = self.pending.len().min(buf.remaining());
-                let chunk = self.pending.split_to(n);
-                buf.put_slice(&chunk);
-                // Window goes back only as the bytes are handed on, so a
-                // slow reader throttles the sender: bounded memory per stream.
-                let _ = self.recv.flow_control().release_capacity(n);
-                return Poll::Ready(Ok(()));
-            }
-            if self.recv_done {
-                return Poll::Ready(Ok(()));
-            }
-            match ready!(self.recv.poll_data(cx)) {
-                Some(Ok(data)) => self.pending = data,
-                Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
-                None => {
-                    self.recv_done = true;
-                    return Poll::Ready(Ok(()));
-                }
+            match std::future::poll_fn(|cx| self.0.poll_data(cx)).await {
+                // An empty DATA frame carries nothing to pass on.
+                Some(Ok(data)) if data.is_empty() => continue,
+                Some(Ok(data)) => return Ok(Some(data)),
+                Some(Err(e)) => return Err(h2_io(e)),
+                None => return Ok(None),
             }
         }
+    }
+
+    fn consumed(&mut self, n: usize) {
+        let _ = self.0.flow_control().release_capacity(n);
     }
 }
 
-impl AsyncWrite for H2Stream {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
+impl Sink for H2Send {
+    async fn write_chunk(&mut self, mut chunk: Bytes) -> io::Result<()> {
+        while !chunk.is_empty() {
+            self.0.reserve_capacity(chunk.len());
+            let cap = match std::future::poll_fn(|cx| self.0.poll_capacity(cx)).await {
+                Some(Ok(cap)) => cap,
+                Some(Err(e)) => return Err(h2_io(e)),
+                None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "stream closed")),
+            };
+            // Splitting a Bytes shares its memory: no copy.
+            let part = chunk.split_to(cap.min(chunk.len()));
+            self.0.send_data(part, false).map_err(h2_io)?;
         }
-        self.send.reserve_capacity(buf.len());
-        let cap = match ready!(self.send.poll_capacity(cx)) {
-            Some(Ok(cap)) => cap,
-            Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
-            None => {
-                return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "stream closed")));
-            }
-        };
-        let n = cap.min(buf.len());
-        self.send
-            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-            .map_err(h2_io)?;
-        Poll::Ready(Ok(n))
+        Ok(())
     }
 
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(self.send.send_data(Bytes::new(), true).map_err(h2_io))
+    async fn finish(&mut self) -> io::Result<()> {
+        self.0.send_data(Bytes::new(), true).map_err(h2_io)
     }
 }
 

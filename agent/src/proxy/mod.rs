@@ -337,7 +337,17 @@ pub async fn relay_tcp(
     let stats = {
         let (dr, dw) = down.split();
         let (ur, uw) = up.split();
-        relay::relay(dr, dw, ur, uw, ctx.config.relay, cancel).await
+        let size = ctx.config.relay.buffer_size;
+        let (mut ds, mut us) = (relay::StreamSource::new(dr, size), relay::StreamSource::new(ur, size));
+        relay::relay(
+            &mut ds,
+            &mut relay::StreamSink(dw),
+            &mut us,
+            &mut relay::StreamSink(uw),
+            ctx.config.relay,
+            cancel,
+        )
+        .await
     };
     if final_reason(ctx, stats.reason).resets() {
         socket::reset(&down);

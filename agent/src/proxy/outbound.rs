@@ -15,9 +15,9 @@ use http::{Method, Request, StatusCode};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use super::hbone::{self, H2Stream, HBONE_PORT};
+use super::hbone::{self, HBONE_PORT};
 use super::pool::{Connector, PoolError, PoolKey, TunnelIo};
-use super::relay::{self, CloseReason};
+use super::relay::{self, CloseReason, StreamSink, StreamSource};
 use super::{Outcome, PodContext, final_reason, from_words, relay_tcp, sock_key, socket};
 use crate::identity::Identity;
 use crate::identity::verify::refusal_of_io;
@@ -160,15 +160,23 @@ async fn tunnel(
         };
         return refused(&down, reason, None);
     }
-    let mut stream = H2Stream::new(send, response.into_body());
+    let (mut tunnel_send, mut tunnel_recv) = hbone::stream_halves(send, response.into_body());
     let stats = {
         let (dr, dw) = down.split();
-        let (mut ur, mut uw) = tokio::io::split(&mut stream);
-        relay::relay(dr, dw, &mut ur, &mut uw, ctx.config.relay, &ctx.cancel).await
+        let (mut ds, mut dk) = (StreamSource::new(dr, ctx.config.relay.buffer_size), StreamSink(dw));
+        relay::relay(
+            &mut ds,
+            &mut dk,
+            &mut tunnel_recv,
+            &mut tunnel_send,
+            ctx.config.relay,
+            &ctx.cancel,
+        )
+        .await
     };
     if final_reason(ctx, stats.reason).resets() {
         socket::reset(&down);
-        stream.reset();
+        tunnel_send.reset();
     }
     let mut o = Outcome::relayed(dst, stats, "hbone");
     o.peer_identity = Some(expected);

@@ -2,12 +2,89 @@
 //! (a FIN on one side becomes a shutdown on the other), backpressure comes
 //! from awaiting each write before the next read, and the pair is closed
 //! after an idle period. Returns what a log line and metrics need.
+//!
+//! Bytes move as [`Bytes`] chunks from a [`Source`] to a [`Sink`], so a
+//! chunk read from a socket goes into an HTTP/2 DATA frame, and a DATA
+//! frame goes to a socket, without being copied on the way.
 
+use std::future::Future;
+use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
+
+/// Where one direction of a relay reads from.
+pub trait Source: Send {
+    /// The next chunk of bytes, or `None` at the end of the stream.
+    fn next_chunk(&mut self) -> impl Future<Output = io::Result<Option<Bytes>>> + Send;
+
+    /// The sink has taken `n` more bytes. A source with flow control (an
+    /// HTTP/2 stream) lets its peer send more only now, so a slow reader
+    /// throttles the sender.
+    fn consumed(&mut self, _n: usize) {}
+}
+
+/// Where one direction of a relay writes to.
+pub trait Sink: Send {
+    /// Writes all of `chunk`, waiting for room as needed.
+    fn write_chunk(&mut self, chunk: Bytes) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Ends this direction (half-close): FIN, or END_STREAM.
+    fn finish(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+/// A byte stream (a socket's read half) as a [`Source`]. Reads into a
+/// buffer that starts at 4 KiB and grows to the bulk size on the first full
+/// read; a chunk's memory is reused once its sink has dropped it.
+pub struct StreamSource<R> {
+    r: R,
+    buf: BytesMut,
+    size: usize,
+    max: usize,
+}
+
+impl<R> StreamSource<R> {
+    /// Reads `r` in chunks of at most `max` bytes.
+    pub fn new(r: R, max: usize) -> Self {
+        StreamSource {
+            r,
+            buf: BytesMut::new(),
+            size: INITIAL_BUFFER.min(max),
+            max,
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin + Send> Source for StreamSource<R> {
+    async fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        // Reclaims the previous chunk's memory when nothing holds it.
+        self.buf.reserve(self.size);
+        let n = self.r.read_buf(&mut (&mut self.buf).limit(self.size)).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if n == self.size {
+            self.size = self.max;
+        }
+        Ok(Some(self.buf.split().freeze()))
+    }
+}
+
+/// A byte stream (a socket's write half) as a [`Sink`].
+pub struct StreamSink<W>(pub W);
+
+impl<W: AsyncWrite + Unpin + Send> Sink for StreamSink<W> {
+    async fn write_chunk(&mut self, chunk: Bytes) -> io::Result<()> {
+        self.0.write_all(&chunk).await
+    }
+
+    async fn finish(&mut self) -> io::Result<()> {
+        self.0.shutdown().await
+    }
+}
 
 /// Why a proxied connection ended: a small fixed set, used in logs and metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,29 +200,29 @@ pub struct RelayOptions {
     pub buffer_size: usize,
 }
 
-/// Relays between downstream (`dr`, `dw`) and upstream (`ur`, `uw`) until
-/// both directions finish, one fails, the idle timeout passes or `cancel`
-/// fires.
-pub async fn relay<DR, DW, UR, UW>(
-    dr: DR,
-    dw: DW,
-    ur: UR,
-    uw: UW,
+/// Relays between downstream (`ds` read, `dk` written) and upstream (`us`,
+/// `uk`) until both directions finish, one fails, the idle timeout passes
+/// or `cancel` fires.
+pub async fn relay<DS, DK, US, UK>(
+    ds: &mut DS,
+    dk: &mut DK,
+    us: &mut US,
+    uk: &mut UK,
     opts: RelayOptions,
     cancel: &CancellationToken,
 ) -> RelayStats
 where
-    DR: AsyncRead + Unpin,
-    DW: AsyncWrite + Unpin,
-    UR: AsyncRead + Unpin,
-    UW: AsyncWrite + Unpin,
+    DS: Source,
+    DK: Sink,
+    US: Source,
+    UK: Sink,
 {
     let start = Instant::now();
     let last = AtomicU64::new(0);
     let sent = AtomicU64::new(0);
     let received = AtomicU64::new(0);
-    let up = copy_one_way(dr, uw, &sent, &last, start, opts.buffer_size);
-    let down = copy_one_way(ur, dw, &received, &last, start, opts.buffer_size);
+    let up = copy_one_way(ds, uk, &sent, &last, start);
+    let down = copy_one_way(us, dk, &received, &last, start);
     let reason = tokio::select! {
         r = async { tokio::try_join!(up, down) } => Some(match r {
             Ok(_) => CloseReason::Done,
@@ -161,33 +238,23 @@ where
     }
 }
 
-async fn copy_one_way<R, W>(
-    mut r: R,
-    mut w: W,
+async fn copy_one_way<S: Source, K: Sink>(
+    src: &mut S,
+    sink: &mut K,
     count: &AtomicU64,
     last: &AtomicU64,
     start: Instant,
-    buffer_size: usize,
-) -> std::io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    // Most connections are idle or small-message: start small, and take the
-    // full buffer the first time a read fills the small one.
-    let mut buf = vec![0u8; INITIAL_BUFFER.min(buffer_size)];
+) -> io::Result<()> {
     loop {
-        let n = r.read(&mut buf).await?;
-        if n == 0 {
+        let Some(chunk) = src.next_chunk().await? else {
             // Half-close: pass the FIN on and keep the other direction open.
             // The peer may already be gone; that shows on the other direction.
-            let _ = w.shutdown().await;
+            let _ = sink.finish().await;
             return Ok(());
-        }
-        w.write_all(&buf[..n]).await?;
-        if n == buf.len() && buf.len() < buffer_size {
-            buf = vec![0u8; buffer_size];
-        }
+        };
+        let n = chunk.len();
+        sink.write_chunk(chunk).await?;
+        src.consumed(n);
         count.fetch_add(n as u64, Ordering::Relaxed);
         last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
@@ -207,7 +274,22 @@ async fn idle(last: &AtomicU64, start: Instant, timeout: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::duplex;
+    use tokio::io::{DuplexStream, duplex};
+
+    async fn relay_duplex(
+        down: DuplexStream,
+        up: DuplexStream,
+        o: RelayOptions,
+        cancel: &CancellationToken,
+    ) -> RelayStats {
+        let (dr, dw) = tokio::io::split(down);
+        let (ur, uw) = tokio::io::split(up);
+        let (mut ds, mut us) = (
+            StreamSource::new(dr, o.buffer_size),
+            StreamSource::new(ur, o.buffer_size),
+        );
+        relay(&mut ds, &mut StreamSink(dw), &mut us, &mut StreamSink(uw), o, cancel).await
+    }
 
     fn opts(idle_ms: u64) -> RelayOptions {
         RelayOptions {
@@ -221,9 +303,7 @@ mod tests {
         let (client, proxy_down) = duplex(64);
         let (proxy_up, server) = duplex(64);
         let cancel = CancellationToken::new();
-        let (dr, dw) = tokio::io::split(proxy_down);
-        let (ur, uw) = tokio::io::split(proxy_up);
-        let relay = tokio::spawn(async move { relay(dr, dw, ur, uw, opts(5_000), &cancel).await });
+        let relay = tokio::spawn(async move { relay_duplex(proxy_down, proxy_up, opts(5_000), &cancel).await });
 
         let (mut cr, mut cw) = tokio::io::split(client);
         let (mut sr, mut sw) = tokio::io::split(server);
@@ -247,13 +327,11 @@ mod tests {
         let (client, proxy_down) = duplex(64 << 10);
         let (proxy_up, server) = duplex(64 << 10);
         let cancel = CancellationToken::new();
-        let (dr, dw) = tokio::io::split(proxy_down);
-        let (ur, uw) = tokio::io::split(proxy_up);
         let o = RelayOptions {
             idle_timeout: Duration::from_secs(5),
             buffer_size: 32 << 10,
         };
-        let relay = tokio::spawn(async move { relay(dr, dw, ur, uw, o, &cancel).await });
+        let relay = tokio::spawn(async move { relay_duplex(proxy_down, proxy_up, o, &cancel).await });
         let data: Vec<u8> = (0..1_000_003u32).map(|i| (i % 251) as u8).collect();
         let (_cr, mut cw) = tokio::io::split(client);
         let (mut sr, mut sw) = tokio::io::split(server);
@@ -283,9 +361,7 @@ mod tests {
         let (_client, proxy_down) = duplex(64);
         let (proxy_up, _server) = duplex(64);
         let cancel = CancellationToken::new();
-        let (dr, dw) = tokio::io::split(proxy_down);
-        let (ur, uw) = tokio::io::split(proxy_up);
-        let stats = relay(dr, dw, ur, uw, opts(50), &cancel).await;
+        let stats = relay_duplex(proxy_down, proxy_up, opts(50), &cancel).await;
         assert_eq!(stats.reason, Some(CloseReason::IdleTimeout));
     }
 
@@ -295,9 +371,7 @@ mod tests {
         let (proxy_up, _server) = duplex(64);
         let cancel = CancellationToken::new();
         cancel.cancel();
-        let (dr, dw) = tokio::io::split(proxy_down);
-        let (ur, uw) = tokio::io::split(proxy_up);
-        let stats = relay(dr, dw, ur, uw, opts(60_000), &cancel).await;
+        let stats = relay_duplex(proxy_down, proxy_up, opts(60_000), &cancel).await;
         assert_eq!(stats.reason, None);
     }
 }

@@ -21,9 +21,9 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use super::hbone::{H2Stream, parse_authority, parse_forwarded_for};
+use super::hbone::{parse_authority, parse_forwarded_for, stream_halves};
 use super::inbound::connect_app;
-use super::relay::{self, CloseReason};
+use super::relay::{self, CloseReason, StreamSink, StreamSource};
 use super::{Direction, Outcome, PodContext, final_reason, log_audits, log_connection, socket, unmap};
 use crate::identity::Identity;
 use crate::identity::tls::peer_identity;
@@ -217,12 +217,20 @@ async fn stream(
             return;
         }
     };
-    let mut tunnel = H2Stream::new(send, req.into_body());
+    let (mut tunnel_send, mut tunnel_recv) = stream_halves(send, req.into_body());
     let mut up = up;
     let stats = {
         let (ur, uw) = up.split();
-        let (mut tr, mut tw) = tokio::io::split(&mut tunnel);
-        relay::relay(&mut tr, &mut tw, ur, uw, ctx.config.relay, &live.cancel).await
+        let (mut us, mut uk) = (StreamSource::new(ur, ctx.config.relay.buffer_size), StreamSink(uw));
+        relay::relay(
+            &mut tunnel_recv,
+            &mut tunnel_send,
+            &mut us,
+            &mut uk,
+            ctx.config.relay,
+            &live.cancel,
+        )
+        .await
     };
     // Who cancelled wins over however the relay saw the end: tearing the
     // connection down also errors its streams.
@@ -234,7 +242,7 @@ async fn stream(
     }
     if final_reason(ctx, stats.reason).resets() {
         socket::reset(&up);
-        tunnel.reset();
+        tunnel_send.reset();
     }
     if stats.reason == Some(CloseReason::PeerReset) && stats.sent == 0 && stats.received == 0 {
         // Opened and cancelled without a byte: a rapid-reset candidate,
