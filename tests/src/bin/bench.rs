@@ -257,15 +257,7 @@ fn scale(t: &mut Topology, o: &Options, s: &mut Samples) -> Result<()> {
     drop(conns);
 
     // A new pod: from its file appearing to its traffic being captured.
-    t.add_pod(0, PodSpec::new("e", "mesh"));
-    let written = Instant::now();
-    t.write_config();
-    t.agent(0)
-        .wait_log(Duration::from_secs(10), |l| {
-            l["message"] == "pod captured" && l["pod"] == "mesh/e"
-        })
-        .context("new pod not captured")?;
-    put("new_pod_captured_ms", written.elapsed().as_secs_f64() * 1000.0);
+    put("new_pod_captured_ms", new_pod_captured_ms(t, "e")?);
 
     // 10,000 workloads and 1,000 policies in the config directory, in fresh
     // agents: the heap of one that just held 1,000 connections keeps that
@@ -291,32 +283,35 @@ fn scale(t: &mut Topology, o: &Options, s: &mut Samples) -> Result<()> {
     // soon one more pod is captured among them.
     let on_node: usize = if o.quick { 10 } else { 200 };
     let present = t.pods.iter().filter(|p| p.node == 0).count();
-    for i in present..on_node.saturating_sub(1) {
+    for i in present..on_node {
         t.add_pod(0, PodSpec::new(&format!("m{i}"), "mesh"));
     }
     set_mode(t, Mode::Mesh);
     std::thread::sleep(Duration::from_millis(500));
-    let captured = t.pods.iter().filter(|p| p.node == 0).count();
-    put("pods_on_node", (captured + 1) as f64);
+    put("pods_on_node", on_node.max(present) as f64);
     put("node_pods_rss_mib", t.agent(0).rss_kib() as f64 / 1024.0);
-    t.add_pod(0, PodSpec::new("last", "mesh"));
-    let written = Instant::now();
-    t.write_config();
-    t.agent(0)
-        .wait_log(Duration::from_secs(10), |l| {
-            l["message"] == "pod captured" && l["pod"] == "mesh/last"
-        })
-        .context("pod added to a full node not captured")?;
-    put(
-        "new_pod_captured_full_node_ms",
-        written.elapsed().as_secs_f64() * 1000.0,
-    );
+    put("new_pod_captured_full_node_ms", new_pod_captured_ms(t, "last")?);
 
     // Policy evaluation cost per connection with that many policies.
     // Measured in this process, built like the agent (release, except in
     // quick mode, where the figure means nothing).
     put("policy_eval_ns", policy_eval_ns(policies));
     Ok(())
+}
+
+/// Adds pod `name` on node 1 and times from its file being written to its
+/// agent logging it captured.
+fn new_pod_captured_ms(t: &mut Topology, name: &str) -> Result<f64> {
+    t.add_pod(0, PodSpec::new(name, "mesh"));
+    let written = Instant::now();
+    t.write_config();
+    let key = format!("mesh/{name}");
+    t.agent(0)
+        .wait_log(Duration::from_secs(10), |l| {
+            l["message"] == "pod captured" && l["pod"] == key.as_str()
+        })
+        .with_context(|| format!("new pod {key} not captured"))?;
+    Ok(written.elapsed().as_secs_f64() * 1000.0)
 }
 
 fn scale_yaml(pods: usize, policies: usize) -> String {
