@@ -172,9 +172,69 @@ fn test(extra: &[String]) -> Result<()> {
         bench(true, 1, None)?;
     }
     println!("== cargo test");
-    run(cargo()
-        .args(["test", "--no-fail-fast"])
+    let mut cmd = cargo();
+    cmd.args(["test", "--no-fail-fast"])
         .args(extra)
         .env("NODEWARD_BIN", &bin)
-        .env("RUST_TEST_THREADS", "2"))
+        .env("RUST_TEST_THREADS", "2");
+    run_tests(&mut cmd)
+}
+
+/// Runs `cargo test`, passing its output through, and ends with one line
+/// totalling every test binary's result: cargo's own last line belongs to
+/// whichever binary ran last (often a doc-test run of no tests).
+fn run_tests(cmd: &mut Command) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    cmd.current_dir(root()).stdout(std::process::Stdio::piped());
+    let mut child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines() {
+            let line = line.context("reading cargo test output")?;
+            println!("{line}");
+            if let Some((p, f)) = test_result_counts(&line) {
+                passed += p;
+                failed += f;
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// (passed, failed) from a libtest summary line
+/// (`test result: ok. 12 passed; 0 failed; ...`).
+fn test_result_counts(line: &str) -> Option<(u64, u64)> {
+    // "ok" or "FAILED", then "N passed; N failed; ..."
+    let (_, counts) = line.strip_prefix("test result: ")?.split_once(". ")?;
+    let count = |word: &str| {
+        counts
+            .split(';')
+            .find_map(|part| part.trim().strip_suffix(word)?.parse::<u64>().ok())
+    };
+    Some((count(" passed")?, count(" failed")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_result_counts;
+
+    #[test]
+    fn libtest_summaries_are_counted() {
+        assert_eq!(
+            test_result_counts(
+                "test result: ok. 12 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.07s"
+            ),
+            Some((12, 0))
+        );
+        assert_eq!(
+            test_result_counts("test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 5 filtered out"),
+            Some((3, 2))
+        );
+        assert_eq!(test_result_counts("running 3 tests"), None);
+    }
 }
