@@ -63,7 +63,7 @@ pub struct PodInfo {
 ///
 /// Keys `ORIG_DST` (the app's local endpoint of a captured outbound
 /// connection) and `INBOUND_PEER` (the agent's local endpoint of its hop to
-/// the app).
+/// the app, plus the app's port).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SockKey {
@@ -73,8 +73,12 @@ pub struct SockKey {
     pub addr: [u32; 4],
     /// Port, host byte order.
     pub port: u16,
+    /// `INBOUND_PEER`: the app port the hop connects to, host byte order,
+    /// since `connect()` may give hops to different app ports the same
+    /// local port. 0 in `ORIG_DST`.
+    pub app_port: u16,
     /// Explicit padding so the key has no uninitialised bytes.
-    pub pad: [u8; 6],
+    pub pad: [u8; 4],
 }
 
 /// A socket address as the kernel hands it to sock_addr programs.

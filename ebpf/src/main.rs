@@ -23,7 +23,10 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_NO_PREALLOC, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_CONNECT_CB, sk_action},
+    bindings::{
+        BPF_F_NO_PREALLOC, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, sk_action,
+    },
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{HashMap, LruHashMap, SockHash},
@@ -73,8 +76,10 @@ static PENDING: LruHashMap<u64, SockAddr> = LruHashMap::pinned(65536, 0);
 static ORIG_DST: HashMap<SockKey, SockAddr> = HashMap::pinned(262144, BPF_F_NO_PREALLOC);
 
 /// The client an app should see as its peer, keyed by the local endpoint of
-/// the agent's hop into the pod. Filed by `nw_sockops` from `HOP_PEER` when
-/// the hop's `connect()` picks its port (before the SYN), removed by the agent.
+/// the agent's hop into the pod and the app's port. Filed by `nw_sockops`
+/// from `HOP_PEER` when the hop's `connect()` picks its port (before the
+/// SYN), and removed by it when the hop closes: exactly when the kernel may
+/// give the same 4-tuple to a new hop.
 #[map]
 static INBOUND_PEER: HashMap<SockKey, SockAddr> = HashMap::pinned(262144, BPF_F_NO_PREALLOC);
 
@@ -236,26 +241,59 @@ pub fn nw_sockops(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
     if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         // SAFETY: ctx is the kernel's bpf_sock_ops for this callback.
-        unsafe { move_to_endpoint(&ctx, &PENDING, &ORIG_DST) };
+        unsafe { publish_orig_dst(&ctx) };
     } else if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
-        // The local port is chosen and the SYN not yet sent: the app
-        // cannot accept this hop before its client is on file.
         // SAFETY: as above.
-        unsafe { move_to_endpoint(&ctx, &HOP_PEER, &INBOUND_PEER) };
+        unsafe { file_hop_peer(&ctx) };
+    } else if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE {
+        // Only hops ask for state callbacks (see `file_hop_peer`).
+        // SAFETY: as above.
+        let _ = INBOUND_PEER.remove(&unsafe { local_key(&ctx, remote_port(&ctx)) });
     }
     1
 }
 
-/// Moves this socket's entry of `from` (by socket cookie) to `to`, keyed by
-/// the socket's local endpoint; nothing when the socket has no entry.
+/// A redirected app connection is established: its original destination
+/// moves from the socket cookie to the app's endpoint.
 #[inline(always)]
-unsafe fn move_to_endpoint(ctx: &SockOpsContext, from: &LruHashMap<u64, SockAddr>, to: &HashMap<SockKey, SockAddr>) {
+unsafe fn publish_orig_dst(ctx: &SockOpsContext) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(value) = (unsafe { from.get(&cookie) }) else {
+    let Some(orig) = (unsafe { PENDING.get(&cookie) }) else {
         return;
     };
-    let value = *value;
-    let _ = from.remove(&cookie);
+    let orig = *orig;
+    let _ = PENDING.remove(&cookie);
+    let _ = ORIG_DST.insert(&unsafe { local_key(ctx, 0) }, &orig, 0);
+}
+
+/// An agent hop into a pod has its port and has not sent its SYN: its
+/// client moves from the socket cookie to (hop endpoint, app port), and the
+/// socket asks for state callbacks so the entry goes when the hop closes.
+#[inline(always)]
+unsafe fn file_hop_peer(ctx: &SockOpsContext) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(client) = (unsafe { HOP_PEER.get(&cookie) }) else {
+        return;
+    };
+    let client = *client;
+    let _ = HOP_PEER.remove(&cookie);
+    // A failed insert leaves no entry; the agent checks and refuses the hop.
+    let _ = INBOUND_PEER.insert(&unsafe { local_key(ctx, remote_port(ctx)) }, &client, 0);
+    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+}
+
+/// The remote port of a sock_ops socket, host byte order. The kernel keeps
+/// it in network order, in the upper half of the word on little-endian.
+#[inline(always)]
+fn remote_port(ctx: &SockOpsContext) -> u16 {
+    let raw = ctx.remote_port();
+    let be = if raw > 0xffff { (raw >> 16) as u16 } else { raw as u16 };
+    u16::from_be(be)
+}
+
+/// The socket's local endpoint in its namespace, with `app_port`.
+#[inline(always)]
+unsafe fn local_key(ctx: &SockOpsContext, app_port: u16) -> SockKey {
     // Read both forms unconditionally: a branch-selected context offset is
     // something the verifier refuses.
     let ops = unsafe { &*ctx.ops };
@@ -266,13 +304,13 @@ unsafe fn move_to_endpoint(ctx: &SockOpsContext, from: &LruHashMap<u64, SockAddr
     } else {
         ip6
     };
-    let key = SockKey {
+    SockKey {
         netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
         addr,
         port: ctx.local_port() as u16,
-        pad: [0; 6],
-    };
-    let _ = to.insert(&key, &value, 0);
+        app_port,
+        pad: [0; 4],
+    }
 }
 
 // === getpeername / accept: show apps their real peers ===
@@ -325,16 +363,23 @@ unsafe fn real_peer(ctx: &SockAddrContext, family: u32) -> Option<SockAddr> {
     let src4 = unsafe { read_volatile(&(*sk).src_ip4) };
     let src6 = unsafe { read_ip6(&(*sk).src_ip6) };
     let local = if family == AF_INET { map_v4(src4) } else { src6 };
+    let local_port = unsafe { (*sk).src_port } as u16;
     let key = SockKey {
         netns,
         addr: local,
-        port: unsafe { (*sk).src_port } as u16,
-        pad: [0; 6],
+        port: local_port,
+        app_port: 0,
+        pad: [0; 4],
     };
     if let Some(orig) = unsafe { ORIG_DST.get(&key) } {
         return Some(*orig);
     }
-    // Inbound: the peer is the agent's hop; show the client behind it.
+    // Inbound: the peer is the agent's hop; show the client behind it. Hops
+    // only connect to the pod's own address, never to loopback, so the
+    // pod's loopback connections are never mistaken for one.
+    if (is_v4_mapped(&local) && is_v4_loopback(local[3])) || is_v6_loopback(&local) {
+        return None;
+    }
     let peer = if family == AF_INET {
         map_v4(unsafe { read_volatile(&sa.user_ip4) })
     } else {
@@ -344,7 +389,8 @@ unsafe fn real_peer(ctx: &SockAddrContext, family: u32) -> Option<SockAddr> {
         netns,
         addr: peer,
         port: u16::from_be(sa.user_port as u16),
-        pad: [0; 6],
+        app_port: local_port,
+        pad: [0; 4],
     };
     unsafe { INBOUND_PEER.get(&key) }.copied()
 }

@@ -92,6 +92,29 @@ pub fn info_echo(mut s: TcpStream) {
     let _ = s.shutdown(Shutdown::Write);
 }
 
+/// Handler: for every byte received, answers with a line naming the peer
+/// `getpeername()` reports at that moment (`-` when it fails), until EOF.
+pub fn peer_on_request(mut s: TcpStream) {
+    let mut b = [0u8; 1];
+    while matches!(s.read(&mut b), Ok(1)) {
+        let peer = s.peer_addr().map(|a| a.ip().to_string()).unwrap_or_else(|_| "-".into());
+        if writeln!(s, "{peer}").is_err() {
+            return;
+        }
+    }
+}
+
+/// Asks a [`peer_on_request`] server whom its app sees now.
+pub fn ask_peer(s: &mut TcpStream) -> io::Result<String> {
+    s.write_all(b"?")?;
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while s.read(&mut b)? == 1 && b[0] != b'\n' {
+        line.push(b[0]);
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
+}
+
 /// Handler: reads everything, then replies with the byte count and an
 /// FNV-1a checksum, then closes.
 pub fn checksum_sink(mut s: TcpStream) {

@@ -273,3 +273,42 @@ fn many_short_connections_to_one_app_port_do_not_run_out_of_hop_ports() {
         std::thread::sleep(Duration::from_millis(25));
     }
 }
+
+/// With the pod's ephemeral ports cut to one, two simultaneous hops to
+/// different app ports share the hop's local port (only their 4-tuples
+/// differ). Each app must go on seeing its own client while the other hop
+/// opens and after it closes.
+#[test]
+fn hops_sharing_a_local_port_keep_their_own_clients() {
+    let _g = shared();
+    let Some(t) = cluster("hops_sharing_a_local_port_keep_their_own_clients") else {
+        return;
+    };
+    let (a, c, d) = (t.pod("a"), t.pod("c"), t.pod("d"));
+    let ok = nodeward_testbed::netns::nsenter(&c.netns, &["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40000"])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "sysctl in the pod");
+    let _s1 = serve(&c.netns, c.v4(7401), traffic::peer_on_request);
+    let _s2 = serve(&c.netns, c.v4(7402), traffic::peer_on_request);
+    let (a_ip, d_ip) = (a.ip4.to_string(), d.ip4.to_string());
+
+    // Tunnelled from a meshed pod to one port ...
+    let mut x = traffic::connect(&a.netns, c.v4(7401)).unwrap();
+    assert_eq!(traffic::ask_peer(&mut x).unwrap(), a_ip, "first hop, on its own");
+    // ... and plaintext from outside the mesh to the other, at the same time.
+    let mut y = traffic::connect(&d.netns, c.v4(7402)).unwrap();
+    assert_eq!(traffic::ask_peer(&mut y).unwrap(), d_ip, "second hop");
+    assert_eq!(
+        traffic::ask_peer(&mut x).unwrap(),
+        a_ip,
+        "first hop, with the second open"
+    );
+    drop(y);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        traffic::ask_peer(&mut x).unwrap(),
+        a_ip,
+        "first hop, after the second closed"
+    );
+}

@@ -9,7 +9,6 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use nodeward_common::SockKey;
 use tokio::net::TcpStream;
 
 use super::relay::CloseReason;
@@ -50,7 +49,7 @@ pub async fn handle(ctx: &PodContext, down: TcpStream, peer: SocketAddr) -> Outc
         return o;
     }
     let live = ctx.live.register(info, &ctx.cancel);
-    let (up, _entry) = match connect_app(ctx, dst, client).await {
+    let up = match connect_app(ctx, dst, client).await {
         Ok(c) => c,
         Err(e) => {
             // The app's port is closed (or worse): the client must see a
@@ -67,24 +66,24 @@ pub async fn handle(ctx: &PodContext, down: TcpStream, peer: SocketAddr) -> Outc
 }
 
 /// Connects to the app at `dst` from inside the pod, so that the app sees
-/// `client` as its peer. The guard removes that registration when dropped.
+/// `client` as its peer.
 ///
 /// The hop comes from the pod's loopback (`127.0.0.6`, `::1`), not from the
-/// pod's IP: its endpoints never collide with the pod's own connections,
-/// and the kernel may reuse a loopback 4-tuple still in TIME_WAIT
+/// pod's IP: the kernel may reuse a loopback 4-tuple still in TIME_WAIT
 /// (`tcp_tw_reuse`), so thousands of hops a second to one app port do not
-/// run out of ports. The client is left under the socket's cookie; sockops
-/// files it under the hop's endpoint inside `connect()`, before the SYN, so
-/// the app can never accept the hop before its real peer is known.
-pub async fn connect_app<'a>(
-    ctx: &'a PodContext,
-    dst: SocketAddr,
-    client: SocketAddr,
-) -> io::Result<(TcpStream, PeerEntryGuard<'a>)> {
+/// run out of ports, and `connect()` picks the port with its fast 4-tuple
+/// search. The client is left under the socket's cookie; sockops files it
+/// under (hop endpoint, app port) inside `connect()`, before the SYN, so
+/// the app can never accept the hop before its real peer is known, and
+/// removes it when the hop closes. If it was not filed (a full map), the
+/// app would see a loopback peer, which apps tend to trust: the hop is
+/// refused instead.
+pub async fn connect_app(ctx: &PodContext, dst: SocketAddr, client: SocketAddr) -> io::Result<TcpStream> {
     let maps = &ctx.capture.maps;
+    let client = sock_addr(client);
     let sock = socket::pod_socket(&ctx.netns, ctx.config.socket_mark, dst, Some(hop_source(dst.ip())))?;
     let cookie = sock.cookie()?;
-    maps.hop_peer.insert(&cookie, &sock_addr(client))?;
+    maps.hop_peer.insert(&cookie, &client)?;
     let connecting = match socket::Connecting::start(sock, dst) {
         Ok(c) => c,
         Err(e) => {
@@ -93,12 +92,17 @@ pub async fn connect_app<'a>(
             return Err(e);
         }
     };
-    let guard = PeerEntryGuard {
-        ctx,
-        key: sock_key(ctx.netns.cookie(), connecting.local_addr()),
-    };
-    let up = connecting.finish(ctx.config.connect_timeout).await?;
-    Ok((up, guard))
+    let key = sock_key(ctx.netns.cookie(), connecting.local_addr(), dst.port());
+    if !matches!(maps.inbound_peer.get(&key), Ok(Some(filed)) if filed == client) {
+        // Over loopback a refused connect() is over before it returns, and
+        // its entry already gone with it: report the refusal itself.
+        let e = connecting.take_error().unwrap_or_else(|| {
+            io::Error::other("the hop's client could not be filed for the app's getpeername (INBOUND_PEER full?)")
+        });
+        connecting.abort();
+        return Err(e);
+    }
+    connecting.finish(ctx.config.connect_timeout).await
 }
 
 /// Source address of the hop to an app at `dst`: the loopback of its family
@@ -107,17 +111,5 @@ fn hop_source(dst: IpAddr) -> IpAddr {
     match dst {
         IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6)),
         IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
-    }
-}
-
-/// Removes the hop's `INBOUND_PEER` entry when the connection ends.
-pub struct PeerEntryGuard<'a> {
-    ctx: &'a PodContext,
-    key: SockKey,
-}
-
-impl Drop for PeerEntryGuard<'_> {
-    fn drop(&mut self) {
-        let _ = self.ctx.capture.maps.inbound_peer.remove(&self.key);
     }
 }

@@ -367,13 +367,16 @@ pub fn unmap(a: SocketAddr) -> SocketAddr {
     }
 }
 
-/// The key the eBPF maps use for an endpoint in a pod.
-pub fn sock_key(netns: u64, a: SocketAddr) -> SockKey {
+/// The key the eBPF maps use for an endpoint in a pod: `app_port` is the
+/// app port of a hop (`INBOUND_PEER`), 0 for an app's own endpoint
+/// (`ORIG_DST`).
+pub fn sock_key(netns: u64, a: SocketAddr, app_port: u16) -> SockKey {
     SockKey {
         netns,
         addr: ip_words(a.ip()),
         port: a.port(),
-        pad: [0; 6],
+        app_port,
+        pad: [0; 4],
     }
 }
 

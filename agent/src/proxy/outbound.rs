@@ -24,7 +24,7 @@ use crate::identity::verify::refusal_of_io;
 
 /// Handles one captured outbound connection.
 pub async fn handle(ctx: &PodContext, down: TcpStream, peer: SocketAddr) -> Outcome {
-    let key = sock_key(ctx.netns.cookie(), peer);
+    let key = sock_key(ctx.netns.cookie(), peer, 0);
     let orig = match ctx.capture.maps.orig_dst.get(&key) {
         Ok(Some(o)) => o,
         Ok(None) | Err(_) => {

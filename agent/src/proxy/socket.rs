@@ -105,6 +105,16 @@ impl Connecting {
         self.local
     }
 
+    /// The connection's error, if it has already failed.
+    pub fn take_error(&self) -> Option<io::Error> {
+        self.sock.take_error().ok().flatten()
+    }
+
+    /// Gives up on the connection; the peer sees a reset, never data.
+    pub fn abort(self) {
+        let _ = self.sock.set_linger(Some(Duration::ZERO));
+    }
+
     /// Waits for the handshake, up to `timeout`.
     pub async fn finish(self, timeout: Duration) -> io::Result<TcpStream> {
         let stream = TcpStream::from_std(std::net::TcpStream::from(self.sock))?;

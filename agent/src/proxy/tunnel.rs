@@ -198,7 +198,7 @@ async fn stream(
         .and_then(parse_forwarded_for)
         .filter(|f| f.ip().to_canonical() == peer.ip() && f.port() != 0)
         .unwrap_or(peer);
-    let (up, _entry) = match connect_app(ctx, dst, client).await {
+    let up = match connect_app(ctx, dst, client).await {
         Ok(c) => c,
         Err(e) => {
             reject(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
