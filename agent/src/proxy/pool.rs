@@ -166,25 +166,24 @@ impl Pool {
                 .iter()
                 .map(|c| (c.active.load(Ordering::Acquire), c))
                 .filter(|(n, _)| *n < max)
-                .min_by_key(|(n, _)| *n);
-            let reuse = match least {
-                Some((n, c)) if n == 0 || conns.len() >= self.spread => Some(c.clone()),
-                _ => None,
+                .min_by_key(|(n, _)| *n)
+                .map(|(n, c)| (n, c.clone()));
+            // Streams are only taken under the slot lock, so the counts read
+            // above still hold.
+            let conn = match least {
+                Some((n, c)) if n == 0 || conns.len() >= self.spread => c,
+                _ => match self.open(key, connect).await {
+                    Ok(c) => {
+                        conns.push(c.clone());
+                        c
+                    }
+                    // Spreading is an optimisation: when another connection
+                    // cannot be opened, one with room still serves.
+                    Err(e) => least.map(|(_, c)| c).ok_or(e)?,
+                },
             };
-            match reuse {
-                // Streams are only taken under the slot lock, so the count
-                // read above still holds.
-                Some(c) => {
-                    c.active.fetch_add(1, Ordering::AcqRel);
-                    c
-                }
-                None => {
-                    let c = self.open(key, connect).await?;
-                    c.active.fetch_add(1, Ordering::AcqRel);
-                    conns.push(c.clone());
-                    c
-                }
-            }
+            conn.active.fetch_add(1, Ordering::AcqRel);
+            conn
         };
         let lease = StreamLease { conn: conn.clone() };
         let sender = conn.sender.clone().ready().await?;
@@ -267,5 +266,73 @@ impl Pool {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => self.release_idle().await,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> PoolKey {
+        PoolKey {
+            src_netns: 1,
+            src: Identity::new("cluster.local", "a", "client"),
+            dst: "10.0.0.2:15008".parse().unwrap(),
+            expected: Identity::new("cluster.local", "c", "server"),
+        }
+    }
+
+    /// A connector to an in-memory HTTP/2 server that accepts every stream.
+    fn to_server() -> Connector<'static> {
+        Box::pin(async {
+            let (client, server) = tokio::io::duplex(64 << 10);
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(server).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    let _ = respond.send_response(http::Response::new(()), false);
+                }
+            });
+            Ok(Box::new(client) as Box<dyn TunnelIo>)
+        })
+    }
+
+    fn refused() -> Connector<'static> {
+        Box::pin(async { Err(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused")) })
+    }
+
+    #[tokio::test]
+    async fn concurrent_streams_spread_then_share() {
+        let pool = Pool::new(H2Settings::default(), Duration::from_secs(60), 2);
+        let (_s1, l1) = pool.sender(&key(), to_server).await.unwrap();
+        let (_s2, l2) = pool.sender(&key(), to_server).await.unwrap();
+        assert_ne!(
+            l1.connection_id(),
+            l2.connection_id(),
+            "the second stream gets its own connection"
+        );
+        let (_s3, l3) = pool.sender(&key(), refused).await.unwrap();
+        assert!([l1.connection_id(), l2.connection_id()].contains(&l3.connection_id()));
+        assert_eq!(pool.opened(), 2, "no more than the spread");
+        // Both streams of one connection end: it is idle, and taken first.
+        let idle = l1.connection_id();
+        let busy = if l3.connection_id() == idle { None } else { Some(l3) };
+        drop(l1);
+        let (_s4, l4) = pool.sender(&key(), refused).await.unwrap();
+        assert_eq!(l4.connection_id(), idle, "an idle connection is taken first");
+        drop(busy);
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_cannot_be_opened_falls_back_to_one_with_room() {
+        let pool = Pool::new(H2Settings::default(), Duration::from_secs(60), 2);
+        let (_s1, l1) = pool.sender(&key(), to_server).await.unwrap();
+        // The spread asks for a second connection; it cannot be opened.
+        let (_s2, l2) = pool.sender(&key(), refused).await.unwrap();
+        assert_eq!(l1.connection_id(), l2.connection_id());
+        // With no connection at all, the failure is the caller's.
+        let other = PoolKey { src_netns: 2, ..key() };
+        assert!(matches!(pool.sender(&other, refused).await, Err(PoolError::Connect(_))));
     }
 }
