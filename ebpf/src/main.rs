@@ -257,13 +257,9 @@ pub fn nw_sockops(ctx: SockOpsContext) -> u32 {
 /// moves from the socket cookie to the app's endpoint.
 #[inline(always)]
 unsafe fn publish_orig_dst(ctx: &SockOpsContext) {
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(orig) = (unsafe { PENDING.get(&cookie) }) else {
-        return;
-    };
-    let orig = *orig;
-    let _ = PENDING.remove(&cookie);
-    let _ = ORIG_DST.insert(&unsafe { local_key(ctx, 0) }, &orig, 0);
+    if let Some(orig) = take_by_cookie(ctx, &PENDING) {
+        let _ = ORIG_DST.insert(&unsafe { local_key(ctx, 0) }, &orig, 0);
+    }
 }
 
 /// An agent hop into a pod has its port and has not sent its SYN: its
@@ -271,15 +267,22 @@ unsafe fn publish_orig_dst(ctx: &SockOpsContext) {
 /// socket asks for state callbacks so the entry goes when the hop closes.
 #[inline(always)]
 unsafe fn file_hop_peer(ctx: &SockOpsContext) {
+    if let Some(client) = take_by_cookie(ctx, &HOP_PEER) {
+        // A failed insert leaves no entry; the agent checks and refuses the hop.
+        let _ = INBOUND_PEER.insert(&unsafe { local_key(ctx, remote_port(ctx)) }, &client, 0);
+        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    }
+}
+
+/// Removes and returns this socket's entry of a cookie-keyed map.
+#[inline(always)]
+fn take_by_cookie(ctx: &SockOpsContext, map: &LruHashMap<u64, SockAddr>) -> Option<SockAddr> {
+    // SAFETY: the helper only reads the socket behind the kernel's context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(client) = (unsafe { HOP_PEER.get(&cookie) }) else {
-        return;
-    };
-    let client = *client;
-    let _ = HOP_PEER.remove(&cookie);
-    // A failed insert leaves no entry; the agent checks and refuses the hop.
-    let _ = INBOUND_PEER.insert(&unsafe { local_key(ctx, remote_port(ctx)) }, &client, 0);
-    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    // SAFETY: the value is copied out before the entry is removed.
+    let value = *unsafe { map.get(&cookie) }?;
+    let _ = map.remove(&cookie);
+    Some(value)
 }
 
 /// The remote port of a sock_ops socket, host byte order. The kernel keeps

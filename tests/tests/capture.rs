@@ -252,10 +252,7 @@ fn many_short_connections_to_one_app_port_do_not_run_out_of_hop_ports() {
         return;
     };
     let (a, c, d) = (t.pod("a"), t.pod("c"), t.pod("d"));
-    let ok = nodeward_testbed::netns::nsenter(&c.netns, &["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40049"])
-        .status()
-        .unwrap();
-    assert!(ok.success(), "sysctl in the pod");
+    set_ephemeral_ports(&c.netns, "40000 40049");
     let _s = serve(&c.netns, c.v4(7400), info_echo);
     let start = std::time::Instant::now();
     for i in 0..200u32 {
@@ -285,10 +282,7 @@ fn hops_sharing_a_local_port_keep_their_own_clients() {
         return;
     };
     let (a, c, d) = (t.pod("a"), t.pod("c"), t.pod("d"));
-    let ok = nodeward_testbed::netns::nsenter(&c.netns, &["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40000"])
-        .status()
-        .unwrap();
-    assert!(ok.success(), "sysctl in the pod");
+    set_ephemeral_ports(&c.netns, "40000 40000");
     let _s1 = serve(&c.netns, c.v4(7401), traffic::peer_on_request);
     let _s2 = serve(&c.netns, c.v4(7402), traffic::peer_on_request);
     let (a_ip, d_ip) = (a.ip4.to_string(), d.ip4.to_string());
@@ -311,4 +305,16 @@ fn hops_sharing_a_local_port_keep_their_own_clients() {
         a_ip,
         "first hop, after the second closed"
     );
+}
+
+/// Narrows the ephemeral port range of a pod's namespace (the range the
+/// agent's hops into it draw from).
+fn set_ephemeral_ports(netns: &str, range: &str) {
+    let ok = nodeward_testbed::netns::nsenter(
+        netns,
+        &["sysctl", "-qw", &format!("net.ipv4.ip_local_port_range={range}")],
+    )
+    .status()
+    .unwrap();
+    assert!(ok.success(), "sysctl in the pod");
 }
