@@ -8,10 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nodeward_common::{
-    DIRECTION_INBOUND, DIRECTION_MTLS_OVERRIDE, DIRECTION_OUTBOUND, POD_HAS_IPV4, POD_HAS_IPV6, POD_INBOUND_DISABLED,
-    PodInfo, PortKey,
-};
+use nodeward_common::{DIRECTION_INBOUND, DIRECTION_OUTBOUND, POD_HAS_IPV4, POD_HAS_IPV6, PodInfo, PortKey};
 
 use crate::capture::{Capture, CaptureError};
 use crate::identity::Identity;
@@ -75,7 +72,6 @@ pub struct PodManager {
     ip_cache: HashMap<IpAddr, Vec<PathBuf>>,
     last_scan: Option<(Instant, u64)>,
     warned: HashMap<String, String>,
-    probe_sources: HashSet<IpAddr>,
     adopted_previous_run: bool,
     identity: Option<Arc<CertManager>>,
     mesh: Arc<Mesh>,
@@ -103,7 +99,6 @@ impl PodManager {
             ip_cache: HashMap::new(),
             last_scan: None,
             warned: HashMap::new(),
-            probe_sources: HashSet::new(),
             adopted_previous_run: false,
             identity: mesh.certs.clone(),
             mesh,
@@ -134,7 +129,6 @@ impl PodManager {
     }
 
     async fn reconcile(&mut self) {
-        self.refresh_probe_sources();
         let snap = self.store.current();
         if snap.generation != self.revalidated {
             // Policy may have changed: close what it no longer allows.
@@ -166,9 +160,6 @@ impl PodManager {
                     update_exclusions(&self.capture, cookie, &active.spec, want);
                     if let Err(e) = self.capture.maps.pods.insert(&cookie, &pod_info(want)) {
                         tracing::error!(pod = %want.key, "updating pod capture: {e}");
-                    }
-                    if want.inbound_disabled != active.spec.inbound_disabled {
-                        tracing::warn!(pod = %want.key, disabled = want.inbound_disabled, "mTLS DISABLE changed for the pod");
                     }
                     active.spec = want.clone();
                 }
@@ -252,6 +243,9 @@ impl PodManager {
         self.capture.attach_pod(&ctx.netns)?;
         let info = pod_info(pod);
         update_exclusions(&self.capture, cookie, &empty_like(pod), pod);
+        for ip in &pod.ips {
+            self.capture.maps.pod_addrs.insert(&ip_words(*ip), &1)?;
+        }
         self.capture.maps.pods.insert(&cookie, &info)?;
         listeners.serve(ctx.clone());
         tracing::info!(
@@ -270,6 +264,9 @@ impl PodManager {
         let cookie = a.ctx.netns.cookie();
         let pod = &a.spec;
         let _ = self.capture.maps.pods.remove(&cookie);
+        for ip in &pod.ips {
+            let _ = self.capture.maps.pod_addrs.remove(&ip_words(*ip));
+        }
         if let Err(e) = self.capture.detach_pod(cookie) {
             tracing::error!(pod = %pod.key, "detaching inbound steering: {e}");
         }
@@ -296,6 +293,16 @@ impl PodManager {
                 }
             }
             tracing::info!(cookie, "removed capture of a pod no longer managed");
+        }
+        let live_addrs: HashSet<[u32; 4]> = self
+            .active
+            .values()
+            .flat_map(|a| a.spec.ips.iter().map(|ip| ip_words(*ip)))
+            .collect();
+        for k in self.capture.maps.pod_addrs.keys().unwrap_or_default() {
+            if !live_addrs.contains(&k) {
+                let _ = self.capture.maps.pod_addrs.remove(&k);
+            }
         }
     }
 
@@ -347,40 +354,17 @@ impl PodManager {
         }
         Err(PodError::NoNamespace(pod.ips.clone()))
     }
-
-    /// Keeps PROBE_SOURCES equal to the node's own addresses: connections
-    /// from them to a pod are the kubelet's health probes.
-    fn refresh_probe_sources(&mut self) {
-        let Ok(addrs) = crate::netns::local_addresses() else {
-            return;
-        };
-        let now: HashSet<IpAddr> = addrs.into_iter().collect();
-        if now == self.probe_sources {
-            return;
-        }
-        for old in self.probe_sources.difference(&now) {
-            let _ = self.capture.maps.probe_sources.remove(&ip_words(*old));
-        }
-        for new in now.difference(&self.probe_sources) {
-            if let Err(e) = self.capture.maps.probe_sources.insert(&ip_words(*new), &1) {
-                tracing::error!(ip = %new, "cannot register node address as probe source: {e}");
-            }
-        }
-        self.probe_sources = now;
-    }
 }
 
 fn empty_like(pod: &ManagedPod) -> ManagedPod {
     ManagedPod {
         exclude_inbound: Vec::new(),
         exclude_outbound: Vec::new(),
-        mtls_port_overrides: Vec::new(),
         ..pod.clone()
     }
 }
 
-/// The `PODS` entry of a pod: its addresses and whether its inbound
-/// traffic is left alone (mTLS DISABLE).
+/// The `PODS` entry of a pod: its addresses.
 fn pod_info(pod: &ManagedPod) -> PodInfo {
     let mut info = PodInfo::default();
     for ip in &pod.ips {
@@ -394,9 +378,6 @@ fn pod_info(pod: &ManagedPod) -> PodInfo {
                 info.flags |= POD_HAS_IPV6;
             }
         }
-    }
-    if pod.inbound_disabled {
-        info.flags |= POD_INBOUND_DISABLED;
     }
     info
 }
@@ -412,11 +393,6 @@ fn update_exclusions(capture: &Capture, cookie: u64, old: &ManagedPod, new: &Man
     let sets = [
         (&old.exclude_inbound, &new.exclude_inbound, DIRECTION_INBOUND),
         (&old.exclude_outbound, &new.exclude_outbound, DIRECTION_OUTBOUND),
-        (
-            &old.mtls_port_overrides,
-            &new.mtls_port_overrides,
-            DIRECTION_MTLS_OVERRIDE,
-        ),
     ];
     for (before, after, dir) in sets {
         for p in before.iter().filter(|p| !after.contains(p)) {

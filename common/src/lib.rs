@@ -23,9 +23,17 @@ pub const LOOPBACK_IFINDEX: u32 = 1;
 pub const DIRECTION_OUTBOUND: u8 = 1;
 /// `PortKey::direction` for ports excluded from inbound capture.
 pub const DIRECTION_INBOUND: u8 = 2;
-/// `PortKey::direction` for ports whose mTLS mode departs from the pod's
-/// default as to DISABLE: captured on a DISABLE pod, left alone otherwise.
-pub const DIRECTION_MTLS_OVERRIDE: u8 = 3;
+
+/// Source address the node's own connections to its pods are bound to
+/// (kubelet probes), host byte order: 169.254.7.127, Istio ambient's choice.
+/// Link-local, so no pod or remote host owns it, and local to the node, so
+/// a pod's reply always comes back to the node.
+pub const PROBE_SOURCE_V4: u32 = 0xa9fe_077f;
+/// IPv6 counterpart of [`PROBE_SOURCE_V4`]:
+/// `fd16:9254:7127:1337:ffff:ffff:ffff:ffff`, Istio ambient's choice.
+pub const PROBE_SOURCE_V6: [u8; 16] = [
+    0xfd, 0x16, 0x92, 0x54, 0x71, 0x27, 0x13, 0x37, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+];
 
 /// Listener slots per pod in the `LISTENERS` sock hash.
 pub const SLOT_INBOUND_V4: u32 = 0;
@@ -40,9 +48,6 @@ pub const SLOT_TUNNEL_V6: u32 = 3;
 pub const POD_HAS_IPV4: u32 = 1;
 /// `PodInfo::flags`: the pod has an IPv6 address in `ipv6`.
 pub const POD_HAS_IPV6: u32 = 2;
-/// `PodInfo::flags`: the pod's mTLS mode is DISABLE; inbound is not
-/// captured except on override ports.
-pub const POD_INBOUND_DISABLED: u32 = 4;
 
 /// A managed pod, keyed in `PODS` by its network-namespace cookie.
 ///
@@ -137,6 +142,17 @@ pub const fn is_v4_loopback(addr_be: u32) -> bool {
     u32::from_be(addr_be) >> 24 == 127
 }
 
+/// A 16-byte address as the four network-order words keys use.
+#[inline(always)]
+pub const fn ip6_words(b: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+        u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+        u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+        u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+    ]
+}
+
 /// True for the IPv6 loopback address `::1`.
 #[inline(always)]
 pub const fn is_v6_loopback(addr: &[u32; 4]) -> bool {
@@ -181,5 +197,9 @@ mod tests {
         assert!(is_v4_loopback(u32::to_be(0x7f000001)));
         assert!(!is_v4_loopback(a));
         assert!(is_v6_loopback(&[0, 0, 0, u32::to_be(1)]));
+        let mut lo = [0u8; 16];
+        lo[15] = 1;
+        assert!(is_v6_loopback(&ip6_words(&lo)));
+        assert_eq!(ip6_words(&PROBE_SOURCE_V6)[0], u32::to_be(0xfd16_9254));
     }
 }

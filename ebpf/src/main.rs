@@ -3,7 +3,9 @@
 //!
 //! * `nw_connect4`/`nw_connect6` (cgroup, attached at the cgroup2 root) send a
 //!   managed pod's `connect()` to the agent's outbound listener on the pod's
-//!   loopback and remember where it was going.
+//!   loopback and remember where it was going; a connection the node itself
+//!   opens to one of its pods is bound to the probe source address, the one
+//!   source `nw_sk_lookup` lets through.
 //! * `nw_sockops` hands that original destination to the agent when the
 //!   redirected connection is established, keyed by the app's endpoint, and
 //!   files the client of each agent hop into a pod under the hop's endpoint
@@ -25,18 +27,17 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{
         BPF_F_NO_PREALLOC, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, sk_action,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock, sk_action, sockaddr,
     },
-    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::generated::{bpf_bind, bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{HashMap, LruHashMap, SockHash},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use nodeward_common::{
-    DIRECTION_INBOUND, DIRECTION_MTLS_OVERRIDE, DIRECTION_OUTBOUND, LOOPBACK_IFINDEX, ListenerKey, OUTBOUND_PORT,
-    POD_HAS_IPV4, POD_HAS_IPV6, POD_INBOUND_DISABLED, PodInfo, PortKey, SLOT_INBOUND_V4, SLOT_INBOUND_V6,
-    SLOT_TUNNEL_V4, SLOT_TUNNEL_V6, SockAddr, SockKey, TUNNEL_PORT, is_v4_loopback, is_v4_mapped, is_v6_loopback,
-    map_v4,
+    DIRECTION_INBOUND, DIRECTION_OUTBOUND, LOOPBACK_IFINDEX, ListenerKey, OUTBOUND_PORT, POD_HAS_IPV4, POD_HAS_IPV6,
+    PROBE_SOURCE_V4, PROBE_SOURCE_V6, PodInfo, PortKey, SLOT_INBOUND_V4, SLOT_INBOUND_V6, SLOT_TUNNEL_V4,
+    SLOT_TUNNEL_V6, SockAddr, SockKey, TUNNEL_PORT, ip6_words, is_v4_loopback, is_v4_mapped, is_v6_loopback, map_v4,
 };
 
 const AF_INET: u32 = 2;
@@ -54,6 +55,13 @@ static SOCKET_MARK: u32 = 0;
 /// set by the loader, one program instance per pod.
 #[unsafe(no_mangle)]
 static NETNS_COOKIE: u64 = 0;
+
+/// Network-namespace cookie of the node this agent runs for (the agent's
+/// own namespace); set by the loader. The connect hooks run for every
+/// socket on the host, and several nodes may share a host (the test bed),
+/// so "the node's own connection" must name the namespace.
+#[unsafe(no_mangle)]
+static NODE_NETNS_COOKIE: u64 = 0;
 
 /// Managed pods by network-namespace cookie.
 #[map]
@@ -94,9 +102,34 @@ static HOP_PEER: LruHashMap<u64, SockAddr> = LruHashMap::pinned(65536, 0);
 #[map]
 static LISTENERS: SockHash<ListenerKey> = SockHash::pinned(32768, 0);
 
-/// Source addresses of node-local health probes (the node's own addresses).
+/// Source addresses of node-local health probes: exactly the probe
+/// source addresses the connect hooks bind the node's connections to.
 #[map]
 static PROBE_SOURCES: HashMap<[u32; 4], u8> = HashMap::pinned(1024, 0);
+
+/// Addresses of this node's managed pods: the node's own connections to
+/// them are bound to the probe source.
+#[map]
+static POD_ADDRS: HashMap<[u32; 4], u8> = HashMap::pinned(16384, BPF_F_NO_PREALLOC);
+
+/// `struct sockaddr_in`, for `bpf_bind`.
+#[repr(C)]
+struct SockaddrIn {
+    family: u16,
+    port: u16,
+    addr: u32,
+    zero: [u8; 8],
+}
+
+/// `struct sockaddr_in6`, for `bpf_bind`.
+#[repr(C)]
+struct SockaddrIn6 {
+    family: u16,
+    port: u16,
+    flowinfo: u32,
+    addr: [u32; 4],
+    scope_id: u32,
+}
 
 /// Reads an IPv6 address from a context field word by word.
 #[inline(always)]
@@ -115,6 +148,12 @@ unsafe fn read_ip6(a: &[u32; 4]) -> [u32; 4] {
 fn socket_mark() -> u32 {
     // SAFETY: a plain read of a loader-initialised global.
     unsafe { read_volatile(&SOCKET_MARK) }
+}
+
+#[inline(always)]
+fn node_netns_cookie() -> u64 {
+    // SAFETY: a plain read of a loader-initialised global.
+    unsafe { read_volatile(&NODE_NETNS_COOKIE) }
 }
 
 #[inline(always)]
@@ -155,6 +194,10 @@ unsafe fn connect4(ctx: &SockAddrContext) {
         return;
     }
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if netns == node_netns_cookie() {
+        unsafe { bind_probe_source4(ctx, sk) };
+        return;
+    }
     let Some(pod) = (unsafe { PODS.get(&netns) }) else {
         return;
     };
@@ -197,6 +240,10 @@ unsafe fn connect6(ctx: &SockAddrContext) {
         return;
     }
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if netns == node_netns_cookie() {
+        unsafe { bind_probe_source6(ctx, sk) };
+        return;
+    }
     let Some(pod) = (unsafe { PODS.get(&netns) }) else {
         return;
     };
@@ -232,6 +279,75 @@ unsafe fn connect6(ctx: &SockAddrContext) {
     sa.user_ip6[2] = lo[2];
     sa.user_ip6[3] = lo[3];
     sa.user_port = u32::from(OUTBOUND_PORT.to_be());
+}
+
+/// A TCP `connect()` in the node's namespace to one of this node's pods
+/// (IPv4 socket): bind it to the probe source, unless the caller bound it.
+#[inline(always)]
+unsafe fn bind_probe_source4(ctx: &SockAddrContext, sk: *mut bpf_sock) {
+    let sa = unsafe { &*ctx.sock_addr };
+    // SAFETY: presence test only.
+    if unsafe { POD_ADDRS.get(&map_v4(sa.user_ip4)) }.is_none() || unsafe { bound(sk, false) } {
+        return;
+    }
+    let mut addr = SockaddrIn {
+        family: AF_INET as u16,
+        port: 0,
+        addr: u32::to_be(PROBE_SOURCE_V4),
+        zero: [0; 8],
+    };
+    // A failed bind (the address is missing from the node) leaves the node's
+    // own address as source, which sk_lookup treats as any plaintext client.
+    let _ = unsafe {
+        bpf_bind(
+            ctx.sock_addr,
+            (&mut addr as *mut SockaddrIn).cast::<sockaddr>(),
+            core::mem::size_of::<SockaddrIn>() as i32,
+        )
+    };
+}
+
+/// [`bind_probe_source4`] for IPv6 sockets, IPv4-mapped destinations
+/// included (bound to the mapped IPv4 probe source).
+#[inline(always)]
+unsafe fn bind_probe_source6(ctx: &SockAddrContext, sk: *mut bpf_sock) {
+    let sa = unsafe { &*ctx.sock_addr };
+    let dst = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+    // SAFETY: presence test only.
+    if unsafe { POD_ADDRS.get(&dst) }.is_none() || unsafe { bound(sk, true) } {
+        return;
+    }
+    let source = if is_v4_mapped(&dst) {
+        map_v4(u32::to_be(PROBE_SOURCE_V4))
+    } else {
+        ip6_words(&PROBE_SOURCE_V6)
+    };
+    let mut addr = SockaddrIn6 {
+        family: AF_INET6 as u16,
+        port: 0,
+        flowinfo: 0,
+        addr: source,
+        scope_id: 0,
+    };
+    // As for IPv4, a failed bind fails closed.
+    let _ = unsafe {
+        bpf_bind(
+            ctx.sock_addr,
+            (&mut addr as *mut SockaddrIn6).cast::<sockaddr>(),
+            core::mem::size_of::<SockaddrIn6>() as i32,
+        )
+    };
+}
+
+/// Whether the application bound the socket itself (an address, or a port):
+/// its choice stands, and the connection is then not a probe.
+#[inline(always)]
+unsafe fn bound(sk: *mut bpf_sock, v6: bool) -> bool {
+    let ip4 = unsafe { read_volatile(&(*sk).src_ip4) };
+    let ip6 = unsafe { read_ip6(&(*sk).src_ip6) };
+    let port = unsafe { read_volatile(&(*sk).src_port) };
+    let addr = if v6 { ip6 != [0; 4] } else { ip4 != 0 };
+    addr || port != 0
 }
 
 // === established: hand the original destination to the agent ===
@@ -425,21 +541,19 @@ unsafe fn steer(ctx: &SkLookupContext) -> u32 {
     if lk.ingress_ifindex == LOOPBACK_IFINDEX || is_own_address(netns, v4, remote4, &remote6) {
         return sk_action::SK_PASS;
     }
+    // The node's own connections, which the connect hooks bound to the
+    // probe source; nothing else can complete a handshake from it (see
+    // ARCHITECTURE.md, Decisions). Forwarded traffic from the node's
+    // addresses (NodePort SNAT) is steered like any other plaintext.
     // SAFETY: presence test only.
     if unsafe { PROBE_SOURCES.get(&remote).is_some() } {
         return sk_action::SK_PASS;
     }
     let port = lk.local_port as u16;
-    if port != TUNNEL_PORT {
-        if port_excluded(netns, port, DIRECTION_INBOUND) {
-            return sk_action::SK_PASS;
-        }
-        // mTLS DISABLE: the agent steps aside for that port.
-        // SAFETY: read-only lookup of a plain value.
-        let disabled = unsafe { PODS.get(&netns) }.is_some_and(|p| p.flags & POD_INBOUND_DISABLED != 0);
-        if disabled != port_excluded(netns, port, DIRECTION_MTLS_OVERRIDE) {
-            return sk_action::SK_PASS;
-        }
+    // Every mTLS mode is steered, DISABLE included: DISABLE means no mTLS
+    // required, not no authorization, which the agent applies.
+    if port != TUNNEL_PORT && port_excluded(netns, port, DIRECTION_INBOUND) {
+        return sk_action::SK_PASS;
     }
     let slot = match (port == TUNNEL_PORT, v4) {
         (true, true) => SLOT_TUNNEL_V4,

@@ -25,6 +25,33 @@ pub fn connect_timeout(netns: &str, dst: SocketAddr, timeout: Duration) -> io::R
     Ok(s)
 }
 
+/// Connects from inside `netns` from a socket first bound to `src` (port 0
+/// lets the kernel choose), as an app that picks its source address does.
+pub fn connect_bound(netns: &str, src: SocketAddr, dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, bind, socket};
+    let family = if src.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = run_in(netns, move || socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None))?;
+    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrStorage::from(src))?;
+    let s = TcpStream::from(fd);
+    // std has no connect() on an existing socket; Linux bounds a blocking
+    // connect() by the send timeout, and reports its expiry as EINPROGRESS.
+    s.set_write_timeout(Some(timeout))?;
+    match nix::sys::socket::connect(std::os::fd::AsRawFd::as_raw_fd(&s), &SockaddrStorage::from(dst)) {
+        Ok(()) => {}
+        Err(nix::errno::Errno::EINPROGRESS) => {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, format!("connect to {dst} timed out")));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    s.set_read_timeout(Some(TIMEOUT))?;
+    s.set_write_timeout(Some(TIMEOUT))?;
+    Ok(s)
+}
+
 /// A server thread; stops when dropped.
 pub struct Server {
     stop: Arc<AtomicBool>,

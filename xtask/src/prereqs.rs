@@ -6,7 +6,8 @@ use std::process::{Command, Stdio};
 use anyhow::{Context, Result, bail};
 
 /// Debian packages: LLVM 22 for bpf-linker, iproute2 for namespaces,
-/// bpftool to observe attachments, tcpdump and iperf3 for later tests.
+/// bpftool to observe attachments, tcpdump and iperf3 for later tests,
+/// iptables for the NodePort-style DNAT/MASQUERADE of the exemption tests.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -16,6 +17,7 @@ const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "tcpdump",
     "iperf3",
+    "iptables",
     "util-linux",
 ];
 

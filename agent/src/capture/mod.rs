@@ -3,7 +3,8 @@
 //!
 //! Node-wide programs (connect, getpeername, sockops) attach once to the
 //! cgroup v2 root and act only on sockets whose network-namespace cookie is
-//! in `PODS`. Each managed pod gets its own `sk_lookup` instance, attached to
+//! in `PODS`, and (connect) on the node's own connections to its pods,
+//! which are bound to the probe source (`probe.rs`). Each managed pod gets its own `sk_lookup` instance, attached to
 //! its namespace, with the pod's cookie compiled in as a constant (sk_lookup
 //! programs cannot ask for their namespace's cookie).
 //!
@@ -18,6 +19,7 @@
 
 pub mod host;
 pub mod map;
+pub mod probe;
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -74,6 +76,9 @@ pub enum CaptureError {
         /// Why.
         message: String,
     },
+    /// The probe source addresses could not be set up.
+    #[error(transparent)]
+    Probe(#[from] probe::ProbeError),
     /// A map operation failed.
     #[error("eBPF map {map}: {source}")]
     Map {
@@ -118,8 +123,12 @@ pub struct Maps {
     pub hop_peer: BpfMap<u64, SockAddr>,
     /// Listener sockets for sk_lookup (value: socket fd on insert).
     pub listeners: BpfMap<ListenerKey, u32>,
-    /// Node addresses whose connections to pods are health probes.
+    /// The probe source addresses (`probe.rs`): connections from them to
+    /// a pod are the node's own, kubelet probes among them.
     pub probe_sources: BpfMap<[u32; 4], u8>,
+    /// Addresses of this node's managed pods: the node's connections to
+    /// them are bound to the probe source.
+    pub pod_addrs: BpfMap<[u32; 4], u8>,
 }
 
 /// The attached capture layer of one node.
@@ -127,6 +136,8 @@ pub struct Maps {
 pub struct Capture {
     config: CaptureConfig,
     dir: PathBuf,
+    /// Cookie of the node's (the agent's own) network namespace.
+    node_netns: u64,
     /// The shared maps.
     pub maps: Maps,
 }
@@ -149,7 +160,8 @@ impl Capture {
                 message: e.to_string(),
             })?;
         }
-        let mut ebpf = load_object(&dir, config.socket_mark, None)?;
+        let node_netns = own_netns_cookie()?;
+        let mut ebpf = load_object(&dir, config.socket_mark, node_netns, None)?;
         let cgroup_fd = std::fs::File::open(&cgroup).map_err(|e| CaptureError::Host {
             what: format!("cgroup v2 root {}", cgroup.display()),
             message: e.to_string(),
@@ -191,8 +203,15 @@ impl Capture {
             hop_peer: open_map(&dir, "HOP_PEER")?,
             listeners: open_map(&dir, "LISTENERS")?,
             probe_sources: open_map(&dir, "PROBE_SOURCES")?,
+            pod_addrs: open_map(&dir, "POD_ADDRS")?,
         };
-        Ok(Capture { config, dir, maps })
+        probe::install(&maps.probe_sources)?;
+        Ok(Capture {
+            config,
+            dir,
+            node_netns,
+            maps,
+        })
     }
 
     /// Attaches (or re-attaches) inbound steering to a pod's namespace.
@@ -203,7 +222,7 @@ impl Capture {
             path: pod_dir.clone(),
             message: e.to_string(),
         })?;
-        let mut ebpf = load_object(&self.dir, self.config.socket_mark, Some(cookie))?;
+        let mut ebpf = load_object(&self.dir, self.config.socket_mark, self.node_netns, Some(cookie))?;
         let name = "nw_sk_lookup";
         let prog: &mut SkLookup = program(&mut ebpf, name)?;
         prog.load().map_err(|e| refused(name, e))?;
@@ -257,7 +276,18 @@ fn remove_pins(dir: &Path) -> Result<(), CaptureError> {
     }
 }
 
-fn load_object(dir: &Path, mark: u32, netns_cookie: Option<u64>) -> Result<Ebpf, CaptureError> {
+/// The cookie of the calling thread's network namespace: at startup, the
+/// node's, where the agent runs.
+fn own_netns_cookie() -> Result<u64, CaptureError> {
+    let host_err = |e: std::io::Error| CaptureError::Host {
+        what: "the node's network namespace cookie (SO_NETNS_COOKIE, Linux 5.14 or newer)".into(),
+        message: e.to_string(),
+    };
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).map_err(host_err)?;
+    crate::netns::netns_cookie(&sock).map_err(host_err)
+}
+
+fn load_object(dir: &Path, mark: u32, node_netns: u64, netns_cookie: Option<u64>) -> Result<Ebpf, CaptureError> {
     let cookie = netns_cookie.unwrap_or(u64::MAX);
     EbpfLoader::new()
         // The programs read only UAPI context structs, which never move, so
@@ -268,6 +298,7 @@ fn load_object(dir: &Path, mark: u32, netns_cookie: Option<u64>) -> Result<Ebpf,
         .default_map_pin_directory(dir.join("maps"))
         .override_global("SOCKET_MARK", &mark, true)
         .override_global("NETNS_COOKIE", &cookie, true)
+        .override_global("NODE_NETNS_COOKIE", &node_netns, true)
         .load(EBPF_OBJECT)
         .map_err(|e| CaptureError::Program {
             program: "(object)",

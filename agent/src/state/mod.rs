@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::policy::model::{AuthorizationPolicy, Mode, PeerAuthentication};
+use crate::policy::model::{AuthorizationPolicy, PeerAuthentication};
 use crate::policy::{ConnInfo, Decision, WorkloadMtls};
 
 use workload::{
@@ -113,7 +113,6 @@ impl Snapshot {
         for pod in self.pods.values().filter(|p| p.node_name == node) {
             match enrolment(pod, self.namespaces.get(&pod.namespace)) {
                 Enrolment::Enrolled => {
-                    let mtls = self.mtls(pod);
                     let ports = |annotation: &str| {
                         let value = pod.annotations.get(annotation).map(String::as_str).unwrap_or("");
                         let (ports, bad) = parse_port_list(value);
@@ -132,13 +131,6 @@ impl Snapshot {
                             ips: pod.ips.clone(),
                             exclude_inbound: ports(EXCLUDE_INBOUND_ANNOTATION),
                             exclude_outbound: ports(EXCLUDE_OUTBOUND_ANNOTATION),
-                            inbound_disabled: mtls.default == Mode::Disable,
-                            mtls_port_overrides: mtls
-                                .ports
-                                .iter()
-                                .filter(|(_, m)| (**m == Mode::Disable) != (mtls.default == Mode::Disable))
-                                .map(|(p, _)| *p)
-                                .collect(),
                         },
                     );
                 }

@@ -103,11 +103,6 @@ pub struct ManagedPod {
     pub exclude_inbound: Vec<u16>,
     /// Outbound destination ports left uncaptured.
     pub exclude_outbound: Vec<u16>,
-    /// mTLS DISABLE for the workload: inbound is not captured by default.
-    pub inbound_disabled: bool,
-    /// Ports whose mode differs from the default in that respect: captured
-    /// when the workload is DISABLE, uncaptured (DISABLE) otherwise.
-    pub mtls_port_overrides: Vec<u16>,
 }
 
 /// Parses a port-list annotation (`"8080, 9090"`). Bad entries are reported
