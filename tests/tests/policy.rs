@@ -156,9 +156,9 @@ fn strict_still_refuses_plaintext_with_the_agent_killed() {
 }
 
 #[test]
-fn disable_steps_aside_and_peers_send_plaintext() {
+fn disable_accepts_plaintext_through_the_agent_and_peers_send_plaintext() {
     let _g = shared();
-    let Some(t) = cluster("disable_steps_aside_and_peers_send_plaintext") else {
+    let Some(t) = cluster("disable_accepts_plaintext_through_the_agent_and_peers_send_plaintext") else {
         return;
     };
     let api = t.pod("api").clone();
@@ -188,13 +188,69 @@ fn disable_steps_aside_and_peers_send_plaintext() {
         l["transport"], "passthrough",
         "peers of a DISABLE workload send plaintext"
     );
-    let (_, _, local) = round_trip(&t.pod("outsider").netns, api.v4(8080), b"x").unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        !t.agent(1).connections().iter().any(|l| l["pod"] == "mesh/api"),
-        "inbound to a DISABLE workload is not captured (client {local}):\n{}",
-        t.agent(1).dump()
+    // Plaintext from outside the mesh is accepted, through the agent (which
+    // authorizes it), and the app sees the real client.
+    let outsider = t.pod("outsider").clone();
+    let (seen, _, _) = round_trip(&outsider.netns, api.v4(8080), b"x").unwrap();
+    assert_eq!(seen.peer.ip(), outsider.v4(0).ip());
+    let l = t
+        .agent(1)
+        .wait_log(WAIT, |l| {
+            l["message"] == "connection closed"
+                && l["direction"] == "inbound"
+                && l["src"].as_str().is_some_and(|s| s.starts_with(&format!("{}:", outsider.ip4)))
+        })
+        .unwrap_or_else(|| panic!("inbound to a DISABLE workload goes through the agent:\n{}", t.agent(1).dump()));
+    assert_eq!(l["pod"], "mesh/api");
+    assert_eq!(l["transport"], "plaintext");
+}
+
+#[test]
+fn a_mesh_wide_deny_applies_to_a_disable_port_and_the_agent_down_refuses_it() {
+    let _g = shared();
+    let Some(mut t) = cluster("a_mesh_wide_deny_applies_to_a_disable_port_and_the_agent_down_refuses_it") else {
+        return;
+    };
+    let api = t.pod("api").clone();
+    let _s: Vec<_> = [8080, 9090]
+        .iter()
+        .map(|p| serve(&api.netns, api.v4(*p), info_echo))
+        .collect();
+    t.apply(
+        "pa",
+        &pa(
+            "api-ports",
+            "  selector: {matchLabels: {app: api}}\n  mtls: {mode: STRICT}\n  portLevelMtls:\n    9090: {mode: DISABLE}\n",
+        ),
     );
+    // No policy denies it: the DISABLE port accepts plaintext while the
+    // others are STRICT.
+    eventually(&t, "outsider", api.v4(8080), false);
+    assert!(reaches(&t, "outsider", api.v4(9090)), "the DISABLE port accepts plaintext");
+
+    // A DENY in the root namespace applies to every workload, DISABLE ports
+    // included: DISABLE only lifts the mTLS requirement.
+    let outsider = t.pod("outsider").ip4;
+    t.apply(
+        "deny",
+        &format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: no-outsider, namespace: istio-system}}\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source: {{ipBlocks: ['{outsider}/32']}}\n"
+        ),
+    );
+    eventually(&t, "outsider", api.v4(9090), false);
+    let l = t
+        .agent(1)
+        .wait_log(WAIT, |l| l["reason"] == "policy_denied" && l["dst"] == api.v4(9090).to_string().as_str())
+        .unwrap_or_else(|| panic!("the denial is not logged:\n{}", t.agent(1).dump()));
+    assert_eq!(l["policy"], "istio-system/no-outsider");
+    assert!(reaches(&t, "frontend", api.v4(9090)), "others still reach the DISABLE port");
+    t.unapply("deny");
+    eventually(&t, "outsider", api.v4(9090), true);
+
+    // With the agent down nothing checks policy, so a DISABLE port is
+    // refused like the others: fail closed.
+    t.agent_mut(1).kill();
+    assert!(!reaches(&t, "outsider", api.v4(9090)));
 }
 
 #[test]
