@@ -34,7 +34,9 @@ pub fn connect_bound(netns: &str, src: SocketAddr, dst: SocketAddr, timeout: Dur
     } else {
         AddressFamily::Inet6
     };
-    let fd = run_in(netns, move || socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None))?;
+    let fd = run_in(netns, move || {
+        socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
+    })?;
     bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrStorage::from(src))?;
     let s = TcpStream::from(fd);
     // std has no connect() on an existing socket; Linux bounds a blocking
@@ -43,7 +45,10 @@ pub fn connect_bound(netns: &str, src: SocketAddr, dst: SocketAddr, timeout: Dur
     match nix::sys::socket::connect(std::os::fd::AsRawFd::as_raw_fd(&s), &SockaddrStorage::from(dst)) {
         Ok(()) => {}
         Err(nix::errno::Errno::EINPROGRESS) => {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, format!("connect to {dst} timed out")));
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect to {dst} timed out"),
+            ));
         }
         Err(e) => return Err(e.into()),
     }

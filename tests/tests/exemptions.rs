@@ -47,14 +47,38 @@ fn node_port_to_c(t: &Topology) {
         let out = nsenter(node, &[&["iptables", "-t", "nat"], args].concat())
             .output()
             .expect("run iptables");
-        assert!(out.status.success(), "iptables {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "iptables {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     let node_addr = node_address(t, 1).to_string();
     let port = NODE_PORT.to_string();
     iptables(&[
-        "-A", "PREROUTING", "-p", "tcp", "-d", &node_addr, "--dport", &port, "-j", "DNAT", "--to-destination", &c,
+        "-A",
+        "PREROUTING",
+        "-p",
+        "tcp",
+        "-d",
+        &node_addr,
+        "--dport",
+        &port,
+        "-j",
+        "DNAT",
+        "--to-destination",
+        &c,
     ]);
-    iptables(&["-A", "POSTROUTING", "-m", "conntrack", "--ctstate", "DNAT", "-j", "MASQUERADE"]);
+    iptables(&[
+        "-A",
+        "POSTROUTING",
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "DNAT",
+        "-j",
+        "MASQUERADE",
+    ]);
 }
 
 /// Whether a connection from `netns` gets through to the app (its greeting arrives).
@@ -146,9 +170,18 @@ fn probes_from_the_node_reach_a_strict_pod_from_the_probe_source() {
         (c.v6(8086), IpAddr::V6(PROBE_V6)),
         (mapped, IpAddr::V4(PROBE_V4)),
     ] {
-        let (seen, _, local) = round_trip(&node, dst, b"GET /healthz").unwrap_or_else(|e| panic!("probe to {dst}: {e}"));
-        assert_eq!(seen.peer.ip().to_canonical(), source, "the app sees the probe source ({dst})");
-        assert_eq!(local.ip().to_canonical(), source, "the node's socket was bound to it ({dst})");
+        let (seen, _, local) =
+            round_trip(&node, dst, b"GET /healthz").unwrap_or_else(|e| panic!("probe to {dst}: {e}"));
+        assert_eq!(
+            seen.peer.ip().to_canonical(),
+            source,
+            "the app sees the probe source ({dst})"
+        );
+        assert_eq!(
+            local.ip().to_canonical(),
+            source,
+            "the node's socket was bound to it ({dst})"
+        );
     }
     let from_probe_source = |l: &serde_json::Value| {
         l["src"]
@@ -165,8 +198,8 @@ fn probes_from_the_node_reach_a_strict_pod_from_the_probe_source() {
     // A node socket its app bound to the node's address keeps that source,
     // and is then plaintext like any other: STRICT refuses it.
     let gateway = SocketAddr::new(IpAddr::V4(t.nodes[1].gateway4), 0);
-    let bound = traffic::connect_bound(&node, gateway, c.v4(8080), Duration::from_secs(3))
-        .and_then(|s| read_greeting(&s));
+    let bound =
+        traffic::connect_bound(&node, gateway, c.v4(8080), Duration::from_secs(3)).and_then(|s| read_greeting(&s));
     assert!(bound.is_err(), "STRICT must refuse the node's own address: {bound:?}");
 
     // The node's connections to pods it does not manage keep their source.

@@ -198,9 +198,16 @@ fn disable_accepts_plaintext_through_the_agent_and_peers_send_plaintext() {
         .wait_log(WAIT, |l| {
             l["message"] == "connection closed"
                 && l["direction"] == "inbound"
-                && l["src"].as_str().is_some_and(|s| s.starts_with(&format!("{}:", outsider.ip4)))
+                && l["src"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with(&format!("{}:", outsider.ip4)))
         })
-        .unwrap_or_else(|| panic!("inbound to a DISABLE workload goes through the agent:\n{}", t.agent(1).dump()));
+        .unwrap_or_else(|| {
+            panic!(
+                "inbound to a DISABLE workload goes through the agent:\n{}",
+                t.agent(1).dump()
+            )
+        });
     assert_eq!(l["pod"], "mesh/api");
     assert_eq!(l["transport"], "plaintext");
 }
@@ -226,7 +233,10 @@ fn a_mesh_wide_deny_applies_to_a_disable_port_and_the_agent_down_refuses_it() {
     // No policy denies it: the DISABLE port accepts plaintext while the
     // others are STRICT.
     eventually(&t, "outsider", api.v4(8080), false);
-    assert!(reaches(&t, "outsider", api.v4(9090)), "the DISABLE port accepts plaintext");
+    assert!(
+        reaches(&t, "outsider", api.v4(9090)),
+        "the DISABLE port accepts plaintext"
+    );
 
     // A DENY in the root namespace applies to every workload, DISABLE ports
     // included: DISABLE only lifts the mTLS requirement.
@@ -240,10 +250,15 @@ fn a_mesh_wide_deny_applies_to_a_disable_port_and_the_agent_down_refuses_it() {
     eventually(&t, "outsider", api.v4(9090), false);
     let l = t
         .agent(1)
-        .wait_log(WAIT, |l| l["reason"] == "policy_denied" && l["dst"] == api.v4(9090).to_string().as_str())
+        .wait_log(WAIT, |l| {
+            l["reason"] == "policy_denied" && l["dst"] == api.v4(9090).to_string().as_str()
+        })
         .unwrap_or_else(|| panic!("the denial is not logged:\n{}", t.agent(1).dump()));
     assert_eq!(l["policy"], "istio-system/no-outsider");
-    assert!(reaches(&t, "frontend", api.v4(9090)), "others still reach the DISABLE port");
+    assert!(
+        reaches(&t, "frontend", api.v4(9090)),
+        "others still reach the DISABLE port"
+    );
     t.unapply("deny");
     eventually(&t, "outsider", api.v4(9090), true);
 
