@@ -51,7 +51,7 @@ pub struct Node {
     pub name: String,
     /// Network namespace name.
     pub netns: String,
-    /// Address on its pod bridge (the pods' gateway; kubelet probes come from here).
+    /// Address on its pod bridge (the pods' gateway; what NodePort traffic is masqueraded to).
     pub gateway4: Ipv4Addr,
     /// IPv6 gateway.
     pub gateway6: Ipv6Addr,

@@ -49,7 +49,7 @@ fn main() -> Result<()> {
     let node = &t.nodes[1];
     let (seen, _, _) = round_trip(&node.netns, c.v4(8080), b"GET /healthz")?;
     println!(
-        "  kubelet-style probe from node 2 -> mesh/c\n      server: accepted from {} (not captured)",
+        "  kubelet-style probe from node 2 -> mesh/c\n      server: accepted from {} (the probe source; not captured)",
         seen.peer
     );
 
