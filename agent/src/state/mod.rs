@@ -16,7 +16,6 @@ use crate::policy::{ConnInfo, Decision, WorkloadMtls};
 
 use workload::{
     EXCLUDE_INBOUND_ANNOTATION, EXCLUDE_OUTBOUND_ANNOTATION, Enrolment, ManagedPod, Namespace, Pod, enrolment,
-    parse_port_list,
 };
 
 /// Everything the agent knows about the cluster at one moment.
@@ -114,14 +113,7 @@ impl Snapshot {
             match enrolment(pod, self.namespaces.get(&pod.namespace)) {
                 Enrolment::Enrolled => {
                     let mtls = self.mtls(pod);
-                    let ports = |annotation: &str| {
-                        let value = pod.annotations.get(annotation).map(String::as_str).unwrap_or("");
-                        let (ports, bad) = parse_port_list(value);
-                        for b in bad {
-                            tracing::warn!(pod = %pod.key(), annotation, "ignoring entry {b}");
-                        }
-                        ports
-                    };
+                    let ports = |annotation| workload::annotated_ports(pod, annotation);
                     managed.insert(
                         pod.uid.clone(),
                         ManagedPod {
