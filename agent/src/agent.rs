@@ -229,7 +229,10 @@ fn check_fd_budget(limits: &LimitConfig) {
     } else {
         soft
     };
-    let needed = 2 * limits.connections as u64 + limits.tunnels as u64 + FD_RESERVE;
+    let needed = (limits.connections as u64)
+        .saturating_mul(2)
+        .saturating_add(limits.tunnels as u64)
+        .saturating_add(FD_RESERVE);
     if needed > soft {
         tracing::warn!(
             nofile = soft,
