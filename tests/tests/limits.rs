@@ -207,6 +207,34 @@ fn a_pod_past_its_connection_bound_is_refused_and_other_pods_keep_connecting() {
         assert!(Instant::now() < deadline, "a's bound was not given back");
         std::thread::sleep(Duration::from_millis(100));
     }
+
+    // c's inbound side has its own bound, shared by tunnel streams and
+    // plaintext: b fills it, then a's stream and d's plaintext are refused
+    // while a's outbound side still works.
+    let mut into_c: Vec<TcpStream> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while into_c.len() < CONNECTIONS_PER_POD {
+        // a's last stream into c may still be winding down: retry.
+        match traffic::connect(&b.netns, c.v4(7000)).and_then(|s| read_greeting(&s).map(|_| s)) {
+            Ok(s) => into_c.push(s),
+            Err(e) => {
+                assert!(Instant::now() < deadline, "b cannot fill c's inbound bound: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    for (from, what) in [(&a, "a's tunnel stream"), (&d, "d's plaintext")] {
+        let served = traffic::connect(&from.netns, c.v4(7000)).and_then(|s| read_greeting(&s));
+        assert!(served.is_err(), "{what} to c past c's inbound bound was served");
+    }
+    round_trip(&a.netns, d.v4(8080), b"a to d").unwrap();
+    let st = stats(&t, 1);
+    for dir in ["inbound_tunnel", "inbound"] {
+        let label = format!("direction=\"{dir}\",reason=\"limit\",refusal=\"limit_connections_per_pod\"}}");
+        assert!(st.contains(&label), "{label} not counted:\n{st}");
+    }
+    drop(into_c);
+
     let rss_after = t.agent(0).rss_kib();
     assert!(
         rss_after < rss_before + RSS_GROWTH_BOUND_KIB,
