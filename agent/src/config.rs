@@ -243,9 +243,18 @@ impl RunArgs {
             ("max-connections-per-pod", self.max_connections_per_pod),
             ("max-connections", self.max_connections),
         );
-        at_most(("max-tunnels-per-peer", self.max_tunnels_per_peer), ("max-tunnels", self.max_tunnels));
-        at_most(("max-tunnels-per-pod", self.max_tunnels_per_pod), ("max-tunnels", self.max_tunnels));
-        at_most(("max-handshakes", self.max_handshakes), ("max-tunnels", self.max_tunnels));
+        at_most(
+            ("max-tunnels-per-peer", self.max_tunnels_per_peer),
+            ("max-tunnels", self.max_tunnels),
+        );
+        at_most(
+            ("max-tunnels-per-pod", self.max_tunnels_per_pod),
+            ("max-tunnels", self.max_tunnels),
+        );
+        at_most(
+            ("max-handshakes", self.max_handshakes),
+            ("max-tunnels", self.max_tunnels),
+        );
         at_most(
             ("max-handshakes-per-peer", self.max_handshakes_per_peer),
             ("max-handshakes", self.max_handshakes),
@@ -260,7 +269,11 @@ impl RunArgs {
                 self.h2_stream_window, self.h2_connection_window
             ));
         }
-        if problems.is_empty() { Ok(()) } else { Err(ConfigError::Invalid(problems)) }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
     }
 
     /// The resource bounds the flags set.
@@ -373,10 +386,31 @@ mod tests {
             "600",
         ]);
         let e = a.validate().unwrap_err().to_string();
-        assert!(e.contains("--max-connections-per-pod (20) is larger than --max-connections (10)"), "{e}");
-        assert!(e.contains("--max-handshakes-per-peer (600) is larger than --max-handshakes (512)"), "{e}");
-        assert!(e.contains("--max-handshakes-per-peer (600) is larger than --max-tunnels-per-peer (128)"), "{e}");
-        assert!(Cli::try_parse_from(["nodeward", "run", "--node-name", "n", "--config-dir", "/", "--max-tunnels", "0"]).is_err());
+        assert!(
+            e.contains("--max-connections-per-pod (20) is larger than --max-connections (10)"),
+            "{e}"
+        );
+        assert!(
+            e.contains("--max-handshakes-per-peer (600) is larger than --max-handshakes (512)"),
+            "{e}"
+        );
+        assert!(
+            e.contains("--max-handshakes-per-peer (600) is larger than --max-tunnels-per-peer (128)"),
+            "{e}"
+        );
+        assert!(
+            Cli::try_parse_from([
+                "nodeward",
+                "run",
+                "--node-name",
+                "n",
+                "--config-dir",
+                "/",
+                "--max-tunnels",
+                "0"
+            ])
+            .is_err()
+        );
     }
 
     #[test]

@@ -198,7 +198,11 @@ fn a_pod_past_its_connection_bound_is_refused_and_other_pods_keep_connecting() {
         st.contains("direction=\"outbound\",reason=\"limit\",refusal=\"limit_connections_per_pod\"} 3"),
         "refusals not counted:\n{st}"
     );
-    assert_eq!(warnings(&t, 0, "limit_connections_per_pod").len(), 1, "one warning for three refusals");
+    assert_eq!(
+        warnings(&t, 0, "limit_connections_per_pod").len(),
+        1,
+        "one warning for three refusals"
+    );
 
     // Its connections closed, a may connect again.
     drop(held);

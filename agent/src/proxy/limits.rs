@@ -371,7 +371,9 @@ impl RateLimitedWarner {
     pub fn refused(&self, reason: Refusal, now: Instant) -> Option<u64> {
         let mut s = self.state[reason as usize].lock().unwrap_or_else(|e| e.into_inner());
         s.since += 1;
-        let due = s.last.is_none_or(|last| now.saturating_duration_since(last) >= self.interval);
+        let due = s
+            .last
+            .is_none_or(|last| now.saturating_duration_since(last) >= self.interval);
         if !due {
             return None;
         }
@@ -402,7 +404,10 @@ mod tests {
         let t0 = Instant::now();
         assert_eq!(w.refused(Refusal::Connections, t0), Some(1), "the first refusal warns");
         for i in 1..100 {
-            assert_eq!(w.refused(Refusal::Connections, t0 + Duration::from_millis(i * 10)), None);
+            assert_eq!(
+                w.refused(Refusal::Connections, t0 + Duration::from_millis(i * 10)),
+                None
+            );
         }
         assert_eq!(
             w.refused(Refusal::Handshakes, t0 + Duration::from_secs(1)),
@@ -435,7 +440,11 @@ mod tests {
     #[test]
     fn handshakes_are_bounded_per_peer_and_released_once_authenticated() {
         let l = Limits::new(small());
-        let (p, q, r): (IpAddr, IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap(), "::ffff:10.0.0.3".parse().unwrap());
+        let (p, q, r): (IpAddr, IpAddr, IpAddr) = (
+            "10.0.0.1".parse().unwrap(),
+            "10.0.0.2".parse().unwrap(),
+            "::ffff:10.0.0.3".parse().unwrap(),
+        );
         let mut t1 = l.tunnel_in(p).unwrap();
         assert_eq!(l.tunnel_in(p).unwrap_err(), Refusal::HandshakesPerPeer);
         let _t2 = l.tunnel_in(q).unwrap();
@@ -443,7 +452,11 @@ mod tests {
         t1.authenticated();
         // p's handshake place is free again; its tunnel place is not.
         let _t3 = l.tunnel_in(p).unwrap();
-        assert_eq!(l.tunnel_out(9).unwrap_err(), Refusal::Tunnels, "the tunnel total is shared");
+        assert_eq!(
+            l.tunnel_out(9).unwrap_err(),
+            Refusal::Tunnels,
+            "the tunnel total is shared"
+        );
         drop(t1);
         let _o = l.tunnel_out(9).unwrap();
     }
@@ -452,16 +465,21 @@ mod tests {
     fn a_tunnel_queues_about_one_connection_window_to_send() {
         // Defaults: 16 MiB over 100 streams.
         assert_eq!(send_buffer_per_stream(4 << 20, 16 << 20, 100), (16 << 20) / 100);
-        assert_eq!(send_buffer_per_stream(4 << 20, 16 << 20, 1), 4 << 20, "never above the stream window");
-        assert_eq!(send_buffer_per_stream(4 << 20, 65535, 1000), 64 << 10, "at least two relay chunks");
+        assert_eq!(
+            send_buffer_per_stream(4 << 20, 16 << 20, 1),
+            4 << 20,
+            "never above the stream window"
+        );
+        assert_eq!(
+            send_buffer_per_stream(4 << 20, 65535, 1000),
+            64 << 10,
+            "at least two relay chunks"
+        );
     }
 
     #[test]
     fn outbound_tunnels_are_bounded_per_source_pod() {
-        let l = Limits::new(LimitConfig {
-            tunnels: 10,
-            ..small()
-        });
+        let l = Limits::new(LimitConfig { tunnels: 10, ..small() });
         let _a = l.tunnel_out(1).unwrap();
         let _b = l.tunnel_out(1).unwrap();
         assert_eq!(l.tunnel_out(1).unwrap_err(), Refusal::TunnelsPerPod);

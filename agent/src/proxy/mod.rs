@@ -226,8 +226,12 @@ async fn accept_loop(ctx: Arc<PodContext>, listener: TcpListener, dir: Direction
         // is reset at once and counted, never logged one by one.
         let limits = &ctx.mesh.limits;
         let permit = match dir {
-            Direction::Outbound => limits.connection(ctx.netns.cookie(), Side::Outbound).map(Permit::Connection),
-            Direction::Inbound => limits.connection(ctx.netns.cookie(), Side::Inbound).map(Permit::Connection),
+            Direction::Outbound => limits
+                .connection(ctx.netns.cookie(), Side::Outbound)
+                .map(Permit::Connection),
+            Direction::Inbound => limits
+                .connection(ctx.netns.cookie(), Side::Inbound)
+                .map(Permit::Connection),
             Direction::Tunnel => limits.tunnel_in(peer.ip()).map(Permit::Tunnel),
         };
         let permit = match permit {
@@ -241,13 +245,12 @@ async fn accept_loop(ctx: Arc<PodContext>, listener: TcpListener, dir: Direction
         let ctx = ctx.clone();
         ctx.lifecycle.connections.clone().spawn(async move {
             let started = Instant::now();
-            let outcome = match permit {
+            // The permit is held until the handler is done.
+            let outcome = match (dir, permit) {
                 // A tunnel connection carries many streams; each is logged.
-                Permit::Tunnel(p) => return tunnel::serve(ctx, stream, peer, p).await,
-                Permit::Connection(_held) if dir == Direction::Outbound => {
-                    outbound::handle(&ctx, stream, peer).await
-                }
-                Permit::Connection(_held) => inbound::handle(&ctx, stream, peer).await,
+                (_, Permit::Tunnel(p)) => return tunnel::serve(ctx, stream, peer, p).await,
+                (Direction::Outbound, Permit::Connection(_held)) => outbound::handle(&ctx, stream, peer).await,
+                (_, Permit::Connection(_held)) => inbound::handle(&ctx, stream, peer).await,
             };
             log_connection(&ctx, dir, peer, &outcome, started);
         });

@@ -215,7 +215,11 @@ impl Pool {
                 .max_frame_size(s.max_frame_size)
                 .max_header_list_size(s.max_header_list_size)
                 .max_concurrent_streams(0)
-                .max_send_buffer_size(send_buffer_per_stream(s.stream_window, s.connection_window, s.max_streams))
+                .max_send_buffer_size(send_buffer_per_stream(
+                    s.stream_window,
+                    s.connection_window,
+                    s.max_streams,
+                ))
                 .enable_push(false)
                 .handshake::<_, Bytes>(io)
                 .await?;

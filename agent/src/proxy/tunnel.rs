@@ -5,7 +5,10 @@
 //! streams per connection, header size and reset floods are bounded by the
 //! HTTP/2 layer; a request that is not a CONNECT to `ip:port` of this pod is
 //! answered with a 4xx status and never reaches the app. Each refusal is
-//! logged once with the peer.
+//! logged once with the peer. Before any of that, the accept loop bounds
+//! handshakes and tunnel connections per remote IP and on the node
+//! (`limits`); each stream then takes a place in the pod's inbound bound
+//! or is answered 503.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -263,7 +263,8 @@ mod tests {
         let subscriber = tracing_subscriber::registry().with(CountWarnings(warnings.clone()));
         let mut p = pod(&[]);
         p.uid = "uid-bad-annotation".into();
-        p.annotations.insert(EXCLUDE_INBOUND_ANNOTATION.into(), "abc,9100".into());
+        p.annotations
+            .insert(EXCLUDE_INBOUND_ANNOTATION.into(), "abc,9100".into());
         let mut snap = crate::state::Snapshot::default();
         snap.namespaces.insert("shop".into(), ns(true));
         snap.pods.insert(p.key(), std::sync::Arc::new(p.clone()));
@@ -275,7 +276,8 @@ mod tests {
             }
             assert_eq!(count(), 1, "one warning for five reconciles");
             // A new bad value is news.
-            p.annotations.insert(EXCLUDE_INBOUND_ANNOTATION.into(), "abc,xyz".into());
+            p.annotations
+                .insert(EXCLUDE_INBOUND_ANNOTATION.into(), "abc,xyz".into());
             snap.pods.insert(p.key(), std::sync::Arc::new(p.clone()));
             snap.managed_pods("n1");
             snap.managed_pods("n1");
