@@ -152,6 +152,11 @@ fn silent_handshakes_past_the_per_peer_bound_are_closed_at_once_and_others_keep_
         started.elapsed()
     );
 
+    assert_eq!(
+        warned[0]["peer"],
+        d.ip4.to_string().as_str(),
+        "the warning names the client"
+    );
     let rss_after = t.agent(1).rss_kib();
     assert!(
         rss_after < rss_before + RSS_GROWTH_BOUND_KIB,

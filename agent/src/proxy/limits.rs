@@ -330,12 +330,14 @@ impl Limits {
 
     /// Records a refusal and warns about it, at most once per reason per
     /// [`WARN_INTERVAL`], with the number refused since the last warning.
-    pub fn refused(&self, refusal: Refusal, direction: &'static str, pod: &str) {
+    /// The warning names the pod and peer of the refusal that triggered it.
+    pub fn refused(&self, refusal: Refusal, direction: &'static str, pod: &str, peer: Option<IpAddr>) {
         if let Some(count) = self.warner.refused(refusal, Instant::now()) {
             tracing::warn!(
                 reason = refusal.as_str(),
                 direction,
                 pod,
+                peer = peer.map(|p| p.to_canonical().to_string()),
                 refused = count,
                 "refusing connections: {refusal} (count since the last warning)"
             );

@@ -272,7 +272,9 @@ pub fn refuse(ctx: &PodContext, dir: Direction, stream: &TcpStream, peer: Socket
         let _ = ctx.capture.maps.orig_dst.remove(&sock_key(ctx.netns.cookie(), peer, 0));
     }
     ctx.mesh.counters.count(dir.as_str(), "limit", Some(refusal.as_str()));
-    ctx.mesh.limits.refused(refusal, dir.as_str(), &ctx.pod.key);
+    // An outbound peer is the app's own loopback endpoint: the pod says it all.
+    let peer = (dir != Direction::Outbound).then(|| peer.ip());
+    ctx.mesh.limits.refused(refusal, dir.as_str(), &ctx.pod.key, peer);
 }
 
 /// The result of handling one connection, for its log line.

@@ -123,7 +123,7 @@ async fn tunnel(
         Ok(s) => s,
         Err(PoolError::Limit(limit)) => {
             // Counted and warned about at a bounded rate, not per connection.
-            ctx.mesh.limits.refused(limit, "outbound", &ctx.pod.key);
+            ctx.mesh.limits.refused(limit, "outbound", &ctx.pod.key, None);
             return refused(&down, CloseReason::TunnelRefused, Some(limit.as_str()));
         }
         Err(e) => {

@@ -132,7 +132,7 @@ pub async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr, mut p
                             let resp = Response::builder().status(StatusCode::SERVICE_UNAVAILABLE).body(()).expect("valid status response");
                             let _ = respond.send_response(resp, true);
                             ctx.mesh.counters.count(Direction::Tunnel.as_str(), "limit", Some(refusal.as_str()));
-                            ctx.mesh.limits.refused(refusal, Direction::Tunnel.as_str(), &ctx.pod.key);
+                            ctx.mesh.limits.refused(refusal, Direction::Tunnel.as_str(), &ctx.pod.key, Some(peer.ip()));
                             continue;
                         }
                     };
