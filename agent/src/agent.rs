@@ -14,6 +14,7 @@ use crate::identity::revocation::PeerRegistry;
 use crate::identity::trust::UnknownStatus;
 use crate::pods::PodManager;
 use crate::proxy::hbone::H2Settings;
+use crate::proxy::limits::{LimitConfig, Limits};
 use crate::proxy::pool::Pool;
 use crate::proxy::relay::RelayOptions;
 use crate::proxy::{Lifecycle, Mesh, ProxyConfig};
@@ -23,6 +24,9 @@ use crate::state::Store;
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// Flags contradict each other.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// The config directory is unusable.
     #[error("config directory {path}: {message}")]
     ConfigDir {
@@ -62,6 +66,9 @@ impl crate::admin::Health for Mesh {
 
 /// Runs the agent until SIGTERM/SIGINT, then drains and returns.
 pub async fn run(args: RunArgs) -> Result<(), StartError> {
+    args.validate()?;
+    let limits = Limits::new(args.limits());
+    check_fd_budget(&limits.config());
     match std::fs::metadata(&args.config_dir) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => {
@@ -145,7 +152,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
             .unwrap_or(1)
             .min(4),
     };
-    let pool = Pool::new(h2, args.tunnel_idle_timeout, spread);
+    let pool = Pool::with_limits(h2, args.tunnel_idle_timeout, spread, limits.clone());
     tokio::spawn(pool.clone().run(lifecycle.hard_stop.clone()));
     let mesh = Arc::new(Mesh {
         store: store.clone(),
@@ -154,6 +161,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
         peers,
         h2,
         counters: Default::default(),
+        limits,
     });
     tokio::spawn(crate::admin::serve(admin, mesh.clone(), lifecycle.hard_stop.clone()));
     let manager = PodManager::new(
@@ -202,4 +210,34 @@ async fn drain(lifecycle: &Lifecycle, deadline: Duration) {
         drained = open,
         "drained; eBPF capture stays attached so pods fail closed (`nodeward cleanup` removes it)"
     );
+}
+
+/// Descriptors the agent keeps for itself: listeners (three per family per
+/// pod are counted in the connection bounds' slack), maps, logs, admin.
+const FD_RESERVE: u64 = 1024;
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit if it is lower, and
+/// warns when the bounds allow more sockets than that: each proxied
+/// connection holds two, each tunnel one (handshakes are tunnels).
+fn check_fd_budget(limits: &LimitConfig) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let soft = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    let needed = (limits.connections as u64)
+        .saturating_mul(2)
+        .saturating_add(limits.tunnels as u64)
+        .saturating_add(FD_RESERVE);
+    if needed > soft {
+        tracing::warn!(
+            nofile = soft,
+            needed,
+            "RLIMIT_NOFILE is below what --max-connections and --max-tunnels allow: accept() may fail with EMFILE before they refuse"
+        );
+    }
 }

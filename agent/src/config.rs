@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::proxy::limits::LimitConfig;
+
 /// Nodeward: a per-node, sidecarless service-mesh agent.
 #[derive(Debug, Parser)]
 #[command(name = "nodeward", version, about, long_about = None)]
@@ -182,6 +184,111 @@ pub struct RunArgs {
     /// Admin address (readiness), on the node only.
     #[arg(long, env = "NODEWARD_ADMIN_ADDR", default_value = "127.0.0.1:15021")]
     pub admin_addr: std::net::SocketAddr,
+
+    // Resource bounds (see ARCHITECTURE.md "Resource bounds" for the sizing).
+    /// Proxied connections on the node (outbound, inbound plaintext and
+    /// tunnel streams together); past it new ones are reset.
+    #[arg(long, env = "NODEWARD_MAX_CONNECTIONS", default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Proxied connections of one pod, per direction (outbound; inbound
+    /// plaintext and tunnel streams), so one pod cannot take them all.
+    #[arg(long, env = "NODEWARD_MAX_CONNECTIONS_PER_POD", default_value_t = 8192, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_pod: u32,
+
+    /// Tunnel connections on the node, inbound and outbound together.
+    #[arg(long, env = "NODEWARD_MAX_TUNNELS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_tunnels: u32,
+
+    /// Inbound tunnel connections from one remote IP, handshakes included.
+    #[arg(long, env = "NODEWARD_MAX_TUNNELS_PER_PEER", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_tunnels_per_peer: u32,
+
+    /// Outbound tunnel connections of one pod (at the bound, streams share
+    /// the connections it has).
+    #[arg(long, env = "NODEWARD_MAX_TUNNELS_PER_POD", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_tunnels_per_pod: u32,
+
+    /// Inbound connections on 15008 still in their TLS/HTTP/2 handshakes;
+    /// past it new ones are closed before TLS.
+    #[arg(long, env = "NODEWARD_MAX_HANDSHAKES", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_handshakes: u32,
+
+    /// Such handshakes from one remote IP.
+    #[arg(long, env = "NODEWARD_MAX_HANDSHAKES_PER_PEER", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_handshakes_per_peer: u32,
+}
+
+/// Flags that contradict each other.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Every contradiction found, one per line.
+    #[error("invalid flags:\n  {}", .0.join("\n  "))]
+    Invalid(Vec<String>),
+}
+
+impl RunArgs {
+    /// Checks the flags against each other, reporting every problem at once.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut at_most = |part: (&str, u32), whole: (&str, u32)| {
+            if part.1 > whole.1 {
+                problems.push(format!(
+                    "--{} ({}) is larger than --{} ({}), which it is part of",
+                    part.0, part.1, whole.0, whole.1
+                ));
+            }
+        };
+        at_most(
+            ("max-connections-per-pod", self.max_connections_per_pod),
+            ("max-connections", self.max_connections),
+        );
+        at_most(
+            ("max-tunnels-per-peer", self.max_tunnels_per_peer),
+            ("max-tunnels", self.max_tunnels),
+        );
+        at_most(
+            ("max-tunnels-per-pod", self.max_tunnels_per_pod),
+            ("max-tunnels", self.max_tunnels),
+        );
+        at_most(
+            ("max-handshakes", self.max_handshakes),
+            ("max-tunnels", self.max_tunnels),
+        );
+        at_most(
+            ("max-handshakes-per-peer", self.max_handshakes_per_peer),
+            ("max-handshakes", self.max_handshakes),
+        );
+        at_most(
+            ("max-handshakes-per-peer", self.max_handshakes_per_peer),
+            ("max-tunnels-per-peer", self.max_tunnels_per_peer),
+        );
+        if self.h2_stream_window > self.h2_connection_window {
+            problems.push(format!(
+                "--h2-stream-window ({}) is larger than --h2-connection-window ({}): one stream could never use its window",
+                self.h2_stream_window, self.h2_connection_window
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// The resource bounds the flags set.
+    pub fn limits(&self) -> LimitConfig {
+        let n = |v: u32| v as usize;
+        LimitConfig {
+            connections: n(self.max_connections),
+            connections_per_pod: n(self.max_connections_per_pod),
+            tunnels: n(self.max_tunnels),
+            tunnels_per_peer: n(self.max_tunnels_per_peer),
+            tunnels_per_pod: n(self.max_tunnels_per_pod),
+            handshakes: n(self.max_handshakes),
+            handshakes_per_peer: n(self.max_handshakes_per_peer),
+        }
+    }
 }
 
 /// `nodeward cleanup` flags.
@@ -249,6 +356,61 @@ mod tests {
         assert_eq!(parse_mark("1337"), Ok(1337));
         assert!(parse_mark("0").is_err());
         assert!(parse_mark("x").is_err());
+    }
+
+    fn run_args(extra: &[&str]) -> RunArgs {
+        let mut argv = vec!["nodeward", "run", "--node-name", "n1", "--config-dir", "/tmp"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Run(a) => *a,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn default_bounds_are_consistent() {
+        let a = run_args(&[]);
+        a.validate().unwrap();
+        assert_eq!(a.limits().connections, 16384);
+        assert_eq!(a.limits().handshakes_per_peer, 64);
+    }
+
+    #[test]
+    fn contradictory_bounds_are_all_reported_by_flag() {
+        let a = run_args(&[
+            "--max-connections",
+            "10",
+            "--max-connections-per-pod",
+            "20",
+            "--max-handshakes-per-peer",
+            "600",
+        ]);
+        let e = a.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("--max-connections-per-pod (20) is larger than --max-connections (10)"),
+            "{e}"
+        );
+        assert!(
+            e.contains("--max-handshakes-per-peer (600) is larger than --max-handshakes (512)"),
+            "{e}"
+        );
+        assert!(
+            e.contains("--max-handshakes-per-peer (600) is larger than --max-tunnels-per-peer (128)"),
+            "{e}"
+        );
+        assert!(
+            Cli::try_parse_from([
+                "nodeward",
+                "run",
+                "--node-name",
+                "n",
+                "--config-dir",
+                "/",
+                "--max-tunnels",
+                "0"
+            ])
+            .is_err()
+        );
     }
 
     #[test]

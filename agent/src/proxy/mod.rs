@@ -9,12 +9,15 @@
 //! * `tunnel` — 15008: the HBONE listener (mTLS + HTTP/2 CONNECT).
 //! * `hbone` — the wire format and a stream adapter; `pool` — pooled
 //!   client connections for outbound tunnels.
+//! * `limits` — bounds on connections, tunnels and handshakes, taken in the
+//!   accept loops before any work is spent on a connection.
 //!
 //! Each proxied connection ends in [`relay::relay`] and one structured log line.
 
 pub mod counters;
 pub mod hbone;
 pub mod inbound;
+pub mod limits;
 pub mod live;
 pub mod outbound;
 pub mod pool;
@@ -41,6 +44,7 @@ use crate::identity::revocation::PeerRegistry;
 use crate::netns::{Netns, NetnsError};
 use crate::state::Store;
 use crate::state::workload::ManagedPod;
+use limits::Side;
 use relay::{CloseReason, RelayOptions, RelayStats};
 
 /// Proxy settings shared by all pods.
@@ -83,6 +87,8 @@ pub struct Mesh {
     pub h2: hbone::H2Settings,
     /// Outcome counters.
     pub counters: counters::Counters,
+    /// Bounds on connections, tunnels and handshakes.
+    pub limits: Arc<limits::Limits>,
 }
 
 /// What a managed pod's handlers share.
@@ -216,19 +222,59 @@ async fn accept_loop(ctx: Arc<PodContext>, listener: TcpListener, dir: Direction
                 continue;
             }
         };
+        // Bounds are taken before any byte is read: a refused connection
+        // is reset at once and counted, never logged one by one.
+        let limits = &ctx.mesh.limits;
+        let permit = match dir {
+            Direction::Outbound => limits
+                .connection(ctx.netns.cookie(), Side::Outbound)
+                .map(Permit::Connection),
+            Direction::Inbound => limits
+                .connection(ctx.netns.cookie(), Side::Inbound)
+                .map(Permit::Connection),
+            Direction::Tunnel => limits.tunnel_in(peer.ip()).map(Permit::Tunnel),
+        };
+        let permit = match permit {
+            Ok(p) => p,
+            Err(refusal) => {
+                refuse(&ctx, dir, &stream, peer, refusal);
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
         ctx.lifecycle.connections.clone().spawn(async move {
             let started = Instant::now();
-            let outcome = match dir {
-                Direction::Outbound => outbound::handle(&ctx, stream, peer).await,
-                Direction::Inbound => inbound::handle(&ctx, stream, peer).await,
+            // The permit is held until the handler is done.
+            let outcome = match (dir, permit) {
                 // A tunnel connection carries many streams; each is logged.
-                Direction::Tunnel => return tunnel::serve(ctx, stream, peer).await,
+                (_, Permit::Tunnel(p)) => return tunnel::serve(ctx, stream, peer, p).await,
+                (Direction::Outbound, Permit::Connection(_held)) => outbound::handle(&ctx, stream, peer).await,
+                (_, Permit::Connection(_held)) => inbound::handle(&ctx, stream, peer).await,
             };
             log_connection(&ctx, dir, peer, &outcome, started);
         });
     }
+}
+
+/// What an accepted connection holds while it lives.
+enum Permit {
+    Connection(limits::Permit),
+    Tunnel(limits::TunnelPermit),
+}
+
+/// Closes a connection over a bound at once (a reset, so the client learns
+/// without waiting), counts it, and warns at a bounded rate.
+pub fn refuse(ctx: &PodContext, dir: Direction, stream: &TcpStream, peer: SocketAddr, refusal: limits::Refusal) {
+    socket::reset(stream);
+    if dir == Direction::Outbound {
+        // The handler that would have removed the app's entry never runs.
+        let _ = ctx.capture.maps.orig_dst.remove(&sock_key(ctx.netns.cookie(), peer, 0));
+    }
+    ctx.mesh.counters.count(dir.as_str(), "limit", Some(refusal.as_str()));
+    // An outbound peer is the app's own loopback endpoint: the pod says it all.
+    let peer = (dir != Direction::Outbound).then(|| peer.ip());
+    ctx.mesh.limits.refused(refusal, dir.as_str(), &ctx.pod.key, peer);
 }
 
 /// The result of handling one connection, for its log line.

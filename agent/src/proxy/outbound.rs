@@ -121,6 +121,11 @@ async fn tunnel(
     };
     let (mut sender, _lease) = match ctx.mesh.pool.sender(&key, connect).await {
         Ok(s) => s,
+        Err(PoolError::Limit(limit)) => {
+            // Counted and warned about at a bounded rate, not per connection.
+            ctx.mesh.limits.refused(limit, "outbound", &ctx.pod.key, None);
+            return refused(&down, CloseReason::TunnelRefused, Some(limit.as_str()));
+        }
         Err(e) => {
             let refusal = match &e {
                 PoolError::Connect(io) => refusal_of_io(io).map(|r| r.as_str()),

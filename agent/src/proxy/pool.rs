@@ -28,6 +28,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
 use super::hbone::H2Settings;
+use super::limits::{LimitConfig, Limits, Refusal, send_buffer_per_stream};
 use crate::identity::Identity;
 
 /// What identifies a reusable tunnel connection.
@@ -55,6 +56,9 @@ pub enum PoolError {
     /// The handshake did not finish in time.
     #[error("tunnel handshake timed out")]
     Timeout,
+    /// Opening another connection would pass a bound on tunnel connections.
+    #[error("not opening a tunnel connection: {0}")]
+    Limit(#[from] Refusal),
 }
 
 /// A byte stream a tunnel runs over (TLS over TCP).
@@ -82,6 +86,7 @@ pub struct Pool {
     slots: Mutex<HashMap<PoolKey, Slot>>,
     next_id: AtomicU64,
     opened: AtomicU64,
+    limits: Arc<Limits>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -116,6 +121,12 @@ impl Pool {
     /// An empty pool that spreads concurrent streams to one destination
     /// over up to `spread` connections (at least one).
     pub fn new(settings: H2Settings, idle_timeout: Duration, spread: usize) -> Arc<Pool> {
+        Self::with_limits(settings, idle_timeout, spread, Limits::new(LimitConfig::UNLIMITED))
+    }
+
+    /// [`Pool::new`] whose connections count against `limits` (per source
+    /// pod and in total) for as long as they are open.
+    pub fn with_limits(settings: H2Settings, idle_timeout: Duration, spread: usize, limits: Arc<Limits>) -> Arc<Pool> {
         Arc::new(Pool {
             settings,
             idle_timeout,
@@ -123,6 +134,7 @@ impl Pool {
             slots: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             opened: AtomicU64::new(0),
+            limits,
         })
     }
 
@@ -192,6 +204,9 @@ impl Pool {
 
     async fn open(&self, key: &PoolKey, connect: impl FnOnce() -> Connector<'static>) -> Result<Arc<Conn>, PoolError> {
         let s = self.settings;
+        // Held by the connection's driver task, so it counts until the
+        // connection is really gone.
+        let permit = self.limits.tunnel_out(key.src_netns)?;
         let handshake = async {
             let io = connect().await.map_err(PoolError::Connect)?;
             let (sender, connection) = h2::client::Builder::new()
@@ -200,6 +215,11 @@ impl Pool {
                 .max_frame_size(s.max_frame_size)
                 .max_header_list_size(s.max_header_list_size)
                 .max_concurrent_streams(0)
+                .max_send_buffer_size(send_buffer_per_stream(
+                    s.stream_window,
+                    s.connection_window,
+                    s.max_streams,
+                ))
                 .enable_push(false)
                 .handshake::<_, Bytes>(io)
                 .await?;
@@ -216,6 +236,7 @@ impl Pool {
         tracing::info!(id, %src, %dst, %expected, "tunnel connection opened");
         tokio::spawn(async move {
             let r = connection.await;
+            drop(permit);
             done.cancel();
             tracing::info!(id, %src, %dst, error = r.err().map(|e| e.to_string()), "tunnel connection closed");
         });
@@ -334,5 +355,31 @@ mod tests {
         // With no connection at all, the failure is the caller's.
         let other = PoolKey { src_netns: 2, ..key() };
         assert!(matches!(pool.sender(&other, refused).await, Err(PoolError::Connect(_))));
+    }
+
+    #[tokio::test]
+    async fn a_pod_at_its_tunnel_bound_shares_what_it_has_and_is_refused_without_any() {
+        let limits = Limits::new(LimitConfig {
+            tunnels_per_pod: 1,
+            ..LimitConfig::UNLIMITED
+        });
+        let pool = Pool::with_limits(H2Settings::default(), Duration::from_secs(60), 2, limits);
+        let (_s1, l1) = pool.sender(&key(), to_server).await.unwrap();
+        // The spread would open a second connection; the bound says no.
+        let (_s2, l2) = pool.sender(&key(), to_server).await.unwrap();
+        assert_eq!(l1.connection_id(), l2.connection_id());
+        assert_eq!(pool.opened(), 1);
+        // Another destination of the same pod needs a connection of its own.
+        let elsewhere = PoolKey {
+            dst: "10.0.0.3:15008".parse().unwrap(),
+            ..key()
+        };
+        assert!(matches!(
+            pool.sender(&elsewhere, to_server).await,
+            Err(PoolError::Limit(Refusal::TunnelsPerPod))
+        ));
+        // Another pod has its own bound.
+        let other = PoolKey { src_netns: 2, ..key() };
+        assert!(pool.sender(&other, to_server).await.is_ok());
     }
 }

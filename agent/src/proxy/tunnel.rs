@@ -5,7 +5,10 @@
 //! streams per connection, header size and reset floods are bounded by the
 //! HTTP/2 layer; a request that is not a CONNECT to `ip:port` of this pod is
 //! answered with a 4xx status and never reaches the app. Each refusal is
-//! logged once with the peer.
+//! logged once with the peer. Before any of that, the accept loop bounds
+//! handshakes and tunnel connections per remote IP and on the node
+//! (`limits`); each stream then takes a place in the pod's inbound bound
+//! or is answered 503.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::hbone::{parse_authority, parse_forwarded_for, stream_halves};
 use super::inbound::connect_app;
+use super::limits::{Side, TunnelPermit, send_buffer_per_stream};
 use super::relay::{self, CloseReason, StreamSink, StreamSource};
 use super::{Direction, Outcome, PodContext, final_reason, log_audits, log_connection, socket, unmap};
 use crate::identity::Identity;
@@ -35,8 +39,9 @@ use crate::policy::ConnInfo;
 const RAPID_RESET_MIN: u64 = 100;
 
 /// Serves one tunnel connection until it closes, the pod goes, or its peer
-/// is revoked.
-pub async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr) {
+/// is revoked. `permit` is its place under the bounds: it counts as a
+/// handshake until both handshakes are done, as a tunnel until it ends.
+pub async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr, mut permit: TunnelPermit) {
     let started = Instant::now();
     let peer = unmap(peer);
     let refused = |reason: CloseReason, refusal: Option<&'static str>| {
@@ -79,7 +84,11 @@ pub async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr) {
         .max_header_list_size(settings.max_header_list_size)
         .max_pending_accept_reset_streams(20)
         .max_concurrent_reset_streams(50)
-        .max_send_buffer_size(settings.stream_window as usize)
+        .max_send_buffer_size(send_buffer_per_stream(
+            settings.stream_window,
+            settings.connection_window,
+            settings.max_streams,
+        ))
         .handshake::<_, Bytes>(tls);
     let mut conn = match tokio::time::timeout(settings.handshake_timeout, handshake).await {
         Err(_) => return refused(CloseReason::HandshakeTimeout, None),
@@ -89,6 +98,7 @@ pub async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr) {
         }
         Ok(Ok(c)) => c,
     };
+    permit.authenticated();
     let mut streams = 0u64;
     let early_resets = Arc::new(AtomicU64::new(0));
     let end = loop {
@@ -112,11 +122,24 @@ pub async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr) {
                     tracing::warn!(pod = %ctx.pod.key, %peer, peer_identity = %peer_id, "tunnel connection error: {e}");
                     break "protocol_error";
                 }
-                Some(Ok((req, respond))) => {
+                Some(Ok((req, mut respond))) => {
                     streams += 1;
+                    // Each stream becomes a connection to the app: it
+                    // counts against the pod's inbound bound.
+                    let held = match ctx.mesh.limits.connection(ctx.netns.cookie(), Side::Inbound) {
+                        Ok(p) => p,
+                        Err(refusal) => {
+                            let resp = Response::builder().status(StatusCode::SERVICE_UNAVAILABLE).body(()).expect("valid status response");
+                            let _ = respond.send_response(resp, true);
+                            ctx.mesh.counters.count(Direction::Tunnel.as_str(), "limit", Some(refusal.as_str()));
+                            ctx.mesh.limits.refused(refusal, Direction::Tunnel.as_str(), &ctx.pod.key, Some(peer.ip()));
+                            continue;
+                        }
+                    };
                     let (ctx, peer_id, cancel, resets) = (ctx.clone(), peer_id.clone(), cancel.clone(), early_resets.clone());
                     ctx.lifecycle.connections.clone().spawn(async move {
                         stream(&ctx, req, respond, peer_id, peer, &cancel, &resets).await;
+                        drop(held);
                     });
                 }
             }

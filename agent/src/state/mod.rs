@@ -16,7 +16,6 @@ use crate::policy::{ConnInfo, Decision, WorkloadMtls};
 
 use workload::{
     EXCLUDE_INBOUND_ANNOTATION, EXCLUDE_OUTBOUND_ANNOTATION, Enrolment, ManagedPod, Namespace, Pod, enrolment,
-    parse_port_list,
 };
 
 /// Everything the agent knows about the cluster at one moment.
@@ -113,14 +112,7 @@ impl Snapshot {
         for pod in self.pods.values().filter(|p| p.node_name == node) {
             match enrolment(pod, self.namespaces.get(&pod.namespace)) {
                 Enrolment::Enrolled => {
-                    let ports = |annotation: &str| {
-                        let value = pod.annotations.get(annotation).map(String::as_str).unwrap_or("");
-                        let (ports, bad) = parse_port_list(value);
-                        for b in bad {
-                            tracing::warn!(pod = %pod.key(), annotation, "ignoring entry {b}");
-                        }
-                        ports
-                    };
+                    let ports = |annotation| workload::annotated_ports(pod, annotation);
                     managed.insert(
                         pod.uid.clone(),
                         ManagedPod {

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Mutex;
 
 /// Label that enrols a namespace or pod (`ambient`) or opts a pod out (`none`).
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
@@ -128,6 +129,42 @@ pub fn parse_port_list(value: &str) -> (Vec<u16>, Vec<String>) {
     (ports, bad)
 }
 
+/// Bad port annotations already reported, by (pod UID, annotation), with
+/// the value reported: the state is re-read on every reconcile tick, and a
+/// bad value is worth one warning, not one every tick.
+static REPORTED: Mutex<BTreeMap<(String, &'static str), String>> = Mutex::new(BTreeMap::new());
+
+/// Entries kept in [`REPORTED`] at most; past that it starts over (a
+/// value may then be reported once more), so pod churn cannot grow it.
+const REPORTED_MAX: usize = 4096;
+
+/// The ports a pod's port-list `annotation` names. Bad entries are skipped
+/// (which captures more, never less) and warned about once per pod and
+/// value: again only if the value changes.
+pub fn annotated_ports(pod: &Pod, annotation: &'static str) -> Vec<u16> {
+    let value = pod.annotations.get(annotation).map(String::as_str).unwrap_or("");
+    let (ports, bad) = parse_port_list(value);
+    if !bad.is_empty() && first_report(&pod.uid, annotation, value) {
+        tracing::warn!(pod = %pod.key(), annotation, value, "ignoring bad port entries: {}", bad.join(", "));
+    }
+    ports
+}
+
+/// Records that `value` of the pod's `annotation` is being reported;
+/// false if it already was.
+fn first_report(uid: &str, annotation: &'static str, value: &str) -> bool {
+    let mut reported = REPORTED.lock().unwrap_or_else(|e| e.into_inner());
+    let key = (uid.to_string(), annotation);
+    if reported.get(&key).is_some_and(|v| v == value) {
+        return false;
+    }
+    if reported.len() >= REPORTED_MAX {
+        reported.clear();
+    }
+    reported.insert(key, value.to_string());
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,6 +238,46 @@ mod tests {
         let mut p = pod(&[]);
         p.ips.clear();
         assert_eq!(enrolment(&p, Some(&ns(true))), Enrolment::NotRunning);
+    }
+
+    /// Counts WARN events.
+    struct CountWarnings(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CountWarnings {
+        fn on_event(&self, e: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+            if *e.metadata().level() == tracing::Level::WARN {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
+    #[test]
+    fn a_bad_port_annotation_is_reported_once_not_on_every_reconcile() {
+        use tracing_subscriber::layer::SubscriberExt;
+        let warnings = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let subscriber = tracing_subscriber::registry().with(CountWarnings(warnings.clone()));
+        let mut p = pod(&[]);
+        p.uid = "uid-bad-annotation".into();
+        p.annotations
+            .insert(EXCLUDE_INBOUND_ANNOTATION.into(), "abc,9100".into());
+        let mut snap = crate::state::Snapshot::default();
+        snap.namespaces.insert("shop".into(), ns(true));
+        snap.pods.insert(p.key(), std::sync::Arc::new(p.clone()));
+        let count = || warnings.load(std::sync::atomic::Ordering::Relaxed);
+        tracing::subscriber::with_default(subscriber, || {
+            for _tick in 0..5 {
+                let (managed, _) = snap.managed_pods("n1");
+                assert_eq!(managed["uid-bad-annotation"].exclude_inbound, vec![9100]);
+            }
+            assert_eq!(count(), 1, "one warning for five reconciles");
+            // A new bad value is news.
+            p.annotations
+                .insert(EXCLUDE_INBOUND_ANNOTATION.into(), "abc,xyz".into());
+            snap.pods.insert(p.key(), std::sync::Arc::new(p.clone()));
+            snap.managed_pods("n1");
+            snap.managed_pods("n1");
+            assert_eq!(count(), 2);
+        });
     }
 
     #[test]

@@ -1,0 +1,490 @@
+//! Bounds on what a peer or a pod can make the agent hold: proxied
+//! connections per pod and in total, tunnel connections per remote peer,
+//! per source pod and in total, and unauthenticated handshakes on 15008 per
+//! remote peer and in total.
+//!
+//! Each bound is a counter taken when a connection is accepted (or a tunnel
+//! opened) and given back when its [`Permit`] is dropped, so a count can
+//! never leak past the connection it stands for. Over a bound the
+//! connection is refused before any work is spent on it; refusals are
+//! counted per reason and warned about at most once per [`WARN_INTERVAL`]
+//! per reason, with the number refused since the last warning.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// At most one refusal warning per reason this often.
+pub const WARN_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The configured bounds (see `RunArgs` for their flags and defaults).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LimitConfig {
+    /// Proxied connections on the node: outbound, inbound plaintext and
+    /// inbound tunnel streams together.
+    pub connections: usize,
+    /// Proxied connections of one pod in one direction (outbound; inbound
+    /// plaintext and tunnel streams).
+    pub connections_per_pod: usize,
+    /// Tunnel connections on the node, inbound and outbound together.
+    pub tunnels: usize,
+    /// Inbound tunnel connections from one remote IP, handshakes included.
+    pub tunnels_per_peer: usize,
+    /// Outbound (pooled) tunnel connections of one source pod.
+    pub tunnels_per_pod: usize,
+    /// Inbound connections on 15008 not yet through their TLS and HTTP/2
+    /// handshakes.
+    pub handshakes: usize,
+    /// Such handshakes from one remote IP.
+    pub handshakes_per_peer: usize,
+}
+
+impl LimitConfig {
+    /// No bound at all, for tests and tools that build a pool by hand.
+    pub const UNLIMITED: LimitConfig = LimitConfig {
+        connections: usize::MAX,
+        connections_per_pod: usize::MAX,
+        tunnels: usize::MAX,
+        tunnels_per_peer: usize::MAX,
+        tunnels_per_pod: usize::MAX,
+        handshakes: usize::MAX,
+        handshakes_per_peer: usize::MAX,
+    };
+}
+
+/// Bytes an HTTP/2 stream may queue for sending: the connection window
+/// shared out over the streams, at least 64 KiB (two relay chunks), at
+/// most the stream window. A tunnel connection then holds at most about one
+/// connection window received (flow control) plus one queued to send,
+/// however many streams it carries and however its peer behaves.
+pub fn send_buffer_per_stream(stream_window: u32, connection_window: u32, max_streams: u32) -> usize {
+    let share = connection_window as usize / (max_streams.max(1) as usize);
+    share.max(64 << 10).min(stream_window as usize)
+}
+
+/// Why a connection was refused: which bound it hit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[repr(usize)]
+pub enum Refusal {
+    /// The node's proxied connections are at their bound.
+    #[error("too many proxied connections on the node")]
+    Connections,
+    /// The pod's proxied connections in this direction are at their bound.
+    #[error("too many proxied connections for the pod")]
+    ConnectionsPerPod,
+    /// The node's tunnel connections are at their bound.
+    #[error("too many tunnel connections on the node")]
+    Tunnels,
+    /// The remote peer's tunnel connections are at their bound.
+    #[error("too many tunnel connections from the peer")]
+    TunnelsPerPeer,
+    /// The source pod's outbound tunnel connections are at their bound.
+    #[error("too many tunnel connections from the pod")]
+    TunnelsPerPod,
+    /// The node's unauthenticated handshakes are at their bound.
+    #[error("too many tunnel handshakes in progress on the node")]
+    Handshakes,
+    /// The remote peer's unauthenticated handshakes are at their bound.
+    #[error("too many tunnel handshakes in progress from the peer")]
+    HandshakesPerPeer,
+}
+
+const REASONS: usize = 7;
+
+impl Refusal {
+    /// The label used in counters and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Connections => "limit_connections",
+            Refusal::ConnectionsPerPod => "limit_connections_per_pod",
+            Refusal::Tunnels => "limit_tunnels",
+            Refusal::TunnelsPerPeer => "limit_tunnels_per_peer",
+            Refusal::TunnelsPerPod => "limit_tunnels_per_pod",
+            Refusal::Handshakes => "limit_handshakes",
+            Refusal::HandshakesPerPeer => "limit_handshakes_per_peer",
+        }
+    }
+}
+
+/// Which side of a pod a proxied connection is on; each has its own bound,
+/// so a flood from outside cannot starve the pod's own outbound traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Side {
+    /// Opened by the pod's apps.
+    Outbound,
+    /// Addressed to the pod, in plaintext or as a tunnel stream.
+    Inbound,
+}
+
+/// A bounded count.
+#[derive(Debug)]
+struct Gauge {
+    n: AtomicUsize,
+    max: usize,
+}
+
+impl Gauge {
+    fn new(max: usize) -> Arc<Gauge> {
+        Arc::new(Gauge {
+            n: AtomicUsize::new(0),
+            max,
+        })
+    }
+
+    fn take(self: &Arc<Self>) -> Option<Held> {
+        self.n
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max).then_some(n + 1))
+            .ok()
+            .map(|_| Held::Total(self.clone()))
+    }
+
+    fn give(&self) {
+        self.n.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A bounded count per key; a key whose count falls to zero is forgotten,
+/// so the map holds only keys with something open.
+#[derive(Debug)]
+struct KeyedGauge<K> {
+    counts: Mutex<HashMap<K, usize>>,
+    max: usize,
+}
+
+impl<K: Hash + Eq + Copy> KeyedGauge<K> {
+    fn new(max: usize) -> Arc<Self> {
+        Arc::new(KeyedGauge {
+            counts: Mutex::new(HashMap::new()),
+            max,
+        })
+    }
+
+    fn try_take(&self, key: K) -> bool {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry(key).or_insert(0);
+        if *n >= self.max {
+            if *n == 0 {
+                counts.remove(&key);
+            }
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    fn give(&self, key: K) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&key);
+            }
+        }
+    }
+
+    fn held(&self, key: K) -> usize {
+        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts.get(&key).copied().unwrap_or(0)
+    }
+}
+
+/// One count held by a permit.
+#[derive(Debug)]
+enum Held {
+    Total(Arc<Gauge>),
+    Pod(Arc<KeyedGauge<(u64, Side)>>, (u64, Side)),
+    Peer(Arc<KeyedGauge<IpAddr>>, IpAddr),
+    SourcePod(Arc<KeyedGauge<u64>>, u64),
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        match self {
+            Held::Total(g) => g.give(),
+            Held::Pod(g, k) => g.give(*k),
+            Held::Peer(g, k) => g.give(*k),
+            Held::SourcePod(g, k) => g.give(*k),
+        }
+    }
+}
+
+/// Counts held for one connection; dropping it gives them back.
+#[derive(Debug)]
+#[must_use = "the counts are given back when the permit is dropped"]
+pub struct Permit {
+    _held: [Held; 2],
+}
+
+/// What an accepted connection on 15008 holds: its place as a tunnel
+/// connection for as long as it lives, and its place as a handshake until
+/// [`TunnelPermit::authenticated`].
+#[derive(Debug)]
+#[must_use = "the counts are given back when the permit is dropped"]
+pub struct TunnelPermit {
+    _tunnel: Permit,
+    handshake: Option<Permit>,
+}
+
+impl TunnelPermit {
+    /// The peer finished its TLS and HTTP/2 handshakes: it no longer counts
+    /// as a handshake in progress.
+    pub fn authenticated(&mut self) {
+        self.handshake = None;
+    }
+}
+
+/// The agent's bounds and their current counts.
+#[derive(Debug)]
+pub struct Limits {
+    config: LimitConfig,
+    connections: Arc<Gauge>,
+    connections_per_pod: Arc<KeyedGauge<(u64, Side)>>,
+    tunnels: Arc<Gauge>,
+    tunnels_per_peer: Arc<KeyedGauge<IpAddr>>,
+    tunnels_per_pod: Arc<KeyedGauge<u64>>,
+    handshakes: Arc<Gauge>,
+    handshakes_per_peer: Arc<KeyedGauge<IpAddr>>,
+    warner: RateLimitedWarner,
+}
+
+impl Limits {
+    /// Bounds with nothing held yet.
+    pub fn new(config: LimitConfig) -> Arc<Limits> {
+        Arc::new(Limits {
+            config,
+            connections: Gauge::new(config.connections),
+            connections_per_pod: KeyedGauge::new(config.connections_per_pod),
+            tunnels: Gauge::new(config.tunnels),
+            tunnels_per_peer: KeyedGauge::new(config.tunnels_per_peer),
+            tunnels_per_pod: KeyedGauge::new(config.tunnels_per_pod),
+            handshakes: Gauge::new(config.handshakes),
+            handshakes_per_peer: KeyedGauge::new(config.handshakes_per_peer),
+            warner: RateLimitedWarner::new(WARN_INTERVAL),
+        })
+    }
+
+    /// The configured bounds.
+    pub fn config(&self) -> LimitConfig {
+        self.config
+    }
+
+    /// A place for one proxied connection of the pod with network-namespace
+    /// cookie `pod` on `side`.
+    pub fn connection(&self, pod: u64, side: Side) -> Result<Permit, Refusal> {
+        let key = (pod, side);
+        if !self.connections_per_pod.try_take(key) {
+            return Err(Refusal::ConnectionsPerPod);
+        }
+        let per_pod = Held::Pod(self.connections_per_pod.clone(), key);
+        let total = self.connections.take().ok_or(Refusal::Connections)?;
+        Ok(Permit {
+            _held: [per_pod, total],
+        })
+    }
+
+    /// A place for one inbound connection on 15008 from `peer`, before any
+    /// byte of it is read.
+    pub fn tunnel_in(&self, peer: IpAddr) -> Result<TunnelPermit, Refusal> {
+        let peer = peer.to_canonical();
+        // Handshakes first: the bound a silent client runs into.
+        if !self.handshakes_per_peer.try_take(peer) {
+            return Err(Refusal::HandshakesPerPeer);
+        }
+        let hs_peer = Held::Peer(self.handshakes_per_peer.clone(), peer);
+        let hs_total = self.handshakes.take().ok_or(Refusal::Handshakes)?;
+        if !self.tunnels_per_peer.try_take(peer) {
+            return Err(Refusal::TunnelsPerPeer);
+        }
+        let t_peer = Held::Peer(self.tunnels_per_peer.clone(), peer);
+        let t_total = self.tunnels.take().ok_or(Refusal::Tunnels)?;
+        Ok(TunnelPermit {
+            _tunnel: Permit {
+                _held: [t_peer, t_total],
+            },
+            handshake: Some(Permit {
+                _held: [hs_peer, hs_total],
+            }),
+        })
+    }
+
+    /// A place for one outbound tunnel connection of the pod with
+    /// network-namespace cookie `pod`.
+    pub fn tunnel_out(&self, pod: u64) -> Result<Permit, Refusal> {
+        if !self.tunnels_per_pod.try_take(pod) {
+            return Err(Refusal::TunnelsPerPod);
+        }
+        let per_pod = Held::SourcePod(self.tunnels_per_pod.clone(), pod);
+        let total = self.tunnels.take().ok_or(Refusal::Tunnels)?;
+        Ok(Permit {
+            _held: [per_pod, total],
+        })
+    }
+
+    /// Proxied connections the pod holds on `side` now.
+    pub fn pod_connections(&self, pod: u64, side: Side) -> usize {
+        self.connections_per_pod.held((pod, side))
+    }
+
+    /// Records a refusal and warns about it, at most once per reason per
+    /// [`WARN_INTERVAL`], with the number refused since the last warning.
+    /// The warning names the pod and peer of the refusal that triggered it.
+    pub fn refused(&self, refusal: Refusal, direction: &'static str, pod: &str, peer: Option<IpAddr>) {
+        if let Some(count) = self.warner.refused(refusal, Instant::now()) {
+            tracing::warn!(
+                reason = refusal.as_str(),
+                direction,
+                pod,
+                peer = peer.map(|p| p.to_canonical().to_string()),
+                refused = count,
+                "refusing connections: {refusal} (count since the last warning)"
+            );
+        }
+    }
+}
+
+/// Turns a stream of refusals into at most one warning per reason per
+/// interval, each carrying how many were refused since the previous one.
+#[derive(Debug)]
+pub struct RateLimitedWarner {
+    interval: Duration,
+    state: [Mutex<WarnState>; REASONS],
+}
+
+#[derive(Debug, Default)]
+struct WarnState {
+    last: Option<Instant>,
+    since: u64,
+}
+
+impl RateLimitedWarner {
+    /// A warner that speaks at most once per `interval` per reason.
+    pub fn new(interval: Duration) -> Self {
+        RateLimitedWarner {
+            interval,
+            state: Default::default(),
+        }
+    }
+
+    /// Counts one refusal at `now`; `Some(n)` when a warning is due, `n`
+    /// being the refusals since the last warning, this one included.
+    pub fn refused(&self, reason: Refusal, now: Instant) -> Option<u64> {
+        let mut s = self.state[reason as usize].lock().unwrap_or_else(|e| e.into_inner());
+        s.since += 1;
+        let due = s
+            .last
+            .is_none_or(|last| now.saturating_duration_since(last) >= self.interval);
+        if !due {
+            return None;
+        }
+        s.last = Some(now);
+        Some(std::mem::take(&mut s.since))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small() -> LimitConfig {
+        LimitConfig {
+            connections: 3,
+            connections_per_pod: 2,
+            tunnels: 3,
+            tunnels_per_peer: 2,
+            tunnels_per_pod: 2,
+            handshakes: 2,
+            handshakes_per_peer: 1,
+        }
+    }
+
+    #[test]
+    fn warnings_come_at_most_once_per_interval_per_reason_with_the_count() {
+        let w = RateLimitedWarner::new(Duration::from_secs(5));
+        let t0 = Instant::now();
+        assert_eq!(w.refused(Refusal::Connections, t0), Some(1), "the first refusal warns");
+        for i in 1..100 {
+            assert_eq!(
+                w.refused(Refusal::Connections, t0 + Duration::from_millis(i * 10)),
+                None
+            );
+        }
+        assert_eq!(
+            w.refused(Refusal::Handshakes, t0 + Duration::from_secs(1)),
+            Some(1),
+            "another reason has its own interval"
+        );
+        assert_eq!(
+            w.refused(Refusal::Connections, t0 + Duration::from_secs(5)),
+            Some(100),
+            "the next warning counts every refusal since the last one"
+        );
+        assert_eq!(w.refused(Refusal::Connections, t0 + Duration::from_secs(6)), None);
+    }
+
+    #[test]
+    fn a_pod_is_bounded_per_side_and_the_node_in_total() {
+        let l = Limits::new(small());
+        let a1 = l.connection(1, Side::Outbound).unwrap();
+        let _a2 = l.connection(1, Side::Outbound).unwrap();
+        assert_eq!(l.connection(1, Side::Outbound).unwrap_err(), Refusal::ConnectionsPerPod);
+        // Inbound has its own per-pod bound, but the node's total is shared.
+        let _b1 = l.connection(1, Side::Inbound).unwrap();
+        assert_eq!(l.connection(2, Side::Outbound).unwrap_err(), Refusal::Connections);
+        assert_eq!(l.pod_connections(2, Side::Outbound), 0, "a refused take holds nothing");
+        drop(a1);
+        let _c = l.connection(2, Side::Outbound).unwrap();
+        assert_eq!(l.pod_connections(1, Side::Outbound), 1);
+    }
+
+    #[test]
+    fn handshakes_are_bounded_per_peer_and_released_once_authenticated() {
+        let l = Limits::new(small());
+        let (p, q, r): (IpAddr, IpAddr, IpAddr) = (
+            "10.0.0.1".parse().unwrap(),
+            "10.0.0.2".parse().unwrap(),
+            "::ffff:10.0.0.3".parse().unwrap(),
+        );
+        let mut t1 = l.tunnel_in(p).unwrap();
+        assert_eq!(l.tunnel_in(p).unwrap_err(), Refusal::HandshakesPerPeer);
+        let _t2 = l.tunnel_in(q).unwrap();
+        assert_eq!(l.tunnel_in(r).unwrap_err(), Refusal::Handshakes);
+        t1.authenticated();
+        // p's handshake place is free again; its tunnel place is not.
+        let _t3 = l.tunnel_in(p).unwrap();
+        assert_eq!(
+            l.tunnel_out(9).unwrap_err(),
+            Refusal::Tunnels,
+            "the tunnel total is shared"
+        );
+        drop(t1);
+        let _o = l.tunnel_out(9).unwrap();
+    }
+
+    #[test]
+    fn a_tunnel_queues_about_one_connection_window_to_send() {
+        // Defaults: 16 MiB over 100 streams.
+        assert_eq!(send_buffer_per_stream(4 << 20, 16 << 20, 100), (16 << 20) / 100);
+        assert_eq!(
+            send_buffer_per_stream(4 << 20, 16 << 20, 1),
+            4 << 20,
+            "never above the stream window"
+        );
+        assert_eq!(
+            send_buffer_per_stream(4 << 20, 65535, 1000),
+            64 << 10,
+            "at least two relay chunks"
+        );
+    }
+
+    #[test]
+    fn outbound_tunnels_are_bounded_per_source_pod() {
+        let l = Limits::new(LimitConfig { tunnels: 10, ..small() });
+        let _a = l.tunnel_out(1).unwrap();
+        let _b = l.tunnel_out(1).unwrap();
+        assert_eq!(l.tunnel_out(1).unwrap_err(), Refusal::TunnelsPerPod);
+        let _c = l.tunnel_out(2).unwrap();
+    }
+}
