@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::model::{Mode, parse_authorization_policy, parse_peer_authentication};
+use super::model::{Cidr, Mode, parse_authorization_policy, parse_peer_authentication};
 use super::*;
 
 const ROOT: &str = "istio-system";
@@ -537,7 +537,7 @@ fn authorization_actions_fields_and_edge_cases() {
         ),
     ];
     for (name, policies, c, want) in cases {
-        let d = authorize(&policies, ROOT, &api, &c);
+        let d = authorize(&policies, ROOT, &TrustDomains::default(), &api, &c);
         assert_eq!(d.allowed, want, "{name}: {d:?}");
     }
 }
@@ -548,6 +548,7 @@ fn audits_are_reported_and_l7_fields_warned() {
     let d = authorize(
         &[ap("shop", "audit", "action: AUDIT\nrules: [{}]")],
         ROOT,
+        &TrustDomains::default(),
         &api,
         &conn("10.0.0.1", None, 80),
     );

@@ -88,6 +88,8 @@ struct Meta {
     labels: BTreeMap<String, String>,
     #[serde(default)]
     annotations: BTreeMap<String, String>,
+    #[serde(default)]
+    deletion_timestamp: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -271,6 +273,7 @@ fn parse_value(value: serde_yaml::Value, at: &At<'_>, out: &mut Vec<Object>) -> 
                 host_network: spec.host_network,
                 ips,
                 phase: status.phase,
+                deleting: meta.deletion_timestamp.is_some(),
             }));
         }
         (api_version, kind) => {

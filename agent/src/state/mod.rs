@@ -7,12 +7,13 @@
 pub mod workload;
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use tokio::sync::watch;
 
 use crate::policy::model::{AuthorizationPolicy, Mode, PeerAuthentication};
-use crate::policy::{ConnInfo, Decision, WorkloadMtls};
+use crate::policy::{ConnInfo, Decision, TrustDomains, WorkloadMtls};
 
 use workload::{
     EXCLUDE_INBOUND_ANNOTATION, EXCLUDE_OUTBOUND_ANNOTATION, Enrolment, ManagedPod, Namespace, Pod, enrolment,
@@ -32,10 +33,12 @@ pub struct Snapshot {
     pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
     /// Istio's root namespace: its policies apply mesh-wide.
     pub root_namespace: String,
+    /// The trust domains policies treat as local.
+    pub trust_domains: TrustDomains,
     /// Increases with every published snapshot.
     pub generation: u64,
-    /// Pods by IP, built by [`Snapshot::index`].
-    by_ip: HashMap<std::net::IpAddr, Arc<Pod>>,
+    /// Who holds each IP, built by [`Snapshot::index`] from live pods only.
+    by_ip: HashMap<IpAddr, IpClaim>,
     /// AuthorizationPolicies by namespace, built by [`Snapshot::index`]:
     /// a connection only ever consults its pod's namespace and the root.
     authz_by_ns: HashMap<String, Vec<Arc<AuthorizationPolicy>>>,
@@ -43,13 +46,54 @@ pub struct Snapshot {
     peer_auth_by_ns: HashMap<String, Vec<Arc<PeerAuthentication>>>,
 }
 
+/// Who holds an IP according to the state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum IpClaim {
+    /// One live pod.
+    Pod(Arc<Pod>),
+    /// Several live pods (`namespace/name`, sorted): the state cannot say
+    /// which one is there now.
+    Ambiguous(Vec<String>),
+}
+
+/// Where a connection to an IP goes, as far as the mesh is concerned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Destination {
+    /// An enrolled pod: reached through an HBONE tunnel, expecting its identity.
+    Enrolled(Arc<Pod>),
+    /// Not an enrolled pod (a pod outside the mesh, or no pod at all).
+    Outside,
+    /// Several live pods claim the IP (`namespace/name` of each): neither
+    /// an identity nor plaintext is safe, the connection is refused.
+    Ambiguous(Vec<String>),
+}
+
 impl Snapshot {
     /// Builds the lookup indices; sources call it before publishing.
+    ///
+    /// Only live pods claim their IPs: a finished pod (`Succeeded`,
+    /// `Failed`) or one being deleted has given its IP back, and a new pod
+    /// may already hold it. Two live pods holding one IP make it ambiguous.
     pub fn index(mut self) -> Self {
-        self.by_ip = self
-            .pods
-            .values()
-            .flat_map(|p| p.ips.iter().map(move |ip| (*ip, p.clone())))
+        let mut claims: HashMap<IpAddr, Vec<Arc<Pod>>> = HashMap::new();
+        for p in self.pods.values().filter(|p| p.claims_ips()) {
+            for ip in &p.ips {
+                claims.entry(ip.to_canonical()).or_default().push(p.clone());
+            }
+        }
+        self.by_ip = claims
+            .into_iter()
+            .map(|(ip, mut pods)| {
+                let claim = if pods.len() == 1 {
+                    IpClaim::Pod(pods.remove(0))
+                } else {
+                    let mut keys: Vec<String> = pods.iter().map(|p| p.key()).collect();
+                    keys.sort();
+                    tracing::warn!(%ip, pods = ?keys, "IP claimed by several live pods; connections to it are refused until one goes");
+                    IpClaim::Ambiguous(keys)
+                };
+                (ip, claim)
+            })
             .collect();
         self.authz_by_ns.clear();
         for p in &self.authorization_policies {
@@ -93,16 +137,36 @@ impl Snapshot {
         crate::policy::authorize(
             self.by_ns(&self.authz_by_ns, &pod.namespace),
             &self.root_namespace,
+            &self.trust_domains,
             pod,
             conn,
         )
     }
 
+    /// What a connection to `ip` reaches: an enrolled pod (on any node),
+    /// something outside the mesh, or an IP several live pods claim.
+    pub fn destination(&self, ip: IpAddr) -> Destination {
+        match self.by_ip.get(&ip.to_canonical()) {
+            None => Destination::Outside,
+            Some(IpClaim::Ambiguous(keys)) => Destination::Ambiguous(keys.clone()),
+            Some(IpClaim::Pod(pod)) => {
+                if enrolment(pod, self.namespaces.get(&pod.namespace)) == Enrolment::Enrolled {
+                    Destination::Enrolled(pod.clone())
+                } else {
+                    Destination::Outside
+                }
+            }
+        }
+    }
+
     /// The enrolled pod (on any node) that owns `ip`: a destination that
-    /// is reached through an HBONE tunnel.
-    pub fn enrolled_workload(&self, ip: std::net::IpAddr) -> Option<Arc<Pod>> {
-        let pod = self.by_ip.get(&ip)?;
-        (enrolment(pod, self.namespaces.get(&pod.namespace)) == Enrolment::Enrolled).then(|| pod.clone())
+    /// is reached through an HBONE tunnel. `None` also for an ambiguous
+    /// IP; callers that could send plaintext use [`Snapshot::destination`].
+    pub fn enrolled_workload(&self, ip: IpAddr) -> Option<Arc<Pod>> {
+        match self.destination(ip) {
+            Destination::Enrolled(pod) => Some(pod),
+            Destination::Outside | Destination::Ambiguous(_) => None,
+        }
     }
 
     /// The pods this node's agent must capture, by UID, with the reasons
