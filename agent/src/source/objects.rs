@@ -353,6 +353,32 @@ status:
     }
 
     #[test]
+    fn finished_and_deleting_pods_are_marked() {
+        let objs = parse(&format!(
+            "{POD}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: b, namespace: shop, deletionTimestamp: '2026-01-01T00:00:00Z'}}\nstatus: {{phase: Running, podIP: 10.1.1.3}}\n"
+        ))
+        .unwrap();
+        let [Object::Pod(live), Object::Pod(deleting)] = &objs[..] else {
+            panic!("two pods expected")
+        };
+        assert!(live.claims_ips() && !live.deleting);
+        assert!(deleting.deleting && !deleting.claims_ips());
+    }
+
+    #[test]
+    fn a_policy_with_an_unknown_field_is_kept_and_marked_invalid() {
+        let objs = parse(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop}\nspec:\n  rules:\n  - to:\n    - operation: {port: ['80']}\n",
+        )
+        .unwrap();
+        let [Object::AuthorizationPolicy(p)] = &objs[..] else {
+            panic!("one policy expected")
+        };
+        let e = p.meta.error.as_deref().unwrap_or_default();
+        assert!(e.contains("spec.rules[0].to[0].operation.port: unknown field"), "{e}");
+    }
+
+    #[test]
     fn empty_service_account_means_default() {
         let objs = parse("apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: b}\n").unwrap();
         let Object::Pod(p) = &objs[0] else { panic!() };

@@ -248,3 +248,99 @@ impl Store {
         self.tx.subscribe()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::workload::DATAPLANE_MODE_LABEL;
+    use super::*;
+
+    const IP: &str = "10.0.0.7";
+
+    /// An enrolled pod of `shop` holding `IP`.
+    fn pod(name: &str, sa: &str, phase: &str, deleting: bool) -> Pod {
+        Pod {
+            namespace: "shop".into(),
+            name: name.into(),
+            uid: name.into(),
+            node_name: "n2".into(),
+            service_account: sa.into(),
+            ips: vec![IP.parse().unwrap()],
+            phase: phase.into(),
+            deleting,
+            ..Default::default()
+        }
+    }
+
+    fn snapshot(pods: Vec<Pod>) -> Snapshot {
+        let mut snap = Snapshot::default();
+        snap.namespaces.insert(
+            "shop".into(),
+            Namespace {
+                name: "shop".into(),
+                labels: [(DATAPLANE_MODE_LABEL.to_string(), "ambient".to_string())].into(),
+            },
+        );
+        for p in pods {
+            snap.pods.insert(p.key(), Arc::new(p));
+        }
+        snap.index()
+    }
+
+    /// Which pod a connection to `IP` is tunnelled to, by `namespace/name`.
+    fn tunnelled_to(snap: &Snapshot) -> Option<String> {
+        snap.enrolled_workload(IP.parse().unwrap()).map(|p| p.key())
+    }
+
+    #[test]
+    fn only_live_pods_claim_their_ip() {
+        // The old pods sort after the new one, so "the last entry wins"
+        // would pick them.
+        let cases = [
+            (
+                "a finished (Succeeded) pod gives its IP to the new pod",
+                vec![pod("new", "web", "Running", false), pod("old", "db", "Succeeded", false)],
+                Some("shop/new"),
+            ),
+            (
+                "a Failed pod gives its IP to the new pod",
+                vec![pod("new", "web", "Pending", false), pod("old", "db", "Failed", false)],
+                Some("shop/new"),
+            ),
+            (
+                "a pod being deleted gives its IP to the new pod",
+                vec![pod("new", "web", "Running", false), pod("old", "db", "Running", true)],
+                Some("shop/new"),
+            ),
+            (
+                "a finished pod alone does not make its IP a mesh destination",
+                vec![pod("old", "db", "Succeeded", false)],
+                None,
+            ),
+            (
+                "a pod being deleted alone does not either",
+                vec![pod("old", "db", "Running", true)],
+                None,
+            ),
+            ("one live pod owns its IP", vec![pod("new", "web", "Running", false)], Some("shop/new")),
+        ];
+        for (name, pods, want) in cases {
+            assert_eq!(tunnelled_to(&snapshot(pods)).as_deref(), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn an_ip_two_live_pods_claim_is_ambiguous_and_never_identified() {
+        let snap = snapshot(vec![
+            pod("a", "web", "Running", false),
+            pod("b", "db", "Pending", false),
+        ]);
+        let ip: IpAddr = IP.parse().unwrap();
+        assert_eq!(
+            snap.destination(ip),
+            Destination::Ambiguous(vec!["shop/a".into(), "shop/b".into()])
+        );
+        assert_eq!(tunnelled_to(&snap), None, "no identity is guessed for an ambiguous IP");
+        let mapped: IpAddr = "::ffff:10.0.0.7".parse().unwrap();
+        assert!(matches!(snap.destination(mapped), Destination::Ambiguous(_)));
+    }
+}
