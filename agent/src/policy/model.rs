@@ -312,4 +312,3 @@ pub struct AuthorizationPolicy {
 
 /// Annotation that makes an AuthorizationPolicy audit-only.
 pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
-

@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 use serde_yaml::{Mapping, Value};
 
 use super::model::{
-    Action, AuthorizationPolicy, Cidr, Condition, DRY_RUN_ANNOTATION, Mode, Operation, PeerAuthentication,
-    PolicyMeta, Principal, Rule, ServiceAccount, Source, StrMatch,
+    Action, AuthorizationPolicy, Cidr, Condition, DRY_RUN_ANNOTATION, Mode, Operation, PeerAuthentication, PolicyMeta,
+    Principal, Rule, ServiceAccount, Source, StrMatch,
 };
 
 /// One problem in a policy, with the path of the field (`spec.rules[0]…`).
@@ -249,7 +249,10 @@ fn mode(w: &mut Walk, v: Option<&Value>, at: &str) -> Mode {
         Some(v) => w.string(v, &at).unwrap_or_default(),
     };
     Mode::parse(&s).unwrap_or_else(|| {
-        w.value(&at, format!("unknown mode {s:?} (STRICT, PERMISSIVE, DISABLE or UNSET)"));
+        w.value(
+            &at,
+            format!("unknown mode {s:?} (STRICT, PERMISSIVE, DISABLE or UNSET)"),
+        );
         Mode::Strict
     })
 }
@@ -312,7 +315,14 @@ const SOURCE_FIELDS: &[&str] = &[
 ];
 const L7_SOURCE_FIELDS: &[&str] = &["requestPrincipals", "notRequestPrincipals"];
 const OPERATION_FIELDS: &[&str] = &[
-    "hosts", "notHosts", "ports", "notPorts", "methods", "notMethods", "paths", "notPaths",
+    "hosts",
+    "notHosts",
+    "ports",
+    "notPorts",
+    "methods",
+    "notMethods",
+    "paths",
+    "notPaths",
 ];
 const L7_OPERATION_FIELDS: &[&str] = &["hosts", "notHosts", "methods", "notMethods", "paths", "notPaths"];
 
@@ -392,7 +402,9 @@ fn parse_rule(r: &Value, at: &str, w: &mut Walk) -> Rule {
         for (j, f) in from.iter().enumerate() {
             let at = format!("{at}.from[{j}]");
             let Some(f) = w.mapping(Some(f), &at, &["source"]) else {
-                w.errors.push(FieldError::Type(at, "a mapping with `source`"));
+                if f.is_null() {
+                    w.errors.push(FieldError::Missing(format!("{at}.source")));
+                }
                 continue;
             };
             let at = format!("{at}.source");
@@ -414,7 +426,9 @@ fn parse_rule(r: &Value, at: &str, w: &mut Walk) -> Rule {
         for (j, t) in to.iter().enumerate() {
             let at = format!("{at}.to[{j}]");
             let Some(t) = w.mapping(Some(t), &at, &["operation"]) else {
-                w.errors.push(FieldError::Type(at, "a mapping with `operation`"));
+                if t.is_null() {
+                    w.errors.push(FieldError::Missing(format!("{at}.operation")));
+                }
                 continue;
             };
             let at = format!("{at}.operation");
@@ -459,42 +473,44 @@ fn parse_source(s: &Mapping, at: &str, w: &mut Walk, has_l7: &mut bool) -> Sourc
             w.strings(s, l7, at);
         }
     }
-    let mut get = |field: &str| (w.strings(s, field, at), format!("{at}.{field}"));
-    let fields: Vec<(Vec<String>, String)> = [
-        "principals",
-        "notPrincipals",
-        "namespaces",
-        "notNamespaces",
-        "ipBlocks",
-        "remoteIpBlocks",
-        "notIpBlocks",
-        "notRemoteIpBlocks",
-        "serviceAccounts",
-        "notServiceAccounts",
-    ]
-    .iter()
-    .map(|f| get(f))
-    .collect();
-    let [pr, npr, ns, nns, ip, rip, nip, nrip, sa, nsa] = &fields[..] else {
-        unreachable!("ten fields were read")
-    };
-    if !sa.0.is_empty() && !(pr.0.is_empty() && ns.0.is_empty()) {
-        w.value(&sa.1, "cannot be set with principals or namespaces".into());
+    let field = |f: &str| format!("{at}.{f}");
+    let principals = w.strings(s, "principals", at);
+    let not_principals = w.strings(s, "notPrincipals", at);
+    let namespaces = w.strings(s, "namespaces", at);
+    let not_namespaces = w.strings(s, "notNamespaces", at);
+    let service_accounts = w.strings(s, "serviceAccounts", at);
+    let not_service_accounts = w.strings(s, "notServiceAccounts", at);
+    if !service_accounts.is_empty() && (!principals.is_empty() || !namespaces.is_empty()) {
+        w.value(
+            &field("serviceAccounts"),
+            "cannot be set with principals or namespaces".into(),
+        );
     }
-    if !nsa.0.is_empty() && !(npr.0.is_empty() && nns.0.is_empty()) {
-        w.value(&nsa.1, "cannot be set with notPrincipals or notNamespaces".into());
+    if !not_service_accounts.is_empty() && (!not_principals.is_empty() || !not_namespaces.is_empty()) {
+        w.value(
+            &field("notServiceAccounts"),
+            "cannot be set with notPrincipals or notNamespaces".into(),
+        );
     }
-    let mut ip_blocks = w.cidrs(&ip.0, &ip.1);
-    ip_blocks.extend(w.cidrs(&rip.0, &rip.1));
-    let mut not_ip_blocks = w.cidrs(&nip.0, &nip.1);
-    not_ip_blocks.extend(w.cidrs(&nrip.0, &nrip.1));
+    let mut ip_blocks = Vec::new();
+    let mut not_ip_blocks = Vec::new();
+    for (name, negated) in [
+        ("ipBlocks", false),
+        ("remoteIpBlocks", false),
+        ("notIpBlocks", true),
+        ("notRemoteIpBlocks", true),
+    ] {
+        let values = w.strings(s, name, at);
+        let cidrs = w.cidrs(&values, &field(name));
+        if negated { &mut not_ip_blocks } else { &mut ip_blocks }.extend(cidrs);
+    }
     Source {
-        principals: w.principals(&pr.0, &pr.1),
-        not_principals: w.principals(&npr.0, &npr.1),
-        service_accounts: w.service_accounts(&sa.0, &sa.1),
-        not_service_accounts: w.service_accounts(&nsa.0, &nsa.1),
-        namespaces: ns.0.iter().map(|n| StrMatch::parse(n)).collect(),
-        not_namespaces: nns.0.iter().map(|n| StrMatch::parse(n)).collect(),
+        principals: w.principals(&principals, &field("principals")),
+        not_principals: w.principals(&not_principals, &field("notPrincipals")),
+        service_accounts: w.service_accounts(&service_accounts, &field("serviceAccounts")),
+        not_service_accounts: w.service_accounts(&not_service_accounts, &field("notServiceAccounts")),
+        namespaces: namespaces.iter().map(|n| StrMatch::parse(n)).collect(),
+        not_namespaces: not_namespaces.iter().map(|n| StrMatch::parse(n)).collect(),
         ip_blocks,
         not_ip_blocks,
     }

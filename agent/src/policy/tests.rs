@@ -759,7 +759,9 @@ fn invalid_policies_fail_safe_instead_of_matching_anything() {
         ),
         row(
             "ALLOW: a rule with an unknown field (form for from)",
-            vec![allow("rules:\n- form:\n  - source: {principals: [cluster.local/ns/shop/sa/admin]}")],
+            vec![allow(
+                "rules:\n- form:\n  - source: {principals: [cluster.local/ns/shop/sa/admin]}",
+            )],
             false,
             false,
         ),
@@ -838,7 +840,12 @@ fn invalid_policies_fail_safe_instead_of_matching_anything() {
         ),
         pa_row(
             "PeerAuthentication: an unknown spec field",
-            vec![pa("shop", "default", "", "mtls: {mode: PERMISSIVE}\nportLevelMTLS: {8080: {mode: PERMISSIVE}}")],
+            vec![pa(
+                "shop",
+                "default",
+                "",
+                "mtls: {mode: PERMISSIVE}\nportLevelMTLS: {8080: {mode: PERMISSIVE}}",
+            )],
             false,
         ),
     ];
@@ -1144,7 +1151,10 @@ fn errors_name_the_field_path() {
             "rules:\n- to:\n  - operation: {port: ['9000']}",
             "spec.rules[0].to[0].operation.port: unknown field",
         ),
-        ("rules:\n- from:\n  - source: {}", "spec.rules[0].from[0].source: must not be empty"),
+        (
+            "rules:\n- from:\n  - source: {}",
+            "spec.rules[0].from[0].source: must not be empty",
+        ),
         ("rules:\n- from: {source: {}}", "spec.rules[0].from: must be a list"),
         (
             "rules:\n- when:\n  - {key: source.ip}",
@@ -1163,7 +1173,11 @@ fn errors_name_the_field_path() {
     }
     let p = pa("shop", "bad", "", "mtls: STRICT");
     assert!(
-        p.meta.error.as_deref().unwrap_or_default().contains("spec.mtls: must be a mapping"),
+        p.meta
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("spec.mtls: must be a mapping"),
         "{:?}",
         p.meta.error
     );

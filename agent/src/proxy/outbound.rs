@@ -41,7 +41,9 @@ pub async fn handle(ctx: &PodContext, down: TcpStream, peer: SocketAddr) -> Outc
     // A destination port in mTLS DISABLE is reached in plaintext: its
     // agent has stepped aside and would not capture the tunnel's stream.
     let workload = match snap.destination(dst.ip()) {
-        Destination::Enrolled(w) => Some(w).filter(|w| snap.mtls(w).mode(dst.port()) != crate::policy::model::Mode::Disable),
+        Destination::Enrolled(w) => {
+            Some(w).filter(|w| snap.mtls(w).mode(dst.port()) != crate::policy::model::Mode::Disable)
+        }
         Destination::Outside => None,
         // Several live pods claim the IP: neither an identity nor plaintext is safe.
         Destination::Ambiguous(_) => {

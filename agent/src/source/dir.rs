@@ -66,7 +66,11 @@ impl DirSource {
     pub fn with_trust_domains(mut self, local: &str, aliases: &[String]) -> Self {
         self.trust_domains = TrustDomains {
             local: local.to_string(),
-            aliases: aliases.iter().map(|a| a.trim().to_string()).filter(|a| !a.is_empty()).collect(),
+            aliases: aliases
+                .iter()
+                .map(|a| a.trim().to_string())
+                .filter(|a| !a.is_empty())
+                .collect(),
         };
         self
     }

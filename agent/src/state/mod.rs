@@ -298,7 +298,10 @@ mod tests {
         let cases = [
             (
                 "a finished (Succeeded) pod gives its IP to the new pod",
-                vec![pod("new", "web", "Running", false), pod("old", "db", "Succeeded", false)],
+                vec![
+                    pod("new", "web", "Running", false),
+                    pod("old", "db", "Succeeded", false),
+                ],
                 Some("shop/new"),
             ),
             (
@@ -321,7 +324,11 @@ mod tests {
                 vec![pod("old", "db", "Running", true)],
                 None,
             ),
-            ("one live pod owns its IP", vec![pod("new", "web", "Running", false)], Some("shop/new")),
+            (
+                "one live pod owns its IP",
+                vec![pod("new", "web", "Running", false)],
+                Some("shop/new"),
+            ),
         ];
         for (name, pods, want) in cases {
             assert_eq!(tunnelled_to(&snapshot(pods)).as_deref(), want, "{name}");
