@@ -169,13 +169,29 @@ impl Snapshot {
         }
     }
 
+    /// Whether a live pod other than `pod` claims one of `pod`'s IPs.
+    fn ip_reused(&self, pod: &Pod) -> bool {
+        pod.ips.iter().any(|ip| match self.by_ip.get(&ip.to_canonical()) {
+            Some(IpClaim::Pod(other)) => other.uid != pod.uid,
+            Some(IpClaim::Ambiguous(_)) => true,
+            None => false,
+        })
+    }
+
     /// The pods this node's agent must capture, by UID, with the reasons
     /// for the pods of this node it must not.
     pub fn managed_pods(&self, node: &str) -> (HashMap<String, ManagedPod>, Vec<(String, Enrolment)>) {
         let mut managed = HashMap::new();
         let mut skipped = Vec::new();
         for pod in self.pods.values().filter(|p| p.node_name == node) {
-            match enrolment(pod, self.namespaces.get(&pod.namespace)) {
+            let enrolled = match enrolment(pod, self.namespaces.get(&pod.namespace)) {
+                // A pod being deleted whose IP a live pod already holds is
+                // gone: capturing "it" would capture the new pod under the
+                // old pod's identity.
+                Enrolment::Enrolled if !pod.claims_ips() && self.ip_reused(pod) => Enrolment::NotRunning,
+                other => other,
+            };
+            match enrolled {
                 Enrolment::Enrolled => {
                     let mtls = self.mtls(pod);
                     let ports = |annotation: &str| {
@@ -333,6 +349,21 @@ mod tests {
         for (name, pods, want) in cases {
             assert_eq!(tunnelled_to(&snapshot(pods)).as_deref(), want, "{name}");
         }
+    }
+
+    #[test]
+    fn a_deleted_pod_whose_ip_is_reused_on_its_node_is_no_longer_captured() {
+        let mut old = pod("old", "db", "Running", true);
+        let mut new = pod("new", "web", "Running", false);
+        old.node_name = "n1".into();
+        new.node_name = "n1".into();
+        let snap = snapshot(vec![new, old.clone()]);
+        let (managed, skipped) = snap.managed_pods("n1");
+        assert_eq!(managed.keys().collect::<Vec<_>>(), vec!["new"]);
+        assert_eq!(skipped, vec![("shop/old".to_string(), Enrolment::NotRunning)]);
+        // Still terminating with nobody else on its IP: still captured.
+        let (managed, _) = snapshot(vec![old]).managed_pods("n1");
+        assert!(managed.contains_key("old"));
     }
 
     #[test]

@@ -76,7 +76,8 @@ pub enum Enrolment {
     OptedOut,
     /// Uses the node's network: capturing it would capture the node.
     HostNetwork,
-    /// Finished (`Succeeded`/`Failed`) or without an IP yet.
+    /// Finished (`Succeeded`/`Failed`), without an IP yet, or being
+    /// deleted while a live pod already holds its IP.
     NotRunning,
 }
 
