@@ -258,6 +258,22 @@ mod tests {
     }
 
     #[test]
+    fn trust_domain_aliases_are_comma_separated() {
+        let cli = Cli::try_parse_from([
+            "nodeward",
+            "run",
+            "--node-name=n",
+            "--config-dir=d",
+            "--trust-domain-aliases=old.org,older.org",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("run expected")
+        };
+        assert_eq!(args.trust_domain_aliases, vec!["old.org", "older.org"]);
+    }
+
+    #[test]
     fn every_flag_has_an_environment_variable() {
         let cmd = Cli::command();
         for sub in cmd.get_subcommands() {

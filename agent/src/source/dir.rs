@@ -192,7 +192,7 @@ fn report_policies(snap: &Snapshot, ignored_reported: &mut BTreeSet<String>) {
     use crate::policy::model::{Action, Mode};
     for p in &snap.peer_authentications {
         if let Some(e) = &p.meta.error {
-            tracing::error!(policy = %p.meta.key(), kind = "PeerAuthentication", "invalid policy, treated as STRICT: {e}");
+            tracing::error!(policy = %p.meta.key(), kind = "PeerAuthentication", "invalid policy {}, treated as STRICT: {e}", p.meta.key());
         }
         let disabled = p.mode == Mode::Disable || p.port_modes.values().any(|m| *m == Mode::Disable);
         if disabled {
@@ -217,10 +217,10 @@ fn report_policies(snap: &Snapshot, ignored_reported: &mut BTreeSet<String>) {
         }
         match (&p.meta.error, p.action) {
             (Some(e), Action::Deny) => {
-                tracing::error!(policy = %p.meta.key(), kind = "AuthorizationPolicy", "invalid DENY policy, denies everything it selects: {e}")
+                tracing::error!(policy = %p.meta.key(), kind = "AuthorizationPolicy", "invalid DENY policy {}, denies everything it selects: {e}", p.meta.key())
             }
             (Some(e), _) => {
-                tracing::error!(policy = %p.meta.key(), kind = "AuthorizationPolicy", "invalid policy, matches nothing: {e}")
+                tracing::error!(policy = %p.meta.key(), kind = "AuthorizationPolicy", "invalid policy {}, matches nothing: {e}", p.meta.key())
             }
             (None, Action::Custom) => tracing::error!(
                 policy = %p.meta.key(),
@@ -319,6 +319,18 @@ mod tests {
         assert!(src.refresh());
         assert!(src.snapshot().namespaces.is_empty());
         assert!(src.errors().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn snapshots_carry_the_trust_domain_and_its_aliases() {
+        let dir = tmpdir("trust");
+        write(&dir, "ns.yaml", NS);
+        let mut src = DirSource::new(&dir).with_trust_domains("example.org", &["old.org".into(), " ".into()]);
+        src.refresh();
+        let snap = src.snapshot();
+        assert_eq!(snap.trust_domains.local, "example.org");
+        assert_eq!(snap.trust_domains.aliases, vec!["old.org".to_string()]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
