@@ -133,7 +133,9 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
         tokio::spawn(m.clone().run(args.config_poll, lifecycle.hard_stop.clone()));
         tokio::spawn(peers.clone().run(m.trust(), lifecycle.hard_stop.clone()));
     }
-    let source = DirSource::new(&args.config_dir).with_root_namespace(&args.root_namespace);
+    let source = DirSource::new(&args.config_dir)
+        .with_root_namespace(&args.root_namespace)
+        .with_trust_domains(&args.trust_domain, &args.trust_domain_aliases);
     let source_task = tokio::spawn(source.run(store.clone(), args.config_poll, lifecycle.stop_accepting.clone()));
     let h2 = H2Settings {
         stream_window: args.h2_stream_window,

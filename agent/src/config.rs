@@ -126,6 +126,12 @@ pub struct RunArgs {
     #[arg(long, env = "NODEWARD_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
 
+    /// Other trust domains that policies treat as this one (comma-separated),
+    /// as Istio's trust domain aliases: a principal written with one of them
+    /// or with `cluster.local` matches peers of any.
+    #[arg(long, env = "NODEWARD_TRUST_DOMAIN_ALIASES", value_delimiter = ',')]
+    pub trust_domain_aliases: Vec<String>,
+
     /// CA directory (Istio plug-in CA files: ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem);
     /// without it the agent issues no identities.
     #[arg(long, env = "NODEWARD_CA_DIR")]
@@ -411,6 +417,22 @@ mod tests {
             ])
             .is_err()
         );
+    }
+
+    #[test]
+    fn trust_domain_aliases_are_comma_separated() {
+        let cli = Cli::try_parse_from([
+            "nodeward",
+            "run",
+            "--node-name=n",
+            "--config-dir=d",
+            "--trust-domain-aliases=old.org,older.org",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("run expected")
+        };
+        assert_eq!(args.trust_domain_aliases, vec!["old.org", "older.org"]);
     }
 
     #[test]

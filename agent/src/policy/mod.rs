@@ -2,21 +2,27 @@
 //! `PeerAuthentication` and `AuthorizationPolicy`, evaluated at L4 per
 //! connection.
 //!
-//! * `model` — the objects, parsed so that invalid ones fail safe.
+//! * `model` — the objects; `parse` — the strict walk that reads them, so
+//!   that invalid ones fail safe.
 //! * [`mtls_mode`] — the mode of a workload's port: workload-level policy
 //!   (with port-level overrides) over namespace-level over mesh-level (root
 //!   namespace), `UNSET` inheriting, the oldest winning within a scope,
 //!   PERMISSIVE when nothing applies.
 //! * [`authorize`] — CUSTOM (unsupported: fails closed), then DENY, then
-//!   ALLOW; AUDIT only reports.
+//!   ALLOW; AUDIT and dry-run policies only report. Policies attached to
+//!   waypoints or gateways (`targetRef`) are not the node's and are skipped.
 
 pub mod model;
+mod parse;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use model::{Action, AuthorizationPolicy, Cidr, Condition, Key, Mode, PeerAuthentication, Rule, Source, StrMatch};
+use model::{
+    Action, AuthorizationPolicy, Condition, Mode, Operation, PeerAuthentication, Principal, Rule, ServiceAccount,
+    Source, StrMatch,
+};
 
 use crate::identity::Identity;
 use crate::state::workload::Pod;
@@ -46,6 +52,66 @@ pub struct Decision {
     pub policy: Option<String>,
     /// AUDIT policies that matched.
     pub audited: Vec<String>,
+    /// What each dry-run policy selecting the workload would have decided.
+    pub dry_run: Vec<DryRun>,
+}
+
+/// The outcome of one `istio.io/dry-run` policy, logged, never enforced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DryRun {
+    /// `namespace/name`.
+    pub policy: String,
+    /// Its action.
+    pub action: Action,
+    /// Whether one of its rules matched (an invalid policy fails safe here
+    /// too: a DENY matches, an ALLOW does not).
+    pub matched: bool,
+}
+
+impl DryRun {
+    /// What enforcing it would have done, as a fixed label: `deny`,
+    /// `allow`, `no_match`, `audit`, `refuse` (CUSTOM).
+    pub fn would(&self) -> &'static str {
+        match (self.action, self.matched) {
+            (Action::Custom, _) => "refuse",
+            (_, false) => "no_match",
+            (Action::Deny, true) => "deny",
+            (Action::Allow, true) => "allow",
+            (Action::Audit, true) => "audit",
+        }
+    }
+}
+
+/// The trust domains policies treat as this mesh's: `--trust-domain` and
+/// `--trust-domain-aliases`. A principal written with `cluster.local` or
+/// any of these matches a peer of any of them, as in Istio.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrustDomains {
+    /// `--trust-domain`.
+    pub local: String,
+    /// `--trust-domain-aliases`.
+    pub aliases: Vec<String>,
+}
+
+impl Default for TrustDomains {
+    fn default() -> Self {
+        TrustDomains {
+            local: "cluster.local".into(),
+            aliases: Vec::new(),
+        }
+    }
+}
+
+impl TrustDomains {
+    /// Whether a peer of trust domain `td` is local.
+    fn peer_is_local(&self, td: &str) -> bool {
+        td == self.local || self.aliases.iter().any(|a| a == td)
+    }
+
+    /// Whether a policy's trust domain `td` stands for the local ones.
+    fn policy_means_local(&self, td: &str) -> bool {
+        td == "cluster.local" || self.peer_is_local(td)
+    }
 }
 
 fn selects(selector: &Option<BTreeMap<String, String>>, labels: &BTreeMap<String, String>) -> bool {
@@ -54,8 +120,11 @@ fn selects(selector: &Option<BTreeMap<String, String>>, labels: &BTreeMap<String
         .is_none_or(|sel| sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
 }
 
+/// The oldest policy; one without `creationTimestamp` sorts after every
+/// dated one (it cannot claim to be older), ties by name.
 fn oldest(mut v: Vec<&PeerAuthentication>) -> Option<&PeerAuthentication> {
-    v.sort_by(|a, b| (&a.meta.created, &a.meta.name).cmp(&(&b.meta.created, &b.meta.name)));
+    let key = |p: &&PeerAuthentication| (p.meta.created.is_none(), p.meta.created.clone(), p.meta.name.clone());
+    v.sort_by_key(key);
     v.into_iter().next()
 }
 
@@ -130,64 +199,93 @@ where
 pub fn authorize<'a>(
     policies: impl IntoIterator<Item = &'a Arc<AuthorizationPolicy>>,
     root_ns: &str,
+    trust: &TrustDomains,
     pod: &Pod,
     conn: &ConnInfo,
 ) -> Decision {
-    let applicable: Vec<&AuthorizationPolicy> = policies
+    let selecting: Vec<&AuthorizationPolicy> = policies
         .into_iter()
         .map(Arc::as_ref)
+        .filter(|p| !p.target_ref)
         .filter(|p| p.meta.namespace == root_ns || p.meta.namespace == pod.namespace)
         .filter(|p| selects(&p.meta.selector, &pod.labels))
         .collect();
-    let decide = |allowed, reason, p: Option<&AuthorizationPolicy>, audited: Vec<String>| Decision {
+    let facts = Facts::new(conn, trust);
+    // A broken DENY matches everything, a broken ALLOW or AUDIT nothing.
+    let matches = |p: &AuthorizationPolicy, l7_means_nothing: bool| match &p.meta.error {
+        Some(_) => p.action == Action::Deny,
+        None => p.rules.iter().any(|r| rule_matches(r, &facts, l7_means_nothing)),
+    };
+    let dry_run: Vec<DryRun> = selecting
+        .iter()
+        .filter(|p| p.dry_run)
+        .map(|p| DryRun {
+            policy: p.meta.key(),
+            action: p.action,
+            matched: matches(p, p.action != Action::Deny),
+        })
+        .collect();
+    let applicable: Vec<&AuthorizationPolicy> = selecting.into_iter().filter(|p| !p.dry_run).collect();
+    let audited: Vec<String> = applicable
+        .iter()
+        .filter(|p| p.action == Action::Audit && matches(p, false))
+        .map(|p| p.meta.key())
+        .collect();
+    let decide = |allowed, reason, p: Option<&AuthorizationPolicy>| Decision {
         allowed,
         reason,
         policy: p.map(|p| p.meta.key()),
-        audited,
+        audited: audited.clone(),
+        dry_run: dry_run.clone(),
     };
-    let facts = Facts {
-        conn,
-        principal: conn.src_identity.as_ref().map(Identity::principal),
-    };
-    let audited: Vec<String> = applicable
-        .iter()
-        .filter(|p| p.action == Action::Audit && p.meta.error.is_none())
-        .filter(|p| p.rules.iter().any(|r| rule_matches(r, &facts, false)))
-        .map(|p| p.meta.key())
-        .collect();
     if let Some(p) = applicable.iter().find(|p| p.action == Action::Custom) {
-        return decide(false, "custom_unsupported", Some(p), audited);
+        return decide(false, "custom_unsupported", Some(p));
     }
     for p in applicable.iter().filter(|p| p.action == Action::Deny) {
         if p.meta.error.is_some() {
-            return decide(false, "invalid_deny_policy", Some(p), audited);
+            return decide(false, "invalid_deny_policy", Some(p));
         }
         // L7-only fields were dropped at parse time: the rule denies more.
-        if p.rules.iter().any(|r| rule_matches(r, &facts, false)) {
-            return decide(false, "denied", Some(p), audited);
+        if matches(p, false) {
+            return decide(false, "denied", Some(p));
         }
     }
     let allows: Vec<&&AuthorizationPolicy> = applicable.iter().filter(|p| p.action == Action::Allow).collect();
     if allows.is_empty() {
-        return decide(true, "allowed", None, audited);
+        return decide(true, "allowed", None);
     }
     for p in &allows {
         // A broken ALLOW matches nothing; an L7-only rule matches nothing.
-        if p.meta.error.is_none() && p.rules.iter().any(|r| rule_matches(r, &facts, true)) {
-            return decide(true, "allowed", Some(p), audited);
+        if matches(p, true) {
+            return decide(true, "allowed", Some(p));
         }
     }
-    decide(false, "no_allow_match", None, audited)
+    decide(false, "no_allow_match", None)
 }
 
 /// A connection's attributes in the form rules compare, computed once.
 struct Facts<'a> {
     conn: &'a ConnInfo,
+    trust: &'a TrustDomains,
+    /// `td/ns/<ns>/sa/<sa>` of the peer; `None` for plaintext.
     principal: Option<String>,
 }
 
+impl<'a> Facts<'a> {
+    fn new(conn: &'a ConnInfo, trust: &'a TrustDomains) -> Self {
+        Facts {
+            conn,
+            trust,
+            principal: conn.src_identity.as_ref().map(Identity::principal),
+        }
+    }
+
+    fn identity(&self) -> Option<&Identity> {
+        self.conn.src_identity.as_ref()
+    }
+}
+
 fn rule_matches(r: &Rule, f: &Facts<'_>, l7_means_nothing: bool) -> bool {
-    let c = f.conn;
     if l7_means_nothing && r.has_l7 {
         return false;
     }
@@ -196,59 +294,67 @@ fn rule_matches(r: &Rule, f: &Facts<'_>, l7_means_nothing: bool) -> bool {
         _ => true,
     };
     let to = match &r.to {
-        Some(ops) if !ops.is_empty() => ops
-            .iter()
-            .any(|o| (o.ports.is_empty() || o.ports.contains(&c.dst_port)) && !o.not_ports.contains(&c.dst_port)),
+        Some(ops) if !ops.is_empty() => ops.iter().any(|o| operation_matches(o, f.conn.dst_port)),
         _ => true,
     };
     from && to && r.when.iter().all(|w| condition_matches(w, f))
 }
 
-fn namespace(c: &ConnInfo) -> Option<&str> {
-    c.src_identity.as_ref().map(|i| i.namespace.as_str())
+fn operation_matches(o: &Operation, port: u16) -> bool {
+    (o.ports.is_empty() || o.ports.contains(&port)) && !o.not_ports.contains(&port)
 }
 
-/// Positive string conditions need the attribute (plaintext has no
-/// principal or namespace, so they cannot match it); negative ones hold
-/// when it is absent.
-fn positive(list: &[StrMatch], v: Option<&str>) -> bool {
-    list.is_empty() || v.is_some_and(|v| list.iter().any(|m| m.matches(v)))
+/// Positive conditions need the attribute (plaintext has no principal,
+/// namespace or service account, so they cannot match it); negative ones
+/// hold when it is absent.
+fn positive<T>(list: &[T], present: bool, m: impl Fn(&T) -> bool) -> bool {
+    list.is_empty() || (present && list.iter().any(m))
 }
 
-fn negative(list: &[StrMatch], v: Option<&str>) -> bool {
-    list.is_empty() || v.is_none_or(|v| !list.iter().any(|m| m.matches(v)))
+fn negative<T>(list: &[T], m: impl Fn(&T) -> bool) -> bool {
+    !list.iter().any(m)
+}
+
+fn principal_matches(p: &Principal, f: &Facts<'_>) -> bool {
+    let (Some(id), Some(full)) = (f.identity(), f.principal.as_deref()) else {
+        return false;
+    };
+    match &p.domain {
+        Some((td, rest)) if f.trust.policy_means_local(td) => {
+            f.trust.peer_is_local(&id.trust_domain) && rest.matches(&full[id.trust_domain.len() + 1..])
+        }
+        _ => p.pattern.matches(full),
+    }
+}
+
+fn service_account_matches(sa: &ServiceAccount, f: &Facts<'_>) -> bool {
+    f.identity()
+        .is_some_and(|id| id.namespace == sa.namespace && id.service_account == sa.name)
+}
+
+fn namespace_matches(m: &StrMatch, f: &Facts<'_>) -> bool {
+    f.identity().is_some_and(|id| m.matches(&id.namespace))
 }
 
 fn source_matches(s: &Source, f: &Facts<'_>) -> bool {
-    let (c, p) = (f.conn, f.principal.as_deref());
-    positive(&s.principals, p)
-        && negative(&s.not_principals, p)
-        && positive(&s.namespaces, namespace(c))
-        && negative(&s.not_namespaces, namespace(c))
+    let (c, meshed) = (f.conn, f.identity().is_some());
+    positive(&s.principals, meshed, |p| principal_matches(p, f))
+        && negative(&s.not_principals, |p| principal_matches(p, f))
+        && positive(&s.service_accounts, meshed, |sa| service_account_matches(sa, f))
+        && negative(&s.not_service_accounts, |sa| service_account_matches(sa, f))
+        && positive(&s.namespaces, meshed, |n| namespace_matches(n, f))
+        && negative(&s.not_namespaces, |n| namespace_matches(n, f))
         && (s.ip_blocks.is_empty() || s.ip_blocks.iter().any(|b| b.contains(c.src_ip)))
         && !s.not_ip_blocks.iter().any(|b| b.contains(c.src_ip))
 }
 
 fn condition_matches(w: &Condition, f: &Facts<'_>) -> bool {
-    let c = f.conn;
-    let strs = |v: &[String]| v.iter().map(|s| StrMatch::parse(s)).collect::<Vec<_>>();
-    match w.key {
-        Key::SourceIp | Key::DestinationIp => {
-            let ip = if w.key == Key::SourceIp { c.src_ip } else { c.dst_ip };
-            let cidrs = |v: &[String]| v.iter().filter_map(|s| Cidr::parse(s)).collect::<Vec<_>>();
-            (w.values.is_empty() || cidrs(&w.values).iter().any(|b| b.contains(ip)))
-                && !cidrs(&w.not_values).iter().any(|b| b.contains(ip))
-        }
-        Key::DestinationPort => {
-            let port = c.dst_port.to_string();
-            (w.values.is_empty() || w.values.contains(&port)) && !w.not_values.contains(&port)
-        }
-        Key::SourceNamespace => {
-            positive(&strs(&w.values), namespace(c)) && negative(&strs(&w.not_values), namespace(c))
-        }
-        Key::SourcePrincipal => {
-            let p = f.principal.as_deref();
-            positive(&strs(&w.values), p) && negative(&strs(&w.not_values), p)
+    match w {
+        Condition::Source(s) => source_matches(s, f),
+        Condition::Operation(o) => operation_matches(o, f.conn.dst_port),
+        Condition::DestinationIp(values, not_values) => {
+            let ip = f.conn.dst_ip;
+            (values.is_empty() || values.iter().any(|b| b.contains(ip))) && !not_values.iter().any(|b| b.contains(ip))
         }
     }
 }

@@ -4,12 +4,14 @@
 //!
 //! An invalid policy is kept, marked with its error (field named), so it
 //! can fail safe: a broken DENY denies everything it selects, a broken
-//! ALLOW matches nothing, a broken PeerAuthentication means STRICT.
+//! ALLOW matches nothing, a broken PeerAuthentication means STRICT. The
+//! parsing itself (a strict walk that rejects what Istio's validation
+//! rejects) is in `parse.rs`.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use serde::Deserialize;
+pub use super::parse::{FieldError, parse_authorization_policy, parse_peer_authentication};
 
 /// An mTLS mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -35,7 +37,7 @@ impl Mode {
         }
     }
 
-    fn parse(s: &str) -> Option<Mode> {
+    pub(super) fn parse(s: &str) -> Option<Mode> {
         Some(match s {
             "" | "UNSET" => Mode::Unset,
             "STRICT" => Mode::Strict,
@@ -54,9 +56,13 @@ pub struct PolicyMeta {
     /// Name.
     pub name: String,
     /// `metadata.creationTimestamp` (RFC 3339; compared as text, which
-    /// orders correctly for the UTC form the API server writes).
-    pub created: String,
-    /// `selector.matchLabels`, `None` when absent.
+    /// orders correctly for the UTC form the API server writes). `None`
+    /// sorts after every dated policy, so an undated one is never "oldest".
+    pub created: Option<String>,
+    /// `selector.matchLabels`; `None` for a namespace-wide policy (no
+    /// selector, or empty `matchLabels`). An invalid selector is
+    /// `Some(empty)`, which selects every workload of the namespace, so the
+    /// policy fails safe at workload level.
     pub selector: Option<BTreeMap<String, String>>,
     /// Why the object is invalid, naming the field.
     pub error: Option<String>,
@@ -190,6 +196,43 @@ impl Cidr {
     }
 }
 
+/// A principal pattern (`<trust-domain>/ns/<ns>/sa/<sa>`, exact, prefix,
+/// suffix or `*`). When its trust domain is a concrete name that means
+/// "local" (`cluster.local`, `--trust-domain` or an alias), it matches a
+/// peer of any local trust domain with the same rest, as Istio does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Principal {
+    /// The whole pattern, for trust domains that are not local.
+    pub pattern: StrMatch,
+    /// The trust domain and the pattern of the rest (after its `/`), when
+    /// the pattern starts with a concrete trust domain.
+    pub domain: Option<(String, StrMatch)>,
+}
+
+impl Principal {
+    /// Parses an Istio principal pattern.
+    pub fn parse(s: &str) -> Principal {
+        let domain = s
+            .split_once('/')
+            .filter(|(td, _)| !td.is_empty() && !td.contains('*'))
+            .map(|(td, rest)| (td.to_string(), StrMatch::parse(rest)));
+        Principal {
+            pattern: StrMatch::parse(s),
+            domain,
+        }
+    }
+}
+
+/// A `namespace/service-account` pair of `serviceAccounts` or the
+/// `source.serviceAccount` condition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceAccount {
+    /// Namespace.
+    pub namespace: String,
+    /// Service account.
+    pub name: String,
+}
+
 /// `from.source`, `to.operation` and `when` of one rule, L4 parts only.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Rule {
@@ -198,7 +241,8 @@ pub struct Rule {
     pub from: Option<Vec<Source>>,
     /// Operations: any of them. `None`: no `to`.
     pub to: Option<Vec<Operation>>,
-    /// Conditions: all must hold.
+    /// Conditions: all must hold. Each is kept as the source or operation
+    /// it is equivalent to.
     pub when: Vec<Condition>,
     /// The rule uses fields only an L7 proxy can evaluate.
     pub has_l7: bool,
@@ -208,9 +252,13 @@ pub struct Rule {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Source {
     /// `principals`.
-    pub principals: Vec<StrMatch>,
+    pub principals: Vec<Principal>,
     /// `notPrincipals`.
-    pub not_principals: Vec<StrMatch>,
+    pub not_principals: Vec<Principal>,
+    /// `serviceAccounts` (`ns/sa`).
+    pub service_accounts: Vec<ServiceAccount>,
+    /// `notServiceAccounts`.
+    pub not_service_accounts: Vec<ServiceAccount>,
     /// `namespaces`.
     pub namespaces: Vec<StrMatch>,
     /// `notNamespaces`.
@@ -230,30 +278,18 @@ pub struct Operation {
     pub not_ports: Vec<u16>,
 }
 
-/// One `when` condition on an L4 attribute.
+/// One `when` condition on an L4 attribute, as the source or operation it
+/// is equivalent to (`source.ip` is `ipBlocks`, `destination.port` is
+/// `ports`, and so on), so that it matches exactly as those do.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Condition {
-    /// The attribute.
-    pub key: Key,
-    /// `values`.
-    pub values: Vec<String>,
-    /// `notValues`.
-    pub not_values: Vec<String>,
-}
-
-/// The `when` keys an L4 proxy can evaluate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Key {
-    /// `source.ip`.
-    SourceIp,
-    /// `source.namespace`.
-    SourceNamespace,
-    /// `source.principal`.
-    SourcePrincipal,
-    /// `destination.ip`.
-    DestinationIp,
+pub enum Condition {
+    /// `source.ip`, `remote.ip`, `source.namespace`, `source.principal`,
+    /// `source.serviceAccount`.
+    Source(Source),
     /// `destination.port`.
-    DestinationPort,
+    Operation(Operation),
+    /// `destination.ip`: `values`, `notValues`.
+    DestinationIp(Vec<Cidr>, Vec<Cidr>),
 }
 
 /// An `AuthorizationPolicy`.
@@ -267,309 +303,12 @@ pub struct AuthorizationPolicy {
     pub rules: Vec<Rule>,
     /// Warnings (L7 fields) to report once.
     pub warnings: Vec<String>,
+    /// `istio.io/dry-run: "true"`: evaluated and logged, never enforced.
+    pub dry_run: bool,
+    /// `targetRef`/`targetRefs`: the policy belongs to a waypoint or a
+    /// gateway; the node ignores it.
+    pub target_ref: bool,
 }
 
-// === parsing ===
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-struct MetaDoc {
-    #[serde(default)]
-    name: String,
-    #[serde(default)]
-    namespace: String,
-    #[serde(default)]
-    creation_timestamp: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-struct SelectorDoc {
-    #[serde(default)]
-    match_labels: BTreeMap<String, String>,
-}
-
-fn meta_of(metadata: &serde_yaml::Value, spec: &serde_yaml::Value) -> (PolicyMeta, Vec<String>) {
-    let m: MetaDoc = serde_yaml::from_value(metadata.clone()).unwrap_or_default();
-    let mut errors = Vec::new();
-    let selector = match spec.get("selector") {
-        None | Some(serde_yaml::Value::Null) => None,
-        Some(v) => match serde_yaml::from_value::<SelectorDoc>(v.clone()) {
-            Ok(s) => Some(s.match_labels),
-            Err(e) => {
-                errors.push(format!("spec.selector: {e}"));
-                Some(BTreeMap::new())
-            }
-        },
-    };
-    (
-        PolicyMeta {
-            namespace: m.namespace,
-            name: m.name,
-            created: m.creation_timestamp.unwrap_or_default(),
-            selector,
-            error: None,
-        },
-        errors,
-    )
-}
-
-/// Parses a PeerAuthentication; never fails, invalid content is recorded.
-pub fn parse_peer_authentication(metadata: &serde_yaml::Value, spec: &serde_yaml::Value) -> PeerAuthentication {
-    let (mut meta, mut errors) = meta_of(metadata, spec);
-    let mode_str = spec
-        .get("mtls")
-        .and_then(|m| m.get("mode"))
-        .and_then(|m| m.as_str())
-        .unwrap_or("");
-    let mode = Mode::parse(mode_str).unwrap_or_else(|| {
-        errors.push(format!(
-            "spec.mtls.mode: unknown mode {mode_str:?} (STRICT, PERMISSIVE, DISABLE or UNSET)"
-        ));
-        Mode::Strict
-    });
-    let mut port_modes = BTreeMap::new();
-    if let Some(map) = spec.get("portLevelMtls").and_then(|p| p.as_mapping()) {
-        for (k, v) in map {
-            let port = k
-                .as_u64()
-                .or_else(|| k.as_str().and_then(|s| s.parse().ok()))
-                .and_then(|p| u16::try_from(p).ok())
-                .filter(|p| *p != 0);
-            let m = v.get("mode").and_then(|m| m.as_str()).unwrap_or("");
-            match (port, Mode::parse(m)) {
-                (Some(p), Some(m)) => {
-                    port_modes.insert(p, m);
-                }
-                (None, _) => errors.push(format!("spec.portLevelMtls: {k:?} is not a port number")),
-                (Some(p), None) => {
-                    errors.push(format!("spec.portLevelMtls.{p}.mode: unknown mode {m:?}"));
-                    port_modes.insert(p, Mode::Strict);
-                }
-            }
-        }
-    }
-    if !errors.is_empty() {
-        meta.error = Some(errors.join("; "));
-    }
-    PeerAuthentication { meta, mode, port_modes }
-}
-
-const L7_SOURCE_FIELDS: &[&str] = &["requestPrincipals", "notRequestPrincipals"];
-const L7_OPERATION_FIELDS: &[&str] = &["hosts", "notHosts", "methods", "notMethods", "paths", "notPaths"];
-const SOURCE_FIELDS: &[&str] = &[
-    "principals",
-    "notPrincipals",
-    "namespaces",
-    "notNamespaces",
-    "ipBlocks",
-    "notIpBlocks",
-    "remoteIpBlocks",
-    "notRemoteIpBlocks",
-];
-
-/// Parses an AuthorizationPolicy; never fails, invalid content is recorded.
-pub fn parse_authorization_policy(metadata: &serde_yaml::Value, spec: &serde_yaml::Value) -> AuthorizationPolicy {
-    let (mut meta, mut errors) = meta_of(metadata, spec);
-    let mut warnings = Vec::new();
-    let action_str = spec.get("action").and_then(|a| a.as_str()).unwrap_or("ALLOW");
-    let action = match action_str {
-        "ALLOW" => Action::Allow,
-        "DENY" => Action::Deny,
-        "AUDIT" => Action::Audit,
-        "CUSTOM" => Action::Custom,
-        other => {
-            errors.push(format!("spec.action: unknown action {other:?}"));
-            // An action we cannot read is treated as the one that fails closed.
-            Action::Deny
-        }
-    };
-    if spec.get("targetRef").is_some() || spec.get("targetRefs").is_some() {
-        errors.push("spec.targetRef(s): policies attached to gateways or services are not supported at L4".into());
-    }
-    let mut rules = Vec::new();
-    if let Some(list) = spec.get("rules").and_then(|r| r.as_sequence()) {
-        for (i, r) in list.iter().enumerate() {
-            rules.push(parse_rule(r, &format!("spec.rules[{i}]"), &mut errors, &mut warnings));
-        }
-    } else if !matches!(spec.get("rules"), None | Some(serde_yaml::Value::Null)) {
-        errors.push("spec.rules: not a list".into());
-    }
-    if !errors.is_empty() {
-        meta.error = Some(errors.join("; "));
-    }
-    AuthorizationPolicy {
-        meta,
-        action,
-        rules,
-        warnings,
-    }
-}
-
-fn strings(v: &serde_yaml::Value, field: &str, errors: &mut Vec<String>) -> Vec<String> {
-    match v {
-        serde_yaml::Value::Null => Vec::new(),
-        serde_yaml::Value::Sequence(s) => s
-            .iter()
-            .filter_map(|x| match x {
-                serde_yaml::Value::String(s) => Some(s.clone()),
-                serde_yaml::Value::Number(n) => Some(n.to_string()),
-                other => {
-                    errors.push(format!("{field}: {other:?} is not a string"));
-                    None
-                }
-            })
-            .collect(),
-        _ => {
-            errors.push(format!("{field}: not a list"));
-            Vec::new()
-        }
-    }
-}
-
-fn parse_rule(r: &serde_yaml::Value, at: &str, errors: &mut Vec<String>, warnings: &mut Vec<String>) -> Rule {
-    let mut rule = Rule::default();
-    if let Some(from) = r.get("from").and_then(|f| f.as_sequence()) {
-        let mut sources = Vec::new();
-        for (j, f) in from.iter().enumerate() {
-            let s = f.get("source").cloned().unwrap_or(serde_yaml::Value::Null);
-            let at = format!("{at}.from[{j}].source");
-            let mut src = Source::default();
-            for l7 in L7_SOURCE_FIELDS {
-                if s.get(*l7).is_some() {
-                    rule.has_l7 = true;
-                    warnings.push(format!("{at}.{l7} needs an L7 proxy"));
-                }
-            }
-            if let Some(map) = s.as_mapping() {
-                for k in map.keys().filter_map(|k| k.as_str()) {
-                    if !SOURCE_FIELDS.contains(&k) && !L7_SOURCE_FIELDS.contains(&k) {
-                        errors.push(format!("{at}.{k}: unknown field"));
-                    }
-                }
-            }
-            let get = |name: &str, errors: &mut Vec<String>| {
-                strings(
-                    s.get(name).unwrap_or(&serde_yaml::Value::Null),
-                    &format!("{at}.{name}"),
-                    errors,
-                )
-            };
-            for (field, out) in [
-                ("principals", &mut src.principals),
-                ("notPrincipals", &mut src.not_principals),
-            ] {
-                for p in get(field, errors) {
-                    if p.starts_with("spiffe://") || p.is_empty() {
-                        errors.push(format!(
-                            "{at}.{field}: {p:?} is malformed (write principals without spiffe://)"
-                        ));
-                    }
-                    out.push(StrMatch::parse(&p));
-                }
-            }
-            for (field, out) in [
-                ("namespaces", &mut src.namespaces),
-                ("notNamespaces", &mut src.not_namespaces),
-            ] {
-                out.extend(get(field, errors).iter().map(|n| StrMatch::parse(n)));
-            }
-            for (field, negated) in [
-                ("ipBlocks", false),
-                ("remoteIpBlocks", false),
-                ("notIpBlocks", true),
-                ("notRemoteIpBlocks", true),
-            ] {
-                for c in get(field, errors) {
-                    match Cidr::parse(&c) {
-                        Some(c) if negated => src.not_ip_blocks.push(c),
-                        Some(c) => src.ip_blocks.push(c),
-                        None => errors.push(format!("{at}.{field}: {c:?} is not an IP address or CIDR")),
-                    }
-                }
-            }
-            sources.push(src);
-        }
-        rule.from = Some(sources);
-    }
-    if let Some(to) = r.get("to").and_then(|t| t.as_sequence()) {
-        let mut ops = Vec::new();
-        for (j, t) in to.iter().enumerate() {
-            let o = t.get("operation").cloned().unwrap_or(serde_yaml::Value::Null);
-            let at = format!("{at}.to[{j}].operation");
-            for l7 in L7_OPERATION_FIELDS {
-                if o.get(*l7).is_some() {
-                    rule.has_l7 = true;
-                    warnings.push(format!("{at}.{l7} needs an L7 proxy"));
-                }
-            }
-            let mut op = Operation::default();
-            for (field, out) in [("ports", &mut op.ports), ("notPorts", &mut op.not_ports)] {
-                for p in strings(
-                    o.get(field).unwrap_or(&serde_yaml::Value::Null),
-                    &format!("{at}.{field}"),
-                    errors,
-                ) {
-                    match p.parse::<u16>() {
-                        Ok(p) if p != 0 => out.push(p),
-                        _ => errors.push(format!("{at}.{field}: {p:?} is not a port number")),
-                    }
-                }
-            }
-            ops.push(op);
-        }
-        rule.to = Some(ops);
-    }
-    if let Some(when) = r.get("when").and_then(|w| w.as_sequence()) {
-        for (j, c) in when.iter().enumerate() {
-            let at = format!("{at}.when[{j}]");
-            let key = c.get("key").and_then(|k| k.as_str()).unwrap_or("");
-            let values = strings(
-                c.get("values").unwrap_or(&serde_yaml::Value::Null),
-                &format!("{at}.values"),
-                errors,
-            );
-            let not_values = strings(
-                c.get("notValues").unwrap_or(&serde_yaml::Value::Null),
-                &format!("{at}.notValues"),
-                errors,
-            );
-            let key = match key {
-                "source.ip" | "remote.ip" => Key::SourceIp,
-                "source.namespace" => Key::SourceNamespace,
-                "source.principal" => Key::SourcePrincipal,
-                "destination.ip" => Key::DestinationIp,
-                "destination.port" => Key::DestinationPort,
-                k if k.starts_with("request.") || k.starts_with("experimental.") || k == "connection.sni" => {
-                    rule.has_l7 = true;
-                    warnings.push(format!("{at}: key {k:?} needs an L7 proxy"));
-                    continue;
-                }
-                k => {
-                    errors.push(format!("{at}.key: unknown key {k:?}"));
-                    continue;
-                }
-            };
-            if matches!(key, Key::SourceIp | Key::DestinationIp) {
-                for v in values.iter().chain(&not_values) {
-                    if Cidr::parse(v).is_none() {
-                        errors.push(format!("{at}: {v:?} is not an IP address or CIDR"));
-                    }
-                }
-            }
-            if key == Key::DestinationPort {
-                for v in values.iter().chain(&not_values) {
-                    if v.parse::<u16>().is_err() {
-                        errors.push(format!("{at}: {v:?} is not a port number"));
-                    }
-                }
-            }
-            rule.when.push(Condition {
-                key,
-                values,
-                not_values,
-            });
-        }
-    }
-    rule
-}
+/// Annotation that makes an AuthorizationPolicy audit-only.
+pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";

@@ -347,7 +347,8 @@ pub fn log_connection(ctx: &PodContext, dir: Direction, src: SocketAddr, o: &Out
     );
 }
 
-/// Logs the AUDIT policies a connection matched.
+/// Logs the AUDIT policies a connection matched and what its dry-run
+/// policies would have decided.
 pub fn log_audits(ctx: &PodContext, info: &crate::policy::ConnInfo, d: &crate::policy::Decision) {
     for policy in &d.audited {
         tracing::info!(
@@ -359,6 +360,19 @@ pub fn log_audits(ctx: &PodContext, info: &crate::policy::ConnInfo, d: &crate::p
             dst_port = info.dst_port,
             allowed = d.allowed,
             "audit"
+        );
+    }
+    for dry in &d.dry_run {
+        tracing::info!(
+            target: "nodeward::audit",
+            policy = %dry.policy,
+            pod = %ctx.pod.key,
+            src = %info.src_ip,
+            principal = info.src_identity.as_ref().map(|i| i.principal()),
+            dst_port = info.dst_port,
+            would = dry.would(),
+            allowed = d.allowed,
+            "dry-run"
         );
     }
 }

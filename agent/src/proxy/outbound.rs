@@ -21,6 +21,7 @@ use super::relay::{self, CloseReason, StreamSink, StreamSource};
 use super::{Outcome, PodContext, final_reason, from_words, relay_tcp, sock_key, socket};
 use crate::identity::Identity;
 use crate::identity::verify::refusal_of_io;
+use crate::state::Destination;
 
 /// Handles one captured outbound connection.
 pub async fn handle(ctx: &PodContext, down: TcpStream, peer: SocketAddr) -> Outcome {
@@ -39,9 +40,17 @@ pub async fn handle(ctx: &PodContext, down: TcpStream, peer: SocketAddr) -> Outc
     let snap = ctx.mesh.store.current();
     // A destination port in mTLS DISABLE is reached in plaintext: its
     // agent has stepped aside and would not capture the tunnel's stream.
-    let workload = snap
-        .enrolled_workload(dst.ip())
-        .filter(|w| snap.mtls(w).mode(dst.port()) != crate::policy::model::Mode::Disable);
+    let workload = match snap.destination(dst.ip()) {
+        Destination::Enrolled(w) => {
+            Some(w).filter(|w| snap.mtls(w).mode(dst.port()) != crate::policy::model::Mode::Disable)
+        }
+        Destination::Outside => None,
+        // Several live pods claim the IP: neither an identity nor plaintext is safe.
+        Destination::Ambiguous(_) => {
+            socket::reset(&down);
+            return Outcome::refused(Some(dst), CloseReason::TunnelRefused);
+        }
+    };
     match workload {
         Some(w) => {
             let expected = match &ctx.mesh.certs {

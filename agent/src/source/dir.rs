@@ -6,7 +6,7 @@
 //! (inode, size, mtime) changed are read again. A file that fails to parse
 //! keeps its last good objects in force and its error is logged once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::objects::{Object, parse_file};
+use crate::policy::TrustDomains;
 use crate::state::{Snapshot, Store};
 
 /// Largest config file read; a bigger one is rejected, not loaded.
@@ -43,6 +44,10 @@ pub struct DirSource {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
     root_namespace: String,
+    trust_domains: TrustDomains,
+    /// Policies already reported as ignored (`targetRef`), so each is
+    /// logged once, not on every change.
+    ignored_reported: BTreeSet<String>,
 }
 
 impl DirSource {
@@ -52,7 +57,22 @@ impl DirSource {
             dir: dir.into(),
             files: BTreeMap::new(),
             root_namespace: "istio-system".into(),
+            trust_domains: TrustDomains::default(),
+            ignored_reported: BTreeSet::new(),
         }
+    }
+
+    /// Sets the trust domain and its aliases, which policies treat as local.
+    pub fn with_trust_domains(mut self, local: &str, aliases: &[String]) -> Self {
+        self.trust_domains = TrustDomains {
+            local: local.to_string(),
+            aliases: aliases
+                .iter()
+                .map(|a| a.trim().to_string())
+                .filter(|a| !a.is_empty())
+                .collect(),
+        };
+        self
     }
 
     /// Sets Istio's root namespace (mesh-wide policies).
@@ -112,7 +132,7 @@ impl DirSource {
 
     /// Builds a snapshot of all files' last good objects. A pod or namespace
     /// defined twice: the file sorting last wins, with a warning.
-    pub fn snapshot(&self) -> Snapshot {
+    pub fn snapshot(&mut self) -> Snapshot {
         let mut snap = Snapshot::default();
         for (path, state) in &self.files {
             for obj in &state.objects {
@@ -133,7 +153,8 @@ impl DirSource {
             }
         }
         snap.root_namespace = self.root_namespace.clone();
-        report_policies(&snap);
+        snap.trust_domains = self.trust_domains.clone();
+        report_policies(&snap, &mut self.ignored_reported);
         snap.index()
     }
 
@@ -165,12 +186,13 @@ impl DirSource {
 }
 
 /// Logs what operators must know about the policies now in force: invalid
-/// ones (and how they fail safe), unsupported ones, L7-only fields, DISABLE.
-fn report_policies(snap: &Snapshot) {
+/// ones (and how they fail safe), unsupported ones, L7-only fields, DISABLE,
+/// dry-run ones; and, once each, the ones the node ignores (`targetRef`).
+fn report_policies(snap: &Snapshot, ignored_reported: &mut BTreeSet<String>) {
     use crate::policy::model::{Action, Mode};
     for p in &snap.peer_authentications {
         if let Some(e) = &p.meta.error {
-            tracing::error!(policy = %p.meta.key(), kind = "PeerAuthentication", "invalid policy, treated as STRICT: {e}");
+            tracing::error!(policy = %p.meta.key(), kind = "PeerAuthentication", "invalid policy {}, treated as STRICT: {e}", p.meta.key());
         }
         let disabled = p.mode == Mode::Disable || p.port_modes.values().any(|m| *m == Mode::Disable);
         if disabled {
@@ -180,13 +202,25 @@ fn report_policies(snap: &Snapshot) {
             tracing::warn!(policy = %p.meta.key(), kind = "PeerAuthentication", "portLevelMtls needs a selector; ignored as in Istio");
         }
     }
+    let mut ignored = BTreeSet::new();
     for p in &snap.authorization_policies {
+        if p.target_ref {
+            let key = p.meta.key();
+            if !ignored_reported.contains(&key) {
+                tracing::info!(policy = %key, kind = "AuthorizationPolicy", "policy with targetRef(s) belongs to a waypoint or gateway; ignored by the node");
+            }
+            ignored.insert(key);
+            continue;
+        }
+        if p.dry_run {
+            tracing::info!(policy = %p.meta.key(), kind = "AuthorizationPolicy", "dry-run policy: evaluated and logged (target nodeward::audit), not enforced");
+        }
         match (&p.meta.error, p.action) {
             (Some(e), Action::Deny) => {
-                tracing::error!(policy = %p.meta.key(), kind = "AuthorizationPolicy", "invalid DENY policy, denies everything it selects: {e}")
+                tracing::error!(policy = %p.meta.key(), kind = "AuthorizationPolicy", "invalid DENY policy {}, denies everything it selects: {e}", p.meta.key())
             }
             (Some(e), _) => {
-                tracing::error!(policy = %p.meta.key(), kind = "AuthorizationPolicy", "invalid policy, matches nothing: {e}")
+                tracing::error!(policy = %p.meta.key(), kind = "AuthorizationPolicy", "invalid policy {}, matches nothing: {e}", p.meta.key())
             }
             (None, Action::Custom) => tracing::error!(
                 policy = %p.meta.key(),
@@ -200,6 +234,7 @@ fn report_policies(snap: &Snapshot) {
             tracing::warn!(policy = %p.meta.key(), kind = "AuthorizationPolicy", "{w}: in ALLOW rules it matches nothing, in DENY rules it is ignored");
         }
     }
+    *ignored_reported = ignored;
 }
 
 fn list_files(dir: &Path) -> std::io::Result<Vec<(PathBuf, Fingerprint)>> {
@@ -284,6 +319,18 @@ mod tests {
         assert!(src.refresh());
         assert!(src.snapshot().namespaces.is_empty());
         assert!(src.errors().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn snapshots_carry_the_trust_domain_and_its_aliases() {
+        let dir = tmpdir("trust");
+        write(&dir, "ns.yaml", NS);
+        let mut src = DirSource::new(&dir).with_trust_domains("example.org", &["old.org".into(), " ".into()]);
+        src.refresh();
+        let snap = src.snapshot();
+        assert_eq!(snap.trust_domains.local, "example.org");
+        assert_eq!(snap.trust_domains.aliases, vec!["old.org".to_string()]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

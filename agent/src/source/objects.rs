@@ -88,6 +88,8 @@ struct Meta {
     labels: BTreeMap<String, String>,
     #[serde(default)]
     annotations: BTreeMap<String, String>,
+    #[serde(default)]
+    deletion_timestamp: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -271,6 +273,7 @@ fn parse_value(value: serde_yaml::Value, at: &At<'_>, out: &mut Vec<Object>) -> 
                 host_network: spec.host_network,
                 ips,
                 phase: status.phase,
+                deleting: meta.deletion_timestamp.is_some(),
             }));
         }
         (api_version, kind) => {
@@ -347,6 +350,32 @@ status:
             p.ips,
             vec!["10.1.1.2".parse::<IpAddr>().unwrap(), "fd00::2".parse().unwrap()]
         );
+    }
+
+    #[test]
+    fn finished_and_deleting_pods_are_marked() {
+        let objs = parse(&format!(
+            "{POD}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: b, namespace: shop, deletionTimestamp: '2026-01-01T00:00:00Z'}}\nstatus: {{phase: Running, podIP: 10.1.1.3}}\n"
+        ))
+        .unwrap();
+        let [Object::Pod(live), Object::Pod(deleting)] = &objs[..] else {
+            panic!("two pods expected")
+        };
+        assert!(live.claims_ips() && !live.deleting);
+        assert!(deleting.deleting && !deleting.claims_ips());
+    }
+
+    #[test]
+    fn a_policy_with_an_unknown_field_is_kept_and_marked_invalid() {
+        let objs = parse(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop}\nspec:\n  rules:\n  - to:\n    - operation: {port: ['80']}\n",
+        )
+        .unwrap();
+        let [Object::AuthorizationPolicy(p)] = &objs[..] else {
+            panic!("one policy expected")
+        };
+        let e = p.meta.error.as_deref().unwrap_or_default();
+        assert!(e.contains("spec.rules[0].to[0].operation.port: unknown field"), "{e}");
     }
 
     #[test]

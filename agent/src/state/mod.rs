@@ -7,12 +7,13 @@
 pub mod workload;
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use tokio::sync::watch;
 
 use crate::policy::model::{AuthorizationPolicy, PeerAuthentication};
-use crate::policy::{ConnInfo, Decision, WorkloadMtls};
+use crate::policy::{ConnInfo, Decision, TrustDomains, WorkloadMtls};
 
 use workload::{
     EXCLUDE_INBOUND_ANNOTATION, EXCLUDE_OUTBOUND_ANNOTATION, Enrolment, ManagedPod, Namespace, Pod, enrolment,
@@ -31,10 +32,12 @@ pub struct Snapshot {
     pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
     /// Istio's root namespace: its policies apply mesh-wide.
     pub root_namespace: String,
+    /// The trust domains policies treat as local.
+    pub trust_domains: TrustDomains,
     /// Increases with every published snapshot.
     pub generation: u64,
-    /// Pods by IP, built by [`Snapshot::index`].
-    by_ip: HashMap<std::net::IpAddr, Arc<Pod>>,
+    /// Who holds each IP, built by [`Snapshot::index`] from live pods only.
+    by_ip: HashMap<IpAddr, IpClaim>,
     /// AuthorizationPolicies by namespace, built by [`Snapshot::index`]:
     /// a connection only ever consults its pod's namespace and the root.
     authz_by_ns: HashMap<String, Vec<Arc<AuthorizationPolicy>>>,
@@ -42,13 +45,54 @@ pub struct Snapshot {
     peer_auth_by_ns: HashMap<String, Vec<Arc<PeerAuthentication>>>,
 }
 
+/// Who holds an IP according to the state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum IpClaim {
+    /// One live pod.
+    Pod(Arc<Pod>),
+    /// Several live pods (`namespace/name`, sorted): the state cannot say
+    /// which one is there now.
+    Ambiguous(Vec<String>),
+}
+
+/// Where a connection to an IP goes, as far as the mesh is concerned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Destination {
+    /// An enrolled pod: reached through an HBONE tunnel, expecting its identity.
+    Enrolled(Arc<Pod>),
+    /// Not an enrolled pod (a pod outside the mesh, or no pod at all).
+    Outside,
+    /// Several live pods claim the IP (`namespace/name` of each): neither
+    /// an identity nor plaintext is safe, the connection is refused.
+    Ambiguous(Vec<String>),
+}
+
 impl Snapshot {
     /// Builds the lookup indices; sources call it before publishing.
+    ///
+    /// Only live pods claim their IPs: a finished pod (`Succeeded`,
+    /// `Failed`) or one being deleted has given its IP back, and a new pod
+    /// may already hold it. Two live pods holding one IP make it ambiguous.
     pub fn index(mut self) -> Self {
-        self.by_ip = self
-            .pods
-            .values()
-            .flat_map(|p| p.ips.iter().map(move |ip| (*ip, p.clone())))
+        let mut claims: HashMap<IpAddr, Vec<Arc<Pod>>> = HashMap::new();
+        for p in self.pods.values().filter(|p| p.claims_ips()) {
+            for ip in &p.ips {
+                claims.entry(ip.to_canonical()).or_default().push(p.clone());
+            }
+        }
+        self.by_ip = claims
+            .into_iter()
+            .map(|(ip, mut pods)| {
+                let claim = if pods.len() == 1 {
+                    IpClaim::Pod(pods.remove(0))
+                } else {
+                    let mut keys: Vec<String> = pods.iter().map(|p| p.key()).collect();
+                    keys.sort();
+                    tracing::warn!(%ip, pods = ?keys, "IP claimed by several live pods; connections to it are refused until one goes");
+                    IpClaim::Ambiguous(keys)
+                };
+                (ip, claim)
+            })
             .collect();
         self.authz_by_ns.clear();
         for p in &self.authorization_policies {
@@ -92,16 +136,45 @@ impl Snapshot {
         crate::policy::authorize(
             self.by_ns(&self.authz_by_ns, &pod.namespace),
             &self.root_namespace,
+            &self.trust_domains,
             pod,
             conn,
         )
     }
 
+    /// What a connection to `ip` reaches: an enrolled pod (on any node),
+    /// something outside the mesh, or an IP several live pods claim.
+    pub fn destination(&self, ip: IpAddr) -> Destination {
+        match self.by_ip.get(&ip.to_canonical()) {
+            None => Destination::Outside,
+            Some(IpClaim::Ambiguous(keys)) => Destination::Ambiguous(keys.clone()),
+            Some(IpClaim::Pod(pod)) => {
+                if enrolment(pod, self.namespaces.get(&pod.namespace)) == Enrolment::Enrolled {
+                    Destination::Enrolled(pod.clone())
+                } else {
+                    Destination::Outside
+                }
+            }
+        }
+    }
+
     /// The enrolled pod (on any node) that owns `ip`: a destination that
-    /// is reached through an HBONE tunnel.
-    pub fn enrolled_workload(&self, ip: std::net::IpAddr) -> Option<Arc<Pod>> {
-        let pod = self.by_ip.get(&ip)?;
-        (enrolment(pod, self.namespaces.get(&pod.namespace)) == Enrolment::Enrolled).then(|| pod.clone())
+    /// is reached through an HBONE tunnel. `None` also for an ambiguous
+    /// IP; callers that could send plaintext use [`Snapshot::destination`].
+    pub fn enrolled_workload(&self, ip: IpAddr) -> Option<Arc<Pod>> {
+        match self.destination(ip) {
+            Destination::Enrolled(pod) => Some(pod),
+            Destination::Outside | Destination::Ambiguous(_) => None,
+        }
+    }
+
+    /// Whether a live pod other than `pod` claims one of `pod`'s IPs.
+    fn ip_reused(&self, pod: &Pod) -> bool {
+        pod.ips.iter().any(|ip| match self.by_ip.get(&ip.to_canonical()) {
+            Some(IpClaim::Pod(other)) => other.uid != pod.uid,
+            Some(IpClaim::Ambiguous(_)) => true,
+            None => false,
+        })
     }
 
     /// The pods this node's agent must capture, by UID, with the reasons
@@ -110,7 +183,14 @@ impl Snapshot {
         let mut managed = HashMap::new();
         let mut skipped = Vec::new();
         for pod in self.pods.values().filter(|p| p.node_name == node) {
-            match enrolment(pod, self.namespaces.get(&pod.namespace)) {
+            let enrolled = match enrolment(pod, self.namespaces.get(&pod.namespace)) {
+                // A pod being deleted whose IP a live pod already holds is
+                // gone: capturing "it" would capture the new pod under the
+                // old pod's identity.
+                Enrolment::Enrolled if !pod.claims_ips() && self.ip_reused(pod) => Enrolment::NotRunning,
+                other => other,
+            };
+            match enrolled {
                 Enrolment::Enrolled => {
                     let ports = |annotation| workload::annotated_ports(pod, annotation);
                     managed.insert(
@@ -166,5 +246,123 @@ impl Store {
     /// A receiver that wakes on every publish.
     pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
         self.tx.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::workload::DATAPLANE_MODE_LABEL;
+    use super::*;
+
+    const IP: &str = "10.0.0.7";
+
+    /// An enrolled pod of `shop` holding `IP`.
+    fn pod(name: &str, sa: &str, phase: &str, deleting: bool) -> Pod {
+        Pod {
+            namespace: "shop".into(),
+            name: name.into(),
+            uid: name.into(),
+            node_name: "n2".into(),
+            service_account: sa.into(),
+            ips: vec![IP.parse().unwrap()],
+            phase: phase.into(),
+            deleting,
+            ..Default::default()
+        }
+    }
+
+    fn snapshot(pods: Vec<Pod>) -> Snapshot {
+        let mut snap = Snapshot::default();
+        snap.namespaces.insert(
+            "shop".into(),
+            Namespace {
+                name: "shop".into(),
+                labels: [(DATAPLANE_MODE_LABEL.to_string(), "ambient".to_string())].into(),
+            },
+        );
+        for p in pods {
+            snap.pods.insert(p.key(), Arc::new(p));
+        }
+        snap.index()
+    }
+
+    /// Which pod a connection to `IP` is tunnelled to, by `namespace/name`.
+    fn tunnelled_to(snap: &Snapshot) -> Option<String> {
+        snap.enrolled_workload(IP.parse().unwrap()).map(|p| p.key())
+    }
+
+    #[test]
+    fn only_live_pods_claim_their_ip() {
+        // The old pods sort after the new one, so "the last entry wins"
+        // would pick them.
+        let cases = [
+            (
+                "a finished (Succeeded) pod gives its IP to the new pod",
+                vec![
+                    pod("new", "web", "Running", false),
+                    pod("old", "db", "Succeeded", false),
+                ],
+                Some("shop/new"),
+            ),
+            (
+                "a Failed pod gives its IP to the new pod",
+                vec![pod("new", "web", "Pending", false), pod("old", "db", "Failed", false)],
+                Some("shop/new"),
+            ),
+            (
+                "a pod being deleted gives its IP to the new pod",
+                vec![pod("new", "web", "Running", false), pod("old", "db", "Running", true)],
+                Some("shop/new"),
+            ),
+            (
+                "a finished pod alone does not make its IP a mesh destination",
+                vec![pod("old", "db", "Succeeded", false)],
+                None,
+            ),
+            (
+                "a pod being deleted alone does not either",
+                vec![pod("old", "db", "Running", true)],
+                None,
+            ),
+            (
+                "one live pod owns its IP",
+                vec![pod("new", "web", "Running", false)],
+                Some("shop/new"),
+            ),
+        ];
+        for (name, pods, want) in cases {
+            assert_eq!(tunnelled_to(&snapshot(pods)).as_deref(), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_deleted_pod_whose_ip_is_reused_on_its_node_is_no_longer_captured() {
+        let mut old = pod("old", "db", "Running", true);
+        let mut new = pod("new", "web", "Running", false);
+        old.node_name = "n1".into();
+        new.node_name = "n1".into();
+        let snap = snapshot(vec![new, old.clone()]);
+        let (managed, skipped) = snap.managed_pods("n1");
+        assert_eq!(managed.keys().collect::<Vec<_>>(), vec!["new"]);
+        assert_eq!(skipped, vec![("shop/old".to_string(), Enrolment::NotRunning)]);
+        // Still terminating with nobody else on its IP: still captured.
+        let (managed, _) = snapshot(vec![old]).managed_pods("n1");
+        assert!(managed.contains_key("old"));
+    }
+
+    #[test]
+    fn an_ip_two_live_pods_claim_is_ambiguous_and_never_identified() {
+        let snap = snapshot(vec![
+            pod("a", "web", "Running", false),
+            pod("b", "db", "Pending", false),
+        ]);
+        let ip: IpAddr = IP.parse().unwrap();
+        assert_eq!(
+            snap.destination(ip),
+            Destination::Ambiguous(vec!["shop/a".into(), "shop/b".into()])
+        );
+        assert_eq!(tunnelled_to(&snap), None, "no identity is guessed for an ambiguous IP");
+        let mapped: IpAddr = "::ffff:10.0.0.7".parse().unwrap();
+        assert!(matches!(snap.destination(mapped), Destination::Ambiguous(_)));
     }
 }

@@ -44,12 +44,25 @@ pub struct Pod {
     pub ips: Vec<IpAddr>,
     /// `status.phase`.
     pub phase: String,
+    /// `metadata.deletionTimestamp` is set: the pod is being deleted.
+    pub deleting: bool,
 }
 
 impl Pod {
     /// `namespace/name`, for logs.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// `Succeeded` or `Failed`: its containers are gone for good.
+    pub fn finished(&self) -> bool {
+        matches!(self.phase.as_str(), "Succeeded" | "Failed")
+    }
+
+    /// Whether the pod still holds its IPs: not finished and not being
+    /// deleted, since either may have given them to a new pod already.
+    pub fn claims_ips(&self) -> bool {
+        !self.finished() && !self.deleting
     }
 }
 
@@ -64,7 +77,8 @@ pub enum Enrolment {
     OptedOut,
     /// Uses the node's network: capturing it would capture the node.
     HostNetwork,
-    /// Finished (`Succeeded`/`Failed`) or without an IP yet.
+    /// Finished (`Succeeded`/`Failed`), without an IP yet, or being
+    /// deleted while a live pod already holds its IP.
     NotRunning,
 }
 
@@ -81,7 +95,7 @@ pub fn enrolment(pod: &Pod, ns: Option<&Namespace>) -> Enrolment {
     if pod.host_network {
         return Enrolment::HostNetwork;
     }
-    if pod.ips.is_empty() || matches!(pod.phase.as_str(), "Succeeded" | "Failed") {
+    if pod.ips.is_empty() || pod.finished() {
         return Enrolment::NotRunning;
     }
     Enrolment::Enrolled
