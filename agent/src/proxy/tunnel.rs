@@ -22,7 +22,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::hbone::{parse_authority, parse_forwarded_for, stream_halves};
-use super::inbound::connect_app;
+use super::inbound::{close_reason, connect_app};
 use super::relay::{self, CloseReason, StreamSink, StreamSource};
 use super::{Direction, Outcome, PodContext, final_reason, log_audits, log_connection, socket, unmap};
 use crate::identity::Identity;
@@ -45,6 +45,12 @@ pub async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr) {
         o.refusal = refusal;
         log_connection(&ctx, Direction::Tunnel, peer, &o, started);
     };
+    if tcp.local_addr().map_or(true, |a| unmap(a).ip().is_loopback()) {
+        // Reached by its loopback address: only an app inside the pod can do
+        // that (sk_lookup hands over outside traffic with the pod's IP).
+        socket::reset(&tcp);
+        return refused(CloseReason::LoopRefused, None);
+    }
     let Some(tls_config) = ctx.tunnel_tls.clone() else {
         socket::reset(&tcp);
         return refused(CloseReason::NoIdentity, None);
@@ -202,7 +208,7 @@ async fn stream(
         Ok(c) => c,
         Err(e) => {
             reject(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-            let o = outcome(Some(dst), CloseReason::from_io(&e), None);
+            let o = outcome(Some(dst), close_reason(&e), None);
             return log_connection(ctx, Direction::Tunnel, client, &o, started);
         }
     };
