@@ -97,6 +97,8 @@ pub async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr) {
     };
     let mut streams = 0u64;
     let early_resets = Arc::new(AtomicU64::new(0));
+    let draining = ctx.lifecycle.stop_accepting.clone();
+    let mut going_away = false;
     let end = loop {
         // Rapid reset (CVE-2023-44487 class): a peer that cancels most of
         // its streams before they are answered only makes us dial the app.
@@ -107,9 +109,16 @@ pub async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr) {
             break "rapid_reset";
         }
         tokio::select! {
+            biased;
             _ = cancel.cancelled() => {
                 conn.abrupt_shutdown(h2::Reason::CANCEL);
                 break "cancelled";
+            }
+            _ = draining.cancelled(), if !going_away => {
+                // Drain: GOAWAY, so the peer opens no new stream here; the
+                // open ones finish, then the connection closes.
+                conn.graceful_shutdown();
+                going_away = true;
             }
             next = conn.accept() => match next {
                 None => break "closed",
@@ -117,6 +126,12 @@ pub async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr) {
                     // Floods of streams or resets end here (GOAWAY sent by h2).
                     tracing::warn!(pod = %ctx.pod.key, %peer, peer_identity = %peer_id, "tunnel connection error: {e}");
                     break "protocol_error";
+                }
+                Some(Ok((_, mut respond))) if draining.is_cancelled() => {
+                    // A stream the peer opened before it saw the GOAWAY is
+                    // a new connection all the same: refused while draining.
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    ctx.mesh.counters.count(Direction::Tunnel.as_str(), CloseReason::Shutdown.as_str(), None);
                 }
                 Some(Ok((req, respond))) => {
                     streams += 1;
