@@ -482,12 +482,7 @@ impl PodManager {
             self.last_scan = Some((Instant::now(), snap.generation));
         }
         let scan = self.scan.as_ref().ok_or(PodError::Pending)?;
-        let claimed: Vec<u64> = self
-            .previous
-            .keys()
-            .copied()
-            .filter(|c| self.claims(*c, pod))
-            .collect();
+        let claimed: Vec<u64> = self.previous.keys().copied().filter(|c| self.claims(*c, pod)).collect();
         if let [cookie] = claimed.as_slice()
             && let Some(ns) = scan.by_cookie.get(cookie)
         {

@@ -95,7 +95,10 @@ fn a_pod_dialling_the_agents_own_listeners_is_refused_at_once_without_a_loop() {
 
     std::thread::sleep(Duration::from_millis(300));
     let after = open_fds(agent.pid());
-    assert!(after <= before + 8, "the agent's descriptors grew from {before} to {after}");
+    assert!(
+        after <= before + 8,
+        "the agent's descriptors grew from {before} to {after}"
+    );
     for (direction, dst) in [
         ("inbound", "127.0.0.1:15006".to_string()),
         ("inbound", "[::1]:15006".to_string()),
@@ -123,8 +126,7 @@ fn a_pod_dialling_the_agents_own_listeners_is_refused_at_once_without_a_loop() {
 #[test]
 fn a_decoy_namespace_holding_a_pods_ip_does_not_strip_its_capture_when_the_agent_restarts() {
     let _g = shared();
-    let Some(mut t) =
-        cluster("a_decoy_namespace_holding_a_pods_ip_does_not_strip_its_capture_when_the_agent_restarts")
+    let Some(mut t) = cluster("a_decoy_namespace_holding_a_pods_ip_does_not_strip_its_capture_when_the_agent_restarts")
     else {
         return;
     };

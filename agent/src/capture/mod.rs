@@ -8,7 +8,8 @@
 //! programs cannot ask for their namespace's cookie).
 //!
 //! Everything lives under `<bpffs>/nodeward/<node>/v1/`: `maps/`, `links/`
-//! and `pods/<cookie>/`. Links are pinned, so when the agent dies the
+//! and `pods/<cookie>/` (its `sk_lookup` link and `uid-<hash>/`, the pod
+//! captured there). Links are pinned, so when the agent dies the
 //! programs stay: a managed pod's `connect()` still goes to the (now closed)
 //! outbound port and is refused, and inbound connections find no listener
 //! and are dropped. A restarted agent attaches fresh links first and only
@@ -260,9 +261,9 @@ impl Capture {
 /// hold any character, so it is recorded as a hash (FNV-1a, stable across
 /// builds, unlike std's hasher).
 fn uid_marker(uid: &str) -> String {
-    let hash = uid
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    let hash = uid.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
     format!("uid-{hash:016x}")
 }
 
