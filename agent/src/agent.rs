@@ -177,10 +177,14 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
     let manager_task = tokio::spawn(manager.run());
     tracing::info!(node = %args.node_name, config_dir = %args.config_dir.display(), "agent running");
 
-    tokio::select! {
-        _ = sigterm.recv() => tracing::info!("SIGTERM: draining"),
-        _ = sigint.recv() => tracing::info!("SIGINT: draining"),
-    }
+    let signal = tokio::select! {
+        _ = sigterm.recv() => "SIGTERM",
+        _ = sigint.recv() => "SIGINT",
+    };
+    // Stop accepting before saying so: whoever reads the line may rely on
+    // no new connection being handled from then on.
+    lifecycle.stop_accepting.cancel();
+    tracing::info!("{signal}: draining");
     drain(&lifecycle, args.drain_timeout).await;
     let _ = manager_task.await;
     let _ = source_task.await;

@@ -10,10 +10,10 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use nix::sched::{CloneFlags, setns};
 
@@ -66,7 +66,9 @@ pub fn init_home() {
 /// (device, inode) of a namespace file: equal for the same namespace.
 pub type NsId = (u64, u64);
 
-/// An open network namespace, kept alive by its file descriptor.
+/// An open network namespace, kept alive by its file descriptor. Opened
+/// once, by the scan that found it, and used through that descriptor from
+/// then on: a path may name another namespace by the time it is opened again.
 #[derive(Debug)]
 pub struct Netns {
     file: File,
@@ -98,7 +100,7 @@ impl Netns {
         Ok(ns)
     }
 
-    /// The namespace file this handle was opened from.
+    /// The namespace file this handle was opened from (for messages only).
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -170,6 +172,12 @@ impl Netns {
     }
 }
 
+impl AsFd for Netns {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
 /// Addresses of the namespace the calling thread is in, loopback excluded.
 pub fn local_addresses() -> io::Result<Vec<IpAddr>> {
     let mut out = Vec::new();
@@ -216,9 +224,18 @@ pub fn home_id() -> io::Result<NsId> {
     Ok((meta.dev(), meta.ino()))
 }
 
-/// Finds pods' namespaces by their IPs, the way a node agent must: CNI
-/// plugins leave them in `/var/run/netns`, container runtimes behind the
-/// processes in `/proc/*/ns/net`.
+/// What one scan found, each namespace opened once and kept open.
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// The namespaces holding each wanted IP.
+    pub by_ip: HashMap<IpAddr, Vec<Arc<Netns>>>,
+    /// The namespaces whose cookie was asked for, whatever addresses they hold.
+    pub by_cookie: HashMap<u64, Arc<Netns>>,
+}
+
+/// Finds pods' namespaces, the way a node agent must: CNI plugins leave
+/// them in `/var/run/netns`, container runtimes behind the processes in
+/// `/proc/*/ns/net`.
 #[derive(Debug, Default)]
 pub struct NetnsFinder {
     /// Extra directories of namespace files to search besides the defaults.
@@ -226,12 +243,14 @@ pub struct NetnsFinder {
 }
 
 impl NetnsFinder {
-    /// Scans every namespace on the host once and returns, for each wanted
-    /// IP, the namespace files that hold it. The node's own namespace is
-    /// never returned: a pod sharing it (hostNetwork) is not a pod to capture.
-    pub fn scan(&self, wanted: &HashSet<IpAddr>) -> HashMap<IpAddr, Vec<PathBuf>> {
-        let mut found: HashMap<IpAddr, Vec<PathBuf>> = HashMap::new();
-        if wanted.is_empty() {
+    /// Scans every namespace on the host once and returns those that hold a
+    /// wanted IP and those with a wanted cookie (the namespaces of pods
+    /// captured before a restart, found by identity, never by address).
+    /// The node's own namespace is never returned: a pod sharing it
+    /// (hostNetwork) is not a pod to capture.
+    pub fn scan(&self, wanted: &HashSet<IpAddr>, cookies: &HashSet<u64>) -> Scan {
+        let mut found = Scan::default();
+        if wanted.is_empty() && cookies.is_empty() {
             return found;
         }
         let mut seen: HashSet<NsId> = HashSet::new();
@@ -246,16 +265,27 @@ impl NetnsFinder {
                 continue;
             }
             let Ok(ns) = Netns::open(&path) else { continue };
+            // What was opened is what counts: the path may have changed
+            // between the stat and the open.
+            if ns.id() != (meta.dev(), meta.ino()) && !seen.insert(ns.id()) {
+                continue;
+            }
+            let ns = Arc::new(ns);
+            if cookies.contains(&ns.cookie()) {
+                found.by_cookie.insert(ns.cookie(), ns.clone());
+            }
+            if wanted.is_empty() {
+                continue;
+            }
             let Ok(addrs) = ns.addresses() else { continue };
             for ip in addrs {
                 if wanted.contains(&ip) {
-                    found.entry(ip).or_default().push(path.clone());
+                    found.by_ip.entry(ip).or_default().push(ns.clone());
                 }
             }
         }
         found
     }
-
     fn candidates(&self) -> Vec<PathBuf> {
         let mut out = Vec::new();
         let mut dirs = vec![PathBuf::from("/var/run/netns"), PathBuf::from("/run/netns")];

@@ -4,7 +4,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +13,7 @@ use crate::capture::{Capture, CaptureError};
 use crate::identity::Identity;
 use crate::identity::ca::CaError;
 use crate::identity::manager::CertManager;
-use crate::netns::{Netns, NetnsError, NetnsFinder};
+use crate::netns::{Netns, NetnsError, NetnsFinder, Scan};
 use crate::proxy::{Lifecycle, Mesh, PodContext, PodListeners, ProxyConfig, ip_words};
 use crate::state::Store;
 use crate::state::workload::ManagedPod;
@@ -30,14 +29,21 @@ pub enum PodError {
     /// No namespace holds the pod's IP yet.
     #[error("no network namespace on this node holds {0:?} yet")]
     NoNamespace(Vec<IpAddr>),
-    /// Several namespaces hold the IP: capturing either could be wrong.
-    #[error("{ip} is held by several network namespaces: {paths:?}")]
+    /// Several namespaces hold the IP: capturing either could be wrong, and
+    /// leaving them alone would leave the pod open, so all are quarantined.
+    #[error(
+        "{ips:?} are held by several network namespaces ({}): their traffic is refused until one remains",
+        describe(.namespaces)
+    )]
     Ambiguous {
-        /// The IP.
-        ip: IpAddr,
-        /// The namespaces.
-        paths: Vec<PathBuf>,
+        /// The pod's addresses.
+        ips: Vec<IpAddr>,
+        /// The namespaces, as the scan opened them.
+        namespaces: Vec<Arc<Netns>>,
     },
+    /// The next namespace scan is not due yet; nothing is known.
+    #[error("waiting for the next namespace scan")]
+    Pending,
     /// Namespace trouble.
     #[error(transparent)]
     Netns(#[from] NetnsError),
@@ -50,6 +56,21 @@ pub enum PodError {
     /// The pod's certificate could not be issued.
     #[error("issuing the pod's certificate: {0}")]
     Identity(#[from] CaError),
+}
+
+fn describe(namespaces: &[Arc<Netns>]) -> String {
+    let names: Vec<String> = namespaces
+        .iter()
+        .map(|n| format!("{} (cookie {})", n.path().display(), n.cookie()))
+        .collect();
+    names.join(", ")
+}
+
+/// A namespace whose traffic is refused while a pod's IP is ambiguous.
+struct Quarantined {
+    netns: Arc<Netns>,
+    /// Whether its `sk_lookup` is attached (retried until it is).
+    steering: bool,
 }
 
 struct ActivePod {
@@ -69,8 +90,14 @@ pub struct PodManager {
     lifecycle: Lifecycle,
     finder: NetnsFinder,
     active: HashMap<String, ActivePod>,
-    ip_cache: HashMap<IpAddr, Vec<PathBuf>>,
+    /// This round's scan, if one ran; dropped at the end of each round so
+    /// no namespace is kept open (alive) longer than needed.
+    scan: Option<Scan>,
     last_scan: Option<(Instant, u64)>,
+    /// `PODS` entries a previous run left, until adopted or purged.
+    previous: HashMap<u64, PodInfo>,
+    /// Namespaces quarantined for ambiguous pods, by pod uid.
+    quarantined: HashMap<String, Vec<Quarantined>>,
     warned: HashMap<String, String>,
     adopted_previous_run: bool,
     identity: Option<Arc<CertManager>>,
@@ -96,8 +123,10 @@ impl PodManager {
             lifecycle,
             finder: NetnsFinder::default(),
             active: HashMap::new(),
-            ip_cache: HashMap::new(),
+            scan: None,
             last_scan: None,
+            previous: HashMap::new(),
+            quarantined: HashMap::new(),
             warned: HashMap::new(),
             adopted_previous_run: false,
             identity: mesh.certs.clone(),
@@ -113,6 +142,11 @@ impl PodManager {
         // Connections of a previous run died with it; their entries go
         // before any new connection can make one.
         purge_connection_entries(&self.capture, None);
+        for cookie in self.capture.maps.pods.keys().unwrap_or_default() {
+            if let Ok(Some(info)) = self.capture.maps.pods.get(&cookie) {
+                self.previous.insert(cookie, info);
+            }
+        }
         let stop = self.lifecycle.stop_accepting.clone();
         loop {
             self.reconcile().await;
@@ -168,28 +202,54 @@ impl PodManager {
             match self.start_pod(want).await {
                 Ok(a) => {
                     self.warned.remove(uid);
+                    let cookie = a.ctx.netns.cookie();
                     self.active.insert(uid.clone(), a);
+                    self.quarantine(want, &[], Some(cookie));
                 }
+                Err(PodError::Pending) => {}
                 Err(e) => {
+                    match &e {
+                        PodError::Ambiguous { namespaces, .. } => self.quarantine(want, namespaces, None),
+                        // The namespaces it was quarantined in hold its IP no more.
+                        PodError::NoNamespace(_) => self.quarantine(want, &[], None),
+                        // Still ambiguous as far as we know: stay closed.
+                        _ => {}
+                    }
                     let msg = e.to_string();
                     if self.warned.get(uid) != Some(&msg) {
-                        tracing::warn!(pod = %want.key, "cannot capture pod yet, will retry: {msg}");
+                        if matches!(e, PodError::Ambiguous { .. }) {
+                            tracing::warn!(pod = %want.key, "pod quarantined, will retry: {msg}");
+                        } else {
+                            tracing::warn!(pod = %want.key, "cannot capture pod yet, will retry: {msg}");
+                        }
                         self.warned.insert(uid.clone(), msg);
                     }
                 }
             }
         }
         self.warned.retain(|uid, _| desired.contains_key(uid));
+        let undesired: Vec<String> = self
+            .quarantined
+            .keys()
+            .filter(|uid| !desired.contains_key(*uid))
+            .cloned()
+            .collect();
+        for uid in undesired {
+            let old = self.quarantined.remove(&uid).unwrap_or_default();
+            self.release(&uid, old, None);
+        }
+        self.scan = None;
 
-        if !self.adopted_previous_run {
+        // Nothing is purged before the first config is read: every pod
+        // would look unmanaged, and its capture would lapse until re-adopted.
+        if snap.generation > 0 && (!self.adopted_previous_run || !self.previous.is_empty()) {
+            self.purge_stale(&desired);
             self.adopted_previous_run = true;
-            self.purge_stale();
         }
     }
 
     async fn start_pod(&mut self, pod: &ManagedPod) -> Result<ActivePod, PodError> {
-        let path = self.resolve(pod).await?;
-        let netns = Netns::open(&path)?;
+        let netns = self.resolve(pod).await?;
         let identity = match &self.identity {
             Some(m) => {
                 let id = m.identity_of(&pod.namespace, &pod.service_account);
@@ -217,7 +277,7 @@ impl PodManager {
     async fn capture_pod(
         &self,
         pod: &ManagedPod,
-        netns: Netns,
+        netns: Arc<Netns>,
         identity: Option<Identity>,
     ) -> Result<Arc<PodContext>, PodError> {
         let cookie = netns.cookie();
@@ -227,7 +287,7 @@ impl PodManager {
         };
         let ctx = Arc::new(PodContext {
             pod: pod.clone(),
-            netns: Arc::new(netns),
+            netns,
             identity,
             tunnel_tls,
             live: Default::default(),
@@ -240,7 +300,7 @@ impl PodManager {
         // Order matters for fail-closed: listeners and their sock-hash
         // entries first, then steering, then outbound capture.
         let listeners = PodListeners::bind(&ctx)?;
-        self.capture.attach_pod(&ctx.netns)?;
+        self.capture.attach_pod(&ctx.netns, Some(&pod.uid))?;
         let info = pod_info(pod);
         update_exclusions(&self.capture, cookie, &empty_like(pod), pod);
         for ip in &pod.ips {
@@ -280,15 +340,31 @@ impl PodManager {
     }
 
     /// Removes what a previous run left for pods that are no longer managed.
-    fn purge_stale(&self) {
-        let live: HashSet<u64> = self.active.values().map(|a| a.ctx.netns.cookie()).collect();
-        let mut stale: HashSet<u64> = self.capture.pinned_pods().into_iter().collect();
-        stale.extend(self.capture.maps.pods.keys().unwrap_or_default());
-        for cookie in stale.difference(&live) {
-            let _ = self.capture.maps.pods.remove(cookie);
-            let _ = self.capture.detach_pod(*cookie);
+    /// An entry a desired pod still claims stays (its namespace fails
+    /// closed) until that pod is adopted or goes.
+    fn purge_stale(&mut self, desired: &HashMap<String, ManagedPod>) {
+        let mut live: HashSet<u64> = self.active.values().map(|a| a.ctx.netns.cookie()).collect();
+        live.extend(self.quarantined.values().flatten().map(|q| q.netns.cookie()));
+        let mut stale: HashSet<u64> = self.previous.keys().copied().collect();
+        if !self.adopted_previous_run {
+            stale.extend(self.capture.pinned_pods());
+        }
+        for cookie in stale {
+            if live.contains(&cookie) {
+                self.previous.remove(&cookie);
+                continue;
+            }
+            let claimed = desired
+                .values()
+                .any(|p| !self.active.contains_key(&p.uid) && self.claims(cookie, p));
+            if claimed {
+                continue;
+            }
+            self.previous.remove(&cookie);
+            let _ = self.capture.maps.pods.remove(&cookie);
+            let _ = self.capture.detach_pod(cookie);
             for k in self.capture.maps.excluded_ports.keys().unwrap_or_default() {
-                if k.netns == *cookie {
+                if k.netns == cookie {
                     let _ = self.capture.maps.excluded_ports.remove(&k);
                 }
             }
@@ -306,50 +382,135 @@ impl PodManager {
         }
     }
 
-    async fn resolve(&mut self, pod: &ManagedPod) -> Result<PathBuf, PodError> {
-        let cached = pod.ips.iter().find_map(|ip| match self.ip_cache.get(ip) {
-            Some(paths) if paths.len() == 1 => Some(paths[0].clone()),
-            _ => None,
-        });
-        if let Some(path) = cached {
-            // The cache may be stale: confirm the namespace still has the IP.
-            if let Ok(ns) = Netns::open(&path)
-                && ns.addresses().is_ok_and(|a| pod.ips.iter().any(|ip| a.contains(ip)))
-            {
-                return Ok(path);
+    /// Whether `cookie` is where a previous run captured `pod`: its `PODS`
+    /// entry has the pod's addresses and its pins record the pod's uid.
+    fn claims(&self, cookie: u64, pod: &ManagedPod) -> bool {
+        let want = pod_info(pod);
+        self.previous.get(&cookie).is_some_and(|prev| {
+            let ips = POD_HAS_IPV4 | POD_HAS_IPV6;
+            prev.ipv4 == want.ipv4 && prev.ipv6 == want.ipv6 && prev.flags & ips == want.flags & ips
+        }) && self.capture.pinned_pod_is(cookie, &pod.uid)
+    }
+
+    /// Sets the namespaces quarantined for `pod` to `namespaces`: each gets
+    /// `sk_lookup` and a `PODS` entry but no listeners, so inbound traffic
+    /// is dropped and outbound `connect()` is sent to a closed port.
+    /// Namespaces left out are released, except `keep` (the one the pod was
+    /// just captured in) and any an active pod owns.
+    fn quarantine(&mut self, pod: &ManagedPod, namespaces: &[Arc<Netns>], keep: Option<u64>) {
+        let owned: HashSet<u64> = self.active.values().map(|a| a.ctx.netns.cookie()).collect();
+        let mut info = pod_info(pod);
+        info.flags &= POD_HAS_IPV4 | POD_HAS_IPV6;
+        let old = self.quarantined.remove(&pod.uid).unwrap_or_default();
+        let mut now: Vec<Quarantined> = Vec::new();
+        for ns in namespaces {
+            let cookie = ns.cookie();
+            if owned.contains(&cookie) || now.iter().any(|q| q.netns.cookie() == cookie) {
+                continue;
             }
+            let mut q = match old.iter().find(|q| q.netns.cookie() == cookie) {
+                Some(q) => Quarantined {
+                    netns: q.netns.clone(),
+                    steering: q.steering,
+                },
+                None => {
+                    if let Err(e) = self.capture.maps.pods.insert(&cookie, &info) {
+                        tracing::error!(pod = %pod.key, netns = %ns.path().display(), "quarantining: {e}");
+                    }
+                    Quarantined {
+                        netns: ns.clone(),
+                        steering: false,
+                    }
+                }
+            };
+            if !q.steering {
+                match self.capture.attach_pod(&q.netns, None) {
+                    Ok(()) => q.steering = true,
+                    Err(e) => tracing::error!(pod = %pod.key, netns = %ns.path().display(), "quarantining: {e}"),
+                }
+            }
+            now.push(q);
         }
-        // Scan at once for a new config (a pod just appeared), otherwise
-        // at most every SCAN_INTERVAL while some pod is unresolved.
-        let snap = self.store.current();
-        let due = self
-            .last_scan
-            .is_none_or(|(t, generation)| t.elapsed() >= SCAN_INTERVAL || generation != snap.generation);
-        if due {
+        let left: Vec<Quarantined> = old
+            .into_iter()
+            .filter(|q| !now.iter().any(|n| n.netns.cookie() == q.netns.cookie()))
+            .collect();
+        self.release(&pod.key, left, keep);
+        if !now.is_empty() {
+            self.quarantined.insert(pod.uid.clone(), now);
+        }
+    }
+
+    /// Ends the quarantine of namespaces, except `keep` and any an active
+    /// pod owns (their capture replaced it). `pod` names them in the log.
+    fn release(&self, pod: &str, quarantined: Vec<Quarantined>, keep: Option<u64>) {
+        let owned: HashSet<u64> = self.active.values().map(|a| a.ctx.netns.cookie()).collect();
+        for q in quarantined {
+            let cookie = q.netns.cookie();
+            if owned.contains(&cookie) || keep == Some(cookie) {
+                continue;
+            }
+            let _ = self.capture.maps.pods.remove(&cookie);
+            if let Err(e) = self.capture.detach_pod(cookie) {
+                tracing::error!(pod, cookie, "releasing quarantine: {e}");
+            }
+            tracing::info!(pod, netns = %q.netns.path().display(), cookie, "quarantine released");
+        }
+    }
+
+    /// Finds the namespace of a pod to capture: the one a previous run
+    /// captured it in if that still exists (found by cookie, whatever other
+    /// namespaces claim its IP), else the only one holding its IP.
+    async fn resolve(&mut self, pod: &ManagedPod) -> Result<Arc<Netns>, PodError> {
+        if self.scan.is_none() {
+            // Scan at once for a new config (a pod just appeared), otherwise
+            // at most every SCAN_INTERVAL while some pod is unresolved.
+            let snap = self.store.current();
+            let due = self
+                .last_scan
+                .is_none_or(|(t, generation)| t.elapsed() >= SCAN_INTERVAL || generation != snap.generation);
+            if !due {
+                return Err(PodError::Pending);
+            }
             let (desired, _) = snap.managed_pods(&self.node);
             let wanted: HashSet<IpAddr> = desired
                 .values()
                 .filter(|p| !self.active.contains_key(&p.uid))
                 .flat_map(|p| p.ips.iter().copied())
                 .collect();
+            let cookies: HashSet<u64> = self.previous.keys().copied().collect();
             let finder = NetnsFinder {
                 extra_dirs: self.finder.extra_dirs.clone(),
             };
-            self.ip_cache = tokio::task::spawn_blocking(move || finder.scan(&wanted))
+            let scan = tokio::task::spawn_blocking(move || finder.scan(&wanted, &cookies))
                 .await
                 .unwrap_or_default();
+            self.scan = Some(scan);
             self.last_scan = Some((Instant::now(), snap.generation));
         }
-        for ip in &pod.ips {
-            match self.ip_cache.get(ip).map(Vec::as_slice) {
-                Some([one]) => return Ok(one.clone()),
-                Some(many) if many.len() > 1 => {
-                    return Err(PodError::Ambiguous {
-                        ip: *ip,
-                        paths: many.to_vec(),
-                    });
-                }
-                _ => {}
+        let scan = self.scan.as_ref().ok_or(PodError::Pending)?;
+        let claimed: Vec<u64> = self.previous.keys().copied().filter(|c| self.claims(*c, pod)).collect();
+        if let [cookie] = claimed.as_slice()
+            && let Some(ns) = scan.by_cookie.get(cookie)
+        {
+            return Ok(ns.clone());
+        }
+        // Every namespace holding any of its addresses: one address in
+        // another namespace is as ambiguous as two holding the same one.
+        let mut found: Vec<Arc<Netns>> = Vec::new();
+        for ns in pod.ips.iter().filter_map(|ip| scan.by_ip.get(ip)).flatten() {
+            if !found.iter().any(|f| f.cookie() == ns.cookie()) {
+                found.push(ns.clone());
+            }
+        }
+        match found.len() {
+            0 => {}
+            1 => return Ok(found.remove(0)),
+            _ => {
+                return Err(PodError::Ambiguous {
+                    ips: pod.ips.clone(),
+                    namespaces: found,
+                });
             }
         }
         Err(PodError::NoNamespace(pod.ips.clone()))

@@ -283,6 +283,30 @@ impl Topology {
         pod
     }
 
+    /// Creates a namespace `nwt<id>-<name>` that is no pod, holding `ips` on
+    /// a veth of its own: what any workload able to create a network
+    /// namespace can do. Removed with the topology.
+    pub fn add_decoy(&mut self, name: &str, ips: &[IpAddr]) -> String {
+        let netns = format!("nwt{}-{name}", self.id);
+        sh(&["ip", "netns", "add", &netns]);
+        self.extra_netns.push(netns.clone());
+        ip(&netns, &["link", "add", "eth0", "type", "veth", "peer", "name", "eth1"]);
+        ip(&netns, &["link", "set", "eth0", "up"]);
+        for addr in ips {
+            match addr {
+                IpAddr::V4(v4) => ip(&netns, &["addr", "add", &format!("{v4}/32"), "dev", "eth0"]),
+                IpAddr::V6(v6) => ip(&netns, &["addr", "add", &format!("{v6}/128"), "dev", "eth0", "nodad"]),
+            }
+        }
+        netns
+    }
+
+    /// Deletes a namespace made by [`Topology::add_decoy`] before teardown.
+    pub fn remove_decoy(&mut self, netns: &str) {
+        sh(&["ip", "netns", "del", netns]);
+        self.extra_netns.retain(|n| n != netns);
+    }
+
     /// Writes the config file atomically (hidden temp file, then rename).
     pub fn write_config(&self) {
         let tmp = self.config_dir.join(".cluster.yaml.tmp");

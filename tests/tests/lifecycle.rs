@@ -166,9 +166,7 @@ fn a_deleted_pod_is_released_within_a_second() {
 
 #[test]
 fn sigterm_drains_open_connections_then_leaves_capture_attached_until_cleanup() {
-    // Exclusive: under concurrent tests a new connection during drain was
-    // seen to reach the app (cause under investigation, see the notes).
-    let _g = exclusive();
+    let _g = shared();
     if !privileged_or_skip("sigterm_drains_open_connections_then_leaves_capture_attached_until_cleanup") {
         return;
     }
@@ -216,6 +214,35 @@ fn sigterm_drains_open_connections_then_leaves_capture_attached_until_cleanup() 
     assert_eq!(sk_lookup_links(&a.netns), 0);
     let (_, _, local) = round_trip(&a.netns, c.v4(7000), b"direct").unwrap();
     assert_eq!(local.ip(), a.v4(0).ip());
+}
+
+#[test]
+fn sigterm_refuses_new_streams_on_tunnel_connections_already_open() {
+    let _g = shared();
+    if !privileged_or_skip("sigterm_refuses_new_streams_on_tunnel_connections_already_open") {
+        return;
+    }
+    // One tunnel connection per destination on node 2, so a second
+    // connection to `a` would be a new stream on the open one.
+    let mut t = Topology::build(TopologySpec::two_nodes());
+    t.start_agent(0, &["--drain-timeout", "20s"]);
+    t.start_agent(1, &["--tunnel-connections", "1"]);
+    t.wait_captured(0);
+    t.wait_captured(1);
+    let (a, c) = (t.pod("a").clone(), t.pod("c").clone());
+    let _sa = serve(&a.netns, a.v4(7000), info_echo);
+    let mut open = traffic::connect(&c.netns, a.v4(7000)).unwrap();
+    read_greeting(&open).unwrap();
+
+    t.agent(0).terminate();
+    t.agent(0)
+        .wait_log(WAIT, |l| l["message"] == "SIGTERM: draining")
+        .expect("drain started");
+    assert_blocked(&c.netns, a.v4(7000));
+    open.write_all(b"still here").unwrap();
+    let mut buf = [0u8; 10];
+    open.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"still here");
 }
 
 #[test]

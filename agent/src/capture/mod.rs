@@ -9,7 +9,8 @@
 //! programs cannot ask for their namespace's cookie).
 //!
 //! Everything lives under `<bpffs>/nodeward/<node>/v1/`: `maps/`, `links/`
-//! and `pods/<cookie>/`. Links are pinned, so when the agent dies the
+//! and `pods/<cookie>/` (its `sk_lookup` link and `uid-<hash>/`, the pod
+//! captured there). Links are pinned, so when the agent dies the
 //! programs stay: a managed pod's `connect()` still goes to the (now closed)
 //! outbound port and is refused, and inbound connections find no listener
 //! and are dropped. A restarted agent attaches fresh links first and only
@@ -214,25 +215,39 @@ impl Capture {
         })
     }
 
-    /// Attaches (or re-attaches) inbound steering to a pod's namespace.
-    pub fn attach_pod(&self, netns: &Netns) -> Result<(), CaptureError> {
+    /// Attaches (or re-attaches) inbound steering to a pod's namespace,
+    /// through the descriptor the namespace was found with (never by path).
+    /// `uid` is the pod captured there, recorded next to the pin so that a
+    /// restarted agent re-adopts the namespace it captured rather than any
+    /// namespace holding the pod's IP; `None` (a quarantined namespace)
+    /// records no pod.
+    pub fn attach_pod(&self, netns: &Netns, uid: Option<&str>) -> Result<(), CaptureError> {
         let cookie = netns.cookie();
         let pod_dir = self.dir.join("pods").join(cookie.to_string());
-        std::fs::create_dir_all(&pod_dir).map_err(|e| CaptureError::Pin {
-            path: pod_dir.clone(),
+        let dir_err = |path: &Path, e: std::io::Error| CaptureError::Pin {
+            path: path.to_path_buf(),
             message: e.to_string(),
-        })?;
+        };
+        std::fs::create_dir_all(&pod_dir).map_err(|e| dir_err(&pod_dir, e))?;
         let mut ebpf = load_object(&self.dir, self.config.socket_mark, self.node_netns, Some(cookie))?;
         let name = "nw_sk_lookup";
         let prog: &mut SkLookup = program(&mut ebpf, name)?;
         prog.load().map_err(|e| refused(name, e))?;
-        let ns_file = std::fs::File::open(netns.path()).map_err(|e| CaptureError::Host {
-            what: format!("network namespace {}", netns.path().display()),
-            message: e.to_string(),
-        })?;
-        let id = prog.attach(ns_file.as_fd()).map_err(|e| refused(name, e))?;
+        let id = prog.attach(netns.as_fd()).map_err(|e| refused(name, e))?;
         let link: FdLink = prog.take_link(id).map_err(|e| refused(name, e))?.into();
-        replace_pin(link, &pod_dir.join("sk_lookup"))
+        replace_pin(link, &pod_dir.join("sk_lookup"))?;
+        let marker = uid.map(uid_marker);
+        for old in marker_dirs(&pod_dir) {
+            if Some(&old) != marker.as_ref() {
+                let path = pod_dir.join(&old);
+                std::fs::remove_dir(&path).map_err(|e| dir_err(&path, e))?;
+            }
+        }
+        if let Some(m) = marker {
+            let path = pod_dir.join(m);
+            std::fs::create_dir_all(&path).map_err(|e| dir_err(&path, e))?;
+        }
+        Ok(())
     }
 
     /// Detaches a pod's inbound steering.
@@ -251,6 +266,36 @@ impl Capture {
             })
             .unwrap_or_default()
     }
+
+    /// Whether the pod with `uid` is the one recorded as captured in the
+    /// namespace with `cookie` (see [`Capture::attach_pod`]).
+    pub fn pinned_pod_is(&self, cookie: u64, uid: &str) -> bool {
+        let pod_dir = self.dir.join("pods").join(cookie.to_string());
+        marker_dirs(&pod_dir) == [uid_marker(uid)]
+    }
+}
+
+/// The name under which a pod's uid is recorded in its pin directory:
+/// bpffs holds only directories and pins, and a uid from the config may
+/// hold any character, so it is recorded as a hash (FNV-1a, stable across
+/// builds, unlike std's hasher).
+fn uid_marker(uid: &str) -> String {
+    let hash = uid.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("uid-{hash:016x}")
+}
+
+/// The uid markers in a pod's pin directory.
+fn marker_dirs(pod_dir: &Path) -> Vec<String> {
+    std::fs::read_dir(pod_dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.starts_with("uid-"))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Removes every pin of a node: programs detach, maps are freed. Returns

@@ -9,6 +9,7 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use nodeward_common::{INBOUND_PORT, OUTBOUND_PORT, TUNNEL_PORT};
 use tokio::net::TcpStream;
 
 use super::relay::CloseReason;
@@ -23,6 +24,13 @@ pub async fn handle(ctx: &PodContext, down: TcpStream, peer: SocketAddr) -> Outc
         Ok(a) => unmap(a),
         Err(_) => return Outcome::refused(None, CloseReason::IoError),
     };
+    if dst.ip().is_loopback() {
+        // Only an app inside the pod can reach the listener by its loopback
+        // address (sk_lookup hands over outside traffic with the pod's IP as
+        // local address); relaying it would dial this listener again.
+        socket::reset(&down);
+        return Outcome::refused(Some(dst), CloseReason::LoopRefused);
+    }
     let client = unmap(peer);
     let snap = ctx.mesh.store.current();
     let Some(pod) = snap.pods.get(&ctx.pod.key).cloned() else {
@@ -55,7 +63,7 @@ pub async fn handle(ctx: &PodContext, down: TcpStream, peer: SocketAddr) -> Outc
             // The app's port is closed (or worse): the client must see a
             // reset, as it would without the mesh, not a hang.
             socket::reset(&down);
-            return Outcome::refused(Some(dst), CloseReason::from_io(&e));
+            return Outcome::refused(Some(dst), close_reason(&e));
         }
     };
     let mut stats = relay_tcp(ctx, down, up, &live.cancel).await;
@@ -79,6 +87,10 @@ pub async fn handle(ctx: &PodContext, down: TcpStream, peer: SocketAddr) -> Outc
 /// app would see a loopback peer, which apps tend to trust: the hop is
 /// refused instead.
 pub async fn connect_app(ctx: &PodContext, dst: SocketAddr, client: SocketAddr) -> io::Result<TcpStream> {
+    if dst.ip().is_loopback() || is_agent_port(dst.port()) {
+        // The agent's own listeners: a hop there would come back to us.
+        return Err(io::Error::other(LoopRefused(dst)));
+    }
     let maps = &ctx.capture.maps;
     let client = sock_addr(client);
     let sock = socket::pod_socket(&ctx.netns, ctx.config.socket_mark, dst, Some(hop_source(dst.ip())))?;
@@ -111,5 +123,25 @@ fn hop_source(dst: IpAddr) -> IpAddr {
     match dst {
         IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6)),
         IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+    }
+}
+
+/// A hop the agent refused to dial because it would reach its own listeners.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} is the agent's own listener: not dialled")]
+pub struct LoopRefused(pub SocketAddr);
+
+/// Whether `port` is one of the agent's listener ports (15001, 15006,
+/// 15008), which no app behind the agent may be reached on.
+pub fn is_agent_port(port: u16) -> bool {
+    matches!(port, OUTBOUND_PORT | INBOUND_PORT | TUNNEL_PORT)
+}
+
+/// The close reason of a failed [`connect_app`].
+pub fn close_reason(e: &io::Error) -> CloseReason {
+    if e.get_ref().is_some_and(|inner| inner.is::<LoopRefused>()) {
+        CloseReason::LoopRefused
+    } else {
+        CloseReason::from_io(e)
     }
 }

@@ -208,10 +208,9 @@ impl Direction {
 
 async fn accept_loop(ctx: Arc<PodContext>, listener: TcpListener, dir: Direction) {
     loop {
-        let accepted = tokio::select! {
-            _ = ctx.cancel.cancelled() => return,
-            _ = ctx.lifecycle.stop_accepting.cancelled() => return,
-            a = listener.accept() => a,
+        let stops = [&ctx.cancel, &ctx.lifecycle.stop_accepting];
+        let Some(accepted) = next_connection(&listener, stops).await else {
+            return;
         };
         let (stream, peer) = match accepted {
             Ok(a) => a,
@@ -275,6 +274,33 @@ pub fn refuse(ctx: &PodContext, dir: Direction, stream: &TcpStream, peer: Socket
     // An outbound peer is the app's own loopback endpoint: the pod says it all.
     let peer = (dir != Direction::Outbound).then(|| peer.ip());
     ctx.mesh.limits.refused(refusal, dir.as_str(), &ctx.pod.key, peer);
+}
+
+/// The next accepted connection, or `None` once a `stops` token fired.
+///
+/// Stopping wins over a connection waiting in the backlog (an unbiased
+/// `select!` picks either at random when both are ready, so a connection
+/// could be accepted after drain began), and a connection accepted while a
+/// token fired is reset rather than handled: nothing accepted after drain
+/// began reaches an app. The listener is closed when the loop returns, which
+/// resets the backlog.
+async fn next_connection(
+    listener: &TcpListener,
+    stops: [&CancellationToken; 2],
+) -> Option<std::io::Result<(TcpStream, SocketAddr)>> {
+    let accepted = tokio::select! {
+        biased;
+        _ = stops[0].cancelled() => return None,
+        _ = stops[1].cancelled() => return None,
+        a = listener.accept() => a,
+    };
+    if stops.iter().any(|s| s.is_cancelled()) {
+        if let Ok((s, _)) = &accepted {
+            socket::reset(s);
+        }
+        return None;
+    }
+    Some(accepted)
 }
 
 /// The result of handling one connection, for its log line.
@@ -480,6 +506,25 @@ pub fn from_words(words: [u32; 4], port: u16) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_connection_waiting_when_drain_begins_is_not_accepted() {
+        // Ready at once, both: the stop and a handshake done in the backlog.
+        for _ in 0..32 {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            client.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            // Let the reactor see the listener readable, as a busy agent's has.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let (pod, drain) = (CancellationToken::new(), CancellationToken::new());
+            drain.cancel();
+            assert!(next_connection(&listener, [&pod, &drain]).await.is_none());
+            drop(listener);
+            let mut buf = [0u8; 1];
+            let r = std::io::Read::read(&mut &client, &mut buf);
+            assert!(matches!(r, Ok(0) | Err(_)), "the waiting client is refused: {r:?}");
+        }
+    }
 
     #[test]
     fn addresses_round_trip_through_map_words() {

@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::hbone::{self, HBONE_PORT};
+use super::inbound::is_agent_port;
 use super::pool::{Connector, PoolError, PoolKey, TunnelIo};
 use super::relay::{self, CloseReason, StreamSink, StreamSource};
 use super::{Outcome, PodContext, final_reason, from_words, relay_tcp, sock_key, socket};
@@ -38,6 +39,12 @@ pub async fn handle(ctx: &PodContext, down: TcpStream, peer: SocketAddr) -> Outc
     let _entry = MapEntryGuard { ctx, key };
     let dst = from_words(orig.addr, orig.port);
     let snap = ctx.mesh.store.current();
+    if is_agent_port(dst.port()) && snap.enrolled_workload(dst.ip()).is_some() {
+        // An enrolled pod's agent ports belong to its agent, not its apps;
+        // its tunnel would only be asked to dial them again.
+        socket::reset(&down);
+        return Outcome::refused(Some(dst), CloseReason::LoopRefused);
+    }
     // A destination port in mTLS DISABLE is reached in plaintext: its
     // agent has stepped aside and would not capture the tunnel's stream.
     let workload = match snap.destination(dst.ip()) {

@@ -129,6 +129,9 @@ pub enum CloseReason {
     PolicyDenied,
     /// A policy change no longer allows it.
     PolicyChanged,
+    /// It was addressed to the agent itself (a pod's loopback listener or
+    /// an agent port), which would make the agent dial its own listeners.
+    LoopRefused,
 }
 
 impl CloseReason {
@@ -155,6 +158,7 @@ impl CloseReason {
             CloseReason::MtlsStrict => "mtls_strict",
             CloseReason::PolicyDenied => "policy_denied",
             CloseReason::PolicyChanged => "policy_changed",
+            CloseReason::LoopRefused => "loop_refused",
         }
     }
 

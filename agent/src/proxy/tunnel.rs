@@ -25,7 +25,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::hbone::{parse_authority, parse_forwarded_for, stream_halves};
-use super::inbound::connect_app;
+use super::inbound::{close_reason, connect_app};
 use super::limits::{Side, TunnelPermit, send_buffer_per_stream};
 use super::relay::{self, CloseReason, StreamSink, StreamSource};
 use super::{Direction, Outcome, PodContext, final_reason, log_audits, log_connection, socket, unmap};
@@ -50,6 +50,12 @@ pub async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr, mut p
         o.refusal = refusal;
         log_connection(&ctx, Direction::Tunnel, peer, &o, started);
     };
+    if tcp.local_addr().map_or(true, |a| unmap(a).ip().is_loopback()) {
+        // Reached by its loopback address: only an app inside the pod can do
+        // that (sk_lookup hands over outside traffic with the pod's IP).
+        socket::reset(&tcp);
+        return refused(CloseReason::LoopRefused, None);
+    }
     let Some(tls_config) = ctx.tunnel_tls.clone() else {
         socket::reset(&tcp);
         return refused(CloseReason::NoIdentity, None);
@@ -101,6 +107,8 @@ pub async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr, mut p
     permit.authenticated();
     let mut streams = 0u64;
     let early_resets = Arc::new(AtomicU64::new(0));
+    let draining = ctx.lifecycle.stop_accepting.clone();
+    let mut going_away = false;
     let end = loop {
         // Rapid reset (CVE-2023-44487 class): a peer that cancels most of
         // its streams before they are answered only makes us dial the app.
@@ -111,9 +119,16 @@ pub async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr, mut p
             break "rapid_reset";
         }
         tokio::select! {
+            biased;
             _ = cancel.cancelled() => {
                 conn.abrupt_shutdown(h2::Reason::CANCEL);
                 break "cancelled";
+            }
+            _ = draining.cancelled(), if !going_away => {
+                // Drain: GOAWAY, so the peer opens no new stream here; the
+                // open ones finish, then the connection closes.
+                conn.graceful_shutdown();
+                going_away = true;
             }
             next = conn.accept() => match next {
                 None => break "closed",
@@ -121,6 +136,12 @@ pub async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr, mut p
                     // Floods of streams or resets end here (GOAWAY sent by h2).
                     tracing::warn!(pod = %ctx.pod.key, %peer, peer_identity = %peer_id, "tunnel connection error: {e}");
                     break "protocol_error";
+                }
+                Some(Ok((_, mut respond))) if draining.is_cancelled() => {
+                    // A stream the peer opened before it saw the GOAWAY is
+                    // a new connection all the same: refused while draining.
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    ctx.mesh.counters.count(Direction::Tunnel.as_str(), CloseReason::Shutdown.as_str(), None);
                 }
                 Some(Ok((req, mut respond))) => {
                     streams += 1;
@@ -225,7 +246,7 @@ async fn stream(
         Ok(c) => c,
         Err(e) => {
             reject(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-            let o = outcome(Some(dst), CloseReason::from_io(&e), None);
+            let o = outcome(Some(dst), close_reason(&e), None);
             return log_connection(ctx, Direction::Tunnel, client, &o, started);
         }
     };
