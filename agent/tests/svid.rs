@@ -13,7 +13,7 @@ use nodeward::identity::manager::{CertManager, IdentityConfig};
 use nodeward::identity::revocation::PeerRegistry;
 use nodeward::identity::tls::{self, CertSource, FixedCert, certified_key};
 use nodeward::identity::trust::{DenyEntry, TrustSnapshot, TrustStore, UnknownStatus};
-use nodeward::identity::verify::{Refusal, refusal_of_io};
+use nodeward::identity::verify::{Refusal, Role, refusal_of_io};
 use rcgen::{DnType, ExtendedKeyUsagePurpose, IsCa, SanType};
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::sign::CertifiedKey;
@@ -578,14 +578,16 @@ async fn revocation_and_deny_list_cut_established_connections_within_seconds() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let acceptor = TlsAcceptor::from(server.clone());
-        let reg = registry.clone();
+        let (reg, trust) = (registry.clone(), m.trust());
         let accepted = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
             let tls = acceptor.accept(tcp).await.unwrap();
             let chain: Vec<CertificateDer<'static>> = tls.get_ref().1.peer_certificates().unwrap().to_vec();
             let peer = tls::peer_identity(Some(&chain)).unwrap();
             let token = CancellationToken::new();
-            let registration = reg.register(peer, &chain, token.clone());
+            let registration = reg
+                .register(peer, &chain, Role::Client, token.clone(), &trust)
+                .unwrap();
             (tls, token, registration)
         });
         let tcp = TcpStream::connect(addr).await.unwrap();
@@ -836,5 +838,61 @@ async fn a_lower_numbered_crl_does_not_replace_a_higher_one() {
     std::fs::write(&file, std::fs::read(p.dir.join(ca::CA_CRL)).unwrap()).unwrap();
     sources.refresh(&issuers, false);
     assert!(sources.problems().is_empty(), "{:?}", sources.problems());
+    let _ = (std::fs::remove_dir_all(&p.dir), std::fs::remove_dir_all(&p.nested_dir));
+}
+
+#[tokio::test]
+async fn a_trust_change_during_the_handshake_is_caught_when_the_peer_is_registered() {
+    let p = pki();
+    let client_key = key_for(&p.ca, &id("shop", "web"));
+    let trust = TrustStore::new(trust_for(&p.ca));
+    let registry = PeerRegistry::new();
+    let o = handshake(
+        server_cfg(key_for(&p.ca, &id("shop", "api")), trust.clone()),
+        client_cfg(client_key.clone(), trust.clone(), id("shop", "api")),
+    )
+    .await;
+    assert!(o.server.is_ok());
+    // The deny list changes after the handshake verified the client but
+    // before its connection is filed, so no sweep will see it.
+    let mut denied = trust_for(&p.ca);
+    denied.deny.entries.push(DenyEntry::Exact(id("shop", "web")));
+    trust.replace(denied);
+    let r = registry.register(
+        id("shop", "web"),
+        &client_key.cert,
+        Role::Client,
+        CancellationToken::new(),
+        &trust,
+    );
+    assert_eq!(r.err().map(|e| e.refusal), Some(Refusal::DeniedIdentity));
+    assert!(registry.is_empty(), "a refused registration is not kept");
+    let _ = (std::fs::remove_dir_all(&p.dir), std::fs::remove_dir_all(&p.nested_dir));
+}
+
+#[tokio::test]
+async fn a_registered_connection_is_cancelled_when_its_peer_certificate_expires() {
+    let p = pki();
+    let trust = TrustStore::new(trust_for(&p.ca));
+    let registry = PeerRegistry::new();
+    let stop = CancellationToken::new();
+    tokio::spawn(registry.clone().run(trust.clone(), stop.clone()));
+    // A long-lived peer first, then one whose certificate ends in 2 s.
+    let long = key_for(&p.ca, &id("shop", "web"));
+    let issued = p.ca.issue(&id("shop", "web"), Duration::from_secs(2)).unwrap();
+    let (long_token, short_token) = (CancellationToken::new(), CancellationToken::new());
+    let _long = registry
+        .register(id("shop", "web"), &long.cert, Role::Client, long_token.clone(), &trust)
+        .unwrap();
+    let short = registry
+        .register(id("shop", "web"), &issued.chain, Role::Client, short_token.clone(), &trust)
+        .unwrap();
+    assert!(short.not_after() <= SystemTime::now() + Duration::from_secs(2));
+    tokio::time::timeout(Duration::from_secs(5), short_token.cancelled())
+        .await
+        .expect("cancelled when the certificate expires");
+    assert!(SystemTime::now() >= short.not_after(), "not before its notAfter");
+    assert!(!long_token.is_cancelled());
+    stop.cancel();
     let _ = (std::fs::remove_dir_all(&p.dir), std::fs::remove_dir_all(&p.nested_dir));
 }

@@ -502,7 +502,12 @@ pub fn refusal_of(e: &rustls::Error) -> Option<Refusal> {
     }
 }
 
-/// [`refusal_of`] for the `io::Error` tokio-rustls returns.
+/// [`refusal_of`] for the `io::Error` tokio-rustls returns, or one that
+/// wraps an [`SvidError`] directly (a registration refused after the handshake).
 pub fn refusal_of_io(e: &std::io::Error) -> Option<Refusal> {
-    e.get_ref()?.downcast_ref::<rustls::Error>().and_then(refusal_of)
+    let inner = e.get_ref()?;
+    if let Some(s) = inner.downcast_ref::<SvidError>() {
+        return Some(s.refusal);
+    }
+    inner.downcast_ref::<rustls::Error>().and_then(refusal_of)
 }
