@@ -896,3 +896,33 @@ async fn a_registered_connection_is_cancelled_when_its_peer_certificate_expires(
     stop.cancel();
     let _ = (std::fs::remove_dir_all(&p.dir), std::fs::remove_dir_all(&p.nested_dir));
 }
+
+#[tokio::test]
+async fn removing_a_root_cuts_the_connections_that_chain_to_it() {
+    let (old, new) = (pki(), pki());
+    let mut roots = old.ca.roots().to_vec();
+    roots.extend(new.ca.roots().iter().cloned());
+    let trust = TrustStore::new(TrustSnapshot::new(TD, roots, old.ca.chain()));
+    let registry = PeerRegistry::new();
+    let stop = CancellationToken::new();
+    tokio::spawn(registry.clone().run(trust.clone(), stop.clone()));
+    let (from_old, from_new) = (CancellationToken::new(), CancellationToken::new());
+    let old_server = key_for(&old.ca, &id("shop", "api"));
+    let new_server = key_for(&new.ca, &id("shop", "api"));
+    let _a = registry
+        .register(id("shop", "api"), &old_server.cert, Role::Server, from_old.clone(), &trust)
+        .unwrap();
+    let _b = registry
+        .register(id("shop", "api"), &new_server.cert, Role::Server, from_new.clone(), &trust)
+        .unwrap();
+    // Root rotation completes: the old root leaves the bundle.
+    trust.replace(trust_for(&new.ca));
+    tokio::time::timeout(Duration::from_secs(5), from_old.cancelled())
+        .await
+        .expect("the connection under the removed root is cut");
+    assert!(!from_new.is_cancelled(), "the one under the remaining root stays");
+    stop.cancel();
+    for p in [old, new] {
+        let _ = (std::fs::remove_dir_all(&p.dir), std::fs::remove_dir_all(&p.nested_dir));
+    }
+}

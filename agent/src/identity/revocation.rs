@@ -203,6 +203,8 @@ impl PeerRegistry {
     /// `stop` fires.
     pub async fn run(self: Arc<Self>, trust: Arc<TrustStore>, stop: CancellationToken) {
         let mut rx = trust.subscribe();
+        // A change made before the subscription is caught here.
+        self.sweep(&trust.current());
         loop {
             let next = self.next_deadline();
             let expiry = async {

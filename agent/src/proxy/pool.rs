@@ -395,4 +395,28 @@ mod tests {
         let other = PoolKey { src_netns: 2, ..key() };
         assert!(matches!(pool.sender(&other, refused).await, Err(PoolError::Connect(_))));
     }
+
+    #[tokio::test]
+    async fn a_connection_whose_peer_is_revoked_takes_no_new_stream_and_closes() {
+        let pool = Pool::new(H2Settings::default(), Duration::from_secs(60), 1);
+        let revoked = CancellationToken::new();
+        let cut = revoked.clone();
+        let first = move || -> Connector<'static> {
+            Box::pin(async move {
+                let mut t = to_server().await?;
+                t.revoked = cut;
+                Ok(t)
+            })
+        };
+        let (_s1, l1) = pool.sender(&key(), first).await.unwrap();
+        revoked.cancel();
+        assert!(l1.peer_revoked());
+        let (_s2, l2) = pool.sender(&key(), to_server).await.unwrap();
+        assert_ne!(l1.connection_id(), l2.connection_id(), "a fresh connection serves new streams");
+        assert_eq!(pool.opened(), 2);
+        // The revoked connection itself is closed, streams and all.
+        tokio::time::timeout(Duration::from_secs(5), l1.conn.closed.cancelled())
+            .await
+            .expect("closed");
+    }
 }
