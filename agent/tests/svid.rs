@@ -585,9 +585,7 @@ async fn revocation_and_deny_list_cut_established_connections_within_seconds() {
             let chain: Vec<CertificateDer<'static>> = tls.get_ref().1.peer_certificates().unwrap().to_vec();
             let peer = tls::peer_identity(Some(&chain)).unwrap();
             let token = CancellationToken::new();
-            let registration = reg
-                .register(peer, &chain, Role::Client, token.clone(), &trust)
-                .unwrap();
+            let registration = reg.register(peer, &chain, Role::Client, token.clone(), &trust).unwrap();
             (tls, token, registration)
         });
         let tcp = TcpStream::connect(addr).await.unwrap();
@@ -705,7 +703,9 @@ async fn refusal_for(p: &Pki, server_trust: Arc<TrustStore>, client: Arc<Certifi
         client_cfg(client, client_trust, id("shop", "api")),
     )
     .await;
-    o.server.err().map(|e| refusal_of_io(&e).expect("refused by the verifier"))
+    o.server
+        .err()
+        .map(|e| refusal_of_io(&e).expect("refused by the verifier"))
 }
 
 #[tokio::test]
@@ -738,7 +738,11 @@ async fn two_crls_of_one_issuer_both_count_in_the_handshake() {
             );
         }
         let other = key_for(&p.ca, &id("shop", "web"));
-        assert_eq!(refusal_for(&p, trust.clone(), other).await, None, "an unrevoked certificate");
+        assert_eq!(
+            refusal_for(&p, trust.clone(), other).await,
+            None,
+            "an unrevoked certificate"
+        );
     }
     let _ = (std::fs::remove_dir_all(&p.dir), std::fs::remove_dir_all(&p.nested_dir));
     let _ = std::fs::remove_dir_all(&dir);
@@ -768,7 +772,11 @@ async fn a_crl_past_its_next_update_refuses_what_it_speaks_for_when_unknown_stat
 
     let fresh = sources(UnknownStatus::Refuse);
     let trust = snapshot(&fresh, UnknownStatus::Refuse);
-    assert_eq!(refusal_for(&p, trust, client()).await, None, "fresh CRLs vouch for the chain");
+    assert_eq!(
+        refusal_for(&p, trust, client()).await,
+        None,
+        "fresh CRLs vouch for the chain"
+    );
 
     std::fs::write(&ca_crl, stale_crl(&p)).unwrap();
     let mut stale = sources(UnknownStatus::Refuse);
@@ -885,7 +893,13 @@ async fn a_registered_connection_is_cancelled_when_its_peer_certificate_expires(
         .register(id("shop", "web"), &long.cert, Role::Client, long_token.clone(), &trust)
         .unwrap();
     let short = registry
-        .register(id("shop", "web"), &issued.chain, Role::Client, short_token.clone(), &trust)
+        .register(
+            id("shop", "web"),
+            &issued.chain,
+            Role::Client,
+            short_token.clone(),
+            &trust,
+        )
         .unwrap();
     assert!(short.not_after() <= SystemTime::now() + Duration::from_secs(2));
     tokio::time::timeout(Duration::from_secs(5), short_token.cancelled())
@@ -910,10 +924,22 @@ async fn removing_a_root_cuts_the_connections_that_chain_to_it() {
     let old_server = key_for(&old.ca, &id("shop", "api"));
     let new_server = key_for(&new.ca, &id("shop", "api"));
     let _a = registry
-        .register(id("shop", "api"), &old_server.cert, Role::Server, from_old.clone(), &trust)
+        .register(
+            id("shop", "api"),
+            &old_server.cert,
+            Role::Server,
+            from_old.clone(),
+            &trust,
+        )
         .unwrap();
     let _b = registry
-        .register(id("shop", "api"), &new_server.cert, Role::Server, from_new.clone(), &trust)
+        .register(
+            id("shop", "api"),
+            &new_server.cert,
+            Role::Server,
+            from_new.clone(),
+            &trust,
+        )
         .unwrap();
     // Root rotation completes: the old root leaves the bundle.
     trust.replace(trust_for(&new.ca));

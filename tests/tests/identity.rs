@@ -222,7 +222,12 @@ fn pooled_tunnel_is_cut_and_not_reused(t: &Topology, mut held: TcpStream, refusa
     );
     let cut = t
         .agent(0)
-        .wait_log(WAIT, |l| l["message"].as_str().unwrap_or("").starts_with("closing connection: peer no longer trusted"))
+        .wait_log(WAIT, |l| {
+            l["message"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("closing connection: peer no longer trusted")
+        })
         .unwrap_or_else(|| panic!("no cut logged:\n{}", t.agent(0).dump()));
     assert_eq!(cut["peer"], C_ID);
     assert_eq!(cut["refusal"], refusal);
@@ -236,14 +241,20 @@ fn pooled_tunnel_is_cut_and_not_reused(t: &Topology, mut held: TcpStream, refusa
         .wait_log(WAIT, |l| {
             l["message"] == "connection closed" && l["direction"] == "outbound" && l["refusal"] == refusal
         })
-        .unwrap_or_else(|| panic!("the new connection was not refused by a handshake:\n{}", t.agent(0).dump()));
+        .unwrap_or_else(|| {
+            panic!(
+                "the new connection was not refused by a handshake:\n{}",
+                t.agent(0).dump()
+            )
+        });
     assert_eq!(l["dst"], c.v4(7000).to_string());
 }
 
 #[test]
 fn denying_a_server_on_the_clients_node_closes_its_pooled_tunnel() {
     let _g = shared();
-    let Some((t, deny, _crl, held, _server)) = client_with_pooled_tunnel("denying_a_server_on_the_clients_node_closes_its_pooled_tunnel")
+    let Some((t, deny, _crl, held, _server)) =
+        client_with_pooled_tunnel("denying_a_server_on_the_clients_node_closes_its_pooled_tunnel")
     else {
         return;
     };

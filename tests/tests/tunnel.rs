@@ -557,7 +557,9 @@ fn a_client_interleaving_good_streams_with_resets_is_cut_off_but_a_few_resets_ar
         let r = interleaved_resets(&h2, &authority, 5, 10).await;
         assert_eq!(r, Ok(5), "a client resetting a few streams keeps its connection");
         assert_eq!(
-            request(&mut h2.clone(), http::Method::CONNECT, &authority, None).await.ok(),
+            request(&mut h2.clone(), http::Method::CONNECT, &authority, None)
+                .await
+                .ok(),
             Some(http::StatusCode::OK)
         );
         // One good stream per reset keeps resets at half of all streams.
@@ -568,7 +570,8 @@ fn a_client_interleaving_good_streams_with_resets_is_cut_off_but_a_few_resets_ar
     let cut = t
         .agent(1)
         .wait_log(WAIT, |l| {
-            l["message"] == "closing tunnel connection: rapid stream resets" && l["peer_identity"] == "spiffe://cluster.local/ns/mesh/sa/d"
+            l["message"] == "closing tunnel connection: rapid stream resets"
+                && l["peer_identity"] == "spiffe://cluster.local/ns/mesh/sa/d"
         })
         .unwrap_or_else(|| panic!("the cut-off is not logged:\n{}", t.agent(1).dump()));
     let n = t

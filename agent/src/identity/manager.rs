@@ -89,8 +89,8 @@ impl CertManager {
         for f in &mut ca_files {
             f.changed();
         }
-        let mut sources =
-            TrustSources::new(&config.crl_files, config.deny_file.as_deref()).with_unknown_status(config.unknown_status);
+        let mut sources = TrustSources::new(&config.crl_files, config.deny_file.as_deref())
+            .with_unknown_status(config.unknown_status);
         let issuers = issuers(&authority);
         sources.refresh(&issuers, true);
         sources.check_stale(super::trust::unix_now());

@@ -75,7 +75,12 @@ impl Drop for Registration {
 
 /// Whether `trust` still admits the peer at `now` (same checks as the
 /// handshake, and the same identity).
-fn admits(identity: &Identity, chain: &[CertificateDer<'_>], role: Role, trust: &TrustSnapshot) -> Result<(), SvidError> {
+fn admits(
+    identity: &Identity,
+    chain: &[CertificateDer<'_>],
+    role: Role,
+    trust: &TrustSnapshot,
+) -> Result<(), SvidError> {
     let now = UnixTime::now();
     let id = verify_peer(chain, trust, role, now, &super::tls::provider())?;
     if id != *identity {

@@ -538,10 +538,7 @@ fn keep_newer(previous: &[GoodCrl], fresh: Vec<GoodCrl>) -> (Vec<GoodCrl>, Vec<S
             rolled_back.push(c.issuer.clone());
         }
     }
-    let mut kept: Vec<GoodCrl> = fresh
-        .into_iter()
-        .filter(|c| !rolled_back.contains(&c.issuer))
-        .collect();
+    let mut kept: Vec<GoodCrl> = fresh.into_iter().filter(|c| !rolled_back.contains(&c.issuer)).collect();
     kept.extend(previous.iter().filter(|c| rolled_back.contains(&c.issuer)).cloned());
     (kept, reports)
 }

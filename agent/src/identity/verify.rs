@@ -256,8 +256,12 @@ fn spiffe_id(leaf: &X509Certificate<'_>) -> Result<Identity, SvidError> {
 /// its issuer (webpki alone would consult one CRL per issuer).
 fn revoked_in_any_crl(chain: &[CertificateDer<'_>], trust: &TrustSnapshot, id: &Identity) -> Result<(), SvidError> {
     for (i, der) in chain.iter().enumerate() {
-        let (_, cert) = X509Certificate::from_der(der.as_ref())
-            .map_err(|e| refuse(Refusal::BadCertificate, format!("{id}: certificate {i} of the chain: {e}")))?;
+        let (_, cert) = X509Certificate::from_der(der.as_ref()).map_err(|e| {
+            refuse(
+                Refusal::BadCertificate,
+                format!("{id}: certificate {i} of the chain: {e}"),
+            )
+        })?;
         if !trust.is_revoked(cert.issuer().as_raw(), cert.raw_serial()) {
             continue;
         }

@@ -256,7 +256,10 @@ impl Pool {
             .await
             .map_err(|_| PoolError::Timeout)??;
         let retire_at = registration.as_ref().map(|r| {
-            let left = r.not_after().duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
+            let left = r
+                .not_after()
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO);
             Instant::now() + left.mul_f64(0.9)
         });
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -412,7 +415,11 @@ mod tests {
         revoked.cancel();
         assert!(l1.peer_revoked());
         let (_s2, l2) = pool.sender(&key(), to_server).await.unwrap();
-        assert_ne!(l1.connection_id(), l2.connection_id(), "a fresh connection serves new streams");
+        assert_ne!(
+            l1.connection_id(),
+            l2.connection_id(),
+            "a fresh connection serves new streams"
+        );
         assert_eq!(pool.opened(), 2);
         // The revoked connection itself is closed, streams and all.
         tokio::time::timeout(Duration::from_secs(5), l1.conn.closed.cancelled())

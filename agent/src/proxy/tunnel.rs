@@ -111,11 +111,13 @@ pub async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr) {
     };
     let cancel = ctx.cancel.child_token();
     // Checked again once filed: a trust change during the handshake is not missed.
-    let _registration = match ctx
-        .mesh
-        .peers
-        .register(peer_id.clone(), &chain, Role::Client, cancel.clone(), &certs.trust())
-    {
+    let _registration = match ctx.mesh.peers.register(
+        peer_id.clone(),
+        &chain,
+        Role::Client,
+        cancel.clone(),
+        &certs.trust(),
+    ) {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(pod = %ctx.pod.key, %peer, peer_identity = %peer_id, refusal = e.refusal.as_str(), "tunnel peer refused after the handshake: {}", e.detail);
