@@ -8,6 +8,11 @@
 //! lines are dropped and counted rather than stalling connections; the
 //! count is reported in the output. [`LogFlush`] writes what is left when
 //! the agent exits (a SIGKILL loses at most the last 20 ms).
+//!
+//! Log fields carry text from peers (certificate subjects, SPIFFE IDs,
+//! HBONE headers). [`EscapedFields`] writes every control character of a
+//! field or message escaped, so no peer can end a text-format line early
+//! and forge the next one, nor send terminal escapes to an operator.
 
 #![forbid(unsafe_code)]
 
@@ -17,7 +22,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use tracing_subscriber::fmt::MakeWriter;
+use tracing::field::{Field, Visit};
+use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FormatFields, MakeWriter};
 
 /// How often gathered lines are written.
 const FLUSH_EVERY: Duration = Duration::from_millis(20);
@@ -133,6 +141,76 @@ fn batched<W: Write>(out: impl Fn() -> W + Send + 'static) -> (BatchedStderr, Lo
     (BatchedStderr { shared: shared.clone() }, LogFlush { shared, thread })
 }
 
+/// Text-format fields as `tracing_subscriber` writes them (`message`
+/// first, then `name=value` with values `Debug`-formatted), with every
+/// control character escaped (`\n`, `\u{1b}`, ...).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EscapedFields;
+
+impl<'w> FormatFields<'w> for EscapedFields {
+    fn format_fields<R: RecordFields>(&self, writer: Writer<'w>, fields: R) -> std::fmt::Result {
+        let mut v = EscapingVisitor {
+            writer,
+            result: Ok(()),
+            first: true,
+        };
+        fields.record(&mut v);
+        v.result
+    }
+}
+
+struct EscapingVisitor<'w> {
+    writer: Writer<'w>,
+    result: std::fmt::Result,
+    first: bool,
+}
+
+impl EscapingVisitor<'_> {
+    fn write(&mut self, field: &Field, value: &str) {
+        if self.result.is_err() || field.name().starts_with("log.") {
+            return;
+        }
+        let sep = if self.first { "" } else { " " };
+        self.first = false;
+        let value = escape_controls(value);
+        self.result = match field.name() {
+            "message" => write!(self.writer, "{sep}{value}"),
+            name => write!(self.writer, "{sep}{}={value}", name.strip_prefix("r#").unwrap_or(name)),
+        };
+    }
+}
+
+impl Visit for EscapingVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.write(field, value);
+        } else {
+            self.write(field, &format!("{value:?}"));
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.write(field, &format!("{value:?}"));
+    }
+}
+
+/// `text` with each control character replaced by its escape.
+fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,5 +273,27 @@ mod tests {
         assert!(
             String::from_utf8_lossy(&out).ends_with("nodeward: 10 log lines dropped: the log reader fell behind\n")
         );
+    }
+
+    #[test]
+    fn peer_text_in_fields_and_messages_cannot_forge_a_line() {
+        let sink = Sink::default();
+        let out = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || out.clone())
+            .with_ansi(false)
+            .fmt_fields(EscapedFields)
+            .finish();
+        let forged = "spiffe://x\n2026-01-01T00:00:00Z  INFO forged line\x1b[2J";
+        tracing::subscriber::with_default(subscriber, || {
+            let shown = forged.to_string();
+            tracing::warn!(peer = %shown, authority = forged, "refused {shown}");
+        });
+        let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 1, "one event, one line: {text:?}");
+        assert!(!text.contains('\x1b'), "{text:?}");
+        assert!(text.contains(r"refused spiffe://x\n2026"), "{text:?}");
+        assert!(text.contains(r"peer=spiffe://x\n2026"), "{text:?}");
+        assert!(text.contains(r"forged line\u{1b}[2J"), "{text:?}");
     }
 }

@@ -87,7 +87,8 @@ fn init_logging(json: bool) -> nodeward::logging::LogFlush {
     if json {
         builder.json().flatten_event(true).init();
     } else {
-        builder.init();
+        // Peers' text in fields is escaped: no forged lines.
+        builder.fmt_fields(nodeward::logging::EscapedFields).init();
     }
     flush
 }

@@ -13,7 +13,7 @@ use nodeward::identity::manager::{CertManager, IdentityConfig};
 use nodeward::identity::revocation::PeerRegistry;
 use nodeward::identity::tls::{self, CertSource, FixedCert, certified_key};
 use nodeward::identity::trust::{DenyEntry, TrustSnapshot, TrustStore, UnknownStatus};
-use nodeward::identity::verify::{Refusal, refusal_of_io};
+use nodeward::identity::verify::{Refusal, Role, refusal_of_io};
 use rcgen::{DnType, ExtendedKeyUsagePurpose, IsCa, SanType};
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::sign::CertifiedKey;
@@ -578,14 +578,14 @@ async fn revocation_and_deny_list_cut_established_connections_within_seconds() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let acceptor = TlsAcceptor::from(server.clone());
-        let reg = registry.clone();
+        let (reg, trust) = (registry.clone(), m.trust());
         let accepted = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
             let tls = acceptor.accept(tcp).await.unwrap();
             let chain: Vec<CertificateDer<'static>> = tls.get_ref().1.peer_certificates().unwrap().to_vec();
             let peer = tls::peer_identity(Some(&chain)).unwrap();
             let token = CancellationToken::new();
-            let registration = reg.register(peer, &chain, token.clone());
+            let registration = reg.register(peer, &chain, Role::Client, token.clone(), &trust).unwrap();
             (tls, token, registration)
         });
         let tcp = TcpStream::connect(addr).await.unwrap();
@@ -656,4 +656,299 @@ async fn a_bundle_with_two_roots_accepts_both_during_root_rotation() {
     )
     .await;
     assert_eq!(refusal_of_io(&o.server.unwrap_err()), Some(Refusal::UnknownRoot));
+}
+
+// === CRLs: every one counts, stale ones, rollbacks ===
+
+fn issuers_of(a: &Authority) -> Vec<CertificateDer<'static>> {
+    a.roots().iter().chain(a.chain()).cloned().collect()
+}
+
+/// Revokes `keys` in a CRL of its own (a fresh `ca-crl.pem`), returns its PEM.
+fn crl_revoking(p: &Pki, keys: &[&CertifiedKey]) -> Vec<u8> {
+    let _ = std::fs::remove_file(p.dir.join(ca::CA_CRL));
+    let serials: Vec<String> = keys.iter().map(|k| ca::hex(&serial_of(k))).collect();
+    ca::revoke(&p.dir, Signer::Intermediate, &serials).unwrap();
+    std::fs::read(p.dir.join(ca::CA_CRL)).unwrap()
+}
+
+/// A CRL of the intermediate whose `nextUpdate` passed yesterday.
+fn stale_crl(p: &Pki) -> Vec<u8> {
+    use rcgen::{CertificateRevocationListParams, Issuer, KeyIdMethod, KeyPair, SerialNumber};
+    let cert = std::fs::read_to_string(p.dir.join(ca::CA_CERT)).unwrap();
+    let key = KeyPair::from_pem(&std::fs::read_to_string(p.dir.join(ca::CA_KEY)).unwrap()).unwrap();
+    let issuer = Issuer::from_ca_cert_pem(&cert, key).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    CertificateRevocationListParams {
+        this_update: now - time::Duration::days(2),
+        next_update: now - time::Duration::days(1),
+        crl_number: SerialNumber::from(9u64),
+        issuing_distribution_point: None,
+        revoked_certs: Vec::new(),
+        key_identifier_method: KeyIdMethod::Sha256,
+    }
+    .signed_by(&issuer)
+    .unwrap()
+    .pem()
+    .unwrap()
+    .into_bytes()
+}
+
+/// The server's refusal of `client`, or `None` when it was accepted.
+async fn refusal_for(p: &Pki, server_trust: Arc<TrustStore>, client: Arc<CertifiedKey>) -> Option<Refusal> {
+    let server_key = key_for(&p.ca, &id("shop", "api"));
+    let client_trust = TrustStore::new(trust_for(&p.ca));
+    let o = handshake(
+        server_cfg(server_key, server_trust),
+        client_cfg(client, client_trust, id("shop", "api")),
+    )
+    .await;
+    o.server
+        .err()
+        .map(|e| refusal_of_io(&e).expect("refused by the verifier"))
+}
+
+#[tokio::test]
+async fn two_crls_of_one_issuer_both_count_in_the_handshake() {
+    let p = pki();
+    let (first, second) = (key_for(&p.ca, &id("shop", "web")), key_for(&p.ca, &id("shop", "web")));
+    let crl_a = crl_revoking(&p, &[&first]);
+    let crl_b = crl_revoking(&p, &[&second]);
+    let dir = tmp("two-crls");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (file_a, file_b, both) = (dir.join("a.pem"), dir.join("b.pem"), dir.join("both.pem"));
+    std::fs::write(&file_a, &crl_a).unwrap();
+    std::fs::write(&file_b, &crl_b).unwrap();
+    std::fs::write(&both, [crl_a, crl_b].concat()).unwrap();
+    let issuers = issuers_of(&p.ca);
+    // Two files, and two PEM blocks of one file: the serial revoked by the
+    // second CRL of the issuer is refused as well as the first's.
+    for files in [vec![&file_a, &file_b], vec![&both]] {
+        let mut snap = trust_for(&p.ca);
+        for f in &files {
+            snap.crls
+                .extend(nodeward::identity::trust::load_crl_file(f, &issuers).unwrap());
+        }
+        let trust = TrustStore::new(snap);
+        for (name, key) in [("first", &first), ("second", &second)] {
+            assert_eq!(
+                refusal_for(&p, trust.clone(), key.clone()).await,
+                Some(Refusal::RevokedLeaf),
+                "{name} CRL's serial, from {files:?}"
+            );
+        }
+        let other = key_for(&p.ca, &id("shop", "web"));
+        assert_eq!(
+            refusal_for(&p, trust.clone(), other).await,
+            None,
+            "an unrevoked certificate"
+        );
+    }
+    let _ = (std::fs::remove_dir_all(&p.dir), std::fs::remove_dir_all(&p.nested_dir));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_crl_past_its_next_update_refuses_what_it_speaks_for_when_unknown_status_is_refused() {
+    use nodeward::identity::trust::{TrustSources, unix_now};
+    let p = pki();
+    // The root's CRL (for the intermediate) is fresh throughout.
+    ca::revoke(&p.dir, Signer::Root, &[]).unwrap();
+    let root_crl = p.dir.join(ca::ROOT_CRL);
+    let ca_crl = p.dir.join(ca::CA_CRL);
+    ca::revoke(&p.dir, Signer::Intermediate, &[]).unwrap();
+    let issuers = issuers_of(&p.ca);
+    let client = || key_for(&p.ca, &id("shop", "web"));
+    let sources = |status| {
+        let mut s = TrustSources::new(&[root_crl.clone(), ca_crl.clone()], None).with_unknown_status(status);
+        s.refresh(&issuers, true);
+        s
+    };
+    let snapshot = |s: &TrustSources, status| {
+        let mut base = trust_for(&p.ca);
+        base.unknown_status = status;
+        TrustStore::new(s.apply(base, &issuers))
+    };
+
+    let fresh = sources(UnknownStatus::Refuse);
+    let trust = snapshot(&fresh, UnknownStatus::Refuse);
+    assert_eq!(
+        refusal_for(&p, trust, client()).await,
+        None,
+        "fresh CRLs vouch for the chain"
+    );
+
+    std::fs::write(&ca_crl, stale_crl(&p)).unwrap();
+    let mut stale = sources(UnknownStatus::Refuse);
+    assert!(stale.check_stale(unix_now()), "the stale CRL is reported");
+    assert!(!stale.check_stale(unix_now()), "once per file change");
+    let problems = stale.problems();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains(ca::CA_CRL) && p.contains("nextUpdate")),
+        "readiness names the file: {problems:?}"
+    );
+    let trust = snapshot(&stale, UnknownStatus::Refuse);
+    assert_eq!(
+        refusal_for(&p, trust, client()).await,
+        Some(Refusal::RevocationUnknown),
+        "a stale CRL no longer vouches for its issuer's certificates"
+    );
+
+    // Accepting unknown status, the stale CRL is reported but refuses nothing.
+    let mut lenient = sources(UnknownStatus::Accept);
+    assert!(lenient.check_stale(unix_now()));
+    assert!(lenient.problems().is_empty(), "{:?}", lenient.problems());
+    let trust = snapshot(&lenient, UnknownStatus::Accept);
+    assert_eq!(refusal_for(&p, trust, client()).await, None);
+    let _ = (std::fs::remove_dir_all(&p.dir), std::fs::remove_dir_all(&p.nested_dir));
+}
+
+#[tokio::test]
+async fn a_lower_numbered_crl_does_not_replace_a_higher_one() {
+    use nodeward::identity::trust::TrustSources;
+    let p = pki();
+    let (first, second) = (key_for(&p.ca, &id("shop", "web")), key_for(&p.ca, &id("shop", "web")));
+    // CRL 1 revokes the first certificate; CRL 2 both.
+    let _ = std::fs::remove_file(p.dir.join(ca::CA_CRL));
+    ca::revoke(&p.dir, Signer::Intermediate, &[ca::hex(&serial_of(&first))]).unwrap();
+    let older = std::fs::read(p.dir.join(ca::CA_CRL)).unwrap();
+    ca::revoke(&p.dir, Signer::Intermediate, &[ca::hex(&serial_of(&second))]).unwrap();
+    let newer = std::fs::read(p.dir.join(ca::CA_CRL)).unwrap();
+
+    let file = p.dir.join("served-crl.pem");
+    std::fs::write(&file, &newer).unwrap();
+    let issuers = issuers_of(&p.ca);
+    let mut sources = TrustSources::new(std::slice::from_ref(&file), None);
+    assert!(sources.refresh(&issuers, false));
+    assert!(sources.problems().is_empty(), "{:?}", sources.problems());
+
+    // A stale replica serves the older CRL.
+    std::fs::write(&file, &older).unwrap();
+    sources.refresh(&issuers, false);
+    let problems = sources.problems();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("served-crl.pem") && p.contains("rollback") && p.contains("older")),
+        "the rollback is reported naming the file: {problems:?}"
+    );
+    let trust = TrustStore::new(sources.apply(trust_for(&p.ca), &issuers));
+    assert_eq!(
+        refusal_for(&p, trust, second.clone()).await,
+        Some(Refusal::RevokedLeaf),
+        "the newer CRL stays in force"
+    );
+
+    // A newer CRL still replaces it.
+    ca::revoke(&p.dir, Signer::Intermediate, &[]).unwrap();
+    std::fs::write(&file, std::fs::read(p.dir.join(ca::CA_CRL)).unwrap()).unwrap();
+    sources.refresh(&issuers, false);
+    assert!(sources.problems().is_empty(), "{:?}", sources.problems());
+    let _ = (std::fs::remove_dir_all(&p.dir), std::fs::remove_dir_all(&p.nested_dir));
+}
+
+#[tokio::test]
+async fn a_trust_change_during_the_handshake_is_caught_when_the_peer_is_registered() {
+    let p = pki();
+    let client_key = key_for(&p.ca, &id("shop", "web"));
+    let trust = TrustStore::new(trust_for(&p.ca));
+    let registry = PeerRegistry::new();
+    let o = handshake(
+        server_cfg(key_for(&p.ca, &id("shop", "api")), trust.clone()),
+        client_cfg(client_key.clone(), trust.clone(), id("shop", "api")),
+    )
+    .await;
+    assert!(o.server.is_ok());
+    // The deny list changes after the handshake verified the client but
+    // before its connection is filed, so no sweep will see it.
+    let mut denied = trust_for(&p.ca);
+    denied.deny.entries.push(DenyEntry::Exact(id("shop", "web")));
+    trust.replace(denied);
+    let r = registry.register(
+        id("shop", "web"),
+        &client_key.cert,
+        Role::Client,
+        CancellationToken::new(),
+        &trust,
+    );
+    assert_eq!(r.err().map(|e| e.refusal), Some(Refusal::DeniedIdentity));
+    assert!(registry.is_empty(), "a refused registration is not kept");
+    let _ = (std::fs::remove_dir_all(&p.dir), std::fs::remove_dir_all(&p.nested_dir));
+}
+
+#[tokio::test]
+async fn a_registered_connection_is_cancelled_when_its_peer_certificate_expires() {
+    let p = pki();
+    let trust = TrustStore::new(trust_for(&p.ca));
+    let registry = PeerRegistry::new();
+    let stop = CancellationToken::new();
+    tokio::spawn(registry.clone().run(trust.clone(), stop.clone()));
+    // A long-lived peer first, then one whose certificate ends in 2 s.
+    let long = key_for(&p.ca, &id("shop", "web"));
+    let issued = p.ca.issue(&id("shop", "web"), Duration::from_secs(2)).unwrap();
+    let (long_token, short_token) = (CancellationToken::new(), CancellationToken::new());
+    let _long = registry
+        .register(id("shop", "web"), &long.cert, Role::Client, long_token.clone(), &trust)
+        .unwrap();
+    let short = registry
+        .register(
+            id("shop", "web"),
+            &issued.chain,
+            Role::Client,
+            short_token.clone(),
+            &trust,
+        )
+        .unwrap();
+    assert!(short.not_after() <= SystemTime::now() + Duration::from_secs(2));
+    tokio::time::timeout(Duration::from_secs(5), short_token.cancelled())
+        .await
+        .expect("cancelled when the certificate expires");
+    assert!(SystemTime::now() >= short.not_after(), "not before its notAfter");
+    assert!(!long_token.is_cancelled());
+    stop.cancel();
+    let _ = (std::fs::remove_dir_all(&p.dir), std::fs::remove_dir_all(&p.nested_dir));
+}
+
+#[tokio::test]
+async fn removing_a_root_cuts_the_connections_that_chain_to_it() {
+    let (old, new) = (pki(), pki());
+    let mut roots = old.ca.roots().to_vec();
+    roots.extend(new.ca.roots().iter().cloned());
+    let trust = TrustStore::new(TrustSnapshot::new(TD, roots, old.ca.chain()));
+    let registry = PeerRegistry::new();
+    let stop = CancellationToken::new();
+    tokio::spawn(registry.clone().run(trust.clone(), stop.clone()));
+    let (from_old, from_new) = (CancellationToken::new(), CancellationToken::new());
+    let old_server = key_for(&old.ca, &id("shop", "api"));
+    let new_server = key_for(&new.ca, &id("shop", "api"));
+    let _a = registry
+        .register(
+            id("shop", "api"),
+            &old_server.cert,
+            Role::Server,
+            from_old.clone(),
+            &trust,
+        )
+        .unwrap();
+    let _b = registry
+        .register(
+            id("shop", "api"),
+            &new_server.cert,
+            Role::Server,
+            from_new.clone(),
+            &trust,
+        )
+        .unwrap();
+    // Root rotation completes: the old root leaves the bundle.
+    trust.replace(trust_for(&new.ca));
+    tokio::time::timeout(Duration::from_secs(5), from_old.cancelled())
+        .await
+        .expect("the connection under the removed root is cut");
+    assert!(!from_new.is_cancelled(), "the one under the remaining root stays");
+    stop.cancel();
+    for p in [old, new] {
+        let _ = (std::fs::remove_dir_all(&p.dir), std::fs::remove_dir_all(&p.nested_dir));
+    }
 }

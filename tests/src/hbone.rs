@@ -112,3 +112,59 @@ pub async fn request(
     let (resp, _body) = ready.send_request(req, false)?;
     Ok(resp.await?.status())
 }
+
+/// A hostile client's mix: `resets` times, opens a CONNECT stream to
+/// `authority` and cancels it at once, each followed by `good_between`
+/// well-behaved streams (answered, one byte each way with an
+/// [`info_echo`](crate::traffic::info_echo) app, closed cleanly). Returns
+/// how many resets were sent, or the error once the server cut the
+/// connection off.
+pub async fn interleaved_resets(
+    send: &h2::client::SendRequest<Bytes>,
+    authority: &str,
+    resets: usize,
+    good_between: usize,
+) -> Result<usize, String> {
+    let connect = || {
+        http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(authority)
+            .body(())
+            .expect("request")
+    };
+    for i in 0..resets {
+        let mut ready = send
+            .clone()
+            .ready()
+            .await
+            .map_err(|e| format!("after {i} resets: {e}"))?;
+        let (_resp, mut body) = ready
+            .send_request(connect(), false)
+            .map_err(|e| format!("after {i} resets: {e}"))?;
+        body.send_reset(h2::Reason::CANCEL);
+        for _ in 0..good_between {
+            good_stream(send, connect())
+                .await
+                .map_err(|e| format!("good stream after {i} resets: {e}"))?;
+        }
+    }
+    Ok(resets)
+}
+
+/// One stream that does what a client should: waits for 200, sends a byte,
+/// half-closes, and reads the app's answer to its end.
+async fn good_stream(send: &h2::client::SendRequest<Bytes>, req: http::Request<()>) -> Result<(), h2::Error> {
+    let mut ready = send.clone().ready().await?;
+    let (resp, mut body) = ready.send_request(req, false)?;
+    let resp = resp.await?;
+    if resp.status() != http::StatusCode::OK {
+        return Err(h2::Error::from(h2::Reason::REFUSED_STREAM));
+    }
+    body.send_data(Bytes::from_static(b"x"), true)?;
+    let mut recv = resp.into_body();
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk?;
+        let _ = recv.flow_control().release_capacity(chunk.len());
+    }
+    Ok(())
+}

@@ -1,10 +1,15 @@
 //! Identities on real agents: certificates issued per identity for the pods
 //! a node captures, dropped with the last pod, CA trouble at runtime shown
-//! in readiness, and bad CA material refused at startup by file name.
+//! in readiness, bad CA material refused at startup by file name, and trust
+//! changes on the client's node closing its pooled tunnels.
 
 use std::io::{Read, Write};
-use std::time::Duration;
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
+use nodeward::identity::ca::{self, Signer};
+use nodeward_testbed::traffic::{Server, info_echo, round_trip, serve};
 use nodeward_testbed::{PodSpec, Topology, TopologySpec, nodeward_bin, privileged_or_skip, shared, traffic};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -165,4 +170,152 @@ fn bad_ca_material_at_startup_is_refused_naming_the_file() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/ca/ca-cert.pem"), "{err}");
     let _ = (std::fs::remove_dir_all(&dir), std::fs::remove_dir_all(&other));
+}
+
+const C_ID: &str = "spiffe://cluster.local/ns/mesh/sa/c";
+
+/// Whether `s` is closed by its peer within `within` (EOF or reset, not a timeout).
+fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut b = [0u8; 1];
+    match s.read(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+    }
+}
+
+/// Two nodes; only node 1's agent (the client's) reads a deny list and a
+/// CRL, both empty at first. Pod a holds a connection to c:7000 over a
+/// pooled tunnel. Returns the topology, the trust files, the connection
+/// and c's server.
+fn client_with_pooled_tunnel(test: &str) -> Option<(Topology, PathBuf, PathBuf, TcpStream, Server)> {
+    if !privileged_or_skip(test) {
+        return None;
+    }
+    let mut t = Topology::build(TopologySpec::two_nodes());
+    let deny = t.ca_dir.join("node1-deny.txt");
+    std::fs::write(&deny, "# nobody\n").unwrap();
+    let (crl, _) = ca::revoke(&t.ca_dir, Signer::Intermediate, &[]).unwrap();
+    let (deny_arg, crl_arg) = (deny.to_string_lossy().into_owned(), crl.to_string_lossy().into_owned());
+    t.start_agent(0, &["--deny-identities", &deny_arg, "--crl", &crl_arg]);
+    t.start_agent(1, &[]);
+    t.wait_captured(0);
+    t.wait_captured(1);
+    let c = t.pod("c").clone();
+    let server = serve(&c.netns, c.v4(7000), info_echo);
+    let held = traffic::connect(&t.pod("a").netns, c.v4(7000)).unwrap();
+    traffic::read_greeting(&held).unwrap();
+    Some((t, deny, crl, held, server))
+}
+
+/// The pooled connection to c is closed on node 1 within a few polls, and a
+/// new connection from a is refused by a new handshake (`refusal`), not
+/// served over the old tunnel.
+fn pooled_tunnel_is_cut_and_not_reused(t: &Topology, mut held: TcpStream, refusal: &str) {
+    let since = Instant::now();
+    assert!(
+        closed_within(&mut held, Duration::from_secs(5)),
+        "the pooled tunnel still carries a's connection after {:?}:\n{}",
+        since.elapsed(),
+        t.agent(0).dump()
+    );
+    let cut = t
+        .agent(0)
+        .wait_log(WAIT, |l| {
+            l["message"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("closing connection: peer no longer trusted")
+        })
+        .unwrap_or_else(|| panic!("no cut logged:\n{}", t.agent(0).dump()));
+    assert_eq!(cut["peer"], C_ID);
+    assert_eq!(cut["refusal"], refusal);
+    let c = t.pod("c");
+    assert!(
+        round_trip(&t.pod("a").netns, c.v4(7000), b"again").is_err(),
+        "a new connection to the untrusted server is refused"
+    );
+    let l = t
+        .agent(0)
+        .wait_log(WAIT, |l| {
+            l["message"] == "connection closed" && l["direction"] == "outbound" && l["refusal"] == refusal
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "the new connection was not refused by a handshake:\n{}",
+                t.agent(0).dump()
+            )
+        });
+    assert_eq!(l["dst"], c.v4(7000).to_string());
+}
+
+#[test]
+fn denying_a_server_on_the_clients_node_closes_its_pooled_tunnel() {
+    let _g = shared();
+    let Some((t, deny, _crl, held, _server)) =
+        client_with_pooled_tunnel("denying_a_server_on_the_clients_node_closes_its_pooled_tunnel")
+    else {
+        return;
+    };
+    std::fs::write(&deny, format!("{C_ID}\n")).unwrap();
+    pooled_tunnel_is_cut_and_not_reused(&t, held, "denied_identity");
+}
+
+#[test]
+fn revoking_a_servers_certificate_on_the_clients_node_closes_its_pooled_tunnel() {
+    let _g = shared();
+    let Some((t, _deny, _crl, held, _server)) =
+        client_with_pooled_tunnel("revoking_a_servers_certificate_on_the_clients_node_closes_its_pooled_tunnel")
+    else {
+        return;
+    };
+    let serial = t
+        .agent(1)
+        .lines()
+        .into_iter()
+        .find(|l| l["message"] == "workload certificate issued" && l["identity"] == C_ID)
+        .and_then(|l| l["serial"].as_str().map(str::to_string))
+        .expect("c's certificate serial is logged");
+    ca::revoke(&t.ca_dir, Signer::Intermediate, &[serial]).unwrap();
+    pooled_tunnel_is_cut_and_not_reused(&t, held, "revoked_leaf");
+}
+
+#[test]
+fn tunnels_are_closed_when_the_peer_certificate_expires_and_new_streams_get_a_fresh_one() {
+    let _g = shared();
+    let test = "tunnels_are_closed_when_the_peer_certificate_expires_and_new_streams_get_a_fresh_one";
+    if !privileged_or_skip(test) {
+        return;
+    }
+    let mut t = Topology::build(TopologySpec::two_nodes());
+    t.start_agents_with(&["--cert-lifetime", "5s"]);
+    let (a, c) = (t.pod("a").clone(), t.pod("c").clone());
+    let _s = serve(&c.netns, c.v4(7000), info_echo);
+    let mut held = traffic::connect(&a.netns, c.v4(7000)).unwrap();
+    traffic::read_greeting(&held).unwrap();
+    held.write_all(b"x").unwrap();
+    let mut one = [0u8; 1];
+    held.read_exact(&mut one).unwrap();
+    // The certificates either side presented are valid for at most 5 s.
+    assert!(
+        closed_within(&mut held, Duration::from_secs(10)),
+        "the tunnel outlived the certificates:\n{}",
+        t.agent(0).dump()
+    );
+    // Either end may cut first (each at the other's certificate's expiry).
+    let expired = |l: &serde_json::Value| l["message"] == "closing connection: peer certificate expired";
+    assert!(
+        t.agent(0).wait_log(WAIT, expired).is_some() || t.agent(1).wait_log(WAIT, expired).is_some(),
+        "the expiry is logged:\n{}\n{}",
+        t.agent(0).dump(),
+        t.agent(1).dump()
+    );
+    round_trip(&a.netns, c.v4(7000), b"fresh").expect("a new connection is served over a fresh tunnel");
+    let tunnel = c.v4(15008).to_string();
+    t.agent(0)
+        .wait_log(WAIT, |l| {
+            l["message"] == "tunnel connection opened" && l["dst"] == tunnel.as_str() && l["id"].as_u64() >= Some(2)
+        })
+        .unwrap_or_else(|| panic!("no fresh tunnel connection:\n{}", t.agent(0).dump()));
 }

@@ -8,7 +8,7 @@ use std::net::{Shutdown, SocketAddr};
 use std::time::Duration;
 
 use nodeward::identity::Identity;
-use nodeward_testbed::hbone::{h2_client, request, tls_to, trust, workload_cert};
+use nodeward_testbed::hbone::{h2_client, interleaved_resets, request, tls_to, trust, workload_cert};
 use nodeward_testbed::sniff::{Sniffer, contains};
 use nodeward_testbed::traffic::{self, checksum_sink, info_echo, round_trip, serve};
 use nodeward_testbed::{Topology, TopologySpec, privileged_or_skip, shared};
@@ -521,4 +521,64 @@ fn denying_an_identity_cuts_its_open_tunnels_within_seconds() {
     let mut two = [0u8; 2];
     from_b.read_exact(&mut two).unwrap();
     assert!(round_trip(&a.netns, c.v4(7000), b"again").is_err());
+}
+
+#[test]
+fn a_client_interleaving_good_streams_with_resets_is_cut_off_but_a_few_resets_are_not() {
+    let _g = shared();
+    let Some(t) = cluster(
+        "a_client_interleaving_good_streams_with_resets_is_cut_off_but_a_few_resets_are_not",
+        &[],
+    ) else {
+        return;
+    };
+    let (c, d) = (t.pod("c").clone(), t.pod("d").clone());
+    let _s = serve(&c.netns, c.v4(7000), info_echo);
+    let rt = rt();
+    let me = workload_cert(&t.ca_dir, &id("mesh", "d"));
+    let tr = trust(&t.ca_dir);
+    let as_d = || async {
+        let tls = tls_to(
+            &d.netns,
+            c.v4(15008),
+            Some(me.clone()),
+            id("mesh", "d"),
+            id("mesh", "c"),
+            tr.clone(),
+        )
+        .await
+        .unwrap();
+        h2_client(tls, 1 << 20).await.unwrap()
+    };
+    let authority = c.v4(7000).to_string();
+    rt.block_on(async {
+        // A normal client: a few cancelled streams among many good ones.
+        let h2 = as_d().await;
+        let r = interleaved_resets(&h2, &authority, 5, 10).await;
+        assert_eq!(r, Ok(5), "a client resetting a few streams keeps its connection");
+        assert_eq!(
+            request(&mut h2.clone(), http::Method::CONNECT, &authority, None)
+                .await
+                .ok(),
+            Some(http::StatusCode::OK)
+        );
+        // One good stream per reset keeps resets at half of all streams.
+        let h2 = as_d().await;
+        let r = interleaved_resets(&h2, &authority, 2000, 1).await;
+        assert!(r.is_err(), "the interleaving client must be cut off: {r:?}");
+    });
+    let cut = t
+        .agent(1)
+        .wait_log(WAIT, |l| {
+            l["message"] == "closing tunnel connection: rapid stream resets"
+                && l["peer_identity"] == "spiffe://cluster.local/ns/mesh/sa/d"
+        })
+        .unwrap_or_else(|| panic!("the cut-off is not logged:\n{}", t.agent(1).dump()));
+    let n = t
+        .agent(1)
+        .lines()
+        .iter()
+        .filter(|l| l["message"] == "closing tunnel connection: rapid stream resets")
+        .count();
+    assert_eq!(n, 1, "only the abuser is cut off: {cut}");
 }

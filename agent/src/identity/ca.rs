@@ -410,10 +410,13 @@ fn existing_crl(path: &Path) -> Result<(RevokedSerials, u64), CaError> {
     Ok((revoked, number))
 }
 
-/// Parses `4f:a2:...` or `4fa2...` into bytes.
+/// Parses `4f:a2:...` or `4fa2...` into bytes; `None` for anything else
+/// (the input is typed by an operator and may hold any character).
 pub fn parse_serial(s: &str) -> Option<Vec<u8>> {
     let hex: String = s.chars().filter(|c| *c != ':').collect();
-    if hex.is_empty() || hex.len() % 2 == 1 {
+    // ASCII hex digits only: slicing below is then on character boundaries,
+    // and `from_str_radix` never sees a sign.
+    if hex.is_empty() || hex.len() % 2 == 1 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     (0..hex.len())
@@ -788,5 +791,14 @@ mod tests {
             .unwrap();
         assert_eq!(again, vec![certs[0].clone()]);
         let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn malformed_serials_are_refused_without_panicking() {
+        for bad in ["", "é1", "zz", "aéb", "+1+2", "abc", ":"] {
+            assert_eq!(parse_serial(bad), None, "{bad:?}");
+        }
+        assert_eq!(parse_serial("0a:FF"), Some(vec![0x0a, 0xff]));
+        assert_eq!(parse_serial("4fa2"), Some(vec![0x4f, 0xa2]));
     }
 }

@@ -89,9 +89,11 @@ impl CertManager {
         for f in &mut ca_files {
             f.changed();
         }
-        let mut sources = TrustSources::new(&config.crl_files, config.deny_file.as_deref());
+        let mut sources = TrustSources::new(&config.crl_files, config.deny_file.as_deref())
+            .with_unknown_status(config.unknown_status);
         let issuers = issuers(&authority);
         sources.refresh(&issuers, true);
+        sources.check_stale(super::trust::unix_now());
         let trust = TrustStore::new(sources.apply(base_snapshot(&config, &authority), &issuers));
         tracing::info!(
             ca = %config.ca_dir.display(),
@@ -232,11 +234,13 @@ impl CertManager {
         }
         let authority = self.authority.read().unwrap_or_else(|e| e.into_inner()).clone();
         let issuers = issuers(&authority);
-        let trust_changed = self
-            .sources
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .refresh(&issuers, reissue_all);
+        let trust_changed = {
+            let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+            let refreshed = sources.refresh(&issuers, reissue_all);
+            // A CRL going stale changes what is admitted when unknown status
+            // is refused: rebuild, so live connections are swept.
+            sources.check_stale(super::trust::unix_now()) | refreshed
+        };
         if trust_changed || reissue_all {
             let snap = self
                 .sources

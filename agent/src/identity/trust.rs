@@ -5,16 +5,24 @@
 //! Sources are files polled for changes. A file that becomes invalid keeps
 //! its previous good content in force, and its error is reported once and
 //! through readiness.
+//!
+//! Every CRL counts: a serial listed in any loaded CRL of its issuer is
+//! revoked, whichever file or PEM block it came from. A reloaded file may
+//! not roll an issuer's CRL back to a lower CRL number (the newer one is
+//! kept), and a CRL past its `nextUpdate` is reported and, when unknown
+//! revocation status is refused, stops speaking for its issuer.
 
 use std::collections::{BTreeMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer};
 use tokio::sync::watch;
 use webpki::{CertRevocationList, OwnedCertRevocationList};
+use x509_parser::num_bigint::BigUint;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::Identity;
@@ -89,8 +97,28 @@ pub struct LoadedCrl {
     pub issuer: Vec<u8>,
     /// Revoked serials.
     pub serials: HashSet<Vec<u8>>,
+    /// The CRL number extension, if any: a lower number never replaces a
+    /// higher one for the same issuer.
+    pub number: Option<BigUint>,
+    /// `nextUpdate`, seconds since the epoch, if any.
+    pub next_update: Option<i64>,
     /// For webpki.
     pub crl: CertRevocationList<'static>,
+}
+
+impl LoadedCrl {
+    /// Whether its `nextUpdate` has passed at `now` (seconds since the epoch).
+    pub fn is_stale(&self, now: i64) -> bool {
+        self.next_update.is_some_and(|t| t <= now)
+    }
+}
+
+/// Seconds since the epoch, now.
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// Everything a verification needs, immutable.
@@ -147,11 +175,29 @@ impl TrustSnapshot {
         }
     }
 
-    /// Whether a certificate with this issuer and serial is revoked.
+    /// Whether a certificate with this issuer and serial is revoked by any
+    /// loaded CRL (stale ones included: a revocation is never undone).
     pub fn is_revoked(&self, issuer: &[u8], serial: &[u8]) -> bool {
         self.crls
             .iter()
             .any(|c| c.issuer == issuer && c.serials.contains(serial))
+    }
+
+    /// The CRLs that may vouch for a certificate's status at `now`: all of
+    /// them, except that when unknown status is refused a CRL past its
+    /// `nextUpdate` no longer counts (its issuer's certificates become
+    /// unknown). Revoked serials are checked separately, over every CRL.
+    pub fn status_crls(&self, now: i64) -> Vec<&CertRevocationList<'static>> {
+        self.crls
+            .iter()
+            .filter(|c| self.unknown_status == UnknownStatus::Accept || !c.is_stale(now))
+            .map(|c| &c.crl)
+            .collect()
+    }
+
+    /// Whether a CRL of `issuer` is loaded but past its `nextUpdate`.
+    pub fn has_stale_crl(&self, issuer: &[u8], now: i64) -> bool {
+        self.crls.iter().any(|c| c.issuer == issuer && c.is_stale(now))
     }
 }
 
@@ -240,6 +286,8 @@ fn validate_crls(path: &Path, ders: &[Vec<u8>], issuers: &[CertificateDer<'stati
             file: path.to_path_buf(),
             issuer: issuer_raw,
             serials,
+            number: parsed.crl_number().cloned(),
+            next_update: parsed.next_update().map(|t| t.timestamp()),
             crl: CertRevocationList::Owned(owned),
         });
     }
@@ -273,6 +321,16 @@ impl WatchedFile {
     }
 }
 
+/// What is kept of one CRL of a file between reloads.
+#[derive(Clone, Debug)]
+struct GoodCrl {
+    der: Vec<u8>,
+    issuer: Vec<u8>,
+    issuer_name: String,
+    number: Option<BigUint>,
+    next_update: Option<i64>,
+}
+
 /// The file-backed sources of trust and their last good contents.
 #[derive(Debug)]
 pub struct TrustSources {
@@ -280,11 +338,14 @@ pub struct TrustSources {
     pub crl_files: Vec<WatchedFile>,
     /// The deny list file.
     pub deny_file: Option<WatchedFile>,
-    /// DER of each file's last good CRLs.
-    crl_good: BTreeMap<PathBuf, Vec<Vec<u8>>>,
+    /// Each file's last good CRLs.
+    crl_good: BTreeMap<PathBuf, Vec<GoodCrl>>,
     deny_good: DenyList,
     /// Current problems, by file.
     pub problems: BTreeMap<PathBuf, String>,
+    /// Files holding a CRL past its `nextUpdate`, reported once per change.
+    stale: BTreeMap<PathBuf, String>,
+    unknown_status: UnknownStatus,
 }
 
 impl TrustSources {
@@ -296,7 +357,16 @@ impl TrustSources {
             crl_good: BTreeMap::new(),
             deny_good: DenyList::default(),
             problems: BTreeMap::new(),
+            stale: BTreeMap::new(),
+            unknown_status: UnknownStatus::Accept,
         }
+    }
+
+    /// Sets the policy for unknown revocation status: with `Refuse`, a
+    /// stale CRL refuses certificates and is shown in readiness.
+    pub fn with_unknown_status(mut self, status: UnknownStatus) -> Self {
+        self.unknown_status = status;
+        self
     }
 
     /// Re-reads changed files (all of them when `force`). Returns true when
@@ -311,11 +381,31 @@ impl TrustSources {
                 read_crl_ders(&f.path).and_then(|ders| validate_crls(&f.path, &ders, issuers).map(|c| (ders, c)));
             match loaded {
                 Ok((ders, crls)) => {
-                    if self.problems.remove(&f.path).is_some() {
-                        tracing::info!(file = %f.path.display(), "CRL is valid again");
+                    let fresh: Vec<GoodCrl> = ders
+                        .into_iter()
+                        .zip(&crls)
+                        .map(|(der, c)| GoodCrl {
+                            der,
+                            issuer: c.issuer.clone(),
+                            issuer_name: issuer_name(&c.issuer),
+                            number: c.number.clone(),
+                            next_update: c.next_update,
+                        })
+                        .collect();
+                    let previous = self.crl_good.get(&f.path).map(Vec::as_slice).unwrap_or_default();
+                    let (kept, rollbacks) = keep_newer(previous, fresh);
+                    if rollbacks.is_empty() {
+                        if self.problems.remove(&f.path).is_some() {
+                            tracing::info!(file = %f.path.display(), "CRL is valid again");
+                        }
+                    } else {
+                        let msg = format!("CRL rollback refused, keeping the newer CRL: {}", rollbacks.join("; "));
+                        tracing::error!(file = %f.path.display(), "{msg}");
+                        self.problems.insert(f.path.clone(), msg);
                     }
+                    self.stale.remove(&f.path);
                     tracing::info!(file = %f.path.display(), crls = crls.len(), revoked = crls.iter().map(|c| c.serials.len()).sum::<usize>(), "CRL loaded");
-                    self.crl_good.insert(f.path.clone(), ders);
+                    self.crl_good.insert(f.path.clone(), kept);
                     changed = true;
                 }
                 Err(e) => {
@@ -351,12 +441,43 @@ impl TrustSources {
         changed
     }
 
+    /// Reports, once per file version, CRLs whose `nextUpdate` has passed
+    /// at `now`. Returns true when a file became stale, so the caller can
+    /// rebuild the snapshot (and sweep live connections) at once.
+    pub fn check_stale(&mut self, now: i64) -> bool {
+        let mut newly = false;
+        for (path, crls) in &self.crl_good {
+            if self.stale.contains_key(path) {
+                continue;
+            }
+            let stale: Vec<String> = crls
+                .iter()
+                .filter(|c| c.next_update.is_some_and(|t| t <= now))
+                .map(|c| c.issuer_name.clone())
+                .collect();
+            if stale.is_empty() {
+                continue;
+            }
+            let refused = if self.unknown_status == UnknownStatus::Refuse {
+                "; certificates it speaks for are refused (--revocation-unknown refuse)"
+            } else {
+                ""
+            };
+            let msg = format!("CRL of {} is past its nextUpdate{refused}", stale.join(", "));
+            tracing::warn!(file = %path.display(), "{msg}");
+            self.stale.insert(path.clone(), msg);
+            newly = true;
+        }
+        newly
+    }
+
     /// Builds a snapshot from the good contents on top of `base`. CRLs are
     /// re-validated against the current issuers: a CRL whose signer left
     /// the bundle stops counting.
     pub fn apply(&self, mut base: TrustSnapshot, issuers: &[CertificateDer<'static>]) -> TrustSnapshot {
-        for (path, ders) in &self.crl_good {
-            match validate_crls(path, ders, issuers) {
+        for (path, good) in &self.crl_good {
+            let ders: Vec<Vec<u8>> = good.iter().map(|c| c.der.clone()).collect();
+            match validate_crls(path, &ders, issuers) {
                 Ok(crls) => base.crls.extend(crls),
                 Err(e) => tracing::warn!(file = %path.display(), "CRL no longer applies: {e}"),
             }
@@ -365,13 +486,61 @@ impl TrustSources {
         base
     }
 
-    /// Problems with trust files, for readiness.
+    /// Problems with trust files, for readiness. A stale CRL is one only
+    /// when it refuses certificates (unknown status refused).
     pub fn problems(&self) -> Vec<String> {
+        let stale = self
+            .stale
+            .iter()
+            .filter(|_| self.unknown_status == UnknownStatus::Refuse);
         self.problems
             .iter()
+            .chain(stale)
             .map(|(p, e)| format!("{}: {e}", p.display()))
             .collect()
     }
+}
+
+/// A DER name for messages.
+fn issuer_name(raw: &[u8]) -> String {
+    x509_parser::x509::X509Name::from_der(raw)
+        .map(|(_, n)| n.to_string())
+        .unwrap_or_else(|_| "an unparsable issuer".into())
+}
+
+/// The CRLs a reloaded file puts in force: its new ones, except that for an
+/// issuer whose previous CRL number is higher than any new one, the
+/// previous CRLs are kept (a rollback). Also returns each rollback, described.
+fn keep_newer(previous: &[GoodCrl], fresh: Vec<GoodCrl>) -> (Vec<GoodCrl>, Vec<String>) {
+    let newest = |crls: &[GoodCrl], issuer: &[u8]| {
+        crls.iter()
+            .filter(|c| c.issuer == issuer)
+            .map(|c| c.number.clone())
+            .max()
+    };
+    let mut rolled_back: Vec<Vec<u8>> = Vec::new();
+    let mut reports = Vec::new();
+    for c in &fresh {
+        if rolled_back.contains(&c.issuer) {
+            continue;
+        }
+        // `None` (no CRL number) sorts below every number.
+        if let (Some(old), Some(new)) = (newest(previous, &c.issuer), newest(&fresh, &c.issuer))
+            && old > new
+        {
+            let show = |n: Option<BigUint>| n.map(|n| n.to_string()).unwrap_or_else(|| "none".into());
+            reports.push(format!(
+                "{}: CRL number {} is older than the loaded {}",
+                c.issuer_name,
+                show(new),
+                show(old)
+            ));
+            rolled_back.push(c.issuer.clone());
+        }
+    }
+    let mut kept: Vec<GoodCrl> = fresh.into_iter().filter(|c| !rolled_back.contains(&c.issuer)).collect();
+    kept.extend(previous.iter().filter(|c| rolled_back.contains(&c.issuer)).cloned());
+    (kept, reports)
 }
 
 #[cfg(test)]

@@ -165,7 +165,9 @@ pub fn verify_peer(
     }
 
     let ee = EndEntityCert::try_from(leaf_der).map_err(|e| refuse(Refusal::BadCertificate, format!("{e:?}")))?;
-    let crls: Vec<&webpki::CertRevocationList<'_>> = trust.crls.iter().map(|c| &c.crl).collect();
+    // webpki consults only the first CRL of an issuer; it is given the ones
+    // that may vouch for a status, and every CRL's serials are checked below.
+    let crls = trust.status_crls(now.as_secs() as i64);
     let policy = match trust.unknown_status {
         UnknownStatus::Accept => UnknownStatusPolicy::Allow,
         UnknownStatus::Refuse => UnknownStatusPolicy::Deny,
@@ -197,7 +199,8 @@ pub fn verify_peer(
         revocation,
         None,
     )
-    .map_err(|e| classify(e, &leaf, chain, trust, &id))?;
+    .map_err(|e| classify(e, &leaf, chain, trust, &id, now))?;
+    revoked_in_any_crl(chain, trust, &id)?;
 
     if id.trust_domain != trust.trust_domain {
         return Err(refuse(
@@ -249,12 +252,41 @@ fn spiffe_id(leaf: &X509Certificate<'_>) -> Result<Identity, SvidError> {
     }
 }
 
+/// Refuses a chain any certificate of which is listed in any loaded CRL of
+/// its issuer (webpki alone would consult one CRL per issuer).
+fn revoked_in_any_crl(chain: &[CertificateDer<'_>], trust: &TrustSnapshot, id: &Identity) -> Result<(), SvidError> {
+    for (i, der) in chain.iter().enumerate() {
+        let (_, cert) = X509Certificate::from_der(der.as_ref()).map_err(|e| {
+            refuse(
+                Refusal::BadCertificate,
+                format!("{id}: certificate {i} of the chain: {e}"),
+            )
+        })?;
+        if !trust.is_revoked(cert.issuer().as_raw(), cert.raw_serial()) {
+            continue;
+        }
+        return Err(if i == 0 {
+            refuse(
+                Refusal::RevokedLeaf,
+                format!("{id}: serial {} is revoked", cert.raw_serial_as_string()),
+            )
+        } else {
+            refuse(
+                Refusal::RevokedIntermediate,
+                format!("{id}: an intermediate of its chain is revoked"),
+            )
+        });
+    }
+    Ok(())
+}
+
 fn classify(
     e: webpki::Error,
     leaf: &X509Certificate<'_>,
     chain: &[CertificateDer<'_>],
     trust: &TrustSnapshot,
     id: &Identity,
+    now: UnixTime,
 ) -> SvidError {
     use webpki::Error as W;
     match e {
@@ -279,6 +311,10 @@ fn classify(
                 )
             }
         }
+        W::UnknownRevocationStatus if trust.has_stale_crl(leaf.issuer().as_raw(), now.as_secs() as i64) => refuse(
+            Refusal::RevocationUnknown,
+            format!("{id}: the CRL of its issuer is past its nextUpdate"),
+        ),
         W::UnknownRevocationStatus => refuse(Refusal::RevocationUnknown, format!("{id}: no CRL covers its chain")),
         W::RequiredEkuNotFoundContext(_) => refuse(
             Refusal::MissingClientAuth,
@@ -470,7 +506,12 @@ pub fn refusal_of(e: &rustls::Error) -> Option<Refusal> {
     }
 }
 
-/// [`refusal_of`] for the `io::Error` tokio-rustls returns.
+/// [`refusal_of`] for the `io::Error` tokio-rustls returns, or one that
+/// wraps an [`SvidError`] directly (a registration refused after the handshake).
 pub fn refusal_of_io(e: &std::io::Error) -> Option<Refusal> {
-    e.get_ref()?.downcast_ref::<rustls::Error>().and_then(refusal_of)
+    let inner = e.get_ref()?;
+    if let Some(s) = inner.downcast_ref::<SvidError>() {
+        return Some(s.refusal);
+    }
+    inner.downcast_ref::<rustls::Error>().and_then(refusal_of)
 }

@@ -17,11 +17,11 @@ use tokio_rustls::TlsConnector;
 
 use super::hbone::{self, HBONE_PORT};
 use super::inbound::is_agent_port;
-use super::pool::{Connector, PoolError, PoolKey, TunnelIo};
+use super::pool::{Connector, PoolError, PoolKey, Transport};
 use super::relay::{self, CloseReason, StreamSink, StreamSource};
 use super::{Outcome, PodContext, final_reason, from_words, relay_tcp, sock_key, socket};
 use crate::identity::Identity;
-use crate::identity::verify::refusal_of_io;
+use crate::identity::verify::{Role, refusal_of_io};
 use crate::state::Destination;
 
 /// Handles one captured outbound connection.
@@ -124,18 +124,31 @@ async fn tunnel(
     let netns = ctx.netns.clone();
     let (mark, timeout, tunnel_addr) = (ctx.config.socket_mark, ctx.config.connect_timeout, key.dst);
     let expected_server = expected.clone();
+    let peers = ctx.mesh.peers.clone();
     // Only called when the pool has no connection with room: the TLS
     // configuration is built then, not for every stream.
     let connect = move || -> Connector<'static> {
-        let tls = crate::identity::tls::client_config(certs.clone(), src_id, certs.trust(), expected_server);
+        let trust = certs.trust();
+        let tls = crate::identity::tls::client_config(certs.clone(), src_id, trust.clone(), expected_server.clone());
         Box::pin(async move {
             let tcp = socket::connect_from_pod(&netns, mark, tunnel_addr, timeout).await?;
             let server_name = rustls::pki_types::ServerName::IpAddress(tunnel_addr.ip().into());
             let tls = TlsConnector::from(tls).connect(server_name, tcp).await?;
-            Ok(Box::new(tls) as Box<dyn TunnelIo>)
+            let chain = tls.get_ref().1.peer_certificates().unwrap_or_default().to_vec();
+            // Filed like an accepted tunnel, so a trust change or the
+            // server certificate's expiry closes the pooled connection.
+            let revoked = tokio_util::sync::CancellationToken::new();
+            let registration = peers
+                .register(expected_server, &chain, Role::Server, revoked.clone(), &trust)
+                .map_err(std::io::Error::other)?;
+            Ok(Transport {
+                io: Box::new(tls),
+                revoked,
+                registration: Some(registration),
+            })
         })
     };
-    let (mut sender, _lease) = match ctx.mesh.pool.sender(&key, connect).await {
+    let (mut sender, lease) = match ctx.mesh.pool.sender(&key, connect).await {
         Ok(s) => s,
         Err(PoolError::Limit(limit)) => {
             // Counted and warned about at a bounded rate, not per connection.
@@ -195,6 +208,10 @@ async fn tunnel(
         )
         .await
     };
+    let mut stats = stats;
+    if lease.peer_revoked() && !ctx.cancel.is_cancelled() {
+        stats.reason = Some(CloseReason::PeerRevoked);
+    }
     if final_reason(ctx, stats.reason).resets() {
         socket::reset(&down);
         tunnel_send.reset();

@@ -13,6 +13,13 @@
 //! connection takes a second one: each connection's TLS and HTTP/2 work runs
 //! in one task, so a single connection would put every byte to a
 //! destination through one core at each end.
+//!
+//! Each connection lives no longer than its peer is trusted: it carries the
+//! peer's registration for revocation, is closed when that fires (peer
+//! denied, revoked, its root removed, or its certificate expired), and takes
+//! no new stream once 90 % of the certificate's remaining validity at
+//! opening has passed, so a fresh connection (and handshake) serves new
+//! streams before the old one is cut.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -20,7 +27,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
@@ -30,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use super::hbone::H2Settings;
 use super::limits::{LimitConfig, Limits, Refusal, send_buffer_per_stream};
 use crate::identity::Identity;
+use crate::identity::revocation::Registration;
 
 /// What identifies a reusable tunnel connection.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -65,8 +73,29 @@ pub enum PoolError {
 pub trait TunnelIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> TunnelIo for T {}
 
+/// The transport of a new tunnel connection and what bounds its life.
+pub struct Transport {
+    /// TLS over TCP (or anything that carries HTTP/2).
+    pub io: Box<dyn TunnelIo>,
+    /// Fires when the peer stops being trusted: the connection is closed.
+    pub revoked: CancellationToken,
+    /// The peer's registration for revocation, kept while the connection lives.
+    pub registration: Option<Registration>,
+}
+
+impl Transport {
+    /// A transport no revocation applies to (tests, tools).
+    pub fn unregistered(io: Box<dyn TunnelIo>) -> Self {
+        Transport {
+            io,
+            revoked: CancellationToken::new(),
+            registration: None,
+        }
+    }
+}
+
 /// Opens the transport of a new tunnel connection.
-pub type Connector<'a> = Pin<Box<dyn Future<Output = std::io::Result<Box<dyn TunnelIo>>> + Send + 'a>>;
+pub type Connector<'a> = Pin<Box<dyn Future<Output = std::io::Result<Transport>> + Send + 'a>>;
 
 struct Conn {
     id: u64,
@@ -74,6 +103,17 @@ struct Conn {
     active: AtomicUsize,
     idle_since: Mutex<Instant>,
     closed: CancellationToken,
+    /// The peer stopped being trusted.
+    revoked: CancellationToken,
+    /// No new stream from then on (the peer's certificate nears expiry).
+    retire_at: Option<Instant>,
+}
+
+impl Conn {
+    /// Whether the connection may take a new stream.
+    fn usable(&self, now: Instant) -> bool {
+        !self.closed.is_cancelled() && !self.revoked.is_cancelled() && self.retire_at.is_none_or(|t| now < t)
+    }
 }
 
 type Slot = Arc<tokio::sync::Mutex<Vec<Arc<Conn>>>>;
@@ -106,6 +146,11 @@ impl StreamLease {
     /// The tunnel connection's id, for logs.
     pub fn connection_id(&self) -> u64 {
         self.conn.id
+    }
+
+    /// Whether the connection was closed because its peer stopped being trusted.
+    pub fn peer_revoked(&self) -> bool {
+        self.conn.revoked.is_cancelled()
     }
 }
 
@@ -171,7 +216,8 @@ impl Pool {
             .clone();
         let conn = {
             let mut conns = slot.lock().await;
-            conns.retain(|c| !c.closed.is_cancelled());
+            let now = Instant::now();
+            conns.retain(|c| c.usable(now));
             let max = self.settings.max_streams as usize;
             // The least busy connection with room; an idle one is taken as is.
             let least = conns
@@ -208,7 +254,8 @@ impl Pool {
         // connection is really gone.
         let permit = self.limits.tunnel_out(key.src_netns)?;
         let handshake = async {
-            let io = connect().await.map_err(PoolError::Connect)?;
+            let transport = connect().await.map_err(PoolError::Connect)?;
+            let (io, revoked, registration) = (transport.io, transport.revoked, transport.registration);
             let (sender, connection) = h2::client::Builder::new()
                 .initial_window_size(s.stream_window)
                 .initial_connection_window_size(s.connection_window)
@@ -223,22 +270,35 @@ impl Pool {
                 .enable_push(false)
                 .handshake::<_, Bytes>(io)
                 .await?;
-            Ok::<_, PoolError>((sender, connection))
+            Ok::<_, PoolError>((sender, connection, revoked, registration))
         };
-        let (sender, connection) = tokio::time::timeout(s.handshake_timeout, handshake)
+        let (sender, connection, revoked, registration) = tokio::time::timeout(s.handshake_timeout, handshake)
             .await
             .map_err(|_| PoolError::Timeout)??;
+        let retire_at = registration.as_ref().map(|r| {
+            let left = r
+                .not_after()
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO);
+            Instant::now() + left.mul_f64(0.9)
+        });
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.opened.fetch_add(1, Ordering::Relaxed);
         let closed = CancellationToken::new();
-        let done = closed.clone();
+        let (done, cut) = (closed.clone(), revoked.clone());
         let (src, dst, expected) = (key.src.clone(), key.dst, key.expected.clone());
         tracing::info!(id, %src, %dst, %expected, "tunnel connection opened");
         tokio::spawn(async move {
-            let r = connection.await;
+            // Filed for revocation as long as the connection lives.
+            let _registration = registration;
+            let error = tokio::select! {
+                r = connection => r.err().map(|e| e.to_string()),
+                // Dropping the connection closes it and fails its streams.
+                _ = cut.cancelled() => Some("peer no longer trusted".to_string()),
+            };
             drop(permit);
             done.cancel();
-            tracing::info!(id, %src, %dst, error = r.err().map(|e| e.to_string()), "tunnel connection closed");
+            tracing::info!(id, %src, %dst, error, "tunnel connection closed");
         });
         Ok(Arc::new(Conn {
             id,
@@ -246,6 +306,8 @@ impl Pool {
             active: AtomicUsize::new(0),
             idle_since: Mutex::new(Instant::now()),
             closed,
+            revoked,
+            retire_at,
         }))
     }
 
@@ -261,10 +323,11 @@ impl Pool {
             .collect();
         for (key, slot) in slots {
             let mut conns = slot.lock().await;
+            let now = Instant::now();
             conns.retain(|c| {
                 let idle = c.active.load(Ordering::Acquire) == 0
                     && c.idle_since.lock().unwrap_or_else(|e| e.into_inner()).elapsed() >= self.idle_timeout;
-                !(idle || c.closed.is_cancelled())
+                !idle && c.usable(now)
             });
             if conns.is_empty() {
                 drop(conns);
@@ -315,7 +378,7 @@ mod tests {
                     let _ = respond.send_response(http::Response::new(()), false);
                 }
             });
-            Ok(Box::new(client) as Box<dyn TunnelIo>)
+            Ok(Transport::unregistered(Box::new(client)))
         })
     }
 
@@ -381,5 +444,33 @@ mod tests {
         // Another pod has its own bound.
         let other = PoolKey { src_netns: 2, ..key() };
         assert!(pool.sender(&other, to_server).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_peer_is_revoked_takes_no_new_stream_and_closes() {
+        let pool = Pool::new(H2Settings::default(), Duration::from_secs(60), 1);
+        let revoked = CancellationToken::new();
+        let cut = revoked.clone();
+        let first = move || -> Connector<'static> {
+            Box::pin(async move {
+                let mut t = to_server().await?;
+                t.revoked = cut;
+                Ok(t)
+            })
+        };
+        let (_s1, l1) = pool.sender(&key(), first).await.unwrap();
+        revoked.cancel();
+        assert!(l1.peer_revoked());
+        let (_s2, l2) = pool.sender(&key(), to_server).await.unwrap();
+        assert_ne!(
+            l1.connection_id(),
+            l2.connection_id(),
+            "a fresh connection serves new streams"
+        );
+        assert_eq!(pool.opened(), 2);
+        // The revoked connection itself is closed, streams and all.
+        tokio::time::timeout(Duration::from_secs(5), l1.conn.closed.cancelled())
+            .await
+            .expect("closed");
     }
 }

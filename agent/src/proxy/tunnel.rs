@@ -11,8 +11,8 @@
 //! or is answered 503.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -31,12 +31,50 @@ use super::relay::{self, CloseReason, StreamSink, StreamSource};
 use super::{Direction, Outcome, PodContext, final_reason, log_audits, log_connection, socket, unmap};
 use crate::identity::Identity;
 use crate::identity::tls::peer_identity;
-use crate::identity::verify::refusal_of_io;
+use crate::identity::verify::{Role, refusal_of_io};
 use crate::policy::ConnInfo;
 
-/// Streams reset before being answered that a connection may accumulate
-/// before the rapid-reset check applies.
-const RAPID_RESET_MIN: u64 = 100;
+/// Stream resets a client may make at once before the rapid-reset guard
+/// closes its connection.
+const RESET_BURST: f64 = 100.0;
+
+/// Stream resets per second a connection earns back.
+const RESET_REFILL_PER_SEC: f64 = 10.0;
+
+/// The rapid-reset guard (CVE-2023-44487 class): a token bucket of the
+/// streams a client resets, per connection. Each reset spends a token,
+/// whether it came before or after the answer; tokens come back at a fixed
+/// rate. Unlike a share of all streams, it cannot be sidestepped by
+/// interleaving good streams, and a client that resets now and then never
+/// runs out.
+struct ResetGuard {
+    bucket: Mutex<(f64, Instant)>,
+    resets: AtomicU64,
+    tripped: CancellationToken,
+}
+
+impl ResetGuard {
+    fn new() -> Self {
+        ResetGuard {
+            bucket: Mutex::new((RESET_BURST, Instant::now())),
+            resets: AtomicU64::new(0),
+            tripped: CancellationToken::new(),
+        }
+    }
+
+    /// Counts one client reset at `now`; trips the guard when the budget is spent.
+    fn reset_at(&self, now: Instant) {
+        self.resets.fetch_add(1, Ordering::Relaxed);
+        let mut bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
+        let (tokens, last) = *bucket;
+        let earned = now.saturating_duration_since(last).as_secs_f64() * RESET_REFILL_PER_SEC;
+        let left = (tokens + earned).min(RESET_BURST) - 1.0;
+        *bucket = (left, now);
+        if left < 0.0 {
+            self.tripped.cancel();
+        }
+    }
+}
 
 /// Serves one tunnel connection until it closes, the pod goes, or its peer
 /// is revoked. `permit` is its place under the bounds: it counts as a
@@ -79,8 +117,24 @@ pub async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr, mut p
     let Some(peer_id) = peer_identity(Some(&chain)) else {
         return refused(CloseReason::TlsRefused, Some("bad_certificate"));
     };
+    let Some(certs) = &ctx.mesh.certs else {
+        return refused(CloseReason::NoIdentity, None);
+    };
     let cancel = ctx.cancel.child_token();
-    let _registration = ctx.mesh.peers.register(peer_id.clone(), &chain, cancel.clone());
+    // Checked again once filed: a trust change during the handshake is not missed.
+    let _registration = match ctx.mesh.peers.register(
+        peer_id.clone(),
+        &chain,
+        Role::Client,
+        cancel.clone(),
+        &certs.trust(),
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(pod = %ctx.pod.key, %peer, peer_identity = %peer_id, refusal = e.refusal.as_str(), "tunnel peer refused after the handshake: {}", e.detail);
+            return refused(CloseReason::TlsRefused, Some(e.refusal.as_str()));
+        }
+    };
 
     let handshake = h2::server::Builder::new()
         .initial_window_size(settings.stream_window)
@@ -106,20 +160,19 @@ pub async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr, mut p
     };
     permit.authenticated();
     let mut streams = 0u64;
-    let early_resets = Arc::new(AtomicU64::new(0));
+    let guard = Arc::new(ResetGuard::new());
     let draining = ctx.lifecycle.stop_accepting.clone();
     let mut going_away = false;
     let end = loop {
-        // Rapid reset (CVE-2023-44487 class): a peer that cancels most of
-        // its streams before they are answered only makes us dial the app.
-        let resets = early_resets.load(Ordering::Relaxed);
-        if resets > RAPID_RESET_MIN && resets * 2 > streams {
-            tracing::warn!(pod = %ctx.pod.key, %peer, peer_identity = %peer_id, streams, resets, "closing tunnel connection: rapid stream resets");
-            conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
-            break "rapid_reset";
-        }
         tokio::select! {
             biased;
+            // Rapid reset: a peer that keeps cancelling streams only makes us dial the app.
+            _ = guard.tripped.cancelled() => {
+                let resets = guard.resets.load(Ordering::Relaxed);
+                tracing::warn!(pod = %ctx.pod.key, %peer, peer_identity = %peer_id, streams, resets, "closing tunnel connection: rapid stream resets");
+                conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+                break "rapid_reset";
+            }
             _ = cancel.cancelled() => {
                 conn.abrupt_shutdown(h2::Reason::CANCEL);
                 break "cancelled";
@@ -157,9 +210,9 @@ pub async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr, mut p
                             continue;
                         }
                     };
-                    let (ctx, peer_id, cancel, resets) = (ctx.clone(), peer_id.clone(), cancel.clone(), early_resets.clone());
+                    let (ctx, peer_id, cancel, guard) = (ctx.clone(), peer_id.clone(), cancel.clone(), guard.clone());
                     ctx.lifecycle.connections.clone().spawn(async move {
-                        stream(&ctx, req, respond, peer_id, peer, &cancel, &resets).await;
+                        stream(&ctx, req, respond, peer_id, peer, &cancel, &guard).await;
                         drop(held);
                     });
                 }
@@ -180,7 +233,7 @@ async fn stream(
     peer_id: Identity,
     peer: SocketAddr,
     cancel: &CancellationToken,
-    early_resets: &AtomicU64,
+    resets: &ResetGuard,
 ) {
     let started = Instant::now();
     let outcome = |dst: Option<SocketAddr>, reason: CloseReason, refusal: Option<&'static str>| {
@@ -255,8 +308,8 @@ async fn stream(
         Ok(s) => s,
         Err(_) => {
             // Reset by the peer before we answered: counted for the
-            // connection's rapid-reset check, logged with it, not here.
-            early_resets.fetch_add(1, Ordering::Relaxed);
+            // connection's rapid-reset guard, logged with it, not here.
+            resets.reset_at(Instant::now());
             ctx.mesh.counters.count(Direction::Tunnel.as_str(), "early_reset", None);
             return;
         }
@@ -288,14 +341,51 @@ async fn stream(
         socket::reset(&up);
         tunnel_send.reset();
     }
-    if stats.reason == Some(CloseReason::PeerReset) && stats.sent == 0 && stats.received == 0 {
-        // Opened and cancelled without a byte: a rapid-reset candidate,
-        // counted for the connection rather than logged one by one.
-        early_resets.fetch_add(1, Ordering::Relaxed);
-        ctx.mesh.counters.count(Direction::Tunnel.as_str(), "early_reset", None);
-        return;
+    if stats.reason == Some(CloseReason::PeerReset) {
+        // Every client reset counts for the guard, also after the app spoke.
+        resets.reset_at(Instant::now());
+        if stats.sent == 0 && stats.received == 0 {
+            // Opened and cancelled without a byte: counted for the
+            // connection rather than logged one by one.
+            ctx.mesh.counters.count(Direction::Tunnel.as_str(), "early_reset", None);
+            return;
+        }
     }
     let mut o = Outcome::relayed(dst, stats, "hbone");
     o.peer_identity = Some(peer_id);
     log_connection(ctx, Direction::Tunnel, client, &o, started);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn the_reset_guard_tolerates_a_burst_and_a_steady_trickle_but_not_a_flood() {
+        let start = Instant::now();
+        let g = ResetGuard::new();
+        for _ in 0..100 {
+            g.reset_at(start);
+        }
+        assert!(!g.tripped.is_cancelled(), "a burst of 100 resets is allowed");
+        // Five resets a second for ten minutes: well under the refill rate.
+        let g = ResetGuard::new();
+        for i in 0..3000 {
+            g.reset_at(start + Duration::from_millis(200 * i));
+        }
+        assert!(!g.tripped.is_cancelled());
+        // Resets faster than the refill, however spread: spent eventually.
+        let g = ResetGuard::new();
+        for i in 0..1000 {
+            g.reset_at(start + Duration::from_millis(50 * i));
+        }
+        assert!(g.tripped.is_cancelled());
+        let g = ResetGuard::new();
+        for _ in 0..101 {
+            g.reset_at(start);
+        }
+        assert!(g.tripped.is_cancelled());
+    }
 }
