@@ -402,7 +402,11 @@ mod tests {
         let mut src = DirSource::new(&dir);
         assert!(src.refresh());
         src.parser = panicking_parser;
-        write(&dir, "ns.yaml", "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop2}\n");
+        write(
+            &dir,
+            "ns.yaml",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop2}\n",
+        );
         assert!(!src.refresh(), "a file whose parser panicked changes nothing");
         assert!(src.snapshot().namespaces.contains_key("shop"));
         let errors = src.errors();
@@ -426,7 +430,9 @@ mod tests {
             panic!("snapshot bug on purpose")
         });
         assert!(published.is_none());
-        let snap = src.poll_supervised().expect("the next poll reads the files again and publishes");
+        let snap = src
+            .poll_supervised()
+            .expect("the next poll reads the files again and publishes");
         assert!(snap.namespaces.contains_key("shop"));
         assert!(src.poll_supervised().is_none(), "then only changes publish again");
         let _ = std::fs::remove_dir_all(&dir);
@@ -435,7 +441,10 @@ mod tests {
     #[test]
     fn panic_messages_are_kept() {
         assert_eq!(catch_panic(|| panic!("static")), Err::<(), _>("static".to_string()));
-        assert_eq!(catch_panic(|| panic!("formatted {}", 7)), Err::<(), _>("formatted 7".to_string()));
+        assert_eq!(
+            catch_panic(|| panic!("formatted {}", 7)),
+            Err::<(), _>("formatted 7".to_string())
+        );
         assert_eq!(catch_panic(|| 5), Ok(5));
     }
 
@@ -466,9 +475,19 @@ mod tests {
         let store = Store::new();
         let cancel = CancellationToken::new();
         let task = tokio::spawn(src.run(store.clone(), Duration::from_millis(10), cancel.clone()));
-        assert!(wait_for_namespace(&store, "shop").await, "the good file was not applied");
-        write(&dir, "web.yaml", "apiVersion: v1\nkind: Namespace\nmetadata: {name: web}\n");
-        assert!(wait_for_namespace(&store, "web").await, "a later change was not applied");
+        assert!(
+            wait_for_namespace(&store, "shop").await,
+            "the good file was not applied"
+        );
+        write(
+            &dir,
+            "web.yaml",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: web}\n",
+        );
+        assert!(
+            wait_for_namespace(&store, "web").await,
+            "a later change was not applied"
+        );
         cancel.cancel();
         task.await.expect("the polling task ends cleanly when cancelled");
         let _ = std::fs::remove_dir_all(&dir);
