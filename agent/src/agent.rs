@@ -187,7 +187,9 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
     tracing::info!("{signal}: draining");
     drain(&lifecycle, args.drain_timeout).await;
     let _ = manager_task.await;
-    let _ = source_task.await;
+    if let Err(e) = source_task.await {
+        tracing::error!("config source task failed: {e}");
+    }
     lifecycle.hard_stop.cancel();
     Ok(())
 }

@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use nodeward::config::{CaCommand, Cli, Command};
-use nodeward::identity::ca;
+use nodeward::identity::{ca, ca_cli};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
@@ -33,7 +33,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             rt.block_on(nodeward::agent::run(*args))?;
         }
         Command::Ca(CaCommand::Init { out }) => {
-            print!("{}", ca::init(&out)?);
+            print!("{}", ca_cli::init(&out)?);
             println!(
                 "keep {} offline: the agent needs only ca-cert.pem, ca-key.pem, root-cert.pem and cert-chain.pem",
                 out.join(ca::ROOT_KEY).display()
@@ -41,11 +41,11 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Ca(CaCommand::Intermediate { root, parent, out }) => {
             let (from, signer) = match (root, parent) {
-                (Some(r), _) => (r, ca::Signer::Root),
-                (None, Some(p)) => (p, ca::Signer::Intermediate),
+                (Some(r), _) => (r, ca_cli::Signer::Root),
+                (None, Some(p)) => (p, ca_cli::Signer::Intermediate),
                 (None, None) => anyhow::bail!("--root or --parent is required"),
             };
-            print!("{}", ca::intermediate(&from, signer, &out)?);
+            print!("{}", ca_cli::intermediate(&from, signer, &out)?);
         }
         Command::Ca(CaCommand::Revoke {
             ca: dir,
@@ -53,11 +53,11 @@ fn run(command: Command) -> anyhow::Result<()> {
             serials,
         }) => {
             let signer = if as_root {
-                ca::Signer::Root
+                ca_cli::Signer::Root
             } else {
-                ca::Signer::Intermediate
+                ca_cli::Signer::Intermediate
             };
-            let (path, n) = ca::revoke(&dir, signer, &serials)?;
+            let (path, n) = ca_cli::revoke(&dir, signer, &serials)?;
             println!("wrote {} ({n} revoked serials)", path.display());
         }
         Command::Cleanup(args) => {

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use nodeward::identity::Identity;
-use nodeward::identity::ca::{self, Authority, Signer};
+use nodeward::identity::authority::Authority;
+use nodeward::identity::ca;
+use nodeward::identity::ca_cli::{self, Signer};
 use nodeward::identity::manager::{CertManager, IdentityConfig};
 use nodeward::identity::revocation::PeerRegistry;
 use nodeward::identity::tls::{self, CertSource, FixedCert, certified_key};
@@ -46,9 +48,9 @@ struct Pki {
 
 fn pki() -> Pki {
     let dir = tmp("ca");
-    ca::init(&dir).unwrap();
+    ca_cli::init(&dir).unwrap();
     let nested_dir = tmp("nested");
-    ca::intermediate(&dir, Signer::Intermediate, &nested_dir).unwrap();
+    ca_cli::intermediate(&dir, Signer::Intermediate, &nested_dir).unwrap();
     Pki {
         ca: Authority::load(&dir).unwrap(),
         nested: Authority::load(&nested_dir).unwrap(),
@@ -136,7 +138,7 @@ fn client_cfg(cert: Arc<CertifiedKey>, trust: Arc<TrustStore>, expected: Identit
 async fn client_certificates_accepted_and_refused_each_for_its_own_reason() {
     let p = pki();
     let other = tmp("other");
-    ca::init(&other).unwrap();
+    ca_cli::init(&other).unwrap();
     let other_ca = Authority::load(&other).unwrap();
     // The nested CA's chain is [I2, I1]; this node knows both.
     let nested_chain = p.nested.chain().to_vec();
@@ -148,10 +150,10 @@ async fn client_certificates_accepted_and_refused_each_for_its_own_reason() {
         ca::hex(c.raw_serial())
     };
     let revoked_leaf = key_for(&p.ca, &web);
-    ca::revoke(&p.dir, Signer::Intermediate, &[serial_hex(&revoked_leaf)]).unwrap();
+    ca_cli::revoke(&p.dir, Signer::Intermediate, &[serial_hex(&revoked_leaf)]).unwrap();
     // A sibling intermediate, issued by the root, then revoked by the root's CRL.
     let sibling_dir = tmp("sibling");
-    ca::intermediate(&p.dir, Signer::Root, &sibling_dir).unwrap();
+    ca_cli::intermediate(&p.dir, Signer::Root, &sibling_dir).unwrap();
     let sibling = Authority::load(&sibling_dir).unwrap();
     let sibling_serial = {
         use x509_parser::prelude::{FromDer, X509Certificate};
@@ -163,7 +165,7 @@ async fn client_certificates_accepted_and_refused_each_for_its_own_reason() {
     for f in [ca::ROOT_CERT, ca::ROOT_KEY] {
         std::fs::copy(p.dir.join(f), root_crl_dir.join(f)).unwrap();
     }
-    ca::revoke(&root_crl_dir, Signer::Root, &[sibling_serial]).unwrap();
+    ca_cli::revoke(&root_crl_dir, Signer::Root, &[sibling_serial]).unwrap();
 
     let ca_chain = p.ca.chain().to_vec();
     type Case = (&'static str, Arc<CertifiedKey>, Option<Refusal>);
@@ -406,7 +408,7 @@ async fn no_session_is_resumed_so_a_new_crl_applies_to_the_next_handshake() {
     // Revoke the client: the very next handshake with the same client config is refused.
     use x509_parser::prelude::{FromDer, X509Certificate};
     let (_, leaf) = X509Certificate::from_der(client_key.cert[0].as_ref()).unwrap();
-    ca::revoke(&p.dir, Signer::Intermediate, &[ca::hex(leaf.raw_serial())]).unwrap();
+    ca_cli::revoke(&p.dir, Signer::Intermediate, &[ca::hex(leaf.raw_serial())]).unwrap();
     let mut snap = trust_for(&p.ca);
     let issuers: Vec<_> = p.ca.roots().iter().chain(p.ca.chain()).cloned().collect();
     snap.crls = nodeward::identity::trust::load_crl_file(&p.dir.join(ca::CA_CRL), &issuers).unwrap();
@@ -557,7 +559,7 @@ async fn revocation_and_deny_list_cut_established_connections_within_seconds() {
     let p = pki();
     let client_key = key_for(&p.ca, &id("shop", "web"));
     // An empty CRL to start with, and an empty deny list.
-    ca::revoke(&p.dir, Signer::Intermediate, &[]).unwrap();
+    ca_cli::revoke(&p.dir, Signer::Intermediate, &[]).unwrap();
     let crl = p.dir.join(ca::CA_CRL);
     let deny = p.dir.join("deny.txt");
     std::fs::write(&deny, "# nobody\n").unwrap();
@@ -599,8 +601,8 @@ async fn revocation_and_deny_list_cut_established_connections_within_seconds() {
 
     // A CRL signed by a CA we do not trust is rejected; nothing is cut.
     let other = tmp("other-crl");
-    ca::init(&other).unwrap();
-    ca::revoke(&other, Signer::Intermediate, &[ca::hex(&serial_of(&client_key))]).unwrap();
+    ca_cli::init(&other).unwrap();
+    ca_cli::revoke(&other, Signer::Intermediate, &[ca::hex(&serial_of(&client_key))]).unwrap();
     let good_crl = std::fs::read(&crl).unwrap();
     std::fs::copy(other.join(ca::CA_CRL), &crl).unwrap();
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -614,7 +616,7 @@ async fn revocation_and_deny_list_cut_established_connections_within_seconds() {
 
     // Revoking the client's certificate closes the first connection.
     let revoked_at = std::time::Instant::now();
-    ca::revoke(&p.dir, Signer::Intermediate, &[ca::hex(&serial_of(&client_key))]).unwrap();
+    ca_cli::revoke(&p.dir, Signer::Intermediate, &[ca::hex(&serial_of(&client_key))]).unwrap();
     tokio::time::timeout(Duration::from_secs(5), cut[0].1.1.cancelled())
         .await
         .expect("cut within 5 s of the CRL changing");
@@ -668,7 +670,7 @@ fn issuers_of(a: &Authority) -> Vec<CertificateDer<'static>> {
 fn crl_revoking(p: &Pki, keys: &[&CertifiedKey]) -> Vec<u8> {
     let _ = std::fs::remove_file(p.dir.join(ca::CA_CRL));
     let serials: Vec<String> = keys.iter().map(|k| ca::hex(&serial_of(k))).collect();
-    ca::revoke(&p.dir, Signer::Intermediate, &serials).unwrap();
+    ca_cli::revoke(&p.dir, Signer::Intermediate, &serials).unwrap();
     std::fs::read(p.dir.join(ca::CA_CRL)).unwrap()
 }
 
@@ -753,10 +755,10 @@ async fn a_crl_past_its_next_update_refuses_what_it_speaks_for_when_unknown_stat
     use nodeward::identity::trust::{TrustSources, unix_now};
     let p = pki();
     // The root's CRL (for the intermediate) is fresh throughout.
-    ca::revoke(&p.dir, Signer::Root, &[]).unwrap();
+    ca_cli::revoke(&p.dir, Signer::Root, &[]).unwrap();
     let root_crl = p.dir.join(ca::ROOT_CRL);
     let ca_crl = p.dir.join(ca::CA_CRL);
-    ca::revoke(&p.dir, Signer::Intermediate, &[]).unwrap();
+    ca_cli::revoke(&p.dir, Signer::Intermediate, &[]).unwrap();
     let issuers = issuers_of(&p.ca);
     let client = || key_for(&p.ca, &id("shop", "web"));
     let sources = |status| {
@@ -812,9 +814,9 @@ async fn a_lower_numbered_crl_does_not_replace_a_higher_one() {
     let (first, second) = (key_for(&p.ca, &id("shop", "web")), key_for(&p.ca, &id("shop", "web")));
     // CRL 1 revokes the first certificate; CRL 2 both.
     let _ = std::fs::remove_file(p.dir.join(ca::CA_CRL));
-    ca::revoke(&p.dir, Signer::Intermediate, &[ca::hex(&serial_of(&first))]).unwrap();
+    ca_cli::revoke(&p.dir, Signer::Intermediate, &[ca::hex(&serial_of(&first))]).unwrap();
     let older = std::fs::read(p.dir.join(ca::CA_CRL)).unwrap();
-    ca::revoke(&p.dir, Signer::Intermediate, &[ca::hex(&serial_of(&second))]).unwrap();
+    ca_cli::revoke(&p.dir, Signer::Intermediate, &[ca::hex(&serial_of(&second))]).unwrap();
     let newer = std::fs::read(p.dir.join(ca::CA_CRL)).unwrap();
 
     let file = p.dir.join("served-crl.pem");
@@ -842,7 +844,7 @@ async fn a_lower_numbered_crl_does_not_replace_a_higher_one() {
     );
 
     // A newer CRL still replaces it.
-    ca::revoke(&p.dir, Signer::Intermediate, &[]).unwrap();
+    ca_cli::revoke(&p.dir, Signer::Intermediate, &[]).unwrap();
     std::fs::write(&file, std::fs::read(p.dir.join(ca::CA_CRL)).unwrap()).unwrap();
     sources.refresh(&issuers, false);
     assert!(sources.problems().is_empty(), "{:?}", sources.problems());

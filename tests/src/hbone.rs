@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use nodeward::identity::Identity;
-use nodeward::identity::ca::Authority;
+use nodeward::identity::authority::Authority;
 use nodeward::identity::tls::{self, FixedCert, certified_key};
 use nodeward::identity::trust::{TrustSnapshot, TrustStore};
 use rustls::pki_types::ServerName;

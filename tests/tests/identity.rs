@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use nodeward::identity::ca::{self, Signer};
+use nodeward::identity::ca_cli::{self, Signer};
 use nodeward_testbed::traffic::{Server, info_echo, round_trip, serve};
 use nodeward_testbed::{PodSpec, Topology, TopologySpec, nodeward_bin, privileged_or_skip, shared, traffic};
 
@@ -196,7 +196,7 @@ fn client_with_pooled_tunnel(test: &str) -> Option<(Topology, PathBuf, PathBuf, 
     let mut t = Topology::build(TopologySpec::two_nodes());
     let deny = t.ca_dir.join("node1-deny.txt");
     std::fs::write(&deny, "# nobody\n").unwrap();
-    let (crl, _) = ca::revoke(&t.ca_dir, Signer::Intermediate, &[]).unwrap();
+    let (crl, _) = ca_cli::revoke(&t.ca_dir, Signer::Intermediate, &[]).unwrap();
     let (deny_arg, crl_arg) = (deny.to_string_lossy().into_owned(), crl.to_string_lossy().into_owned());
     t.start_agent(0, &["--deny-identities", &deny_arg, "--crl", &crl_arg]);
     t.start_agent(1, &[]);
@@ -277,7 +277,7 @@ fn revoking_a_servers_certificate_on_the_clients_node_closes_its_pooled_tunnel()
         .find(|l| l["message"] == "workload certificate issued" && l["identity"] == C_ID)
         .and_then(|l| l["serial"].as_str().map(str::to_string))
         .expect("c's certificate serial is logged");
-    ca::revoke(&t.ca_dir, Signer::Intermediate, &[serial]).unwrap();
+    ca_cli::revoke(&t.ca_dir, Signer::Intermediate, &[serial]).unwrap();
     pooled_tunnel_is_cut_and_not_reused(&t, held, "revoked_leaf");
 }
 

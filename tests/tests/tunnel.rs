@@ -204,7 +204,7 @@ fn a_client_from_another_trust_root_is_refused_by_the_server() {
     let (c, d) = (t.pod("c").clone(), t.pod("d").clone());
     let other = t.ca_dir.with_extension("other");
     let _ = std::fs::remove_dir_all(&other);
-    nodeward::identity::ca::init(&other).unwrap();
+    nodeward::identity::ca_cli::init(&other).unwrap();
     let forged = workload_cert(&other, &id("mesh", "a"));
     let r = rt().block_on(tls_to(
         &d.netns,

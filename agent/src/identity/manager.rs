@@ -16,7 +16,8 @@ use rustls::sign::CertifiedKey;
 use tokio_util::sync::CancellationToken;
 
 use super::Identity;
-use super::ca::{Authority, CA_CERT, CA_KEY, CERT_CHAIN, CaError, ROOT_CERT};
+use super::authority::Authority;
+use super::ca::{CA_CERT, CA_KEY, CERT_CHAIN, CaError, ROOT_CERT};
 use super::tls::certified_key;
 use super::trust::{TrustSnapshot, TrustSources, TrustStore, UnknownStatus, WatchedFile};
 

@@ -1,8 +1,10 @@
 //! Workload identities: SPIFFE IDs, the certificates that prove them, and
 //! the TLS configurations that check them.
 //!
-//! * `ca` — the CA directory (Istio plug-in CA file names), signing, and
-//!   the `nodeward ca` commands.
+//! * `ca` — CA material both others use: Istio plug-in CA file names,
+//!   errors, reading certificates and keys, serials, fingerprints, PEM.
+//! * `authority` — the CA directory loaded at runtime, issuing SVIDs.
+//! * `ca_cli` — the `nodeward ca` commands: init, intermediate, revoke.
 //! * `manager` — per-identity certificates: issued on demand, shared by the
 //!   pods of an identity, renewed around half-life, dropped when unused.
 //! * `trust` — roots, CRLs and the identity deny list, hot-reloaded.
@@ -10,7 +12,9 @@
 //! * `tls` — rustls server and client configurations.
 //! * `revocation` — closes established connections whose peer became revoked.
 
+pub mod authority;
 pub mod ca;
+pub mod ca_cli;
 pub mod manager;
 pub mod revocation;
 pub mod tls;

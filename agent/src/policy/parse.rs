@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use serde_yaml::{Mapping, Value};
+use serde_norway::{Mapping, Value};
 
 use super::model::{
     Action, AuthorizationPolicy, Cidr, Condition, DRY_RUN_ANNOTATION, Mode, Operation, PeerAuthentication, PolicyMeta,

@@ -19,8 +19,8 @@ fn pod(ns: &str, labels: &[(&str, &str)]) -> Pod {
     }
 }
 
-fn yaml(s: &str) -> serde_yaml::Value {
-    serde_yaml::from_str(s).unwrap()
+fn yaml(s: &str) -> serde_norway::Value {
+    serde_norway::from_str(s).unwrap()
 }
 
 fn pa(ns: &str, name: &str, created: &str, spec: &str) -> Arc<PeerAuthentication> {

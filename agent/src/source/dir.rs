@@ -5,16 +5,22 @@
 //! network filesystems, and a stat per file is cheap. Only files whose
 //! (inode, size, mtime) changed are read again. A file that fails to parse
 //! keeps its last good objects in force and its error is logged once.
+//!
+//! A panic never ends the polling: one in the parser rejects that file like
+//! a syntax error; one anywhere else in a poll is logged with its message and
+//! the poll starts over from the files' last good objects (the published
+//! state keeps running meanwhile).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::MetadataExt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::objects::{Object, parse_file};
+use super::objects::{Object, ParseError, parse_file};
 use crate::policy::TrustDomains;
 use crate::state::{Snapshot, Store};
 
@@ -38,6 +44,9 @@ struct FileState {
     error: Option<String>,
 }
 
+/// Reads one file's text into objects; [`parse_file`] except in tests.
+type Parser = fn(&Path, &str) -> Result<Vec<Object>, ParseError>;
+
 /// The directory source: its files' last good contents.
 #[derive(Debug)]
 pub struct DirSource {
@@ -48,6 +57,9 @@ pub struct DirSource {
     /// Policies already reported as ignored (`targetRef`), so each is
     /// logged once, not on every change.
     ignored_reported: BTreeSet<String>,
+    parser: Parser,
+    /// Set by a panicking poll: the next poll publishes even if no file changed.
+    republish: bool,
 }
 
 impl DirSource {
@@ -59,6 +71,8 @@ impl DirSource {
             root_namespace: "istio-system".into(),
             trust_domains: TrustDomains::default(),
             ignored_reported: BTreeSet::new(),
+            parser: parse_file,
+            republish: false,
         }
     }
 
@@ -103,7 +117,7 @@ impl DirSource {
                 continue;
             }
             state.fingerprint = Some(fp);
-            match read_and_parse(&path, fp.size) {
+            match read_and_parse(&path, fp.size, self.parser) {
                 Ok(objects) => {
                     if state.error.take().is_some() {
                         tracing::info!(file = %path.display(), "config file is valid again");
@@ -158,18 +172,59 @@ impl DirSource {
         snap.index()
     }
 
-    /// Polls the directory until cancelled, publishing each change.
+    /// One poll: re-reads changed files and returns the snapshot to publish
+    /// if anything changed.
+    fn poll(&mut self) -> Option<Snapshot> {
+        let changed = self.refresh();
+        (changed || std::mem::take(&mut self.republish)).then(|| self.snapshot())
+    }
+
+    /// [`DirSource::poll`], surviving a panic: it is logged with its message
+    /// and every file is read again at the next poll (their last good objects
+    /// kept) and published, so a half-done poll cannot leave a change
+    /// unpublished. The
+    /// store keeps the last published state meanwhile.
+    fn poll_supervised(&mut self) -> Option<Snapshot> {
+        self.supervise(Self::poll)
+    }
+
+    /// Runs one poll `step` as [`DirSource::poll_supervised`] describes.
+    fn supervise(&mut self, step: impl FnOnce(&mut Self) -> Option<Snapshot>) -> Option<Snapshot> {
+        match catch_panic(|| step(self)) {
+            Ok(snap) => snap,
+            Err(message) => {
+                tracing::error!(
+                    dir = %self.dir.display(),
+                    "config refresh panicked, the last good config stays in force and the directory is read again: {message}"
+                );
+                for state in self.files.values_mut() {
+                    state.fingerprint = None;
+                }
+                self.republish = true;
+                None
+            }
+        }
+    }
+
+    /// Polls the directory until cancelled, publishing each change. Never
+    /// ends on a panic (see [`DirSource::poll_supervised`]).
     pub async fn run(mut self, store: Store, interval: Duration, cancel: CancellationToken) {
         loop {
-            let (changed, source) = tokio::task::spawn_blocking(move || {
-                let changed = self.refresh();
-                (changed, self)
+            let joined = tokio::task::spawn_blocking(move || {
+                let snap = self.poll_supervised();
+                (snap, self)
             })
-            .await
-            .expect("config refresh does not panic");
+            .await;
+            let (snap, source) = match joined {
+                Ok(done) => done,
+                Err(e) => {
+                    // Only a cancelled runtime gets here: the poll catches its panics.
+                    tracing::error!("config refresh task stopped: {e}");
+                    return;
+                }
+            };
             self = source;
-            if changed {
-                let snap = self.snapshot();
+            if let Some(snap) = snap {
                 tracing::info!(
                     pods = snap.pods.len(),
                     namespaces = snap.namespaces.len(),
@@ -271,7 +326,18 @@ fn list_files(dir: &Path) -> std::io::Result<Vec<(PathBuf, Fingerprint)>> {
     Ok(out)
 }
 
-fn read_and_parse(path: &Path, size: u64) -> Result<Vec<Object>, String> {
+/// Runs `f`, turning a panic into its message.
+fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    catch_unwind(AssertUnwindSafe(f)).map_err(|payload| {
+        payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic without a message".to_string())
+    })
+}
+
+fn read_and_parse(path: &Path, size: u64, parser: Parser) -> Result<Vec<Object>, String> {
     if size > MAX_FILE_BYTES {
         return Err(format!(
             "{}: {size} bytes is over the {MAX_FILE_BYTES}-byte limit",
@@ -279,7 +345,10 @@ fn read_and_parse(path: &Path, size: u64) -> Result<Vec<Object>, String> {
         ));
     }
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    parse_file(path, &text).map_err(|e| e.to_string())
+    // A panicking parser rejects the file like a syntax error would.
+    catch_panic(|| parser(path, &text))
+        .map_err(|message| format!("{}: parser panicked: {message}", path.display()))?
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -319,6 +388,108 @@ mod tests {
         assert!(src.refresh());
         assert!(src.snapshot().namespaces.is_empty());
         assert!(src.errors().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn panicking_parser(_: &Path, _: &str) -> Result<Vec<Object>, ParseError> {
+        panic!("parser bug on purpose")
+    }
+
+    #[test]
+    fn a_panicking_parser_rejects_the_file_and_keeps_its_last_good_objects() {
+        let dir = tmpdir("parserpanic");
+        write(&dir, "ns.yaml", NS);
+        let mut src = DirSource::new(&dir);
+        assert!(src.refresh());
+        src.parser = panicking_parser;
+        write(
+            &dir,
+            "ns.yaml",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop2}\n",
+        );
+        assert!(!src.refresh(), "a file whose parser panicked changes nothing");
+        assert!(src.snapshot().namespaces.contains_key("shop"));
+        let errors = src.errors();
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0].1.contains("ns.yaml: parser panicked: parser bug on purpose"),
+            "{}",
+            errors[0].1
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_poll_that_panics_is_reported_and_the_next_poll_publishes_what_it_missed() {
+        let dir = tmpdir("pollpanic");
+        write(&dir, "ns.yaml", NS);
+        let mut src = DirSource::new(&dir);
+        // The panic strikes after the files were read, before their snapshot.
+        let published = src.supervise(|s| {
+            s.refresh();
+            panic!("snapshot bug on purpose")
+        });
+        assert!(published.is_none());
+        let snap = src
+            .poll_supervised()
+            .expect("the next poll reads the files again and publishes");
+        assert!(snap.namespaces.contains_key("shop"));
+        assert!(src.poll_supervised().is_none(), "then only changes publish again");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn panic_messages_are_kept() {
+        assert_eq!(catch_panic(|| panic!("static")), Err::<(), _>("static".to_string()));
+        assert_eq!(
+            catch_panic(|| panic!("formatted {}", 7)),
+            Err::<(), _>("formatted 7".to_string())
+        );
+        assert_eq!(catch_panic(|| 5), Ok(5));
+    }
+
+    fn panics_on_bad_yaml(path: &Path, text: &str) -> Result<Vec<Object>, ParseError> {
+        if path.ends_with("bad.yaml") {
+            panic!("parser bug on purpose");
+        }
+        parse_file(path, text)
+    }
+
+    async fn wait_for_namespace(store: &Store, name: &str) -> bool {
+        for _ in 0..500 {
+            if store.current().namespaces.contains_key(name) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn the_polling_task_outlives_a_panicking_parser() {
+        let dir = tmpdir("runpanic");
+        write(&dir, "bad.yaml", NS);
+        write(&dir, "ns.yaml", NS);
+        let mut src = DirSource::new(&dir);
+        src.parser = panics_on_bad_yaml;
+        let store = Store::new();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(src.run(store.clone(), Duration::from_millis(10), cancel.clone()));
+        assert!(
+            wait_for_namespace(&store, "shop").await,
+            "the good file was not applied"
+        );
+        write(
+            &dir,
+            "web.yaml",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: web}\n",
+        );
+        assert!(
+            wait_for_namespace(&store, "web").await,
+            "a later change was not applied"
+        );
+        cancel.cancel();
+        task.await.expect("the polling task ends cleanly when cancelled");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -127,13 +127,13 @@ struct Doc {
     #[serde(default)]
     kind: String,
     #[serde(default)]
-    metadata: serde_yaml::Value,
+    metadata: serde_norway::Value,
     #[serde(default)]
-    spec: serde_yaml::Value,
+    spec: serde_norway::Value,
     #[serde(default)]
-    status: serde_yaml::Value,
+    status: serde_norway::Value,
     #[serde(default)]
-    items: Vec<serde_yaml::Value>,
+    items: Vec<serde_norway::Value>,
 }
 
 /// Where a document sits, for error messages.
@@ -153,7 +153,7 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, ParseError> {
             doc: i + 1,
             line: start_line,
         };
-        let value: serde_yaml::Value = serde_yaml::from_str(body).map_err(|e| ParseError::Syntax {
+        let value: serde_norway::Value = serde_norway::from_str(body).map_err(|e| ParseError::Syntax {
             file: file.clone(),
             doc: at.doc,
             line: start_line + e.location().map_or(0, |l| l.line().saturating_sub(1)),
@@ -167,18 +167,18 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, ParseError> {
     Ok(out)
 }
 
-fn parse_value(value: serde_yaml::Value, at: &At<'_>, out: &mut Vec<Object>) -> Result<(), ParseError> {
-    let syntax = |e: serde_yaml::Error| ParseError::Syntax {
+fn parse_value(value: serde_norway::Value, at: &At<'_>, out: &mut Vec<Object>) -> Result<(), ParseError> {
+    let syntax = |e: serde_norway::Error| ParseError::Syntax {
         file: at.file.to_string(),
         doc: at.doc,
         line: at.line,
         message: e.to_string(),
     };
-    let doc: Doc = serde_yaml::from_value(value).map_err(syntax)?;
+    let doc: Doc = serde_norway::from_value(value).map_err(syntax)?;
     let metadata: Meta = if doc.metadata.is_null() {
         Meta::default()
     } else {
-        serde_yaml::from_value(doc.metadata.clone()).map_err(|e| ParseError::Syntax {
+        serde_norway::from_value(doc.metadata.clone()).map_err(|e| ParseError::Syntax {
             file: at.file.to_string(),
             doc: at.doc,
             line: at.line,
@@ -207,7 +207,7 @@ fn parse_value(value: serde_yaml::Value, at: &At<'_>, out: &mut Vec<Object>) -> 
                 return Err(invalid("", "metadata.name and metadata.namespace are required".into()));
             }
             let spec = if doc.spec.is_null() {
-                serde_yaml::Value::Mapping(Default::default())
+                serde_norway::Value::Mapping(Default::default())
             } else {
                 doc.spec.clone()
             };
@@ -238,12 +238,12 @@ fn parse_value(value: serde_yaml::Value, at: &At<'_>, out: &mut Vec<Object>) -> 
             let spec: PodSpecDoc = if doc.spec.is_null() {
                 PodSpecDoc::default()
             } else {
-                serde_yaml::from_value(doc.spec).map_err(|e| invalid(&key, format!("spec: {e}")))?
+                serde_norway::from_value(doc.spec).map_err(|e| invalid(&key, format!("spec: {e}")))?
             };
             let status: PodStatusDoc = if doc.status.is_null() {
                 PodStatusDoc::default()
             } else {
-                serde_yaml::from_value(doc.status).map_err(|e| invalid(&key, format!("status: {e}")))?
+                serde_norway::from_value(doc.status).map_err(|e| invalid(&key, format!("status: {e}")))?
             };
             let mut ips: Vec<IpAddr> = Vec::new();
             let all = std::iter::once(status.pod_ip.as_str())

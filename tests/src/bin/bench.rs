@@ -346,8 +346,8 @@ fn policy_eval_ns(n: usize) -> f64 {
     let mut snap = nodeward::state::Snapshot::default();
     snap.root_namespace = "istio-system".into();
     for i in 0..n {
-        let m = serde_yaml::from_str(&format!("{{name: p{i}, namespace: scale{}}}", i % 100)).unwrap();
-        let spec = serde_yaml::from_str(&format!(
+        let m = serde_norway::from_str(&format!("{{name: p{i}, namespace: scale{}}}", i % 100)).unwrap();
+        let spec = serde_norway::from_str(&format!(
             "selector: {{matchLabels: {{app: w{}}}}}\nrules:\n- from:\n  - source: {{principals: [cluster.local/ns/scale{}/sa/sa{}]}}",
             i % 500,
             i % 100,

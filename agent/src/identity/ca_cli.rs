@@ -1,0 +1,278 @@
+//! `nodeward ca`: `init` (a root and an intermediate), `intermediate`
+//! (another one, beside or below), `revoke` (serials into a re-signed CRL).
+//! What the agent itself signs with at runtime is [`super::authority`].
+
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName, DnType, IsCa, Issuer,
+    KeyIdMethod, KeyUsagePurpose, RevokedCertParams, SerialNumber,
+};
+use rustls::pki_types::CertificateDer;
+use x509_parser::prelude::FromDer;
+
+use super::ca::{
+    CA_CERT, CA_CRL, CA_KEY, CERT_CHAIN, CaError, ROOT_CERT, ROOT_CRL, ROOT_KEY, first_cert, hex, load_issuer, new_key,
+    parse_serial, pem_text, random_serial, read_certs, read_string, sha256_hex,
+};
+
+/// What `ca init` and `ca intermediate` wrote.
+#[derive(Debug)]
+pub struct Written {
+    /// (file, SHA-256 fingerprint for certificates).
+    pub files: Vec<(PathBuf, Option<String>)>,
+}
+
+impl std::fmt::Display for Written {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (path, fp) in &self.files {
+            match fp {
+                Some(fp) => writeln!(f, "wrote {}  sha256:{fp}", path.display())?,
+                None => writeln!(f, "wrote {}  (private key, mode 0600)", path.display())?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `nodeward ca init`: a root and an intermediate for trying things out.
+pub fn init(out: &Path) -> Result<Written, CaError> {
+    std::fs::create_dir_all(out).map_err(|source| CaError::Write {
+        file: out.to_path_buf(),
+        source,
+    })?;
+    let root_key = new_key()?;
+    let root_params = ca_params("Nodeward Root CA", Duration::from_secs(10 * 365 * 86400));
+    let root = root_params
+        .self_signed(&root_key)
+        .map_err(|e| CaError::Sign(e.to_string()))?;
+    let root_issuer = Issuer::new(root_params, root_key);
+    let int_key = new_key()?;
+    let int = ca_params("Nodeward Intermediate CA", Duration::from_secs(5 * 365 * 86400))
+        .signed_by(&int_key, &root_issuer)
+        .map_err(|e| CaError::Sign(e.to_string()))?;
+    let mut w = Written { files: Vec::new() };
+    write_cert(&mut w, &out.join(ROOT_CERT), &[root.der()])?;
+    write_key(&mut w, &out.join(ROOT_KEY), &root_issuer.key().serialize_pem())?;
+    write_cert(&mut w, &out.join(CA_CERT), &[int.der()])?;
+    write_key(&mut w, &out.join(CA_KEY), &int_key.serialize_pem())?;
+    write_cert(&mut w, &out.join(CERT_CHAIN), &[int.der(), root.der()])?;
+    Ok(w)
+}
+
+/// Which key signs a new intermediate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signer {
+    /// `root-cert.pem` + `root-key.pem`: a sibling of the existing intermediate.
+    Root,
+    /// `ca-cert.pem` + `ca-key.pem`: one level deeper.
+    Intermediate,
+}
+
+/// `nodeward ca intermediate`: a further intermediate in `out`, signed from `from`.
+pub fn intermediate(from: &Path, signer: Signer, out: &Path) -> Result<Written, CaError> {
+    let (cert_file, key_file) = match signer {
+        Signer::Root => (ROOT_CERT, ROOT_KEY),
+        Signer::Intermediate => (CA_CERT, CA_KEY),
+    };
+    let issuer = load_issuer(&from.join(cert_file), &from.join(key_file))?;
+    std::fs::create_dir_all(out).map_err(|source| CaError::Write {
+        file: out.to_path_buf(),
+        source,
+    })?;
+    let key = new_key()?;
+    let cert = ca_params("Nodeward Intermediate CA", Duration::from_secs(5 * 365 * 86400))
+        .signed_by(&key, &issuer)
+        .map_err(|e| CaError::Sign(e.to_string()))?;
+    let roots = read_certs(&from.join(ROOT_CERT))?;
+    let mut chain: Vec<CertificateDer<'static>> = vec![cert.der().clone()];
+    match signer {
+        Signer::Root => chain.extend(roots.iter().cloned()),
+        Signer::Intermediate => {
+            let parent_chain = from.join(CERT_CHAIN);
+            if parent_chain.exists() {
+                chain.extend(read_certs(&parent_chain)?);
+            } else {
+                chain.push(first_cert(
+                    &from.join(CA_CERT),
+                    read_string(&from.join(CA_CERT))?.as_bytes(),
+                )?);
+            }
+        }
+    }
+    let mut w = Written { files: Vec::new() };
+    write_cert(&mut w, &out.join(CA_CERT), &[cert.der()])?;
+    write_key(&mut w, &out.join(CA_KEY), &key.serialize_pem())?;
+    let chain_refs: Vec<&CertificateDer<'_>> = chain.iter().collect();
+    write_cert(&mut w, &out.join(CERT_CHAIN), &chain_refs)?;
+    let root_refs: Vec<&CertificateDer<'_>> = roots.iter().collect();
+    write_cert(&mut w, &out.join(ROOT_CERT), &root_refs)?;
+    Ok(w)
+}
+
+/// `nodeward ca revoke`: adds serials to the CRL of the signing CA (or of
+/// the root with `Signer::Root`) and re-signs it. Returns the CRL's path and
+/// how many serials it now lists.
+pub fn revoke(dir: &Path, signer: Signer, serials: &[String]) -> Result<(PathBuf, usize), CaError> {
+    let (cert_file, key_file, crl_file) = match signer {
+        Signer::Root => (ROOT_CERT, ROOT_KEY, ROOT_CRL),
+        Signer::Intermediate => (CA_CERT, CA_KEY, CA_CRL),
+    };
+    let issuer = load_issuer(&dir.join(cert_file), &dir.join(key_file))?;
+    let crl_path = dir.join(crl_file);
+    let (mut revoked, number) = if crl_path.exists() {
+        existing_crl(&crl_path)?
+    } else {
+        (Vec::new(), 0u64)
+    };
+    let now = time::OffsetDateTime::now_utc();
+    for s in serials {
+        let bytes = parse_serial(s).ok_or_else(|| CaError::Invalid {
+            file: crl_path.clone(),
+            message: format!("{s:?} is not a hexadecimal serial number"),
+        })?;
+        if !revoked.iter().any(|(b, _)| *b == bytes) {
+            revoked.push((bytes, now));
+        }
+    }
+    let params = CertificateRevocationListParams {
+        this_update: now,
+        next_update: now + time::Duration::days(7),
+        crl_number: SerialNumber::from_slice(&(number + 1).to_be_bytes()),
+        issuing_distribution_point: None,
+        revoked_certs: revoked
+            .iter()
+            .map(|(serial, at)| RevokedCertParams {
+                serial_number: SerialNumber::from_slice(serial),
+                revocation_time: *at,
+                reason_code: None,
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    let crl = params.signed_by(&issuer).map_err(|e| CaError::Sign(e.to_string()))?;
+    let pem = crl.pem().map_err(|e| CaError::Sign(e.to_string()))?;
+    std::fs::write(&crl_path, pem).map_err(|source| CaError::Write {
+        file: crl_path.clone(),
+        source,
+    })?;
+    Ok((crl_path, revoked.len()))
+}
+
+/// Serials with their revocation times.
+type RevokedSerials = Vec<(Vec<u8>, time::OffsetDateTime)>;
+
+fn existing_crl(path: &Path) -> Result<(RevokedSerials, u64), CaError> {
+    let ders = crate::identity::trust::read_crl_ders(path).map_err(|message| CaError::Invalid {
+        file: path.to_path_buf(),
+        message,
+    })?;
+    let der = ders.first().ok_or_else(|| CaError::Invalid {
+        file: path.to_path_buf(),
+        message: "no CRL in file".into(),
+    })?;
+    let (_, crl) =
+        x509_parser::revocation_list::CertificateRevocationList::from_der(der).map_err(|e| CaError::Invalid {
+            file: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    let revoked = crl
+        .iter_revoked_certificates()
+        .map(|r| {
+            let at = time::OffsetDateTime::from_unix_timestamp(r.revocation_date.timestamp())
+                .unwrap_or_else(|_| time::OffsetDateTime::now_utc());
+            (r.raw_serial().to_vec(), at)
+        })
+        .collect();
+    let number = crl
+        .crl_number()
+        .map(|n| n.to_u64_digits().first().copied().unwrap_or(0))
+        .unwrap_or(0);
+    Ok((revoked, number))
+}
+
+/// Parameters of a CA certificate. The common name gets a random suffix:
+/// CAs with equal names would make CRL and chain matching by name ambiguous.
+pub(super) fn ca_params(cn: &str, lifetime: Duration) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Nodeward");
+    dn.push(DnType::CommonName, format!("{cn} {}", &hex(&random_serial())[..8]));
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = SystemTime::now();
+    p.not_before = (now - Duration::from_secs(3600)).into();
+    p.not_after = (now + lifetime).into();
+    p.serial_number = Some(SerialNumber::from_slice(&random_serial()));
+    p.use_authority_key_identifier_extension = true;
+    p
+}
+
+fn write_cert(w: &mut Written, path: &Path, certs: &[&CertificateDer<'_>]) -> Result<(), CaError> {
+    let mut pem = String::new();
+    for c in certs {
+        pem.push_str(&pem_text("CERTIFICATE", c.as_ref()));
+    }
+    std::fs::write(path, pem).map_err(|source| CaError::Write {
+        file: path.to_path_buf(),
+        source,
+    })?;
+    w.files.push((path.to_path_buf(), Some(sha256_hex(certs[0].as_ref()))));
+    Ok(())
+}
+
+fn write_key(w: &mut Written, path: &Path, pem: &str) -> Result<(), CaError> {
+    use std::io::Write;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|source| CaError::Write {
+            file: path.to_path_buf(),
+            source,
+        })?;
+    f.write_all(pem.as_bytes()).map_err(|source| CaError::Write {
+        file: path.to_path_buf(),
+        source,
+    })?;
+    w.files.push((path.to_path_buf(), None));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::authority::Authority;
+    use super::*;
+
+    fn tmp(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("nodeward-ca-cli-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn init_writes_a_loadable_ca_with_private_keys_hidden() {
+        let d = tmp("init");
+        let w = init(&d).unwrap();
+        assert_eq!(w.files.len(), 5);
+        let ca = Authority::load(&d).unwrap();
+        assert_eq!(ca.chain().len(), 1, "the root is never sent");
+        assert_eq!(ca.roots().len(), 1);
+        use std::os::unix::fs::PermissionsExt;
+        for k in [CA_KEY, ROOT_KEY] {
+            let mode = std::fs::metadata(d.join(k)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{k}");
+        }
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
