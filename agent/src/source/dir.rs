@@ -6,6 +6,8 @@
 //! (inode, size, mtime) changed are read again. A file that fails to parse
 //! keeps its last good objects in force and its error is logged once.
 
+#![forbid(unsafe_code)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -56,7 +58,7 @@ impl DirSource {
         DirSource {
             dir: dir.into(),
             files: BTreeMap::new(),
-            root_namespace: "istio-system".into(),
+            root_namespace: crate::config::defaults::ROOT_NAMESPACE.into(),
             trust_domains: TrustDomains::default(),
             ignored_reported: BTreeSet::new(),
         }
