@@ -4,6 +4,8 @@
 //!
 //! Workload keys are ECDSA P-256, generated in memory and never written.
 
+#![forbid(unsafe_code)]
+
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};

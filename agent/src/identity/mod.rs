@@ -10,6 +10,8 @@
 //! * `tls` — rustls server and client configurations.
 //! * `revocation` — closes established connections whose peer became revoked.
 
+#![forbid(unsafe_code)]
+
 pub mod ca;
 pub mod manager;
 pub mod revocation;

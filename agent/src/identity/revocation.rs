@@ -3,6 +3,8 @@
 //! chain; each trust change sweeps the registry and cancels the connections
 //! it no longer admits, well within the 5 s the issue allows.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

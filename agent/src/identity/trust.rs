@@ -6,6 +6,8 @@
 //! its previous good content in force, and its error is reported once and
 //! through readiness.
 
+#![forbid(unsafe_code)]
+
 use std::collections::{BTreeMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};

@@ -14,6 +14,8 @@
 //! in one task, so a single connection would put every byte to a
 //! destination through one core at each end.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
