@@ -89,7 +89,12 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         .with_trust_domains(&config.trust_domain, &config.trust_domain_aliases);
     let source_task = tokio::spawn(source.run(store.clone(), config.config_poll, lifecycle.stop_accepting.clone()));
     let h2 = config.h2;
-    let pool = Pool::with_limits(h2, config.tunnel_idle_timeout, config.tunnel_connections, limits.clone());
+    let pool = Pool::with_limits(
+        h2,
+        config.tunnel_idle_timeout,
+        config.tunnel_connections,
+        limits.clone(),
+    );
     tokio::spawn(pool.clone().run(lifecycle.hard_stop.clone()));
     let mesh = Arc::new(Mesh {
         store: store.clone(),

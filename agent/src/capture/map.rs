@@ -217,8 +217,14 @@ mod tests {
         assert_eq!(ok.keys().unwrap(), vec![7]);
 
         let e = BpfMap::<u32, u32>::new("narrow_key", &map).unwrap_err().to_string();
-        assert!(e.contains("narrow_key") && e.contains("key is 8 bytes, the agent's is 4"), "{e}");
+        assert!(
+            e.contains("narrow_key") && e.contains("key is 8 bytes, the agent's is 4"),
+            "{e}"
+        );
         let e = BpfMap::<u64, u64>::new("wide_value", &map).unwrap_err().to_string();
-        assert!(e.contains("wide_value") && e.contains("value is 4 bytes, the agent's is 8"), "{e}");
+        assert!(
+            e.contains("wide_value") && e.contains("value is 4 bytes, the agent's is 8"),
+            "{e}"
+        );
     }
 }

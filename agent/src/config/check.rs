@@ -95,6 +95,16 @@ pub enum Problem {
         /// What zero would do.
         why: &'static str,
     },
+    /// A duration so long that deadlines computed from it could overflow.
+    #[error("{} = {value}: longer than {max}", named(.flag))]
+    TooLong {
+        /// The flag, without `--`.
+        flag: &'static str,
+        /// Its value.
+        value: HumanDuration,
+        /// The longest allowed.
+        max: HumanDuration,
+    },
     /// An empty name.
     #[error("{} is empty", named(.flag))]
     Empty {
@@ -126,6 +136,7 @@ impl Problem {
             Problem::OutOfRange { flag, .. }
             | Problem::Exceeds { flag, .. }
             | Problem::Zero { flag, .. }
+            | Problem::TooLong { flag, .. }
             | Problem::Empty { flag }
             | Problem::Path { flag, .. }
             | Problem::NeedsCaDir { flag } => flag,
@@ -175,6 +186,17 @@ impl Checks {
         if d.0.is_zero() {
             self.0.push(Problem::Zero { flag, why });
         }
+        self.not_too_long(flag, d)
+    }
+
+    fn not_too_long(&mut self, flag: &'static str, d: HumanDuration) -> Duration {
+        if d.0 > MAX_DURATION {
+            self.0.push(Problem::TooLong {
+                flag,
+                value: d,
+                max: HumanDuration(MAX_DURATION),
+            });
+        }
         d.0
     }
 
@@ -208,6 +230,10 @@ impl Checks {
     }
 }
 
+/// Longest duration flag: ten years (87,600 h), far beyond any sensible
+/// setting, and far from where adding it to a clock could overflow.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// h2's bounds (RFC 9113 §6.5.2): frames of 16 KiB to 16 MiB - 1.
 const H2_MIN_FRAME: u64 = 16_384;
 const H2_MAX_FRAME: u64 = (1 << 24) - 1;
@@ -233,9 +259,14 @@ impl Config {
             c.range("socket-mark", 0, 1, u32::MAX.into());
         }
 
+        let drain = c.not_too_long("drain-timeout", a.drain_timeout);
         let idle = c.non_zero("idle-timeout", a.idle_timeout, "every connection would close at once");
         let connect = c.non_zero("connect-timeout", a.connect_timeout, "no connection could be made");
-        let poll = c.non_zero("config-poll", a.config_poll, "the directory would be read in a busy loop");
+        let poll = c.non_zero(
+            "config-poll",
+            a.config_poll,
+            "the directory would be read in a busy loop",
+        );
         let lifetime = c.non_zero("cert-lifetime", a.cert_lifetime, "certificates would expire as issued");
         let tunnel_idle = c.non_zero(
             "tunnel-idle-timeout",
@@ -245,8 +276,18 @@ impl Config {
         let handshake = c.non_zero("handshake-timeout", a.handshake_timeout, "no peer could ever connect");
         c.range("buffer-size", a.buffer_size.into(), 1024, 4 << 20);
 
-        c.range("h2-stream-window", a.h2_stream_window.into(), H2_MIN_WINDOW, H2_MAX_STREAM_WINDOW);
-        c.range("h2-connection-window", a.h2_connection_window.into(), H2_MIN_WINDOW, H2_MAX_WINDOW);
+        c.range(
+            "h2-stream-window",
+            a.h2_stream_window.into(),
+            H2_MIN_WINDOW,
+            H2_MAX_STREAM_WINDOW,
+        );
+        c.range(
+            "h2-connection-window",
+            a.h2_connection_window.into(),
+            H2_MIN_WINDOW,
+            H2_MAX_WINDOW,
+        );
         c.range("h2-frame-size", a.h2_frame_size.into(), H2_MIN_FRAME, H2_MAX_FRAME);
         c.at_most(
             ("h2-stream-window", a.h2_stream_window),
@@ -322,7 +363,9 @@ impl Config {
                     c.0.push(Problem::NeedsCaDir { flag: "crl" });
                 }
                 if a.deny_identities.is_some() {
-                    c.0.push(Problem::NeedsCaDir { flag: "deny-identities" });
+                    c.0.push(Problem::NeedsCaDir {
+                        flag: "deny-identities",
+                    });
                 }
                 if a.revocation_unknown == RevocationUnknown::Refuse {
                     c.0.push(Problem::NeedsCaDir {
@@ -404,7 +447,7 @@ impl Config {
             tunnel_connections,
             worker_threads,
             admin_addr: a.admin_addr,
-            drain_timeout: a.drain_timeout.0,
+            drain_timeout: drain,
             log_format: a.log_format,
         })
     }
@@ -536,19 +579,42 @@ mod tests {
             (&["--cert-lifetime", "0h"], "cert-lifetime"),
             (&["--tunnel-idle-timeout", "0s"], "tunnel-idle-timeout"),
             (&["--handshake-timeout", "0s"], "handshake-timeout"),
+            (&["--drain-timeout", "87601h"], "drain-timeout"),
+            (&["--cert-lifetime", "100000000000s"], "cert-lifetime"),
             (&["--buffer-size", "512"], "buffer-size"),
             (&["--h2-frame-size", "16383"], "h2-frame-size"),
             (&["--h2-frame-size", "16777216"], "h2-frame-size"),
             (&["--h2-stream-window", "65534"], "h2-stream-window"),
             (&["--h2-connection-window", "2147483648"], "h2-connection-window"),
-            (&["--h2-stream-window", "8388608", "--h2-connection-window", "4194304"], "h2-stream-window"),
-            (&["--h2-frame-size", "2097152", "--h2-stream-window", "1048576"], "h2-frame-size"),
+            (
+                &["--h2-stream-window", "8388608", "--h2-connection-window", "4194304"],
+                "h2-stream-window",
+            ),
+            (
+                &["--h2-frame-size", "2097152", "--h2-stream-window", "1048576"],
+                "h2-frame-size",
+            ),
             (&["--tunnel-max-streams", "0"], "tunnel-max-streams"),
             (&["--tunnel-connections", "65"], "tunnel-connections"),
             (&["--worker-threads", "0"], "worker-threads"),
             (&["--max-tunnels", "0"], "max-tunnels"),
-            (&["--max-connections", "10", "--max-connections-per-pod", "20"], "max-connections-per-pod"),
-            (&["--max-tunnels", "100", "--max-tunnels-per-peer", "100", "--max-handshakes", "100", "--max-tunnels-per-pod", "200"], "max-tunnels-per-pod"),
+            (
+                &["--max-connections", "10", "--max-connections-per-pod", "20"],
+                "max-connections-per-pod",
+            ),
+            (
+                &[
+                    "--max-tunnels",
+                    "100",
+                    "--max-tunnels-per-peer",
+                    "100",
+                    "--max-handshakes",
+                    "100",
+                    "--max-tunnels-per-pod",
+                    "200",
+                ],
+                "max-tunnels-per-pod",
+            ),
             (&["--ca-dir", &missing], "ca-dir"),
             (&["--ca-dir", &empty_dir], "ca-dir"),
             (&["--crl", &file], "crl"),
@@ -605,7 +671,10 @@ mod tests {
         ] {
             assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
         }
-        assert!(text.contains(&format!("--deny-identities (NODEWARD_DENY_IDENTITIES) {missing_s}:")), "{text}");
+        assert!(
+            text.contains(&format!("--deny-identities (NODEWARD_DENY_IDENTITIES) {missing_s}:")),
+            "{text}"
+        );
         assert_eq!(e.0.len(), 7, "{text}");
     }
 
