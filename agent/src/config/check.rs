@@ -351,11 +351,14 @@ impl Config {
         );
 
         match &a.ca_dir {
+            // Each missing file is named by its full path, the directory's
+            // own absence included: that is the path to create.
+            Some(dir) if dir.is_file() => {
+                c.dir("ca-dir", dir);
+            }
             Some(dir) => {
-                if c.dir("ca-dir", dir) {
-                    for f in [CA_CERT, CA_KEY, ROOT_CERT] {
-                        c.file("ca-dir", &dir.join(f));
-                    }
+                for f in [CA_CERT, CA_KEY, ROOT_CERT] {
+                    c.file("ca-dir", &dir.join(f));
                 }
             }
             None => {
@@ -616,6 +619,7 @@ mod tests {
                 "max-tunnels-per-pod",
             ),
             (&["--ca-dir", &missing], "ca-dir"),
+            (&["--ca-dir", &file], "ca-dir"),
             (&["--ca-dir", &empty_dir], "ca-dir"),
             (&["--crl", &file], "crl"),
             (&["--deny-identities", &file], "deny-identities"),
