@@ -5,6 +5,8 @@
 //! A deliberately tiny HTTP/1.1 responder: one request per connection,
 //! request head bounded to 8 KiB and 5 s.
 
+#![forbid(unsafe_code)]
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -1,40 +1,29 @@
 //! `nodeward run`: wires the config source, state, capture, pod manager and
 //! proxies together, and drains on SIGTERM.
 
+#![forbid(unsafe_code)]
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::capture::{Capture, CaptureConfig, CaptureError};
-use crate::config::RunArgs;
+use crate::capture::{Capture, CaptureError};
+use crate::config::Config;
 use crate::identity::ca::CaError;
-use crate::identity::manager::{CertManager, IdentityConfig};
+use crate::identity::manager::CertManager;
 use crate::identity::revocation::PeerRegistry;
-use crate::identity::trust::UnknownStatus;
 use crate::pods::PodManager;
-use crate::proxy::hbone::H2Settings;
 use crate::proxy::limits::{LimitConfig, Limits};
 use crate::proxy::pool::Pool;
-use crate::proxy::relay::RelayOptions;
-use crate::proxy::{Lifecycle, Mesh, ProxyConfig};
+use crate::proxy::{Lifecycle, Mesh};
 use crate::source::dir::DirSource;
 use crate::state::Store;
 
-/// Why the agent could not start.
+/// Why the agent could not start (the flags were checked before, by
+/// [`Config::from_args`]).
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// Flags contradict each other.
-    #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
-    /// The config directory is unusable.
-    #[error("config directory {path}: {message}")]
-    ConfigDir {
-        /// The directory.
-        path: String,
-        /// Why.
-        message: String,
-    },
     /// Capture could not be set up.
     #[error(transparent)]
     Capture(#[from] CaptureError),
@@ -64,97 +53,48 @@ impl crate::admin::Health for Mesh {
     }
 }
 
-/// Runs the agent until SIGTERM/SIGINT, then drains and returns.
-pub async fn run(args: RunArgs) -> Result<(), StartError> {
-    args.validate()?;
-    let limits = Limits::new(args.limits());
+/// Runs the agent until SIGTERM/SIGINT, then drains and returns. Wiring
+/// only: every setting was checked by [`Config::from_args`].
+pub async fn run(config: Config) -> Result<(), StartError> {
+    let limits = Limits::new(config.limits);
     check_fd_budget(&limits.config());
-    match std::fs::metadata(&args.config_dir) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => {
-            return Err(StartError::ConfigDir {
-                path: args.config_dir.display().to_string(),
-                message: "not a directory".into(),
-            });
-        }
-        Err(e) => {
-            return Err(StartError::ConfigDir {
-                path: args.config_dir.display().to_string(),
-                message: e.to_string(),
-            });
-        }
-    }
     crate::netns::init_home();
-    let identity = match &args.ca_dir {
-        Some(dir) => Some(CertManager::start(IdentityConfig {
-            trust_domain: args.trust_domain.clone(),
-            ca_dir: dir.clone(),
-            cert_lifetime: args.cert_lifetime,
-            crl_files: args.crl.clone(),
-            deny_file: args.deny_identities.clone(),
-            unknown_status: if args.revocation_unknown == "refuse" {
-                UnknownStatus::Refuse
-            } else {
-                UnknownStatus::Accept
-            },
-        })?),
+    let identity = match config.identity {
+        Some(id) => Some(CertManager::start(id)?),
         None => {
             tracing::warn!("no --ca-dir: workloads get no identities");
             None
         }
     };
-    let admin = tokio::net::TcpListener::bind(args.admin_addr)
+    let admin = tokio::net::TcpListener::bind(config.admin_addr)
         .await
         .map_err(|source| StartError::Admin {
-            addr: args.admin_addr,
+            addr: config.admin_addr,
             source,
         })?;
-    let capture = Arc::new(Capture::start(CaptureConfig {
-        bpffs: args.bpffs.clone(),
-        node_name: args.node_name.clone(),
-        cgroup2: args.cgroup2.clone(),
-        socket_mark: args.socket_mark,
-    })?);
+    let capture = Arc::new(Capture::start(config.capture)?);
     let mut sigterm = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
 
     let store = Store::new();
     let lifecycle = Lifecycle::default();
-    let proxy_config = Arc::new(ProxyConfig {
-        socket_mark: args.socket_mark,
-        connect_timeout: args.connect_timeout,
-        relay: RelayOptions {
-            idle_timeout: args.idle_timeout,
-            buffer_size: args.buffer_size as usize,
-        },
-    });
+    let proxy_config = Arc::new(config.proxy);
     let peers = PeerRegistry::new();
     if let Some(m) = &identity {
-        tokio::spawn(m.clone().run(args.config_poll, lifecycle.hard_stop.clone()));
+        tokio::spawn(m.clone().run(config.config_poll, lifecycle.hard_stop.clone()));
         tokio::spawn(peers.clone().run(m.trust(), lifecycle.hard_stop.clone()));
     }
-    let source = DirSource::new(&args.config_dir)
-        .with_root_namespace(&args.root_namespace)
-        .with_trust_domains(&args.trust_domain, &args.trust_domain_aliases);
-    let source_task = tokio::spawn(source.run(store.clone(), args.config_poll, lifecycle.stop_accepting.clone()));
-    let h2 = H2Settings {
-        stream_window: args.h2_stream_window,
-        connection_window: args.h2_connection_window,
-        max_frame_size: args.h2_frame_size,
-        max_streams: args.tunnel_max_streams,
-        handshake_timeout: args.handshake_timeout,
-        ..H2Settings::default()
-    };
-    let spread = match args.tunnel_connections {
-        Some(n) => usize::from(n),
-        None => args
-            .worker_threads
-            .map(usize::from)
-            .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
-            .unwrap_or(1)
-            .min(4),
-    };
-    let pool = Pool::with_limits(h2, args.tunnel_idle_timeout, spread, limits.clone());
+    let source = DirSource::new(&config.config_dir)
+        .with_root_namespace(&config.root_namespace)
+        .with_trust_domains(&config.trust_domain, &config.trust_domain_aliases);
+    let source_task = tokio::spawn(source.run(store.clone(), config.config_poll, lifecycle.stop_accepting.clone()));
+    let h2 = config.h2;
+    let pool = Pool::with_limits(
+        h2,
+        config.tunnel_idle_timeout,
+        config.tunnel_connections,
+        limits.clone(),
+    );
     tokio::spawn(pool.clone().run(lifecycle.hard_stop.clone()));
     let mesh = Arc::new(Mesh {
         store: store.clone(),
@@ -167,7 +107,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
     });
     tokio::spawn(crate::admin::serve(admin, mesh.clone(), lifecycle.hard_stop.clone()));
     let manager = PodManager::new(
-        args.node_name.clone(),
+        config.node_name.clone(),
         store,
         capture,
         proxy_config,
@@ -175,7 +115,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
         mesh,
     );
     let manager_task = tokio::spawn(manager.run());
-    tracing::info!(node = %args.node_name, config_dir = %args.config_dir.display(), "agent running");
+    tracing::info!(node = %config.node_name, config_dir = %config.config_dir.display(), "agent running");
 
     let signal = tokio::select! {
         _ = sigterm.recv() => "SIGTERM",
@@ -185,7 +125,7 @@ pub async fn run(args: RunArgs) -> Result<(), StartError> {
     // no new connection being handled from then on.
     lifecycle.stop_accepting.cancel();
     tracing::info!("{signal}: draining");
-    drain(&lifecycle, args.drain_timeout).await;
+    drain(&lifecycle, config.drain_timeout).await;
     let _ = manager_task.await;
     if let Err(e) = source_task.await {
         tracing::error!("config source task failed: {e}");

@@ -1,17 +1,23 @@
 //! The `nodeward` binary.
 
+#![forbid(unsafe_code)]
+
 use clap::Parser;
-use nodeward::config::{CaCommand, Cli, Command};
+use nodeward::config::{CaCommand, CleanupArgs, Cli, Command, Config, LogFormat};
 use nodeward::identity::{ca, ca_cli};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let json = matches!(&cli.command, Command::Run(a) if a.log_format == "json");
-    let logs = init_logging(json);
-    let result = run(cli.command);
-    // The last log lines go out before the final error, which explains them.
-    drop(logs);
+    let result = match cli.command {
+        // Flags are checked before anything starts, logging included: a
+        // bad start names every problem and does nothing else.
+        Command::Run(args) => Config::from_args(*args)
+            .map_err(anyhow::Error::from)
+            .and_then(|config| with_logging(config.log_format, || run_agent(config))),
+        Command::Ca(command) => with_logging(LogFormat::Text, || ca_command(command)),
+        Command::Cleanup(args) => with_logging(LogFormat::Text, || cleanup(&args)),
+    };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -21,25 +27,36 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run(command: Command) -> anyhow::Result<()> {
+/// Runs `f` with logging set up, and flushes the last log lines before the
+/// caller prints the final error, which they explain.
+fn with_logging(format: LogFormat, f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let logs = init_logging(format);
+    let result = f();
+    drop(logs);
+    result
+}
+
+fn run_agent(config: Config) -> anyhow::Result<()> {
+    raise_fd_limit();
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = config.worker_threads {
+        rt.worker_threads(n);
+    }
+    let rt = rt.enable_all().build()?;
+    rt.block_on(nodeward::agent::run(config))?;
+    Ok(())
+}
+
+fn ca_command(command: CaCommand) -> anyhow::Result<()> {
     match command {
-        Command::Run(args) => {
-            raise_fd_limit();
-            let mut rt = tokio::runtime::Builder::new_multi_thread();
-            if let Some(n) = args.worker_threads {
-                rt.worker_threads(usize::from(n));
-            }
-            let rt = rt.enable_all().build()?;
-            rt.block_on(nodeward::agent::run(*args))?;
-        }
-        Command::Ca(CaCommand::Init { out }) => {
+        CaCommand::Init { out } => {
             print!("{}", ca_cli::init(&out)?);
             println!(
                 "keep {} offline: the agent needs only ca-cert.pem, ca-key.pem, root-cert.pem and cert-chain.pem",
                 out.join(ca::ROOT_KEY).display()
             );
         }
-        Command::Ca(CaCommand::Intermediate { root, parent, out }) => {
+        CaCommand::Intermediate { root, parent, out } => {
             let (from, signer) = match (root, parent) {
                 (Some(r), _) => (r, ca_cli::Signer::Root),
                 (None, Some(p)) => (p, ca_cli::Signer::Intermediate),
@@ -47,11 +64,11 @@ fn run(command: Command) -> anyhow::Result<()> {
             };
             print!("{}", ca_cli::intermediate(&from, signer, &out)?);
         }
-        Command::Ca(CaCommand::Revoke {
+        CaCommand::Revoke {
             ca: dir,
             as_root,
             serials,
-        }) => {
+        } => {
             let signer = if as_root {
                 ca_cli::Signer::Root
             } else {
@@ -60,13 +77,15 @@ fn run(command: Command) -> anyhow::Result<()> {
             let (path, n) = ca_cli::revoke(&dir, signer, &serials)?;
             println!("wrote {} ({n} revoked serials)", path.display());
         }
-        Command::Cleanup(args) => {
-            if nodeward::capture::cleanup(&args.bpffs, &args.node_name)? {
-                println!("removed Nodeward's eBPF programs and maps for node {}", args.node_name);
-            } else {
-                println!("nothing pinned for node {}", args.node_name);
-            }
-        }
+    }
+    Ok(())
+}
+
+fn cleanup(args: &CleanupArgs) -> anyhow::Result<()> {
+    if nodeward::capture::cleanup(&args.bpffs, &args.node_name)? {
+        println!("removed Nodeward's eBPF programs and maps for node {}", args.node_name);
+    } else {
+        println!("nothing pinned for node {}", args.node_name);
     }
     Ok(())
 }
@@ -80,14 +99,13 @@ fn raise_fd_limit() {
     }
 }
 
-fn init_logging(json: bool) -> nodeward::logging::LogFlush {
+fn init_logging(format: LogFormat) -> nodeward::logging::LogFlush {
     let filter = EnvFilter::try_from_env("NODEWARD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let (writer, flush) = nodeward::logging::batched_stderr();
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
-    if json {
+    if format == LogFormat::Json {
         builder.json().flatten_event(true).init();
     } else {
-        // Peers' text in fields is escaped: no forged lines.
         builder.fmt_fields(nodeward::logging::EscapedFields).init();
     }
     flush

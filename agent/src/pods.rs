@@ -2,6 +2,8 @@
 //! manages: finds each pod's namespace, binds its listeners, fills the maps,
 //! attaches steering, and undoes all of it when the pod goes.
 
+#![forbid(unsafe_code)]
+
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;

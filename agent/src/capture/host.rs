@@ -1,6 +1,8 @@
 //! What the capture layer needs from the host, checked before anything is
 //! loaded so a missing piece is named exactly: privileges, cgroup v2, bpffs.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 
 use super::CaptureError;

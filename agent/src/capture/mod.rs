@@ -22,7 +22,7 @@ pub mod host;
 pub mod map;
 pub mod probe;
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use aya::programs::links::{FdLink, PinnedLink};
@@ -80,6 +80,9 @@ pub enum CaptureError {
     /// The probe source addresses could not be set up.
     #[error(transparent)]
     Probe(#[from] probe::ProbeError),
+    /// A pinned map is not what the agent expects.
+    #[error(transparent)]
+    MapLayout(#[from] map::MapError),
     /// A map operation failed.
     #[error("eBPF map {map}: {source}")]
     Map {
@@ -416,10 +419,5 @@ fn open_map<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &'static str) -> Result<
         path: path.clone(),
         message: e.to_string(),
     })?;
-    let fd: OwnedFd = data
-        .fd()
-        .as_fd()
-        .try_clone_to_owned()
-        .map_err(|source| CaptureError::Map { map: name, source })?;
-    Ok(BpfMap::new(fd))
+    Ok(BpfMap::new(name, &data)?)
 }

@@ -3,6 +3,8 @@
 //!
 //! Workload keys are ECDSA P-256, generated in memory and never written.
 
+#![forbid(unsafe_code)]
+
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 

@@ -5,6 +5,8 @@
 //! unchanged; reading certificates and keys; serial numbers; fingerprints;
 //! PEM text (the `pem` crate).
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 
 use rcgen::{Issuer, KeyPair};

@@ -2,6 +2,8 @@
 //! (another one, beside or below), `revoke` (serials into a re-signed CRL).
 //! What the agent itself signs with at runtime is [`super::authority`].
 
+#![forbid(unsafe_code)]
+
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};

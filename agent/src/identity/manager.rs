@@ -7,6 +7,8 @@
 //! polled; a CA that turns invalid at runtime is ignored (the previous one
 //! keeps signing), logged once and reported through readiness.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};

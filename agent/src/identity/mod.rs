@@ -12,6 +12,8 @@
 //! * `tls` — rustls server and client configurations.
 //! * `revocation` — closes established connections whose peer became revoked.
 
+#![forbid(unsafe_code)]
+
 pub mod authority;
 pub mod ca;
 pub mod ca_cli;

@@ -7,6 +7,8 @@
 //! connections it no longer admits, within one poll; and each connection is
 //! cancelled when the earliest certificate of its peer's chain expires.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

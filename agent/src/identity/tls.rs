@@ -3,6 +3,8 @@
 //! connection is verified against the current roots, CRLs and deny list
 //! (the CVE-2022-21654 class).
 
+#![forbid(unsafe_code)]
+
 use std::sync::{Arc, OnceLock};
 
 use rustls::client::{ClientConfig, ResolvesClientCert, Resumption};

@@ -12,6 +12,8 @@
 //! kept), and a CRL past its `nextUpdate` is reported and, when unknown
 //! revocation status is refused, stops speaking for its issuer.
 
+#![forbid(unsafe_code)]
+
 use std::collections::{BTreeMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};

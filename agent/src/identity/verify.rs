@@ -8,6 +8,8 @@
 //! certificate of its chain), and must not be on the deny list. Every
 //! refusal has one [`Refusal`] kind, used in logs, metrics and tests.
 
+#![forbid(unsafe_code)]
+
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};

@@ -12,6 +12,8 @@
 //!   ALLOW; AUDIT and dry-run policies only report. Policies attached to
 //!   waypoints or gateways (`targetRef`) are not the node's and are skipped.
 
+#![forbid(unsafe_code)]
+
 pub mod model;
 mod parse;
 

@@ -8,6 +8,8 @@
 //! parsing itself (a strict walk that rejects what Istio's validation
 //! rejects) is in `parse.rs`.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 

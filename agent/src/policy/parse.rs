@@ -6,6 +6,8 @@
 //! fails: an invalid object is returned with its errors so that it fails
 //! safe where it is evaluated.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 
 use serde_norway::{Mapping, Value};

@@ -1,6 +1,8 @@
 //! Table-driven policy tests. Where a case comes from an example in Istio's
 //! security documentation, the test says which.
 
+#![forbid(unsafe_code)]
+
 use std::net::IpAddr;
 use std::sync::Arc;
 

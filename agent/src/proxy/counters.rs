@@ -2,6 +2,8 @@
 //! kind: a small fixed label set, shown on the admin endpoint (`/stats`)
 //! until the metrics work exports them.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Mutex;

@@ -3,6 +3,8 @@
 //! relay's [`Source`] and [`Sink`], so the same relay serves plaintext and
 //! tunnels and DATA frames are never copied on the way.
 
+#![forbid(unsafe_code)]
+
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -33,17 +35,22 @@ pub struct H2Settings {
 }
 
 impl Default for H2Settings {
+    /// The flags' defaults, for pools built without flags (tests, tools).
     fn default() -> Self {
+        use crate::config::defaults;
         H2Settings {
-            stream_window: 4 << 20,
-            connection_window: 16 << 20,
-            max_frame_size: 1 << 20,
-            max_streams: 100,
-            max_header_list_size: 16 << 10,
-            handshake_timeout: Duration::from_secs(10),
+            stream_window: defaults::H2_STREAM_WINDOW,
+            connection_window: defaults::H2_CONNECTION_WINDOW,
+            max_frame_size: defaults::H2_FRAME_SIZE,
+            max_streams: defaults::TUNNEL_MAX_STREAMS,
+            max_header_list_size: MAX_HEADER_LIST_SIZE,
+            handshake_timeout: defaults::HANDSHAKE_TIMEOUT,
         }
     }
 }
+
+/// Largest header list accepted: a CONNECT carries a few short headers.
+const MAX_HEADER_LIST_SIZE: u32 = 16 << 10;
 
 /// `:authority` of a CONNECT for `dst`: `ip:port`, IPv6 in brackets.
 pub fn authority(dst: SocketAddr) -> String {

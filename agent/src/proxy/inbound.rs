@@ -6,6 +6,8 @@
 //! registers its hop's endpoint so the app's `accept()`/`getpeername()`
 //! report the real client. The tunnel listener reuses [`connect_app`].
 
+#![forbid(unsafe_code)]
+
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 

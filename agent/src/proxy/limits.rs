@@ -10,6 +10,8 @@
 //! counted per reason and warned about at most once per [`WARN_INTERVAL`]
 //! per reason, with the number refused since the last warning.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::IpAddr;

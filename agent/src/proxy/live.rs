@@ -2,6 +2,8 @@
 //! so a policy change can close those it no longer allows (within one
 //! config poll) while new connections see the new policy at once.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

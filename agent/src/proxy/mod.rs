@@ -14,6 +14,8 @@
 //!
 //! Each proxied connection ends in [`relay::relay`] and one structured log line.
 
+#![forbid(unsafe_code)]
+
 pub mod counters;
 pub mod hbone;
 pub mod inbound;

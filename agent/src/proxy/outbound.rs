@@ -9,6 +9,8 @@
 //! requiring the destination's; any other destination is passed through
 //! unchanged from the pod's namespace.
 
+#![forbid(unsafe_code)]
+
 use std::net::{IpAddr, SocketAddr};
 
 use http::{Method, Request, StatusCode};

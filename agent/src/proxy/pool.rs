@@ -21,6 +21,8 @@
 //! opening has passed, so a fresh connection (and handshake) serves new
 //! streams before the old one is cut.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;

@@ -7,6 +7,8 @@
 //! chunk read from a socket goes into an HTTP/2 DATA frame, and a DATA
 //! frame goes to a socket, without being copied on the way.
 
+#![forbid(unsafe_code)]
+
 use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};

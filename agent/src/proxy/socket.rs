@@ -1,5 +1,7 @@
 //! Sockets made inside a pod's namespace, marked as the agent's own.
 
+#![forbid(unsafe_code)]
+
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
@@ -60,22 +62,8 @@ pub fn pod_socket(netns: &Netns, mark: u32, dst: SocketAddr, source: Option<IpAd
 }
 
 fn set_bind_address_no_port(sock: &socket2::Socket) -> io::Result<()> {
-    let one: libc::c_int = 1;
-    // SAFETY: a valid socket and a c_int option value of the right size.
-    let r = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    use nix::sys::socket::{setsockopt, sockopt::IpBindAddressNoPort};
+    setsockopt(sock, IpBindAddressNoPort, &true).map_err(io::Error::from)
 }
 
 /// A connection whose SYN is on its way: its local endpoint is known (the

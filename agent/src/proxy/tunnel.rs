@@ -10,6 +10,8 @@
 //! (`limits`); each stream then takes a place in the pod's inbound bound
 //! or is answered 503.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -11,6 +11,8 @@
 //! the poll starts over from the files' last good objects (the published
 //! state keeps running meanwhile).
 
+#![forbid(unsafe_code)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::MetadataExt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -68,7 +70,7 @@ impl DirSource {
         DirSource {
             dir: dir.into(),
             files: BTreeMap::new(),
-            root_namespace: "istio-system".into(),
+            root_namespace: crate::config::defaults::ROOT_NAMESPACE.into(),
             trust_domains: TrustDomains::default(),
             ignored_reported: BTreeSet::new(),
             parser: parse_file,

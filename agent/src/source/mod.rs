@@ -3,5 +3,7 @@
 //! Today a directory of Kubernetes YAML ([`dir::DirSource`]); later the
 //! Kubernetes API. Every source feeds the same [`crate::state::Store`].
 
+#![forbid(unsafe_code)]
+
 pub mod dir;
 pub mod objects;

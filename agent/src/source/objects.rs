@@ -1,6 +1,8 @@
 //! Kubernetes YAML into the agent's model: `Namespace`, `Pod` and `List`
 //! documents, with errors that name the file, the document and the line.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;

@@ -4,6 +4,8 @@
 //! publishes complete, immutable snapshots; readers take the current one with
 //! a cheap `Arc` clone and never see a half-applied change.
 
+#![forbid(unsafe_code)]
+
 pub mod workload;
 
 use std::collections::{BTreeMap, HashMap};

@@ -1,6 +1,8 @@
 //! Namespaces and pods as the agent understands them, and which pods it
 //! manages: the enrolment rules of Istio ambient mode.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
