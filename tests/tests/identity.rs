@@ -373,6 +373,19 @@ fn a_serial_revoked_only_in_the_second_crl_file_of_its_issuer_is_refused_and_its
     // b.pem: CRL number 2 (below a.pem's 3), listing c's serial.
     crl_file(&t.ca_dir, true, &[], &b_pem);
     crl_file(&t.ca_dir, false, &[serial], &b_pem);
+    let b_file = b_pem.to_string_lossy().into_owned();
+    t.agent(0)
+        .wait_log(WAIT, |l| {
+            l["message"] == "CRL loaded" && l["file"] == b_file.as_str() && l["revoked"] == 1
+        })
+        .unwrap_or_else(|| panic!("the second CRL is not reloaded:\n{}", t.agent(0).dump()));
+    // b has no pooled tunnel to c: its connection takes a new handshake,
+    // which must consult the second file too.
+    assert!(
+        round_trip(&t.pod("b").netns, c.v4(7000), b"new").is_err(),
+        "a new handshake with c succeeds:\n{}",
+        t.agent(0).dump()
+    );
     pooled_tunnel_is_cut_and_not_reused(&t, held, "revoked_leaf");
 
     // e's certificate is not revoked: its connection and new ones go on.
