@@ -391,9 +391,7 @@ fn a_serial_revoked_only_in_the_second_crl_file_of_its_issuer_is_refused_and_its
     // e's certificate is not revoked: its connection and new ones go on.
     held_e.write_all(b"x").unwrap();
     let mut one = [0u8; 1];
-    held_e
-        .set_read_timeout(Some(Duration::from_secs(3)))
-        .unwrap();
+    held_e.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     held_e.read_exact(&mut one).expect("the connection to e is still open");
     round_trip(&t.pod("a").netns, e.v4(7000), b"still").expect("e is still reachable");
 }

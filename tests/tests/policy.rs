@@ -375,8 +375,14 @@ fn an_allow_with_a_typo_in_a_field_name_refuses_every_client_of_the_pods_it_sele
     };
     let api = t.pod("api").clone();
     let _s = serve(&api.netns, api.v4(8080), info_echo);
-    assert!(reaches(&t, "frontend", api.v4(8080)), "no policy yet: mesh client allowed");
-    assert!(reaches(&t, "outsider", api.v4(8080)), "no policy yet: plaintext allowed");
+    assert!(
+        reaches(&t, "frontend", api.v4(8080)),
+        "no policy yet: mesh client allowed"
+    );
+    assert!(
+        reaches(&t, "outsider", api.v4(8080)),
+        "no policy yet: plaintext allowed"
+    );
     // `port` for `ports`: read leniently, the operation would have no port
     // condition and the ALLOW would match every connection.
     t.apply(
