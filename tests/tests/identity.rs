@@ -319,3 +319,79 @@ fn tunnels_are_closed_when_the_peer_certificate_expires_and_new_streams_get_a_fr
         })
         .unwrap_or_else(|| panic!("no fresh tunnel connection:\n{}", t.agent(0).dump()));
 }
+
+/// Signs a CRL of the intermediate listing `serials` into `out` (by rename,
+/// so the agent never reads half a file) and returns it as an argument.
+/// The CRL number counts up from 1 with each call since the last `fresh`.
+fn crl_file(ca_dir: &std::path::Path, fresh: bool, serials: &[String], out: &std::path::Path) -> String {
+    let ca_crl = ca_dir.join("ca-crl.pem");
+    if fresh {
+        let _ = std::fs::remove_file(&ca_crl);
+    }
+    let (signed, _) = ca_cli::revoke(ca_dir, Signer::Intermediate, serials).unwrap();
+    let tmp = out.with_extension("tmp");
+    std::fs::copy(&signed, &tmp).unwrap();
+    std::fs::rename(&tmp, out).unwrap();
+    out.to_string_lossy().into_owned()
+}
+
+#[test]
+fn a_serial_revoked_only_in_the_second_crl_file_of_its_issuer_is_refused_and_its_tunnel_cut() {
+    let _g = shared();
+    let test = "a_serial_revoked_only_in_the_second_crl_file_of_its_issuer_is_refused_and_its_tunnel_cut";
+    if !privileged_or_skip(test) {
+        return;
+    }
+    let mut spec = TopologySpec::two_nodes();
+    spec.nodes[1].push(PodSpec::new("e", "mesh"));
+    let mut t = Topology::build(spec);
+    // Two CRLs of the same issuer. The first has the higher CRL number and
+    // lists nothing: a verifier that consults one CRL per issuer (the
+    // first, or the newest) never sees the second file's revocations.
+    let (a_pem, b_pem) = (t.ca_dir.join("crl-a.pem"), t.ca_dir.join("crl-b.pem"));
+    let b_arg = crl_file(&t.ca_dir, true, &[], &b_pem);
+    crl_file(&t.ca_dir, false, &[], &a_pem);
+    let a_arg = crl_file(&t.ca_dir, false, &[], &a_pem);
+    t.start_agents_with(&["--crl", &format!("{a_arg},{b_arg}")]);
+    let (c, e) = (t.pod("c").clone(), t.pod("e").clone());
+    let _servers = [
+        serve(&c.netns, c.v4(7000), info_echo),
+        serve(&e.netns, e.v4(7000), info_echo),
+    ];
+    let held = traffic::connect(&t.pod("a").netns, c.v4(7000)).unwrap();
+    traffic::read_greeting(&held).unwrap();
+    let mut held_e = traffic::connect(&t.pod("a").netns, e.v4(7000)).unwrap();
+    traffic::read_greeting(&held_e).unwrap();
+
+    let serial = t
+        .agent(1)
+        .lines()
+        .into_iter()
+        .find(|l| l["message"] == "workload certificate issued" && l["identity"] == C_ID)
+        .and_then(|l| l["serial"].as_str().map(str::to_string))
+        .expect("c's certificate serial is logged");
+    // b.pem: CRL number 2 (below a.pem's 3), listing c's serial.
+    crl_file(&t.ca_dir, true, &[], &b_pem);
+    crl_file(&t.ca_dir, false, &[serial], &b_pem);
+    let b_file = b_pem.to_string_lossy().into_owned();
+    t.agent(0)
+        .wait_log(WAIT, |l| {
+            l["message"] == "CRL loaded" && l["file"] == b_file.as_str() && l["revoked"] == 1
+        })
+        .unwrap_or_else(|| panic!("the second CRL is not reloaded:\n{}", t.agent(0).dump()));
+    // b has no pooled tunnel to c: its connection takes a new handshake,
+    // which must consult the second file too.
+    assert!(
+        round_trip(&t.pod("b").netns, c.v4(7000), b"new").is_err(),
+        "a new handshake with c succeeds:\n{}",
+        t.agent(0).dump()
+    );
+    pooled_tunnel_is_cut_and_not_reused(&t, held, "revoked_leaf");
+
+    // e's certificate is not revoked: its connection and new ones go on.
+    held_e.write_all(b"x").unwrap();
+    let mut one = [0u8; 1];
+    held_e.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    held_e.read_exact(&mut one).expect("the connection to e is still open");
+    round_trip(&t.pod("a").netns, e.v4(7000), b"still").expect("e is still reachable");
+}

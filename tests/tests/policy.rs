@@ -355,3 +355,174 @@ spec:
         "the rest of the configuration keeps working"
     );
 }
+
+/// Waits for agent `k`'s ERROR naming `policy`, and checks that its message
+/// names the field path of the problem.
+fn invalid_policy_reported(t: &Topology, k: usize, policy: &str, field: &str) {
+    let l = t
+        .agent(k)
+        .wait_log(WAIT, |l| l["policy"] == policy && l["level"] == "ERROR")
+        .unwrap_or_else(|| panic!("{policy} not reported as invalid:\n{}", t.agent(k).dump()));
+    let m = l["message"].as_str().unwrap_or("");
+    assert!(m.contains(policy) && m.contains(field), "{l}");
+}
+
+#[test]
+fn an_allow_with_a_typo_in_a_field_name_refuses_every_client_of_the_pods_it_selects() {
+    let _g = shared();
+    let Some(t) = cluster("an_allow_with_a_typo_in_a_field_name_refuses_every_client_of_the_pods_it_selects") else {
+        return;
+    };
+    let api = t.pod("api").clone();
+    let _s = serve(&api.netns, api.v4(8080), info_echo);
+    assert!(
+        reaches(&t, "frontend", api.v4(8080)),
+        "no policy yet: mesh client allowed"
+    );
+    assert!(
+        reaches(&t, "outsider", api.v4(8080)),
+        "no policy yet: plaintext allowed"
+    );
+    // `port` for `ports`: read leniently, the operation would have no port
+    // condition and the ALLOW would match every connection.
+    t.apply(
+        "typo",
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: api-typo, namespace: mesh}
+spec:
+  selector: {matchLabels: {app: api}}
+  action: ALLOW
+  rules:
+  - to: [{operation: {port: ['8080']}}]
+",
+    );
+    eventually(&t, "frontend", api.v4(8080), false);
+    assert!(!reaches(&t, "outsider", api.v4(8080)), "plaintext client refused too");
+    invalid_policy_reported(&t, 1, "mesh/api-typo", "spec.rules[0].to[0].operation.port");
+    let l = t
+        .agent(1)
+        .wait_log(WAIT, |l| {
+            l["reason"] == "policy_denied" && l["peer_identity"] == "spiffe://cluster.local/ns/mesh/sa/frontend"
+        })
+        .unwrap_or_else(|| panic!("the mesh client's refusal is not logged:\n{}", t.agent(1).dump()));
+    assert_eq!(l["refusal"], "no_allow_match");
+}
+
+#[test]
+fn a_deny_whose_from_is_not_a_list_denies_everything_it_selects() {
+    let _g = shared();
+    let Some(t) = cluster("a_deny_whose_from_is_not_a_list_denies_everything_it_selects") else {
+        return;
+    };
+    let api = t.pod("api").clone();
+    let _s = serve(&api.netns, api.v4(8080), info_echo);
+    let other = t.pod("other2").clone();
+    let _s2 = serve(&other.netns, other.v4(8080), info_echo);
+    assert!(reaches(&t, "frontend", api.v4(8080)), "no policy yet: allowed");
+    // Meant for `other` alone; `from` is a mapping where a list belongs.
+    t.apply(
+        "deny",
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-other, namespace: mesh}
+spec:
+  selector: {matchLabels: {app: api}}
+  action: DENY
+  rules:
+  - from: {source: {principals: [cluster.local/ns/mesh/sa/other]}}
+",
+    );
+    eventually(&t, "frontend", api.v4(8080), false);
+    assert!(!reaches(&t, "outsider", api.v4(8080)), "plaintext is denied too");
+    invalid_policy_reported(&t, 1, "mesh/no-other", "spec.rules[0].from");
+    let l = t
+        .agent(1)
+        .wait_log(WAIT, |l| {
+            l["reason"] == "policy_denied" && l["peer_identity"] == "spiffe://cluster.local/ns/mesh/sa/frontend"
+        })
+        .unwrap_or_else(|| panic!("the denial is not logged:\n{}", t.agent(1).dump()));
+    assert_eq!(l["refusal"], "invalid_deny_policy");
+    assert_eq!(l["policy"], "mesh/no-other");
+    assert!(
+        reaches(&t, "frontend", other.v4(8080)),
+        "workloads it does not select are unaffected"
+    );
+}
+
+#[test]
+fn a_peer_authentication_with_mtls_strict_as_a_scalar_counts_as_strict() {
+    let _g = shared();
+    let Some(t) = cluster("a_peer_authentication_with_mtls_strict_as_a_scalar_counts_as_strict") else {
+        return;
+    };
+    let api = t.pod("api").clone();
+    let _s = serve(&api.netns, api.v4(8080), info_echo);
+    assert!(reaches(&t, "outsider", api.v4(8080)), "PERMISSIVE by default");
+    // `mtls: STRICT` where Istio wants `mtls: {mode: STRICT}`.
+    t.apply("pa", &pa("default", "  mtls: STRICT\n"));
+    eventually(&t, "outsider", api.v4(8080), false);
+    assert!(reaches(&t, "frontend", api.v4(8080)), "mesh traffic is still accepted");
+    invalid_policy_reported(&t, 1, "mesh/default", "spec.mtls");
+    t.agent(1)
+        .wait_log(WAIT, |l| l["reason"] == "mtls_strict")
+        .unwrap_or_else(|| panic!("STRICT refusal not logged:\n{}", t.agent(1).dump()));
+}
+
+#[test]
+fn a_dry_run_deny_does_not_deny_and_logs_what_it_would_have_done() {
+    let _g = shared();
+    let Some(t) = cluster("a_dry_run_deny_does_not_deny_and_logs_what_it_would_have_done") else {
+        return;
+    };
+    let api = t.pod("api").clone();
+    let _s = serve(&api.netns, api.v4(8080), info_echo);
+    // A dry-run DENY of frontend, and an enforced DENY of other that shows
+    // when the file is in force.
+    t.apply(
+        "dry",
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: dry-deny
+  namespace: mesh
+  annotations: {istio.io/dry-run: 'true'}
+spec:
+  selector: {matchLabels: {app: api}}
+  action: DENY
+  rules:
+  - from:
+    - source: {principals: [cluster.local/ns/mesh/sa/frontend]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-other, namespace: mesh}
+spec:
+  selector: {matchLabels: {app: api}}
+  action: DENY
+  rules:
+  - from:
+    - source: {principals: [cluster.local/ns/mesh/sa/other]}
+",
+    );
+    eventually(&t, "other", api.v4(8080), false);
+    assert!(reaches(&t, "frontend", api.v4(8080)), "a dry-run DENY does not deny");
+    let l = t
+        .agent(1)
+        .wait_log(WAIT, |l| {
+            l["message"] == "dry-run" && l["principal"] == "cluster.local/ns/mesh/sa/frontend"
+        })
+        .unwrap_or_else(|| panic!("no audit line:\n{}", t.agent(1).dump()));
+    assert_eq!(l["target"], "nodeward::audit");
+    assert_eq!(l["policy"], "mesh/dry-deny");
+    assert_eq!(l["would"], "deny", "what enforcing it would have done");
+    assert_eq!(l["allowed"], true, "what was done");
+    let l = t
+        .agent(1)
+        .wait_log(WAIT, |l| {
+            l["message"] == "dry-run" && l["principal"] == "cluster.local/ns/mesh/sa/other"
+        })
+        .unwrap_or_else(|| panic!("no audit line for other:\n{}", t.agent(1).dump()));
+    assert_eq!(l["would"], "no_match");
+    assert_eq!(l["allowed"], false, "other was denied by the enforced policy");
+}
