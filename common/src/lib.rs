@@ -49,6 +49,93 @@ pub const POD_HAS_IPV4: u32 = 1;
 /// `PodInfo::flags`: the pod has an IPv6 address in `ipv6`.
 pub const POD_HAS_IPV6: u32 = 2;
 
+/// Names of the kernel programs, maps and loader globals: the ELF symbols
+/// the eBPF object defines (each item's own name) and the agent looks up,
+/// overrides and pins by. Kept here once so the two sides cannot drift; the
+/// eBPF build checks each item against its constant, and an agent unit test
+/// checks each constant against the embedded object.
+pub mod names {
+    /// Program: `connect()` of IPv4 sockets (cgroup `connect4`).
+    pub const NW_CONNECT4: &str = "nw_connect4";
+    /// Program: `connect()` of IPv6 sockets (cgroup `connect6`).
+    pub const NW_CONNECT6: &str = "nw_connect6";
+    /// Program: established and hop connect/close callbacks (cgroup `sock_ops`).
+    pub const NW_SOCKOPS: &str = "nw_sockops";
+    /// Program: `getpeername()`/`accept()` of IPv4 sockets.
+    pub const NW_GETPEER4: &str = "nw_getpeer4";
+    /// Program: `getpeername()`/`accept()` of IPv6 sockets.
+    pub const NW_GETPEER6: &str = "nw_getpeer6";
+    /// Program: inbound steering, one instance per pod (`sk_lookup`).
+    pub const NW_SK_LOOKUP: &str = "nw_sk_lookup";
+
+    /// Map: managed pods by network-namespace cookie.
+    pub const PODS: &str = "PODS";
+    /// Map: ports excluded from capture, per pod and direction.
+    pub const EXCLUDED_PORTS: &str = "EXCLUDED_PORTS";
+    /// Map: original destination by socket cookie, until established.
+    pub const PENDING: &str = "PENDING";
+    /// Map: original destination by the app's endpoint.
+    pub const ORIG_DST: &str = "ORIG_DST";
+    /// Map: the client an app sees, by agent hop endpoint and app port.
+    pub const INBOUND_PEER: &str = "INBOUND_PEER";
+    /// Map: the client of a hop about to connect, by hop socket cookie.
+    pub const HOP_PEER: &str = "HOP_PEER";
+    /// Map: the agent's listeners, per pod and slot.
+    pub const LISTENERS: &str = "LISTENERS";
+    /// Map: the probe source addresses.
+    pub const PROBE_SOURCES: &str = "PROBE_SOURCES";
+    /// Map: addresses of this node's managed pods.
+    pub const POD_ADDRS: &str = "POD_ADDRS";
+
+    /// Loader global: socket mark of the agent's own sockets.
+    pub const SOCKET_MARK: &str = "SOCKET_MARK";
+    /// Loader global: network-namespace cookie of an `nw_sk_lookup` instance's pod.
+    pub const NETNS_COOKIE: &str = "NETNS_COOKIE";
+    /// Loader global: network-namespace cookie of the node.
+    pub const NODE_NETNS_COOKIE: &str = "NODE_NETNS_COOKIE";
+
+    /// Every program, for checks that each is in the object.
+    pub const PROGRAMS: &[&str] = &[
+        NW_CONNECT4,
+        NW_CONNECT6,
+        NW_SOCKOPS,
+        NW_GETPEER4,
+        NW_GETPEER6,
+        NW_SK_LOOKUP,
+    ];
+    /// Every map, for checks that each is in the object.
+    pub const MAPS: &[&str] = &[
+        PODS,
+        EXCLUDED_PORTS,
+        PENDING,
+        ORIG_DST,
+        INBOUND_PEER,
+        HOP_PEER,
+        LISTENERS,
+        PROBE_SOURCES,
+        POD_ADDRS,
+    ];
+    /// Every loader global, for checks that each is in the object.
+    pub const GLOBALS: &[&str] = &[SOCKET_MARK, NETNS_COOKIE, NODE_NETNS_COOKIE];
+
+    /// Whether two names are equal, in a `const` context (the eBPF build
+    /// asserts each item's name with it).
+    pub const fn same(a: &str, b: &str) -> bool {
+        let (a, b) = (a.as_bytes(), b.as_bytes());
+        if a.len() != b.len() {
+            return false;
+        }
+        let mut i = 0;
+        while i < a.len() {
+            if a[i] != b[i] {
+                return false;
+            }
+            i += 1;
+        }
+        true
+    }
+}
+
 /// A managed pod, keyed in `PODS` by its network-namespace cookie.
 ///
 /// The pod's own addresses let `connect()` leave connections to the pod

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps};
 use aya::{Ebpf, EbpfLoader};
-use nodeward_common::{ListenerKey, PodInfo, PortKey, SockAddr, SockKey};
+use nodeward_common::{ListenerKey, PodInfo, PortKey, SockAddr, SockKey, names};
 
 pub use map::BpfMap;
 
@@ -37,8 +37,13 @@ use crate::netns::Netns;
 /// The compiled eBPF object, built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodeward-ebpf"));
 
-/// Node-wide cgroup programs: (program, pin name).
-const CGROUP_PROGRAMS: &[&str] = &["nw_connect4", "nw_connect6", "nw_getpeer4", "nw_getpeer6"];
+/// Node-wide cgroup programs, each pinned under its own name.
+const CGROUP_PROGRAMS: &[&str] = &[
+    names::NW_CONNECT4,
+    names::NW_CONNECT6,
+    names::NW_GETPEER4,
+    names::NW_GETPEER6,
+];
 
 /// Errors of the capture layer, each naming what is missing or wrong.
 #[derive(Debug, thiserror::Error)]
@@ -185,7 +190,7 @@ impl Capture {
                 .map_err(|e: aya::programs::links::LinkError| refused(name, e))?;
             replace_pin(link, &dir.join("links").join(name))?;
         }
-        let name = "nw_sockops";
+        let name = names::NW_SOCKOPS;
         let prog: &mut SockOps = program(&mut ebpf, name)?;
         prog.load().map_err(|e| refused(name, e))?;
         let id = prog
@@ -200,14 +205,14 @@ impl Capture {
         tracing::info!(cgroup = %cgroup.display(), pins = %dir.display(), "capture programs attached");
 
         let maps = Maps {
-            pods: open_map(&dir, "PODS")?,
-            excluded_ports: open_map(&dir, "EXCLUDED_PORTS")?,
-            orig_dst: open_map(&dir, "ORIG_DST")?,
-            inbound_peer: open_map(&dir, "INBOUND_PEER")?,
-            hop_peer: open_map(&dir, "HOP_PEER")?,
-            listeners: open_map(&dir, "LISTENERS")?,
-            probe_sources: open_map(&dir, "PROBE_SOURCES")?,
-            pod_addrs: open_map(&dir, "POD_ADDRS")?,
+            pods: open_map(&dir, names::PODS)?,
+            excluded_ports: open_map(&dir, names::EXCLUDED_PORTS)?,
+            orig_dst: open_map(&dir, names::ORIG_DST)?,
+            inbound_peer: open_map(&dir, names::INBOUND_PEER)?,
+            hop_peer: open_map(&dir, names::HOP_PEER)?,
+            listeners: open_map(&dir, names::LISTENERS)?,
+            probe_sources: open_map(&dir, names::PROBE_SOURCES)?,
+            pod_addrs: open_map(&dir, names::POD_ADDRS)?,
         };
         probe::install(&maps.probe_sources)?;
         Ok(Capture {
@@ -233,7 +238,7 @@ impl Capture {
         };
         std::fs::create_dir_all(&pod_dir).map_err(|e| dir_err(&pod_dir, e))?;
         let mut ebpf = load_object(&self.dir, self.config.socket_mark, self.node_netns, Some(cookie))?;
-        let name = "nw_sk_lookup";
+        let name = names::NW_SK_LOOKUP;
         let prog: &mut SkLookup = program(&mut ebpf, name)?;
         prog.load().map_err(|e| refused(name, e))?;
         let id = prog.attach(netns.as_fd()).map_err(|e| refused(name, e))?;
@@ -344,9 +349,9 @@ fn load_object(dir: &Path, mark: u32, node_netns: u64, netns_cookie: Option<u64>
         // once per pod — and the heap keeps tens of MiB from it.
         .btf(None)
         .default_map_pin_directory(dir.join("maps"))
-        .override_global("SOCKET_MARK", &mark, true)
-        .override_global("NETNS_COOKIE", &cookie, true)
-        .override_global("NODE_NETNS_COOKIE", &node_netns, true)
+        .override_global(names::SOCKET_MARK, &mark, true)
+        .override_global(names::NETNS_COOKIE, &cookie, true)
+        .override_global(names::NODE_NETNS_COOKIE, &node_netns, true)
         .load(EBPF_OBJECT)
         .map_err(|e| CaptureError::Program {
             program: "(object)",
@@ -369,9 +374,9 @@ where
 
 fn hint(program: &str) -> &'static str {
     match program {
-        "nw_sk_lookup" => "needs BPF_PROG_TYPE_SK_LOOKUP with ingress_ifindex, Linux 5.17 or newer",
-        "nw_sockops" => "needs cgroup sock_ops with bpf_get_netns_cookie, Linux 5.15 or newer",
-        "nw_getpeer4" | "nw_getpeer6" => "needs cgroup getpeername hooks, Linux 5.8 or newer",
+        names::NW_SK_LOOKUP => "needs BPF_PROG_TYPE_SK_LOOKUP with ingress_ifindex, Linux 5.17 or newer",
+        names::NW_SOCKOPS => "needs cgroup sock_ops with bpf_get_netns_cookie, Linux 5.15 or newer",
+        names::NW_GETPEER4 | names::NW_GETPEER6 => "needs cgroup getpeername hooks, Linux 5.8 or newer",
         _ => "needs cgroup connect hooks with bpf_get_netns_cookie and bpf_link, Linux 5.8 or newer",
     }
 }
@@ -420,4 +425,53 @@ fn open_map<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &'static str) -> Result<
         message: e.to_string(),
     })?;
     Ok(BpfMap::new(name, &data)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use object::{Object, ObjectSection, ObjectSymbol};
+
+    use super::*;
+
+    /// The ELF section of each symbol of the embedded object, by name.
+    fn symbol_sections() -> std::collections::HashMap<String, String> {
+        let file = object::File::parse(EBPF_OBJECT).expect("the embedded eBPF object is ELF");
+        file.symbols()
+            .filter_map(|sym| {
+                let section = file.section_by_index(sym.section_index()?).ok()?;
+                Some((sym.name().ok()?.to_owned(), section.name().ok()?.to_owned()))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_name_the_agent_looks_up_is_in_the_embedded_object_as_that_kind() {
+        let sections = symbol_sections();
+        let section = |name: &str| {
+            sections
+                .get(name)
+                .unwrap_or_else(|| panic!("{name} is not a symbol of the embedded eBPF object"))
+                .as_str()
+        };
+        for name in names::MAPS {
+            assert_eq!(section(name), "maps", "{name} is not a map");
+        }
+        for name in names::PROGRAMS {
+            let s = section(name);
+            assert!(
+                ["cgroup/", "sockops", "sk_lookup"].iter().any(|p| s.starts_with(p)),
+                "{name} is in section {s}, not a program's"
+            );
+        }
+        for name in names::GLOBALS {
+            let s = section(name);
+            assert!(
+                s.starts_with(".rodata") || s.starts_with(".data") || s.starts_with(".bss"),
+                "{name} is in section {s}, not a global's"
+            );
+        }
+        for name in CGROUP_PROGRAMS {
+            assert!(section(name).starts_with("cgroup/"), "{name} is not a cgroup program");
+        }
+    }
 }

@@ -18,7 +18,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use nodeward_common::{PROBE_SOURCE_V4, PROBE_SOURCE_V6};
+use nodeward_common::{PROBE_SOURCE_V4, PROBE_SOURCE_V6, names};
 
 use super::BpfMap;
 use crate::proxy::ip_words;
@@ -40,7 +40,7 @@ pub enum ProbeError {
         source: io::Error,
     },
     /// `PROBE_SOURCES` could not be brought to exactly the probe sources.
-    #[error("eBPF map PROBE_SOURCES: {0}")]
+    #[error("eBPF map {map}: {0}", map = names::PROBE_SOURCES)]
     Map(io::Error),
 }
 

@@ -1,0 +1,82 @@
+//! Helpers and constants the programs share: reading context fields and
+//! loader globals, and the per-pod port exclusions.
+
+use core::ptr::read_volatile;
+
+use nodeward_common::PortKey;
+
+use crate::maps::{EXCLUDED_PORTS, NETNS_COOKIE, NODE_NETNS_COOKIE, SOCKET_MARK};
+
+pub(crate) const AF_INET: u32 = 2;
+pub(crate) const AF_INET6: u32 = 10;
+pub(crate) const SOCK_STREAM: u32 = 1;
+pub(crate) const IPPROTO_TCP: u32 = 6;
+/// Return value of cgroup sock_addr programs that lets the call proceed.
+pub(crate) const PROCEED: i32 = 1;
+
+/// Fails the build unless the item's name, which the aya macros make its
+/// ELF symbol, is the constant of `nodeward_common::names` the agent finds
+/// it by.
+macro_rules! symbol_is {
+    ($item:ident, $name:expr) => {
+        const _: () = {
+            let _ = &$item;
+            assert!(
+                nodeward_common::names::same(stringify!($item), $name),
+                concat!(
+                    stringify!($item),
+                    " differs from its name in nodeward_common::names"
+                ),
+            );
+        };
+    };
+}
+pub(crate) use symbol_is;
+
+/// Reads an IPv6 address from a context field word by word.
+#[inline(always)]
+pub(crate) unsafe fn read_ip6(a: &[u32; 4]) -> [u32; 4] {
+    unsafe {
+        [
+            read_volatile(&a[0]),
+            read_volatile(&a[1]),
+            read_volatile(&a[2]),
+            read_volatile(&a[3]),
+        ]
+    }
+}
+
+/// The agent's socket mark (loader global `SOCKET_MARK`).
+#[inline(always)]
+pub(crate) fn socket_mark() -> u32 {
+    // SAFETY: a plain read of a loader-initialised global.
+    unsafe { read_volatile(&SOCKET_MARK) }
+}
+
+/// The node's network-namespace cookie (loader global `NODE_NETNS_COOKIE`).
+#[inline(always)]
+pub(crate) fn node_netns_cookie() -> u64 {
+    // SAFETY: a plain read of a loader-initialised global.
+    unsafe { read_volatile(&NODE_NETNS_COOKIE) }
+}
+
+/// The cookie of the pod an `nw_sk_lookup` instance serves (loader global
+/// `NETNS_COOKIE`).
+#[inline(always)]
+pub(crate) fn netns_cookie_const() -> u64 {
+    // SAFETY: a plain read of a loader-initialised global.
+    unsafe { read_volatile(&NETNS_COOKIE) }
+}
+
+/// Whether a pod excludes `port` from capture in `direction`.
+#[inline(always)]
+pub(crate) fn port_excluded(netns: u64, port: u16, direction: u8) -> bool {
+    let key = PortKey {
+        netns,
+        port,
+        direction,
+        pad: [0; 5],
+    };
+    // SAFETY: the value is only tested for presence.
+    unsafe { EXCLUDED_PORTS.get(&key).is_some() }
+}

@@ -1,0 +1,89 @@
+//! Every map and loader global of the programs. Maps are pinned by name in
+//! the agent's pin directory; globals are set by the loader for each load.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{HashMap, LruHashMap, SockHash},
+};
+use nodeward_common::{ListenerKey, PodInfo, PortKey, SockAddr, SockKey, names};
+
+use crate::helpers::symbol_is;
+
+/// Socket mark of the agent's own sockets; set by the loader.
+#[unsafe(no_mangle)]
+pub(crate) static SOCKET_MARK: u32 = 0;
+
+/// Network-namespace cookie of the pod an `nw_sk_lookup` instance serves;
+/// set by the loader, one program instance per pod.
+#[unsafe(no_mangle)]
+pub(crate) static NETNS_COOKIE: u64 = 0;
+
+/// Network-namespace cookie of the node this agent runs for (the agent's
+/// own namespace); set by the loader. The connect hooks run for every
+/// socket on the host, and several nodes may share a host (the test bed),
+/// so "the node's own connection" must name the namespace.
+#[unsafe(no_mangle)]
+pub(crate) static NODE_NETNS_COOKIE: u64 = 0;
+
+/// Managed pods by network-namespace cookie.
+#[map]
+pub(crate) static PODS: HashMap<u64, PodInfo> = HashMap::pinned(8192, 0);
+
+/// Ports excluded from capture, per pod and direction.
+#[map]
+pub(crate) static EXCLUDED_PORTS: HashMap<PortKey, u8> = HashMap::pinned(16384, BPF_F_NO_PREALLOC);
+
+/// Original destination of a redirected `connect()`, by socket cookie, from
+/// `connect()` until the connection is established (microseconds). LRU so
+/// connections that never establish cannot fill it.
+#[map]
+pub(crate) static PENDING: LruHashMap<u64, SockAddr> = LruHashMap::pinned(65536, 0);
+
+/// Original destination of an established captured connection, keyed by the
+/// app's local endpoint. Not LRU: entries live exactly as long as the proxied
+/// connection, and the agent removes them.
+#[map]
+pub(crate) static ORIG_DST: HashMap<SockKey, SockAddr> = HashMap::pinned(262144, BPF_F_NO_PREALLOC);
+
+/// The client an app should see as its peer, keyed by the local endpoint of
+/// the agent's hop into the pod and the app's port. Filed by `nw_sockops`
+/// from `HOP_PEER` when the hop's `connect()` picks its port (before the
+/// SYN), and removed by it when the hop closes: exactly when the kernel may
+/// give the same 4-tuple to a new hop.
+#[map]
+pub(crate) static INBOUND_PEER: HashMap<SockKey, SockAddr> = HashMap::pinned(262144, BPF_F_NO_PREALLOC);
+
+/// The client behind an agent hop that is about to connect, by the hop
+/// socket's cookie: the agent cannot know the hop's port before
+/// `connect()` picks it, so it leaves the client here. LRU so a hop that
+/// never connects cannot fill it.
+#[map]
+pub(crate) static HOP_PEER: LruHashMap<u64, SockAddr> = LruHashMap::pinned(65536, 0);
+
+/// The agent's listeners, per pod and slot.
+#[map]
+pub(crate) static LISTENERS: SockHash<ListenerKey> = SockHash::pinned(32768, 0);
+
+/// Source addresses of node-local health probes: exactly the probe
+/// source addresses the connect hooks bind the node's connections to.
+#[map]
+pub(crate) static PROBE_SOURCES: HashMap<[u32; 4], u8> = HashMap::pinned(1024, 0);
+
+/// Addresses of this node's managed pods: the node's own connections to
+/// them are bound to the probe source.
+#[map]
+pub(crate) static POD_ADDRS: HashMap<[u32; 4], u8> = HashMap::pinned(16384, BPF_F_NO_PREALLOC);
+
+symbol_is!(SOCKET_MARK, names::SOCKET_MARK);
+symbol_is!(NETNS_COOKIE, names::NETNS_COOKIE);
+symbol_is!(NODE_NETNS_COOKIE, names::NODE_NETNS_COOKIE);
+symbol_is!(PODS, names::PODS);
+symbol_is!(EXCLUDED_PORTS, names::EXCLUDED_PORTS);
+symbol_is!(PENDING, names::PENDING);
+symbol_is!(ORIG_DST, names::ORIG_DST);
+symbol_is!(INBOUND_PEER, names::INBOUND_PEER);
+symbol_is!(HOP_PEER, names::HOP_PEER);
+symbol_is!(LISTENERS, names::LISTENERS);
+symbol_is!(PROBE_SOURCES, names::PROBE_SOURCES);
+symbol_is!(POD_ADDRS, names::POD_ADDRS);

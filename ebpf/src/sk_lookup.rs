@@ -1,0 +1,93 @@
+//! `nw_sk_lookup`: one instance per pod, attached to its network namespace,
+//! steers every inbound TCP connection to the agent's listeners and drops
+//! it when the agent is not there (fail closed).
+
+use core::ptr::read_volatile;
+
+use aya_ebpf::{bindings::sk_action, macros::sk_lookup, programs::SkLookupContext};
+use nodeward_common::{
+    DIRECTION_INBOUND, LOOPBACK_IFINDEX, ListenerKey, POD_HAS_IPV4, POD_HAS_IPV6, SLOT_INBOUND_V4, SLOT_INBOUND_V6,
+    SLOT_TUNNEL_V4, SLOT_TUNNEL_V6, TUNNEL_PORT, is_v4_loopback, is_v4_mapped, is_v6_loopback, map_v4, names,
+};
+
+use crate::helpers::{AF_INET, IPPROTO_TCP, netns_cookie_const, port_excluded, read_ip6, symbol_is};
+use crate::maps::{LISTENERS, PODS, PROBE_SOURCES};
+
+#[sk_lookup]
+pub fn nw_sk_lookup(ctx: SkLookupContext) -> u32 {
+    // SAFETY: ctx points at the kernel's bpf_sk_lookup for this lookup.
+    unsafe { steer(&ctx) }
+}
+
+#[inline(always)]
+unsafe fn steer(ctx: &SkLookupContext) -> u32 {
+    let lk = unsafe { &*ctx.lookup };
+    if lk.protocol != IPPROTO_TCP {
+        return sk_action::SK_PASS;
+    }
+    let netns = netns_cookie_const();
+    let v4 = lk.family == AF_INET;
+    let remote4 = unsafe { read_volatile(&lk.remote_ip4) };
+    let remote6 = unsafe { read_ip6(&lk.remote_ip6) };
+    let remote = if v4 { map_v4(remote4) } else { remote6 };
+    // Never steer the pod's own traffic to itself, which includes the
+    // agent's hop to the app: it comes from loopback or from one of the
+    // pod's addresses (the kernel drops packets arriving from outside with
+    // a local source address as martians, and a spoofed handshake could
+    // not complete since the replies stay inside the pod).
+    if lk.ingress_ifindex == LOOPBACK_IFINDEX || is_own_address(netns, v4, remote4, &remote6) {
+        return sk_action::SK_PASS;
+    }
+    // The node's own connections, which the connect hooks bound to the
+    // probe source; nothing else can complete a handshake from it (see
+    // ARCHITECTURE.md, Decisions). Forwarded traffic from the node's
+    // addresses (NodePort SNAT) is steered like any other plaintext.
+    // SAFETY: presence test only.
+    if unsafe { PROBE_SOURCES.get(&remote).is_some() } {
+        return sk_action::SK_PASS;
+    }
+    let port = lk.local_port as u16;
+    // Every mTLS mode is steered, DISABLE included: DISABLE means no mTLS
+    // required, not no authorization, which the agent applies.
+    if port != TUNNEL_PORT && port_excluded(netns, port, DIRECTION_INBOUND) {
+        return sk_action::SK_PASS;
+    }
+    let slot = match (port == TUNNEL_PORT, v4) {
+        (true, true) => SLOT_TUNNEL_V4,
+        (true, false) => SLOT_TUNNEL_V6,
+        (false, true) => SLOT_INBOUND_V4,
+        (false, false) => SLOT_INBOUND_V6,
+    };
+    let key = ListenerKey { netns, slot, pad: 0 };
+    match LISTENERS.redirect_sk_lookup(ctx, key, 0) {
+        Ok(()) => sk_action::SK_PASS,
+        // No listener: the agent is down or the pod is being set up. Never
+        // let plaintext reach the app behind the agent's back.
+        Err(_) => sk_action::SK_DROP,
+    }
+}
+
+/// Whether a source address belongs to the pod itself (or is loopback).
+#[inline(always)]
+fn is_own_address(netns: u64, v4: bool, remote4: u32, remote6: &[u32; 4]) -> bool {
+    if v4 {
+        if is_v4_loopback(remote4) {
+            return true;
+        }
+    } else if is_v6_loopback(remote6) {
+        return true;
+    }
+    // SAFETY: read-only lookup of a plain value.
+    let Some(pod) = (unsafe { PODS.get(&netns) }) else {
+        return false;
+    };
+    if v4 {
+        pod.flags & POD_HAS_IPV4 != 0 && pod.ipv4 == remote4
+    } else if is_v4_mapped(remote6) {
+        pod.flags & POD_HAS_IPV4 != 0 && pod.ipv4 == remote6[3]
+    } else {
+        pod.flags & POD_HAS_IPV6 != 0 && pod.ipv6 == *remote6
+    }
+}
+
+symbol_is!(nw_sk_lookup, names::NW_SK_LOOKUP);
