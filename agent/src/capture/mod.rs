@@ -319,7 +319,12 @@ pub fn cleanup(bpffs: &Path, node_name: &str) -> Result<bool, CaptureError> {
 }
 
 fn remove_pins(dir: &Path) -> Result<(), CaptureError> {
-    match std::fs::remove_dir_all(dir) {
+    // Held across the removal and dropped after it, so the programs are
+    // detached before this returns (see `open_links`).
+    let links = open_links(dir);
+    let removed = std::fs::remove_dir_all(dir);
+    drop(links);
+    match removed {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(CaptureError::Pin {
@@ -327,6 +332,29 @@ fn remove_pins(dir: &Path) -> Result<(), CaptureError> {
             message: e.to_string(),
         }),
     }
+}
+
+/// Opens every link pinned under `dir` (maps aside). A link whose last
+/// reference is its pin is detached by the kernel some time after the pin
+/// is removed, from a work queue; with the pins gone, closing these
+/// descriptors drops the last references and detaches at once, so traffic
+/// the caller sends next is no longer captured.
+fn open_links(dir: &Path) -> Vec<PinnedLink> {
+    let mut links = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                if entry.file_name() != "maps" {
+                    dirs.push(path);
+                }
+            } else if let Ok(link) = PinnedLink::from_pin(&path) {
+                links.push(link);
+            }
+        }
+    }
+    links
 }
 
 /// The cookie of the calling thread's network namespace: at startup, the
