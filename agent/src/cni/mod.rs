@@ -6,8 +6,11 @@
 //!
 //! `protocol.rs` is the one-line-each-way exchange, `plugin.rs` the
 //! plugin's logic (its binary is `src/bin/nodeward-cni.rs`), `server.rs`
-//! the agent's socket; the pod manager acts on requests (`pods/cni.rs`).
+//! the agent's socket, `install.rs` what the DaemonSet's init container
+//! runs (`nodeward-cni install`); the pod manager acts on requests
+//! (`pods/cni.rs`).
 
+pub mod install;
 pub mod plugin;
 pub mod protocol;
 pub mod server;
