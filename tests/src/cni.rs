@@ -177,7 +177,12 @@ impl CniNetwork {
             .spawn()
             .unwrap_or_else(|e| panic!("exec {}: {e}", bin.display()));
         let stdin = serde_json::to_vec(&conf).expect("config");
-        child.stdin.take().expect("stdin").write_all(&stdin).expect("write config");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(&stdin)
+            .expect("write config");
         let out = child.wait_with_output().expect("plugin output");
         let parsed: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
         if out.status.success() {

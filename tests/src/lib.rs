@@ -9,8 +9,8 @@
 
 pub mod agent;
 pub mod bpf;
-pub mod cni;
 pub mod cluster;
+pub mod cni;
 pub mod hbone;
 pub mod loadgen;
 pub mod netns;

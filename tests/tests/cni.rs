@@ -34,7 +34,8 @@ fn cni_node(test: &str) -> Option<(Topology, CniNetwork, PathBuf)> {
         nodes: vec![vec![PodSpec::new("d", "plain")]],
         namespaces: vec![("mesh".into(), true), ("plain".into(), false)],
     });
-    let socket = PathBuf::from(format!("/run/nodeward-testbed/{}.cni/cni.sock", t.id));
+    // Hidden, so the directory source ignores it; removed with the topology.
+    let socket = t.config_dir.join(".cni.sock");
     t.start_agent(0, &["--cni-socket", socket.to_str().unwrap()]);
     let agent = t.agent(0);
     agent
@@ -107,7 +108,11 @@ fn a_pod_the_config_does_not_know_yet_is_closed_when_add_returns_then_captured_t
     // The config has not caught up with the runtime: the pod is held closed.
     assert_blocked(&d.netns, dst);
     let pinned = t.pin_dir(0).join("pods");
-    assert_eq!(std::fs::read_dir(&pinned).map(|r| r.count()).unwrap_or(0), 1, "one held namespace");
+    assert_eq!(
+        std::fs::read_dir(&pinned).map(|r| r.count()).unwrap_or(0),
+        1,
+        "one held namespace"
+    );
 
     // Its config arrives: captured in the namespace the runtime gave, and
     // plaintext from outside the mesh (PERMISSIVE) goes through the agent.
@@ -127,7 +132,8 @@ fn a_pod_the_config_does_not_know_yet_is_closed_when_add_returns_then_captured_t
 
     // DEL (nodeward-cni first, then bridge) releases it at once, though the
     // config still lists the pod.
-    net.del(&p, Some(&result)).unwrap_or_else(|e| panic!("DEL failed: {e:?}"));
+    net.del(&p, Some(&result))
+        .unwrap_or_else(|e| panic!("DEL failed: {e:?}"));
     assert!(
         !pinned.join(cookie.to_string()).exists(),
         "pins of the deleted pod remain; log:\n{}",
@@ -175,10 +181,14 @@ fn an_enrolled_pod_is_captured_before_add_returns_and_add_fails_while_the_agent_
     assert_eq!(err.plugin, "nodeward-cni");
     assert_eq!(err.error["code"], 11, "{err:?}");
     assert!(
-        err.error["msg"].as_str().unwrap_or_default().contains("must not start uncaptured"),
+        err.error["msg"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("must not start uncaptured"),
         "{err:?}"
     );
     // The runtime then tears the sandbox down; DEL succeeds without the agent.
     net.del(&r, None).unwrap_or_else(|e| panic!("DEL failed: {e:?}"));
-    net.del(&q, Some(&result)).unwrap_or_else(|e| panic!("DEL failed: {e:?}"));
+    net.del(&q, Some(&result))
+        .unwrap_or_else(|e| panic!("DEL failed: {e:?}"));
 }

@@ -136,11 +136,17 @@ fn the_daemonset_passes_only_what_nodeward_run_and_the_installer_accept() {
     let Command::Run(args) = cli.command else {
         panic!("the agent container must run `nodeward run`")
     };
-    assert_eq!(args.cni_socket.as_deref(), Some(Path::new("/var/run/nodeward/cni.sock")));
+    assert_eq!(
+        args.cni_socket.as_deref(),
+        Some(Path::new("/var/run/nodeward/cni.sock"))
+    );
 
     let install = container(&ds, "install-cni");
     let cmd = install.command.clone().unwrap();
-    assert_eq!(cmd[..2], ["/usr/local/bin/nodeward-cni".to_string(), "install".to_string()]);
+    assert_eq!(
+        cmd[..2],
+        ["/usr/local/bin/nodeward-cni".to_string(), "install".to_string()]
+    );
     let parsed = InstallArgs::parse(&cmd[2..]).unwrap();
     assert_eq!(
         Some(parsed.socket.as_path()),
@@ -211,8 +217,14 @@ fn every_path_the_binaries_use_is_mounted_from_the_node() {
 
     let install = container(&ds, "install-cni");
     let args = InstallArgs::parse(&install.command.clone().unwrap()[2..]).unwrap();
-    assert_eq!(host(install, args.bin_dir.to_str().unwrap()).1, Path::new("/opt/cni/bin"));
-    assert_eq!(host(install, args.conf_dir.to_str().unwrap()).1, Path::new("/etc/cni/net.d"));
+    assert_eq!(
+        host(install, args.bin_dir.to_str().unwrap()).1,
+        Path::new("/opt/cni/bin")
+    );
+    assert_eq!(
+        host(install, args.conf_dir.to_str().unwrap()).1,
+        Path::new("/etc/cni/net.d")
+    );
 }
 
 #[test]
@@ -286,13 +298,23 @@ fn the_agent_has_the_three_capabilities_it_needs_and_no_more() {
         assert_eq!(added, want, "{}", c.name);
         assert!(c.resources.as_ref().unwrap().requests.is_some(), "{}", c.name);
     }
-    let probe = container(&ds, "agent").readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
+    let probe = container(&ds, "agent")
+        .readiness_probe
+        .as_ref()
+        .unwrap()
+        .http_get
+        .as_ref()
+        .unwrap();
     assert_eq!(probe.path.as_deref(), Some("/healthz/ready"));
     assert_eq!(
         probe.port,
         k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(15021)
     );
-    assert_eq!(probe.host.as_deref(), Some("127.0.0.1"), "the admin port is on loopback only");
+    assert_eq!(
+        probe.host.as_deref(),
+        Some("127.0.0.1"),
+        "the admin port is on loopback only"
+    );
 }
 
 /// `kubectl apply --dry-run=client -k` asks an API server for discovery
@@ -300,14 +322,25 @@ fn the_agent_has_the_three_capabilities_it_needs_and_no_more() {
 /// kustomize renders both kustomizations into exactly the listed objects.
 #[test]
 fn kubectl_renders_the_kustomizations() {
-    if std::process::Command::new("kubectl").arg("version").arg("--client").output().is_err() {
+    if std::process::Command::new("kubectl")
+        .arg("version")
+        .arg("--client")
+        .output()
+        .is_err()
+    {
         eprintln!("SKIPPED kubectl_renders_the_kustomizations: no kubectl (cargo xtask installs kubernetes-client)");
         return;
     }
     for (dir, kinds) in [
         (
             deploy_dir(),
-            vec!["ClusterRole", "ClusterRoleBinding", "DaemonSet", "Namespace", "ServiceAccount"],
+            vec![
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "DaemonSet",
+                "Namespace",
+                "ServiceAccount",
+            ],
         ),
         (deploy_dir().join("crds"), vec!["CustomResourceDefinition"; 2]),
     ] {

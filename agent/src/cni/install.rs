@@ -89,7 +89,9 @@ pub fn install(exe: &Path, args: &InstallArgs) -> Result<PathBuf, InstallError> 
         })
         .collect();
     names.sort();
-    let first = names.first().ok_or_else(|| InstallError::NoConfig(args.conf_dir.clone()))?;
+    let first = names
+        .first()
+        .ok_or_else(|| InstallError::NoConfig(args.conf_dir.clone()))?;
     let raw = std::fs::read(first).map_err(io(first))?;
     let bad = |problem: String| InstallError::BadConfig {
         path: first.clone(),
@@ -99,7 +101,11 @@ pub fn install(exe: &Path, args: &InstallArgs) -> Result<PathBuf, InstallError> 
     let single = conf.get("plugins").is_none();
     let chained = chain(conf, &args.socket).map_err(bad)?;
     // A single-plugin `.conf` becomes a `.conflist` of the same name.
-    let out = if single { first.with_extension("conflist") } else { first.clone() };
+    let out = if single {
+        first.with_extension("conflist")
+    } else {
+        first.clone()
+    };
     let tmp = args.conf_dir.join(".nodeward-cni.conflist.tmp");
     let mut text = serde_json::to_vec_pretty(&chained).unwrap_or_default();
     text.push(b'\n');
@@ -138,7 +144,10 @@ mod tests {
         let socket = Path::new("/var/run/nodeward/cni.sock");
         let list = json!({"cniVersion": "1.0.0", "name": "k8s", "plugins": [{"type": "calico"}, {"type": "portmap"}]});
         let once = chain(list, socket).unwrap();
-        assert_eq!(once["plugins"][2], json!({"type": "nodeward-cni", "agentSocket": socket}));
+        assert_eq!(
+            once["plugins"][2],
+            json!({"type": "nodeward-cni", "agentSocket": socket})
+        );
         let twice = chain(once.clone(), socket).unwrap();
         assert_eq!(twice, once);
 
@@ -167,7 +176,11 @@ mod tests {
         let exe = dir.join("exe");
         std::fs::write(&exe, b"#!/bin/true\n").unwrap();
         assert!(matches!(install(&exe, &args), Err(InstallError::NoConfig(_))));
-        std::fs::write(conf.join("10-net.conf"), br#"{"cniVersion":"1.0.0","name":"n","type":"bridge"}"#).unwrap();
+        std::fs::write(
+            conf.join("10-net.conf"),
+            br#"{"cniVersion":"1.0.0","name":"n","type":"bridge"}"#,
+        )
+        .unwrap();
         std::fs::write(conf.join("20-other.conflist"), br#"{"name":"o","plugins":[]}"#).unwrap();
         let out = install(&exe, &args).unwrap();
         assert_eq!(out, conf.join("10-net.conflist"));
@@ -175,8 +188,15 @@ mod tests {
         let written: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
         assert_eq!(written["plugins"][1]["type"], "nodeward-cni");
         let other: Value = serde_json::from_slice(&std::fs::read(conf.join("20-other.conflist")).unwrap()).unwrap();
-        assert_eq!(other["plugins"], json!([]), "only the config the runtime uses is changed");
-        let mode = std::fs::metadata(bin.join("nodeward-cni")).unwrap().permissions().mode();
+        assert_eq!(
+            other["plugins"],
+            json!([]),
+            "only the config the runtime uses is changed"
+        );
+        let mode = std::fs::metadata(bin.join("nodeward-cni"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o755);
         std::fs::write(conf.join("05-bad.conflist"), b"{").unwrap();
         let e = install(&exe, &args).unwrap_err().to_string();

@@ -304,7 +304,9 @@ pub fn ask(socket: &Path, timeout: Duration, request: &Request) -> Result<Reply,
         .map_err(|e| unreachable(format!("sending: {e}")))?;
     match protocol::read_message(&mut BufReader::new(&stream)) {
         Ok(r) => Ok(r),
-        Err(ProtocolError::Io(e)) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+        Err(ProtocolError::Io(e))
+            if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+        {
             Err(unreachable(format!("no answer within {}s", timeout.as_secs())))
         }
         Err(e) => Err(unreachable(format!("answer: {e}"))),

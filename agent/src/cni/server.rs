@@ -65,7 +65,11 @@ impl CniServer {
             source,
         };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
-            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io)?;
         }
         match std::fs::symlink_metadata(path) {
             Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(io)?,

@@ -586,6 +586,7 @@ mod tests {
             (&["--config-dir", &file], "config-dir"),
             (&["--cgroup2", &missing], "cgroup2"),
             (&["--socket-mark", "0"], "socket-mark"),
+            (&["--cni-socket", "cni.sock"], "cni-socket"),
             (&["--idle-timeout", "0s"], "idle-timeout"),
             (&["--connect-timeout", "0ms"], "connect-timeout"),
             (&["--config-poll", "0"], "config-poll"),

@@ -259,7 +259,12 @@ impl PodManager {
     /// held; one the config now puts outside the mesh is released; uids
     /// the config no longer lists are forgotten by the DEL memory.
     pub(super) fn reconcile_cni(&mut self, snap: &Snapshot, desired: &HashMap<String, ManagedPod>) {
-        let uids: Vec<String> = self.cni.iter().filter(|(_, c)| c.held).map(|(u, _)| u.clone()).collect();
+        let uids: Vec<String> = self
+            .cni
+            .iter()
+            .filter(|(_, c)| c.held)
+            .map(|(u, _)| u.clone())
+            .collect();
         for uid in uids {
             if let Some(a) = self.active.get(&uid) {
                 let cookie = a.ctx.netns.cookie();

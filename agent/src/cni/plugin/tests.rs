@@ -160,8 +160,15 @@ fn add_fails_when_the_agent_refuses_or_never_answers() {
 fn bad_input_is_a_spec_error_naming_the_problem() {
     let dir = Scratch::new("bad");
     let socket = dir.0.join("cni.sock");
-    let cases: Vec<(HashMap<String, String>, Vec<u8>, u32, &str)> = vec![
-        (env("ADD"), b"not json".to_vec(), code::DECODING_FAILURE, "not valid JSON"),
+    // (environment, stdin, expected code, a word the message must contain)
+    type Case<'a> = (HashMap<String, String>, Vec<u8>, u32, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            env("ADD"),
+            b"not json".to_vec(),
+            code::DECODING_FAILURE,
+            "not valid JSON",
+        ),
         (
             env("ADD"),
             br#"{"cniVersion":"0.2.0","prevResult":{}}"#.to_vec(),
