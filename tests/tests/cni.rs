@@ -1,6 +1,7 @@
 //! New pods handed over by the container runtime: the real reference
 //! plugins chained with `nodeward-cni`, exec'd as a runtime does. A pod is
-//! closed before ADD returns, captured in the namespace the runtime gave,
+//! closed before ADD returns, captured in the namespace the runtime gave, a
+//! pod outside the mesh passes untouched,
 //! ADD fails while the agent is down, and DEL releases the pod.
 
 use std::io::ErrorKind;
@@ -150,9 +151,10 @@ fn a_pod_the_config_does_not_know_yet_is_closed_when_add_returns_then_captured_t
 }
 
 #[test]
-fn an_enrolled_pod_is_captured_before_add_returns_and_add_fails_while_the_agent_is_down() {
+fn an_enrolled_pod_is_captured_before_add_returns_one_outside_passes_and_add_fails_while_the_agent_is_down() {
     let _g = shared();
-    let test = "an_enrolled_pod_is_captured_before_add_returns_and_add_fails_while_the_agent_is_down";
+    let test =
+        "an_enrolled_pod_is_captured_before_add_returns_one_outside_passes_and_add_fails_while_the_agent_is_down";
     let Some((mut t, net, _socket)) = cni_node(test) else {
         return;
     };
@@ -172,6 +174,30 @@ fn an_enrolled_pod_is_captured_before_add_returns_and_add_fails_while_the_agent_
     let dst: SocketAddr = format!("{ip}:7000").parse().unwrap();
     let _server = serve(&q.netns, dst, info_echo);
     round_trip(&d.netns, dst, b"hello").expect("captured pod reachable through the agent");
+
+    // A pod outside the mesh passes at once, untouched.
+    let o = CniPod::new(t.id, "o", "plain");
+    t.apply("cni-plain", &pod_yaml(&t, &o, &format!("10.{}.99.11", t.id)));
+    std::thread::sleep(Duration::from_millis(500));
+    let pins = || {
+        std::fs::read_dir(t.pin_dir(0).join("pods"))
+            .map(|r| r.count())
+            .unwrap_or(0)
+    };
+    let before = pins();
+    let plain = net.add(&o).unwrap_or_else(|e| panic!("ADD failed: {e:?}"));
+    assert_eq!(pins(), before, "a pod outside the mesh got steering");
+    let odst: SocketAddr = format!("{}:7000", address(&plain)).parse().unwrap();
+    let _oserver = serve(&o.netns, odst, info_echo);
+    round_trip(&d.netns, odst, b"plain").expect("pod outside the mesh reachable directly");
+    assert!(
+        t.agent(0)
+            .wait_connection("inbound", &odst.to_string(), QUICK)
+            .is_none(),
+        "the agent proxied a pod outside the mesh"
+    );
+    net.del(&o, Some(&plain))
+        .unwrap_or_else(|e| panic!("DEL failed: {e:?}"));
 
     // The agent down: ADD of the next pod fails (the runtime retries), with
     // the spec's "try again later".
