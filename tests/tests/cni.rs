@@ -1,8 +1,8 @@
 //! New pods handed over by the container runtime: the real reference
 //! plugins chained with `nodeward-cni`, exec'd as a runtime does. A pod is
-//! closed before ADD returns, captured in the namespace the runtime gave, a
-//! pod outside the mesh passes untouched,
-//! ADD fails while the agent is down, and DEL releases the pod.
+//! closed before ADD returns and captured in the namespace the runtime
+//! gave, a pod outside the mesh passes untouched, ADD fails while the
+//! agent is down, and DEL releases the pod.
 
 use std::io::ErrorKind;
 use std::net::SocketAddr;
