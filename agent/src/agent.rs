@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::capture::{Capture, CaptureError};
+use crate::cni::server::CniServer;
 use crate::config::Config;
 use crate::identity::ca::CaError;
 use crate::identity::manager::CertManager;
@@ -38,6 +39,9 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// The CNI hand-off socket could not be set up.
+    #[error(transparent)]
+    Cni(#[from] crate::cni::server::CniServerError),
     /// A signal handler could not be installed.
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
@@ -106,7 +110,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         limits,
     });
     tokio::spawn(crate::admin::serve(admin, mesh.clone(), lifecycle.hard_stop.clone()));
-    let manager = PodManager::new(
+    let mut manager = PodManager::new(
         config.node_name.clone(),
         store,
         capture,
@@ -114,6 +118,12 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         lifecycle.clone(),
         mesh,
     );
+    if let Some(path) = &config.cni_socket {
+        let server = CniServer::bind(path)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(server.run(tx, lifecycle.stop_accepting.clone()));
+        manager = manager.with_cni(rx);
+    }
     let manager_task = tokio::spawn(manager.run());
     tracing::info!(node = %config.node_name, config_dir = %config.config_dir.display(), "agent running");
 

@@ -259,6 +259,12 @@ pub struct RunArgs {
     #[arg(long, env = "NODEWARD_ADMIN_ADDR", default_value = defaults::ADMIN_ADDR)]
     pub admin_addr: std::net::SocketAddr,
 
+    /// Unix socket (mode 0600) where `nodeward-cni` hands new pods over, so
+    /// each is captured before it starts; without it new pods are found by
+    /// scanning for their IPs.
+    #[arg(long, env = "NODEWARD_CNI_SOCKET")]
+    pub cni_socket: Option<PathBuf>,
+
     // Resource bounds (see ARCHITECTURE.md "Resource bounds" for the sizing).
     /// Proxied connections on the node (outbound, inbound plaintext and
     /// tunnel streams together); past it new ones are reset.

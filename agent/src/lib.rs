@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod agent;
 pub mod capture;
+pub mod cni;
 pub mod config;
 pub mod identity;
 pub mod logging;

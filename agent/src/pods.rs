@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use nodeward_common::{DIRECTION_INBOUND, DIRECTION_OUTBOUND, POD_HAS_IPV4, POD_HAS_IPV6, PodInfo, PortKey};
 
 use crate::capture::{Capture, CaptureError};
+use crate::cni::server::CniRequest;
 use crate::identity::Identity;
 use crate::identity::ca::CaError;
 use crate::identity::manager::CertManager;
@@ -19,6 +20,8 @@ use crate::netns::{Netns, NetnsError, NetnsFinder, Scan};
 use crate::proxy::{Lifecycle, Mesh, PodContext, PodListeners, ProxyConfig, ip_words};
 use crate::state::Store;
 use crate::state::workload::ManagedPod;
+
+mod cni;
 
 /// How often unresolved pods trigger a namespace scan at most.
 const SCAN_INTERVAL: Duration = Duration::from_millis(500);
@@ -43,6 +46,10 @@ pub enum PodError {
         /// The namespaces, as the scan opened them.
         namespaces: Vec<Arc<Netns>>,
     },
+    /// The runtime tore the pod's network down (CNI DEL): its namespace is
+    /// not looked for again while the config still lists the pod.
+    #[error("the runtime deleted the pod's network (CNI DEL)")]
+    Deleted,
     /// The next namespace scan is not due yet; nothing is known.
     #[error("waiting for the next namespace scan")]
     Pending,
@@ -105,6 +112,13 @@ pub struct PodManager {
     identity: Option<Arc<CertManager>>,
     mesh: Arc<Mesh>,
     revalidated: u64,
+    /// Requests of the CNI hand-off, when it is on.
+    cni_rx: Option<tokio::sync::mpsc::Receiver<CniRequest>>,
+    /// Pods whose namespace the runtime handed over, by uid.
+    cni: HashMap<String, cni::CniPod>,
+    /// Pods the runtime has deleted the network of, by uid, while the
+    /// config still lists them.
+    cni_gone: HashSet<String>,
 }
 
 impl PodManager {
@@ -134,6 +148,9 @@ impl PodManager {
             identity: mesh.certs.clone(),
             mesh,
             revalidated: 0,
+            cni_rx: None,
+            cni: HashMap::new(),
+            cni_gone: HashSet::new(),
         }
     }
 
@@ -150,11 +167,16 @@ impl PodManager {
             }
         }
         let stop = self.lifecycle.stop_accepting.clone();
+        let mut cni_rx = self.cni_rx.take();
         loop {
             self.reconcile().await;
             tokio::select! {
                 _ = stop.cancelled() => break,
                 r = rx.changed() => if r.is_err() { break },
+                req = next_cni(&mut cni_rx) => match req {
+                    Some(req) => self.handle_cni(req).await,
+                    None => cni_rx = None,
+                },
                 _ = tokio::time::sleep(TICK) => {}
             }
         }
@@ -213,7 +235,7 @@ impl PodManager {
                     match &e {
                         PodError::Ambiguous { namespaces, .. } => self.quarantine(want, namespaces, None),
                         // The namespaces it was quarantined in hold its IP no more.
-                        PodError::NoNamespace(_) => self.quarantine(want, &[], None),
+                        PodError::NoNamespace(_) | PodError::Deleted => self.quarantine(want, &[], None),
                         // Still ambiguous as far as we know: stay closed.
                         _ => {}
                     }
@@ -241,6 +263,7 @@ impl PodManager {
             self.release(&uid, old, None);
         }
         self.scan = None;
+        self.reconcile_cni(&snap, &desired);
 
         // Nothing is purged before the first config is read: every pod
         // would look unmanaged, and its capture would lapse until re-adopted.
@@ -347,6 +370,7 @@ impl PodManager {
     fn purge_stale(&mut self, desired: &HashMap<String, ManagedPod>) {
         let mut live: HashSet<u64> = self.active.values().map(|a| a.ctx.netns.cookie()).collect();
         live.extend(self.quarantined.values().flatten().map(|q| q.netns.cookie()));
+        live.extend(self.held_cookies());
         let mut stale: HashSet<u64> = self.previous.keys().copied().collect();
         if !self.adopted_previous_run {
             stale.extend(self.capture.pinned_pods());
@@ -463,7 +487,14 @@ impl PodManager {
     /// Finds the namespace of a pod to capture: the one a previous run
     /// captured it in if that still exists (found by cookie, whatever other
     /// namespaces claim its IP), else the only one holding its IP.
+    /// A namespace the runtime handed over (CNI) is the pod's, no scan needed.
     async fn resolve(&mut self, pod: &ManagedPod) -> Result<Arc<Netns>, PodError> {
+        if let Some(c) = self.cni.get(&pod.uid) {
+            return Ok(c.netns.clone());
+        }
+        if self.cni_gone.contains(&pod.uid) {
+            return Err(PodError::Deleted);
+        }
         if self.scan.is_none() {
             // Scan at once for a new config (a pod just appeared), otherwise
             // at most every SCAN_INTERVAL while some pod is unresolved.
@@ -499,9 +530,11 @@ impl PodManager {
         }
         // Every namespace holding any of its addresses: one address in
         // another namespace is as ambiguous as two holding the same one.
+        // A namespace the runtime handed over for another pod is that pod's.
+        let others = self.cni_cookies_except(&pod.uid);
         let mut found: Vec<Arc<Netns>> = Vec::new();
         for ns in pod.ips.iter().filter_map(|ip| scan.by_ip.get(ip)).flatten() {
-            if !found.iter().any(|f| f.cookie() == ns.cookie()) {
+            if !others.contains(&ns.cookie()) && !found.iter().any(|f| f.cookie() == ns.cookie()) {
                 found.push(ns.clone());
             }
         }
@@ -516,6 +549,14 @@ impl PodManager {
             }
         }
         Err(PodError::NoNamespace(pod.ips.clone()))
+    }
+}
+
+/// The next CNI request, or never when the hand-off is off.
+async fn next_cni(rx: &mut Option<tokio::sync::mpsc::Receiver<CniRequest>>) -> Option<CniRequest> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

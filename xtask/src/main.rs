@@ -5,6 +5,8 @@
 //!   shown live, then teardown.
 //! * `bench` — the mesh against no mesh (the testbed's `nodeward-bench`).
 //! * `test` — formatting, clippy, unit and integration tests.
+//! * `load` — build and run the agent on this host against a config
+//!   directory, attached to the host's cgroup root, for development.
 //!
 //! xtask depends on nothing in the workspace: on a fresh machine it must
 //! build before `bpf-linker` exists, so the demo and the bench live in the
@@ -47,6 +49,20 @@ enum Cmd {
         #[arg(long)]
         only: Option<String>,
     },
+    /// Build and run the agent on this host, in the host's network namespace
+    /// and attached to its cgroup root, against a config directory; Ctrl-C
+    /// drains and stops it (capture stays pinned: `nodeward cleanup` removes it).
+    Load {
+        /// Kubernetes YAML the agent reads.
+        #[arg(long, default_value = "deploy/sample-config")]
+        config_dir: PathBuf,
+        /// Node name the pods in the config are placed on [default: the host name].
+        #[arg(long)]
+        node_name: Option<String>,
+        /// Further `nodeward run` flags (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Run every check and test: fmt, clippy, unit and integration tests.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -73,6 +89,15 @@ fn main() -> Result<()> {
             require_root("the benchmark creates network namespaces and loads eBPF")?;
             prereqs::ensure()?;
             bench(quick, rounds, only.as_deref())
+        }
+        Cmd::Load {
+            config_dir,
+            node_name,
+            args,
+        } => {
+            require_root("the agent loads eBPF and attaches it to the host's cgroup root")?;
+            prereqs::ensure()?;
+            load(&config_dir, node_name, &args)
         }
         Cmd::Test { args } => {
             prereqs::ensure()?;
@@ -155,6 +180,48 @@ fn bench(quick: bool, rounds: usize, only: Option<&str>) -> Result<()> {
         cmd.arg(format!("--only={only}"));
     }
     run(cmd.env("NODEWARD_BIN", bin))
+}
+
+/// `cargo xtask load`: the agent in the foreground on this host. Ctrl-C
+/// reaches the agent too (same process group), which drains on SIGINT as
+/// on SIGTERM; xtask waits for it to finish rather than dying first.
+fn load(config_dir: &Path, node_name: Option<String>, extra: &[String]) -> Result<()> {
+    let bin = build()?;
+    let config_dir = root().join(config_dir);
+    let node = match node_name {
+        Some(n) => n,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("reading the host name (or pass --node-name)")?
+            .trim()
+            .to_string(),
+    };
+    println!(
+        "running {} for node {node} against {} (Ctrl-C drains and stops it)",
+        bin.display(),
+        config_dir.display()
+    );
+    let mut child = Command::new(&bin)
+        .args(["run", "--node-name", &node, "--config-dir"])
+        .arg(&config_dir)
+        .args(extra)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    ignore_interrupts();
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("nodeward run exited with {status}");
+    }
+    Ok(())
+}
+
+/// Lets Ctrl-C stop only the agent (spawned before, so it keeps the
+/// default disposition): this process waits for its drain.
+fn ignore_interrupts() {
+    // SAFETY: SIG_IGN installs no handler code; nothing else in xtask
+    // relies on SIGINT.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+    }
 }
 
 fn test(extra: &[String]) -> Result<()> {

@@ -7,7 +7,9 @@ use anyhow::{Context, Result, bail};
 
 /// Debian packages: LLVM 22 for bpf-linker, iproute2 for namespaces,
 /// bpftool to observe attachments, tcpdump and iperf3 for later tests,
-/// iptables for the NodePort-style DNAT/MASQUERADE of the exemption tests.
+/// iptables for the NodePort-style DNAT/MASQUERADE of the exemption tests,
+/// the reference CNI plugins (bridge, host-local, loopback) the CNI
+/// hand-off tests chain `nodeward-cni` with.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -19,12 +21,14 @@ const APT_PACKAGES: &[&str] = &[
     "iperf3",
     "iptables",
     "util-linux",
+    "containernetworking-plugins",
 ];
 
 /// Installs whatever is missing.
 pub fn ensure() -> Result<()> {
     nightly_rust_src()?;
     apt()?;
+    kubectl()?;
     bpf_linker()?;
     components()?;
     Ok(())
@@ -84,6 +88,20 @@ fn apt() -> Result<()> {
         Command::new("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+/// `kubectl` for rendering and dry-running `deploy/` (Debian's
+/// `kubernetes-client`), unless one is already on the PATH.
+fn kubectl() -> Result<()> {
+    if ok(Command::new("kubectl").args(["version", "--client"])) {
+        return Ok(());
+    }
+    println!("installing kubernetes-client (kubectl, for the deploy/ checks)");
+    must(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends", "kubernetes-client"])
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
 }

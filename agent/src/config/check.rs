@@ -51,6 +51,8 @@ pub struct Config {
     pub limits: LimitConfig,
     /// Admin (readiness, stats) address.
     pub admin_addr: SocketAddr,
+    /// Where the CNI plugin hands new pods over, if anywhere.
+    pub cni_socket: Option<PathBuf>,
     /// How long SIGTERM waits for open connections.
     pub drain_timeout: Duration,
     /// Log line format.
@@ -255,6 +257,13 @@ impl Config {
         if let Some(cg) = &a.cgroup2 {
             c.dir("cgroup2", cg);
         }
+        if let Some(path) = a.cni_socket.as_ref().filter(|p| !p.is_absolute()) {
+            c.0.push(Problem::Path {
+                flag: "cni-socket",
+                path: path.clone(),
+                problem: "must be absolute (the plugin's agentSocket names the same file)".into(),
+            });
+        }
         if a.socket_mark == 0 {
             c.range("socket-mark", 0, 1, u32::MAX.into());
         }
@@ -450,6 +459,7 @@ impl Config {
             tunnel_connections,
             worker_threads,
             admin_addr: a.admin_addr,
+            cni_socket: a.cni_socket,
             drain_timeout: drain,
             log_format: a.log_format,
         })
@@ -576,6 +586,7 @@ mod tests {
             (&["--config-dir", &file], "config-dir"),
             (&["--cgroup2", &missing], "cgroup2"),
             (&["--socket-mark", "0"], "socket-mark"),
+            (&["--cni-socket", "cni.sock"], "cni-socket"),
             (&["--idle-timeout", "0s"], "idle-timeout"),
             (&["--connect-timeout", "0ms"], "connect-timeout"),
             (&["--config-poll", "0"], "config-poll"),

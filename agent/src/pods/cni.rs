@@ -1,0 +1,324 @@
+//! The pod manager's side of the CNI hand-off: a pod the runtime names is
+//! captured in the namespace the runtime gave (opened once, kept open),
+//! before the runtime starts it; one the config does not know yet is held
+//! closed until it does; DEL releases it.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use nodeward_common::{POD_HAS_IPV4, POD_HAS_IPV6, PodInfo};
+
+use super::PodManager;
+use crate::cni::protocol::{Command, Reply, Request};
+use crate::cni::server::CniRequest;
+use crate::netns::{self, Netns};
+use crate::proxy::ip_words;
+use crate::state::Snapshot;
+use crate::state::workload::{Enrolment, ManagedPod, enrolment};
+
+/// A pod whose namespace the runtime handed over.
+#[derive(Debug)]
+pub(super) struct CniPod {
+    /// `namespace/name`.
+    key: String,
+    /// The sandbox the namespace belongs to: a DEL of another sandbox of
+    /// the same pod (an older one) leaves this one alone.
+    container_id: String,
+    /// The namespace, opened once from the runtime's path.
+    pub(super) netns: Arc<Netns>,
+    /// Addresses from the previous plugin's result.
+    ips: Vec<IpAddr>,
+    /// Steering and `PODS` are attached without listeners: the config has
+    /// not said yet that the pod is captured or outside the mesh.
+    held: bool,
+}
+
+/// What the config says about a pod the runtime named.
+enum Known {
+    /// Captured: the config lists it, enrolled, with addresses.
+    Managed(ManagedPod),
+    /// The config lists it outside the mesh.
+    Outside,
+    /// Not in the config yet, or enrolled without addresses yet.
+    Unknown,
+}
+
+impl PodManager {
+    /// Receives the CNI server's requests (without it, pods are only found
+    /// by scanning for their IPs).
+    pub fn with_cni(mut self, requests: tokio::sync::mpsc::Receiver<CniRequest>) -> Self {
+        self.cni_rx = Some(requests);
+        self
+    }
+
+    /// Acts on one request and answers it.
+    pub(super) async fn handle_cni(&mut self, req: CniRequest) {
+        let CniRequest { request, reply } = req;
+        let answer = match request.command {
+            Command::Add => self.cni_add(&request).await,
+            Command::Del => self.cni_del(&request),
+            Command::Check => self.cni_check(&request),
+        };
+        let level_info = !matches!(answer, Reply::Refused { .. });
+        if level_info {
+            tracing::info!(pod = %request.key(), command = ?request.command, container = %request.container_id, answer = ?answer, "CNI request");
+        } else {
+            tracing::warn!(pod = %request.key(), command = ?request.command, container = %request.container_id, answer = ?answer, "CNI request refused");
+        }
+        let _ = reply.send(answer);
+    }
+
+    /// The pod's uid: the runtime's, else the config's for its name.
+    fn cni_uid(&self, request: &Request, snap: &Snapshot) -> Option<String> {
+        if !request.pod_uid.is_empty() {
+            return Some(request.pod_uid.clone());
+        }
+        snap.pods.get(&request.key()).map(|p| p.uid.clone())
+    }
+
+    fn known(&self, uid: &str, snap: &Snapshot) -> Known {
+        let (desired, _) = snap.managed_pods(&self.node);
+        if let Some(p) = desired.get(uid) {
+            return Known::Managed(p.clone());
+        }
+        match snap.pods.values().find(|p| p.uid == uid) {
+            Some(p) => match enrolment(p, snap.namespaces.get(&p.namespace)) {
+                Enrolment::NotEnrolled | Enrolment::OptedOut | Enrolment::HostNetwork => Known::Outside,
+                _ if p.node_name != self.node => Known::Outside,
+                _ => Known::Unknown,
+            },
+            None => Known::Unknown,
+        }
+    }
+
+    async fn cni_add(&mut self, request: &Request) -> Reply {
+        let snap = self.store.current();
+        let Some(uid) = self.cni_uid(request, &snap) else {
+            return refused("no K8S_POD_UID and the config does not know the pod yet (the runtime retries)");
+        };
+        let ns = match Netns::open(&request.netns) {
+            Ok(ns) => Arc::new(ns),
+            Err(e) => return refused(&e.to_string()),
+        };
+        if netns::home_id().is_ok_and(|home| home == ns.id()) {
+            return refused("the namespace is the node's own");
+        }
+        // A new sandbox of the same pod replaces the old one.
+        if let Some(old) = self.cni.get(&uid)
+            && old.netns.cookie() != ns.cookie()
+        {
+            self.cni_release(&uid);
+        }
+        self.cni_gone.remove(&uid);
+        let cookie = ns.cookie();
+        self.cni.insert(
+            uid.clone(),
+            CniPod {
+                key: request.key(),
+                container_id: request.container_id.clone(),
+                netns: ns,
+                ips: request.ips.clone(),
+                held: self.cni.get(&uid).is_some_and(|c| c.held),
+            },
+        );
+        match self.known(&uid, &snap) {
+            Known::Outside => {
+                self.unhold(&uid);
+                Reply::NotManaged
+            }
+            Known::Unknown => match self.hold(&uid) {
+                Ok(()) => Reply::Held,
+                Err(e) => refused(&e),
+            },
+            Known::Managed(want) => {
+                if let Some(a) = self.active.get(&uid) {
+                    if a.ctx.netns.cookie() == cookie {
+                        return Reply::Captured;
+                    }
+                    // Found by a scan in some other namespace holding its IP.
+                    if let Some(a) = self.active.remove(&uid) {
+                        self.stop_pod(&a);
+                    }
+                }
+                match self.start_pod(&want).await {
+                    Ok(a) => {
+                        self.active.insert(uid.clone(), a);
+                        self.quarantine(&want, &[], Some(cookie));
+                        if let Some(c) = self.cni.get_mut(&uid) {
+                            c.held = false;
+                        }
+                        Reply::Captured
+                    }
+                    Err(e) => refused(&e.to_string()),
+                }
+            }
+        }
+    }
+
+    fn cni_del(&mut self, request: &Request) -> Reply {
+        let snap = self.store.current();
+        let uid = self.cni_uid(request, &snap).or_else(|| {
+            self.cni
+                .iter()
+                .find(|(_, c)| c.key == request.key())
+                .map(|(u, _)| u.clone())
+        });
+        let Some(uid) = uid else {
+            return Reply::Released;
+        };
+        if self
+            .cni
+            .get(&uid)
+            .is_some_and(|c| c.container_id != request.container_id)
+        {
+            // The DEL of an older sandbox: the current one stays.
+            return Reply::Released;
+        }
+        self.cni_release(&uid);
+        // Its namespace is going: never look for it by IP again, or the
+        // scan could find it in the moment before its addresses go.
+        self.cni_gone.insert(uid);
+        Reply::Released
+    }
+
+    fn cni_check(&self, request: &Request) -> Reply {
+        let snap = self.store.current();
+        let Some(uid) = self.cni_uid(request, &snap) else {
+            return refused("the pod is not known");
+        };
+        let Some(c) = self.cni.get(&uid) else {
+            return match self.known(&uid, &snap) {
+                Known::Outside => Reply::NotManaged,
+                _ => refused("the agent holds no namespace for the pod"),
+            };
+        };
+        if c.held {
+            return Reply::Held;
+        }
+        match (self.known(&uid, &snap), self.active.get(&uid)) {
+            (Known::Outside, _) => Reply::NotManaged,
+            (_, Some(a)) if a.ctx.netns.cookie() == c.netns.cookie() => Reply::Captured,
+            _ => refused("the pod is not captured in the namespace its ADD gave"),
+        }
+    }
+
+    /// Undoes everything held for `uid`: its capture, its hold, its quarantine.
+    fn cni_release(&mut self, uid: &str) {
+        if let Some(a) = self.active.remove(uid) {
+            self.stop_pod(&a);
+        }
+        self.unhold(uid);
+        if let Some(q) = self.quarantined.remove(uid) {
+            self.release(uid, q, None);
+        }
+        self.cni.remove(uid);
+    }
+
+    /// Attaches steering and a `PODS` entry without listeners to the pod's
+    /// namespace, recording its uid: inbound is dropped, outbound refused.
+    fn hold(&mut self, uid: &str) -> Result<(), String> {
+        let Some(c) = self.cni.get_mut(uid) else {
+            return Err("no namespace".into());
+        };
+        let cookie = c.netns.cookie();
+        self.capture
+            .attach_pod(&c.netns, Some(uid))
+            .map_err(|e| format!("holding the pod closed: {e}"))?;
+        self.capture
+            .maps
+            .pods
+            .insert(&cookie, &addresses_info(&c.ips))
+            .map_err(|e| format!("holding the pod closed: {e}"))?;
+        if !c.held {
+            tracing::info!(pod = %c.key, netns = %c.netns.path().display(), cookie, "pod held closed until its config arrives");
+        }
+        c.held = true;
+        Ok(())
+    }
+
+    /// Ends a hold (not a capture that replaced it).
+    fn unhold(&mut self, uid: &str) {
+        let Some(c) = self.cni.get_mut(uid) else { return };
+        if !c.held {
+            return;
+        }
+        c.held = false;
+        let cookie = c.netns.cookie();
+        if self.active.get(uid).is_some_and(|a| a.ctx.netns.cookie() == cookie) {
+            return;
+        }
+        let _ = self.capture.maps.pods.remove(&cookie);
+        if let Err(e) = self.capture.detach_pod(cookie) {
+            tracing::error!(pod = %c.key, cookie, "releasing a held pod: {e}");
+        }
+        tracing::info!(pod = %c.key, cookie, "hold released: the config puts the pod outside the mesh");
+    }
+
+    /// After each reconcile: a held pod that got captured is no longer
+    /// held; one the config now puts outside the mesh is released; uids
+    /// the config no longer lists are forgotten by the DEL memory.
+    pub(super) fn reconcile_cni(&mut self, snap: &Snapshot, desired: &HashMap<String, ManagedPod>) {
+        let uids: Vec<String> = self
+            .cni
+            .iter()
+            .filter(|(_, c)| c.held)
+            .map(|(u, _)| u.clone())
+            .collect();
+        for uid in uids {
+            if let Some(a) = self.active.get(&uid) {
+                let cookie = a.ctx.netns.cookie();
+                if let Some(c) = self.cni.get_mut(&uid)
+                    && c.netns.cookie() == cookie
+                {
+                    c.held = false;
+                }
+                continue;
+            }
+            if !desired.contains_key(&uid) && matches!(self.known(&uid, snap), Known::Outside) {
+                self.unhold(&uid);
+            }
+        }
+        let listed: std::collections::HashSet<&str> = snap.pods.values().map(|p| p.uid.as_str()).collect();
+        self.cni_gone.retain(|u| listed.contains(u.as_str()));
+    }
+
+    /// Namespaces the runtime gave for pods other than `uid`: a scan for
+    /// `uid`'s addresses must not pick them.
+    pub(super) fn cni_cookies_except(&self, uid: &str) -> Vec<u64> {
+        self.cni
+            .iter()
+            .filter(|(u, _)| u.as_str() != uid)
+            .map(|(_, c)| c.netns.cookie())
+            .collect()
+    }
+
+    /// Namespaces held closed: not stale, whatever a purge finds.
+    pub(super) fn held_cookies(&self) -> impl Iterator<Item = u64> + '_ {
+        self.cni.values().filter(|c| c.held).map(|c| c.netns.cookie())
+    }
+}
+
+fn refused(message: &str) -> Reply {
+    Reply::Refused {
+        message: message.to_string(),
+    }
+}
+
+/// A `PODS` entry with just addresses, no exclusions.
+fn addresses_info(ips: &[IpAddr]) -> PodInfo {
+    let mut info = PodInfo::default();
+    for ip in ips {
+        match ip {
+            IpAddr::V4(_) => {
+                info.ipv4 = ip_words(*ip)[3];
+                info.flags |= POD_HAS_IPV4;
+            }
+            IpAddr::V6(_) => {
+                info.ipv6 = ip_words(*ip);
+                info.flags |= POD_HAS_IPV6;
+            }
+        }
+    }
+    info
+}

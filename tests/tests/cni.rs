@@ -1,0 +1,220 @@
+//! New pods handed over by the container runtime: the real reference
+//! plugins chained with `nodeward-cni`, exec'd as a runtime does. A pod is
+//! closed before ADD returns and captured in the namespace the runtime
+//! gave, a pod outside the mesh passes untouched, ADD fails while the
+//! agent is down, and DEL releases the pod.
+
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nodeward_testbed::cni::{CniNetwork, CniPod, PLUGIN_DIR, plugin_bin};
+use nodeward_testbed::traffic::{self, info_echo, read_greeting, round_trip, serve};
+use nodeward_testbed::{PodSpec, Topology, TopologySpec, privileged_or_skip, shared};
+
+const WAIT: Duration = Duration::from_secs(10);
+const QUICK: Duration = Duration::from_secs(2);
+
+/// One node with pod `d` (namespace `plain`, outside the mesh) as a client,
+/// its agent listening for the plugin; and that node's CNI network.
+fn cni_node(test: &str) -> Option<(Topology, CniNetwork, PathBuf)> {
+    if !privileged_or_skip(test) {
+        return None;
+    }
+    assert!(
+        Path::new(PLUGIN_DIR).join("bridge").exists(),
+        "{PLUGIN_DIR}/bridge missing: install containernetworking-plugins (cargo xtask installs it)"
+    );
+    assert!(
+        plugin_bin().exists(),
+        "{} missing: cargo build -p nodeward",
+        plugin_bin().display()
+    );
+    let mut t = Topology::build(TopologySpec {
+        nodes: vec![vec![PodSpec::new("d", "plain")]],
+        namespaces: vec![("mesh".into(), true), ("plain".into(), false)],
+    });
+    // Hidden, so the directory source ignores it; removed with the topology.
+    let socket = t.config_dir.join(".cni.sock");
+    t.start_agent(0, &["--cni-socket", socket.to_str().unwrap()]);
+    let agent = t.agent(0);
+    agent
+        .wait_log(WAIT, |l| l["message"] == "CNI hand-off listening")
+        .unwrap_or_else(|| panic!("no CNI socket; log:\n{}", agent.dump()));
+    let net = CniNetwork::bridge(
+        &t.nodes[0].netns,
+        &format!("10.{}.99", t.id),
+        &socket,
+        PathBuf::from(format!("/run/nodeward-testbed/{}.ipam", t.id)),
+    );
+    Some((t, net, socket))
+}
+
+fn pod_yaml(t: &Topology, pod: &CniPod, ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  uid: {}\nspec:\n  nodeName: {}\n  serviceAccountName: default\nstatus:\n  phase: Running\n  podIP: \"{ip}\"\n  podIPs:\n  - ip: \"{ip}\"\n",
+        pod.name, pod.namespace, pod.uid, t.nodes[0].name
+    )
+}
+
+/// The first address of the ADD result.
+fn address(result: &serde_json::Value) -> String {
+    let a = result["ips"][0]["address"].as_str().expect("an address in the result");
+    a.split('/').next().unwrap().to_string()
+}
+
+#[track_caller]
+fn assert_blocked(netns: &str, dst: SocketAddr) {
+    match traffic::connect_timeout(netns, dst, QUICK) {
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                ErrorKind::ConnectionRefused | ErrorKind::TimedOut | ErrorKind::ConnectionReset
+            ),
+            "{dst}: unexpected error {e}"
+        ),
+        Ok(s) => {
+            let r = read_greeting(&s);
+            assert!(r.is_err(), "{dst}: plaintext reached the app: {r:?}");
+        }
+    }
+}
+
+/// The cookie the agent logged capturing `key` in `netns`.
+fn captured_cookie(t: &Topology, key: &str, netns: &str) -> u64 {
+    let agent = t.agent(0);
+    let line = agent
+        .wait_log(QUICK, |l| {
+            l["message"] == "pod captured" && l["pod"] == key && l["netns"] == netns
+        })
+        .unwrap_or_else(|| panic!("{key} not captured in {netns}; log:\n{}", agent.dump()));
+    line["cookie"].as_u64().expect("cookie")
+}
+
+#[test]
+fn a_pod_the_config_does_not_know_yet_is_closed_when_add_returns_then_captured_then_released_by_del() {
+    let _g = shared();
+    let test = "a_pod_the_config_does_not_know_yet_is_closed_when_add_returns_then_captured_then_released_by_del";
+    let Some((t, net, _socket)) = cni_node(test) else {
+        return;
+    };
+    let d = t.pod("d").clone();
+    let p = CniPod::new(t.id, "p", "mesh");
+
+    let result = net.add(&p).unwrap_or_else(|e| panic!("ADD failed: {e:?}"));
+    let ip = address(&result);
+    let dst: SocketAddr = format!("{ip}:7000").parse().unwrap();
+    let _server = serve(&p.netns, dst, info_echo);
+    // The config has not caught up with the runtime: the pod is held closed.
+    assert_blocked(&d.netns, dst);
+    let pinned = t.pin_dir(0).join("pods");
+    assert_eq!(
+        std::fs::read_dir(&pinned).map(|r| r.count()).unwrap_or(0),
+        1,
+        "one held namespace"
+    );
+
+    // Its config arrives: captured in the namespace the runtime gave, and
+    // plaintext from outside the mesh (PERMISSIVE) goes through the agent.
+    t.apply("cni-pod", &pod_yaml(&t, &p, &ip));
+    let key = format!("mesh/{}", p.name);
+    let agent = t.agent(0);
+    agent
+        .wait_log(WAIT, |l| l["message"] == "pod captured" && l["pod"] == key.as_str())
+        .unwrap_or_else(|| panic!("not captured; log:\n{}", agent.dump()));
+    let cookie = captured_cookie(&t, &key, &p.netns_path());
+    round_trip(&d.netns, dst, b"hello").expect("captured pod reachable through the agent");
+    assert!(
+        agent.wait_connection("inbound", &dst.to_string(), WAIT).is_some(),
+        "the agent did not proxy the connection; log:\n{}",
+        agent.dump()
+    );
+
+    // DEL (nodeward-cni first, then bridge) releases it at once, though the
+    // config still lists the pod.
+    net.del(&p, Some(&result))
+        .unwrap_or_else(|e| panic!("DEL failed: {e:?}"));
+    assert!(
+        !pinned.join(cookie.to_string()).exists(),
+        "pins of the deleted pod remain; log:\n{}",
+        agent.dump()
+    );
+    assert!(
+        agent
+            .wait_log(QUICK, |l| l["message"] == "pod released" && l["pod"] == key.as_str())
+            .is_some()
+    );
+    // And the scan does not take it back while the config lags.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!pinned.join(cookie.to_string()).exists(), "re-captured after DEL");
+}
+
+#[test]
+fn an_enrolled_pod_is_captured_before_add_returns_one_outside_passes_and_add_fails_while_the_agent_is_down() {
+    let _g = shared();
+    let test =
+        "an_enrolled_pod_is_captured_before_add_returns_one_outside_passes_and_add_fails_while_the_agent_is_down";
+    let Some((mut t, net, _socket)) = cni_node(test) else {
+        return;
+    };
+    let d = t.pod("d").clone();
+    let q = CniPod::new(t.id, "q", "mesh");
+    // The config knows the pod (with the address host-local will give) first.
+    let ip = format!("10.{}.99.10", t.id);
+    t.apply("cni-pod", &pod_yaml(&t, &q, &ip));
+    std::thread::sleep(Duration::from_millis(500));
+
+    let result = net.add(&q).unwrap_or_else(|e| panic!("ADD failed: {e:?}"));
+    assert_eq!(address(&result), ip);
+    // Captured by the time ADD returned: no waiting.
+    let key = format!("mesh/{}", q.name);
+    let cookie = captured_cookie(&t, &key, &q.netns_path());
+    assert!(t.pin_dir(0).join("pods").join(cookie.to_string()).exists());
+    let dst: SocketAddr = format!("{ip}:7000").parse().unwrap();
+    let _server = serve(&q.netns, dst, info_echo);
+    round_trip(&d.netns, dst, b"hello").expect("captured pod reachable through the agent");
+
+    // A pod outside the mesh passes at once, untouched.
+    let o = CniPod::new(t.id, "o", "plain");
+    t.apply("cni-plain", &pod_yaml(&t, &o, &format!("10.{}.99.11", t.id)));
+    std::thread::sleep(Duration::from_millis(500));
+    let pins = || {
+        std::fs::read_dir(t.pin_dir(0).join("pods"))
+            .map(|r| r.count())
+            .unwrap_or(0)
+    };
+    let before = pins();
+    let plain = net.add(&o).unwrap_or_else(|e| panic!("ADD failed: {e:?}"));
+    assert_eq!(pins(), before, "a pod outside the mesh got steering");
+    let odst: SocketAddr = format!("{}:7000", address(&plain)).parse().unwrap();
+    let _oserver = serve(&o.netns, odst, info_echo);
+    round_trip(&d.netns, odst, b"plain").expect("pod outside the mesh reachable directly");
+    assert!(
+        t.agent(0)
+            .wait_connection("inbound", &odst.to_string(), QUICK)
+            .is_none(),
+        "the agent proxied a pod outside the mesh"
+    );
+    net.del(&o, Some(&plain))
+        .unwrap_or_else(|e| panic!("DEL failed: {e:?}"));
+
+    // The agent down: ADD of the next pod fails (the runtime retries), with
+    // the spec's "try again later".
+    t.agent_mut(0).kill();
+    let r = CniPod::new(t.id, "r", "mesh");
+    let err = net.add(&r).expect_err("ADD must fail while the agent is down");
+    assert_eq!(err.plugin, "nodeward-cni");
+    assert_eq!(err.error["code"], 11, "{err:?}");
+    assert!(
+        err.error["msg"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("must not start uncaptured"),
+        "{err:?}"
+    );
+    // The runtime then tears the sandbox down; DEL succeeds without the agent.
+    net.del(&r, None).unwrap_or_else(|e| panic!("DEL failed: {e:?}"));
+    net.del(&q, Some(&result))
+        .unwrap_or_else(|e| panic!("DEL failed: {e:?}"));
+}
