@@ -200,7 +200,8 @@ impl Ztunnel {
 
     /// Sends the pod's outbound TCP to `dst` (an address or CIDR) into
     /// ztunnel's 15001, skipping ztunnel's own marked sockets: the in-pod
-    /// rule Istio ambient installs. Removed when this is dropped.
+    /// rule Istio ambient installs (`ip6tables` for an IPv6 `dst`).
+    /// Removed when this is dropped.
     pub fn redirect_outbound(&mut self, dst: &str) {
         let rule: Vec<String> = [
             "OUTPUT",
@@ -301,7 +302,8 @@ fn ready() -> bool {
 }
 
 fn iptables(netns: &str, op: &str, rule: &[String]) {
-    let mut args = vec!["iptables", "-w", "-t", "nat", op];
+    let v6 = rule.iter().any(|a| a.contains(':'));
+    let mut args = vec![if v6 { "ip6tables" } else { "iptables" }, "-w", "-t", "nat", op];
     args.extend(rule.iter().map(String::as_str));
     let out = nsenter(netns, &args).output();
     match out {

@@ -50,7 +50,13 @@ fn nodeward_and_ztunnel_carry_traffic_both_ways_and_each_logs_the_others_identit
     let (a, c) = (t.pod("a").clone(), t.pod("c").clone());
     let mut z = Ztunnel::start(&bin, &t, &c, &ztunnel::workloads_yaml(&t, &["a", "c"]));
     z.redirect_outbound(&format!("{}/32", a.ip4));
-    let _servers = [serve(&c.netns, c.v4(8080), info_echo), serve(&a.netns, a.v4(8080), info_echo)];
+    z.redirect_outbound(&format!("{}/128", a.ip6));
+    let _servers = [
+        serve(&c.netns, c.v4(8080), info_echo),
+        serve(&a.netns, a.v4(8080), info_echo),
+        serve(&c.netns, c.v6(8086), info_echo),
+        serve(&a.netns, a.v6(8086), info_echo),
+    ];
     let id_a = "spiffe://cluster.local/ns/mesh/sa/a";
     let id_c = "spiffe://cluster.local/ns/mesh/sa/c";
     let agent = t.agent(0);
@@ -109,4 +115,22 @@ fn nodeward_and_ztunnel_carry_traffic_both_ways_and_each_logs_the_others_identit
         zl.contains(&format!("dst.identity=\"{id_a}\"")),
         "ztunnel verified Nodeward's server identity for a: {zl}"
     );
+
+    // The same over IPv6 (`:authority` = `[ip]:port`), both ways.
+    for (from, to, dst) in [(&a, &c, c.v6(8086)), (&c, &a, a.v6(8086))] {
+        let msg = payload(3, 4096);
+        let (seen, _, _) = round_trip(&from.netns, dst, &msg)
+            .unwrap_or_else(|e| panic!("{}", fail(&format!("{} -> {} over IPv6: {e}", from.name, to.name))));
+        assert_eq!(seen.local, dst, "{} was reached on the address dialled", to.name);
+    }
+    let l = agent
+        .wait_connection("outbound", &c.v6(8086).to_string(), WAIT)
+        .unwrap_or_else(|| panic!("{}", fail("no Nodeward outbound log line for a -> c over IPv6")));
+    assert_eq!(l["peer_identity"], id_c, "{l}");
+    let l = agent
+        .wait_connection("inbound_tunnel", &a.v6(8086).to_string(), WAIT)
+        .unwrap_or_else(|| panic!("{}", fail("no Nodeward inbound tunnel log line for c -> a over IPv6")));
+    assert_eq!(l["peer_identity"], id_c, "{l}");
+    assert!(z.wait_access("inbound", c.v6(8086), WAIT).is_some(), "{}", fail("ztunnel: no IPv6 inbound"));
+    assert!(z.wait_access("outbound", a.v6(8086), WAIT).is_some(), "{}", fail("ztunnel: no IPv6 outbound"));
 }
