@@ -29,9 +29,7 @@ pub fn binary() -> PathBuf {
     }
     // tests/ -> workspace root -> its parent, where `shared/` sits.
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(Path::new("/"));
-    root.parent()
-        .unwrap_or(root)
-        .join("shared/peers/ztunnel/ztunnel")
+    root.parent().unwrap_or(root).join("shared/peers/ztunnel/ztunnel")
 }
 
 /// The binary when it exists; otherwise prints `SKIPPED <test>: ...` and
@@ -58,9 +56,8 @@ pub fn test_ca_dir(bin: &Path) -> PathBuf {
 /// each other's workload certificates.
 pub fn share_test_ca(bin: &Path, ca_dir: &Path) {
     let src = test_ca_dir(bin);
-    let read = |f: &str| {
-        std::fs::read_to_string(src.join(f)).unwrap_or_else(|e| panic!("{}: {e}", src.join(f).display()))
-    };
+    let read =
+        |f: &str| std::fs::read_to_string(src.join(f)).unwrap_or_else(|e| panic!("{}: {e}", src.join(f).display()));
     let (key, root) = (read("ca-key.pem"), read("root-cert.pem"));
     assert!(
         key.contains("-----BEGIN PRIVATE KEY-----"),
@@ -83,7 +80,12 @@ pub fn share_test_ca(bin: &Path, ca_dir: &Path) {
 /// each an HBONE workload in trust domain `cluster.local`.
 pub fn workloads_yaml(t: &Topology, names: &[&str]) -> String {
     let mut y = String::from("workloads:\n");
-    for p in t.workloads.pods.iter().filter(|p| names.contains(&p.spec.name.as_str())) {
+    for p in t
+        .workloads
+        .pods
+        .iter()
+        .filter(|p| names.contains(&p.spec.name.as_str()))
+    {
         let ips: Vec<String> = p.ips.iter().map(|ip| format!("\"{ip}\"")).collect();
         y.push_str(&format!(
             "- {{uid: \"{uid}\", name: {name}, namespace: {ns}, serviceAccount: {sa}, workloadIps: [{ips}], protocol: HBONE, node: {node}, network: \"\", trustDomain: cluster.local, services: {{}}}}\n",
@@ -124,8 +126,7 @@ impl Ztunnel {
             .unwrap_or_else(|| panic!("no pod {} in the topology", pod.name))
             .spec;
         let workloads = PathBuf::from(format!("/run/nodeward-testbed/{}.ztunnel-{}.yaml", t.id, pod.name));
-        std::fs::write(&workloads, workloads_yaml)
-            .unwrap_or_else(|e| panic!("write {}: {e}", workloads.display()));
+        std::fs::write(&workloads, workloads_yaml).unwrap_or_else(|e| panic!("write {}: {e}", workloads.display()));
         let mut cmd = nsenter(&pod.netns, &[bin.to_str().expect("utf-8 path")]);
         cmd.env("LOCAL_XDS_PATH", &workloads)
             .env("FAKE_CA", "true")
@@ -142,9 +143,7 @@ impl Ztunnel {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
         let log: Arc<(Mutex<Vec<String>>, Condvar)> = Arc::default();
         let echo = std::env::var("NODEWARD_TEST_ECHO").is_ok();
         let out: Vec<Box<dyn Read + Send>> = vec![
@@ -293,7 +292,9 @@ fn ready() -> bool {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-    if s.write_all(b"GET /healthz/ready HTTP/1.0\r\nHost: localhost\r\n\r\n").is_err() {
+    if s.write_all(b"GET /healthz/ready HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .is_err()
+    {
         return false;
     }
     let mut line = String::new();

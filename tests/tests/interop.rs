@@ -77,7 +77,10 @@ fn nodeward_and_ztunnel_carry_traffic_both_ways_and_each_logs_the_others_identit
         .wait_connection("outbound", &c.v4(8080).to_string(), WAIT)
         .unwrap_or_else(|| panic!("{}", fail("no Nodeward outbound log line for a -> c")));
     assert_eq!(l["transport"], "hbone", "a -> c went through the tunnel: {l}");
-    assert_eq!(l["peer_identity"], id_c, "Nodeward verified ztunnel's identity for c: {l}");
+    assert_eq!(
+        l["peer_identity"], id_c,
+        "Nodeward verified ztunnel's identity for c: {l}"
+    );
     assert_eq!(l["reason"], "done", "{l}");
     assert_eq!(l["sent"].as_u64(), Some(msg.len() as u64), "{l}");
     let zl = z
@@ -101,7 +104,10 @@ fn nodeward_and_ztunnel_carry_traffic_both_ways_and_each_logs_the_others_identit
     let l = agent
         .wait_connection("inbound_tunnel", &a.v4(8080).to_string(), WAIT)
         .unwrap_or_else(|| panic!("{}", fail("no Nodeward inbound tunnel log line for c -> a")));
-    assert_eq!(l["peer_identity"], id_c, "Nodeward verified ztunnel's client identity: {l}");
+    assert_eq!(
+        l["peer_identity"], id_c,
+        "Nodeward verified ztunnel's client identity: {l}"
+    );
     assert_eq!(l["reason"], "done", "{l}");
     assert_eq!(l["sent"].as_u64(), Some(msg.len() as u64), "{l}");
     let zl = z
@@ -128,6 +134,14 @@ fn nodeward_and_ztunnel_carry_traffic_both_ways_and_each_logs_the_others_identit
         .wait_connection("inbound_tunnel", &a.v6(8086).to_string(), WAIT)
         .unwrap_or_else(|| panic!("{}", fail("no Nodeward inbound tunnel log line for c -> a over IPv6")));
     assert_eq!(l["peer_identity"], id_c, "{l}");
-    assert!(z.wait_access("inbound", c.v6(8086), WAIT).is_some(), "{}", fail("ztunnel: no IPv6 inbound"));
-    assert!(z.wait_access("outbound", a.v6(8086), WAIT).is_some(), "{}", fail("ztunnel: no IPv6 outbound"));
+    assert!(
+        z.wait_access("inbound", c.v6(8086), WAIT).is_some(),
+        "{}",
+        fail("ztunnel: no IPv6 inbound")
+    );
+    assert!(
+        z.wait_access("outbound", a.v6(8086), WAIT).is_some(),
+        "{}",
+        fail("ztunnel: no IPv6 outbound")
+    );
 }

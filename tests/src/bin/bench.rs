@@ -117,7 +117,12 @@ impl Proxies {
     /// Process ids of the proxies carrying `mode`'s traffic.
     fn pids(&self, t: &Topology, mode: Mode) -> Vec<u32> {
         match mode {
-            Mode::Mesh => t.nodes.iter().filter_map(|n| n.agent.as_ref()).map(|a| a.pid()).collect(),
+            Mode::Mesh => t
+                .nodes
+                .iter()
+                .filter_map(|n| n.agent.as_ref())
+                .map(|a| a.pid())
+                .collect(),
             Mode::Ztunnel => self.ztunnels.iter().map(|z| z.pid()).collect(),
             Mode::Direct | Mode::Floor => Vec::new(),
         }
@@ -551,12 +556,7 @@ fn report(s: &Samples, o: &Options, rounds: usize, ztunnel_absent: Option<&Path>
     let mut rows = Vec::new();
     for k in keys {
         let get = |m: Mode| s.get(&(k, m)).map(|v| median(v));
-        let (d, fl, m, z) = (
-            get(Mode::Direct),
-            get(Mode::Floor),
-            get(Mode::Mesh),
-            get(Mode::Ztunnel),
-        );
+        let (d, fl, m, z) = (get(Mode::Direct), get(Mode::Floor), get(Mode::Mesh), get(Mode::Ztunnel));
         let ratio = |num: Option<f64>, den: Option<f64>| match (num, den) {
             (Some(n), Some(d)) if d > 0.0 => Some(n / d),
             _ => None,
@@ -564,7 +564,11 @@ fn report(s: &Samples, o: &Options, rounds: usize, ztunnel_absent: Option<&Path>
         let (vs_direct, vs_ztunnel) = (ratio(m, d), ratio(m, z));
         let over_floor = fl.zip(m).map(|(fl, m)| m - fl);
         let f = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
-        let zt = if ztunnel_absent.is_some() { "absent".into() } else { f(z) };
+        let zt = if ztunnel_absent.is_some() {
+            "absent".into()
+        } else {
+            f(z)
+        };
         println!(
             "{k:<32} {:>11} {:>11} {:>11} {:>11} {:>11} {:>12} {:>11}",
             f(d),
