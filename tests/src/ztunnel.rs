@@ -51,19 +51,17 @@ pub fn test_ca_dir(bin: &Path) -> PathBuf {
 }
 
 /// Fills `ca_dir` as a Nodeward CA directory rooted in ztunnel's test CA:
-/// `ca-key.pem` = its key (PKCS#8, as Nodeward reads), `ca-cert.pem` =
-/// `root-cert.pem` = `cert-chain.pem` = its root. Both sides then verify
-/// each other's workload certificates.
+/// `ca-key.pem` = its key (converted to PKCS#8 if it is not: Nodeward
+/// reads only PKCS#8), `ca-cert.pem` = `root-cert.pem` = `cert-chain.pem` =
+/// its root. Both sides then verify each other's workload certificates.
 pub fn share_test_ca(bin: &Path, ca_dir: &Path) {
     let src = test_ca_dir(bin);
     let read =
         |f: &str| std::fs::read_to_string(src.join(f)).unwrap_or_else(|e| panic!("{}: {e}", src.join(f).display()));
-    let (key, root) = (read("ca-key.pem"), read("root-cert.pem"));
-    assert!(
-        key.contains("-----BEGIN PRIVATE KEY-----"),
-        "{}: not a PKCS#8 key; convert with `openssl pkcs8 -topk8 -nocrypt`",
-        src.join("ca-key.pem").display()
-    );
+    let (mut key, root) = (read("ca-key.pem"), read("root-cert.pem"));
+    if !key.contains("-----BEGIN PRIVATE KEY-----") {
+        key = to_pkcs8(&src.join("ca-key.pem"));
+    }
     if let Ok(rd) = std::fs::read_dir(ca_dir) {
         for e in rd.flatten() {
             let _ = std::fs::remove_file(e.path());
@@ -74,6 +72,28 @@ pub fn share_test_ca(bin: &Path, ca_dir: &Path) {
     for f in ["ca-cert.pem", "root-cert.pem", "cert-chain.pem"] {
         std::fs::write(ca_dir.join(f), &root).unwrap_or_else(|e| panic!("write {f}: {e}"));
     }
+}
+
+/// A PKCS#1 / SEC1 key file converted to PKCS#8 (what Nodeward reads) with
+/// `openssl pkcs8 -topk8 -nocrypt`.
+fn to_pkcs8(key: &Path) -> String {
+    let out = std::process::Command::new("openssl")
+        .args(["pkcs8", "-topk8", "-nocrypt", "-in"])
+        .arg(key)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: not PKCS#8, and openssl cannot run to convert it: {e}",
+                key.display()
+            )
+        });
+    assert!(
+        out.status.success(),
+        "{}: not PKCS#8, and `openssl pkcs8 -topk8 -nocrypt` failed: {}",
+        key.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// ztunnel's local workload file for the topology's pods named `names`,
