@@ -56,6 +56,7 @@ impl PodService {
             } else {
                 tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(threads)
+                    .thread_name(RELAY_THREAD)
                     .enable_all()
                     .build()
                     .expect("runtime")
@@ -106,6 +107,39 @@ pub fn echo_server(netns: &str, addr: SocketAddr, size: usize) -> PodService {
             }
         }
     })
+}
+
+/// Name of the relays' worker threads (the only multi-threaded services),
+/// by which [`relay_cpu_seconds`] finds them.
+const RELAY_THREAD: &str = "floor-relay";
+
+/// CPU time (user + system) used so far by the running relays' worker
+/// threads in this process, seconds: the floor's proxy CPU.
+pub fn relay_cpu_seconds() -> f64 {
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    let mut ticks = 0.0;
+    for task in tasks.flatten() {
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        let Some((head, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        if !head.ends_with(&format!("({RELAY_THREAD}")) {
+            continue;
+        }
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // utime and stime: fields 14 and 15 of stat, 12 and 13 after the name.
+        ticks += [11, 12]
+            .iter()
+            .filter_map(|&i| f.get(i)?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    ticks / hz
 }
 
 /// A plain userspace TCP relay in a pod, on two threads like the agent:

@@ -128,8 +128,12 @@ impl Proxies {
         }
     }
 
-    /// CPU seconds the proxies of `mode` have used so far.
+    /// CPU seconds the proxies of `mode` have used so far (the floor's
+    /// relays are threads of this process).
     fn cpu(&self, t: &Topology, mode: Mode) -> f64 {
+        if mode == Mode::Floor {
+            return loadgen::relay_cpu_seconds();
+        }
         self.pids(t, mode).into_iter().map(ztunnel::proc_cpu_seconds).sum()
     }
 
@@ -232,7 +236,7 @@ fn round(t: &Topology, mode: Mode, o: &Options, p: &Proxies, s: &mut Samples) ->
         let g1 = iperf(t, dst, 1, secs)?;
         let cpu1 = p.cpu(t, mode);
         put("throughput_1_stream_gbps", g1);
-        if matches!(mode, Mode::Mesh | Mode::Ztunnel) {
+        if mode != Mode::Direct {
             // Both proxies of the path; GB = 10^9 bytes, as iperf3 counts.
             let gb = g1 * secs as f64 / 8.0;
             put("proxy_cpu_s_per_gb", (cpu1 - cpu0) / gb.max(1e-9));
