@@ -241,7 +241,9 @@ impl Ztunnel {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        iptables(&self.netns, "-A", &rule);
+        if let Err(e) = iptables(&self.netns, "-A", &rule) {
+            panic!("{e}");
+        }
         self.redirects.push(rule);
     }
 
@@ -297,7 +299,10 @@ impl Ztunnel {
 impl Drop for Ztunnel {
     fn drop(&mut self) {
         for rule in std::mem::take(&mut self.redirects) {
-            iptables(&self.netns, "-D", &rule);
+            // Never panic in drop (a test may be unwinding already).
+            if let Err(e) = iptables(&self.netns, "-D", &rule) {
+                eprintln!("ztunnel for {}: removing its redirect: {e}", self.pod);
+            }
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -322,15 +327,15 @@ fn ready() -> bool {
     line.split_whitespace().nth(1) == Some("200")
 }
 
-fn iptables(netns: &str, op: &str, rule: &[String]) {
+/// Runs `iptables` (`ip6tables` for IPv6 rules) on the nat table in `netns`.
+fn iptables(netns: &str, op: &str, rule: &[String]) -> Result<(), String> {
     let v6 = rule.iter().any(|a| a.contains(':'));
     let mut args = vec![if v6 { "ip6tables" } else { "iptables" }, "-w", "-t", "nat", op];
     args.extend(rule.iter().map(String::as_str));
-    let out = nsenter(netns, &args).output();
-    match out {
-        Ok(o) if o.status.success() => {}
-        Ok(o) => panic!("{args:?} in {netns}: {}", String::from_utf8_lossy(&o.stderr)),
-        Err(e) => panic!("{args:?} in {netns}: {e}"),
+    match nsenter(netns, &args).output() {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(format!("{args:?} in {netns}: {}", String::from_utf8_lossy(&o.stderr))),
+        Err(e) => Err(format!("{args:?} in {netns}: {e}")),
     }
 }
 

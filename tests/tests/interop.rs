@@ -144,4 +144,15 @@ fn nodeward_and_ztunnel_carry_traffic_both_ways_and_each_logs_the_others_identit
         "{}",
         fail("ztunnel: no IPv6 outbound")
     );
+
+    // Stopping ztunnel removes its redirect: c's traffic to a goes out in
+    // plaintext again (accepted: a's port is PERMISSIVE), not into a dead 15001.
+    drop(z);
+    round_trip(&c.netns, a.v4(8080), b"after ztunnel\n").expect("c -> a after ztunnel stopped");
+    let l = agent
+        .wait_log(WAIT, |l| {
+            l["message"] == "connection closed" && l["direction"] == "inbound" && l["dst"] == a.v4(8080).to_string()
+        })
+        .unwrap_or_else(|| panic!("no plaintext inbound line after ztunnel stopped:\n{}", agent.dump()));
+    assert!(l["peer_identity"].is_null(), "{l}");
 }
