@@ -259,6 +259,11 @@ fn round(t: &Topology, mode: Mode, o: &Options, p: &Proxies, s: &mut Samples) ->
         let pp = loadgen::request_response(&a.netns, dst, 1, 1, None, dur);
         put("pingpong_1_conn_p50_us", pp.p50_us);
         put("pingpong_1_conn_p99_us", pp.p99_us);
+        // 16 connections, 100-byte requests, 1 KiB responses, saturated.
+        let _sized = loadgen::sized_server(&c.netns, c.v4(7072), 100, 1024);
+        let (dst, _relays) = path(t, mode, c.v4(7072));
+        let rr = loadgen::request_response_sized(&a.netns, dst, 16, (100, 1024), None, dur);
+        put("rr_16_conn_100b_1k_rps", rr.rps);
     }
     if o.runs(Group::ConnRate) {
         let busy0 = cpu_busy();
@@ -267,6 +272,10 @@ fn round(t: &Topology, mode: Mode, o: &Options, p: &Proxies, s: &mut Samples) ->
         put("conn_rate_cps", cr.cps);
         put("conn_rate_host_cpu_busy_pct", busy_pct(busy0, busy1));
         put("conn_setup_p99_us", cr.p99_us);
+        // Four loops: connect, one byte each way, close.
+        let cr = loadgen::connection_rate(&a.netns, dst, 4, 1, dur);
+        put("conn_rate_4_loops_1b_cps", cr.cps);
+        put("conn_rate_4_loops_1b_p50_us", cr.p50_us);
     }
     if matches!(mode, Mode::Mesh | Mode::Ztunnel) {
         put("proxy_rss_after_run_mib", p.rss_mib(t, mode));
