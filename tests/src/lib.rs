@@ -17,6 +17,7 @@ pub mod netns;
 pub mod sniff;
 pub mod topology;
 pub mod traffic;
+pub mod ztunnel;
 
 pub use agent::Agent;
 pub use cluster::{PodSpec, Workloads};

@@ -56,6 +56,7 @@ impl PodService {
             } else {
                 tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(threads)
+                    .thread_name(RELAY_THREAD)
                     .enable_all()
                     .build()
                     .expect("runtime")
@@ -103,6 +104,53 @@ pub fn echo_server(netns: &str, addr: SocketAddr, size: usize) -> PodService {
                         break;
                     }
                 }
+            }
+        }
+    })
+}
+
+/// Name of the relays' worker threads (the only multi-threaded services),
+/// by which [`relay_cpu_seconds`] finds them.
+const RELAY_THREAD: &str = "floor-relay";
+
+/// CPU time (user + system) used so far by the running relays' worker
+/// threads in this process, seconds: the floor's proxy CPU.
+pub fn relay_cpu_seconds() -> f64 {
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    let mut ticks = 0.0;
+    for task in tasks.flatten() {
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        let Some((head, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        if !head.ends_with(&format!("({RELAY_THREAD}")) {
+            continue;
+        }
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // utime and stime: fields 14 and 15 of stat, 12 and 13 after the name.
+        ticks += [11, 12]
+            .iter()
+            .filter_map(|&i| f.get(i)?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    ticks / hz
+}
+
+/// A request/response server in a pod: for every `request` bytes read it
+/// answers `response` bytes, until the client closes.
+pub fn sized_server(netns: &str, addr: SocketAddr, request: usize, response: usize) -> PodService {
+    PodService::start(netns, addr, 0, move |mut s| async move {
+        let mut req = vec![0u8; request.max(1)];
+        let resp = vec![9u8; response];
+        while s.read_exact(&mut req).await.is_ok() {
+            if s.write_all(&resp).await.is_err() {
+                break;
             }
         }
     })
@@ -199,6 +247,19 @@ pub fn request_response(
     rate: Option<f64>,
     duration: Duration,
 ) -> RrResult {
+    request_response_sized(netns, dst, conns, (size, size), rate, duration)
+}
+
+/// [`request_response`] with requests of `sizes.0` bytes answered by
+/// `sizes.1` bytes (a [`sized_server`] at `dst`).
+pub fn request_response_sized(
+    netns: &str,
+    dst: SocketAddr,
+    conns: usize,
+    sizes: (usize, usize),
+    rate: Option<f64>,
+    duration: Duration,
+) -> RrResult {
     let workers = 2.min(conns).max(1);
     let interval = rate.map(|r| Duration::from_secs_f64(conns as f64 / r));
     // Connections take evenly spaced phases of the interval, so requests
@@ -213,8 +274,8 @@ pub fn request_response(
                 return (h, 0u64);
             };
             let _ = s.set_nodelay(true);
-            let req = vec![7u8; size];
-            let mut resp = vec![0u8; size];
+            let req = vec![7u8; sizes.0];
+            let mut resp = vec![0u8; sizes.1];
             let phase = next_phase.fetch_add(1, Ordering::Relaxed);
             let mut next = epoch + interval.map_or(Duration::ZERO, |iv| iv * phase / conns as u32);
             let start = Instant::now();
@@ -247,6 +308,8 @@ pub fn request_response(
 pub struct ConnRate {
     /// Completed connections per second.
     pub cps: f64,
+    /// Median of connect + first response, µs.
+    pub p50_us: f64,
     /// 99th percentile of connect + first response, µs.
     pub p99_us: f64,
 }
@@ -277,6 +340,7 @@ pub fn connection_rate(netns: &str, dst: SocketAddr, concurrency: usize, size: u
     });
     ConnRate {
         cps: n as f64 / duration.as_secs_f64(),
+        p50_us: h.value_at_quantile(0.5) as f64,
         p99_us: h.value_at_quantile(0.99) as f64,
     }
 }

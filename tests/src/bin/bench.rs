@@ -4,18 +4,22 @@
 //!
 //! *direct*: agents stopped and their pins removed, pods not enrolled.
 //! *mesh*: agents running, namespace enrolled and STRICT, so pod `a` (node 1)
-//! reaches pod `c` (node 2) over HBONE. Medians per scenario and mode, the
-//! ratio mesh/direct, the machine, and a JSON copy in target/bench/latest.json.
+//! reaches pod `c` (node 2) over HBONE. *ztunnel*, when its binary is
+//! present: as direct, plus one ztunnel per pod (dedicated mode, in-pod
+//! redirect), so the same load crosses Istio's node proxy. Medians per
+//! scenario and mode, the ratios mesh/direct and mesh/ztunnel, the machine,
+//! and a JSON copy in target/bench/latest.json.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use nodeward_testbed::loadgen;
 use nodeward_testbed::netns::nsenter;
+use nodeward_testbed::ztunnel::{self, Ztunnel};
 use nodeward_testbed::{PodSpec, Topology, TopologySpec};
 use serde_json::json;
 
@@ -40,9 +44,9 @@ struct Options {
 /// Scenario groups, selectable with `--only` when working on one of them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum Group {
-    /// Bulk throughput (iperf3) and agent CPU per GiB.
+    /// Bulk throughput (iperf3) and proxy CPU per GB.
     Throughput,
-    /// Request/response latency and saturation.
+    /// Request/response latency, one-connection ping-pong and saturation.
     Latency,
     /// New connections per second.
     ConnRate,
@@ -65,6 +69,8 @@ enum Mode {
     Floor,
     /// Through Nodeward.
     Mesh,
+    /// Through Istio's ztunnel, one per pod (dedicated mode).
+    Ztunnel,
 }
 
 impl Mode {
@@ -73,6 +79,7 @@ impl Mode {
             Mode::Direct => "direct",
             Mode::Floor => "floor",
             Mode::Mesh => "mesh",
+            Mode::Ztunnel => "ztunnel",
         }
     }
 }
@@ -97,7 +104,49 @@ spec:
   mtls: {mode: STRICT}
 ";
 
-fn set_mode(t: &mut Topology, mode: Mode) {
+/// The proxies of the mode being measured: the agents (mesh) or the
+/// ztunnels (ztunnel column), for their CPU time and memory.
+struct Proxies {
+    /// ztunnel's binary, when present.
+    ztunnel_bin: Option<PathBuf>,
+    /// The running ztunnels (ztunnel mode only).
+    ztunnels: Vec<Ztunnel>,
+}
+
+impl Proxies {
+    /// Process ids of the proxies carrying `mode`'s traffic.
+    fn pids(&self, t: &Topology, mode: Mode) -> Vec<u32> {
+        match mode {
+            Mode::Mesh => t
+                .nodes
+                .iter()
+                .filter_map(|n| n.agent.as_ref())
+                .map(|a| a.pid())
+                .collect(),
+            Mode::Ztunnel => self.ztunnels.iter().map(|z| z.pid()).collect(),
+            Mode::Direct | Mode::Floor => Vec::new(),
+        }
+    }
+
+    /// CPU seconds the proxies of `mode` have used so far (the floor's
+    /// relays are threads of this process).
+    fn cpu(&self, t: &Topology, mode: Mode) -> f64 {
+        if mode == Mode::Floor {
+            return loadgen::relay_cpu_seconds();
+        }
+        self.pids(t, mode).into_iter().map(ztunnel::proc_cpu_seconds).sum()
+    }
+
+    /// Resident memory of the proxies of `mode`, summed, MiB.
+    fn rss_mib(&self, t: &Topology, mode: Mode) -> f64 {
+        self.pids(t, mode).into_iter().map(ztunnel::proc_rss_kib).sum::<u64>() as f64 / 1024.0
+    }
+}
+
+/// Switches the topology to `mode`: stops whatever proxies run, removes
+/// the agents' pins and the ztunnels' redirects, then starts `mode`'s.
+fn set_mode(t: &mut Topology, mode: Mode, p: &mut Proxies) -> Result<()> {
+    p.ztunnels.clear();
     for k in 0..t.nodes.len() {
         if let Some(mut a) = t.nodes[k].agent.take() {
             a.kill();
@@ -114,6 +163,16 @@ fn set_mode(t: &mut Topology, mode: Mode) {
             t.wait_captured(k);
         }
     }
+    if mode == Mode::Ztunnel {
+        let bin = p.ztunnel_bin.clone().context("ztunnel mode without a ztunnel binary")?;
+        let workloads = ztunnel::workloads_yaml(t, &["a", "c"]);
+        let (a, c) = (t.pod("a").clone(), t.pod("c").clone());
+        let mut client = Ztunnel::start(&bin, t, &a, &workloads);
+        client.redirect_outbound(&format!("{}/32", c.ip4));
+        p.ztunnels.push(client);
+        p.ztunnels.push(Ztunnel::start(&bin, t, &c, &workloads));
+    }
+    Ok(())
 }
 
 /// iperf3 from pod `a` to pod `c`; returns Gbit/s received.
@@ -165,7 +224,7 @@ fn path(t: &Topology, mode: Mode, dst: SocketAddr) -> (SocketAddr, Vec<loadgen::
     (near, relays)
 }
 
-fn round(t: &Topology, mode: Mode, o: &Options, s: &mut Samples) -> Result<()> {
+fn round(t: &Topology, mode: Mode, o: &Options, p: &Proxies, s: &mut Samples) -> Result<()> {
     let secs = if o.quick { 1 } else { 5 };
     let dur = Duration::from_secs(secs);
     let (a, c) = (t.pod("a").clone(), t.pod("c").clone());
@@ -173,13 +232,14 @@ fn round(t: &Topology, mode: Mode, o: &Options, s: &mut Samples) -> Result<()> {
 
     if o.runs(Group::Throughput) {
         let (dst, _relays) = path(t, mode, c.v4(5201));
-        let cpu0 = agent_cpu(t);
+        let cpu0 = p.cpu(t, mode);
         let g1 = iperf(t, dst, 1, secs)?;
-        let cpu1 = agent_cpu(t);
+        let cpu1 = p.cpu(t, mode);
         put("throughput_1_stream_gbps", g1);
-        if mode == Mode::Mesh {
-            let gib = g1 * secs as f64 / 8.0 / 1.073_741_824;
-            put("agent_cpu_s_per_gib", (cpu1 - cpu0) / gib.max(1e-9));
+        if mode != Mode::Direct {
+            // Both proxies of the path; GB = 10^9 bytes, as iperf3 counts.
+            let gb = g1 * secs as f64 / 8.0;
+            put("proxy_cpu_s_per_gb", (cpu1 - cpu0) / gb.max(1e-9));
         }
         put("throughput_4_streams_gbps", iperf(t, dst, 4, secs)?);
     }
@@ -194,6 +254,16 @@ fn round(t: &Topology, mode: Mode, o: &Options, s: &mut Samples) -> Result<()> {
         let sat = loadgen::request_response(&a.netns, dst, 16, 1024, None, dur);
         put("rr_saturation_rps", sat.rps);
         put("rr_saturation_p99_us", sat.p99_us);
+        // One connection, one byte each way, back to back: the latency of
+        // the path itself, without queueing behind other connections.
+        let pp = loadgen::request_response(&a.netns, dst, 1, 1, None, dur);
+        put("pingpong_1_conn_p50_us", pp.p50_us);
+        put("pingpong_1_conn_p99_us", pp.p99_us);
+        // 16 connections, 100-byte requests, 1 KiB responses, saturated.
+        let _sized = loadgen::sized_server(&c.netns, c.v4(7072), 100, 1024);
+        let (dst, _relays) = path(t, mode, c.v4(7072));
+        let rr = loadgen::request_response_sized(&a.netns, dst, 16, (100, 1024), None, dur);
+        put("rr_16_conn_100b_1k_rps", rr.rps);
     }
     if o.runs(Group::ConnRate) {
         let busy0 = cpu_busy();
@@ -202,6 +272,13 @@ fn round(t: &Topology, mode: Mode, o: &Options, s: &mut Samples) -> Result<()> {
         put("conn_rate_cps", cr.cps);
         put("conn_rate_host_cpu_busy_pct", busy_pct(busy0, busy1));
         put("conn_setup_p99_us", cr.p99_us);
+        // Four loops: connect, one byte each way, close.
+        let cr = loadgen::connection_rate(&a.netns, dst, 4, 1, dur);
+        put("conn_rate_4_loops_1b_cps", cr.cps);
+        put("conn_rate_4_loops_1b_p50_us", cr.p50_us);
+    }
+    if matches!(mode, Mode::Mesh | Mode::Ztunnel) {
+        put("proxy_rss_after_run_mib", p.rss_mib(t, mode));
     }
     Ok(())
 }
@@ -228,16 +305,8 @@ fn busy_pct(a: (u64, u64), b: (u64, u64)) -> f64 {
     100.0 * b.0.saturating_sub(a.0) as f64 / total
 }
 
-fn agent_cpu(t: &Topology) -> f64 {
-    t.nodes
-        .iter()
-        .filter_map(|n| n.agent.as_ref())
-        .map(|a| a.cpu_seconds())
-        .sum()
-}
-
 /// Scale measurements, mesh only.
-fn scale(t: &mut Topology, o: &Options, s: &mut Samples) -> Result<()> {
+fn scale(t: &mut Topology, o: &Options, p: &mut Proxies, s: &mut Samples) -> Result<()> {
     let mut put = |k: &'static str, v: f64| s.entry((k, Mode::Mesh)).or_default().push(v);
     let (a, c) = (t.pod("a").clone(), t.pod("c").clone());
     let _echo = loadgen::echo_server(&c.netns, c.v4(7071), 16);
@@ -262,7 +331,7 @@ fn scale(t: &mut Topology, o: &Options, s: &mut Samples) -> Result<()> {
     // 10,000 workloads and 1,000 policies in the config directory, in fresh
     // agents: the heap of one that just held 1,000 connections keeps that
     // memory, which would be counted against the config.
-    set_mode(t, Mode::Mesh);
+    set_mode(t, Mode::Mesh, p)?;
     let (pods, policies) = if o.quick { (1000, 100) } else { (10_000, 1000) };
     let base = t.agent(0).rss_kib();
     t.apply("scale", &scale_yaml(pods, policies));
@@ -286,7 +355,7 @@ fn scale(t: &mut Topology, o: &Options, s: &mut Samples) -> Result<()> {
     for i in present..on_node {
         t.add_pod(0, PodSpec::new(&format!("m{i}"), "mesh"));
     }
-    set_mode(t, Mode::Mesh);
+    set_mode(t, Mode::Mesh, p)?;
     std::thread::sleep(Duration::from_millis(500));
     put("pods_on_node", on_node.max(present) as f64);
     put("node_pods_rss_mib", t.agent(0).rss_kib() as f64 / 1024.0);
@@ -408,6 +477,18 @@ fn main() -> Result<()> {
         )
         .status();
     }
+    let zt = ztunnel::binary();
+    let mut proxies = Proxies {
+        ztunnel_bin: zt.is_file().then(|| zt.clone()),
+        ztunnels: Vec::new(),
+    };
+    if proxies.ztunnel_bin.is_none() {
+        eprintln!("ztunnel column absent: binary not found at {}", zt.display());
+    }
+    let mut modes = vec![Mode::Direct, Mode::Mesh];
+    if proxies.ztunnel_bin.is_some() {
+        modes.push(Mode::Ztunnel);
+    }
     let mut samples = Samples::new();
     let rounds = if o.quick { 1 } else { o.rounds.max(1) };
     let ab_rounds = [Group::Throughput, Group::Latency, Group::ConnRate]
@@ -415,27 +496,29 @@ fn main() -> Result<()> {
         .any(|g| o.runs(g));
     for r in (0..rounds).filter(|_| ab_rounds) {
         // Alternate the order so drift does not favour one side.
-        let order = if r % 2 == 0 {
-            [Mode::Direct, Mode::Mesh]
-        } else {
-            [Mode::Mesh, Mode::Direct]
-        };
+        let mut order = modes.clone();
+        if r % 2 == 1 {
+            order.reverse();
+        }
         for mode in order {
             eprintln!("round {}/{rounds}: {}", r + 1, mode.name());
-            set_mode(&mut t, mode);
-            round(&t, mode, &o, &mut samples)?;
+            set_mode(&mut t, mode, &mut proxies)?;
+            round(&t, mode, &o, &proxies, &mut samples)?;
             if mode == Mode::Direct {
                 // Agents are stopped: the relays carry plain traffic.
                 eprintln!("round {}/{rounds}: {}", r + 1, Mode::Floor.name());
-                round(&t, Mode::Floor, &o, &mut samples)?;
+                round(&t, Mode::Floor, &o, &proxies, &mut samples)?;
             }
         }
     }
+    // Leave the ztunnel mode (processes and redirect rules) before scale.
+    proxies.ztunnels.clear();
     if o.runs(Group::Scale) {
-        set_mode(&mut t, Mode::Mesh);
-        scale(&mut t, &o, &mut samples)?;
+        set_mode(&mut t, Mode::Mesh, &mut proxies)?;
+        scale(&mut t, &o, &mut proxies, &mut samples)?;
     }
-    report(&samples, &o, rounds)
+    let absent = proxies.ztunnel_bin.is_none().then_some(zt.as_path());
+    report(&samples, &o, rounds, absent)
 }
 
 fn machine() -> String {
@@ -459,11 +542,13 @@ fn machine() -> String {
     format!("{date}, {cores} cores ({cpu}), Linux {}", kernel.trim())
 }
 
-fn report(s: &Samples, o: &Options, rounds: usize) -> Result<()> {
+/// Prints the table of medians and writes the JSON; `ztunnel_absent` is
+/// where its binary was looked for when the column could not be measured.
+fn report(s: &Samples, o: &Options, rounds: usize, ztunnel_absent: Option<&Path>) -> Result<()> {
     let machine = machine();
     println!("\nNodeward benchmark — {machine}");
     println!(
-        "{} round(s){}; medians; ratio = mesh / direct; floor = two plain userspace relays on the same path\n",
+        "{} round(s){}; medians; mesh/direct and mesh/ztunnel are ratios; floor = two plain userspace relays on the same path",
         rounds,
         if o.quick {
             " (QUICK smoke mode: not a measurement)"
@@ -471,33 +556,52 @@ fn report(s: &Samples, o: &Options, rounds: usize) -> Result<()> {
             ""
         }
     );
+    match ztunnel_absent {
+        Some(path) => println!("ztunnel: absent (binary not found at {})\n", path.display()),
+        None => println!("ztunnel: one per pod, dedicated mode, in-pod redirect\n"),
+    }
     println!(
-        "{:<32} {:>11} {:>11} {:>11} {:>7} {:>11}",
-        "scenario", "direct", "floor", "mesh", "ratio", "mesh-floor"
+        "{:<32} {:>11} {:>11} {:>11} {:>11} {:>11} {:>12} {:>11}",
+        "scenario", "direct", "floor", "mesh", "ztunnel", "mesh/direct", "mesh/ztunnel", "mesh-floor"
     );
     let mut keys: Vec<&'static str> = s.keys().map(|(k, _)| *k).collect();
     keys.dedup();
     let mut rows = Vec::new();
     for k in keys {
         let get = |m: Mode| s.get(&(k, m)).map(|v| median(v));
-        let (d, fl, m) = (get(Mode::Direct), get(Mode::Floor), get(Mode::Mesh));
-        let ratio = match (d, m) {
-            (Some(d), Some(m)) if d > 0.0 => Some(m / d),
+        let (d, fl, m, z) = (get(Mode::Direct), get(Mode::Floor), get(Mode::Mesh), get(Mode::Ztunnel));
+        let ratio = |num: Option<f64>, den: Option<f64>| match (num, den) {
+            (Some(n), Some(d)) if d > 0.0 => Some(n / d),
             _ => None,
         };
+        let (vs_direct, vs_ztunnel) = (ratio(m, d), ratio(m, z));
         let over_floor = fl.zip(m).map(|(fl, m)| m - fl);
         let f = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
+        let zt = if ztunnel_absent.is_some() {
+            "absent".into()
+        } else {
+            f(z)
+        };
         println!(
-            "{k:<32} {:>11} {:>11} {:>11} {:>7} {:>11}",
+            "{k:<32} {:>11} {:>11} {:>11} {:>11} {:>11} {:>12} {:>11}",
             f(d),
             f(fl),
             f(m),
-            f(ratio),
+            zt,
+            f(vs_direct),
+            f(vs_ztunnel),
             f(over_floor)
         );
-        rows.push(json!({"scenario": k, "direct": d, "floor": fl, "mesh": m, "ratio": ratio}));
+        rows.push(json!({
+            "scenario": k, "direct": d, "floor": fl, "mesh": m, "ztunnel": z,
+            "ratio": vs_direct, "ratio_ztunnel": vs_ztunnel,
+        }));
     }
-    let out = json!({"machine": machine, "rounds": rounds, "quick": o.quick, "results": rows});
+    let out = json!({
+        "machine": machine, "rounds": rounds, "quick": o.quick,
+        "ztunnel": if ztunnel_absent.is_some() { "absent" } else { "present" },
+        "results": rows,
+    });
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("root")
