@@ -19,6 +19,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::outcome::Direction;
+
 /// At most one refusal warning per reason this often.
 pub const WARN_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -67,49 +69,10 @@ pub fn send_buffer_per_stream(stream_window: u32, connection_window: u32, max_st
     share.max(64 << 10).min(stream_window as usize)
 }
 
-/// Why a connection was refused: which bound it hit.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[repr(usize)]
-pub enum Refusal {
-    /// The node's proxied connections are at their bound.
-    #[error("too many proxied connections on the node")]
-    Connections,
-    /// The pod's proxied connections in this direction are at their bound.
-    #[error("too many proxied connections for the pod")]
-    ConnectionsPerPod,
-    /// The node's tunnel connections are at their bound.
-    #[error("too many tunnel connections on the node")]
-    Tunnels,
-    /// The remote peer's tunnel connections are at their bound.
-    #[error("too many tunnel connections from the peer")]
-    TunnelsPerPeer,
-    /// The source pod's outbound tunnel connections are at their bound.
-    #[error("too many tunnel connections from the pod")]
-    TunnelsPerPod,
-    /// The node's unauthenticated handshakes are at their bound.
-    #[error("too many tunnel handshakes in progress on the node")]
-    Handshakes,
-    /// The remote peer's unauthenticated handshakes are at their bound.
-    #[error("too many tunnel handshakes in progress from the peer")]
-    HandshakesPerPeer,
-}
+/// Which bound refused a connection (defined with every other outcome label).
+pub use crate::outcome::LimitRefusal as Refusal;
 
-const REASONS: usize = 7;
-
-impl Refusal {
-    /// The label used in counters and logs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Refusal::Connections => "limit_connections",
-            Refusal::ConnectionsPerPod => "limit_connections_per_pod",
-            Refusal::Tunnels => "limit_tunnels",
-            Refusal::TunnelsPerPeer => "limit_tunnels_per_peer",
-            Refusal::TunnelsPerPod => "limit_tunnels_per_pod",
-            Refusal::Handshakes => "limit_handshakes",
-            Refusal::HandshakesPerPeer => "limit_handshakes_per_peer",
-        }
-    }
-}
+const REASONS: usize = Refusal::COUNT;
 
 /// Which side of a pod a proxied connection is on; each has its own bound,
 /// so a flood from outside cannot starve the pod's own outbound traffic.
@@ -333,11 +296,11 @@ impl Limits {
     /// Records a refusal and warns about it, at most once per reason per
     /// [`WARN_INTERVAL`], with the number refused since the last warning.
     /// The warning names the pod and peer of the refusal that triggered it.
-    pub fn refused(&self, refusal: Refusal, direction: &'static str, pod: &str, peer: Option<IpAddr>) {
+    pub fn refused(&self, refusal: Refusal, direction: Direction, pod: &str, peer: Option<IpAddr>) {
         if let Some(count) = self.warner.refused(refusal, Instant::now()) {
             tracing::warn!(
                 reason = refusal.as_str(),
-                direction,
+                direction = direction.as_str(),
                 pod,
                 peer = peer.map(|p| p.to_canonical().to_string()),
                 refused = count,
