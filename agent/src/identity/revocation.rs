@@ -20,7 +20,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use super::Identity;
 use super::trust::{TrustSnapshot, TrustStore};
 use super::verify::{Refusal, Role, SvidError, verify_peer};
-use crate::proxy::open::{OpenConns, PeerFacts, Registration};
+use crate::proxy::open::{OpenConns, PeerFacts, PeerRegistration};
 
 /// Whether `trust` still admits the peer at `now` (same checks as the
 /// handshake, and the same identity).
@@ -55,7 +55,7 @@ impl OpenConns {
         role: Role,
         cancel: CancellationToken,
         trust: &TrustStore,
-    ) -> Result<Registration, SvidError> {
+    ) -> Result<PeerRegistration, SvidError> {
         let chain: Vec<CertificateDer<'static>> = chain.iter().map(|c| c.clone().into_owned()).collect();
         let not_after = earliest_not_after(&chain)?;
         let peer = PeerFacts {

@@ -97,7 +97,19 @@ pub struct Registration {
     /// Fires when a sweep (or the parent token) ends the connection.
     pub cancel: CancellationToken,
     cut_by: Arc<CutBy>,
-    not_after: Option<SystemTime>,
+}
+
+/// A filed authenticated tunnel connection; removed when dropped.
+pub struct PeerRegistration {
+    _registration: Registration,
+    not_after: SystemTime,
+}
+
+impl PeerRegistration {
+    /// When the peer's chain expires and the connection is cancelled.
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
+    }
 }
 
 impl Registration {
@@ -105,12 +117,6 @@ impl Registration {
     /// `policy_changed` or `peer_revoked`.
     pub fn cut_by(&self) -> Option<CloseReason> {
         self.cut_by.reason()
-    }
-
-    /// When the peer's chain expires and the connection is cancelled
-    /// (`None` for a connection filed for policy only).
-    pub fn not_after(&self) -> Option<SystemTime> {
-        self.not_after
     }
 }
 
@@ -159,7 +165,6 @@ impl OpenConns {
             id,
             cancel,
             cut_by,
-            not_after,
         }
     }
 
@@ -176,8 +181,12 @@ impl OpenConns {
     /// Files an authenticated tunnel connection to `peer`; `cancel` fires
     /// when the trust sweeper cuts it. Use `identity::revocation`'s
     /// `register`, which checks the chain once filed.
-    pub fn register_peer(self: &Arc<Self>, peer: PeerFacts, cancel: CancellationToken) -> Registration {
-        self.file(cancel, None, Some(peer))
+    pub fn register_peer(self: &Arc<Self>, peer: PeerFacts, cancel: CancellationToken) -> PeerRegistration {
+        let not_after = peer.not_after;
+        PeerRegistration {
+            _registration: self.file(cancel, None, Some(peer)),
+            not_after,
+        }
     }
 
     /// Number of open connections filed.

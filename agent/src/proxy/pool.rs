@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use super::hbone::H2Settings;
 use super::limits::{LimitConfig, Limits, Refusal, send_buffer_per_stream};
 use crate::identity::Identity;
-use super::open::Registration;
+use super::open::PeerRegistration;
 
 /// What identifies a reusable tunnel connection.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -82,7 +82,7 @@ pub struct Transport {
     /// Fires when the peer stops being trusted: the connection is closed.
     pub revoked: CancellationToken,
     /// The peer's registration for revocation, kept while the connection lives.
-    pub registration: Option<Registration>,
+    pub registration: Option<PeerRegistration>,
 }
 
 impl Transport {
@@ -277,8 +277,9 @@ impl Pool {
         let (sender, connection, revoked, registration) = tokio::time::timeout(s.handshake_timeout, handshake)
             .await
             .map_err(|_| PoolError::Timeout)??;
-        let retire_at = registration.as_ref().and_then(Registration::not_after).map(|not_after| {
-            let left = not_after
+        let retire_at = registration.as_ref().map(|r| {
+            let left = r
+                .not_after()
                 .duration_since(SystemTime::now())
                 .unwrap_or(Duration::ZERO);
             Instant::now() + left.mul_f64(0.9)
