@@ -176,6 +176,23 @@ impl Drop for Held {
     }
 }
 
+/// A place under `per` for `key`, then one under `total`: both or neither
+/// (`refusals` name the bound hit, per key first).
+fn take_both<K: Hash + Eq + Copy>(
+    per: &Arc<KeyedGauge<K>>,
+    key: K,
+    held: fn(Arc<KeyedGauge<K>>, K) -> Held,
+    total: &Arc<Gauge>,
+    refusals: [Refusal; 2],
+) -> Result<Permit, Refusal> {
+    if !per.try_take(key) {
+        return Err(refusals[0]);
+    }
+    let per = held(per.clone(), key);
+    let total = total.take().ok_or(refusals[1])?;
+    Ok(Permit { _held: [per, total] })
+}
+
 /// Counts held for one connection; dropping it gives them back.
 #[derive(Debug)]
 #[must_use = "the counts are given back when the permit is dropped"]
@@ -239,15 +256,8 @@ impl Limits {
     /// A place for one proxied connection of the pod with network-namespace
     /// cookie `pod` on `side`.
     pub fn connection(&self, pod: u64, side: Side) -> Result<Permit, Refusal> {
-        let key = (pod, side);
-        if !self.connections_per_pod.try_take(key) {
-            return Err(Refusal::ConnectionsPerPod);
-        }
-        let per_pod = Held::Pod(self.connections_per_pod.clone(), key);
-        let total = self.connections.take().ok_or(Refusal::Connections)?;
-        Ok(Permit {
-            _held: [per_pod, total],
-        })
+        let refusals = [Refusal::ConnectionsPerPod, Refusal::Connections];
+        take_both(&self.connections_per_pod, (pod, side), Held::Pod, &self.connections, refusals)
     }
 
     /// A place for one inbound connection on 15008 from `peer`, before any
@@ -255,37 +265,21 @@ impl Limits {
     pub fn tunnel_in(&self, peer: IpAddr) -> Result<TunnelPermit, Refusal> {
         let peer = peer.to_canonical();
         // Handshakes first: the bound a silent client runs into.
-        if !self.handshakes_per_peer.try_take(peer) {
-            return Err(Refusal::HandshakesPerPeer);
-        }
-        let hs_peer = Held::Peer(self.handshakes_per_peer.clone(), peer);
-        let hs_total = self.handshakes.take().ok_or(Refusal::Handshakes)?;
-        if !self.tunnels_per_peer.try_take(peer) {
-            return Err(Refusal::TunnelsPerPeer);
-        }
-        let t_peer = Held::Peer(self.tunnels_per_peer.clone(), peer);
-        let t_total = self.tunnels.take().ok_or(Refusal::Tunnels)?;
+        let refusals = [Refusal::HandshakesPerPeer, Refusal::Handshakes];
+        let handshake = take_both(&self.handshakes_per_peer, peer, Held::Peer, &self.handshakes, refusals)?;
+        let refusals = [Refusal::TunnelsPerPeer, Refusal::Tunnels];
+        let tunnel = take_both(&self.tunnels_per_peer, peer, Held::Peer, &self.tunnels, refusals)?;
         Ok(TunnelPermit {
-            _tunnel: Permit {
-                _held: [t_peer, t_total],
-            },
-            handshake: Some(Permit {
-                _held: [hs_peer, hs_total],
-            }),
+            _tunnel: tunnel,
+            handshake: Some(handshake),
         })
     }
 
     /// A place for one outbound tunnel connection of the pod with
     /// network-namespace cookie `pod`.
     pub fn tunnel_out(&self, pod: u64) -> Result<Permit, Refusal> {
-        if !self.tunnels_per_pod.try_take(pod) {
-            return Err(Refusal::TunnelsPerPod);
-        }
-        let per_pod = Held::SourcePod(self.tunnels_per_pod.clone(), pod);
-        let total = self.tunnels.take().ok_or(Refusal::Tunnels)?;
-        Ok(Permit {
-            _held: [per_pod, total],
-        })
+        let refusals = [Refusal::TunnelsPerPod, Refusal::Tunnels];
+        take_both(&self.tunnels_per_pod, pod, Held::SourcePod, &self.tunnels, refusals)
     }
 
     /// Proxied connections the pod holds on `side` now.
