@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 
 use nodeward_common::{DIRECTION_INBOUND, DIRECTION_OUTBOUND, POD_HAS_IPV4, POD_HAS_IPV6, PodInfo, PortKey};
 
+use crate::capture::keys::ip_words;
 use crate::capture::{Capture, CaptureError};
 use crate::identity::Identity;
 use crate::identity::ca::CaError;
 use crate::identity::manager::CertManager;
 use crate::netns::{Netns, NetnsError, NetnsFinder, Scan};
-use crate::capture::keys::ip_words;
 use crate::proxy::{Lifecycle, Mesh, PodContext, PodListeners, ProxyConfig};
 use crate::state::Store;
 use crate::state::workload::ManagedPod;

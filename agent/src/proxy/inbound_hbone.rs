@@ -117,7 +117,10 @@ pub async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr, mut p
         .map(<[_]>::to_vec)
         .unwrap_or_default();
     let Some(peer_id) = peer_identity(Some(&chain)) else {
-        return refused(CloseReason::TlsRefused, Some(Refusal::Cert(CertRefusal::BadCertificate)));
+        return refused(
+            CloseReason::TlsRefused,
+            Some(Refusal::Cert(CertRefusal::BadCertificate)),
+        );
     };
     let Some(certs) = &ctx.mesh.certs else {
         return refused(CloseReason::NoIdentity, None);
@@ -282,7 +285,11 @@ async fn stream(
     log_audits(ctx, &info, &decision);
     if !decision.allowed {
         reject(&mut respond, StatusCode::FORBIDDEN);
-        let mut o = outcome(Some(dst), CloseReason::PolicyDenied, Some(Refusal::Policy(decision.reason)));
+        let mut o = outcome(
+            Some(dst),
+            CloseReason::PolicyDenied,
+            Some(Refusal::Policy(decision.reason)),
+        );
         o.policy = decision.policy;
         return log_connection(ctx, Direction::Tunnel, peer, &o, started);
     }

@@ -54,7 +54,8 @@ pub async fn handle(ctx: &PodContext, down: TcpStream, peer: SocketAddr) -> Outc
     log_audits(ctx, &info, &decision);
     if !decision.allowed {
         socket::reset(&down);
-        let mut o = Outcome::refused(Some(dst), CloseReason::PolicyDenied).refusal(Some(Refusal::Policy(decision.reason)));
+        let mut o =
+            Outcome::refused(Some(dst), CloseReason::PolicyDenied).refusal(Some(Refusal::Policy(decision.reason)));
         o.policy = decision.policy;
         return o;
     }

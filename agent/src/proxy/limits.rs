@@ -257,7 +257,13 @@ impl Limits {
     /// cookie `pod` on `side`.
     pub fn connection(&self, pod: u64, side: Side) -> Result<Permit, Refusal> {
         let refusals = [Refusal::ConnectionsPerPod, Refusal::Connections];
-        take_both(&self.connections_per_pod, (pod, side), Held::Pod, &self.connections, refusals)
+        take_both(
+            &self.connections_per_pod,
+            (pod, side),
+            Held::Pod,
+            &self.connections,
+            refusals,
+        )
     }
 
     /// A place for one inbound connection on 15008 from `peer`, before any

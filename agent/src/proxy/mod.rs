@@ -255,7 +255,9 @@ pub fn refuse(ctx: &PodContext, dir: Direction, stream: &TcpStream, peer: Socket
         // The handler that would have removed the app's entry never runs.
         let _ = ctx.capture.maps.orig_dst.remove(&sock_key(ctx.netns.cookie(), peer, 0));
     }
-    ctx.mesh.counters.count(dir, Counted::Limit, Some(Refusal::Limit(refusal)));
+    ctx.mesh
+        .counters
+        .count(dir, Counted::Limit, Some(Refusal::Limit(refusal)));
     // An outbound peer is the app's own loopback endpoint: the pod says it all.
     let peer = (dir != Direction::Outbound).then(|| peer.ip());
     ctx.mesh.limits.refused(refusal, dir, &ctx.pod.key, peer);

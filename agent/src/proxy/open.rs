@@ -136,7 +136,12 @@ impl OpenConns {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn file(self: &Arc<Self>, cancel: CancellationToken, policy: Option<PolicyFacts>, peer: Option<PeerFacts>) -> Registration {
+    fn file(
+        self: &Arc<Self>,
+        cancel: CancellationToken,
+        policy: Option<PolicyFacts>,
+        peer: Option<PeerFacts>,
+    ) -> Registration {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let cut_by = Arc::new(CutBy::default());
         let not_after = peer.as_ref().map(|p| p.not_after);

@@ -38,8 +38,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::hbone::H2Settings;
 use super::limits::{LimitConfig, Limits, Refusal, send_buffer_per_stream};
-use crate::identity::Identity;
 use super::open::PeerRegistration;
+use crate::identity::Identity;
 
 /// What identifies a reusable tunnel connection.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
