@@ -299,3 +299,48 @@ impl PeerCut {
         self.cancel.cancel();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn peer(not_after: SystemTime) -> PeerFacts {
+        PeerFacts {
+            identity: Identity::parse("spiffe://cluster.local/ns/a/sa/b").unwrap(),
+            chain: Arc::new(Vec::new()),
+            role: Role::Client,
+            not_after,
+        }
+    }
+
+    #[test]
+    fn trust_cuts_only_authenticated_connections_and_says_so() {
+        let open = OpenConns::new();
+        let info = ConnInfo {
+            src_ip: "10.0.0.1".parse().unwrap(),
+            src_identity: None,
+            dst_ip: "10.0.0.2".parse().unwrap(),
+            dst_port: 80,
+        };
+        let plain = open.register_conn("ns/pod", info, &CancellationToken::new());
+        let now = SystemTime::now();
+        let (old, fresh) = (CancellationToken::new(), CancellationToken::new());
+        let _old = open.register_peer(peer(now), old.clone());
+        let _fresh = open.register_peer(peer(now + Duration::from_secs(3600)), fresh.clone());
+        assert_eq!(open.len(), 3);
+        assert_eq!(open.next_deadline(), Some(now), "only peers have a deadline");
+
+        assert_eq!(open.expire(now), 1);
+        assert!(old.is_cancelled() && !fresh.is_cancelled() && !plain.cancel.is_cancelled());
+        let peers = open.peers();
+        assert_eq!(peers.len(), 1, "a cut or plaintext connection is not swept again");
+        peers[0].1.cut();
+        assert!(fresh.is_cancelled() && !plain.cancel.is_cancelled());
+        assert_eq!(plain.cut_by(), None);
+
+        drop(plain);
+        assert_eq!(open.len(), 2, "a dropped registration leaves the register");
+    }
+}
