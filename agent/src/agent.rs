@@ -13,9 +13,9 @@ use crate::cni::server::CniServer;
 use crate::config::Config;
 use crate::identity::ca::CaError;
 use crate::identity::manager::CertManager;
-use crate::identity::revocation::PeerRegistry;
 use crate::pods::PodManager;
 use crate::proxy::limits::{LimitConfig, Limits};
+use crate::proxy::open::OpenConns;
 use crate::proxy::pool::Pool;
 use crate::proxy::{Lifecycle, Mesh};
 use crate::source::dir::DirSource;
@@ -83,10 +83,10 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let store = Store::new();
     let lifecycle = Lifecycle::default();
     let proxy_config = Arc::new(config.proxy);
-    let peers = PeerRegistry::new();
+    let open = OpenConns::new();
     if let Some(m) = &identity {
         tokio::spawn(m.clone().run(config.config_poll, lifecycle.hard_stop.clone()));
-        tokio::spawn(peers.clone().run(m.trust(), lifecycle.hard_stop.clone()));
+        tokio::spawn(open.clone().run(m.trust(), lifecycle.hard_stop.clone()));
     }
     let source = DirSource::new(&config.config_dir)
         .with_root_namespace(&config.root_namespace)
@@ -104,7 +104,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         store: store.clone(),
         certs: identity,
         pool,
-        peers,
+        open,
         h2,
         counters: Default::default(),
         limits,

@@ -9,6 +9,7 @@ pub mod config;
 pub mod identity;
 pub mod logging;
 pub mod netns;
+pub mod outcome;
 pub mod pods;
 pub mod policy;
 pub mod proxy;

@@ -11,13 +11,14 @@ use std::time::{Duration, Instant};
 
 use nodeward_common::{DIRECTION_INBOUND, DIRECTION_OUTBOUND, POD_HAS_IPV4, POD_HAS_IPV6, PodInfo, PortKey};
 
+use crate::capture::keys::ip_words;
 use crate::capture::{Capture, CaptureError};
 use crate::cni::server::CniRequest;
 use crate::identity::Identity;
 use crate::identity::ca::CaError;
 use crate::identity::manager::CertManager;
 use crate::netns::{Netns, NetnsError, NetnsFinder, Scan};
-use crate::proxy::{Lifecycle, Mesh, PodContext, PodListeners, ProxyConfig, ip_words};
+use crate::proxy::{Lifecycle, Mesh, PodContext, PodListeners, ProxyConfig};
 use crate::state::Store;
 use crate::state::workload::ManagedPod;
 
@@ -191,11 +192,7 @@ impl PodManager {
         if snap.generation != self.revalidated {
             // Policy may have changed: close what it no longer allows.
             self.revalidated = snap.generation;
-            for a in self.active.values() {
-                if let Some(pod) = snap.pods.get(&a.ctx.pod.key) {
-                    a.ctx.live.revalidate(&snap, pod);
-                }
-            }
+            self.mesh.open.revalidate(&snap);
         }
         let (desired, _skipped) = snap.managed_pods(&self.node);
 
@@ -315,7 +312,6 @@ impl PodManager {
             netns,
             identity,
             tunnel_tls,
-            live: Default::default(),
             mesh: self.mesh.clone(),
             config: self.config.clone(),
             capture: self.capture.clone(),

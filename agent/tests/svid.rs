@@ -12,10 +12,10 @@ use nodeward::identity::authority::Authority;
 use nodeward::identity::ca;
 use nodeward::identity::ca_cli::{self, Signer};
 use nodeward::identity::manager::{CertManager, IdentityConfig};
-use nodeward::identity::revocation::PeerRegistry;
 use nodeward::identity::tls::{self, CertSource, FixedCert, certified_key};
 use nodeward::identity::trust::{DenyEntry, TrustSnapshot, TrustStore, UnknownStatus};
 use nodeward::identity::verify::{Refusal, Role, refusal_of_io};
+use nodeward::proxy::open::OpenConns;
 use rcgen::{DnType, ExtendedKeyUsagePurpose, IsCa, SanType};
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::sign::CertifiedKey;
@@ -566,7 +566,7 @@ async fn revocation_and_deny_list_cut_established_connections_within_seconds() {
     let m = manager(&p.dir, Duration::from_secs(3600), Some(crl.clone()), Some(deny.clone()));
     let stop = CancellationToken::new();
     tokio::spawn(m.clone().run(Duration::from_millis(200), stop.clone()));
-    let registry = PeerRegistry::new();
+    let registry = OpenConns::new();
     tokio::spawn(registry.clone().run(m.trust(), stop.clone()));
 
     let api = id("shop", "api");
@@ -856,7 +856,7 @@ async fn a_trust_change_during_the_handshake_is_caught_when_the_peer_is_register
     let p = pki();
     let client_key = key_for(&p.ca, &id("shop", "web"));
     let trust = TrustStore::new(trust_for(&p.ca));
-    let registry = PeerRegistry::new();
+    let registry = OpenConns::new();
     let o = handshake(
         server_cfg(key_for(&p.ca, &id("shop", "api")), trust.clone()),
         client_cfg(client_key.clone(), trust.clone(), id("shop", "api")),
@@ -884,7 +884,7 @@ async fn a_trust_change_during_the_handshake_is_caught_when_the_peer_is_register
 async fn a_registered_connection_is_cancelled_when_its_peer_certificate_expires() {
     let p = pki();
     let trust = TrustStore::new(trust_for(&p.ca));
-    let registry = PeerRegistry::new();
+    let registry = OpenConns::new();
     let stop = CancellationToken::new();
     tokio::spawn(registry.clone().run(trust.clone(), stop.clone()));
     // A long-lived peer first, then one whose certificate ends in 2 s.
@@ -919,7 +919,7 @@ async fn removing_a_root_cuts_the_connections_that_chain_to_it() {
     let mut roots = old.ca.roots().to_vec();
     roots.extend(new.ca.roots().iter().cloned());
     let trust = TrustStore::new(TrustSnapshot::new(TD, roots, old.ca.chain()));
-    let registry = PeerRegistry::new();
+    let registry = OpenConns::new();
     let stop = CancellationToken::new();
     tokio::spawn(registry.clone().run(trust.clone(), stop.clone()));
     let (from_old, from_new) = (CancellationToken::new(), CancellationToken::new());

@@ -19,6 +19,7 @@
 //! detaches everything.
 
 pub mod host;
+pub mod keys;
 pub mod map;
 pub mod probe;
 

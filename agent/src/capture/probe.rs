@@ -21,7 +21,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use nodeward_common::{PROBE_SOURCE_V4, PROBE_SOURCE_V6, names};
 
 use super::BpfMap;
-use crate::proxy::ip_words;
+use super::keys::ip_words;
 
 /// The IPv4 probe source, 169.254.7.127.
 pub const PROBE_V4: Ipv4Addr = Ipv4Addr::from_bits(PROBE_SOURCE_V4);

@@ -24,84 +24,8 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use super::Identity;
 use super::trust::{TrustSnapshot, TrustStore, UnknownStatus};
 
-/// Why a peer certificate was refused: a small, fixed set.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Refusal {
-    /// The client presented no certificate.
-    NoClientCertificate,
-    /// A certificate of the chain has expired.
-    Expired,
-    /// A certificate of the chain is not valid yet.
-    NotYetValid,
-    /// The chain leads to a root we do not trust.
-    UnknownRoot,
-    /// The chain lacks an intermediate (issued under one we know).
-    MissingIntermediate,
-    /// The leaf is revoked.
-    RevokedLeaf,
-    /// An intermediate of the chain is revoked.
-    RevokedIntermediate,
-    /// No CRL covers the chain and unknown status is refused.
-    RevocationUnknown,
-    /// The SPIFFE ID is of another trust domain.
-    WrongTrustDomain,
-    /// The SPIFFE ID is not the one expected for this destination.
-    WrongIdentity,
-    /// The SPIFFE ID is on the deny list.
-    DeniedIdentity,
-    /// The leaf has more than one URI SAN.
-    MultipleUriSans,
-    /// The leaf has no URI SAN.
-    NoUriSan,
-    /// A SPIFFE ID appears only in a DNS SAN or the subject CN.
-    SpiffeIdOutsideUriSan,
-    /// The URI SAN is not a Kubernetes SPIFFE ID.
-    MalformedSpiffeId,
-    /// The leaf is a CA certificate.
-    CaCertificate,
-    /// A client certificate without the clientAuth extended key usage.
-    MissingClientAuth,
-    /// A server certificate without the serverAuth extended key usage.
-    MissingServerAuth,
-    /// A signature in the chain does not verify.
-    BadSignature,
-    /// The certificate could not be parsed or is otherwise unusable.
-    BadCertificate,
-}
-
-impl Refusal {
-    /// Stable name for logs and metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Refusal::NoClientCertificate => "no_client_certificate",
-            Refusal::Expired => "expired",
-            Refusal::NotYetValid => "not_yet_valid",
-            Refusal::UnknownRoot => "unknown_root",
-            Refusal::MissingIntermediate => "missing_intermediate",
-            Refusal::RevokedLeaf => "revoked_leaf",
-            Refusal::RevokedIntermediate => "revoked_intermediate",
-            Refusal::RevocationUnknown => "revocation_unknown",
-            Refusal::WrongTrustDomain => "wrong_trust_domain",
-            Refusal::WrongIdentity => "wrong_identity",
-            Refusal::DeniedIdentity => "denied_identity",
-            Refusal::MultipleUriSans => "multiple_uri_sans",
-            Refusal::NoUriSan => "no_uri_san",
-            Refusal::SpiffeIdOutsideUriSan => "spiffe_id_outside_uri_san",
-            Refusal::MalformedSpiffeId => "malformed_spiffe_id",
-            Refusal::CaCertificate => "ca_certificate",
-            Refusal::MissingClientAuth => "missing_client_auth",
-            Refusal::MissingServerAuth => "missing_server_auth",
-            Refusal::BadSignature => "bad_signature",
-            Refusal::BadCertificate => "bad_certificate",
-        }
-    }
-}
-
-impl std::fmt::Display for Refusal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// Why a peer certificate was refused (defined with every other outcome label).
+pub use crate::outcome::CertRefusal as Refusal;
 
 /// A refused peer certificate.
 #[derive(Debug, thiserror::Error)]

@@ -10,10 +10,10 @@ use std::sync::Arc;
 use nodeward_common::{POD_HAS_IPV4, POD_HAS_IPV6, PodInfo};
 
 use super::PodManager;
+use crate::capture::keys::ip_words;
 use crate::cni::protocol::{Command, Reply, Request};
 use crate::cni::server::CniRequest;
 use crate::netns::{self, Netns};
-use crate::proxy::ip_words;
 use crate::state::Snapshot;
 use crate::state::workload::{Enrolment, ManagedPod, enrolment};
 

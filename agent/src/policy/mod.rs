@@ -27,6 +27,7 @@ use model::{
 };
 
 use crate::identity::Identity;
+use crate::outcome::PolicyReason;
 use crate::state::workload::Pod;
 
 /// The facts of one connection that policy can look at.
@@ -47,9 +48,8 @@ pub struct ConnInfo {
 pub struct Decision {
     /// Whether the connection may proceed.
     pub allowed: bool,
-    /// Why, as a fixed label: `allowed`, `denied`, `no_allow_match`,
-    /// `invalid_deny_policy`, `custom_unsupported`.
-    pub reason: &'static str,
+    /// Why, as a fixed label.
+    pub reason: PolicyReason,
     /// The policy that decided (`namespace/name`), if one did.
     pub policy: Option<String>,
     /// AUDIT policies that matched.
@@ -241,28 +241,28 @@ pub fn authorize<'a>(
         dry_run: dry_run.clone(),
     };
     if let Some(p) = applicable.iter().find(|p| p.action == Action::Custom) {
-        return decide(false, "custom_unsupported", Some(p));
+        return decide(false, PolicyReason::CustomUnsupported, Some(p));
     }
     for p in applicable.iter().filter(|p| p.action == Action::Deny) {
         if p.meta.error.is_some() {
-            return decide(false, "invalid_deny_policy", Some(p));
+            return decide(false, PolicyReason::InvalidDenyPolicy, Some(p));
         }
         // L7-only fields were dropped at parse time: the rule denies more.
         if matches(p, false) {
-            return decide(false, "denied", Some(p));
+            return decide(false, PolicyReason::Denied, Some(p));
         }
     }
     let allows: Vec<&&AuthorizationPolicy> = applicable.iter().filter(|p| p.action == Action::Allow).collect();
     if allows.is_empty() {
-        return decide(true, "allowed", None);
+        return decide(true, PolicyReason::Allowed, None);
     }
     for p in &allows {
         // A broken ALLOW matches nothing; an L7-only rule matches nothing.
         if matches(p, true) {
-            return decide(true, "allowed", Some(p));
+            return decide(true, PolicyReason::Allowed, Some(p));
         }
     }
-    decide(false, "no_allow_match", None)
+    decide(false, PolicyReason::NoAllowMatch, None)
 }
 
 /// A connection's attributes in the form rules compare, computed once.

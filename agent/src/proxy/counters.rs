@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Mutex;
 
+use crate::outcome::{Counted, Direction, Refusal};
+
 /// Counters of ended connections.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -15,10 +17,11 @@ pub struct Counters {
 }
 
 impl Counters {
-    /// Counts one connection.
-    pub fn count(&self, direction: &'static str, reason: &'static str, refusal: Option<&'static str>) {
+    /// Counts one connection; every label comes from `crate::outcome`.
+    pub fn count(&self, direction: Direction, reason: Counted, refusal: Option<Refusal>) {
+        let key = (direction.as_str(), reason.as_str(), refusal.map_or("", Refusal::as_str));
         let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        *m.entry((direction, reason, refusal.unwrap_or(""))).or_default() += 1;
+        *m.entry(key).or_default() += 1;
     }
 
     /// Prometheus text exposition of the counters.

@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
 
-use super::relay::{Sink, Source};
+use super::relay::{Leg, Sink, Source};
 
 /// Port of the HBONE listener in every pod.
 pub const HBONE_PORT: u16 = nodeward_common::TUNNEL_PORT;
@@ -97,15 +97,33 @@ pub struct H2Recv(RecvStream);
 /// END_STREAM as half-close, RST_STREAM as reset.
 pub struct H2Send(SendStream<Bytes>);
 
-/// The halves of one tunnel stream.
-pub fn stream_halves(send: SendStream<Bytes>, recv: RecvStream) -> (H2Send, H2Recv) {
-    (H2Send(send), H2Recv(recv))
+/// One tunnel stream as one side of a relay.
+pub struct H2Stream {
+    send: H2Send,
+    recv: H2Recv,
 }
 
-impl H2Send {
-    /// Resets the stream (the peer sees RST_STREAM instead of a clean end).
-    pub fn reset(&mut self) {
-        self.0.send_reset(h2::Reason::CANCEL);
+impl H2Stream {
+    /// The stream of a sent (or received) `CONNECT` and the body answering it.
+    pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
+        H2Stream {
+            send: H2Send(send),
+            recv: H2Recv(recv),
+        }
+    }
+}
+
+impl Leg for H2Stream {
+    type Source = H2Recv;
+    type Sink = H2Send;
+
+    fn halves(&mut self) -> (&mut H2Recv, &mut H2Send) {
+        (&mut self.recv, &mut self.send)
+    }
+
+    /// The peer sees RST_STREAM instead of a clean end.
+    fn reset(&mut self) {
+        self.send.0.send_reset(h2::Reason::CANCEL);
     }
 }
 

@@ -19,6 +19,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::outcome::Direction;
+
 /// At most one refusal warning per reason this often.
 pub const WARN_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -67,49 +69,10 @@ pub fn send_buffer_per_stream(stream_window: u32, connection_window: u32, max_st
     share.max(64 << 10).min(stream_window as usize)
 }
 
-/// Why a connection was refused: which bound it hit.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[repr(usize)]
-pub enum Refusal {
-    /// The node's proxied connections are at their bound.
-    #[error("too many proxied connections on the node")]
-    Connections,
-    /// The pod's proxied connections in this direction are at their bound.
-    #[error("too many proxied connections for the pod")]
-    ConnectionsPerPod,
-    /// The node's tunnel connections are at their bound.
-    #[error("too many tunnel connections on the node")]
-    Tunnels,
-    /// The remote peer's tunnel connections are at their bound.
-    #[error("too many tunnel connections from the peer")]
-    TunnelsPerPeer,
-    /// The source pod's outbound tunnel connections are at their bound.
-    #[error("too many tunnel connections from the pod")]
-    TunnelsPerPod,
-    /// The node's unauthenticated handshakes are at their bound.
-    #[error("too many tunnel handshakes in progress on the node")]
-    Handshakes,
-    /// The remote peer's unauthenticated handshakes are at their bound.
-    #[error("too many tunnel handshakes in progress from the peer")]
-    HandshakesPerPeer,
-}
+/// Which bound refused a connection (defined with every other outcome label).
+pub use crate::outcome::LimitRefusal as Refusal;
 
-const REASONS: usize = 7;
-
-impl Refusal {
-    /// The label used in counters and logs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Refusal::Connections => "limit_connections",
-            Refusal::ConnectionsPerPod => "limit_connections_per_pod",
-            Refusal::Tunnels => "limit_tunnels",
-            Refusal::TunnelsPerPeer => "limit_tunnels_per_peer",
-            Refusal::TunnelsPerPod => "limit_tunnels_per_pod",
-            Refusal::Handshakes => "limit_handshakes",
-            Refusal::HandshakesPerPeer => "limit_handshakes_per_peer",
-        }
-    }
-}
+const REASONS: usize = Refusal::COUNT;
 
 /// Which side of a pod a proxied connection is on; each has its own bound,
 /// so a flood from outside cannot starve the pod's own outbound traffic.
@@ -213,6 +176,23 @@ impl Drop for Held {
     }
 }
 
+/// A place under `per` for `key`, then one under `total`: both or neither
+/// (`refusals` name the bound hit, per key first).
+fn take_both<K: Hash + Eq + Copy>(
+    per: &Arc<KeyedGauge<K>>,
+    key: K,
+    held: fn(Arc<KeyedGauge<K>>, K) -> Held,
+    total: &Arc<Gauge>,
+    refusals: [Refusal; 2],
+) -> Result<Permit, Refusal> {
+    if !per.try_take(key) {
+        return Err(refusals[0]);
+    }
+    let per = held(per.clone(), key);
+    let total = total.take().ok_or(refusals[1])?;
+    Ok(Permit { _held: [per, total] })
+}
+
 /// Counts held for one connection; dropping it gives them back.
 #[derive(Debug)]
 #[must_use = "the counts are given back when the permit is dropped"]
@@ -276,15 +256,14 @@ impl Limits {
     /// A place for one proxied connection of the pod with network-namespace
     /// cookie `pod` on `side`.
     pub fn connection(&self, pod: u64, side: Side) -> Result<Permit, Refusal> {
-        let key = (pod, side);
-        if !self.connections_per_pod.try_take(key) {
-            return Err(Refusal::ConnectionsPerPod);
-        }
-        let per_pod = Held::Pod(self.connections_per_pod.clone(), key);
-        let total = self.connections.take().ok_or(Refusal::Connections)?;
-        Ok(Permit {
-            _held: [per_pod, total],
-        })
+        let refusals = [Refusal::ConnectionsPerPod, Refusal::Connections];
+        take_both(
+            &self.connections_per_pod,
+            (pod, side),
+            Held::Pod,
+            &self.connections,
+            refusals,
+        )
     }
 
     /// A place for one inbound connection on 15008 from `peer`, before any
@@ -292,37 +271,21 @@ impl Limits {
     pub fn tunnel_in(&self, peer: IpAddr) -> Result<TunnelPermit, Refusal> {
         let peer = peer.to_canonical();
         // Handshakes first: the bound a silent client runs into.
-        if !self.handshakes_per_peer.try_take(peer) {
-            return Err(Refusal::HandshakesPerPeer);
-        }
-        let hs_peer = Held::Peer(self.handshakes_per_peer.clone(), peer);
-        let hs_total = self.handshakes.take().ok_or(Refusal::Handshakes)?;
-        if !self.tunnels_per_peer.try_take(peer) {
-            return Err(Refusal::TunnelsPerPeer);
-        }
-        let t_peer = Held::Peer(self.tunnels_per_peer.clone(), peer);
-        let t_total = self.tunnels.take().ok_or(Refusal::Tunnels)?;
+        let refusals = [Refusal::HandshakesPerPeer, Refusal::Handshakes];
+        let handshake = take_both(&self.handshakes_per_peer, peer, Held::Peer, &self.handshakes, refusals)?;
+        let refusals = [Refusal::TunnelsPerPeer, Refusal::Tunnels];
+        let tunnel = take_both(&self.tunnels_per_peer, peer, Held::Peer, &self.tunnels, refusals)?;
         Ok(TunnelPermit {
-            _tunnel: Permit {
-                _held: [t_peer, t_total],
-            },
-            handshake: Some(Permit {
-                _held: [hs_peer, hs_total],
-            }),
+            _tunnel: tunnel,
+            handshake: Some(handshake),
         })
     }
 
     /// A place for one outbound tunnel connection of the pod with
     /// network-namespace cookie `pod`.
     pub fn tunnel_out(&self, pod: u64) -> Result<Permit, Refusal> {
-        if !self.tunnels_per_pod.try_take(pod) {
-            return Err(Refusal::TunnelsPerPod);
-        }
-        let per_pod = Held::SourcePod(self.tunnels_per_pod.clone(), pod);
-        let total = self.tunnels.take().ok_or(Refusal::Tunnels)?;
-        Ok(Permit {
-            _held: [per_pod, total],
-        })
+        let refusals = [Refusal::TunnelsPerPod, Refusal::Tunnels];
+        take_both(&self.tunnels_per_pod, pod, Held::SourcePod, &self.tunnels, refusals)
     }
 
     /// Proxied connections the pod holds on `side` now.
@@ -333,11 +296,11 @@ impl Limits {
     /// Records a refusal and warns about it, at most once per reason per
     /// [`WARN_INTERVAL`], with the number refused since the last warning.
     /// The warning names the pod and peer of the refusal that triggered it.
-    pub fn refused(&self, refusal: Refusal, direction: &'static str, pod: &str, peer: Option<IpAddr>) {
+    pub fn refused(&self, refusal: Refusal, direction: Direction, pod: &str, peer: Option<IpAddr>) {
         if let Some(count) = self.warner.refused(refusal, Instant::now()) {
             tracing::warn!(
                 reason = refusal.as_str(),
-                direction,
+                direction = direction.as_str(),
                 pod,
                 peer = peer.map(|p| p.to_canonical().to_string()),
                 refused = count,

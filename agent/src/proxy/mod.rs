@@ -1,53 +1,60 @@
 //! The per-pod proxy: listeners inside the pod's network namespace and the
-//! connection handlers behind them.
+//! data path behind them, one file per step of ARCHITECTURE.md's walk.
 //!
 //! * `outbound` — 15001: connections the pod's apps open, redirected by
-//!   `connect()`; the original destination comes from the `ORIG_DST` map.
-//! * `inbound` — 15006: connections to the pod on any port, steered by
-//!   `sk_lookup`; the original destination is the accepted socket's own
-//!   local address.
-//! * `tunnel` — 15008: the HBONE listener (mTLS + HTTP/2 CONNECT).
-//! * `hbone` — the wire format and a stream adapter; `pool` — pooled
-//!   client connections for outbound tunnels.
-//! * `limits` — bounds on connections, tunnels and handshakes, taken in the
-//!   accept loops before any work is spent on a connection.
-//!
-//! Each proxied connection ends in [`relay::relay`] and one structured log line.
+//!   `connect()`; the original destination comes from the `ORIG_DST` map;
+//!   passed through, or handed to `outbound_hbone`, which opens a stream
+//!   through a pooled (`pool`) tunnel to the destination's 15008.
+//! * `inbound_hbone` — 15008: the HBONE listener (mTLS + HTTP/2 CONNECT);
+//!   `hbone` is the wire format and the stream adapter.
+//! * `inbound_plaintext` — 15006: plaintext to the pod on any port,
+//!   steered by `sk_lookup`.
+//! * `hop` — the dial into the pod's app that both inbound steps end in.
+//! * `relay` — the one relay every proxied connection ends in; `report`
+//!   its log line and counters (`counters`).
+//! * `open` — the register of open connections that policy and trust
+//!   changes sweep; `limits` — bounds taken in the accept loops before any
+//!   work is spent on a connection.
 
 #![forbid(unsafe_code)]
 
 pub mod counters;
 pub mod hbone;
-pub mod inbound;
+pub mod hop;
+pub mod inbound_hbone;
+pub mod inbound_plaintext;
 pub mod limits;
-pub mod live;
+pub mod open;
 pub mod outbound;
+pub mod outbound_hbone;
 pub mod pool;
 pub mod relay;
+pub mod report;
 pub mod socket;
-pub mod tunnel;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nodeward_common::{
-    INBOUND_PORT, OUTBOUND_PORT, SLOT_INBOUND_V4, SLOT_INBOUND_V6, SLOT_TUNNEL_V4, SLOT_TUNNEL_V6, SockAddr, SockKey,
-    TUNNEL_PORT, map_v4,
+    INBOUND_PORT, OUTBOUND_PORT, SLOT_INBOUND_V4, SLOT_INBOUND_V6, SLOT_TUNNEL_V4, SLOT_TUNNEL_V6, TUNNEL_PORT,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::capture::Capture;
+use crate::capture::keys::sock_key;
 use crate::identity::Identity;
 use crate::identity::manager::CertManager;
-use crate::identity::revocation::PeerRegistry;
 use crate::netns::{Netns, NetnsError};
+use crate::outcome::{Counted, Direction, Refusal};
 use crate::state::Store;
 use crate::state::workload::ManagedPod;
 use limits::Side;
-use relay::{CloseReason, RelayOptions, RelayStats};
+use open::OpenConns;
+use relay::RelayOptions;
+use report::log_connection;
 
 /// Proxy settings shared by all pods.
 #[derive(Clone, Debug)]
@@ -74,7 +81,7 @@ pub struct Lifecycle {
 }
 
 /// What the proxies of all pods share: the state to find destinations in,
-/// certificates, the tunnel pool and the registry of authenticated peers.
+/// certificates, the tunnel pool and the register of open connections.
 #[derive(Debug)]
 pub struct Mesh {
     /// Cluster state.
@@ -83,8 +90,8 @@ pub struct Mesh {
     pub certs: Option<Arc<CertManager>>,
     /// Outbound tunnel connections.
     pub pool: Arc<pool::Pool>,
-    /// Inbound authenticated connections, for revocation.
-    pub peers: Arc<PeerRegistry>,
+    /// Open connections, swept on policy and trust changes.
+    pub open: Arc<OpenConns>,
     /// HTTP/2 settings of tunnels.
     pub h2: hbone::H2Settings,
     /// Outcome counters.
@@ -104,8 +111,6 @@ pub struct PodContext {
     pub identity: Option<Identity>,
     /// TLS configuration of its tunnel listener.
     pub tunnel_tls: Option<Arc<rustls::ServerConfig>>,
-    /// Its open inbound connections, for policy changes.
-    pub live: live::LiveConns,
     /// Shared mesh services.
     pub mesh: Arc<Mesh>,
     /// Settings.
@@ -186,28 +191,6 @@ impl PodListeners {
     }
 }
 
-/// Which listener a connection arrived on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Direction {
-    /// Captured from an app in the pod.
-    Outbound,
-    /// Plaintext to the pod.
-    Inbound,
-    /// HBONE to the pod.
-    Tunnel,
-}
-
-impl Direction {
-    /// The name used in logs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Direction::Outbound => "outbound",
-            Direction::Inbound => "inbound",
-            Direction::Tunnel => "inbound_tunnel",
-        }
-    }
-}
-
 async fn accept_loop(ctx: Arc<PodContext>, listener: TcpListener, dir: Direction) {
     loop {
         let stops = [&ctx.cancel, &ctx.lifecycle.stop_accepting];
@@ -249,9 +232,9 @@ async fn accept_loop(ctx: Arc<PodContext>, listener: TcpListener, dir: Direction
             // The permit is held until the handler is done.
             let outcome = match (dir, permit) {
                 // A tunnel connection carries many streams; each is logged.
-                (_, Permit::Tunnel(p)) => return tunnel::serve(ctx, stream, peer, p).await,
+                (_, Permit::Tunnel(p)) => return inbound_hbone::serve(ctx, stream, peer, p).await,
                 (Direction::Outbound, Permit::Connection(_held)) => outbound::handle(&ctx, stream, peer).await,
-                (_, Permit::Connection(_held)) => inbound::handle(&ctx, stream, peer).await,
+                (_, Permit::Connection(_held)) => inbound_plaintext::handle(&ctx, stream, peer).await,
             };
             log_connection(&ctx, dir, peer, &outcome, started);
         });
@@ -272,10 +255,12 @@ pub fn refuse(ctx: &PodContext, dir: Direction, stream: &TcpStream, peer: Socket
         // The handler that would have removed the app's entry never runs.
         let _ = ctx.capture.maps.orig_dst.remove(&sock_key(ctx.netns.cookie(), peer, 0));
     }
-    ctx.mesh.counters.count(dir.as_str(), "limit", Some(refusal.as_str()));
+    ctx.mesh
+        .counters
+        .count(dir, Counted::Limit, Some(Refusal::Limit(refusal)));
     // An outbound peer is the app's own loopback endpoint: the pod says it all.
     let peer = (dir != Direction::Outbound).then(|| peer.ip());
-    ctx.mesh.limits.refused(refusal, dir.as_str(), &ctx.pod.key, peer);
+    ctx.mesh.limits.refused(refusal, dir, &ctx.pod.key, peer);
 }
 
 /// The next accepted connection, or `None` once a `stops` token fired.
@@ -305,145 +290,6 @@ async fn next_connection(
     Some(accepted)
 }
 
-/// The result of handling one connection, for its log line.
-#[derive(Debug)]
-pub struct Outcome {
-    /// The destination the client asked for, when known.
-    pub dst: Option<SocketAddr>,
-    /// Byte counts and reason.
-    pub stats: RelayStats,
-    /// How it was carried: `hbone`, `passthrough` or `plaintext`.
-    pub transport: &'static str,
-    /// The authenticated peer, for tunnels.
-    pub peer_identity: Option<Identity>,
-    /// The policy that refused it, if one did.
-    pub policy: Option<String>,
-    /// Why a peer certificate was refused, when that ended it.
-    pub refusal: Option<&'static str>,
-}
-
-impl Outcome {
-    /// An outcome for a connection refused before relaying.
-    pub fn refused(dst: Option<SocketAddr>, reason: CloseReason) -> Self {
-        Outcome {
-            dst,
-            stats: RelayStats {
-                sent: 0,
-                received: 0,
-                reason: Some(reason),
-            },
-            transport: "plaintext",
-            peer_identity: None,
-            refusal: None,
-            policy: None,
-        }
-    }
-
-    /// An outcome of a relay.
-    pub fn relayed(dst: SocketAddr, stats: RelayStats, transport: &'static str) -> Self {
-        Outcome {
-            dst: Some(dst),
-            stats,
-            transport,
-            peer_identity: None,
-            refusal: None,
-            policy: None,
-        }
-    }
-}
-
-/// Logs the end of one proxied connection.
-pub fn log_connection(ctx: &PodContext, dir: Direction, src: SocketAddr, o: &Outcome, started: Instant) {
-    let reason = final_reason(ctx, o.stats.reason).as_str();
-    ctx.mesh.counters.count(dir.as_str(), reason, o.refusal);
-    let dst = o.dst.map(|d| d.to_string()).unwrap_or_default();
-    tracing::info!(
-        target: "nodeward::conn",
-        direction = dir.as_str(),
-        pod = %ctx.pod.key,
-        src = %unmap(src),
-        dst = %dst,
-        transport = o.transport,
-        peer_identity = o.peer_identity.as_ref().map(|i| i.to_string()),
-        refusal = o.refusal,
-        policy = o.policy.as_deref(),
-        sent = o.stats.sent,
-        received = o.stats.received,
-        duration_ms = started.elapsed().as_millis() as u64,
-        reason,
-        "connection closed"
-    );
-}
-
-/// Logs the AUDIT policies a connection matched and what its dry-run
-/// policies would have decided.
-pub fn log_audits(ctx: &PodContext, info: &crate::policy::ConnInfo, d: &crate::policy::Decision) {
-    for policy in &d.audited {
-        tracing::info!(
-            target: "nodeward::audit",
-            policy = %policy,
-            pod = %ctx.pod.key,
-            src = %info.src_ip,
-            principal = info.src_identity.as_ref().map(|i| i.principal()),
-            dst_port = info.dst_port,
-            allowed = d.allowed,
-            "audit"
-        );
-    }
-    for dry in &d.dry_run {
-        tracing::info!(
-            target: "nodeward::audit",
-            policy = %dry.policy,
-            pod = %ctx.pod.key,
-            src = %info.src_ip,
-            principal = info.src_identity.as_ref().map(|i| i.principal()),
-            dst_port = info.dst_port,
-            would = dry.would(),
-            allowed = d.allowed,
-            "dry-run"
-        );
-    }
-}
-
-/// A cancelled relay ended because of the pod or the agent; say which.
-pub fn final_reason(ctx: &PodContext, reason: Option<CloseReason>) -> CloseReason {
-    reason.unwrap_or(if ctx.lifecycle.hard_stop.is_cancelled() {
-        CloseReason::Shutdown
-    } else {
-        CloseReason::PodRemoved
-    })
-}
-
-/// Relays between an accepted connection and its upstream, then closes both
-/// (with a reset when the relay did not end cleanly).
-pub async fn relay_tcp(
-    ctx: &PodContext,
-    mut down: TcpStream,
-    mut up: TcpStream,
-    cancel: &CancellationToken,
-) -> RelayStats {
-    let stats = {
-        let (dr, dw) = down.split();
-        let (ur, uw) = up.split();
-        let size = ctx.config.relay.buffer_size;
-        let (mut ds, mut us) = (relay::StreamSource::new(dr, size), relay::StreamSource::new(ur, size));
-        relay::relay(
-            &mut ds,
-            &mut relay::StreamSink(dw),
-            &mut us,
-            &mut relay::StreamSink(uw),
-            ctx.config.relay,
-            cancel,
-        )
-        .await
-    };
-    if final_reason(ctx, stats.reason).resets() {
-        socket::reset(&down);
-        socket::reset(&up);
-    }
-    stats
-}
-
 /// An IPv4-mapped address as plain IPv4, for logs and connects.
 pub fn unmap(a: SocketAddr) -> SocketAddr {
     match a {
@@ -453,56 +299,6 @@ pub fn unmap(a: SocketAddr) -> SocketAddr {
         },
         v4 => v4,
     }
-}
-
-/// The key the eBPF maps use for an endpoint in a pod: `app_port` is the
-/// app port of a hop (`INBOUND_PEER`), 0 for an app's own endpoint
-/// (`ORIG_DST`).
-pub fn sock_key(netns: u64, a: SocketAddr, app_port: u16) -> SockKey {
-    SockKey {
-        netns,
-        addr: ip_words(a.ip()),
-        port: a.port(),
-        app_port,
-        pad: [0; 4],
-    }
-}
-
-/// The map form of a socket address.
-pub fn sock_addr(a: SocketAddr) -> SockAddr {
-    SockAddr {
-        addr: ip_words(a.ip()),
-        port: a.port(),
-        pad: [0; 6],
-    }
-}
-
-/// Map words of an address: IPv4 mapped into IPv6, network-order words.
-pub fn ip_words(ip: IpAddr) -> [u32; 4] {
-    match ip {
-        IpAddr::V4(v4) => map_v4(u32::from_ne_bytes(v4.octets())),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => map_v4(u32::from_ne_bytes(v4.octets())),
-            None => {
-                let o = v6.octets();
-                std::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
-            }
-        },
-    }
-}
-
-/// The socket address for map words and a port.
-pub fn from_words(words: [u32; 4], port: u16) -> SocketAddr {
-    let mut o = [0u8; 16];
-    for (i, w) in words.iter().enumerate() {
-        o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
-    }
-    let v6 = Ipv6Addr::from(o);
-    let ip = match v6.to_ipv4_mapped() {
-        Some(v4) => IpAddr::V4(v4),
-        None => IpAddr::V6(v6),
-    };
-    SocketAddr::new(ip, port)
 }
 
 #[cfg(test)]
@@ -526,20 +322,5 @@ mod tests {
             let r = std::io::Read::read(&mut &client, &mut buf);
             assert!(matches!(r, Ok(0) | Err(_)), "the waiting client is refused: {r:?}");
         }
-    }
-
-    #[test]
-    fn addresses_round_trip_through_map_words() {
-        for a in ["10.1.2.3:80", "[fd00::1:2]:443", "127.0.0.1:15001"] {
-            let a: SocketAddr = a.parse().unwrap();
-            assert_eq!(from_words(ip_words(a.ip()), a.port()), a);
-        }
-        let mapped: SocketAddr = "[::ffff:10.0.0.1]:5".parse().unwrap();
-        assert_eq!(from_words(ip_words(mapped.ip()), 5), "10.0.0.1:5".parse().unwrap());
-        // The kernel's network-order word for 10.0.0.1 is the octets in memory order.
-        assert_eq!(
-            ip_words("10.0.0.1".parse().unwrap())[3],
-            u32::from_ne_bytes([10, 0, 0, 1])
-        );
     }
 }

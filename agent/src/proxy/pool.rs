@@ -38,8 +38,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::hbone::H2Settings;
 use super::limits::{LimitConfig, Limits, Refusal, send_buffer_per_stream};
+use super::open::PeerRegistration;
 use crate::identity::Identity;
-use crate::identity::revocation::Registration;
 
 /// What identifies a reusable tunnel connection.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -82,7 +82,7 @@ pub struct Transport {
     /// Fires when the peer stops being trusted: the connection is closed.
     pub revoked: CancellationToken,
     /// The peer's registration for revocation, kept while the connection lives.
-    pub registration: Option<Registration>,
+    pub registration: Option<PeerRegistration>,
 }
 
 impl Transport {

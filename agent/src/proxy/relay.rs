@@ -1,4 +1,5 @@
-//! Copies bytes both ways between two connections: half-close propagates
+//! The one relay every proxied connection ends in ([`relay`]), plaintext
+//! or tunnel stream, either side. Copies bytes both ways: half-close propagates
 //! (a FIN on one side becomes a shutdown on the other), backpressure comes
 //! from awaiting each write before the next read, and the pair is closed
 //! after an idle period. Returns what a log line and metrics need.
@@ -16,7 +17,13 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::sync::CancellationToken;
+
+use super::report::final_reason;
+use super::{PodContext, socket};
+use crate::outcome::CloseReason;
 
 /// Where one direction of a relay reads from.
 pub trait Source: Send {
@@ -88,100 +95,6 @@ impl<W: AsyncWrite + Unpin + Send> Sink for StreamSink<W> {
     }
 }
 
-/// Why a proxied connection ended: a small fixed set, used in logs and metrics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CloseReason {
-    /// Both sides finished normally.
-    Done,
-    /// No bytes either way for the idle timeout.
-    IdleTimeout,
-    /// A side reset the connection or vanished.
-    PeerReset,
-    /// Another I/O error.
-    IoError,
-    /// The pod stopped being managed.
-    PodRemoved,
-    /// The agent's drain deadline passed.
-    Shutdown,
-    /// The upstream refused the connection.
-    ConnectRefused,
-    /// The upstream did not answer in time.
-    ConnectTimeout,
-    /// The upstream could not be reached (no route, unreachable).
-    ConnectFailed,
-    /// No original destination was recorded for a captured connection.
-    NoOriginalDestination,
-    /// The connection arrived on a port whose protocol is not served yet.
-    Unsupported,
-    /// A meshed destination, but this pod has no identity to tunnel with.
-    NoIdentity,
-    /// The tunnel could not be set up or the destination refused the stream.
-    TunnelRefused,
-    /// The peer did not finish the TLS/HTTP/2 handshake in time.
-    HandshakeTimeout,
-    /// The TLS handshake failed (see the refusal kind).
-    TlsRefused,
-    /// A tunnel request was invalid (method, authority, target).
-    BadRequest,
-    /// The peer's certificate was revoked or its identity denied meanwhile.
-    PeerRevoked,
-    /// Plaintext to a port whose mTLS mode is STRICT.
-    MtlsStrict,
-    /// Authorization policy denied it.
-    PolicyDenied,
-    /// A policy change no longer allows it.
-    PolicyChanged,
-    /// It was addressed to the agent itself (a pod's loopback listener or
-    /// an agent port), which would make the agent dial its own listeners.
-    LoopRefused,
-}
-
-impl CloseReason {
-    /// The stable name used in logs and metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CloseReason::Done => "done",
-            CloseReason::IdleTimeout => "idle_timeout",
-            CloseReason::PeerReset => "peer_reset",
-            CloseReason::IoError => "io_error",
-            CloseReason::PodRemoved => "pod_removed",
-            CloseReason::Shutdown => "shutdown",
-            CloseReason::ConnectRefused => "connect_refused",
-            CloseReason::ConnectTimeout => "connect_timeout",
-            CloseReason::ConnectFailed => "connect_failed",
-            CloseReason::NoOriginalDestination => "no_original_destination",
-            CloseReason::Unsupported => "unsupported",
-            CloseReason::NoIdentity => "no_identity",
-            CloseReason::TunnelRefused => "tunnel_refused",
-            CloseReason::HandshakeTimeout => "handshake_timeout",
-            CloseReason::TlsRefused => "tls_refused",
-            CloseReason::BadRequest => "bad_request",
-            CloseReason::PeerRevoked => "peer_revoked",
-            CloseReason::MtlsStrict => "mtls_strict",
-            CloseReason::PolicyDenied => "policy_denied",
-            CloseReason::PolicyChanged => "policy_changed",
-            CloseReason::LoopRefused => "loop_refused",
-        }
-    }
-
-    /// Whether the other side should see a reset rather than a clean close.
-    pub fn resets(self) -> bool {
-        !matches!(self, CloseReason::Done)
-    }
-
-    /// Classifies an I/O error.
-    pub fn from_io(e: &std::io::Error) -> Self {
-        use std::io::ErrorKind::*;
-        match e.kind() {
-            ConnectionReset | BrokenPipe | ConnectionAborted | UnexpectedEof => CloseReason::PeerReset,
-            ConnectionRefused => CloseReason::ConnectRefused,
-            TimedOut => CloseReason::ConnectTimeout,
-            HostUnreachable | NetworkUnreachable | AddrNotAvailable => CloseReason::ConnectFailed,
-            _ => CloseReason::IoError,
-        }
-    }
-}
-
 /// Buffer a direction starts with, before it proves to carry bulk data.
 const INITIAL_BUFFER: usize = 4096;
 
@@ -206,10 +119,79 @@ pub struct RelayOptions {
     pub buffer_size: usize,
 }
 
-/// Relays between downstream (`ds` read, `dk` written) and upstream (`us`,
-/// `uk`) until both directions finish, one fails, the idle timeout passes
-/// or `cancel` fires.
-pub async fn relay<DS, DK, US, UK>(
+/// One side of a proxied connection: a socket or a tunnel stream.
+pub trait Leg: Send {
+    /// What this side's bytes are read from.
+    type Source: Source;
+    /// What bytes for this side are written to.
+    type Sink: Sink;
+
+    /// Both halves, to move bytes each way at once.
+    fn halves(&mut self) -> (&mut Self::Source, &mut Self::Sink);
+
+    /// Tells the other end the connection did not end cleanly.
+    fn reset(&mut self);
+}
+
+/// A socket as one side of a relay.
+pub struct TcpLeg {
+    source: StreamSource<OwnedReadHalf>,
+    sink: StreamSink<OwnedWriteHalf>,
+}
+
+impl TcpLeg {
+    /// `s`, read in chunks of at most `buffer_size` bytes.
+    pub fn new(s: TcpStream, buffer_size: usize) -> Self {
+        let (r, w) = s.into_split();
+        TcpLeg {
+            source: StreamSource::new(r, buffer_size),
+            sink: StreamSink(w),
+        }
+    }
+}
+
+impl Leg for TcpLeg {
+    type Source = StreamSource<OwnedReadHalf>;
+    type Sink = StreamSink<OwnedWriteHalf>;
+
+    fn halves(&mut self) -> (&mut Self::Source, &mut Self::Sink) {
+        (&mut self.source, &mut self.sink)
+    }
+
+    fn reset(&mut self) {
+        socket::reset(self.source.r.as_ref());
+    }
+}
+
+/// Relays a connection of `ctx`'s pod between `down` (the accepted side)
+/// and `up` until it ends or `cancel` fires, then resets both sides unless
+/// it ended cleanly. `cut_by` says which sweep cancelled it, if one did:
+/// that wins over however the relay saw the end, since tearing a connection
+/// down also errors it.
+pub async fn relay(
+    ctx: &PodContext,
+    down: &mut impl Leg,
+    up: &mut impl Leg,
+    cancel: &CancellationToken,
+    cut_by: impl FnOnce() -> Option<CloseReason>,
+) -> RelayStats {
+    let (ds, dk) = down.halves();
+    let (us, uk) = up.halves();
+    let mut stats = pump(ds, dk, us, uk, ctx.config.relay, cancel).await;
+    if let Some(reason) = cut_by() {
+        stats.reason = Some(reason);
+    }
+    if final_reason(ctx, stats.reason).resets() {
+        down.reset();
+        up.reset();
+    }
+    stats
+}
+
+/// Moves bytes between downstream (`ds` read, `dk` written) and upstream
+/// (`us`, `uk`) until both directions finish, one fails, the idle timeout
+/// passes or `cancel` fires.
+pub async fn pump<DS, DK, US, UK>(
     ds: &mut DS,
     dk: &mut DK,
     us: &mut US,
@@ -294,7 +276,7 @@ mod tests {
             StreamSource::new(dr, o.buffer_size),
             StreamSource::new(ur, o.buffer_size),
         );
-        relay(&mut ds, &mut StreamSink(dw), &mut us, &mut StreamSink(uw), o, cancel).await
+        pump(&mut ds, &mut StreamSink(dw), &mut us, &mut StreamSink(uw), o, cancel).await
     }
 
     fn opts(idle_ms: u64) -> RelayOptions {

@@ -1,10 +1,7 @@
-//! Inbound plaintext: a connection to the pod, steered to 15006 by sk_lookup.
-//!
-//! sk_lookup does not rewrite packets, so the accepted socket's local
-//! address *is* the original destination. The agent connects to it from
-//! inside the pod (loopback delivery, which sk_lookup leaves alone) and
-//! registers its hop's endpoint so the app's `accept()`/`getpeername()`
-//! report the real client. The tunnel listener reuses [`connect_app`].
+//! The hop into the pod: the agent's own connection to the app, which both
+//! inbound steps (plaintext and tunnel streams) end in. It comes from the
+//! pod's loopback, and the real client is filed for the app's
+//! `accept()`/`getpeername()` before the SYN leaves.
 
 #![forbid(unsafe_code)]
 
@@ -14,66 +11,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use nodeward_common::{INBOUND_PORT, OUTBOUND_PORT, TUNNEL_PORT};
 use tokio::net::TcpStream;
 
-use super::relay::CloseReason;
-use super::{Outcome, PodContext, log_audits, relay_tcp, sock_addr, sock_key, socket, unmap};
-use crate::policy::ConnInfo;
-use crate::policy::model::Mode;
-
-/// Handles one inbound plaintext connection: refused on a STRICT port,
-/// otherwise authorized without a principal (PERMISSIVE), then relayed.
-pub async fn handle(ctx: &PodContext, down: TcpStream, peer: SocketAddr) -> Outcome {
-    let dst = match down.local_addr() {
-        Ok(a) => unmap(a),
-        Err(_) => return Outcome::refused(None, CloseReason::IoError),
-    };
-    if dst.ip().is_loopback() {
-        // Only an app inside the pod can reach the listener by its loopback
-        // address (sk_lookup hands over outside traffic with the pod's IP as
-        // local address); relaying it would dial this listener again.
-        socket::reset(&down);
-        return Outcome::refused(Some(dst), CloseReason::LoopRefused);
-    }
-    let client = unmap(peer);
-    let snap = ctx.mesh.store.current();
-    let Some(pod) = snap.pods.get(&ctx.pod.key).cloned() else {
-        socket::reset(&down);
-        return Outcome::refused(Some(dst), CloseReason::PodRemoved);
-    };
-    if snap.mtls(&pod).mode(dst.port()) == Mode::Strict {
-        socket::reset(&down);
-        return Outcome::refused(Some(dst), CloseReason::MtlsStrict);
-    }
-    let info = ConnInfo {
-        src_ip: client.ip(),
-        src_identity: None,
-        dst_ip: dst.ip(),
-        dst_port: dst.port(),
-    };
-    let decision = snap.authorize(&pod, &info);
-    log_audits(ctx, &info, &decision);
-    if !decision.allowed {
-        socket::reset(&down);
-        let mut o = Outcome::refused(Some(dst), CloseReason::PolicyDenied);
-        o.refusal = Some(decision.reason);
-        o.policy = decision.policy;
-        return o;
-    }
-    let live = ctx.live.register(info, &ctx.cancel);
-    let up = match connect_app(ctx, dst, client).await {
-        Ok(c) => c,
-        Err(e) => {
-            // The app's port is closed (or worse): the client must see a
-            // reset, as it would without the mesh, not a hang.
-            socket::reset(&down);
-            return Outcome::refused(Some(dst), close_reason(&e));
-        }
-    };
-    let mut stats = relay_tcp(ctx, down, up, &live.cancel).await;
-    if live.closed_by_policy() {
-        stats.reason = Some(CloseReason::PolicyChanged);
-    }
-    Outcome::relayed(dst, stats, "plaintext")
-}
+use super::{PodContext, socket};
+use crate::capture::keys::{sock_addr, sock_key};
+use crate::outcome::CloseReason;
 
 /// Connects to the app at `dst` from inside the pod, so that the app sees
 /// `client` as its peer.

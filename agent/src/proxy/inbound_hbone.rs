@@ -26,14 +26,16 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use super::hbone::{parse_authority, parse_forwarded_for, stream_halves};
-use super::inbound::{close_reason, connect_app};
+use super::hbone::{H2Stream, parse_authority, parse_forwarded_for};
+use super::hop::{close_reason, connect_app};
 use super::limits::{Side, TunnelPermit, send_buffer_per_stream};
-use super::relay::{self, CloseReason, StreamSink, StreamSource};
-use super::{Direction, Outcome, PodContext, final_reason, log_audits, log_connection, socket, unmap};
+use super::relay::{TcpLeg, relay};
+use super::report::{Outcome, log_audits, log_connection};
+use super::{PodContext, socket, unmap};
 use crate::identity::Identity;
 use crate::identity::tls::peer_identity;
 use crate::identity::verify::{Role, refusal_of_io};
+use crate::outcome::{CertRefusal, CloseReason, Counted, Direction, Refusal, Transport, TunnelEnd};
 use crate::policy::ConnInfo;
 
 /// Stream resets a client may make at once before the rapid-reset guard
@@ -84,10 +86,8 @@ impl ResetGuard {
 pub async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr, mut permit: TunnelPermit) {
     let started = Instant::now();
     let peer = unmap(peer);
-    let refused = |reason: CloseReason, refusal: Option<&'static str>| {
-        let mut o = Outcome::refused(None, reason);
-        o.transport = "hbone";
-        o.refusal = refusal;
+    let refused = |reason: CloseReason, refusal: Option<Refusal>| {
+        let o = Outcome::refused(None, reason).via(Transport::Hbone).refusal(refusal);
         log_connection(&ctx, Direction::Tunnel, peer, &o, started);
     };
     if tcp.local_addr().map_or(true, |a| unmap(a).ip().is_loopback()) {
@@ -104,8 +104,8 @@ pub async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr, mut p
     let tls = match tokio::time::timeout(settings.handshake_timeout, TlsAcceptor::from(tls_config).accept(tcp)).await {
         Err(_) => return refused(CloseReason::HandshakeTimeout, None),
         Ok(Err(e)) => {
-            let refusal = refusal_of_io(&e).map(|r| r.as_str()).unwrap_or("tls_error");
-            tracing::warn!(pod = %ctx.pod.key, %peer, refusal, "tunnel handshake refused: {e}");
+            let refusal = refusal_of_io(&e).map_or(Refusal::TlsError, Refusal::Cert);
+            tracing::warn!(pod = %ctx.pod.key, %peer, refusal = refusal.as_str(), "tunnel handshake refused: {e}");
             return refused(CloseReason::TlsRefused, Some(refusal));
         }
         Ok(Ok(tls)) => tls,
@@ -117,14 +117,17 @@ pub async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr, mut p
         .map(<[_]>::to_vec)
         .unwrap_or_default();
     let Some(peer_id) = peer_identity(Some(&chain)) else {
-        return refused(CloseReason::TlsRefused, Some("bad_certificate"));
+        return refused(
+            CloseReason::TlsRefused,
+            Some(Refusal::Cert(CertRefusal::BadCertificate)),
+        );
     };
     let Some(certs) = &ctx.mesh.certs else {
         return refused(CloseReason::NoIdentity, None);
     };
     let cancel = ctx.cancel.child_token();
     // Checked again once filed: a trust change during the handshake is not missed.
-    let _registration = match ctx.mesh.peers.register(
+    let _registration = match ctx.mesh.open.register(
         peer_id.clone(),
         &chain,
         Role::Client,
@@ -134,7 +137,7 @@ pub async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr, mut p
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(pod = %ctx.pod.key, %peer, peer_identity = %peer_id, refusal = e.refusal.as_str(), "tunnel peer refused after the handshake: {}", e.detail);
-            return refused(CloseReason::TlsRefused, Some(e.refusal.as_str()));
+            return refused(CloseReason::TlsRefused, Some(Refusal::Cert(e.refusal)));
         }
     };
 
@@ -156,7 +159,7 @@ pub async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr, mut p
         Err(_) => return refused(CloseReason::HandshakeTimeout, None),
         Ok(Err(e)) => {
             tracing::warn!(pod = %ctx.pod.key, %peer, peer_identity = %peer_id, "tunnel HTTP/2 handshake failed: {e}");
-            return refused(CloseReason::BadRequest, Some("http2_handshake"));
+            return refused(CloseReason::BadRequest, Some(Refusal::Http2Handshake));
         }
         Ok(Ok(c)) => c,
     };
@@ -173,11 +176,11 @@ pub async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr, mut p
                 let resets = guard.resets.load(Ordering::Relaxed);
                 tracing::warn!(pod = %ctx.pod.key, %peer, peer_identity = %peer_id, streams, resets, "closing tunnel connection: rapid stream resets");
                 conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
-                break "rapid_reset";
+                break TunnelEnd::RapidReset;
             }
             _ = cancel.cancelled() => {
                 conn.abrupt_shutdown(h2::Reason::CANCEL);
-                break "cancelled";
+                break TunnelEnd::Cancelled;
             }
             _ = draining.cancelled(), if !going_away => {
                 // Drain: GOAWAY, so the peer opens no new stream here; the
@@ -186,17 +189,17 @@ pub async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr, mut p
                 going_away = true;
             }
             next = conn.accept() => match next {
-                None => break "closed",
+                None => break TunnelEnd::Closed,
                 Some(Err(e)) => {
                     // Floods of streams or resets end here (GOAWAY sent by h2).
                     tracing::warn!(pod = %ctx.pod.key, %peer, peer_identity = %peer_id, "tunnel connection error: {e}");
-                    break "protocol_error";
+                    break TunnelEnd::ProtocolError;
                 }
                 Some(Ok((_, mut respond))) if draining.is_cancelled() => {
                     // A stream the peer opened before it saw the GOAWAY is
                     // a new connection all the same: refused while draining.
                     respond.send_reset(h2::Reason::REFUSED_STREAM);
-                    ctx.mesh.counters.count(Direction::Tunnel.as_str(), CloseReason::Shutdown.as_str(), None);
+                    ctx.mesh.counters.count(Direction::Tunnel, Counted::Closed(CloseReason::Shutdown), None);
                 }
                 Some(Ok((req, mut respond))) => {
                     streams += 1;
@@ -207,8 +210,8 @@ pub async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr, mut p
                         Err(refusal) => {
                             let resp = Response::builder().status(StatusCode::SERVICE_UNAVAILABLE).body(()).expect("valid status response");
                             let _ = respond.send_response(resp, true);
-                            ctx.mesh.counters.count(Direction::Tunnel.as_str(), "limit", Some(refusal.as_str()));
-                            ctx.mesh.limits.refused(refusal, Direction::Tunnel.as_str(), &ctx.pod.key, Some(peer.ip()));
+                            ctx.mesh.counters.count(Direction::Tunnel, Counted::Limit, Some(Refusal::Limit(refusal)));
+                            ctx.mesh.limits.refused(refusal, Direction::Tunnel, &ctx.pod.key, Some(peer.ip()));
                             continue;
                         }
                     };
@@ -221,11 +224,11 @@ pub async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr, mut p
             }
         }
     };
-    if end == "closed" {
+    if end == TunnelEnd::Closed {
         // Let streams in flight finish their exchange.
         let _ = std::future::poll_fn(|cx| conn.poll_closed(cx)).await;
     }
-    tracing::debug!(pod = %ctx.pod.key, %peer, peer_identity = %peer_id, streams, end, "tunnel connection closed");
+    tracing::debug!(pod = %ctx.pod.key, %peer, peer_identity = %peer_id, streams, end = end.as_str(), "tunnel connection closed");
 }
 
 async fn stream(
@@ -238,12 +241,11 @@ async fn stream(
     resets: &ResetGuard,
 ) {
     let started = Instant::now();
-    let outcome = |dst: Option<SocketAddr>, reason: CloseReason, refusal: Option<&'static str>| {
-        let mut o = Outcome::refused(dst, reason);
-        o.transport = "hbone";
-        o.peer_identity = Some(peer_id.clone());
-        o.refusal = refusal;
-        o
+    let outcome = |dst: Option<SocketAddr>, reason: CloseReason, refusal: Option<Refusal>| {
+        Outcome::refused(dst, reason)
+            .via(Transport::Hbone)
+            .peer(peer_id.clone())
+            .refusal(refusal)
     };
     let reject = |respond: &mut SendResponse<Bytes>, status: StatusCode| {
         let resp = Response::builder()
@@ -254,17 +256,17 @@ async fn stream(
     };
     if req.method() != Method::CONNECT {
         reject(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
-        let o = outcome(None, CloseReason::BadRequest, Some("method_not_allowed"));
+        let o = outcome(None, CloseReason::BadRequest, Some(Refusal::MethodNotAllowed));
         return log_connection(ctx, Direction::Tunnel, peer, &o, started);
     }
     let Some(dst) = req.uri().authority().and_then(|a| parse_authority(a.as_str())) else {
         reject(&mut respond, StatusCode::BAD_REQUEST);
-        let o = outcome(None, CloseReason::BadRequest, Some("malformed_authority"));
+        let o = outcome(None, CloseReason::BadRequest, Some(Refusal::MalformedAuthority));
         return log_connection(ctx, Direction::Tunnel, peer, &o, started);
     };
     if !ctx.pod.ips.contains(&dst.ip()) {
         reject(&mut respond, StatusCode::FORBIDDEN);
-        let o = outcome(Some(dst), CloseReason::BadRequest, Some("not_this_pod"));
+        let o = outcome(Some(dst), CloseReason::BadRequest, Some(Refusal::NotThisPod));
         return log_connection(ctx, Direction::Tunnel, peer, &o, started);
     }
     let snap = ctx.mesh.store.current();
@@ -283,11 +285,15 @@ async fn stream(
     log_audits(ctx, &info, &decision);
     if !decision.allowed {
         reject(&mut respond, StatusCode::FORBIDDEN);
-        let mut o = outcome(Some(dst), CloseReason::PolicyDenied, Some(decision.reason));
+        let mut o = outcome(
+            Some(dst),
+            CloseReason::PolicyDenied,
+            Some(Refusal::Policy(decision.reason)),
+        );
         o.policy = decision.policy;
         return log_connection(ctx, Direction::Tunnel, peer, &o, started);
     }
-    let live = ctx.live.register(info, cancel);
+    let open = ctx.mesh.open.register_conn(&ctx.pod.key, info, cancel);
     // The tunnel's source is the client pod (authenticated by mTLS); the
     // forwarded header may only add the client's port.
     let client = req
@@ -312,49 +318,29 @@ async fn stream(
             // Reset by the peer before we answered: counted for the
             // connection's rapid-reset guard, logged with it, not here.
             resets.reset_at(Instant::now());
-            ctx.mesh.counters.count(Direction::Tunnel.as_str(), "early_reset", None);
+            ctx.mesh.counters.count(Direction::Tunnel, Counted::EarlyReset, None);
             return;
         }
     };
-    let (mut tunnel_send, mut tunnel_recv) = stream_halves(send, req.into_body());
-    let mut up = up;
-    let stats = {
-        let (ur, uw) = up.split();
-        let (mut us, mut uk) = (StreamSource::new(ur, ctx.config.relay.buffer_size), StreamSink(uw));
-        relay::relay(
-            &mut tunnel_recv,
-            &mut tunnel_send,
-            &mut us,
-            &mut uk,
-            ctx.config.relay,
-            &live.cancel,
-        )
-        .await
+    let size = ctx.config.relay.buffer_size;
+    let (mut down, mut up) = (H2Stream::new(send, req.into_body()), TcpLeg::new(up, size));
+    // A policy sweep cut the stream, or the trust sweep its connection.
+    let cut_by = || {
+        open.cut_by()
+            .or((cancel.is_cancelled() && !ctx.cancel.is_cancelled()).then_some(CloseReason::PeerRevoked))
     };
-    // Who cancelled wins over however the relay saw the end: tearing the
-    // connection down also errors its streams.
-    let mut stats = stats;
-    if live.closed_by_policy() {
-        stats.reason = Some(CloseReason::PolicyChanged);
-    } else if cancel.is_cancelled() && !ctx.cancel.is_cancelled() {
-        stats.reason = Some(CloseReason::PeerRevoked);
-    }
-    if final_reason(ctx, stats.reason).resets() {
-        socket::reset(&up);
-        tunnel_send.reset();
-    }
+    let stats = relay(ctx, &mut down, &mut up, &open.cancel, cut_by).await;
     if stats.reason == Some(CloseReason::PeerReset) {
         // Every client reset counts for the guard, also after the app spoke.
         resets.reset_at(Instant::now());
         if stats.sent == 0 && stats.received == 0 {
             // Opened and cancelled without a byte: counted for the
             // connection rather than logged one by one.
-            ctx.mesh.counters.count(Direction::Tunnel.as_str(), "early_reset", None);
+            ctx.mesh.counters.count(Direction::Tunnel, Counted::EarlyReset, None);
             return;
         }
     }
-    let mut o = Outcome::relayed(dst, stats, "hbone");
-    o.peer_identity = Some(peer_id);
+    let o = Outcome::relayed(dst, stats, Transport::Hbone).peer(peer_id);
     log_connection(ctx, Direction::Tunnel, client, &o, started);
 }
 
