@@ -64,6 +64,23 @@ fn ca_command(command: CaCommand) -> anyhow::Result<()> {
             };
             print!("{}", ca_cli::intermediate(&from, signer, &out)?);
         }
+        CaCommand::Serve(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(async {
+                use tokio::signal::unix::{SignalKind, signal};
+                let stop = tokio_util::sync::CancellationToken::new();
+                let mut term = signal(SignalKind::terminate())?;
+                let mut int = signal(SignalKind::interrupt())?;
+                let serving = tokio::spawn(nodeward::ca_service::server::serve(*args, stop.clone()));
+                tokio::select! {
+                    r = serving => return r?.map_err(anyhow::Error::from),
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                stop.cancel();
+                anyhow::Ok(())
+            })?;
+        }
         CaCommand::Revoke {
             ca: dir,
             as_root,
