@@ -153,6 +153,12 @@ impl CertManager {
     /// that will carry its calls.
     pub fn start(config: IdentityConfig) -> Result<Arc<CertManager>, CaError> {
         let issuer = load_issuer(&config.ca)?;
+        Ok(CertManager::with_issuer(config, issuer))
+    }
+
+    /// A manager over a given issuer (tests substitute one); `config.ca`
+    /// still names the files whose change reloads it.
+    pub fn with_issuer(config: IdentityConfig, issuer: Arc<dyn Issuer>) -> Arc<CertManager> {
         let mut ca_files: Vec<WatchedFile> = watched(&config.ca).into_iter().map(WatchedFile::new).collect();
         for f in &mut ca_files {
             f.changed();
@@ -175,7 +181,7 @@ impl CertManager {
             trust_domain = %config.trust_domain,
             "certificate authority loaded"
         );
-        Ok(Arc::new(CertManager {
+        Arc::new(CertManager {
             config,
             chain_seen: Mutex::new(issuer.chain()),
             issuer: RwLock::new(issuer),
@@ -187,7 +193,7 @@ impl CertManager {
             requests: Mutex::new(BTreeMap::new()),
             failures_total: AtomicU64::new(0),
             wake: tokio::sync::Notify::new(),
-        }))
+        })
     }
 
     /// The trust store every verifier reads.
@@ -504,4 +510,102 @@ fn unit_random() -> f64 {
     let mut b = [0u8; 2];
     let _ = ring::rand::SystemRandom::new().fill(&mut b);
     f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+    use crate::identity::authority::IssuedCert;
+
+    /// A CA service stand-in: the local CA behind a switch.
+    #[derive(Debug)]
+    struct Flaky {
+        ca: Authority,
+        down: AtomicBool,
+    }
+
+    impl Issuer for Flaky {
+        fn issue(&self, id: &Identity, lifetime: Duration) -> Result<IssuedCert, IssueError> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(IssueError::Unavailable("connection refused".into()));
+            }
+            Ok(self.ca.issue(id, lifetime)?)
+        }
+        fn roots(&self) -> Vec<CertificateDer<'static>> {
+            self.ca.roots().to_vec()
+        }
+        fn chain(&self) -> Vec<CertificateDer<'static>> {
+            self.ca.chain().to_vec()
+        }
+        fn describe(&self) -> String {
+            "flaky".into()
+        }
+        fn is_local(&self) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn a_ca_service_outage_keeps_current_certificates_retries_with_backoff_and_says_so() {
+        let d = std::env::temp_dir().join(format!("nodeward-manager-flaky-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        super::super::ca_cli::init(&d).unwrap();
+        let flaky = Arc::new(Flaky {
+            ca: Authority::load(&d).unwrap(),
+            down: AtomicBool::new(false),
+        });
+        let config = IdentityConfig {
+            trust_domain: "cluster.local".into(),
+            ca: CaSource::Dir(d.clone()),
+            cert_lifetime: Duration::from_secs(2),
+            crl_files: Vec::new(),
+            deny_file: None,
+            unknown_status: UnknownStatus::Accept,
+        };
+        let m = CertManager::with_issuer(config, flaky.clone());
+        let web = Identity::new("cluster.local", "shop", "web");
+        m.acquire(&web).unwrap();
+        assert!(m.current(&web).is_none(), "a CA service is asked by housekeeping, not inline");
+        m.tick();
+        let first = m.current(&web).expect("issued on the next tick");
+
+        // The service goes away past the renewal point.
+        flaky.down.store(true, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(1200));
+        m.tick();
+        assert_eq!(m.failures(), 1);
+        assert!(Arc::ptr_eq(&m.current(&web).unwrap(), &first), "the current certificate keeps serving");
+        m.tick();
+        assert_eq!(m.failures(), 1, "no retry before the backoff");
+        let problems = m.problems().join("\n");
+        assert!(problems.contains("renewal failing") && problems.contains("connection refused"), "{problems}");
+        assert!(m.stats().contains("result=\"unavailable\"} 1"), "{}", m.stats());
+
+        // A new identity meanwhile gets nothing, and readiness says so.
+        let db = Identity::new("cluster.local", "shop", "db");
+        m.acquire(&db).unwrap();
+        m.tick();
+        assert!(m.current(&db).is_none());
+        assert!(m.problems().iter().any(|p| p.contains("shop/sa/db: no certificate")));
+
+        // Back: renewal resumes once the backoff has passed.
+        flaky.down.store(false, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(600));
+        m.tick();
+        assert!(!Arc::ptr_eq(&m.current(&web).unwrap(), &first), "renewed");
+        assert!(m.current(&db).is_some());
+        assert!(m.problems().is_empty(), "{:?}", m.problems());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_thirty_seconds() {
+        for attempt in 1..40 {
+            let b = backoff(attempt);
+            let full = Duration::from_millis(500 * (1u64 << (attempt - 1).min(6))).min(Duration::from_secs(30));
+            assert!(b >= full / 2 && b <= full, "attempt {attempt}: {b:?}");
+        }
+    }
 }
