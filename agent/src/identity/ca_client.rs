@@ -95,8 +95,9 @@ impl std::fmt::Debug for CaClient {
 }
 
 impl CaClient {
-    /// Reads the roots and prepares TLS; `runtime` runs the calls (the
-    /// manager calls from a blocking thread).
+    /// Reads the roots and prepares TLS; `runtime` (multi-threaded: a
+    /// current-thread runtime's IO is driven only by its own `block_on`)
+    /// runs the calls, which the manager makes from a blocking thread.
     pub fn new(config: CaClientConfig, runtime: tokio::runtime::Handle) -> Result<CaClient, CaError> {
         let (host, port) = parse_address(&config.address).map_err(|message| CaError::Invalid {
             file: config.root_file.clone(),
