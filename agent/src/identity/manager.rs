@@ -374,7 +374,10 @@ impl CertManager {
                     reissue_all = true;
                 }
                 Err(e) => {
-                    let msg = format!("CA files rejected, still using the previous ones: {e}");
+                    let msg = match &self.config.ca {
+                        CaSource::Dir(_) => format!("CA directory rejected, still signing with the previous CA: {e}"),
+                        CaSource::Service(_) => format!("CA root file rejected, still using the previous roots: {e}"),
+                    };
                     let mut p = self.ca_problem.lock().unwrap_or_else(|e| e.into_inner());
                     if p.as_deref() != Some(msg.as_str()) {
                         tracing::error!("{msg}");
