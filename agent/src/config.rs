@@ -107,6 +107,9 @@ pub enum CaCommand {
         /// Directory to write.
         #[arg(long, env = "NODEWARD_CA_OUT")]
         out: PathBuf,
+        /// Levels of further CAs the intermediate may sign (0: workloads only).
+        #[arg(long, env = "NODEWARD_CA_PATH_LEN", default_value_t = 0)]
+        path_len: u8,
     },
     /// Issue a further intermediate CA.
     Intermediate {

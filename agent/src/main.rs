@@ -49,8 +49,8 @@ fn run_agent(config: Config) -> anyhow::Result<()> {
 
 fn ca_command(command: CaCommand) -> anyhow::Result<()> {
     match command {
-        CaCommand::Init { out } => {
-            print!("{}", ca_cli::init(&out)?);
+        CaCommand::Init { out, path_len } => {
+            print!("{}", ca_cli::init_with_path_len(&out, path_len)?);
             println!(
                 "keep {} offline: the agent needs only ca-cert.pem, ca-key.pem, root-cert.pem and cert-chain.pem",
                 out.join(ca::ROOT_KEY).display()

@@ -142,7 +142,15 @@ fn the_ca_service_refuses_another_nodes_pods_and_bad_tokens() {
     ca.start(&t);
     let node1 = t.nodes[0].name.clone();
     let agent_token = |aud: &str, exp_offset: i64, signer: &TokenSigner| {
-        let mut c = k8s_claims(ISSUER, aud, NODE_AGENT.0, NODE_AGENT.1, "nodeward-x", &node1, now() - 10);
+        let mut c = k8s_claims(
+            ISSUER,
+            aud,
+            NODE_AGENT.0,
+            NODE_AGENT.1,
+            "nodeward-x",
+            &node1,
+            now() - 10,
+        );
         c["exp"] = (now() + exp_offset).into();
         signer.sign(&c)
     };
@@ -152,23 +160,46 @@ fn the_ca_service_refuses_another_nodes_pods_and_bad_tokens() {
 
     // Node 1's agent asking for pod c of node 2.
     refused(ask(&t, &ca, &good, id("c")), 7, "is scheduled on node");
-    refused(ask(&t, &ca, &agent_token("other", 3600, &ca.signer), id("a")), 16, "audience");
-    refused(ask(&t, &ca, &agent_token("istio-ca", -600, &ca.signer), id("a")), 16, "expired");
-    let stranger = TokenSigner::generate("test-issuer-1");
-    refused(ask(&t, &ca, &agent_token("istio-ca", 3600, &stranger), id("a")), 16, "signature");
-    let body = URL_SAFE_NO_PAD.encode(
-        k8s_claims(ISSUER, "istio-ca", NODE_AGENT.0, NODE_AGENT.1, "x", &node1, now()).to_string(),
+    refused(
+        ask(&t, &ca, &agent_token("other", 3600, &ca.signer), id("a")),
+        16,
+        "audience",
     );
+    refused(
+        ask(&t, &ca, &agent_token("istio-ca", -600, &ca.signer), id("a")),
+        16,
+        "expired",
+    );
+    let stranger = TokenSigner::generate("test-issuer-1");
+    refused(
+        ask(&t, &ca, &agent_token("istio-ca", 3600, &stranger), id("a")),
+        16,
+        "signature",
+    );
+    let body = URL_SAFE_NO_PAD
+        .encode(k8s_claims(ISSUER, "istio-ca", NODE_AGENT.0, NODE_AGENT.1, "x", &node1, now()).to_string());
     let none = format!("{}.{body}.", URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"JWT"}"#));
     refused(ask(&t, &ca, &none, id("a")), 16, "algorithm");
     // A workload's own token gets its own identity only.
-    let own = ca.signer.sign(&k8s_claims(ISSUER, "istio-ca", "mesh", "b", "b", &node1, now()));
+    let own = ca
+        .signer
+        .sign(&k8s_claims(ISSUER, "istio-ca", "mesh", "b", "b", &node1, now()));
     ask(&t, &ca, &own, id("b")).expect("own identity");
     refused(ask(&t, &ca, &own, id("a")), 7, "may not obtain");
 
     let log = ca.dump();
-    for reason in ["not_on_node", "wrong_audience", "expired", "bad_signature", "algorithm", "not_own_identity"] {
-        assert!(log.contains(&format!("reason=\"{reason}\"")) || log.contains(&format!("reason={reason}")), "{reason} not logged:\n{log}");
+    for reason in [
+        "not_on_node",
+        "wrong_audience",
+        "expired",
+        "bad_signature",
+        "algorithm",
+        "not_own_identity",
+    ] {
+        assert!(
+            log.contains(&format!("reason=\"{reason}\"")) || log.contains(&format!("reason={reason}")),
+            "{reason} not logged:\n{log}"
+        );
     }
     ca.kill();
 }
@@ -183,7 +214,10 @@ fn with_the_ca_service_down_tunnels_keep_working_a_new_pod_is_refused_and_renewa
     wait_issued(&t, 0, &id("a"), WAIT);
     wait_issued(&t, 1, &id("c"), WAIT);
     let (a, c) = (t.pod("a").clone(), t.pod("c").clone());
-    let _s = [serve(&c.netns, c.v4(8080), info_echo), serve(&a.netns, a.v4(8081), info_echo)];
+    let _s = [
+        serve(&c.netns, c.v4(8080), info_echo),
+        serve(&a.netns, a.v4(8081), info_echo),
+    ];
     round_trip(&a.netns, c.v4(8080), b"before\n").expect("a reaches c");
 
     ca.kill();
@@ -195,7 +229,10 @@ fn with_the_ca_service_down_tunnels_keep_working_a_new_pod_is_refused_and_renewa
     t.agent(1)
         .wait_log(WAIT, |l| l["message"] == "pod captured" && l["pod"] == "mesh/e")
         .unwrap_or_else(|| panic!("e not captured:\n{}", t.agent(1).dump()));
-    assert!(round_trip(&e.netns, a.v4(8081), b"plaintext?\n").is_err(), "e reached a without an identity");
+    assert!(
+        round_trip(&e.netns, a.v4(8081), b"plaintext?\n").is_err(),
+        "e reached a without an identity"
+    );
     let l = t
         .agent(1)
         .wait_connection("outbound", &a.v4(8081).to_string(), WAIT)
@@ -213,7 +250,9 @@ fn with_the_ca_service_down_tunnels_keep_working_a_new_pod_is_refused_and_renewa
     let failed = t
         .agent(0)
         .wait_log(Duration::from_secs(20), |l| {
-            l["message"].as_str().is_some_and(|m| m.starts_with("certificate request failed"))
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("certificate request failed"))
                 && l["has_certificate"] == true
         })
         .unwrap_or_else(|| panic!("no failed renewal logged:\n{}", t.agent(0).dump()));

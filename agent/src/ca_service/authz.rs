@@ -88,15 +88,18 @@ pub fn authorize(
     if want == own {
         return Ok(own);
     }
-    let is_node_agent =
-        claims.namespace == rules.node_agent.0 && claims.service_account == rules.node_agent.1;
+    let is_node_agent = claims.namespace == rules.node_agent.0 && claims.service_account == rules.node_agent.1;
     if !is_node_agent {
         return Err(AuthzError::NotOwnIdentity {
             caller: own.to_string(),
             requested: want.to_string(),
         });
     }
-    let node = claims.node.as_deref().filter(|n| !n.is_empty()).ok_or(AuthzError::NoNode)?;
+    let node = claims
+        .node
+        .as_deref()
+        .filter(|n| !n.is_empty())
+        .ok_or(AuthzError::NoNode)?;
     let scheduled = pods.pods.values().any(|p| {
         p.node_name == node
             && p.namespace == want.namespace
@@ -180,7 +183,10 @@ mod tests {
     #[test]
     fn the_node_agent_gets_only_identities_of_pods_on_its_node() {
         let agent1 = claims("nodeward-system", "nodeward", Some("node-1"));
-        assert_eq!(authorize(&agent1, Some(WEB), &rules(), &pods()).unwrap().to_string(), WEB);
+        assert_eq!(
+            authorize(&agent1, Some(WEB), &rules(), &pods()).unwrap().to_string(),
+            WEB
+        );
         assert_eq!(
             authorize(&agent1, Some(DB), &rules(), &pods()),
             Err(AuthzError::NotOnNode {
@@ -194,7 +200,10 @@ mod tests {
             Err(AuthzError::NotOnNode { .. })
         ));
         let nodeless = claims("nodeward-system", "nodeward", None);
-        assert_eq!(authorize(&nodeless, Some(WEB), &rules(), &pods()), Err(AuthzError::NoNode));
+        assert_eq!(
+            authorize(&nodeless, Some(WEB), &rules(), &pods()),
+            Err(AuthzError::NoNode)
+        );
     }
 
     #[test]

@@ -120,7 +120,7 @@ impl KeySet {
             message,
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        KeySet::parse(&text).map_err(|m| err(m))
+        KeySet::parse(&text).map_err(err)
     }
 
     /// Parses JWKS text; the error says what is wrong.
@@ -163,7 +163,12 @@ impl KeySet {
     }
 
     fn find(&self, kid: Option<&str>, alg: &str) -> Result<&PublicKey, JwtError> {
-        let fits = |k: &PublicKey| matches!((alg, k), ("RS256", PublicKey::Rsa { .. }) | ("ES256", PublicKey::P256(_)));
+        let fits = |k: &PublicKey| {
+            matches!(
+                (alg, k),
+                ("RS256", PublicKey::Rsa { .. }) | ("ES256", PublicKey::P256(_))
+            )
+        };
         let mut found = self
             .keys
             .iter()
@@ -247,8 +252,8 @@ pub fn verify(token: &str, keys: &KeySet, expected: &Expected, now: i64) -> Resu
             .decode(s)
             .map_err(|e| JwtError::Malformed(format!("{what}: {e}")))
     };
-    let header: Header = serde_json::from_slice(&decode(h, "header")?)
-        .map_err(|e| JwtError::Malformed(format!("header: {e}")))?;
+    let header: Header =
+        serde_json::from_slice(&decode(h, "header")?).map_err(|e| JwtError::Malformed(format!("header: {e}")))?;
     if header.alg != "RS256" && header.alg != "ES256" {
         return Err(JwtError::Algorithm(header.alg));
     }
@@ -269,8 +274,8 @@ pub fn verify(token: &str, keys: &KeySet, expected: &Expected, now: i64) -> Resu
     if !ok {
         return Err(JwtError::BadSignature);
     }
-    let claims: Claims = serde_json::from_slice(&decode(p, "payload")?)
-        .map_err(|e| JwtError::Malformed(format!("payload: {e}")))?;
+    let claims: Claims =
+        serde_json::from_slice(&decode(p, "payload")?).map_err(|e| JwtError::Malformed(format!("payload: {e}")))?;
     let exp = claims.exp.ok_or(JwtError::MissingClaim("exp"))?;
     if now > exp.saturating_add(LEEWAY_SECS) {
         return Err(JwtError::Expired);
@@ -317,8 +322,9 @@ impl TokenSigner {
     /// A fresh P-256 key named `kid`.
     pub fn generate(kid: &str) -> TokenSigner {
         let rng = ring::rand::SystemRandom::new();
-        let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(&ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
-            .expect("P-256 key generation");
+        let pkcs8 =
+            ring::signature::EcdsaKeyPair::generate_pkcs8(&ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+                .expect("P-256 key generation");
         let key = ring::signature::EcdsaKeyPair::from_pkcs8(
             &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
             pkcs8.as_ref(),
@@ -442,8 +448,13 @@ mod tests {
             URL_SAFE_NO_PAD.encode(claims().to_string())
         );
         let mut sig = vec![0; kp.public().modulus_len()];
-        kp.sign(&RSA_PKCS1_SHA256, &ring::rand::SystemRandom::new(), input.as_bytes(), &mut sig)
-            .unwrap();
+        kp.sign(
+            &RSA_PKCS1_SHA256,
+            &ring::rand::SystemRandom::new(),
+            input.as_bytes(),
+            &mut sig,
+        )
+        .unwrap();
         let token = format!("{input}.{}", URL_SAFE_NO_PAD.encode(&sig));
         assert!(verify(&token, &keys, &expected(), NOW).is_ok());
         // One flipped bit of the payload: refused.
@@ -468,7 +479,10 @@ mod tests {
             Err(JwtError::Algorithm("none".into()))
         );
         let hs = format!("{}.{body}.c2ln", URL_SAFE_NO_PAD.encode(r#"{"alg":"HS256"}"#));
-        assert!(matches!(verify(&hs, &keys, &expected(), NOW), Err(JwtError::Algorithm(_))));
+        assert!(matches!(
+            verify(&hs, &keys, &expected(), NOW),
+            Err(JwtError::Algorithm(_))
+        ));
         let unsigned = format!("{}.{body}.", URL_SAFE_NO_PAD.encode(r#"{"alg":"ES256","kid":"k1"}"#));
         assert_eq!(verify(&unsigned, &keys, &expected(), NOW), Err(JwtError::Unsigned));
         let two_parts = format!("{}.{body}", URL_SAFE_NO_PAD.encode(r#"{"alg":"ES256","kid":"k1"}"#));
@@ -489,8 +503,14 @@ mod tests {
             Err(JwtError::UnknownKey(_))
         ));
         let t = s.sign(&claims());
-        assert_eq!(verify(&t, &keys, &expected(), NOW + 3600 + LEEWAY_SECS + 1), Err(JwtError::Expired));
-        assert_eq!(verify(&t, &keys, &expected(), NOW - LEEWAY_SECS - 100), Err(JwtError::NotYetValid));
+        assert_eq!(
+            verify(&t, &keys, &expected(), NOW + 3600 + LEEWAY_SECS + 1),
+            Err(JwtError::Expired)
+        );
+        assert_eq!(
+            verify(&t, &keys, &expected(), NOW - LEEWAY_SECS - 100),
+            Err(JwtError::NotYetValid)
+        );
         let mut c = claims();
         c["iss"] = "https://evil".into();
         assert!(matches!(
@@ -505,7 +525,10 @@ mod tests {
         ));
         let mut c = claims();
         c["aud"] = "istio-ca".into();
-        assert!(verify(&s.sign(&c), &keys, &expected(), NOW).is_ok(), "a single audience string");
+        assert!(
+            verify(&s.sign(&c), &keys, &expected(), NOW).is_ok(),
+            "a single audience string"
+        );
         let mut c = claims();
         c.as_object_mut().unwrap().remove("exp");
         assert_eq!(

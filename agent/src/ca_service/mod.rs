@@ -51,7 +51,12 @@ pub struct ServeArgs {
     pub max_cert_lifetime: Duration,
     /// Names in the service's TLS certificate (DNS names or IP addresses);
     /// clients verify the one they dial. Repeat or separate with commas.
-    #[arg(long, env = "NODEWARD_CA_SERVER_NAME", value_delimiter = ',', default_value = "nodeward-ca.nodeward-system.svc")]
+    #[arg(
+        long,
+        env = "NODEWARD_CA_SERVER_NAME",
+        value_delimiter = ',',
+        default_value = "nodeward-ca.nodeward-system.svc"
+    )]
     pub server_name: Vec<String>,
     /// Readiness and `/stats` (request counters), on localhost.
     #[arg(long, env = "NODEWARD_CA_ADMIN_ADDR", default_value = "127.0.0.1:15022")]

@@ -50,7 +50,9 @@ pub struct CaService {
 
 impl std::fmt::Debug for CaService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CaService").field("rules", &self.rules).finish_non_exhaustive()
+        f.debug_struct("CaService")
+            .field("rules", &self.rules)
+            .finish_non_exhaustive()
     }
 }
 
@@ -90,7 +92,9 @@ impl CaService {
             }
         }
         if a.max_cert_lifetime.is_zero() {
-            problems.push("--max-cert-lifetime (NODEWARD_CA_MAX_CERT_LIFETIME) = 0: certificates would expire as issued".into());
+            problems.push(
+                "--max-cert-lifetime (NODEWARD_CA_MAX_CERT_LIFETIME) = 0: certificates would expire as issued".into(),
+            );
         }
         if a.server_name.iter().all(|n| n.trim().is_empty()) {
             problems.push("--server-name (NODEWARD_CA_SERVER_NAME) is empty".into());
@@ -122,26 +126,25 @@ impl CaService {
     fn server_cert(&self) -> Result<Arc<CertifiedKey>, String> {
         let now = std::time::SystemTime::now();
         let names = self.server_names.clone();
-        let (cert, key, _) = self
-            .authority
-            .issue_with(|p| {
-                p.subject_alt_names = names
-                    .iter()
-                    .filter(|n| !n.trim().is_empty())
-                    .map(|n| match n.parse::<IpAddr>() {
-                        Ok(ip) => Ok(SanType::IpAddress(ip)),
-                        Err(_) => n
-                            .clone()
-                            .try_into()
-                            .map(SanType::DnsName)
-                            .map_err(|e: rcgen::Error| crate::identity::ca::CaError::Sign(format!("{n:?}: {e}"))),
-                    })
-                    .collect::<Result<_, _>>()?;
-                p.not_before = (now - Duration::from_secs(60)).into();
-                p.not_after = (now + SERVER_CERT_LIFETIME).into();
-                Ok(())
-            })
-            .map_err(|e| e.to_string())?;
+        let (cert, key, _) =
+            self.authority
+                .issue_with(|p| {
+                    p.subject_alt_names =
+                        names
+                            .iter()
+                            .filter(|n| !n.trim().is_empty())
+                            .map(|n| match n.parse::<IpAddr>() {
+                                Ok(ip) => Ok(SanType::IpAddress(ip)),
+                                Err(_) => n.clone().try_into().map(SanType::DnsName).map_err(|e: rcgen::Error| {
+                                    crate::identity::ca::CaError::Sign(format!("{n:?}: {e}"))
+                                }),
+                            })
+                            .collect::<Result<_, _>>()?;
+                    p.not_before = (now - Duration::from_secs(60)).into();
+                    p.not_after = (now + SERVER_CERT_LIFETIME).into();
+                    Ok(())
+                })
+                .map_err(|e| e.to_string())?;
         let mut chain = vec![cert];
         chain.extend(self.authority.chain().iter().cloned());
         certified_key(chain, key).map_err(|e| e.to_string())
@@ -158,7 +161,11 @@ impl CaService {
 
     /// Handles one request to an answer, counted: the response or a gRPC
     /// status with its reason.
-    fn create(&self, token: Option<&str>, body: Bytes) -> Result<IstioCertificateResponse, (Code, &'static str, String)> {
+    fn create(
+        &self,
+        token: Option<&str>,
+        body: Bytes,
+    ) -> Result<IstioCertificateResponse, (Code, &'static str, String)> {
         let r = self.create_uncounted(token, body);
         match &r {
             Ok(_) => self.count("issued", "ok"),
@@ -218,7 +225,11 @@ impl CaService {
         let (head, mut body) = req.into_parts();
         let result = if head.method != http::Method::POST || head.uri.path() != CREATE_CERTIFICATE_PATH {
             self.count("refused", "unimplemented");
-            Err((Code::Unimplemented, "unimplemented", format!("no method {}", head.uri.path())))
+            Err((
+                Code::Unimplemented,
+                "unimplemented",
+                format!("no method {}", head.uri.path()),
+            ))
         } else {
             match read_body(&mut body).await {
                 Err(e) => {
@@ -306,7 +317,9 @@ impl ResolvesServerCert for Rotating {
 /// Runs the service until `stop` fires.
 pub async fn serve(args: ServeArgs, stop: CancellationToken) -> Result<(), ServeError> {
     let service = Arc::new(CaService::load(&args)?);
-    let cert = service.server_cert().map_err(|e| ServeError::Setup(vec![format!("--server-name: {e}")]))?;
+    let cert = service
+        .server_cert()
+        .map_err(|e| ServeError::Setup(vec![format!("--server-name: {e}")]))?;
     let resolver = Arc::new(Rotating(RwLock::new(cert)));
     let mut tls = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -451,7 +464,9 @@ mod tests {
         let (s, signer, d) = service("sans");
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let mut p = rcgen::CertificateParams::new(vec!["evil.example".to_string()]).unwrap();
-        p.subject_alt_names.push(SanType::URI("spiffe://cluster.local/ns/kube-system/sa/admin".try_into().unwrap()));
+        p.subject_alt_names.push(SanType::URI(
+            "spiffe://cluster.local/ns/kube-system/sa/admin".try_into().unwrap(),
+        ));
         p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         let csr = p.serialize_request(&key).unwrap().pem().unwrap();
         let t = token(&signer, "nodeward-system", "nodeward", "node-1");
@@ -476,7 +491,10 @@ mod tests {
         assert!(!leaf.is_ca(), "the CSR's CA request was copied");
         assert_eq!(*leaf.public_key().subject_public_key.data, *key.public_key_raw());
         let lifetime = leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
-        assert!(lifetime <= 3600 + 60, "lifetime {lifetime}s is over --max-cert-lifetime");
+        assert!(
+            lifetime <= 3600 + 60,
+            "lifetime {lifetime}s is over --max-cert-lifetime"
+        );
         assert_eq!(resp.cert_chain.len(), 3, "leaf, intermediate, root");
         let _ = std::fs::remove_dir_all(&d);
     }

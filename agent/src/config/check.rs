@@ -710,8 +710,14 @@ mod tests {
             (&["--ca-address", "https://ca:15012", "--ca-dir", &ca_dir], "ca-address"),
             (&["--ca-address", "http://ca:15012"], "ca-address"),
             (&["--ca-address", "https://ca:15012"], "ca-address"),
-            (&["--ca-address", "https://ca", "--ca-root", &missing, "--ca-token", &file], "ca-root"),
-            (&["--ca-address", "https://ca", "--ca-root", &file, "--ca-token", &missing], "ca-token"),
+            (
+                &["--ca-address", "https://ca", "--ca-root", &missing, "--ca-token", &file],
+                "ca-root",
+            ),
+            (
+                &["--ca-address", "https://ca", "--ca-root", &file, "--ca-token", &missing],
+                "ca-token",
+            ),
             (&["--ca-root", &file], "ca-root"),
             (&["--ca-token", &file], "ca-token"),
             (&["--cluster-id", ""], "cluster-id"),

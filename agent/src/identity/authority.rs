@@ -218,7 +218,12 @@ fn base_params(params: &mut CertificateParams) {
 }
 
 /// What makes a leaf an SVID of `id`: its one URI SAN and its validity.
-fn svid_params(params: &mut CertificateParams, id: &Identity, now: SystemTime, not_after: SystemTime) -> Result<(), CaError> {
+fn svid_params(
+    params: &mut CertificateParams,
+    id: &Identity,
+    now: SystemTime,
+    not_after: SystemTime,
+) -> Result<(), CaError> {
     params.subject_alt_names = vec![SanType::URI(
         id.to_string()
             .try_into()
@@ -291,7 +296,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::super::ca::{ROOT_KEY, load_issuer, new_key};
-    use super::super::ca_cli::{Signer, ca_params, init, intermediate};
+    use super::super::ca_cli::{Signer, ca_params, init, init_with_path_len, intermediate};
     use super::*;
 
     fn tmp(tag: &str) -> PathBuf {
@@ -341,16 +346,8 @@ mod tests {
     #[test]
     fn nested_intermediates_load_and_send_the_whole_chain() {
         let (a, b) = (tmp("nest-a"), tmp("nest-b"));
-        init(&a).unwrap();
-        // `ca init`'s intermediate may sign only leaves: give `a` one that may
-        // sign one more level.
-        let root = load_issuer(&a.join(ROOT_CERT), &a.join(ROOT_KEY)).unwrap();
-        let key = new_key().unwrap();
-        let params = ca_params("Parent", Duration::from_secs(3600), rcgen::BasicConstraints::Constrained(1));
-        let cert = params.signed_by(&key, &root).unwrap();
-        std::fs::write(a.join(CA_CERT), cert.pem()).unwrap();
-        std::fs::write(a.join(CA_KEY), key.serialize_pem()).unwrap();
-        std::fs::write(a.join(CERT_CHAIN), cert.pem()).unwrap();
+        // `ca init`'s intermediate signs only leaves unless told otherwise.
+        init_with_path_len(&a, 1).unwrap();
         intermediate(&a, Signer::Intermediate, &b).unwrap();
         let ca = Authority::load(&b).unwrap();
         assert_eq!(ca.chain().len(), 2, "both intermediates are sent");

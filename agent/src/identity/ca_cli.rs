@@ -39,8 +39,15 @@ impl std::fmt::Display for Written {
     }
 }
 
-/// `nodeward ca init`: a root and an intermediate for trying things out.
+/// `nodeward ca init`: a root and an intermediate for trying things out;
+/// the intermediate signs workloads only (`pathLenConstraint: 0`).
 pub fn init(out: &Path) -> Result<Written, CaError> {
+    init_with_path_len(out, 0)
+}
+
+/// [`init`] with an intermediate that may sign `path_len` levels of
+/// further CAs (`ca init --path-len`, for `ca intermediate --parent`).
+pub fn init_with_path_len(out: &Path, path_len: u8) -> Result<Written, CaError> {
     std::fs::create_dir_all(out).map_err(|source| CaError::Write {
         file: out.to_path_buf(),
         source,
@@ -59,10 +66,10 @@ pub fn init(out: &Path) -> Result<Written, CaError> {
     let int = ca_params(
         "Nodeward Intermediate CA",
         Duration::from_secs(5 * 365 * 86400),
-        BasicConstraints::Constrained(0),
+        BasicConstraints::Constrained(path_len),
     )
     .signed_by(&int_key, &root_issuer)
-        .map_err(|e| CaError::Sign(e.to_string()))?;
+    .map_err(|e| CaError::Sign(e.to_string()))?;
     let mut w = Written { files: Vec::new() };
     write_cert(&mut w, &out.join(ROOT_CERT), &[root.der()])?;
     write_key(&mut w, &out.join(ROOT_KEY), &root_issuer.key().serialize_pem())?;
@@ -114,7 +121,7 @@ pub fn intermediate(from: &Path, signer: Signer, out: &Path) -> Result<Written, 
         constraint,
     )
     .signed_by(&key, &issuer)
-        .map_err(|e| CaError::Sign(e.to_string()))?;
+    .map_err(|e| CaError::Sign(e.to_string()))?;
     let roots = read_certs(&from.join(ROOT_CERT))?;
     let mut chain: Vec<CertificateDer<'static>> = vec![cert.der().clone()];
     match signer {
@@ -227,7 +234,11 @@ fn existing_crl(path: &Path) -> Result<(RevokedSerials, u64), CaError> {
 fn path_len(file: &Path) -> Result<Option<u8>, CaError> {
     let der = first_cert(file, read_string(file)?.as_bytes())?;
     let cert = super::ca::parse(file, &der)?;
-    let bc = cert.basic_constraints().ok().flatten().map(|e| e.value.path_len_constraint);
+    let bc = cert
+        .basic_constraints()
+        .ok()
+        .flatten()
+        .map(|e| e.value.path_len_constraint);
     Ok(bc.flatten().map(|n| n.min(255) as u8))
 }
 
@@ -333,12 +344,17 @@ mod tests {
         init(&d).unwrap();
         let ca = Authority::load(&d).unwrap();
         let good = ca
-            .issue(&super::super::Identity::new("cluster.local", "ns", "sa"), Duration::from_secs(600))
+            .issue(
+                &super::super::Identity::new("cluster.local", "ns", "sa"),
+                Duration::from_secs(600),
+            )
             .unwrap();
         assert_eq!(verify(&d, &good.chain), Ok(()), "its own leaves verify");
 
         // `ca intermediate --parent` refuses, naming the file and why.
-        let e = intermediate(&d, Signer::Intermediate, &tmp("pathlen-out")).unwrap_err().to_string();
+        let e = intermediate(&d, Signer::Intermediate, &tmp("pathlen-out"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("pathLenConstraint"), "{e}");
 
         // A stolen intermediate key mints a CA, and a leaf under it.
@@ -354,7 +370,10 @@ mod tests {
         std::fs::write(d.join(CERT_CHAIN), chain_pem).unwrap();
         let rogue = Authority::load(&d).unwrap();
         let leaf = rogue
-            .issue(&super::super::Identity::new("cluster.local", "ns", "sa"), Duration::from_secs(600))
+            .issue(
+                &super::super::Identity::new("cluster.local", "ns", "sa"),
+                Duration::from_secs(600),
+            )
             .unwrap();
         assert_eq!(leaf.chain.len(), 3);
         assert!(verify(&d, &leaf.chain).is_err(), "a leaf under a rogue sub-CA verified");
@@ -371,7 +390,10 @@ mod tests {
         init(&d).unwrap();
         let ca = Authority::load(&d).unwrap();
         let leaf = ca
-            .issue(&super::super::Identity::new("evil.example", "ns", "sa"), Duration::from_secs(600))
+            .issue(
+                &super::super::Identity::new("evil.example", "ns", "sa"),
+                Duration::from_secs(600),
+            )
             .unwrap();
         assert_eq!(
             verify(&d, &leaf.chain),

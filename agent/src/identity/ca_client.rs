@@ -56,10 +56,13 @@ pub fn parse_address(address: &str) -> Result<(String, u16), String> {
         return Err(format!("{address:?} must be https://HOST:PORT"));
     }
     let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
-        let (h, after) = v6
-            .split_once(']')
-            .ok_or_else(|| format!("{address:?}: unclosed ["))?;
-        (h, after.strip_prefix(':').unwrap_or(if after.is_empty() { "15012" } else { after }))
+        let (h, after) = v6.split_once(']').ok_or_else(|| format!("{address:?}: unclosed ["))?;
+        (
+            h,
+            after
+                .strip_prefix(':')
+                .unwrap_or(if after.is_empty() { "15012" } else { after }),
+        )
     } else {
         match rest.split_once(':') {
             Some((h, p)) => (h, p),
@@ -267,7 +270,8 @@ impl CaClient {
         if &got != id {
             return Err(bad(format!("certificate is for {got}, not {id}")));
         }
-        let not_after = SystemTime::UNIX_EPOCH + Duration::from_secs(parsed.validity().not_after.timestamp().max(0) as u64);
+        let not_after =
+            SystemTime::UNIX_EPOCH + Duration::from_secs(parsed.validity().not_after.timestamp().max(0) as u64);
         let serial = parsed.raw_serial().to_vec();
         *self.chain.lock().unwrap_or_else(|e| e.into_inner()) = certs[1..].to_vec();
         Ok(IssuedCert {
@@ -339,7 +343,10 @@ mod tests {
 
     #[test]
     fn addresses() {
-        assert_eq!(parse_address("https://ca.example:15012"), Ok(("ca.example".into(), 15012)));
+        assert_eq!(
+            parse_address("https://ca.example:15012"),
+            Ok(("ca.example".into(), 15012))
+        );
         assert_eq!(parse_address("https://10.0.0.1"), Ok(("10.0.0.1".into(), 15012)));
         assert_eq!(parse_address("https://[fd00::1]:443"), Ok(("fd00::1".into(), 443)));
         for bad in ["http://x:1", "https://", "https://x:port", "https://x:1/path", "x:1"] {

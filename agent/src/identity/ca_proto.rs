@@ -76,7 +76,14 @@ pub enum Kind {
 impl IstioCertificateRequest {
     /// The `ImpersonatedIdentity` metadata, if any.
     pub fn impersonated(&self) -> Option<&str> {
-        match self.metadata.as_ref()?.fields.get(IMPERSONATED_IDENTITY)?.kind.as_ref()? {
+        match self
+            .metadata
+            .as_ref()?
+            .fields
+            .get(IMPERSONATED_IDENTITY)?
+            .kind
+            .as_ref()?
+        {
             Kind::StringValue(s) => Some(s),
             _ => None,
         }

@@ -309,7 +309,9 @@ impl CertManager {
     pub fn stats(&self) -> String {
         let mut out = String::from("# TYPE nodeward_certificate_requests_total counter\n");
         for (result, n) in self.requests.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            out.push_str(&format!("nodeward_certificate_requests_total{{result=\"{result}\"}} {n}\n"));
+            out.push_str(&format!(
+                "nodeward_certificate_requests_total{{result=\"{result}\"}} {n}\n"
+            ));
         }
         out
     }
@@ -342,7 +344,11 @@ impl CertManager {
         let key = certified_key(issued.chain, issued.key).map_err(|e| CaError::Sign(e.to_string()))?;
         let issued_at = SystemTime::now();
         // Renew around half of what was granted (a CA may cap the lifetime).
-        let granted = issued.not_after.duration_since(issued_at).unwrap_or_default().min(lifetime);
+        let granted = issued
+            .not_after
+            .duration_since(issued_at)
+            .unwrap_or_default()
+            .min(lifetime);
         let renew_at = issued_at + granted.mul_f64(jitter());
         let info = CertInfo {
             identity: id.clone(),
@@ -570,7 +576,10 @@ mod tests {
         let m = CertManager::with_issuer(config, flaky.clone());
         let web = Identity::new("cluster.local", "shop", "web");
         m.acquire(&web).unwrap();
-        assert!(m.current(&web).is_none(), "a CA service is asked by housekeeping, not inline");
+        assert!(
+            m.current(&web).is_none(),
+            "a CA service is asked by housekeeping, not inline"
+        );
         m.tick();
         let first = m.current(&web).expect("issued on the next tick");
 
@@ -579,11 +588,17 @@ mod tests {
         std::thread::sleep(Duration::from_millis(1200));
         m.tick();
         assert_eq!(m.failures(), 1);
-        assert!(Arc::ptr_eq(&m.current(&web).unwrap(), &first), "the current certificate keeps serving");
+        assert!(
+            Arc::ptr_eq(&m.current(&web).unwrap(), &first),
+            "the current certificate keeps serving"
+        );
         m.tick();
         assert_eq!(m.failures(), 1, "no retry before the backoff");
         let problems = m.problems().join("\n");
-        assert!(problems.contains("renewal failing") && problems.contains("connection refused"), "{problems}");
+        assert!(
+            problems.contains("renewal failing") && problems.contains("connection refused"),
+            "{problems}"
+        );
         assert!(m.stats().contains("result=\"unavailable\"} 1"), "{}", m.stats());
 
         // A new identity meanwhile gets nothing, and readiness says so.
