@@ -6,7 +6,6 @@
 
 #![forbid(unsafe_code)]
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use base64::Engine;
@@ -236,8 +235,6 @@ struct Claims {
     nbf: Option<i64>,
     #[serde(rename = "kubernetes.io")]
     kubernetes: Option<KubernetesIo>,
-    #[serde(flatten)]
-    _rest: HashMap<String, serde_json::Value>,
 }
 
 /// Verifies `token` at unix time `now` and returns its Kubernetes claims.

@@ -33,6 +33,11 @@ use crate::state::Store;
 const SERVER_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// Deadline for a client's TLS and HTTP/2 handshakes.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline for a request's body.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection without a new request this long is closed (clients open
+/// one per request or renewal round), so idle ones cannot hold the slots.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Connections served at once; more wait in the backlog.
 const MAX_CONNECTIONS: usize = 1024;
 
@@ -231,7 +236,8 @@ impl CaService {
                 format!("no method {}", head.uri.path()),
             ))
         } else {
-            match read_body(&mut body).await {
+            let read = tokio::time::timeout(REQUEST_TIMEOUT, read_body(&mut body)).await;
+            match read.unwrap_or_else(|_| Err(format!("no whole request within {REQUEST_TIMEOUT:?}"))) {
                 Err(e) => {
                     self.count("refused", "bad_request");
                     Err((Code::ResourceExhausted, "bad_request", e))
@@ -387,7 +393,7 @@ pub async fn serve(args: ServeArgs, stop: CancellationToken) -> Result<(), Serve
             })
             .await;
             let Ok(Some(mut conn)) = conn else { return };
-            while let Some(Ok((req, respond))) = conn.accept().await {
+            while let Ok(Some(Ok((req, respond)))) = tokio::time::timeout(IDLE_TIMEOUT, conn.accept()).await {
                 tokio::spawn(service.clone().handle(req, respond, peer));
             }
         });
