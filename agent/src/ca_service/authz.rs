@@ -31,8 +31,8 @@ pub enum AuthzError {
         /// Asked for.
         requested: String,
     },
-    /// The node agent's token names no node.
-    #[error("the node agent's token is not bound to a node (no kubernetes.io.node.name)")]
+    /// The node agent's token names no node, nor a live pod the CA knows.
+    #[error("the node agent's token names no node (kubernetes.io.node.name) nor a live pod the CA knows")]
     NoNode,
     /// No pod of that identity on the caller's node.
     #[error("no pod of {requested} is scheduled on node {node}")]
@@ -95,25 +95,32 @@ pub fn authorize(
             requested: want.to_string(),
         });
     }
-    let node = claims
-        .node
-        .as_deref()
-        .filter(|n| !n.is_empty())
-        .ok_or(AuthzError::NoNode)?;
+    // The token's node claim; without one (API servers before 1.30), the
+    // node of the pod the token is bound to, as the CA sees it.
+    let node = match claims.node.as_deref().filter(|n| !n.is_empty()) {
+        Some(n) => n.to_string(),
+        None => claims
+            .pod
+            .as_deref()
+            .and_then(|p| pods.pods.get(&format!("{}/{p}", claims.namespace)))
+            .filter(|p| !p.deleting && !p.finished())
+            .map(|p| p.node_name.clone())
+            .filter(|n| !n.is_empty())
+            .ok_or(AuthzError::NoNode)?,
+    };
     let scheduled = pods.pods.values().any(|p| {
         p.node_name == node
             && p.namespace == want.namespace
             && p.service_account == want.service_account
             && !p.deleting
-            && p.phase != "Succeeded"
-            && p.phase != "Failed"
+            && !p.finished()
     });
     if scheduled {
         Ok(want)
     } else {
         Err(AuthzError::NotOnNode {
             requested: want.to_string(),
-            node: node.to_string(),
+            node,
         })
     }
 }
@@ -204,6 +211,22 @@ mod tests {
             authorize(&nodeless, Some(WEB), &rules(), &pods()),
             Err(AuthzError::NoNode)
         );
+        // Without a node claim, the node of the agent's own pod.
+        let mut view = pods();
+        let agent_pod = Pod {
+            namespace: "nodeward-system".into(),
+            name: "p".into(),
+            node_name: "node-2".into(),
+            service_account: "nodeward".into(),
+            phase: "Running".into(),
+            ..Pod::default()
+        };
+        view.pods.insert("nodeward-system/p".into(), Arc::new(agent_pod));
+        assert_eq!(authorize(&nodeless, Some(DB), &rules(), &view).unwrap().to_string(), DB);
+        assert!(matches!(
+            authorize(&nodeless, Some(WEB), &rules(), &view),
+            Err(AuthzError::NotOnNode { .. })
+        ));
     }
 
     #[test]
