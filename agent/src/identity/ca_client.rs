@@ -354,6 +354,102 @@ mod tests {
         }
     }
 
+    /// A CA directory, and a client trusting its root alone.
+    fn setup(tag: &str) -> (std::path::PathBuf, tokio::runtime::Runtime, CaClient) {
+        let d = std::env::temp_dir().join(format!("nodeward-ca-client-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        super::super::ca_cli::init(&d).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        let config = CaClientConfig {
+            address: "https://ca.test:15012".into(),
+            root_file: d.join(super::super::ca::ROOT_CERT),
+            token_file: d.join("token"),
+            cluster_id: "Kubernetes".into(),
+            trust_domain: "cluster.local".into(),
+            socket_mark: 1,
+        };
+        let client = CaClient::new(config, rt.handle().clone()).unwrap();
+        (d, rt, client)
+    }
+
+    /// What a CA at `dir` answers for `who` over `key`.
+    fn answer(dir: &std::path::Path, who: &Identity, key: &KeyPair) -> IstioCertificateResponse {
+        let ca = super::super::authority::Authority::load(dir).unwrap();
+        let csr = CertificateParams::default()
+            .serialize_request(key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        let (chain, _) = ca.issue_for_csr(who, Duration::from_secs(600), &csr).unwrap();
+        IstioCertificateResponse {
+            cert_chain: chain
+                .iter()
+                .map(|c| super::super::ca::pem_text("CERTIFICATE", c.as_ref()))
+                .collect(),
+        }
+    }
+
+    fn new_key() -> KeyPair {
+        KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap()
+    }
+
+    #[test]
+    fn an_answer_is_used_only_for_our_key_our_identity_and_our_roots() {
+        let (d, _rt, client) = setup("accept");
+        let web = Identity::new("cluster.local", "shop", "web");
+        let key = new_key();
+        let good = answer(&d, &web, &key);
+        assert!(
+            client.accept(&web, new_key(), good.clone()).is_err(),
+            "another key accepted"
+        );
+        let cert = client.accept(&web, key, good).unwrap();
+        assert_eq!(cert.chain.len(), 2, "leaf and intermediate, never the root");
+        assert_eq!(client.chain().len(), 1, "the intermediate is learnt");
+
+        let key = new_key();
+        let db = Identity::new("cluster.local", "shop", "db");
+        let e = client.accept(&web, key, answer(&d, &db, &new_key())).unwrap_err();
+        assert!(matches!(e, IssueError::BadResponse(_)), "{e}");
+        let key = new_key();
+        let e = client
+            .accept(
+                &db,
+                KeyPair::from_pem(&key.serialize_pem()).unwrap(),
+                answer(&d, &web, &key),
+            )
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("not spiffe://cluster.local/ns/shop/sa/db"),
+            "{e}"
+        );
+
+        let other = d.with_extension("other");
+        let _ = std::fs::remove_dir_all(&other);
+        super::super::ca_cli::init(&other).unwrap();
+        let key = new_key();
+        let foreign = answer(&other, &web, &key);
+        let e = client.accept(&web, key, foreign).unwrap_err();
+        assert!(
+            matches!(e, IssueError::BadResponse(_)),
+            "a chain to another root was accepted"
+        );
+        let e = client
+            .accept(
+                &web,
+                new_key(),
+                IstioCertificateResponse {
+                    cert_chain: vec!["junk".into()],
+                },
+            )
+            .unwrap_err();
+        assert!(matches!(e, IssueError::BadResponse(_)));
+        let _ = (std::fs::remove_dir_all(&d), std::fs::remove_dir_all(&other));
+    }
+
     #[test]
     fn grpc_messages_are_percent_decoded() {
         assert_eq!(percent_decode("not%20on%20node%"), "not on node%");
