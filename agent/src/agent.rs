@@ -53,7 +53,11 @@ impl crate::admin::Health for Mesh {
     }
 
     fn stats(&self) -> String {
-        self.counters.render()
+        let mut s = self.counters.render();
+        if let Some(m) = &self.certs {
+            s.push_str(&m.stats());
+        }
+        s
     }
 }
 
@@ -66,7 +70,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let identity = match config.identity {
         Some(id) => Some(CertManager::start(id)?),
         None => {
-            tracing::warn!("no --ca-dir: workloads get no identities");
+            tracing::warn!("neither --ca-dir nor --ca-address: workloads get no identities");
             None
         }
     };

@@ -39,6 +39,8 @@ pub mod defaults {
     pub const ROOT_NAMESPACE: &str = "istio-system";
     /// `--trust-domain`: Kubernetes' and Istio's.
     pub const TRUST_DOMAIN: &str = "cluster.local";
+    /// `--cluster-id`: Istio's default.
+    pub const CLUSTER_ID: &str = "Kubernetes";
     /// `--cert-lifetime`.
     pub const CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
     /// `--h2-stream-window`, bytes.
@@ -105,6 +107,9 @@ pub enum CaCommand {
         /// Directory to write.
         #[arg(long, env = "NODEWARD_CA_OUT")]
         out: PathBuf,
+        /// Levels of further CAs the intermediate may sign (0: workloads only).
+        #[arg(long, env = "NODEWARD_CA_PATH_LEN", default_value_t = 0)]
+        path_len: u8,
     },
     /// Issue a further intermediate CA.
     Intermediate {
@@ -123,6 +128,10 @@ pub enum CaCommand {
         #[arg(long, env = "NODEWARD_CA_OUT")]
         out: PathBuf,
     },
+    /// Run the CA service: Istio's CA protocol on TLS (15012), callers
+    /// authenticated by ServiceAccount tokens, node agents limited to the
+    /// pods of their node. The signing key stays here, off the nodes.
+    Serve(Box<crate::ca_service::ServeArgs>),
     /// Revoke certificates by serial: appends to the CRL and re-signs it.
     Revoke {
         /// CA directory whose ca-key.pem signs the CRL (ca-crl.pem).
@@ -204,6 +213,25 @@ pub struct RunArgs {
     /// without it the agent issues no identities.
     #[arg(long, env = "NODEWARD_CA_DIR")]
     pub ca_dir: Option<PathBuf>,
+
+    /// CA service speaking Istio's CA protocol, `https://HOST:PORT`
+    /// (`nodeward ca serve`, istiod): keys stay on the node, only CSRs
+    /// leave; exclusive with --ca-dir.
+    #[arg(long, env = "NODEWARD_CA_ADDRESS")]
+    pub ca_address: Option<String>,
+
+    /// Roots (PEM) the CA service's TLS certificate and the issued chains must reach.
+    #[arg(long, env = "NODEWARD_CA_ROOT")]
+    pub ca_root: Option<PathBuf>,
+
+    /// The agent's ServiceAccount token for the CA service (audience
+    /// istio-ca), re-read for every request.
+    #[arg(long, env = "NODEWARD_CA_TOKEN")]
+    pub ca_token: Option<PathBuf>,
+
+    /// Cluster ID sent to the CA service (Istio's `ClusterID` metadata).
+    #[arg(long, env = "NODEWARD_CLUSTER_ID", default_value = defaults::CLUSTER_ID)]
+    pub cluster_id: String,
 
     /// Lifetime of workload certificates; renewed around half of it.
     #[arg(long, env = "NODEWARD_CERT_LIFETIME", default_value_t = HumanDuration(defaults::CERT_LIFETIME))]

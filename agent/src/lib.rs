@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod ca_service;
 pub mod capture;
 pub mod cni;
 pub mod config;

@@ -49,8 +49,8 @@ fn run_agent(config: Config) -> anyhow::Result<()> {
 
 fn ca_command(command: CaCommand) -> anyhow::Result<()> {
     match command {
-        CaCommand::Init { out } => {
-            print!("{}", ca_cli::init(&out)?);
+        CaCommand::Init { out, path_len } => {
+            print!("{}", ca_cli::init_with_path_len(&out, path_len)?);
             println!(
                 "keep {} offline: the agent needs only ca-cert.pem, ca-key.pem, root-cert.pem and cert-chain.pem",
                 out.join(ca::ROOT_KEY).display()
@@ -63,6 +63,23 @@ fn ca_command(command: CaCommand) -> anyhow::Result<()> {
                 (None, None) => anyhow::bail!("--root or --parent is required"),
             };
             print!("{}", ca_cli::intermediate(&from, signer, &out)?);
+        }
+        CaCommand::Serve(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(async {
+                use tokio::signal::unix::{SignalKind, signal};
+                let stop = tokio_util::sync::CancellationToken::new();
+                let mut term = signal(SignalKind::terminate())?;
+                let mut int = signal(SignalKind::interrupt())?;
+                let serving = tokio::spawn(nodeward::ca_service::server::serve(*args, stop.clone()));
+                tokio::select! {
+                    r = serving => return r?.map_err(anyhow::Error::from),
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                stop.cancel();
+                anyhow::Ok(())
+            })?;
         }
         CaCommand::Revoke {
             ca: dir,

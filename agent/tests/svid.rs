@@ -11,7 +11,7 @@ use nodeward::identity::Identity;
 use nodeward::identity::authority::Authority;
 use nodeward::identity::ca;
 use nodeward::identity::ca_cli::{self, Signer};
-use nodeward::identity::manager::{CertManager, IdentityConfig};
+use nodeward::identity::manager::{CaSource, CertManager, IdentityConfig};
 use nodeward::identity::tls::{self, CertSource, FixedCert, certified_key};
 use nodeward::identity::trust::{DenyEntry, TrustSnapshot, TrustStore, UnknownStatus};
 use nodeward::identity::verify::{Refusal, Role, refusal_of_io};
@@ -48,7 +48,7 @@ struct Pki {
 
 fn pki() -> Pki {
     let dir = tmp("ca");
-    ca_cli::init(&dir).unwrap();
+    ca_cli::init_with_path_len(&dir, 1).unwrap();
     let nested_dir = tmp("nested");
     ca_cli::intermediate(&dir, Signer::Intermediate, &nested_dir).unwrap();
     Pki {
@@ -420,7 +420,7 @@ async fn no_session_is_resumed_so_a_new_crl_applies_to_the_next_handshake() {
 fn manager(dir: &Path, lifetime: Duration, crl: Option<PathBuf>, deny: Option<PathBuf>) -> Arc<CertManager> {
     CertManager::start(IdentityConfig {
         trust_domain: TD.into(),
-        ca_dir: dir.to_path_buf(),
+        ca: CaSource::Dir(dir.to_path_buf()),
         cert_lifetime: lifetime,
         crl_files: crl.into_iter().collect(),
         deny_file: deny,

@@ -42,12 +42,31 @@ impl Agent {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        Agent::spawn(cmd, &node.name)
+    }
+
+    /// Starts `nodeward ca serve` in `node`'s namespace (text logs: match
+    /// them through `l["raw"]`).
+    pub fn ca_serve(node: &Node, args: &[&str]) -> Agent {
+        let bin = crate::nodeward_bin();
+        let mut cmd = nsenter(&node.netns, &[bin.to_str().expect("utf-8 path")]);
+        cmd.args(["ca", "serve"])
+            .args(args)
+            .env("NODEWARD_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        Agent::spawn(cmd, &format!("{}-ca", node.name))
+    }
+
+    fn spawn(mut cmd: std::process::Command, name: &str) -> Agent {
         let mut child = cmd.spawn().expect("start nodeward");
         let stderr = child.stderr.take().expect("stderr");
         let log: Arc<(Mutex<Log>, Condvar)> = Arc::default();
         let sink = log.clone();
         let echo = std::env::var("NODEWARD_TEST_ECHO").is_ok();
-        let name = node.name.clone();
+        let node_name = name.to_string();
+        let name = node_name.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
@@ -65,7 +84,7 @@ impl Agent {
         Agent {
             child,
             log,
-            node: node.name.clone(),
+            node: node_name,
         }
     }
 

@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod bpf;
+pub mod ca;
 pub mod cluster;
 pub mod cni;
 pub mod hbone;

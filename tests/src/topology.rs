@@ -364,10 +364,15 @@ impl Topology {
         }
     }
 
-    /// Starts node `k`'s agent with extra flags.
+    /// Starts node `k`'s agent with extra flags (and `--ca-dir`, unless
+    /// they name a CA service).
     pub fn start_agent(&mut self, k: usize, extra: &[&str]) {
         let ca = self.ca_dir.to_string_lossy().into_owned();
-        let mut args: Vec<&str> = vec!["--ca-dir", &ca];
+        let mut args: Vec<&str> = if extra.contains(&"--ca-address") {
+            Vec::new()
+        } else {
+            vec!["--ca-dir", &ca]
+        };
         args.extend_from_slice(extra);
         let agent = Agent::start(&self.nodes[k], &self.config_dir, &args);
         self.nodes[k].agent = Some(agent);

@@ -11,7 +11,8 @@ use std::time::Duration;
 use super::{HumanDuration, LogFormat, RevocationUnknown, RunArgs, defaults};
 use crate::capture::CaptureConfig;
 use crate::identity::ca::{CA_CERT, CA_KEY, ROOT_CERT};
-use crate::identity::manager::IdentityConfig;
+use crate::identity::ca_client::{CaClientConfig, parse_address};
+use crate::identity::manager::{CaSource, IdentityConfig};
 use crate::identity::trust::UnknownStatus;
 use crate::proxy::ProxyConfig;
 use crate::proxy::hbone::H2Settings;
@@ -123,11 +124,37 @@ pub enum Problem {
         /// What is wrong with it.
         problem: String,
     },
-    /// A flag that only means something with `--ca-dir`.
-    #[error("{} is given without {}: without a CA there are no identities to check", named(.flag), named("ca-dir"))]
+    /// A flag that only means something with `--ca-dir` or `--ca-address`.
+    #[error("{} is given without {} or {}: without a CA there are no identities to check", named(.flag), named("ca-dir"), named("ca-address"))]
     NeedsCaDir {
         /// The flag, without `--`.
         flag: &'static str,
+    },
+    /// Two flags that exclude each other.
+    #[error("{} and {} are exclusive: {why}", named(.flag), named(.other))]
+    Conflict {
+        /// The flag, without `--`.
+        flag: &'static str,
+        /// The other flag.
+        other: &'static str,
+        /// Why.
+        why: &'static str,
+    },
+    /// A flag that needs another.
+    #[error("{} needs {}", named(.flag), named(.needs))]
+    Requires {
+        /// The flag, without `--`.
+        flag: &'static str,
+        /// The flag it needs.
+        needs: &'static str,
+    },
+    /// A value of the wrong shape.
+    #[error("{}: {problem}", named(.flag))]
+    Invalid {
+        /// The flag, without `--`.
+        flag: &'static str,
+        /// What is wrong.
+        problem: String,
     },
 }
 
@@ -141,7 +168,10 @@ impl Problem {
             | Problem::TooLong { flag, .. }
             | Problem::Empty { flag }
             | Problem::Path { flag, .. }
-            | Problem::NeedsCaDir { flag } => flag,
+            | Problem::NeedsCaDir { flag }
+            | Problem::Conflict { flag, .. }
+            | Problem::Requires { flag, .. }
+            | Problem::Invalid { flag, .. } => flag,
         }
     }
 }
@@ -370,6 +400,7 @@ impl Config {
                     c.file("ca-dir", &dir.join(f));
                 }
             }
+            None if a.ca_address.is_some() => {}
             None => {
                 if !a.crl.is_empty() {
                     c.0.push(Problem::NeedsCaDir { flag: "crl" });
@@ -386,6 +417,45 @@ impl Config {
                 }
             }
         }
+        if a.ca_dir.is_some() && a.ca_address.is_some() {
+            c.0.push(Problem::Conflict {
+                flag: "ca-address",
+                other: "ca-dir",
+                why: "certificates come either from a CA service or from a CA directory on the node",
+            });
+        }
+        match &a.ca_address {
+            Some(addr) => {
+                if let Err(problem) = parse_address(addr) {
+                    c.0.push(Problem::Invalid {
+                        flag: "ca-address",
+                        problem,
+                    });
+                }
+                for (flag, file) in [("ca-root", &a.ca_root), ("ca-token", &a.ca_token)] {
+                    match file {
+                        Some(f) => {
+                            c.file(flag, f);
+                        }
+                        None => c.0.push(Problem::Requires {
+                            flag: "ca-address",
+                            needs: flag,
+                        }),
+                    }
+                }
+            }
+            None => {
+                for (flag, file) in [("ca-root", &a.ca_root), ("ca-token", &a.ca_token)] {
+                    if file.is_some() {
+                        c.0.push(Problem::Requires {
+                            flag,
+                            needs: "ca-address",
+                        });
+                    }
+                }
+            }
+        }
+        c.non_empty("cluster-id", &a.cluster_id);
         for crl in &a.crl {
             c.file("crl", crl);
         }
@@ -406,10 +476,22 @@ impl Config {
                 .unwrap_or(1)
                 .min(defaults::TUNNEL_CONNECTIONS_MAX_AUTO),
         };
-        Ok(Config {
-            identity: a.ca_dir.map(|ca_dir| IdentityConfig {
+        let ca = match (a.ca_dir, a.ca_address, a.ca_root, a.ca_token) {
+            (Some(dir), _, _, _) => Some(CaSource::Dir(dir)),
+            (None, Some(address), Some(root_file), Some(token_file)) => Some(CaSource::Service(CaClientConfig {
+                address,
+                root_file,
+                token_file,
+                cluster_id: a.cluster_id,
                 trust_domain: a.trust_domain.clone(),
-                ca_dir,
+                socket_mark: a.socket_mark,
+            })),
+            _ => None,
+        };
+        Ok(Config {
+            identity: ca.map(|ca| IdentityConfig {
+                trust_domain: a.trust_domain.clone(),
+                ca,
                 cert_lifetime: lifetime,
                 crl_files: a.crl,
                 deny_file: a.deny_identities,
@@ -578,6 +660,7 @@ mod tests {
         let missing = d.path().join("missing").display().to_string();
         let file = d.path().join("ca").join(CA_CERT).display().to_string();
         let empty_dir = d.path().display().to_string();
+        let ca_dir = d.path().join("ca").display().to_string();
         let table: &[(&[&str], &str)] = &[
             (&["--node-name", " "], "node-name"),
             (&["--trust-domain", ""], "trust-domain"),
@@ -635,6 +718,20 @@ mod tests {
             (&["--crl", &file], "crl"),
             (&["--deny-identities", &file], "deny-identities"),
             (&["--revocation-unknown", "refuse"], "revocation-unknown"),
+            (&["--ca-address", "https://ca:15012", "--ca-dir", &ca_dir], "ca-address"),
+            (&["--ca-address", "http://ca:15012"], "ca-address"),
+            (&["--ca-address", "https://ca:15012"], "ca-address"),
+            (
+                &["--ca-address", "https://ca", "--ca-root", &missing, "--ca-token", &file],
+                "ca-root",
+            ),
+            (
+                &["--ca-address", "https://ca", "--ca-root", &file, "--ca-token", &missing],
+                "ca-token",
+            ),
+            (&["--ca-root", &file], "ca-root"),
+            (&["--ca-token", &file], "ca-token"),
+            (&["--cluster-id", ""], "cluster-id"),
         ];
         for (extra, flag) in table {
             let found = problems(d.path(), extra);
@@ -691,6 +788,36 @@ mod tests {
             "{text}"
         );
         assert_eq!(e.0.len(), 7, "{text}");
+    }
+
+    #[test]
+    fn a_ca_service_setup_is_valid_and_keeps_revocation_flags() {
+        let d = scratch();
+        let ca = d.path().join("ca");
+        let root = ca.join(ROOT_CERT).display().to_string();
+        let token = ca.join("deny.txt").display().to_string();
+        let crl = ca.join("crl.pem").display().to_string();
+        let c = Config::from_args(args(
+            d.path(),
+            &[
+                "--ca-address",
+                "https://10.0.0.1:15012",
+                "--ca-root",
+                &root,
+                "--ca-token",
+                &token,
+                "--crl",
+                &crl,
+            ],
+        ))
+        .unwrap();
+        let id = c.identity.unwrap();
+        let CaSource::Service(s) = id.ca else {
+            panic!("CA service expected")
+        };
+        assert_eq!(s.address, "https://10.0.0.1:15012");
+        assert_eq!(s.cluster_id, "Kubernetes");
+        assert_eq!(id.crl_files.len(), 1);
     }
 
     #[test]

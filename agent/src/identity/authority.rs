@@ -133,20 +133,11 @@ impl Authority {
     }
 
     /// Issues an X.509-SVID for `id`, valid from one minute ago (clock
-    /// skew) for `lifetime`.
+    /// skew) for `lifetime`, with a fresh in-memory key.
     pub fn issue(&self, id: &Identity, lifetime: Duration) -> Result<IssuedCert, CaError> {
         let now = SystemTime::now();
         let not_after = now + lifetime;
-        let (cert, key, serial) = self.issue_with(|params| {
-            params.subject_alt_names = vec![SanType::URI(
-                id.to_string()
-                    .try_into()
-                    .map_err(|e: rcgen::Error| CaError::Sign(e.to_string()))?,
-            )];
-            params.not_before = (now - Duration::from_secs(60)).into();
-            params.not_after = not_after.into();
-            Ok(())
-        })?;
+        let (cert, key, serial) = self.issue_with(|params| svid_params(params, id, now, not_after))?;
         let mut chain = vec![cert];
         chain.extend(self.chain.iter().cloned());
         Ok(IssuedCert {
@@ -155,6 +146,45 @@ impl Authority {
             not_after,
             serial,
         })
+    }
+
+    /// Issues an X.509-SVID for `id` over the public key of a PEM CSR (the
+    /// CA service's path): the CSR's signature is checked and its key must
+    /// be ECDSA P-256; its subject, SANs and extensions are ignored, never
+    /// copied. Returns the leaf then the chain, and the serial.
+    pub fn issue_for_csr(
+        &self,
+        id: &Identity,
+        lifetime: Duration,
+        csr_pem: &str,
+    ) -> Result<(Vec<CertificateDer<'static>>, Vec<u8>), CaError> {
+        use x509_parser::prelude::FromDer;
+        let bad = |message: String| CaError::Invalid {
+            file: "CSR".into(),
+            message,
+        };
+        let der = pem::parse(csr_pem).map_err(|e| bad(format!("not PEM: {e}")))?;
+        let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(der.contents())
+            .map_err(|e| bad(format!("not a certificate request: {e}")))?;
+        csr.verify_signature()
+            .map_err(|_| bad("signature does not verify with its own key".into()))?;
+        let spki = rcgen::SubjectPublicKeyInfo::from_der(csr.certification_request_info.subject_pki.raw)
+            .map_err(|e| bad(format!("public key: {e}")))?;
+        if rcgen::PublicKeyData::algorithm(&spki) != &rcgen::PKCS_ECDSA_P256_SHA256 {
+            return Err(bad("the key must be ECDSA P-256".into()));
+        }
+        let now = SystemTime::now();
+        let mut params = CertificateParams::default();
+        base_params(&mut params);
+        let serial = random_serial();
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        svid_params(&mut params, id, now, now + lifetime)?;
+        let cert = params
+            .signed_by(&spki, &self.issuer)
+            .map_err(|e| CaError::Sign(e.to_string()))?;
+        let mut chain = vec![cert.der().clone()];
+        chain.extend(self.chain.iter().cloned());
+        Ok((chain, serial))
     }
 
     /// Issues a leaf with the SVID defaults, adjusted by `customise`. Tests
@@ -166,11 +196,7 @@ impl Authority {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| CaError::Sign(e.to_string()))?;
         let serial = random_serial();
         let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        params.use_authority_key_identifier_extension = true;
+        base_params(&mut params);
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         customise(&mut params)?;
         let cert = params
@@ -179,6 +205,33 @@ impl Authority {
         let key = PrivatePkcs8KeyDer::from(key.serialize_der());
         Ok((cert.der().clone(), key, serial))
     }
+}
+
+/// What every leaf has: no subject, not a CA, digital signature, client
+/// and server auth, an authority key identifier.
+fn base_params(params: &mut CertificateParams) {
+    params.distinguished_name = DistinguishedName::new();
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+}
+
+/// What makes a leaf an SVID of `id`: its one URI SAN and its validity.
+fn svid_params(
+    params: &mut CertificateParams,
+    id: &Identity,
+    now: SystemTime,
+    not_after: SystemTime,
+) -> Result<(), CaError> {
+    params.subject_alt_names = vec![SanType::URI(
+        id.to_string()
+            .try_into()
+            .map_err(|e: rcgen::Error| CaError::Sign(e.to_string()))?,
+    )];
+    params.not_before = (now - Duration::from_secs(60)).into();
+    params.not_after = not_after.into();
+    Ok(())
 }
 
 fn check_validity(path: &Path, c: &X509Certificate<'_>) -> Result<(), CaError> {
@@ -243,7 +296,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::super::ca::{ROOT_KEY, load_issuer, new_key};
-    use super::super::ca_cli::{Signer, ca_params, init, intermediate};
+    use super::super::ca_cli::{Signer, ca_params, init, init_with_path_len, intermediate};
     use super::*;
 
     fn tmp(tag: &str) -> PathBuf {
@@ -293,7 +346,8 @@ mod tests {
     #[test]
     fn nested_intermediates_load_and_send_the_whole_chain() {
         let (a, b) = (tmp("nest-a"), tmp("nest-b"));
-        init(&a).unwrap();
+        // `ca init`'s intermediate signs only leaves unless told otherwise.
+        init_with_path_len(&a, 1).unwrap();
         intermediate(&a, Signer::Intermediate, &b).unwrap();
         let ca = Authority::load(&b).unwrap();
         assert_eq!(ca.chain().len(), 2, "both intermediates are sent");
@@ -311,7 +365,11 @@ mod tests {
         // Re-sign the intermediate with a validity that ended yesterday.
         let root = load_issuer(&d.join(ROOT_CERT), &d.join(ROOT_KEY)).unwrap();
         let key = new_key().unwrap();
-        let mut params = ca_params("Expired Intermediate", Duration::from_secs(1));
+        let mut params = ca_params(
+            "Expired Intermediate",
+            Duration::from_secs(1),
+            rcgen::BasicConstraints::Constrained(0),
+        );
         let now = SystemTime::now();
         params.not_before = (now - Duration::from_secs(2 * 86400)).into();
         params.not_after = (now - Duration::from_secs(86400)).into();

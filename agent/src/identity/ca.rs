@@ -200,7 +200,7 @@ pub(super) fn check_ca(path: &Path, c: &X509Certificate<'_>) -> Result<(), CaErr
 }
 
 /// PEM text of DER bytes under `label`, `\n` line endings.
-pub(super) fn pem_text(label: &str, der: &[u8]) -> String {
+pub fn pem_text(label: &str, der: &[u8]) -> String {
     pem::encode_config(
         &pem::Pem::new(label, der),
         pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),

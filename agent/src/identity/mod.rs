@@ -5,6 +5,9 @@
 //!   errors, reading certificates and keys, serials, fingerprints, PEM.
 //! * `authority` — the CA directory loaded at runtime, issuing SVIDs.
 //! * `ca_cli` — the `nodeward ca` commands: init, intermediate, revoke.
+//! * `issuer` — where certificates come from: the local CA or a CA service.
+//! * `ca_proto` — Istio's CA protocol: its messages and gRPC framing.
+//! * `ca_client` — the agent's client of a CA service (CSRs only).
 //! * `manager` — per-identity certificates: issued on demand, shared by the
 //!   pods of an identity, renewed around half-life, dropped when unused.
 //! * `trust` — roots, CRLs and the identity deny list, hot-reloaded.
@@ -17,6 +20,9 @@
 pub mod authority;
 pub mod ca;
 pub mod ca_cli;
+pub mod ca_client;
+pub mod ca_proto;
+pub mod issuer;
 pub mod manager;
 pub mod revocation;
 pub mod tls;

@@ -43,6 +43,10 @@ pub async fn handle(
     let (Some(src_id), Some(certs)) = (ctx.identity.clone(), ctx.mesh.certs.clone()) else {
         return refused(&down, CloseReason::NoIdentity, None);
     };
+    // Its certificate not obtained yet (a CA service down or refusing).
+    if certs.current(&src_id).is_none() {
+        return refused(&down, CloseReason::NoIdentity, None);
+    }
     let Some(client_ip) = pod_ip_for(ctx, dst.ip()) else {
         return refused(&down, CloseReason::ConnectFailed, None);
     };

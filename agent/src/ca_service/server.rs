@@ -1,0 +1,544 @@
+//! The gRPC endpoint of `nodeward ca serve`: TLS 1.3 with ALPN h2, one
+//! method (`CreateCertificate`). Each request is authenticated by its
+//! bearer token, authorized against the CA's view of pods, then issued from
+//! the CSR's key alone; every refusal is answered with a gRPC status and a
+//! reason, logged and counted.
+
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rcgen::SanType;
+use rustls::ServerConfig;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio_util::sync::CancellationToken;
+
+use super::authz::{Rules, authorize};
+use super::jwt::{Expected, KeySet};
+use super::{ServeArgs, ServeError};
+use crate::identity::authority::Authority;
+use crate::identity::ca_proto::{
+    CREATE_CERTIFICATE_PATH, Code, IstioCertificateRequest, IstioCertificateResponse, frame, read_body, unframe,
+};
+use crate::identity::tls::{certified_key, provider};
+use crate::source::dir::DirSource;
+use crate::state::Store;
+
+/// Lifetime of the service's own TLS certificate; re-issued at half of it.
+const SERVER_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// Deadline for a client's TLS and HTTP/2 handshakes.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline for a request's body.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection without a new request this long is closed (clients open
+/// one per request or renewal round), so idle ones cannot hold the slots.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Connections served at once; more wait in the backlog.
+const MAX_CONNECTIONS: usize = 1024;
+
+/// A loaded CA service.
+pub struct CaService {
+    authority: Authority,
+    keys: KeySet,
+    expected: Expected,
+    rules: Rules,
+    store: Store,
+    max_lifetime: Duration,
+    server_names: Vec<String>,
+    counters: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+}
+
+impl std::fmt::Debug for CaService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaService")
+            .field("rules", &self.rules)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CaService {
+    /// Checks every flag and file, reporting all problems at once.
+    pub fn load(a: &ServeArgs) -> Result<CaService, ServeError> {
+        let mut problems = Vec::new();
+        let authority = Authority::load(&a.ca_dir)
+            .map_err(|e| problems.push(format!("--ca-dir (NODEWARD_CA_DIR): {e}")))
+            .ok();
+        let keys = KeySet::load(&a.jwks)
+            .map_err(|e| problems.push(format!("--jwks (NODEWARD_CA_JWKS): {e}")))
+            .ok();
+        if !a.config_dir.is_dir() {
+            problems.push(format!(
+                "--config-dir (NODEWARD_CONFIG_DIR) {}: not a directory",
+                a.config_dir.display()
+            ));
+        }
+        let node_agent = match a.node_agent_sa.split_once('/') {
+            Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') => Some((ns.into(), sa.into())),
+            _ => {
+                problems.push(format!(
+                    "--node-agent-sa (NODEWARD_CA_NODE_AGENT_SA) {:?}: must be namespace/name",
+                    a.node_agent_sa
+                ));
+                None
+            }
+        };
+        for (flag, env, v) in [
+            ("issuer", "NODEWARD_CA_ISSUER", &a.issuer),
+            ("audience", "NODEWARD_CA_AUDIENCE", &a.audience),
+            ("trust-domain", "NODEWARD_TRUST_DOMAIN", &a.trust_domain),
+        ] {
+            if v.trim().is_empty() {
+                problems.push(format!("--{flag} ({env}) is empty"));
+            }
+        }
+        if a.max_cert_lifetime.is_zero() {
+            problems.push(
+                "--max-cert-lifetime (NODEWARD_CA_MAX_CERT_LIFETIME) = 0: certificates would expire as issued".into(),
+            );
+        }
+        if a.server_name.iter().all(|n| n.trim().is_empty()) {
+            problems.push("--server-name (NODEWARD_CA_SERVER_NAME) is empty".into());
+        }
+        match (authority, keys, node_agent) {
+            (Some(authority), Some(keys), Some(node_agent)) if problems.is_empty() => Ok(CaService {
+                authority,
+                keys,
+                expected: Expected {
+                    issuer: a.issuer.clone(),
+                    audience: a.audience.clone(),
+                },
+                rules: Rules {
+                    trust_domain: a.trust_domain.clone(),
+                    node_agent,
+                },
+                store: Store::new(),
+                max_lifetime: a.max_cert_lifetime,
+                server_names: a.server_name.clone(),
+                counters: Mutex::new(BTreeMap::new()),
+            }),
+            _ => Err(ServeError::Setup(problems)),
+        }
+    }
+
+    /// The service's TLS certificate: a leaf of its own CA with the
+    /// configured DNS names and IP addresses (what clients dial), so a
+    /// client needs only the mesh's root to trust it.
+    fn server_cert(&self) -> Result<Arc<CertifiedKey>, String> {
+        let now = std::time::SystemTime::now();
+        let names = self.server_names.clone();
+        let (cert, key, _) =
+            self.authority
+                .issue_with(|p| {
+                    p.subject_alt_names =
+                        names
+                            .iter()
+                            .filter(|n| !n.trim().is_empty())
+                            .map(|n| match n.parse::<IpAddr>() {
+                                Ok(ip) => Ok(SanType::IpAddress(ip)),
+                                Err(_) => n.clone().try_into().map(SanType::DnsName).map_err(|e: rcgen::Error| {
+                                    crate::identity::ca::CaError::Sign(format!("{n:?}: {e}"))
+                                }),
+                            })
+                            .collect::<Result<_, _>>()?;
+                    p.not_before = (now - Duration::from_secs(60)).into();
+                    p.not_after = (now + SERVER_CERT_LIFETIME).into();
+                    Ok(())
+                })
+                .map_err(|e| e.to_string())?;
+        let mut chain = vec![cert];
+        chain.extend(self.authority.chain().iter().cloned());
+        certified_key(chain, key).map_err(|e| e.to_string())
+    }
+
+    fn count(&self, result: &'static str, reason: &'static str) {
+        *self
+            .counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((result, reason))
+            .or_default() += 1;
+    }
+
+    /// Handles one request to an answer, counted: the response or a gRPC
+    /// status with its reason.
+    fn create(
+        &self,
+        token: Option<&str>,
+        body: Bytes,
+    ) -> Result<IstioCertificateResponse, (Code, &'static str, String)> {
+        let r = self.create_uncounted(token, body);
+        match &r {
+            Ok(_) => self.count("issued", "ok"),
+            Err((_, reason, _)) => self.count("refused", reason),
+        }
+        r
+    }
+
+    fn create_uncounted(
+        &self,
+        token: Option<&str>,
+        body: Bytes,
+    ) -> Result<IstioCertificateResponse, (Code, &'static str, String)> {
+        let token = token.ok_or((Code::Unauthenticated, "no_token", "no bearer token".to_string()))?;
+        let now = crate::identity::trust::unix_now();
+        let claims = super::jwt::verify(token, &self.keys, &self.expected, now)
+            .map_err(|e| (Code::Unauthenticated, e.kind(), format!("token refused: {e}")))?;
+        let req: IstioCertificateRequest =
+            unframe(body).map_err(|e| (Code::InvalidArgument, "bad_request", e.to_string()))?;
+        let caller = format!("{}/{}", claims.namespace, claims.service_account);
+        let id = authorize(&claims, req.impersonated(), &self.rules, &self.store.current())
+            .map_err(|e| (Code::PermissionDenied, e.kind(), format!("{caller}: {e}")))?;
+        let asked = u64::try_from(req.validity_duration).unwrap_or(0);
+        let lifetime = match asked {
+            0 => self.max_lifetime,
+            s => Duration::from_secs(s).min(self.max_lifetime),
+        };
+        let (chain, serial) = self
+            .authority
+            .issue_for_csr(&id, lifetime, &req.csr)
+            .map_err(|e| (Code::InvalidArgument, "bad_csr", e.to_string()))?;
+        tracing::info!(
+            identity = %id,
+            caller = %caller,
+            node = claims.node.as_deref().unwrap_or(""),
+            serial = %crate::identity::ca::hex(&serial),
+            lifetime_s = lifetime.as_secs(),
+            "certificate issued"
+        );
+        let mut cert_chain: Vec<String> = chain
+            .iter()
+            .map(|c| crate::identity::ca::pem_text("CERTIFICATE", c.as_ref()))
+            .collect();
+        // Istio's answers end with the root.
+        if let Some(root) = self.authority.roots().first() {
+            cert_chain.push(crate::identity::ca::pem_text("CERTIFICATE", root.as_ref()));
+        }
+        Ok(IstioCertificateResponse { cert_chain })
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        req: http::Request<h2::RecvStream>,
+        mut respond: h2::server::SendResponse<Bytes>,
+        peer: std::net::SocketAddr,
+    ) {
+        let (head, mut body) = req.into_parts();
+        let result = if head.method != http::Method::POST || head.uri.path() != CREATE_CERTIFICATE_PATH {
+            self.count("refused", "unimplemented");
+            Err((
+                Code::Unimplemented,
+                "unimplemented",
+                format!("no method {}", head.uri.path()),
+            ))
+        } else {
+            let read = tokio::time::timeout(REQUEST_TIMEOUT, read_body(&mut body)).await;
+            match read.unwrap_or_else(|_| Err(format!("no whole request within {REQUEST_TIMEOUT:?}"))) {
+                Err(e) => {
+                    self.count("refused", "bad_request");
+                    Err((Code::ResourceExhausted, "bad_request", e))
+                }
+                Ok(bytes) => {
+                    let token = head
+                        .headers
+                        .get(http::header::AUTHORIZATION)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+                        .map(str::trim);
+                    self.create(token, bytes)
+                }
+            }
+        };
+        match result {
+            Ok(resp) => {
+                let head = http::Response::builder()
+                    .status(200)
+                    .header("content-type", "application/grpc")
+                    .body(())
+                    .unwrap_or_default();
+                if let Ok(mut send) = respond.send_response(head, false) {
+                    let _ = send.send_data(frame(&resp), false);
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                    let _ = send.send_trailers(trailers);
+                }
+            }
+            Err((code, reason, message)) => {
+                tracing::warn!(peer = %peer, reason, grpc_status = code as u32, "certificate request refused: {message}");
+                let head = http::Response::builder()
+                    .status(200)
+                    .header("content-type", "application/grpc")
+                    .header("grpc-status", (code as u32).to_string())
+                    .header("grpc-message", percent_encode(&message))
+                    .body(())
+                    .unwrap_or_default();
+                let _ = respond.send_response(head, true);
+            }
+        }
+    }
+}
+
+impl crate::admin::Health for CaService {
+    fn problems(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn stats(&self) -> String {
+        let mut out = String::from("# TYPE nodeward_ca_requests_total counter\n");
+        for ((result, reason), n) in self.counters.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            out.push_str(&format!(
+                "nodeward_ca_requests_total{{result=\"{result}\",reason=\"{reason}\"}} {n}\n"
+            ));
+        }
+        out
+    }
+}
+
+/// grpc-message: printable ASCII except `%`, the rest percent-encoded.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[derive(Debug)]
+struct Rotating(RwLock<Arc<CertifiedKey>>);
+
+impl ResolvesServerCert for Rotating {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+}
+
+/// Runs the service until `stop` fires.
+pub async fn serve(args: ServeArgs, stop: CancellationToken) -> Result<(), ServeError> {
+    let service = Arc::new(CaService::load(&args)?);
+    let cert = service
+        .server_cert()
+        .map_err(|e| ServeError::Setup(vec![format!("--server-name: {e}")]))?;
+    let resolver = Arc::new(Rotating(RwLock::new(cert)));
+    let mut tls = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("ring supports TLS 1.3")
+        .with_no_client_auth()
+        .with_cert_resolver(resolver.clone());
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: args.listen,
+            source,
+        })?;
+    let admin = tokio::net::TcpListener::bind(args.admin_addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: args.admin_addr,
+            source,
+        })?;
+    tokio::spawn(crate::admin::serve(admin, service.clone(), stop.clone()));
+    let source = DirSource::new(&args.config_dir).with_trust_domains(&args.trust_domain, &[]);
+    tokio::spawn(source.run(service.store.clone(), Duration::from_millis(200), stop.clone()));
+    {
+        let (service, resolver, stop) = (service.clone(), resolver.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(SERVER_CERT_LIFETIME / 2) => {}
+                }
+                match service.server_cert() {
+                    Ok(c) => *resolver.0.write().unwrap_or_else(|e| e.into_inner()) = c,
+                    Err(e) => tracing::error!("re-issuing the service's TLS certificate failed: {e}"),
+                }
+            }
+        });
+    }
+    tracing::info!(
+        listen = %args.listen,
+        trust_domain = %args.trust_domain,
+        node_agent = %args.node_agent_sa,
+        "CA service running"
+    );
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return Ok(()) },
+        };
+        let (tcp, peer) = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+        };
+        let (acceptor, service) = (acceptor.clone(), service.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+                let tls = acceptor.accept(tcp).await.ok()?;
+                h2::server::Builder::new()
+                    .max_concurrent_streams(16)
+                    .handshake::<_, Bytes>(tls)
+                    .await
+                    .ok()
+            })
+            .await;
+            let Ok(Some(mut conn)) = conn else { return };
+            while let Ok(Some(Ok((req, respond)))) = tokio::time::timeout(IDLE_TIMEOUT, conn.accept()).await {
+                tokio::spawn(service.clone().handle(req, respond, peer));
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Identity;
+    use crate::identity::ca_proto::impersonating;
+    use crate::state::workload::Pod;
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+    fn service(tag: &str) -> (CaService, super::super::jwt::TokenSigner, PathBuf) {
+        let d = std::env::temp_dir().join(format!("nodeward-ca-svc-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        crate::identity::ca_cli::init(&d).unwrap();
+        let signer = super::super::jwt::TokenSigner::generate("k1");
+        std::fs::write(d.join("jwks.json"), signer.jwks()).unwrap();
+        let args = ServeArgs {
+            ca_dir: d.clone(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            jwks: d.join("jwks.json"),
+            issuer: "https://kubernetes.default.svc".into(),
+            audience: "istio-ca".into(),
+            node_agent_sa: "nodeward-system/nodeward".into(),
+            config_dir: d.clone(),
+            trust_domain: "cluster.local".into(),
+            max_cert_lifetime: Duration::from_secs(3600),
+            server_name: vec!["ca.test".into()],
+            admin_addr: "127.0.0.1:0".parse().unwrap(),
+        };
+        let s = CaService::load(&args).unwrap();
+        let mut snap = crate::state::Snapshot::default();
+        let pod = Pod {
+            namespace: "shop".into(),
+            name: "web-1".into(),
+            node_name: "node-1".into(),
+            service_account: "web".into(),
+            phase: "Running".into(),
+            ..Pod::default()
+        };
+        snap.pods.insert("shop/web-1".into(), Arc::new(pod));
+        s.store.publish(snap);
+        (s, signer, d)
+    }
+
+    use std::path::PathBuf;
+
+    fn token(signer: &super::super::jwt::TokenSigner, ns: &str, sa: &str, node: &str) -> String {
+        let now = crate::identity::trust::unix_now();
+        signer.sign(&super::super::jwt::k8s_claims(
+            "https://kubernetes.default.svc",
+            "istio-ca",
+            ns,
+            sa,
+            "p",
+            node,
+            now,
+        ))
+    }
+
+    fn request(csr: String, impersonate: &str, validity: i64) -> Bytes {
+        frame(&IstioCertificateRequest {
+            csr,
+            validity_duration: validity,
+            metadata: Some(impersonating(impersonate)),
+        })
+    }
+
+    #[test]
+    fn a_csr_with_extra_sans_and_extensions_yields_only_the_spiffe_uri() {
+        let (s, signer, d) = service("sans");
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = rcgen::CertificateParams::new(vec!["evil.example".to_string()]).unwrap();
+        p.subject_alt_names.push(SanType::URI(
+            "spiffe://cluster.local/ns/kube-system/sa/admin".try_into().unwrap(),
+        ));
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let csr = p.serialize_request(&key).unwrap().pem().unwrap();
+        let t = token(&signer, "nodeward-system", "nodeward", "node-1");
+        let resp = s
+            .create(Some(&t), request(csr, "spiffe://cluster.local/ns/shop/sa/web", 999_999))
+            .unwrap();
+        let der = pem::parse(&resp.cert_chain[0]).unwrap();
+        let (_, leaf) = X509Certificate::from_der(der.contents()).unwrap();
+        let sans: Vec<String> = leaf
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .iter()
+            .map(|n| match n {
+                GeneralName::URI(u) => u.to_string(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(sans, vec!["spiffe://cluster.local/ns/shop/sa/web"]);
+        assert!(!leaf.is_ca(), "the CSR's CA request was copied");
+        assert_eq!(*leaf.public_key().subject_public_key.data, *key.public_key_raw());
+        let lifetime = leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
+        assert!(
+            lifetime <= 3600 + 60,
+            "lifetime {lifetime}s is over --max-cert-lifetime"
+        );
+        assert_eq!(resp.cert_chain.len(), 3, "leaf, intermediate, root");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn refusals_name_their_reason() {
+        let (s, signer, d) = service("refuse");
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        let web = "spiffe://cluster.local/ns/shop/sa/web";
+        let node2 = token(&signer, "nodeward-system", "nodeward", "node-2");
+        let e = s.create(Some(&node2), request(csr.clone(), web, 0)).unwrap_err();
+        assert_eq!((e.0, e.1), (Code::PermissionDenied, "not_on_node"), "{}", e.2);
+        let e = s.create(None, request(csr.clone(), web, 0)).unwrap_err();
+        assert_eq!((e.0, e.1), (Code::Unauthenticated, "no_token"));
+        let e = s.create(Some("a.b.c"), request(csr.clone(), web, 0)).unwrap_err();
+        assert_eq!(e.0, Code::Unauthenticated);
+        let node1 = token(&signer, "nodeward-system", "nodeward", "node-1");
+        let e = s.create(Some(&node1), request("garbage".into(), web, 0)).unwrap_err();
+        assert_eq!((e.0, e.1), (Code::InvalidArgument, "bad_csr"));
+        let rsa = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        let p384 = rcgen::CertificateParams::default()
+            .serialize_request(&rsa)
+            .unwrap()
+            .pem()
+            .unwrap();
+        let e = s.create(Some(&node1), request(p384, web, 0)).unwrap_err();
+        assert_eq!((e.0, e.1), (Code::InvalidArgument, "bad_csr"), "{}", e.2);
+        let own = token(&signer, "shop", "web", "node-9");
+        let ok = s.create(Some(&own), request(csr, web, 0));
+        assert!(ok.is_ok(), "a workload gets its own identity");
+        let stats = crate::admin::Health::stats(&s);
+        assert!(stats.contains("reason=\"not_on_node\"} 1"), "{stats}");
+        assert_eq!(Identity::parse(web).unwrap().namespace, "shop");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}

@@ -1,0 +1,146 @@
+//! A CA service for a topology: `nodeward ca serve` in node 1's namespace
+//! (on its fabric address, port 15012, so every node reaches it), the
+//! service-account token issuer whose keys it trusts, and per node the
+//! files an agent needs to use it: the root, and a token bound to the node.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nodeward::ca_service::jwt::{TokenSigner, k8s_claims};
+
+use crate::agent::Agent;
+use crate::topology::Topology;
+
+/// The token issuer (`--service-account-issuer` of a test API server).
+pub const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+/// The node agent's ServiceAccount.
+pub const NODE_AGENT: (&str, &str) = ("nodeward-system", "nodeward");
+
+/// Seconds since the epoch.
+pub fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The CA service of a topology and what its clients need.
+pub struct CaService {
+    /// Signs tokens; its key is in `jwks.json`.
+    pub signer: TokenSigner,
+    /// Scratch directory: `jwks.json`, `root-cert.pem`, `<node>.token`.
+    pub dir: PathBuf,
+    /// `https://10.T.0.1:15012`.
+    pub address: String,
+    ca_dir: PathBuf,
+    config_dir: PathBuf,
+    host: String,
+    node: usize,
+    /// The running server, if any.
+    pub server: Option<Agent>,
+}
+
+impl CaService {
+    /// Prepares the files for `t`: the issuer's keys, a copy of the root
+    /// alone (the agents never see the CA directory), a node-bound token of
+    /// the node agent's ServiceAccount per node.
+    pub fn new(t: &Topology) -> CaService {
+        let dir = t.ca_dir.with_extension("service");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("CA service scratch dir");
+        let signer = TokenSigner::generate("test-issuer-1");
+        std::fs::write(dir.join("jwks.json"), signer.jwks()).expect("write jwks");
+        std::fs::copy(t.ca_dir.join("root-cert.pem"), dir.join("root-cert.pem")).expect("copy root");
+        let host = format!("10.{}.0.1", t.id);
+        let s = CaService {
+            signer,
+            address: format!("https://{host}:15012"),
+            dir,
+            ca_dir: t.ca_dir.clone(),
+            config_dir: t.config_dir.clone(),
+            host,
+            node: 0,
+            server: None,
+        };
+        for node in &t.nodes {
+            let token = s.signer.sign(&k8s_claims(
+                ISSUER,
+                "istio-ca",
+                NODE_AGENT.0,
+                NODE_AGENT.1,
+                &format!("nodeward-{}", node.name),
+                &node.name,
+                now(),
+            ));
+            std::fs::write(s.token_file(&node.name), token).expect("write token");
+        }
+        s
+    }
+
+    /// The token file of `node`'s agent.
+    pub fn token_file(&self, node: &str) -> PathBuf {
+        self.dir.join(format!("{node}.token"))
+    }
+
+    /// The root the agents trust.
+    pub fn root_file(&self) -> PathBuf {
+        self.dir.join("root-cert.pem")
+    }
+
+    /// Flags that point node `node`'s agent at the service.
+    pub fn agent_flags(&self, node: &str) -> Vec<String> {
+        vec![
+            "--ca-address".into(),
+            self.address.clone(),
+            "--ca-root".into(),
+            self.root_file().display().to_string(),
+            "--ca-token".into(),
+            self.token_file(node).display().to_string(),
+        ]
+    }
+
+    /// Starts the server in node 1's namespace and waits until it serves.
+    pub fn start(&mut self, t: &Topology) {
+        let args: Vec<String> = vec![
+            "--ca-dir".into(),
+            self.ca_dir.display().to_string(),
+            "--listen".into(),
+            format!("{}:15012", self.host),
+            "--jwks".into(),
+            self.dir.join("jwks.json").display().to_string(),
+            "--issuer".into(),
+            ISSUER.into(),
+            "--config-dir".into(),
+            self.config_dir.display().to_string(),
+            "--server-name".into(),
+            self.host.clone(),
+        ];
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let server = Agent::ca_serve(&t.nodes[self.node], &refs);
+        server
+            .wait_log(Duration::from_secs(10), |l| {
+                l["raw"].as_str().is_some_and(|r| r.contains("CA service running"))
+            })
+            .unwrap_or_else(|| panic!("CA service did not start:\n{}", server.dump()));
+        self.server = Some(server);
+    }
+
+    /// Kills the server.
+    pub fn kill(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            s.kill();
+        }
+    }
+
+    /// The server's log.
+    pub fn dump(&self) -> String {
+        self.server.as_ref().map(|s| s.dump()).unwrap_or_default()
+    }
+}
+
+impl Drop for CaService {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
