@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod audit;
 pub mod capture;
 pub mod config;
 pub mod identity;
