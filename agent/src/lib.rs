@@ -14,3 +14,4 @@ pub mod policy;
 pub mod proxy;
 pub mod source;
 pub mod state;
+pub mod verify;

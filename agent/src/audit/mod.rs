@@ -27,6 +27,7 @@ use crate::state::workload::Namespace;
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
     /// Listed for the record (a documented exception); never fails.
+    #[value(skip)]
     Info,
     /// Redundant or dead configuration.
     Low,
