@@ -99,10 +99,10 @@ fn audit(args: &AuditArgs) -> anyhow::Result<bool> {
     use nodeward::audit;
     let production = audit::Production::new(&args.production_namespaces, &args.production_labels)?;
     let findings = audit::audit_dir(&args.config_dir, &args.root_namespace, &production)?;
-    match args.output {
-        Output::Table => print!("{}", audit::table(&findings)),
-        Output::Json => println!("{}", audit::json(&findings)),
-    }
+    emit(&match args.output {
+        Output::Table => audit::table(&findings),
+        Output::Json => audit::json(&findings) + "\n",
+    })?;
     Ok(audit::fails(&findings, args.fail_on))
 }
 
@@ -119,11 +119,21 @@ fn verify(args: &VerifyArgs) -> anyhow::Result<bool> {
         metrics_addr: args.metrics_addr,
         timeout: args.timeout.0,
     })?;
-    match args.output {
-        Output::Table => print!("{}", verify::table(&checks)),
-        Output::Json => println!("{}", verify::json(&checks)),
-    }
+    emit(&match args.output {
+        Output::Table => verify::table(&checks),
+        Output::Json => verify::json(&checks) + "\n",
+    })?;
     Ok(verify::failed(&checks))
+}
+
+/// Writes a report to stdout; a reader that went away (`| head`) is not
+/// an error, the exit status still tells.
+fn emit(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
 fn cleanup(args: &CleanupArgs) -> anyhow::Result<()> {

@@ -53,7 +53,10 @@ fn audit(dir: &PathBuf, args: &[&str]) -> (i32, String) {
         .args(args)
         .output()
         .expect("run nodeward audit");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
 
 #[test]
@@ -99,7 +102,11 @@ fn the_table_and_json_name_each_finding() {
     assert_eq!(
         kinds,
         vec![
-            ("medium", "permissive_in_production", "PeerAuthentication prod/web-relaxed"),
+            (
+                "medium",
+                "permissive_in_production",
+                "PeerAuthentication prod/web-relaxed"
+            ),
             ("low", "selects_nothing", "AuthorizationPolicy prod/ghost"),
         ]
     );

@@ -61,7 +61,10 @@ fn verify_until(t: &Topology, want: i32) -> (Value, String) {
         if code == want {
             return (report, table);
         }
-        assert!(Instant::now() < deadline, "verify kept exiting {code}, want {want}:\n{table}");
+        assert!(
+            Instant::now() < deadline,
+            "verify kept exiting {code}, want {want}:\n{table}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -111,7 +114,10 @@ fn verify_passes_under_strict_and_names_the_pod_and_port_left_permissive() {
         return;
     };
     let c = t.pod("c").clone();
-    let _s: Vec<_> = [8080, 9090].iter().map(|p| serve(&c.netns, c.v4(*p), info_echo)).collect();
+    let _s: Vec<_> = [8080, 9090]
+        .iter()
+        .map(|p| serve(&c.netns, c.v4(*p), info_echo))
+        .collect();
 
     // PERMISSIVE (no policy): every port accepts plaintext, verify fails.
     let (report, _) = verify_until(&t, 1);

@@ -88,7 +88,11 @@ fn open_source(r: &Rule) -> Option<&'static str> {
     let when_on_source = r.when.iter().any(|c| matches!(c, Condition::Source(_)));
     match &r.from {
         None if !when_on_source => Some("has no source constraint: any client, plaintext included, is allowed"),
-        Some(sources) if sources.iter().any(|s| s.principals.iter().any(|p| p.pattern == StrMatch::Any)) => {
+        Some(sources)
+            if sources
+                .iter()
+                .any(|s| s.principals.iter().any(|p| p.pattern == StrMatch::Any)) =>
+        {
             Some("allows principals [\"*\"]: any workload with a certificate of the mesh")
         }
         _ => None,
@@ -98,8 +102,7 @@ fn open_source(r: &Rule) -> Option<&'static str> {
 fn selects_any(snap: &Snapshot, p: &AuthorizationPolicy) -> bool {
     snap.pods.values().any(|pod| {
         (p.meta.namespace == snap.root_namespace || p.meta.namespace == pod.namespace)
-            && p
-                .meta
+            && p.meta
                 .selector
                 .as_ref()
                 .is_none_or(|sel| sel.iter().all(|(k, v)| pod.labels.get(k) == Some(v)))
@@ -188,7 +191,10 @@ fn operation_covers(b: &Operation, a: &Operation) -> bool {
         // `a` is every port but its notPorts.
         b.ports.is_empty() && b.not_ports.iter().all(|p| a.not_ports.contains(p))
     } else {
-        a.ports.iter().filter(|p| !a.not_ports.contains(p)).all(|p| !excluded_by_b(p))
+        a.ports
+            .iter()
+            .filter(|p| !a.not_ports.contains(p))
+            .all(|p| !excluded_by_b(p))
     }
 }
 

@@ -163,14 +163,12 @@ impl Production {
     /// labels `env`/`environment` = `prod`/`production`.
     pub fn defaults() -> Self {
         let split = |s: &str| s.split(',').map(String::from).collect::<Vec<_>>();
-        Production::new(
-            &split(DEFAULT_PRODUCTION_NAMESPACES),
-            &split(DEFAULT_PRODUCTION_LABELS),
+        Production::new(&split(DEFAULT_PRODUCTION_NAMESPACES), &split(DEFAULT_PRODUCTION_LABELS)).unwrap_or(
+            Production {
+                names: Vec::new(),
+                labels: Vec::new(),
+            },
         )
-        .unwrap_or(Production {
-            names: Vec::new(),
-            labels: Vec::new(),
-        })
     }
 
     /// Whether namespace `name` (with its object, if the config has one)

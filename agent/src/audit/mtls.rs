@@ -56,7 +56,10 @@ pub(super) fn check(snap: &Snapshot, production: &Production, out: &mut Vec<Find
                 Severity::High,
                 Kind::MtlsDisable,
                 object(p),
-                format!("mTLS DISABLE {}: plaintext accepted, no peer identity", at(Mode::Disable)),
+                format!(
+                    "mTLS DISABLE {}: plaintext accepted, no peer identity",
+                    at(Mode::Disable)
+                ),
             ));
         }
         let ns = &p.meta.namespace;

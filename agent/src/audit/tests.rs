@@ -71,7 +71,9 @@ fn audit(clean: bool, extra: &str) -> Vec<Finding> {
 }
 
 fn pa(ns: &str, name: &str, spec: &str) -> String {
-    format!("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{spec}")
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{spec}"
+    )
 }
 
 fn ap(name: &str, spec: &str) -> String {
@@ -93,7 +95,12 @@ fn a_clean_config_has_no_findings() {
 
 #[test]
 fn each_problem_is_found_with_its_kind_severity_and_object() {
-    let allow = |rules: &str| ap("p", &format!("  selector: {{matchLabels: {{app: web}}}}\n  action: ALLOW\n  rules:\n{rules}"));
+    let allow = |rules: &str| {
+        ap(
+            "p",
+            &format!("  selector: {{matchLabels: {{app: web}}}}\n  action: ALLOW\n  rules:\n{rules}"),
+        )
+    };
     let rows: Vec<(&str, String, Kind, Severity, &str, &str)> = vec![
         (
             "DISABLE on one port",
@@ -268,7 +275,11 @@ fn each_problem_is_found_with_its_kind_severity_and_object() {
         let f = &found[0];
         assert_eq!(f.kind, kind, "{what}: {f:?}");
         assert_eq!(f.severity, severity, "{what}: {f:?}");
-        assert!(f.object.ends_with(object), "{what}: object {:?}, want {object:?}", f.object);
+        assert!(
+            f.object.ends_with(object),
+            "{what}: object {:?}, want {object:?}",
+            f.object
+        );
         assert!(f.why.contains(why), "{what}: why {:?} lacks {why:?}", f.why);
     }
 }
@@ -283,7 +294,13 @@ fn rules_that_are_not_covered_are_not_reported_as_shadowed() {
         "  - from: [{source: {namespaces: ['*'], notNamespaces: [kube-system]}}]\n  - from: [{source: {namespaces: [kube-system]}}]\n",
         "  - from: [{source: {ipBlocks: [10.0.0.0/8]}}]\n    when: [{key: destination.port, values: ['80']}]\n  - from: [{source: {ipBlocks: [10.1.0.0/16]}}]\n",
     ] {
-        let found = audit(true, &ap("p", &format!("  selector: {{matchLabels: {{app: web}}}}\n  action: DENY\n  rules:\n{rules}")));
+        let found = audit(
+            true,
+            &ap(
+                "p",
+                &format!("  selector: {{matchLabels: {{app: web}}}}\n  action: DENY\n  rules:\n{rules}"),
+            ),
+        );
         assert_eq!(found, vec![], "{rules}");
     }
 }

@@ -126,7 +126,11 @@ pub fn outbound_security(metrics: &str, snap: &Snapshot, pod: &Pod, trust_domain
     let principal = |p: &Pod| format!("{trust_domain}/ns/{}/sa/{}", p.namespace, p.service_account);
     let names = |p: &Pod| -> Vec<String> {
         let mut n = vec![p.name.clone()];
-        n.extend(["app", "app.kubernetes.io/name"].iter().filter_map(|k| p.labels.get(*k).cloned()));
+        n.extend(
+            ["app", "app.kubernetes.io/name"]
+                .iter()
+                .filter_map(|k| p.labels.get(*k).cloned()),
+        );
         n
     };
     let enrolled: Vec<&Pod> = snap
@@ -152,7 +156,10 @@ pub fn outbound_security(metrics: &str, snap: &Snapshot, pod: &Pod, trust_domain
             || (label(s, "source_workload_namespace").as_deref() == Some(pod.namespace.as_str())
                 && label(s, "source_workload").is_some_and(|w| own_names.contains(&w)));
         let to_enrolled = label(s, "destination_principal").is_some_and(|p| peer_principals.contains(&p))
-            || match (label(s, "destination_workload_namespace"), label(s, "destination_workload")) {
+            || match (
+                label(s, "destination_workload_namespace"),
+                label(s, "destination_workload"),
+            ) {
                 (Some(ns), Some(w)) => peer_workloads.contains(&(ns, w)),
                 _ => false,
             };
@@ -178,10 +185,7 @@ pub(super) fn check(
     let (status, detail) = match metrics {
         Err(e) => (Status::NotTested, format!("agent counters unavailable: {e}")),
         Ok(text) => match outbound_security(text, snap, pod, trust_domain) {
-            None => (
-                Status::NotTested,
-                format!("http://{addr}/metrics has no {OPENED}"),
-            ),
+            None => (Status::NotTested, format!("http://{addr}/metrics has no {OPENED}")),
             Some(c) if c.plaintext > 0.0 => (
                 Status::Fail,
                 format!(
@@ -272,13 +276,7 @@ mod tests {
         let addr = fake_agent(body);
         let snap = snap();
         let a = snap.pods["mesh/a"].clone();
-        check(
-            &scrape(addr, Duration::from_secs(5)),
-            &snap,
-            &a,
-            "cluster.local",
-            addr,
-        )
+        check(&scrape(addr, Duration::from_secs(5)), &snap, &a, "cluster.local", addr)
     }
 
     #[test]
@@ -317,7 +315,13 @@ mod tests {
         let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
         let snap = snap();
         let a = snap.pods["mesh/a"].clone();
-        let c = check(&scrape(closed, Duration::from_secs(1)), &snap, &a, "cluster.local", closed);
+        let c = check(
+            &scrape(closed, Duration::from_secs(1)),
+            &snap,
+            &a,
+            "cluster.local",
+            closed,
+        );
         assert_eq!(c.status, Status::NotTested, "{c:?}");
         assert!(c.detail.contains("unavailable"), "{c:?}");
     }

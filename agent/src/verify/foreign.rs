@@ -35,6 +35,15 @@ pub const FOREIGN_SERVICE_ACCOUNT: &str = "denied";
 /// Lifetime of the throwaway certificate.
 const LIFETIME: Duration = Duration::from_secs(600);
 
+/// Why an HBONE attempt got no status.
+enum Failed {
+    /// Before the tunnel was up (TCP, TLS, HTTP/2 handshake): says nothing
+    /// about policy.
+    Reach(String),
+    /// The tunnel refused the stream (reset, GOAWAY).
+    Tunnel(String),
+}
+
 /// An HBONE client holding the foreign identity's certificate.
 pub struct Client {
     me: Identity,
@@ -88,15 +97,15 @@ impl Client {
         if decision.allowed {
             return check(
                 Status::NotTested,
-                format!(
-                    "no DENY/ALLOW would refuse a foreign identity ({})",
-                    self.me
-                ),
+                format!("no DENY/ALLOW would refuse a foreign identity ({})", self.me),
             );
         }
         let by = decision.policy.map(|p| format!(" by {p}")).unwrap_or_default();
         let expected = Identity::new(&self.trust_domain, &pod.namespace, &pod.service_account);
-        match self.rt.block_on(tokio::time::timeout(timeout * 2, self.connect(dst, expected, timeout))) {
+        match self
+            .rt
+            .block_on(async { tokio::time::timeout(timeout * 2, self.connect(dst, expected, timeout)).await })
+        {
             Ok(Ok(status)) if status == http::StatusCode::OK => check(
                 Status::Fail,
                 format!(
@@ -106,23 +115,37 @@ impl Client {
             ),
             Ok(Ok(status)) => check(
                 Status::Pass,
-                format!("{} refused (HTTP {}); expected: {}{by}", self.me, status.as_u16(), decision.reason),
+                format!(
+                    "{} refused (HTTP {}); expected: {}{by}",
+                    self.me,
+                    status.as_u16(),
+                    decision.reason
+                ),
             ),
-            Ok(Err(e)) => check(
+            Ok(Err(Failed::Tunnel(e))) => check(
                 Status::Pass,
                 format!("{} refused ({e}); expected: {}{by}", self.me, decision.reason),
             ),
+            // Not reaching the tunnel says nothing about policy.
+            Ok(Err(Failed::Reach(e))) => check(Status::NotTested, format!("cannot reach the pod's tunnel: {e}")),
             Err(_) => check(Status::NotTested, format!("no answer within {:?}", timeout * 2)),
         }
     }
 
     /// HBONE to `dst`'s pod: TLS with the foreign certificate, then
     /// `CONNECT dst`; the response status.
-    async fn connect(&self, dst: SocketAddr, expected: Identity, timeout: Duration) -> Result<http::StatusCode, String> {
+    async fn connect(
+        &self,
+        dst: SocketAddr,
+        expected: Identity,
+        timeout: Duration,
+    ) -> Result<http::StatusCode, Failed> {
+        let reach = |e: String| Failed::Reach(e);
+        let refused = |e: String| Failed::Tunnel(e);
         let tunnel = SocketAddr::new(dst.ip(), nodeward_common::TUNNEL_PORT);
-        let tcp = probe::connect_from_node(tunnel, timeout).map_err(|e| format!("connect {tunnel}: {e}"))?;
-        tcp.set_nonblocking(true).map_err(|e| e.to_string())?;
-        let tcp = tokio::net::TcpStream::from_std(tcp).map_err(|e| e.to_string())?;
+        let tcp = probe::connect_from_node(tunnel, timeout).map_err(|e| reach(format!("connect {tunnel}: {e}")))?;
+        tcp.set_nonblocking(true).map_err(|e| reach(e.to_string()))?;
+        let tcp = tokio::net::TcpStream::from_std(tcp).map_err(|e| reach(e.to_string()))?;
         let config = client_config(
             Arc::new(FixedCert(self.cert.clone())),
             self.me.clone(),
@@ -132,8 +155,10 @@ impl Client {
         let tls = TlsConnector::from(config)
             .connect(ServerName::IpAddress(dst.ip().into()), tcp)
             .await
-            .map_err(|e| format!("TLS: {e}"))?;
-        let (send, conn) = h2::client::handshake(tls).await.map_err(|e| format!("HTTP/2: {e}"))?;
+            .map_err(|e| reach(format!("TLS: {e}")))?;
+        let (send, conn) = h2::client::handshake(tls)
+            .await
+            .map_err(|e| reach(format!("HTTP/2: {e}")))?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -141,10 +166,12 @@ impl Client {
             .method(http::Method::CONNECT)
             .uri(dst.to_string())
             .body(())
-            .map_err(|e| e.to_string())?;
-        let mut ready = send.ready().await.map_err(|e| format!("HTTP/2: {e}"))?;
-        let (resp, mut body) = ready.send_request(req, false).map_err(|e| format!("HTTP/2: {e}"))?;
-        let status = resp.await.map_err(|e| format!("stream: {e}"))?.status();
+            .map_err(|e| reach(e.to_string()))?;
+        let mut ready = send.ready().await.map_err(|e| refused(format!("HTTP/2: {e}")))?;
+        let (resp, mut body) = ready
+            .send_request(req, false)
+            .map_err(|e| refused(format!("HTTP/2: {e}")))?;
+        let status = resp.await.map_err(|e| refused(format!("stream: {e}")))?.status();
         let _ = body.send_data(Bytes::new(), true);
         Ok(status)
     }

@@ -169,10 +169,12 @@ pub fn run(opts: &Options) -> Result<Vec<Check>, VerifyError> {
     let snap = source.snapshot();
     let pods = selected(&snap, opts)?;
     let foreign = match &opts.ca_dir {
-        Some(dir) => Some(foreign::Client::new(dir, &opts.trust_domain).map_err(|message| VerifyError::Ca {
-            dir: dir.clone(),
-            message,
-        })?),
+        Some(dir) => Some(
+            foreign::Client::new(dir, &opts.trust_domain).map_err(|message| VerifyError::Ca {
+                dir: dir.clone(),
+                message,
+            })?,
+        ),
         None => None,
     };
     let metrics = counters::scrape(opts.metrics_addr, opts.timeout);
@@ -180,10 +182,13 @@ pub fn run(opts: &Options) -> Result<Vec<Check>, VerifyError> {
     let scan = NetnsFinder::default().scan(&wanted, &HashSet::new());
     let mut out = Vec::new();
     for (managed, pod) in &pods {
-        let netns = managed.ips.iter().find_map(|ip| match scan.by_ip.get(ip).map(Vec::as_slice) {
-            Some([one]) => Some(one.clone()),
-            _ => None,
-        });
+        let netns = managed
+            .ips
+            .iter()
+            .find_map(|ip| match scan.by_ip.get(ip).map(Vec::as_slice) {
+                Some([one]) => Some(one.clone()),
+                _ => None,
+            });
         let Some(netns) = netns else {
             out.push(Check {
                 pod: managed.key.clone(),
@@ -212,7 +217,13 @@ pub fn run(opts: &Options) -> Result<Vec<Check>, VerifyError> {
                 detail: "no --ca-dir to issue a foreign identity's certificate from".into(),
             }),
         }
-        out.push(counters::check(&metrics, &snap, pod, &opts.trust_domain, opts.metrics_addr));
+        out.push(counters::check(
+            &metrics,
+            &snap,
+            pod,
+            &opts.trust_domain,
+            opts.metrics_addr,
+        ));
     }
     Ok(out)
 }

@@ -37,7 +37,8 @@ pub fn plaintext(dst: SocketAddr, wait: Duration) -> io::Result<Outcome> {
         Ok(s) => s,
         Err(e) => {
             return match e.kind() {
-                io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset | io::ErrorKind::TimedOut => {
+                // A timeout proves nothing: refusals are resets.
+                io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset => {
                     Ok(Outcome::Refused(format!("connect: {e}")))
                 }
                 _ => Err(e),
