@@ -49,6 +49,9 @@ pub enum CheckKind {
     OutboundMtls,
     /// Finding the pod on this node at all.
     Pod,
+    /// A config file the agent rejects: what verify compares against is
+    /// not what the agent enforces.
+    Config,
 }
 
 impl CheckKind {
@@ -59,6 +62,7 @@ impl CheckKind {
             CheckKind::ForeignIdentity => "foreign_identity",
             CheckKind::OutboundMtls => "outbound_mtls",
             CheckKind::Pod => "pod",
+            CheckKind::Config => "config",
         }
     }
 }
@@ -166,6 +170,7 @@ pub fn run(opts: &Options) -> Result<Vec<Check>, VerifyError> {
         .with_root_namespace(&opts.root_namespace)
         .with_trust_domains(&opts.trust_domain, &[]);
     source.refresh();
+    let mut out = rejected_files(&source);
     let snap = source.snapshot();
     let pods = selected(&snap, opts)?;
     let foreign = match &opts.ca_dir {
@@ -180,7 +185,6 @@ pub fn run(opts: &Options) -> Result<Vec<Check>, VerifyError> {
     let metrics = counters::scrape(opts.metrics_addr, opts.timeout);
     let wanted: HashSet<IpAddr> = pods.iter().flat_map(|(m, _)| m.ips.iter().copied()).collect();
     let scan = NetnsFinder::default().scan(&wanted, &HashSet::new());
-    let mut out = Vec::new();
     for (managed, pod) in &pods {
         let netns = managed
             .ips
@@ -226,6 +230,22 @@ pub fn run(opts: &Options) -> Result<Vec<Check>, VerifyError> {
         ));
     }
     Ok(out)
+}
+
+/// A failed check per config file the agent rejects (it keeps enforcing
+/// that file's last good version, which verify cannot see).
+fn rejected_files(source: &DirSource) -> Vec<Check> {
+    source
+        .errors()
+        .into_iter()
+        .map(|(path, e)| Check {
+            pod: "-".into(),
+            check: CheckKind::Config,
+            port: None,
+            status: Status::Fail,
+            detail: format!("{} is rejected by the agent: {e}", path.display()),
+        })
+        .collect()
 }
 
 /// The enrolled pods of this node that the filters pick, with their objects.
@@ -392,4 +412,29 @@ pub fn json(checks: &[Check]) -> String {
         checks,
     })
     .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rejected_config_file_fails_verify_naming_it() {
+        let dir = std::env::temp_dir().join(format!("nodeward-verify-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("bad.yaml"), "apiVersion: v1\nkind: Pod\nmetadata: [\n").unwrap();
+        std::fs::write(
+            dir.join("good.yaml"),
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n",
+        )
+        .unwrap();
+        let mut source = DirSource::new(&dir);
+        source.refresh();
+        let checks = rejected_files(&source);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(checks.len(), 1, "{checks:?}");
+        assert_eq!((checks[0].check, checks[0].status), (CheckKind::Config, Status::Fail));
+        assert!(checks[0].detail.contains("bad.yaml"), "{:?}", checks[0]);
+        assert!(failed(&checks));
+    }
 }
