@@ -96,6 +96,97 @@ pub enum Command {
     /// Certificate authority chores.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Review a config directory statically: findings with a severity, the
+    /// object and why; exits 1 when one is at or above --fail-on.
+    Audit(AuditArgs),
+    /// On a node, prove enforcement for its enrolled pods: plaintext
+    /// refused, a foreign identity refused, outbound traffic mTLS; exits 1
+    /// on any failure.
+    Verify(VerifyArgs),
+}
+
+/// `--output` of `audit` and `verify`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Aligned columns for people.
+    Table,
+    /// One JSON document for machines.
+    Json,
+}
+
+/// `nodeward audit` flags.
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Directory of Kubernetes YAML to review, as `run` reads it.
+    #[arg(long, env = "NODEWARD_CONFIG_DIR")]
+    pub config_dir: PathBuf,
+
+    /// Exit 1 when a finding is at or above this severity.
+    #[arg(long, env = "NODEWARD_AUDIT_FAIL_ON", value_enum, default_value_t = crate::audit::Severity::High)]
+    pub fail_on: crate::audit::Severity,
+
+    /// Output format.
+    #[arg(long, env = "NODEWARD_OUTPUT", value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+
+    /// Namespaces that are production, by name: exact, `prefix*` or `*suffix` (comma-separated).
+    #[arg(long, env = "NODEWARD_AUDIT_PRODUCTION_NAMESPACES", value_delimiter = ',',
+          default_value = crate::audit::DEFAULT_PRODUCTION_NAMESPACES)]
+    pub production_namespaces: Vec<String>,
+
+    /// Namespaces that are production, by label `key=value` (comma-separated).
+    #[arg(long, env = "NODEWARD_AUDIT_PRODUCTION_LABELS", value_delimiter = ',',
+          default_value = crate::audit::DEFAULT_PRODUCTION_LABELS)]
+    pub production_labels: Vec<String>,
+
+    /// Istio root namespace: its policies apply mesh-wide.
+    #[arg(long, env = "NODEWARD_ROOT_NAMESPACE", default_value = defaults::ROOT_NAMESPACE)]
+    pub root_namespace: String,
+}
+
+/// `nodeward verify` flags.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// This node's name: its enrolled pods are verified.
+    #[arg(long, env = "NODEWARD_NODE_NAME")]
+    pub node_name: String,
+
+    /// The config directory the agent reads.
+    #[arg(long, env = "NODEWARD_CONFIG_DIR")]
+    pub config_dir: PathBuf,
+
+    /// Only pods of this namespace.
+    #[arg(long, env = "NODEWARD_VERIFY_NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// Only this pod (`name` or `namespace/name`).
+    #[arg(long, env = "NODEWARD_VERIFY_POD")]
+    pub pod: Option<String>,
+
+    /// Output format.
+    #[arg(long, env = "NODEWARD_OUTPUT", value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+
+    /// CA directory to issue a throwaway foreign identity from; without it
+    /// the foreign-identity check is not run.
+    #[arg(long, env = "NODEWARD_CA_DIR")]
+    pub ca_dir: Option<PathBuf>,
+
+    /// Where the agent serves Prometheus `/metrics` (its counters).
+    #[arg(long, env = "NODEWARD_VERIFY_METRICS_ADDR", default_value = "127.0.0.1:15020")]
+    pub metrics_addr: std::net::SocketAddr,
+
+    /// How long each probe waits for a refusal.
+    #[arg(long, env = "NODEWARD_VERIFY_TIMEOUT", default_value_t = HumanDuration(std::time::Duration::from_secs(1)))]
+    pub timeout: HumanDuration,
+
+    /// Istio root namespace.
+    #[arg(long, env = "NODEWARD_ROOT_NAMESPACE", default_value = defaults::ROOT_NAMESPACE)]
+    pub root_namespace: String,
+
+    /// SPIFFE trust domain.
+    #[arg(long, env = "NODEWARD_TRUST_DOMAIN", default_value = defaults::TRUST_DOMAIN)]
+    pub trust_domain: String,
 }
 
 /// `nodeward ca` subcommands.

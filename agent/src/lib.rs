@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod audit;
 pub mod ca_service;
 pub mod capture;
 pub mod cni;
@@ -16,3 +17,4 @@ pub mod policy;
 pub mod proxy;
 pub mod source;
 pub mod state;
+pub mod verify;

@@ -3,7 +3,7 @@
 #![forbid(unsafe_code)]
 
 use clap::Parser;
-use nodeward::config::{CaCommand, CleanupArgs, Cli, Command, Config, LogFormat};
+use nodeward::config::{AuditArgs, CaCommand, CleanupArgs, Cli, Command, Config, LogFormat, Output, VerifyArgs};
 use nodeward::identity::{ca, ca_cli};
 use tracing_subscriber::EnvFilter;
 
@@ -17,9 +17,14 @@ fn main() -> std::process::ExitCode {
             .and_then(|config| with_logging(config.log_format, || run_agent(config))),
         Command::Ca(command) => with_logging(LogFormat::Text, || ca_command(command)),
         Command::Cleanup(args) => with_logging(LogFormat::Text, || cleanup(&args)),
+        // Both print their report on stdout and signal problems by exit
+        // status only, so they log nothing themselves.
+        Command::Audit(args) => audit(&args).and_then(failed_if),
+        Command::Verify(args) => verify(&args).and_then(failed_if),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if e.is::<Failed>() => std::process::ExitCode::FAILURE,
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
@@ -96,6 +101,56 @@ fn ca_command(command: CaCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A report printed with findings or failures: exit 1, nothing more to say.
+#[derive(Debug, thiserror::Error)]
+#[error("failed")]
+struct Failed;
+
+fn failed_if(failed: bool) -> anyhow::Result<()> {
+    if failed { Err(Failed.into()) } else { Ok(()) }
+}
+
+fn audit(args: &AuditArgs) -> anyhow::Result<bool> {
+    use nodeward::audit;
+    let production = audit::Production::new(&args.production_namespaces, &args.production_labels)?;
+    let findings = audit::audit_dir(&args.config_dir, &args.root_namespace, &production)?;
+    emit(&match args.output {
+        Output::Table => audit::table(&findings),
+        Output::Json => audit::json(&findings) + "\n",
+    })?;
+    Ok(audit::fails(&findings, args.fail_on))
+}
+
+fn verify(args: &VerifyArgs) -> anyhow::Result<bool> {
+    use nodeward::verify;
+    let checks = verify::run(&verify::Options {
+        node_name: args.node_name.clone(),
+        config_dir: args.config_dir.clone(),
+        root_namespace: args.root_namespace.clone(),
+        trust_domain: args.trust_domain.clone(),
+        namespace: args.namespace.clone(),
+        pod: args.pod.clone(),
+        ca_dir: args.ca_dir.clone(),
+        metrics_addr: args.metrics_addr,
+        timeout: args.timeout.0,
+    })?;
+    emit(&match args.output {
+        Output::Table => verify::table(&checks),
+        Output::Json => verify::json(&checks) + "\n",
+    })?;
+    Ok(verify::failed(&checks))
+}
+
+/// Writes a report to stdout; a reader that went away (`| head`) is not
+/// an error, the exit status still tells.
+fn emit(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
 fn cleanup(args: &CleanupArgs) -> anyhow::Result<()> {
