@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod bpf;
 pub mod cluster;
+pub mod fake_api;
 pub mod hbone;
 pub mod loadgen;
 pub mod netns;

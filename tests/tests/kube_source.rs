@@ -1,0 +1,108 @@
+//! `--source kube` on real agents: the agent reads a fake API server (in
+//! this process, on the node's loopback, the API server's JSON), is not
+//! ready until every kind is listed, captures a pod that appears in the
+//! watch stream and releases it when the stream deletes it.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use nodeward_testbed::fake_api::{FakeApi, NAMESPACES, PEER_AUTHENTICATIONS, PODS, namespace_json, pod_json};
+use nodeward_testbed::netns::run_in;
+use nodeward_testbed::{Agent, PodSpec, Topology, TopologySpec, privileged_or_skip, shared, traffic};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// `/healthz/ready` of the agent in node namespace `netns`: (status line, body).
+fn readiness(netns: &str) -> (String, String) {
+    run_in(netns, || {
+        let Ok(mut s) = TcpStream::connect("127.0.0.1:15021") else {
+            return (String::new(), String::new());
+        };
+        let _ = s.write_all(b"GET /healthz/ready HTTP/1.1\r\nhost: x\r\n\r\n");
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        (head.lines().next().unwrap_or("").to_string(), body.to_string())
+    })
+}
+
+fn wait_readiness(netns: &str, what: &str, pred: impl Fn(&str, &str) -> bool) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, body) = readiness(netns);
+        if pred(&status, &body) {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "{what}: readiness is {status:?} {body:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn captured(netns: &str) -> bool {
+    traffic::connect_timeout(netns, "127.0.0.1:15001".parse().unwrap(), Duration::from_secs(2)).is_ok()
+}
+
+#[test]
+fn a_pod_in_the_watch_stream_is_captured_and_released_when_it_is_deleted() {
+    const NAME: &str = "a_pod_in_the_watch_stream_is_captured_and_released_when_it_is_deleted";
+    let _g = shared();
+    if !privileged_or_skip(NAME) {
+        return;
+    }
+    let t = Topology::build(TopologySpec {
+        nodes: vec![vec![PodSpec::new("a", "mesh")]],
+        namespaces: vec![("mesh".into(), true)],
+    });
+    let node = &t.nodes[0];
+    let api = FakeApi::start_in(&node.netns);
+    api.list(NAMESPACES, "NamespaceList", "5", vec![namespace_json("mesh", true, "4")]);
+    // PeerAuthentications cannot be listed yet (an API server in trouble).
+    api.fail_list(PEER_AUTHENTICATIONS);
+    let kubeconfig = api.kubeconfig(&t.config_dir);
+    let ca = t.ca_dir.display().to_string();
+    let agent = Agent::start_with(
+        node,
+        &[
+            "--source",
+            "kube",
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+            "--ca-dir",
+            &ca,
+        ],
+    );
+
+    let body = wait_readiness(&node.netns, "not ready, naming the kind", |status, body| {
+        status.contains("503") && body.contains("PeerAuthentications not synced yet")
+    });
+    assert!(
+        !body.contains("Pods not synced") && !body.contains("Namespaces not synced"),
+        "only the missing kind is named: {body}"
+    );
+
+    api.list(PEER_AUTHENTICATIONS, "PeerAuthenticationList", "7", vec![]);
+    wait_readiness(&node.netns, "ready once every kind is listed", |status, _| {
+        status.contains("200")
+    });
+    agent
+        .wait_log(WAIT, |l| l["message"] == "config applied")
+        .unwrap_or_else(|| panic!("no config applied; log:\n{}", agent.dump()));
+    let a = t.pod("a").clone();
+    assert!(!captured(&a.netns), "a pod the API has not sent is not captured");
+
+    let placed = t.workloads.pods.iter().find(|p| p.spec.name == "a").unwrap().clone();
+    api.send(PODS, &json!({"type": "ADDED", "object": pod_json(&placed, "10")}));
+    agent
+        .wait_log(WAIT, |l| l["message"] == "pod captured" && l["pod"] == "mesh/a")
+        .unwrap_or_else(|| panic!("mesh/a not captured; log:\n{}", agent.dump()));
+    assert!(captured(&a.netns), "the pod's outbound listener is up");
+    assert!(api.count(&format!("{PODS}?watch")) >= 1);
+
+    api.send(PODS, &json!({"type": "DELETED", "object": pod_json(&placed, "11")}));
+    agent
+        .wait_log(WAIT, |l| l["message"] == "pod released" && l["pod"] == "mesh/a")
+        .unwrap_or_else(|| panic!("mesh/a not released; log:\n{}", agent.dump()));
+    assert!(!captured(&a.netns), "the pod's listeners are gone");
+}
