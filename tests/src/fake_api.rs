@@ -46,7 +46,9 @@ impl FakeApi {
     /// Starts a server on `127.0.0.1` inside network namespace `netns`,
     /// serving empty lists of every kind the agent watches.
     pub fn start_in(netns: &str) -> FakeApi {
-        let listener = run_in(netns, || TcpListener::bind("127.0.0.1:0").expect("bind fake API server"));
+        let listener = run_in(netns, || {
+            TcpListener::bind("127.0.0.1:0").expect("bind fake API server")
+        });
         let addr = listener.local_addr().expect("fake API address");
         let api = FakeApi {
             state: Arc::default(),
@@ -124,14 +126,20 @@ impl FakeApi {
     fn serve(&self, mut conn: TcpStream) {
         let mut buf = Vec::new();
         loop {
-            let Some(end) = read_head(&mut conn, &mut buf) else { return };
+            let Some(end) = read_head(&mut conn, &mut buf) else {
+                return;
+            };
             let head = String::from_utf8_lossy(&buf[..end]).into_owned();
             buf.drain(..end);
             let target = head.split_whitespace().nth(1).unwrap_or("/").to_string();
             let (path, query) = target.split_once('?').unwrap_or((&target, ""));
             let watch = query.split('&').any(|kv| kv == "watch=true" || kv == "watch=1");
             let mut state = self.state.lock().unwrap();
-            state.seen.push(if watch { format!("{path}?watch") } else { path.to_string() });
+            state.seen.push(if watch {
+                format!("{path}?watch")
+            } else {
+                path.to_string()
+            });
             if watch {
                 let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n";
                 if conn.write_all(head.as_bytes()).is_ok() {
@@ -143,8 +151,11 @@ impl FakeApi {
                 (200, discovery())
             } else {
                 state.lists.get(path).cloned().unwrap_or_else(|| {
-                    (404, json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                        "reason": "NotFound", "code": 404}))
+                    (
+                        404,
+                        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                        "reason": "NotFound", "code": 404}),
+                    )
                 })
             };
             drop(state);
@@ -188,8 +199,12 @@ fn discovery() -> Value {
 /// A placed pod as the API server returns it (managed fields and a
 /// container included, as a real one has them).
 pub fn pod_json(p: &PlacedPod, resource_version: &str) -> Value {
-    let labels: serde_json::Map<String, Value> =
-        p.spec.labels.iter().map(|(k, v)| (k.clone(), Value::from(v.as_str()))).collect();
+    let labels: serde_json::Map<String, Value> = p
+        .spec
+        .labels
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
+        .collect();
     let ips: Vec<Value> = p.ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect();
     json!({"apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": p.spec.name, "namespace": p.spec.namespace, "uid": p.uid,

@@ -40,8 +40,19 @@ fn wait_readiness(netns: &str, what: &str, pred: impl Fn(&str, &str) -> bool) ->
     }
 }
 
-fn captured(netns: &str) -> bool {
+/// Whether anything answers on the pod's outbound port (after release: nothing).
+fn listening(netns: &str) -> bool {
     traffic::connect_timeout(netns, "127.0.0.1:15001".parse().unwrap(), Duration::from_secs(2)).is_ok()
+}
+
+/// The pods node 0's agent has pinned (one directory per netns cookie).
+fn pinned_pods(t: &Topology) -> Vec<String> {
+    std::fs::read_dir(t.pin_dir(0).join("pods"))
+        .map(|d| {
+            d.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[test]
@@ -57,7 +68,12 @@ fn a_pod_in_the_watch_stream_is_captured_and_released_when_it_is_deleted() {
     });
     let node = &t.nodes[0];
     let api = FakeApi::start_in(&node.netns);
-    api.list(NAMESPACES, "NamespaceList", "5", vec![namespace_json("mesh", true, "4")]);
+    api.list(
+        NAMESPACES,
+        "NamespaceList",
+        "5",
+        vec![namespace_json("mesh", true, "4")],
+    );
     // PeerAuthentications cannot be listed yet (an API server in trouble).
     api.fail_list(PEER_AUTHENTICATIONS);
     let kubeconfig = api.kubeconfig(&t.config_dir);
@@ -75,14 +91,22 @@ fn a_pod_in_the_watch_stream_is_captured_and_released_when_it_is_deleted() {
     );
 
     // The other kinds list at once; readiness then names only the missing one.
-    let body = wait_readiness(&node.netns, "not ready, naming only the missing kind", |status, body| {
-        status.contains("503")
-            && body.contains("PeerAuthentications not synced yet")
-            && !["Pods", "Namespaces", "AuthorizationPolicies"]
-                .iter()
-                .any(|k| body.contains(&format!("{k} not synced")))
-    });
-    assert!(body.contains("etcdserver: request timed out"), "the last error is shown: {body}");
+    let body = wait_readiness(
+        &node.netns,
+        "not ready, naming only the missing kind",
+        |status, body| {
+            status.contains("503")
+                && body.contains("PeerAuthentications not synced yet (last error: ")
+                && body.contains("etcdserver: request timed out")
+                && !["Pods", "Namespaces", "AuthorizationPolicies"]
+                    .iter()
+                    .any(|k| body.contains(&format!("{k} not synced")))
+        },
+    );
+    assert!(
+        body.contains("etcdserver: request timed out"),
+        "the last error is shown: {body}"
+    );
     assert!(
         agent.lines().iter().all(|l| l["message"] != "config applied"),
         "nothing is applied before every kind is listed"
@@ -96,19 +120,25 @@ fn a_pod_in_the_watch_stream_is_captured_and_released_when_it_is_deleted() {
         .wait_log(WAIT, |l| l["message"] == "config applied")
         .unwrap_or_else(|| panic!("no config applied; log:\n{}", agent.dump()));
     let a = t.pod("a").clone();
-    assert!(!captured(&a.netns), "a pod the API has not sent is not captured");
+    assert!(pinned_pods(&t).is_empty(), "a pod the API has not sent is not captured");
 
     let placed = t.workloads.pods.iter().find(|p| p.spec.name == "a").unwrap().clone();
     api.send(PODS, &json!({"type": "ADDED", "object": pod_json(&placed, "10")}));
-    agent
+    let cookie = agent
         .wait_log(WAIT, |l| l["message"] == "pod captured" && l["pod"] == "mesh/a")
-        .unwrap_or_else(|| panic!("mesh/a not captured; log:\n{}", agent.dump()));
-    assert!(captured(&a.netns), "the pod's outbound listener is up");
-    assert!(api.count(&format!("{PODS}?watch")) >= 1);
+        .unwrap_or_else(|| panic!("mesh/a not captured; log:\n{}", agent.dump()))["cookie"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(pinned_pods(&t), vec![cookie.to_string()], "the pod's capture is pinned");
 
     api.send(PODS, &json!({"type": "DELETED", "object": pod_json(&placed, "11")}));
     agent
         .wait_log(WAIT, |l| l["message"] == "pod released" && l["pod"] == "mesh/a")
         .unwrap_or_else(|| panic!("mesh/a not released; log:\n{}", agent.dump()));
-    assert!(!captured(&a.netns), "the pod's listeners are gone");
+    let deadline = Instant::now() + WAIT;
+    while !pinned_pods(&t).is_empty() {
+        assert!(Instant::now() < deadline, "pins left: {:?}", pinned_pods(&t));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!listening(&a.netns), "the pod's listeners are gone");
 }

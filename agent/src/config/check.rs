@@ -827,9 +827,17 @@ mod tests {
         let missing = d.path().join("missing").display().to_string();
         let file = d.path().join("ca").join(CA_CERT).display().to_string();
         let table: &[(&[&str], &str, &str)] = &[
-            (&[], "config-dir", "--config-dir (NODEWARD_CONFIG_DIR) is required with --source (NODEWARD_SOURCE)"),
+            (
+                &[],
+                "config-dir",
+                "--config-dir (NODEWARD_CONFIG_DIR) is required with --source (NODEWARD_SOURCE)",
+            ),
             (&["--source", "dir"], "config-dir", "is required"),
-            (&["--source", "kube", "--config-dir", &dir], "config-dir", "the kube source reads the Kubernetes API"),
+            (
+                &["--source", "kube", "--config-dir", &dir],
+                "config-dir",
+                "the kube source reads the Kubernetes API",
+            ),
             (
                 &["--config-dir", &dir, "--kubeconfig", &file],
                 "kubeconfig",

@@ -240,7 +240,7 @@ fn list_files(dir: &Path) -> std::io::Result<Vec<(PathBuf, Fingerprint)>> {
 }
 
 /// Runs `f`, turning a panic into its message.
-fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+pub(super) fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
     catch_unwind(AssertUnwindSafe(f)).map_err(|payload| {
         payload
             .downcast_ref::<&str>()
@@ -410,8 +410,11 @@ mod tests {
     fn snapshots_carry_the_trust_domain_and_its_aliases() {
         let dir = tmpdir("trust");
         write(&dir, "ns.yaml", NS);
-        let mut src =
-            DirSource::new(&dir).with_assembler(Assembler::new("istio-system", "example.org", &["old.org".into(), " ".into()]));
+        let mut src = DirSource::new(&dir).with_assembler(Assembler::new(
+            "istio-system",
+            "example.org",
+            &["old.org".into(), " ".into()],
+        ));
         src.refresh();
         let snap = src.snapshot();
         assert_eq!(snap.trust_domains.local, "example.org");

@@ -223,11 +223,7 @@ impl KubeSource {
                 PolicyKind::PeerAuthentication,
                 tx.clone(),
             )),
-            tokio::spawn(watch_policies(
-                self.client.clone(),
-                PolicyKind::AuthorizationPolicy,
-                tx,
-            )),
+            tokio::spawn(watch_policies(self.client.clone(), PolicyKind::AuthorizationPolicy, tx)),
         ];
         loop {
             let (kind, change) = tokio::select! {
@@ -341,9 +337,7 @@ fn key_of<K: Resource>(obj: &K) -> String {
 }
 
 fn pod_object(pod: k8s::Pod) -> Result<Object, String> {
-    objects::pod_from_k8s(&pod)
-        .map(Object::Pod)
-        .map_err(|e| e.to_string())
+    objects::pod_from_k8s(&pod).map(Object::Pod).map_err(|e| e.to_string())
 }
 
 fn namespace_object(ns: k8s::Namespace) -> Result<Object, String> {
@@ -379,6 +373,11 @@ async fn watch<K>(
 ) where
     K: Resource + Clone + DeserializeOwned + fmt::Debug + Send + 'static,
 {
+    // A panicking conversion rejects its object like an invalid one (its
+    // last good version stays) instead of ending this kind's watch.
+    let convert = |o: K| {
+        super::dir::catch_panic(|| convert(o)).unwrap_or_else(|message| Err(format!("conversion panicked: {message}")))
+    };
     let mut events = std::pin::pin!(watcher::watcher(api, config).default_backoff());
     while let Some(event) = events.next().await {
         let change = match event {

@@ -137,4 +137,3 @@ fn report_policies(snap: &Snapshot, ignored_reported: &mut BTreeSet<String>) {
     }
     *ignored_reported = ignored;
 }
-

@@ -148,15 +148,16 @@ fn parse_value(value: serde_norway::Value, at: &At<'_>, out: &mut Vec<Object>) -
         name: name.to_string(),
         message,
     };
-    match (doc.api_version.as_str(), PolicyKind::of(&doc.kind)) {
-        ("security.istio.io/v1" | "security.istio.io/v1beta1", Some(kind)) => {
-            if field("name").is_empty() || field("namespace").is_empty() {
-                return Err(invalid("", "metadata.name and metadata.namespace are required".into()));
-            }
-            out.push(policy_object(kind, metadata, value.get("spec").unwrap_or(&null)));
-            return Ok(());
+    let policy = matches!(
+        doc.api_version.as_str(),
+        "security.istio.io/v1" | "security.istio.io/v1beta1"
+    );
+    if let (true, Some(kind)) = (policy, PolicyKind::of(&doc.kind)) {
+        if field("name").is_empty() || field("namespace").is_empty() {
+            return Err(invalid("", "metadata.name and metadata.namespace are required".into()));
         }
-        _ => {}
+        out.push(policy_object(kind, metadata, value.get("spec").unwrap_or(&null)));
+        return Ok(());
     }
     match (doc.api_version.as_str(), doc.kind.as_str()) {
         ("v1", "List") => {
@@ -177,7 +178,9 @@ fn parse_value(value: serde_norway::Value, at: &At<'_>, out: &mut Vec<Object>) -
         }
         ("v1", "Pod") => {
             let pod: k8s::Pod = serde_norway::from_value(value).map_err(|e| invalid(&key, e.to_string()))?;
-            out.push(Object::Pod(pod_from_k8s(&pod).map_err(|e| invalid(&key, e.to_string()))?));
+            out.push(Object::Pod(
+                pod_from_k8s(&pod).map_err(|e| invalid(&key, e.to_string()))?,
+            ));
         }
         (api_version, kind) => {
             return Err(ParseError::UnknownKind {
@@ -274,7 +277,11 @@ pub fn pod_from_k8s(pod: &k8s::Pod) -> Result<Pod, ConvertError> {
     let mut ips: Vec<IpAddr> = Vec::new();
     let first = status.and_then(|s| s.pod_ip.as_deref());
     let all = status.and_then(|s| s.pod_ips.as_deref()).unwrap_or_default();
-    for s in first.into_iter().chain(all.iter().map(|p| p.ip.as_str())).filter(|s| !s.is_empty()) {
+    for s in first
+        .into_iter()
+        .chain(all.iter().map(|p| p.ip.as_str()))
+        .filter(|s| !s.is_empty())
+    {
         let ip: IpAddr = s.parse().map_err(|_| ConvertError::BadIp(s.to_string()))?;
         if !ips.contains(&ip) {
             ips.push(ip);
@@ -382,7 +389,10 @@ status:
     fn a_pod_field_of_the_wrong_type_is_invalid_with_its_name() {
         let err = parse("apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: b}\nspec: {hostNetwork: [1]}\n")
             .unwrap_err();
-        assert!(matches!(err, ParseError::Invalid { .. }) && err.to_string().contains("b/a"), "{err}");
+        assert!(
+            matches!(err, ParseError::Invalid { .. }) && err.to_string().contains("b/a"),
+            "{err}"
+        );
     }
 
     #[test]
