@@ -159,7 +159,7 @@ pub struct RunArgs {
     pub config_dir: Option<PathBuf>,
 
     /// kubeconfig file for the `kube` source, for development [default:
-    /// in-cluster service account, else the local kubeconfig].
+    /// $KUBECONFIG or ~/.kube/config if present, else the pod's service account].
     #[arg(long, env = "NODEWARD_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
 

@@ -53,9 +53,9 @@ pub enum KubeError {
         /// Why.
         source: kube::config::KubeconfigError,
     },
-    /// Neither in-cluster settings nor a local kubeconfig were found.
+    /// Neither a local kubeconfig nor in-cluster settings were found.
     #[error(
-        "no Kubernetes API settings: not in a cluster (KUBERNETES_SERVICE_HOST, service-account token) and no kubeconfig: {0}"
+        "no Kubernetes API settings: no kubeconfig and not in a cluster (KUBERNETES_SERVICE_HOST, service-account token): {0}"
     )]
     Infer(#[from] kube::config::InferConfigError),
     /// The client could not be built from the settings (TLS, auth).
@@ -64,8 +64,10 @@ pub enum KubeError {
 }
 
 /// A client for the API server: from `kubeconfig` when given (development),
-/// else in-cluster settings (service-account token and CA,
-/// `KUBERNETES_SERVICE_HOST`) or the local kubeconfig, as kube infers them.
+/// else as kube infers it: the local kubeconfig (`$KUBECONFIG`,
+/// `~/.kube/config`) if there is one, else in-cluster settings
+/// (service-account token and CA, `KUBERNETES_SERVICE_HOST`). TLS and
+/// credentials are checked here, before capture starts.
 pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeError> {
     let config = match kubeconfig {
         Some(path) => {

@@ -46,6 +46,8 @@ struct State {
     watches: HashMap<String, mpsc::UnboundedSender<Bytes>>,
     /// Requests seen, as `path` or `path?watch`.
     seen: Vec<String>,
+    /// Every request's path and query.
+    queries: Vec<String>,
     /// Versions of security.istio.io that are served.
     istio_versions: Vec<&'static str>,
 }
@@ -103,6 +105,9 @@ impl FakeApi {
         state
             .seen
             .push(if watch { format!("{path}?watch") } else { path.clone() });
+        state
+            .queries
+            .push(format!("{path}?{}", req.uri().query().unwrap_or("")));
         if let Some(version) = path.strip_prefix("/apis/security.istio.io/")
             && !version.contains('/')
         {
@@ -287,6 +292,16 @@ async fn nothing_is_published_or_ready_until_every_kind_is_listed_then_watch_eve
     assert_eq!(snap.authorization_policies.len(), 1);
     assert!(snap.authorization_policies[0].meta.error.is_none());
 
+    let queries = api.state().queries.clone();
+    let pod_requests: Vec<&String> = queries.iter().filter(|q| q.starts_with(&format!("{PODS}?"))).collect();
+    assert!(
+        !pod_requests.is_empty()
+            && pod_requests
+                .iter()
+                .all(|q| q.contains("fieldSelector=spec.nodeName%3Dn1")),
+        "pods are listed and watched for this node only: {pod_requests:?}"
+    );
+
     api.send(PODS, event("ADDED", pod("api", "10.1.0.3", "11"))).await;
     eventually(&store, "ADDED", |s| s.pods.contains_key("shop/api")).await;
     api.send(PODS, event("MODIFIED", pod("web", "10.1.0.4", "12"))).await;
@@ -415,5 +430,18 @@ async fn a_pod_that_cannot_be_converted_keeps_its_last_good_version() {
     assert_eq!(
         pod_ips(&store.current())[1],
         ("shop/web".to_string(), "10.1.0.2".to_string())
+    );
+}
+
+#[tokio::test]
+async fn a_bad_kubeconfig_is_refused_naming_the_file() {
+    let path = std::env::temp_dir().join(format!("nodeward-kubeconfig-{}", std::process::id()));
+    std::fs::write(&path, "apiVersion: v1\nkind: Config\nclusters: [oops\n").unwrap();
+    let err = client(Some(&path)).await.err().expect("a broken kubeconfig is refused");
+    let text = err.to_string();
+    let _ = std::fs::remove_file(&path);
+    assert!(
+        matches!(err, KubeError::Kubeconfig { .. }) && text.contains(&path.display().to_string()),
+        "{text}"
     );
 }
