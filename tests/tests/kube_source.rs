@@ -1,7 +1,8 @@
 //! `--source kube` on real agents: the agent reads a fake API server (in
 //! this process, on the node's loopback, the API server's JSON), is not
 //! ready until every kind is listed, captures a pod that appears in the
-//! watch stream and releases it when the stream deletes it.
+//! watch stream, keeps it through `410 Gone` and failing relists, and
+//! releases it when the stream deletes it.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -56,8 +57,8 @@ fn pinned_pods(t: &Topology) -> Vec<String> {
 }
 
 #[test]
-fn a_pod_in_the_watch_stream_is_captured_and_released_when_it_is_deleted() {
-    const NAME: &str = "a_pod_in_the_watch_stream_is_captured_and_released_when_it_is_deleted";
+fn a_pod_from_the_watch_stream_is_captured_kept_through_410_gone_and_released_when_deleted() {
+    const NAME: &str = "a_pod_from_the_watch_stream_is_captured_kept_through_410_gone_and_released_when_deleted";
     let _g = shared();
     if !privileged_or_skip(NAME) {
         return;
@@ -131,7 +132,39 @@ fn a_pod_in_the_watch_stream_is_captured_and_released_when_it_is_deleted() {
         .unwrap();
     assert_eq!(pinned_pods(&t), vec![cookie.to_string()], "the pod's capture is pinned");
 
-    api.send(PODS, &json!({"type": "DELETED", "object": pod_json(&placed, "11")}));
+    // The API server loses its history (410 Gone) and cannot list for a
+    // while: the pod stays captured on the last synced state.
+    api.fail_list(PODS);
+    api.send(
+        PODS,
+        &json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "message": "too old resource version: 10 (12)", "reason": "Expired", "code": 410}}),
+    );
+    agent
+        .wait_log(WAIT, |l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("watch failed") && m.contains("etcdserver"))
+        })
+        .unwrap_or_else(|| panic!("no failed relist; log:\n{}", agent.dump()));
+    assert_eq!(
+        pinned_pods(&t),
+        vec![cookie.to_string()],
+        "still captured during the outage"
+    );
+    assert!(
+        agent.lines().iter().all(|l| l["message"] != "pod released"),
+        "nothing released during the outage"
+    );
+    api.list(PODS, "PodList", "12", vec![pod_json(&placed, "10")]);
+    let relists = api.count(PODS);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while api.count(&format!("{PODS}?watch")) < 2 {
+        assert!(Instant::now() < deadline, "no watch after the relist ({relists} lists)");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    api.send(PODS, &json!({"type": "DELETED", "object": pod_json(&placed, "13")}));
     agent
         .wait_log(WAIT, |l| l["message"] == "pod released" && l["pod"] == "mesh/a")
         .unwrap_or_else(|| panic!("mesh/a not released; log:\n{}", agent.dump()));
