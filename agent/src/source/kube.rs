@@ -9,11 +9,11 @@
 //! Services and EndpointSlices are not watched: the model has no place for
 //! them yet.
 //!
-//! A dropped watch resumes from its last resource version; an error,
-//! `410 Gone` or an API server restart relists, after kube's jittered
-//! exponential backoff (0.8 s to 30 s). A relist replaces its kind's
-//! objects only once it is complete, so the last synced state keeps
-//! serving meanwhile. Nothing is
+//! A dropped or failed watch resumes from its last resource version; when
+//! that version is gone (`410 Gone`, e.g. after an API server restart) the
+//! kind is listed again. Each retry waits kube's jittered exponential
+//! backoff (0.8 s to 30 s). A relist replaces its kind's objects only once
+//! it is complete, so the last synced state keeps serving meanwhile. Nothing is
 //! published before every kind has been listed once: a snapshot with pods
 //! but no policies would open what policies close. Until then readiness
 //! names the kinds still missing ([`SourceHealth`]).
