@@ -10,7 +10,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::capture::{Capture, CaptureError};
 use crate::cni::server::CniServer;
-use crate::config::Config;
+use crate::config::{Config, SourceConfig};
 use crate::identity::ca::CaError;
 use crate::identity::manager::CertManager;
 use crate::pods::PodManager;
@@ -18,7 +18,9 @@ use crate::proxy::limits::{LimitConfig, Limits};
 use crate::proxy::open::OpenConns;
 use crate::proxy::pool::Pool;
 use crate::proxy::{Lifecycle, Mesh};
+use crate::source::Assembler;
 use crate::source::dir::DirSource;
+use crate::source::kube::{KubeError, KubeSource, SourceHealth};
 use crate::state::Store;
 
 /// Why the agent could not start (the flags were checked before, by
@@ -42,23 +44,43 @@ pub enum StartError {
     /// The CNI hand-off socket could not be set up.
     #[error(transparent)]
     Cni(#[from] crate::cni::server::CniServerError),
+    /// The Kubernetes API source could not be set up.
+    #[error(transparent)]
+    Kube(#[from] KubeError),
     /// A signal handler could not be installed.
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
 }
 
-impl crate::admin::Health for Mesh {
+/// What readiness reports: the config source's sync (the API source is
+/// not ready until each kind has been listed) and the identities'.
+struct AgentHealth {
+    mesh: Arc<Mesh>,
+    source: Option<SourceHealth>,
+}
+
+impl crate::admin::Health for AgentHealth {
     fn problems(&self) -> Vec<String> {
-        self.certs.as_ref().map(|m| m.problems()).unwrap_or_default()
+        let mut problems = self.source.as_ref().map(SourceHealth::problems).unwrap_or_default();
+        problems.extend(self.mesh.certs.as_ref().map(|m| m.problems()).unwrap_or_default());
+        problems
     }
 
     fn stats(&self) -> String {
-        let mut s = self.counters.render();
-        if let Some(m) = &self.certs {
+        let mut s = self.mesh.counters.render();
+        if let Some(m) = &self.mesh.certs {
             s.push_str(&m.stats());
         }
         s
     }
+}
+
+/// The config source, ready to run.
+enum Source {
+    /// A directory of YAML.
+    Dir(std::path::PathBuf),
+    /// The Kubernetes API, through this client.
+    Kube(kube::Client),
 }
 
 /// Runs the agent until SIGTERM/SIGINT, then drains and returns. Wiring
@@ -80,6 +102,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             addr: config.admin_addr,
             source,
         })?;
+    // Before capture starts: a bad kubeconfig stops the agent having touched nothing.
+    let source = match &config.source {
+        SourceConfig::Kube { kubeconfig } => Source::Kube(crate::source::kube::client(kubeconfig.as_deref()).await?),
+        SourceConfig::Dir(dir) => Source::Dir(dir.clone()),
+    };
     let capture = Arc::new(Capture::start(config.capture)?);
     let mut sigterm = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
@@ -92,10 +119,24 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         tokio::spawn(m.clone().run(config.config_poll, lifecycle.hard_stop.clone()));
         tokio::spawn(open.clone().run(m.trust(), lifecycle.hard_stop.clone()));
     }
-    let source = DirSource::new(&config.config_dir)
-        .with_root_namespace(&config.root_namespace)
-        .with_trust_domains(&config.trust_domain, &config.trust_domain_aliases);
-    let source_task = tokio::spawn(source.run(store.clone(), config.config_poll, lifecycle.stop_accepting.clone()));
+    let assembler = Assembler::new(
+        &config.root_namespace,
+        &config.trust_domain,
+        &config.trust_domain_aliases,
+    );
+    let (source_task, source_health) = match source {
+        Source::Kube(client) => {
+            let source = KubeSource::new(client, &config.node_name, assembler);
+            let health = source.health();
+            let task = tokio::spawn(source.run(store.clone(), lifecycle.stop_accepting.clone()));
+            (task, Some(health))
+        }
+        Source::Dir(dir) => {
+            let source = DirSource::new(dir).with_assembler(assembler);
+            let task = tokio::spawn(source.run(store.clone(), config.config_poll, lifecycle.stop_accepting.clone()));
+            (task, None)
+        }
+    };
     let h2 = config.h2;
     let pool = Pool::with_limits(
         h2,
@@ -113,7 +154,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         counters: Default::default(),
         limits,
     });
-    tokio::spawn(crate::admin::serve(admin, mesh.clone(), lifecycle.hard_stop.clone()));
+    let health = Arc::new(AgentHealth {
+        mesh: mesh.clone(),
+        source: source_health,
+    });
+    tokio::spawn(crate::admin::serve(admin, health, lifecycle.hard_stop.clone()));
     let mut manager = PodManager::new(
         config.node_name.clone(),
         store,
@@ -129,7 +174,12 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         manager = manager.with_cni(rx);
     }
     let manager_task = tokio::spawn(manager.run());
-    tracing::info!(node = %config.node_name, config_dir = %config.config_dir.display(), "agent running");
+    match &config.source {
+        SourceConfig::Dir(dir) => {
+            tracing::info!(node = %config.node_name, config_dir = %dir.display(), "agent running")
+        }
+        SourceConfig::Kube { .. } => tracing::info!(node = %config.node_name, source = "kube", "agent running"),
+    }
 
     let signal = tokio::select! {
         _ = sigterm.recv() => "SIGTERM",

@@ -14,7 +14,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod check;
 
-pub use check::{Config, ConfigErrors, Problem};
+pub use check::{Config, ConfigErrors, Problem, SourceConfig};
 
 /// Every default of `nodeward run`, defined once: the flags and the
 /// structs built without flags (tests, tools) read them from here.
@@ -246,9 +246,22 @@ pub struct RunArgs {
     #[arg(long, env = "NODEWARD_NODE_NAME")]
     pub node_name: String,
 
-    /// Directory of Kubernetes YAML (Namespace and Pod objects), re-read on change.
+    // Where the cluster's objects come from (one block: `--source`,
+    // `--config-dir`, `--kubeconfig`).
+    /// Where the cluster's objects come from [default: `kube` when
+    /// KUBERNETES_SERVICE_HOST is set and no --config-dir is given, else `dir`].
+    #[arg(long, env = "NODEWARD_SOURCE", value_enum)]
+    pub source: Option<SourceKind>,
+
+    /// Directory of Kubernetes YAML (Namespace, Pod and Istio policy objects),
+    /// re-read on change; the `dir` source.
     #[arg(long, env = "NODEWARD_CONFIG_DIR")]
-    pub config_dir: PathBuf,
+    pub config_dir: Option<PathBuf>,
+
+    /// kubeconfig file for the `kube` source, for development [default:
+    /// $KUBECONFIG or ~/.kube/config if present, else the pod's service account].
+    #[arg(long, env = "NODEWARD_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
 
     /// bpffs mount point (mounted there if it is not).
     #[arg(long, env = "NODEWARD_BPFFS", default_value = defaults::BPFFS)]
@@ -416,6 +429,16 @@ pub struct RunArgs {
     /// Such handshakes from one remote IP.
     #[arg(long, env = "NODEWARD_MAX_HANDSHAKES_PER_PEER", default_value_t = defaults::MAX_HANDSHAKES_PER_PEER)]
     pub max_handshakes_per_peer: u32,
+}
+
+/// `--source`: where the cluster's objects come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SourceKind {
+    /// A directory of Kubernetes YAML (`--config-dir`): the demo, the test
+    /// bed, and nodes without API access.
+    Dir,
+    /// The Kubernetes API: watches this node's pods, namespaces and Istio policies.
+    Kube,
 }
 
 /// `--log-format`.

@@ -27,14 +27,21 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts `nodeward run` for `node` with JSON logs.
+    /// Starts `nodeward run` for `node` reading `config_dir`, with JSON logs.
     pub fn start(node: &Node, config_dir: &Path, extra: &[&str]) -> Agent {
+        let dir = config_dir.to_str().expect("utf-8 path");
+        let args: Vec<&str> = ["--config-dir", dir].iter().chain(extra).copied().collect();
+        Agent::start_with(node, &args)
+    }
+
+    /// Starts `nodeward run` for `node` with JSON logs and `args` (which
+    /// choose the config source).
+    pub fn start_with(node: &Node, args: &[&str]) -> Agent {
         let bin = crate::nodeward_bin();
         let mut cmd = nsenter(&node.netns, &[bin.to_str().expect("utf-8 path")]);
-        cmd.args(["run", "--node-name", &node.name, "--config-dir"])
-            .arg(config_dir)
+        cmd.args(["run", "--node-name", &node.name])
             .args(["--log-format", "json"])
-            .args(extra)
+            .args(args)
             .env(
                 "NODEWARD_LOG",
                 std::env::var("NODEWARD_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()),

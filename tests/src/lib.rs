@@ -12,6 +12,7 @@ pub mod bpf;
 pub mod ca;
 pub mod cluster;
 pub mod cni;
+pub mod fake_api;
 pub mod hbone;
 pub mod loadgen;
 pub mod netns;

@@ -201,7 +201,11 @@ pub fn audit_dir(dir: &Path, root_namespace: &str, production: &Production) -> R
         dir: dir.to_path_buf(),
         source,
     })?;
-    let mut source = DirSource::new(dir).with_root_namespace(root_namespace);
+    let mut source = DirSource::new(dir).with_assembler(crate::source::Assembler::new(
+        root_namespace,
+        crate::config::defaults::TRUST_DOMAIN,
+        &[],
+    ));
     source.refresh();
     let mut findings: Vec<Finding> = source
         .errors()

@@ -347,7 +347,11 @@ pub async fn serve(args: ServeArgs, stop: CancellationToken) -> Result<(), Serve
             source,
         })?;
     tokio::spawn(crate::admin::serve(admin, service.clone(), stop.clone()));
-    let source = DirSource::new(&args.config_dir).with_trust_domains(&args.trust_domain, &[]);
+    let source = DirSource::new(&args.config_dir).with_assembler(crate::source::Assembler::new(
+        crate::config::defaults::ROOT_NAMESPACE,
+        &args.trust_domain,
+        &[],
+    ));
     tokio::spawn(source.run(service.store.clone(), Duration::from_millis(200), stop.clone()));
     {
         let (service, resolver, stop) = (service.clone(), resolver.clone(), stop.clone());

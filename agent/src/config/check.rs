@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{HumanDuration, LogFormat, RevocationUnknown, RunArgs, defaults};
+use super::{HumanDuration, LogFormat, RevocationUnknown, RunArgs, SourceKind, defaults};
 use crate::capture::CaptureConfig;
 use crate::identity::ca::{CA_CERT, CA_KEY, ROOT_CERT};
 use crate::identity::ca_client::{CaClientConfig, parse_address};
@@ -24,8 +24,8 @@ use crate::proxy::relay::RelayOptions;
 pub struct Config {
     /// This node's name: pods with this `spec.nodeName` are managed.
     pub node_name: String,
-    /// Directory of Kubernetes YAML.
-    pub config_dir: PathBuf,
+    /// Where the cluster's objects come from.
+    pub source: SourceConfig,
     /// How often the config directory, CA files, CRLs and deny list are polled.
     pub config_poll: Duration,
     /// Istio root namespace (mesh-wide policies).
@@ -58,6 +58,19 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Log line format.
     pub log_format: LogFormat,
+}
+
+/// Where the agent reads the cluster's objects from (`--source`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceConfig {
+    /// A directory of Kubernetes YAML, polled.
+    Dir(PathBuf),
+    /// The Kubernetes API.
+    Kube {
+        /// kubeconfig file (development); `None`: in-cluster settings,
+        /// else the local kubeconfig.
+        kubeconfig: Option<PathBuf>,
+    },
 }
 
 /// One problem with the flags. Each names its flag and that flag's
@@ -124,6 +137,26 @@ pub enum Problem {
         /// What is wrong with it.
         problem: String,
     },
+    /// A flag another flag's value requires.
+    #[error("{} is required with {}: {why}", named(.flag), named(.by))]
+    Required {
+        /// The missing flag, without `--`.
+        flag: &'static str,
+        /// The flag (and value) that requires it.
+        by: &'static str,
+        /// Why.
+        why: &'static str,
+    },
+    /// A flag that another flag's value makes meaningless.
+    #[error("{} is given with {}: {why}", named(.flag), named(.other))]
+    Contradicts {
+        /// The flag given, without `--`.
+        flag: &'static str,
+        /// The flag it contradicts.
+        other: &'static str,
+        /// Why they do not go together.
+        why: &'static str,
+    },
     /// A flag that only means something with `--ca-dir` or `--ca-address`.
     #[error("{} is given without {} or {}: without a CA there are no identities to check", named(.flag), named("ca-dir"), named("ca-address"))]
     NeedsCaDir {
@@ -171,7 +204,9 @@ impl Problem {
             | Problem::NeedsCaDir { flag }
             | Problem::Conflict { flag, .. }
             | Problem::Requires { flag, .. }
-            | Problem::Invalid { flag, .. } => flag,
+            | Problem::Invalid { flag, .. }
+            | Problem::Required { flag, .. }
+            | Problem::Contradicts { flag, .. } => flag,
         }
     }
 }
@@ -238,6 +273,56 @@ impl Checks {
         }
     }
 
+    /// `--source` with `--config-dir` and `--kubeconfig`: each source
+    /// takes only its own flag.
+    fn source(&mut self, a: &RunArgs, in_cluster: bool) -> SourceConfig {
+        let kind = a.source.unwrap_or(if in_cluster && a.config_dir.is_none() {
+            SourceKind::Kube
+        } else {
+            SourceKind::Dir
+        });
+        match kind {
+            SourceKind::Dir => {
+                if a.kubeconfig.is_some() {
+                    self.0.push(Problem::Contradicts {
+                        flag: "kubeconfig",
+                        other: "source",
+                        why: "the dir source does not read the Kubernetes API (use --source kube)",
+                    });
+                }
+                match &a.config_dir {
+                    Some(dir) => {
+                        self.dir("config-dir", dir);
+                        SourceConfig::Dir(dir.clone())
+                    }
+                    None => {
+                        self.0.push(Problem::Required {
+                            flag: "config-dir",
+                            by: "source",
+                            why: "the dir source (the default outside a cluster) reads the cluster from it",
+                        });
+                        SourceConfig::Dir(PathBuf::new())
+                    }
+                }
+            }
+            SourceKind::Kube => {
+                if a.config_dir.is_some() {
+                    self.0.push(Problem::Contradicts {
+                        flag: "config-dir",
+                        other: "source",
+                        why: "the kube source reads the Kubernetes API, not a directory",
+                    });
+                }
+                if let Some(k) = &a.kubeconfig {
+                    self.file("kubeconfig", k);
+                }
+                SourceConfig::Kube {
+                    kubeconfig: a.kubeconfig.clone(),
+                }
+            }
+        }
+    }
+
     fn dir(&mut self, flag: &'static str, path: &Path) -> bool {
         self.kind(flag, path, true)
     }
@@ -278,12 +363,20 @@ const H2_MAX_WINDOW: u64 = (1 << 31) - 1;
 
 impl Config {
     /// Checks every flag and builds the config, or returns every problem.
+    /// `--source` defaults to `kube` inside a cluster (KUBERNETES_SERVICE_HOST
+    /// set) unless `--config-dir` is given.
     pub fn from_args(a: RunArgs) -> Result<Config, ConfigErrors> {
+        let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|v| !v.is_empty());
+        Self::from_args_in(a, in_cluster)
+    }
+
+    /// [`Config::from_args`], told whether the agent runs in a cluster.
+    fn from_args_in(a: RunArgs, in_cluster: bool) -> Result<Config, ConfigErrors> {
         let mut c = Checks::default();
         c.non_empty("node-name", &a.node_name);
         c.non_empty("trust-domain", &a.trust_domain);
         c.non_empty("root-namespace", &a.root_namespace);
-        c.dir("config-dir", &a.config_dir);
+        let source = c.source(&a, in_cluster);
         if let Some(cg) = &a.cgroup2 {
             c.dir("cgroup2", cg);
         }
@@ -532,7 +625,7 @@ impl Config {
                 handshakes_per_peer: n(a.max_handshakes_per_peer),
             },
             node_name: a.node_name,
-            config_dir: a.config_dir,
+            source,
             config_poll: poll,
             root_namespace: a.root_namespace,
             trust_domain: a.trust_domain,
@@ -831,5 +924,73 @@ mod tests {
             matches!(&found[..], [Problem::Path { flag: "ca-dir", path, .. }] if path.ends_with(CA_KEY)),
             "{found:?}"
         );
+    }
+
+    fn run_args(argv: &[&str]) -> RunArgs {
+        let argv = ["nodeward", "run", "--node-name", "n1"].iter().chain(argv);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Run(a) => *a,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn the_source_is_kube_in_a_cluster_unless_a_config_dir_is_given() {
+        let d = scratch();
+        let dir = d.path().display().to_string();
+        let source = |argv: &[&str], in_cluster| Config::from_args_in(run_args(argv), in_cluster).map(|c| c.source);
+        assert_eq!(source(&[], true).unwrap(), SourceConfig::Kube { kubeconfig: None });
+        assert_eq!(
+            source(&["--config-dir", &dir], true).unwrap(),
+            SourceConfig::Dir(d.path().to_path_buf())
+        );
+        assert_eq!(
+            source(&["--config-dir", &dir], false).unwrap(),
+            SourceConfig::Dir(d.path().to_path_buf())
+        );
+        let kubeconfig = d.path().join("ca").join(CA_CERT);
+        let k = kubeconfig.display().to_string();
+        assert_eq!(
+            source(&["--source", "kube", "--kubeconfig", &k], false).unwrap(),
+            SourceConfig::Kube {
+                kubeconfig: Some(kubeconfig)
+            }
+        );
+    }
+
+    #[test]
+    fn each_source_takes_only_its_own_flags() {
+        let d = scratch();
+        let dir = d.path().display().to_string();
+        let missing = d.path().join("missing").display().to_string();
+        let file = d.path().join("ca").join(CA_CERT).display().to_string();
+        let table: &[(&[&str], &str, &str)] = &[
+            (
+                &[],
+                "config-dir",
+                "--config-dir (NODEWARD_CONFIG_DIR) is required with --source (NODEWARD_SOURCE)",
+            ),
+            (&["--source", "dir"], "config-dir", "is required"),
+            (
+                &["--source", "kube", "--config-dir", &dir],
+                "config-dir",
+                "the kube source reads the Kubernetes API",
+            ),
+            (
+                &["--config-dir", &dir, "--kubeconfig", &file],
+                "kubeconfig",
+                "--kubeconfig (NODEWARD_KUBECONFIG) is given with --source (NODEWARD_SOURCE)",
+            ),
+            (&["--source", "kube", "--kubeconfig", &missing], "kubeconfig", "missing"),
+        ];
+        for (argv, flag, text) in table {
+            let Err(ConfigErrors(found)) = Config::from_args_in(run_args(argv), false) else {
+                panic!("{argv:?}: accepted")
+            };
+            assert!(
+                found.iter().any(|p| p.flag() == *flag && p.to_string().contains(text)),
+                "{argv:?}: expected a problem with --{flag} saying {text:?}, got {found:?}"
+            );
+        }
     }
 }

@@ -13,17 +13,16 @@
 
 #![forbid(unsafe_code)]
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::Assembler;
 use super::objects::{Object, ParseError, parse_file};
-use crate::policy::TrustDomains;
 use crate::state::{Snapshot, Store};
 
 /// Largest config file read; a bigger one is rejected, not loaded.
@@ -54,11 +53,8 @@ type Parser = fn(&Path, &str) -> Result<Vec<Object>, ParseError>;
 pub struct DirSource {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
-    root_namespace: String,
-    trust_domains: TrustDomains,
-    /// Policies already reported as ignored (`targetRef`), so each is
-    /// logged once, not on every change.
-    ignored_reported: BTreeSet<String>,
+    /// Builds snapshots from the files' objects, as for every source.
+    assembler: Assembler,
     parser: Parser,
     /// Set by a panicking poll: the next poll publishes even if no file changed.
     republish: bool,
@@ -70,30 +66,15 @@ impl DirSource {
         DirSource {
             dir: dir.into(),
             files: BTreeMap::new(),
-            root_namespace: crate::config::defaults::ROOT_NAMESPACE.into(),
-            trust_domains: TrustDomains::default(),
-            ignored_reported: BTreeSet::new(),
+            assembler: Assembler::default(),
             parser: parse_file,
             republish: false,
         }
     }
 
-    /// Sets the trust domain and its aliases, which policies treat as local.
-    pub fn with_trust_domains(mut self, local: &str, aliases: &[String]) -> Self {
-        self.trust_domains = TrustDomains {
-            local: local.to_string(),
-            aliases: aliases
-                .iter()
-                .map(|a| a.trim().to_string())
-                .filter(|a| !a.is_empty())
-                .collect(),
-        };
-        self
-    }
-
-    /// Sets Istio's root namespace (mesh-wide policies).
-    pub fn with_root_namespace(mut self, ns: &str) -> Self {
-        self.root_namespace = ns.to_string();
+    /// Sets the trust domain, its aliases and Istio's root namespace.
+    pub fn with_assembler(mut self, assembler: Assembler) -> Self {
+        self.assembler = assembler;
         self
     }
 
@@ -149,29 +130,11 @@ impl DirSource {
     /// Builds a snapshot of all files' last good objects. A pod or namespace
     /// defined twice: the file sorting last wins, with a warning.
     pub fn snapshot(&mut self) -> Snapshot {
-        let mut snap = Snapshot::default();
-        for (path, state) in &self.files {
-            for obj in &state.objects {
-                match obj {
-                    Object::Namespace(ns) => {
-                        if snap.namespaces.insert(ns.name.clone(), ns.clone()).is_some() {
-                            tracing::warn!(file = %path.display(), namespace = %ns.name, "namespace defined more than once; the last definition wins");
-                        }
-                    }
-                    Object::PeerAuthentication(p) => snap.peer_authentications.push(p.clone()),
-                    Object::AuthorizationPolicy(p) => snap.authorization_policies.push(p.clone()),
-                    Object::Pod(pod) => {
-                        if snap.pods.insert(pod.key(), Arc::new(pod.clone())).is_some() {
-                            tracing::warn!(file = %path.display(), pod = %pod.key(), "pod defined more than once; the last definition wins");
-                        }
-                    }
-                }
-            }
-        }
-        snap.root_namespace = self.root_namespace.clone();
-        snap.trust_domains = self.trust_domains.clone();
-        report_policies(&snap, &mut self.ignored_reported);
-        snap.index()
+        let objects = self
+            .files
+            .iter()
+            .flat_map(|(path, state)| state.objects.iter().map(move |o| (path.display(), o)));
+        self.assembler.snapshot(objects)
     }
 
     /// One poll: re-reads changed files and returns the snapshot to publish
@@ -242,58 +205,6 @@ impl DirSource {
     }
 }
 
-/// Logs what operators must know about the policies now in force: invalid
-/// ones (and how they fail safe), unsupported ones, L7-only fields, DISABLE,
-/// dry-run ones; and, once each, the ones the node ignores (`targetRef`).
-fn report_policies(snap: &Snapshot, ignored_reported: &mut BTreeSet<String>) {
-    use crate::policy::model::{Action, Mode};
-    for p in &snap.peer_authentications {
-        if let Some(e) = &p.meta.error {
-            tracing::error!(policy = %p.meta.key(), kind = "PeerAuthentication", "invalid policy {}, treated as STRICT: {e}", p.meta.key());
-        }
-        let disabled = p.mode == Mode::Disable || p.port_modes.values().any(|m| *m == Mode::Disable);
-        if disabled {
-            tracing::warn!(policy = %p.meta.key(), kind = "PeerAuthentication", "mTLS DISABLE in force: plaintext allowed");
-        }
-        if p.meta.selector.is_none() && !p.port_modes.is_empty() {
-            tracing::warn!(policy = %p.meta.key(), kind = "PeerAuthentication", "portLevelMtls needs a selector; ignored as in Istio");
-        }
-    }
-    let mut ignored = BTreeSet::new();
-    for p in &snap.authorization_policies {
-        if p.target_ref {
-            let key = p.meta.key();
-            if !ignored_reported.contains(&key) {
-                tracing::info!(policy = %key, kind = "AuthorizationPolicy", "policy with targetRef(s) belongs to a waypoint or gateway; ignored by the node");
-            }
-            ignored.insert(key);
-            continue;
-        }
-        if p.dry_run {
-            tracing::info!(policy = %p.meta.key(), kind = "AuthorizationPolicy", "dry-run policy: evaluated and logged (target nodeward::audit), not enforced");
-        }
-        match (&p.meta.error, p.action) {
-            (Some(e), Action::Deny) => {
-                tracing::error!(policy = %p.meta.key(), kind = "AuthorizationPolicy", "invalid DENY policy {}, denies everything it selects: {e}", p.meta.key())
-            }
-            (Some(e), _) => {
-                tracing::error!(policy = %p.meta.key(), kind = "AuthorizationPolicy", "invalid policy {}, matches nothing: {e}", p.meta.key())
-            }
-            (None, Action::Custom) => tracing::error!(
-                policy = %p.meta.key(),
-                kind = "AuthorizationPolicy",
-                status = "unsupported",
-                "CUSTOM authorization is unsupported at L4; the workloads it selects are refused"
-            ),
-            _ => {}
-        }
-        for w in &p.warnings {
-            tracing::warn!(policy = %p.meta.key(), kind = "AuthorizationPolicy", "{w}: in ALLOW rules it matches nothing, in DENY rules it is ignored");
-        }
-    }
-    *ignored_reported = ignored;
-}
-
 fn list_files(dir: &Path) -> std::io::Result<Vec<(PathBuf, Fingerprint)>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir)? {
@@ -329,7 +240,7 @@ fn list_files(dir: &Path) -> std::io::Result<Vec<(PathBuf, Fingerprint)>> {
 }
 
 /// Runs `f`, turning a panic into its message.
-fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+pub(super) fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
     catch_unwind(AssertUnwindSafe(f)).map_err(|payload| {
         payload
             .downcast_ref::<&str>()
@@ -499,7 +410,11 @@ mod tests {
     fn snapshots_carry_the_trust_domain_and_its_aliases() {
         let dir = tmpdir("trust");
         write(&dir, "ns.yaml", NS);
-        let mut src = DirSource::new(&dir).with_trust_domains("example.org", &["old.org".into(), " ".into()]);
+        let mut src = DirSource::new(&dir).with_assembler(Assembler::new(
+            "istio-system",
+            "example.org",
+            &["old.org".into(), " ".into()],
+        ));
         src.refresh();
         let snap = src.snapshot();
         assert_eq!(snap.trust_domains.local, "example.org");

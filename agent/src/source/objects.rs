@@ -1,13 +1,20 @@
-//! Kubernetes YAML into the agent's model: `Namespace`, `Pod` and `List`
-//! documents, with errors that name the file, the document and the line.
+//! Kubernetes objects into the agent's model, for both sources.
+//!
+//! Pods and namespaces are read into `k8s-openapi`'s types (the directory
+//! source from YAML, the API source from the server's JSON) and converted
+//! by the one pair of functions here, [`pod_from_k8s`] and
+//! [`namespace_from_k8s`]; policies of either source go through
+//! [`policy_object`] into `policy/parse.rs`. So field handling cannot
+//! differ between sources. YAML files add `List` documents and errors that
+//! name the file, the document and the line.
 
 #![forbid(unsafe_code)]
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 
+use k8s_openapi::api::core::v1 as k8s;
 use serde::Deserialize;
 
 use crate::policy::model::{
@@ -77,50 +84,7 @@ pub enum ParseError {
     },
 }
 
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-struct Meta {
-    #[serde(default)]
-    name: String,
-    #[serde(default)]
-    namespace: String,
-    #[serde(default)]
-    uid: String,
-    #[serde(default)]
-    labels: BTreeMap<String, String>,
-    #[serde(default)]
-    annotations: BTreeMap<String, String>,
-    #[serde(default)]
-    deletion_timestamp: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-struct PodSpecDoc {
-    #[serde(default)]
-    node_name: String,
-    #[serde(default)]
-    service_account_name: String,
-    #[serde(default)]
-    host_network: bool,
-}
-
-#[derive(Deserialize)]
-struct PodIpDoc {
-    ip: String,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-struct PodStatusDoc {
-    #[serde(default, rename = "podIP")]
-    pod_ip: String,
-    #[serde(default, rename = "podIPs")]
-    pod_ips: Vec<PodIpDoc>,
-    #[serde(default)]
-    phase: String,
-}
-
+/// What every document says it is; the rest is read per kind.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Doc {
@@ -128,14 +92,6 @@ struct Doc {
     api_version: String,
     #[serde(default)]
     kind: String,
-    #[serde(default)]
-    metadata: serde_norway::Value,
-    #[serde(default)]
-    spec: serde_norway::Value,
-    #[serde(default)]
-    status: serde_norway::Value,
-    #[serde(default)]
-    items: Vec<serde_norway::Value>,
 }
 
 /// Where a document sits, for error messages.
@@ -170,23 +126,20 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, ParseError> {
 }
 
 fn parse_value(value: serde_norway::Value, at: &At<'_>, out: &mut Vec<Object>) -> Result<(), ParseError> {
-    let syntax = |e: serde_norway::Error| ParseError::Syntax {
+    let syntax = |message: String| ParseError::Syntax {
         file: at.file.to_string(),
         doc: at.doc,
         line: at.line,
-        message: e.to_string(),
+        message,
     };
-    let doc: Doc = serde_norway::from_value(value).map_err(syntax)?;
-    let metadata: Meta = if doc.metadata.is_null() {
-        Meta::default()
-    } else {
-        serde_norway::from_value(doc.metadata.clone()).map_err(|e| ParseError::Syntax {
-            file: at.file.to_string(),
-            doc: at.doc,
-            line: at.line,
-            message: format!("metadata: {e}"),
-        })?
-    };
+    let doc = Doc::deserialize(&value).map_err(|e| syntax(e.to_string()))?;
+    let null = serde_norway::Value::Null;
+    let metadata = value.get("metadata").unwrap_or(&null);
+    if !metadata.is_null() && !metadata.is_mapping() {
+        return Err(syntax("metadata: not a mapping".into()));
+    }
+    let field = |f: &str| metadata.get(f).and_then(serde_norway::Value::as_str).unwrap_or("");
+    let key = format!("{}/{}", field("namespace"), field("name"));
     let invalid = |name: &str, message: String| ParseError::Invalid {
         file: at.file.to_string(),
         doc: at.doc,
@@ -195,88 +148,39 @@ fn parse_value(value: serde_norway::Value, at: &At<'_>, out: &mut Vec<Object>) -
         name: name.to_string(),
         message,
     };
+    let policy = matches!(
+        doc.api_version.as_str(),
+        "security.istio.io/v1" | "security.istio.io/v1beta1"
+    );
+    if let (true, Some(kind)) = (policy, PolicyKind::of(&doc.kind)) {
+        if field("name").is_empty() || field("namespace").is_empty() {
+            return Err(invalid("", "metadata.name and metadata.namespace are required".into()));
+        }
+        out.push(policy_object(kind, metadata, value.get("spec").unwrap_or(&null)));
+        return Ok(());
+    }
     match (doc.api_version.as_str(), doc.kind.as_str()) {
         ("v1", "List") => {
-            for item in doc.items {
+            let items = match value.get("items") {
+                None | Some(serde_norway::Value::Null) => Vec::new(),
+                Some(serde_norway::Value::Sequence(items)) => items.clone(),
+                Some(_) => return Err(syntax("items: not a list".into())),
+            };
+            for item in items {
                 parse_value(item, at, out)?;
             }
         }
-        (
-            "security.istio.io/v1" | "security.istio.io/v1beta1",
-            kind @ ("PeerAuthentication" | "AuthorizationPolicy"),
-        ) => {
-            if metadata.name.is_empty() || metadata.namespace.is_empty() {
-                return Err(invalid("", "metadata.name and metadata.namespace are required".into()));
-            }
-            let spec = if doc.spec.is_null() {
-                serde_norway::Value::Mapping(Default::default())
-            } else {
-                doc.spec.clone()
-            };
-            out.push(if kind == "PeerAuthentication" {
-                Object::PeerAuthentication(Arc::new(parse_peer_authentication(&doc.metadata, &spec)))
-            } else {
-                Object::AuthorizationPolicy(Arc::new(parse_authorization_policy(&doc.metadata, &spec)))
-            });
-        }
         ("v1", "Namespace") => {
-            if metadata.name.is_empty() {
-                return Err(invalid("", "metadata.name is required".into()));
-            }
-            out.push(Object::Namespace(Namespace {
-                name: metadata.name,
-                labels: metadata.labels,
-            }));
+            let ns: k8s::Namespace = serde_norway::from_value(value).map_err(|e| syntax(e.to_string()))?;
+            out.push(Object::Namespace(
+                namespace_from_k8s(&ns).map_err(|e| invalid(&key, e.to_string()))?,
+            ));
         }
         ("v1", "Pod") => {
-            let meta = metadata;
-            let key = format!("{}/{}", meta.namespace, meta.name);
-            if meta.name.is_empty() || meta.namespace.is_empty() {
-                return Err(invalid(
-                    &key,
-                    "metadata.name and metadata.namespace are required".into(),
-                ));
-            }
-            let spec: PodSpecDoc = if doc.spec.is_null() {
-                PodSpecDoc::default()
-            } else {
-                serde_norway::from_value(doc.spec).map_err(|e| invalid(&key, format!("spec: {e}")))?
-            };
-            let status: PodStatusDoc = if doc.status.is_null() {
-                PodStatusDoc::default()
-            } else {
-                serde_norway::from_value(doc.status).map_err(|e| invalid(&key, format!("status: {e}")))?
-            };
-            let mut ips: Vec<IpAddr> = Vec::new();
-            let all = std::iter::once(status.pod_ip.as_str())
-                .chain(status.pod_ips.iter().map(|p| p.ip.as_str()))
-                .filter(|s| !s.is_empty());
-            for s in all {
-                let ip: IpAddr = s
-                    .parse()
-                    .map_err(|_| invalid(&key, format!("status.podIPs: {s:?} is not an IP address")))?;
-                if !ips.contains(&ip) {
-                    ips.push(ip);
-                }
-            }
-            let uid = if meta.uid.is_empty() { key.clone() } else { meta.uid };
-            out.push(Object::Pod(Pod {
-                namespace: meta.namespace,
-                name: meta.name,
-                uid,
-                labels: meta.labels,
-                annotations: meta.annotations,
-                node_name: spec.node_name,
-                service_account: if spec.service_account_name.is_empty() {
-                    "default".to_string()
-                } else {
-                    spec.service_account_name
-                },
-                host_network: spec.host_network,
-                ips,
-                phase: status.phase,
-                deleting: meta.deletion_timestamp.is_some(),
-            }));
+            let pod: k8s::Pod = serde_norway::from_value(value).map_err(|e| invalid(&key, e.to_string()))?;
+            out.push(Object::Pod(
+                pod_from_k8s(&pod).map_err(|e| invalid(&key, e.to_string()))?,
+            ));
         }
         (api_version, kind) => {
             return Err(ParseError::UnknownKind {
@@ -289,6 +193,118 @@ fn parse_value(value: serde_norway::Value, at: &At<'_>, out: &mut Vec<Object>) -
         }
     }
     Ok(())
+}
+
+/// The Istio policy kinds the agent enforces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicyKind {
+    /// `PeerAuthentication`.
+    PeerAuthentication,
+    /// `AuthorizationPolicy`.
+    AuthorizationPolicy,
+}
+
+impl PolicyKind {
+    /// The kind named `kind`, if it is one of them.
+    pub fn of(kind: &str) -> Option<PolicyKind> {
+        match kind {
+            "PeerAuthentication" => Some(PolicyKind::PeerAuthentication),
+            "AuthorizationPolicy" => Some(PolicyKind::AuthorizationPolicy),
+            _ => None,
+        }
+    }
+
+    /// The kind's name, as in `kind:`.
+    pub fn name(self) -> &'static str {
+        match self {
+            PolicyKind::PeerAuthentication => "PeerAuthentication",
+            PolicyKind::AuthorizationPolicy => "AuthorizationPolicy",
+        }
+    }
+}
+
+/// A policy from its metadata and spec, as either source holds them: the
+/// strict walk of `policy/parse.rs` keeps an invalid one with its error, so
+/// it fails safe. A missing or null spec is an empty one.
+pub fn policy_object(kind: PolicyKind, metadata: &serde_norway::Value, spec: &serde_norway::Value) -> Object {
+    let empty = serde_norway::Value::Mapping(Default::default());
+    let spec = if spec.is_null() { &empty } else { spec };
+    match kind {
+        PolicyKind::PeerAuthentication => {
+            Object::PeerAuthentication(Arc::new(parse_peer_authentication(metadata, spec)))
+        }
+        PolicyKind::AuthorizationPolicy => {
+            Object::AuthorizationPolicy(Arc::new(parse_authorization_policy(metadata, spec)))
+        }
+    }
+}
+
+/// Why a Kubernetes object cannot be converted into the model.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConvertError {
+    /// A field every object of its kind has is missing.
+    #[error("{0} is required")]
+    Missing(&'static str),
+    /// A pod IP that is not an IP address.
+    #[error("status.podIPs: {0:?} is not an IP address")]
+    BadIp(String),
+}
+
+/// A `v1/Namespace` as the model holds it: name and labels, nothing else.
+pub fn namespace_from_k8s(ns: &k8s::Namespace) -> Result<Namespace, ConvertError> {
+    let name = ns.metadata.name.clone().unwrap_or_default();
+    if name.is_empty() {
+        return Err(ConvertError::Missing("metadata.name"));
+    }
+    Ok(Namespace {
+        name,
+        labels: ns.metadata.labels.clone().unwrap_or_default(),
+    })
+}
+
+/// A `v1/Pod` as the model holds it: identity, placement, IPs and
+/// lifecycle; everything else (containers, managed fields, conditions) is
+/// dropped here.
+pub fn pod_from_k8s(pod: &k8s::Pod) -> Result<Pod, ConvertError> {
+    let meta = &pod.metadata;
+    let name = meta.name.clone().unwrap_or_default();
+    let namespace = meta.namespace.clone().unwrap_or_default();
+    if name.is_empty() || namespace.is_empty() {
+        return Err(ConvertError::Missing("metadata.name and metadata.namespace"));
+    }
+    let spec = pod.spec.as_ref();
+    let status = pod.status.as_ref();
+    let mut ips: Vec<IpAddr> = Vec::new();
+    let first = status.and_then(|s| s.pod_ip.as_deref());
+    let all = status.and_then(|s| s.pod_ips.as_deref()).unwrap_or_default();
+    for s in first
+        .into_iter()
+        .chain(all.iter().map(|p| p.ip.as_str()))
+        .filter(|s| !s.is_empty())
+    {
+        let ip: IpAddr = s.parse().map_err(|_| ConvertError::BadIp(s.to_string()))?;
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    let key = format!("{namespace}/{name}");
+    let service_account = spec
+        .and_then(|s| s.service_account_name.clone())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "default".to_string());
+    Ok(Pod {
+        uid: meta.uid.clone().filter(|u| !u.is_empty()).unwrap_or(key),
+        namespace,
+        name,
+        labels: meta.labels.clone().unwrap_or_default(),
+        annotations: meta.annotations.clone().unwrap_or_default(),
+        node_name: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
+        service_account,
+        host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+        ips,
+        phase: status.and_then(|s| s.phase.clone()).unwrap_or_default(),
+        deleting: meta.deletion_timestamp.is_some(),
+    })
 }
 
 /// Splits YAML text at `---` document markers, keeping each document's
@@ -351,6 +367,31 @@ status:
         assert_eq!(
             p.ips,
             vec!["10.1.1.2".parse::<IpAddr>().unwrap(), "fd00::2".parse().unwrap()]
+        );
+    }
+
+    #[test]
+    fn a_pod_from_the_api_and_the_same_pod_from_yaml_are_one_model() {
+        let json = serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web", "namespace": "shop", "uid": "1234", "labels": {"app": "web"},
+                "resourceVersion": "77", "managedFields": [{"manager": "kubelet", "operation": "Update"}]},
+            "spec": {"nodeName": "node-1", "serviceAccountName": "web-sa",
+                "containers": [{"name": "app", "image": "app:1"}]},
+            "status": {"podIP": "10.1.1.2", "podIPs": [{"ip": "10.1.1.2"}, {"ip": "fd00::2"}]}});
+        let from_api = pod_from_k8s(&serde_json::from_value(json).unwrap()).unwrap();
+        let [Object::Pod(from_yaml)] = &parse(POD).unwrap()[..] else {
+            panic!("one pod expected")
+        };
+        assert_eq!(&from_api, from_yaml);
+    }
+
+    #[test]
+    fn a_pod_field_of_the_wrong_type_is_invalid_with_its_name() {
+        let err = parse("apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: b}\nspec: {hostNetwork: [1]}\n")
+            .unwrap_err();
+        assert!(
+            matches!(err, ParseError::Invalid { .. }) && err.to_string().contains("b/a"),
+            "{err}"
         );
     }
 

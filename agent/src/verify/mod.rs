@@ -166,9 +166,11 @@ pub fn run(opts: &Options) -> Result<Vec<Check>, VerifyError> {
         dir: opts.config_dir.clone(),
         source,
     })?;
-    let mut source = DirSource::new(&opts.config_dir)
-        .with_root_namespace(&opts.root_namespace)
-        .with_trust_domains(&opts.trust_domain, &[]);
+    let mut source = DirSource::new(&opts.config_dir).with_assembler(crate::source::Assembler::new(
+        &opts.root_namespace,
+        &opts.trust_domain,
+        &[],
+    ));
     source.refresh();
     let mut out = rejected_files(&source);
     let snap = source.snapshot();

@@ -1,0 +1,452 @@
+//! The Kubernetes API as the config source.
+//!
+//! One watcher per kind: this node's Pods (field selector
+//! `spec.nodeName=<node>`, so only they are held), Namespaces, and Istio's
+//! `PeerAuthentication` and `AuthorizationPolicy` (`security.istio.io/v1`,
+//! `v1beta1` where v1 is not served). Each object is converted into the
+//! model as it arrives, by the same functions as the directory source
+//! ([`super::objects`]), so no Kubernetes object outlives its event.
+//! Services and EndpointSlices are not watched: the model has no place for
+//! them yet.
+//!
+//! A dropped or failed watch resumes from its last resource version; when
+//! that version is gone (`410 Gone`, e.g. after an API server restart) the
+//! kind is listed again. Each retry waits kube's jittered exponential
+//! backoff (0.8 s to 30 s). A relist replaces its kind's objects only once
+//! it is complete, so the last synced state keeps serving meanwhile. Nothing is
+//! published before every kind has been listed once: a snapshot with pods
+//! but no policies would open what policies close. Until then readiness
+//! names the kinds still missing ([`SourceHealth`]).
+
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1 as k8s;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::Assembler;
+use super::objects::{self, Object, PolicyKind};
+use crate::state::Store;
+
+#[cfg(test)]
+mod tests;
+
+/// Why the API source could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    /// The `--kubeconfig` file could not be read or used.
+    #[error("--kubeconfig {}: {source}", .path.display())]
+    Kubeconfig {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: kube::config::KubeconfigError,
+    },
+    /// Neither a local kubeconfig nor in-cluster settings were found.
+    #[error(
+        "no Kubernetes API settings: no kubeconfig and not in a cluster (KUBERNETES_SERVICE_HOST, service-account token): {0}"
+    )]
+    Infer(#[from] kube::config::InferConfigError),
+    /// The client could not be built from the settings (TLS, auth).
+    #[error("Kubernetes API client: {0}")]
+    Client(#[from] kube::Error),
+}
+
+/// A client for the API server: from `kubeconfig` when given (development),
+/// else as kube infers it: the local kubeconfig (`$KUBECONFIG`,
+/// `~/.kube/config`) if there is one, else in-cluster settings
+/// (service-account token and CA, `KUBERNETES_SERVICE_HOST`). TLS and
+/// credentials are checked here, before capture starts.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let err = |source| KubeError::Kubeconfig {
+                path: path.to_path_buf(),
+                source,
+            };
+            let file = kube::config::Kubeconfig::read_from(path).map_err(err)?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default())
+                .await
+                .map_err(err)?
+        }
+        None => kube::Config::infer().await?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// The kinds the source watches, each with its own sync state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    /// This node's pods.
+    Pods,
+    /// Every namespace.
+    Namespaces,
+    /// Every `PeerAuthentication`.
+    PeerAuthentications,
+    /// Every `AuthorizationPolicy`.
+    AuthorizationPolicies,
+}
+
+impl Kind {
+    const ALL: [Kind; 4] = [
+        Kind::Pods,
+        Kind::Namespaces,
+        Kind::PeerAuthentications,
+        Kind::AuthorizationPolicies,
+    ];
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Pods => "Pods",
+            Kind::Namespaces => "Namespaces",
+            Kind::PeerAuthentications => "PeerAuthentications",
+            Kind::AuthorizationPolicies => "AuthorizationPolicies",
+        })
+    }
+}
+
+#[derive(Debug, Default)]
+struct KindHealth {
+    synced: bool,
+    last_error: Option<String>,
+}
+
+/// Which kinds have been listed in full at least once, for readiness.
+#[derive(Clone, Debug, Default)]
+pub struct SourceHealth(Arc<Mutex<BTreeMap<Kind, KindHealth>>>);
+
+impl SourceHealth {
+    /// One line per kind not listed yet, with its last error if any; empty
+    /// once every kind has been listed.
+    pub fn problems(&self) -> Vec<String> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        Kind::ALL
+            .iter()
+            .filter(|k| !map.get(k).is_some_and(|h| h.synced))
+            .map(|k| match map.get(k).and_then(|h| h.last_error.as_deref()) {
+                Some(e) => format!("Kubernetes API: {k} not synced yet (last error: {e})"),
+                None => format!("Kubernetes API: {k} not synced yet"),
+            })
+            .collect()
+    }
+
+    fn update(&self, kind: Kind, f: impl FnOnce(&mut KindHealth)) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        f(map.entry(kind).or_default());
+    }
+}
+
+/// What a watcher reports, already converted into the model.
+enum Change {
+    /// A (re)list starts: the objects that follow replace the kind's.
+    Init,
+    /// An object of the (re)list.
+    InitApply(String, Result<Object, String>),
+    /// The (re)list is complete.
+    InitDone,
+    /// An object was added or changed.
+    Apply(String, Result<Object, String>),
+    /// An object was deleted.
+    Delete(String),
+    /// The watch failed; the watcher retries after its backoff.
+    Error(String),
+}
+
+/// One kind's objects by `namespace/name`.
+#[derive(Default)]
+struct KindSet {
+    objects: BTreeMap<String, Object>,
+    /// Filled during a (re)list; replaces `objects` when it is complete.
+    listing: Option<BTreeMap<String, Object>>,
+    synced: bool,
+}
+
+/// The Kubernetes API source.
+pub struct KubeSource {
+    client: Client,
+    node: String,
+    assembler: Assembler,
+    health: SourceHealth,
+    sets: BTreeMap<Kind, KindSet>,
+}
+
+impl KubeSource {
+    /// A source reading through `client`, holding the pods of `node`.
+    pub fn new(client: Client, node: &str, assembler: Assembler) -> Self {
+        KubeSource {
+            client,
+            node: node.to_string(),
+            assembler,
+            health: SourceHealth::default(),
+            sets: Kind::ALL.iter().map(|k| (*k, KindSet::default())).collect(),
+        }
+    }
+
+    /// Its readiness, to hand to the admin endpoint.
+    pub fn health(&self) -> SourceHealth {
+        self.health.clone()
+    }
+
+    /// Watches until cancelled, publishing a snapshot after each batch of
+    /// changes once every kind has been listed.
+    pub async fn run(mut self, store: Store, cancel: CancellationToken) {
+        let (tx, mut rx) = mpsc::channel(1024);
+        let fields = format!("spec.nodeName={}", self.node);
+        let tasks = [
+            tokio::spawn(watch(
+                Api::<k8s::Pod>::all(self.client.clone()),
+                watcher::Config::default().fields(&fields),
+                Kind::Pods,
+                pod_object,
+                tx.clone(),
+            )),
+            tokio::spawn(watch(
+                Api::<k8s::Namespace>::all(self.client.clone()),
+                watcher::Config::default(),
+                Kind::Namespaces,
+                namespace_object,
+                tx.clone(),
+            )),
+            tokio::spawn(watch_policies(
+                self.client.clone(),
+                PolicyKind::PeerAuthentication,
+                tx.clone(),
+            )),
+            tokio::spawn(watch_policies(self.client.clone(), PolicyKind::AuthorizationPolicy, tx)),
+        ];
+        loop {
+            let (kind, change) = tokio::select! {
+                _ = cancel.cancelled() => break,
+                got = rx.recv() => match got {
+                    Some(u) => u,
+                    None => break,
+                },
+            };
+            let mut changed = self.apply(kind, change);
+            while let Ok((kind, change)) = rx.try_recv() {
+                changed |= self.apply(kind, change);
+            }
+            if changed && self.sets.values().all(|s| s.synced) {
+                let snap = self
+                    .assembler
+                    .snapshot(self.sets.values().flat_map(|s| s.objects.iter()));
+                tracing::info!(
+                    pods = snap.pods.len(),
+                    namespaces = snap.namespaces.len(),
+                    "config applied"
+                );
+                store.publish(snap);
+            }
+        }
+        for t in tasks {
+            t.abort();
+        }
+    }
+
+    /// Applies one change to its kind; true when the published objects changed.
+    fn apply(&mut self, kind: Kind, change: Change) -> bool {
+        let Some(set) = self.sets.get_mut(&kind) else {
+            return false;
+        };
+        match change {
+            Change::Init => {
+                set.listing = Some(BTreeMap::new());
+                false
+            }
+            Change::InitApply(key, obj) => {
+                let previous = set.objects.get(&key);
+                let obj = match last_good(kind, &key, obj, previous) {
+                    Some(o) => o,
+                    None => return false,
+                };
+                match &mut set.listing {
+                    Some(listing) => {
+                        listing.insert(key, obj);
+                        false
+                    }
+                    None => set.objects.insert(key, obj.clone()).as_ref() != Some(&obj),
+                }
+            }
+            Change::InitDone => {
+                let listed = set.listing.take().unwrap_or_default();
+                let changed = !set.synced || listed != set.objects;
+                set.objects = listed;
+                if !set.synced {
+                    tracing::info!(%kind, objects = set.objects.len(), "Kubernetes API: listed");
+                }
+                set.synced = true;
+                self.health.update(kind, |h| {
+                    h.synced = true;
+                    h.last_error = None;
+                });
+                changed
+            }
+            Change::Apply(key, obj) => {
+                let Some(obj) = last_good(kind, &key, obj, set.objects.get(&key)) else {
+                    return false;
+                };
+                if let Some(listing) = &mut set.listing {
+                    listing.insert(key.clone(), obj.clone());
+                }
+                set.objects.insert(key, obj.clone()).as_ref() != Some(&obj)
+            }
+            Change::Delete(key) => {
+                if let Some(listing) = &mut set.listing {
+                    listing.remove(&key);
+                }
+                set.objects.remove(&key).is_some()
+            }
+            Change::Error(e) => {
+                tracing::warn!(%kind, "Kubernetes API watch failed, retrying; the last synced state stays in force: {e}");
+                self.health.update(kind, |h| h.last_error = Some(e));
+                false
+            }
+        }
+    }
+}
+
+/// The converted object, or (for one that cannot be converted) its last
+/// good version, if any, with the error logged.
+fn last_good(kind: Kind, key: &str, obj: Result<Object, String>, previous: Option<&Object>) -> Option<Object> {
+    match obj {
+        Ok(o) => Some(o),
+        Err(e) => {
+            tracing::error!(%kind, object = %key, "rejected object, keeping its last good version if any: {e}");
+            previous.cloned()
+        }
+    }
+}
+
+/// `namespace/name` of an object (`name` for cluster-scoped ones).
+fn key_of<K: Resource>(obj: &K) -> String {
+    match obj.namespace() {
+        Some(ns) => format!("{ns}/{}", obj.name_any()),
+        None => obj.name_any(),
+    }
+}
+
+fn pod_object(pod: k8s::Pod) -> Result<Object, String> {
+    objects::pod_from_k8s(&pod).map(Object::Pod).map_err(|e| e.to_string())
+}
+
+fn namespace_object(ns: k8s::Namespace) -> Result<Object, String> {
+    objects::namespace_from_k8s(&ns)
+        .map(Object::Namespace)
+        .map_err(|e| e.to_string())
+}
+
+/// A policy through the same walk as the directory's: its JSON metadata and
+/// spec become the YAML value the walk reads. A spec that cannot be
+/// converted becomes a string, which the walk rejects, so the policy is kept
+/// as invalid and fails safe rather than being dropped.
+fn policy_object(kind: PolicyKind, mut obj: DynamicObject) -> Object {
+    obj.metadata.managed_fields = None;
+    let metadata = to_yaml(&obj.metadata);
+    let spec = obj.data.get("spec").map(to_yaml).unwrap_or(serde_norway::Value::Null);
+    objects::policy_object(kind, &metadata, &spec)
+}
+
+/// `v` as the YAML value type the policy walk reads; an error as a string.
+fn to_yaml<T: serde::Serialize>(v: &T) -> serde_norway::Value {
+    serde_norway::to_value(v).unwrap_or_else(|e| serde_norway::Value::String(format!("not convertible: {e}")))
+}
+
+/// Runs one kind's watcher, converting each object as it arrives and
+/// sending the changes on; restarts (with kube's jittered backoff) on errors.
+async fn watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    kind: Kind,
+    convert: impl Fn(K) -> Result<Object, String>,
+    tx: mpsc::Sender<(Kind, Change)>,
+) where
+    K: Resource + Clone + DeserializeOwned + fmt::Debug + Send + 'static,
+{
+    // A panicking conversion rejects its object like an invalid one (its
+    // last good version stays) instead of ending this kind's watch.
+    let convert = |o: K| {
+        super::dir::catch_panic(|| convert(o)).unwrap_or_else(|message| Err(format!("conversion panicked: {message}")))
+    };
+    let mut events = std::pin::pin!(watcher::watcher(api, config).default_backoff());
+    while let Some(event) = events.next().await {
+        let change = match event {
+            Ok(Event::Init) => Change::Init,
+            Ok(Event::InitApply(o)) => Change::InitApply(key_of(&o), convert(o)),
+            Ok(Event::InitDone) => Change::InitDone,
+            Ok(Event::Apply(o)) => Change::Apply(key_of(&o), convert(o)),
+            Ok(Event::Delete(o)) => Change::Delete(key_of(&o)),
+            Err(e) => Change::Error(e.to_string()),
+        };
+        if tx.send((kind, change)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The versions of `security.istio.io` tried, best first.
+const ISTIO_VERSIONS: [&str; 2] = ["v1", "v1beta1"];
+
+/// Finds which version of `security.istio.io` serves `kind`, retrying with
+/// jittered backoff until one does, then watches it.
+async fn watch_policies(client: Client, kind: PolicyKind, tx: mpsc::Sender<(Kind, Change)>) {
+    let watched = match kind {
+        PolicyKind::PeerAuthentication => Kind::PeerAuthentications,
+        PolicyKind::AuthorizationPolicy => Kind::AuthorizationPolicies,
+    };
+    let mut delay = Duration::from_millis(800);
+    let resource = loop {
+        match resolve(&client, kind).await {
+            Ok(r) => break r,
+            Err(e) => {
+                if tx.send((watched, Change::Error(e))).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(jitter(delay)).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    };
+    tracing::info!(kind = kind.name(), api_version = %resource.api_version, "Kubernetes API: watching");
+    let api = Api::<DynamicObject>::all_with(client, &resource);
+    let convert = move |o: DynamicObject| Ok(policy_object(kind, o));
+    watch(api, watcher::Config::default(), watched, convert, tx).await;
+}
+
+/// The `security.istio.io` resource serving `kind`: v1, else v1beta1.
+async fn resolve(client: &Client, kind: PolicyKind) -> Result<ApiResource, String> {
+    let mut errors = Vec::new();
+    for version in ISTIO_VERSIONS {
+        let gvk = GroupVersionKind::gvk("security.istio.io", version, kind.name());
+        match kube::discovery::pinned_kind(client, &gvk).await {
+            Ok((resource, _)) => return Ok(resource),
+            Err(e) => errors.push(format!("{version}: {e}")),
+        }
+    }
+    Err(format!(
+        "security.istio.io serves no {} ({})",
+        kind.name(),
+        errors.join("; ")
+    ))
+}
+
+/// `d` scaled by a random factor in [0.5, 1), so agents restarted together
+/// do not retry in step.
+fn jitter(d: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let r = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    d.mul_f64(0.5 + (r % 1000) as f64 / 2000.0)
+}

@@ -1,0 +1,177 @@
+//! `--source kube` on real agents: the agent reads a fake API server (in
+//! this process, on the node's loopback, the API server's JSON), is not
+//! ready until every kind is listed, captures a pod that appears in the
+//! watch stream, keeps it through `410 Gone` and failing relists, and
+//! releases it when the stream deletes it.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use nodeward_testbed::fake_api::{FakeApi, NAMESPACES, PEER_AUTHENTICATIONS, PODS, namespace_json, pod_json};
+use nodeward_testbed::netns::run_in;
+use nodeward_testbed::{Agent, PodSpec, Topology, TopologySpec, privileged_or_skip, shared, traffic};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// `/healthz/ready` of the agent in node namespace `netns`: (status line, body).
+fn readiness(netns: &str) -> (String, String) {
+    run_in(netns, || {
+        let Ok(mut s) = TcpStream::connect("127.0.0.1:15021") else {
+            return (String::new(), String::new());
+        };
+        let _ = s.write_all(b"GET /healthz/ready HTTP/1.1\r\nhost: x\r\n\r\n");
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        (head.lines().next().unwrap_or("").to_string(), body.to_string())
+    })
+}
+
+fn wait_readiness(netns: &str, what: &str, pred: impl Fn(&str, &str) -> bool) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, body) = readiness(netns);
+        if pred(&status, &body) {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "{what}: readiness is {status:?} {body:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether anything answers on the pod's outbound port (after release: nothing).
+fn listening(netns: &str) -> bool {
+    traffic::connect_timeout(netns, "127.0.0.1:15001".parse().unwrap(), Duration::from_secs(2)).is_ok()
+}
+
+/// The pods node 0's agent has pinned (one directory per netns cookie).
+fn pinned_pods(t: &Topology) -> Vec<String> {
+    std::fs::read_dir(t.pin_dir(0).join("pods"))
+        .map(|d| {
+            d.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_pod_from_the_watch_stream_is_captured_kept_through_410_gone_and_released_when_deleted() {
+    const NAME: &str = "a_pod_from_the_watch_stream_is_captured_kept_through_410_gone_and_released_when_deleted";
+    let _g = shared();
+    if !privileged_or_skip(NAME) {
+        return;
+    }
+    let t = Topology::build(TopologySpec {
+        nodes: vec![vec![PodSpec::new("a", "mesh")]],
+        namespaces: vec![("mesh".into(), true)],
+    });
+    let node = &t.nodes[0];
+    let api = FakeApi::start_in(&node.netns);
+    api.list(
+        NAMESPACES,
+        "NamespaceList",
+        "5",
+        vec![namespace_json("mesh", true, "4")],
+    );
+    // PeerAuthentications cannot be listed yet (an API server in trouble).
+    api.fail_list(PEER_AUTHENTICATIONS);
+    let kubeconfig = api.kubeconfig(&t.config_dir);
+    let ca = t.ca_dir.display().to_string();
+    let agent = Agent::start_with(
+        node,
+        &[
+            "--source",
+            "kube",
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+            "--ca-dir",
+            &ca,
+        ],
+    );
+
+    // The other kinds list at once; readiness then names only the missing one.
+    let body = wait_readiness(
+        &node.netns,
+        "not ready, naming only the missing kind",
+        |status, body| {
+            status.contains("503")
+                && body.contains("PeerAuthentications not synced yet (last error: ")
+                && body.contains("etcdserver: request timed out")
+                && !["Pods", "Namespaces", "AuthorizationPolicies"]
+                    .iter()
+                    .any(|k| body.contains(&format!("{k} not synced")))
+        },
+    );
+    assert!(
+        body.contains("etcdserver: request timed out"),
+        "the last error is shown: {body}"
+    );
+    assert!(
+        agent.lines().iter().all(|l| l["message"] != "config applied"),
+        "nothing is applied before every kind is listed"
+    );
+
+    api.list(PEER_AUTHENTICATIONS, "PeerAuthenticationList", "7", vec![]);
+    wait_readiness(&node.netns, "ready once every kind is listed", |status, _| {
+        status.contains("200")
+    });
+    agent
+        .wait_log(WAIT, |l| l["message"] == "config applied")
+        .unwrap_or_else(|| panic!("no config applied; log:\n{}", agent.dump()));
+    let a = t.pod("a").clone();
+    assert!(pinned_pods(&t).is_empty(), "a pod the API has not sent is not captured");
+
+    let placed = t.workloads.pods.iter().find(|p| p.spec.name == "a").unwrap().clone();
+    api.send(PODS, &json!({"type": "ADDED", "object": pod_json(&placed, "10")}));
+    let cookie = agent
+        .wait_log(WAIT, |l| l["message"] == "pod captured" && l["pod"] == "mesh/a")
+        .unwrap_or_else(|| panic!("mesh/a not captured; log:\n{}", agent.dump()))["cookie"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(pinned_pods(&t), vec![cookie.to_string()], "the pod's capture is pinned");
+
+    // The API server loses its history (410 Gone) and cannot list for a
+    // while: the pod stays captured on the last synced state.
+    api.fail_list(PODS);
+    api.send(
+        PODS,
+        &json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "message": "too old resource version: 10 (12)", "reason": "Expired", "code": 410}}),
+    );
+    agent
+        .wait_log(WAIT, |l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("watch failed") && m.contains("etcdserver"))
+        })
+        .unwrap_or_else(|| panic!("no failed relist; log:\n{}", agent.dump()));
+    assert_eq!(
+        pinned_pods(&t),
+        vec![cookie.to_string()],
+        "still captured during the outage"
+    );
+    assert!(
+        agent.lines().iter().all(|l| l["message"] != "pod released"),
+        "nothing released during the outage"
+    );
+    api.list(PODS, "PodList", "12", vec![pod_json(&placed, "10")]);
+    let relists = api.count(PODS);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while api.count(&format!("{PODS}?watch")) < 2 {
+        assert!(Instant::now() < deadline, "no watch after the relist ({relists} lists)");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    api.send(PODS, &json!({"type": "DELETED", "object": pod_json(&placed, "13")}));
+    agent
+        .wait_log(WAIT, |l| l["message"] == "pod released" && l["pod"] == "mesh/a")
+        .unwrap_or_else(|| panic!("mesh/a not released; log:\n{}", agent.dump()));
+    let deadline = Instant::now() + WAIT;
+    while !pinned_pods(&t).is_empty() {
+        assert!(Instant::now() < deadline, "pins left: {:?}", pinned_pods(&t));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!listening(&a.netns), "the pod's listeners are gone");
+}
