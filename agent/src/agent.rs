@@ -8,12 +8,17 @@ use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
 
+use crate::admin::readiness::Readiness;
+use crate::admin::server::Listeners;
+use crate::admin::{AdminState, Captures, ConfigStatus};
 use crate::capture::{Capture, CaptureError};
 use crate::cni::server::CniServer;
 use crate::config::Config;
 use crate::identity::ca::CaError;
 use crate::identity::manager::CertManager;
 use crate::pods::PodManager;
+use crate::metrics::Metrics;
+use crate::proxy::counters::Counters;
 use crate::proxy::limits::{LimitConfig, Limits};
 use crate::proxy::open::OpenConns;
 use crate::proxy::pool::Pool;
@@ -31,9 +36,11 @@ pub enum StartError {
     /// The certificate authority is unusable.
     #[error("certificate authority: {0}")]
     Identity(#[from] CaError),
-    /// The admin address could not be bound.
-    #[error("admin address {addr}: {source}")]
+    /// A listener of the admin endpoints could not be set up.
+    #[error("--{flag} {addr}: {source}")]
     Admin {
+        /// The flag that set the address.
+        flag: &'static str,
         /// The address.
         addr: std::net::SocketAddr,
         /// Why.
@@ -47,14 +54,34 @@ pub enum StartError {
     Signals(std::io::Error),
 }
 
-impl crate::admin::Health for Mesh {
-    fn problems(&self) -> Vec<String> {
-        self.certs.as_ref().map(|m| m.problems()).unwrap_or_default()
-    }
+/// Binds an admin listener (tokio's bind: `SO_REUSEADDR`, so a restarted
+/// agent gets its ports back at once), for the admin thread to serve.
+async fn bind(flag: &'static str, addr: std::net::SocketAddr) -> Result<std::net::TcpListener, StartError> {
+    let err = |source| StartError::Admin { flag, addr, source };
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .and_then(|l| l.into_std())
+        .map_err(err)
+}
 
-    fn stats(&self) -> String {
-        self.counters.render()
+/// The readiness checks of the modules wired here; the config source and
+/// the pod manager report into theirs.
+fn register_checks(readiness: &Readiness, identity: Option<&Arc<CertManager>>, captures: &Arc<Captures>) {
+    if let Some(m) = identity {
+        let m2 = m.clone();
+        readiness.register_polled("ca", move || m2.problems());
+        let m = m.clone();
+        readiness.register_polled("certificates", move || {
+            let now = std::time::SystemTime::now();
+            m.certificates()
+                .into_iter()
+                .filter(|c| c.not_after <= now)
+                .map(|c| format!("the certificate of {} (serial {}) has expired", c.identity, c.serial))
+                .collect()
+        });
     }
+    let captures = captures.clone();
+    readiness.register_polled("pods", move || captures.problems());
 }
 
 /// Runs the agent until SIGTERM/SIGINT, then drains and returns. Wiring
@@ -70,13 +97,22 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             None
         }
     };
-    let admin = tokio::net::TcpListener::bind(config.admin_addr)
-        .await
-        .map_err(|source| StartError::Admin {
-            addr: config.admin_addr,
-            source,
-        })?;
+    let listeners = Listeners {
+        readiness: bind("readiness-addr", config.readiness_addr).await?,
+        metrics: bind("metrics-addr", config.metrics_addr).await?,
+        admin: bind("admin-addr", config.admin_addr).await?,
+    };
+    let metrics = Arc::new(Metrics::new());
+    let readiness = Arc::new(Readiness::default());
+    let ebpf = readiness.register("ebpf", "programs not attached yet");
+    let config_status = Arc::new(ConfigStatus::new(
+        readiness.register("config", "config directory not read yet"),
+        metrics.clone(),
+    ));
+    let captures = Arc::new(Captures::default());
+    register_checks(&readiness, identity.as_ref(), &captures);
     let capture = Arc::new(Capture::start(config.capture)?);
+    ebpf.ready();
     let mut sigterm = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
 
@@ -90,7 +126,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     }
     let source = DirSource::new(&config.config_dir)
         .with_root_namespace(&config.root_namespace)
-        .with_trust_domains(&config.trust_domain, &config.trust_domain_aliases);
+        .with_trust_domains(&config.trust_domain, &config.trust_domain_aliases)
+        .with_status(config_status.clone());
     let source_task = tokio::spawn(source.run(store.clone(), config.config_poll, lifecycle.stop_accepting.clone()));
     let h2 = config.h2;
     let pool = Pool::with_limits(
@@ -100,16 +137,30 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         limits.clone(),
     );
     tokio::spawn(pool.clone().run(lifecycle.hard_stop.clone()));
+    let admin = Arc::new(AdminState {
+        node: config.node_name.clone(),
+        readiness,
+        metrics: metrics.clone(),
+        store: store.clone(),
+        certs: identity.clone(),
+        captures: captures.clone(),
+        config: config_status,
+    });
     let mesh = Arc::new(Mesh {
         store: store.clone(),
         certs: identity,
         pool,
         open,
         h2,
-        counters: Default::default(),
+        counters: Counters::new(metrics),
+        captures,
         limits,
     });
-    tokio::spawn(crate::admin::serve(admin, mesh.clone(), lifecycle.hard_stop.clone()));
+    crate::admin::server::spawn(listeners, admin, lifecycle.hard_stop.clone()).map_err(|source| StartError::Admin {
+        flag: "admin-addr",
+        addr: config.admin_addr,
+        source,
+    })?;
     let mut manager = PodManager::new(
         config.node_name.clone(),
         store,

@@ -62,6 +62,8 @@ pub struct DirSource {
     parser: Parser,
     /// Set by a panicking poll: the next poll publishes even if no file changed.
     republish: bool,
+    /// Where each poll's rejected files and reloads are reported.
+    status: Option<std::sync::Arc<crate::admin::ConfigStatus>>,
 }
 
 impl DirSource {
@@ -75,7 +77,15 @@ impl DirSource {
             ignored_reported: BTreeSet::new(),
             parser: parse_file,
             republish: false,
+            status: None,
         }
+    }
+
+    /// Reports each poll's rejected files and reloads to `status`
+    /// (readiness, metrics, `/config_dump`).
+    pub fn with_status(mut self, status: std::sync::Arc<crate::admin::ConfigStatus>) -> Self {
+        self.status = Some(status);
+        self
     }
 
     /// Sets the trust domain and its aliases, which policies treat as local.
@@ -226,6 +236,9 @@ impl DirSource {
                 }
             };
             self = source;
+            if let Some(status) = &self.status {
+                status.report(self.errors(), snap.is_some());
+            }
             if let Some(snap) = snap {
                 tracing::info!(
                     pods = snap.pods.len(),
