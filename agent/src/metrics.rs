@@ -286,6 +286,12 @@ mod tests {
             response_flags: "-",
         };
         m.tcp_opened.get_or_create(&l).inc_by(3);
+        m.plaintext_refused
+            .get_or_create(&WorkloadLabels {
+                namespace: "ns".into(),
+                workload: "c".into(),
+            })
+            .inc();
         let text = m.render();
         assert!(
             text.contains(
@@ -298,5 +304,9 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("# TYPE nodeward_plaintext_refused counter"), "{text}");
+        assert!(
+            text.contains("nodeward_plaintext_refused_total{namespace=\"ns\",workload=\"c\"} 1\n"),
+            "{text}"
+        );
     }
 }
