@@ -16,8 +16,8 @@ use crate::cni::server::CniServer;
 use crate::config::Config;
 use crate::identity::ca::CaError;
 use crate::identity::manager::CertManager;
-use crate::pods::PodManager;
 use crate::metrics::Metrics;
+use crate::pods::PodManager;
 use crate::proxy::counters::Counters;
 use crate::proxy::limits::{LimitConfig, Limits};
 use crate::proxy::open::OpenConns;
@@ -110,6 +110,9 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         metrics.clone(),
     ));
     let captures = Arc::new(Captures::default());
+    if let Some(m) = &identity {
+        m.count_into(metrics.clone());
+    }
     register_checks(&readiness, identity.as_ref(), &captures);
     let capture = Arc::new(Capture::start(config.capture)?);
     ebpf.ready();

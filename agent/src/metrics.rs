@@ -309,4 +309,93 @@ mod tests {
             "{text}"
         );
     }
+
+    /// Every metric the Grafana dashboard queries is one the agent exports.
+    #[test]
+    fn the_dashboard_queries_only_exported_metrics() {
+        let m = Metrics::new();
+        let w = || WorkloadLabels {
+            namespace: "n".into(),
+            workload: "w".into(),
+        };
+        let tcp = TcpLabels {
+            reporter: "source",
+            source_workload: "a".into(),
+            source_workload_namespace: "n".into(),
+            source_principal: "p".into(),
+            destination_workload: "c".into(),
+            destination_workload_namespace: "n".into(),
+            destination_principal: "p".into(),
+            connection_security_policy: "none",
+            response_flags: "-",
+        };
+        for f in [&m.tcp_opened, &m.tcp_closed, &m.tcp_sent, &m.tcp_received] {
+            f.get_or_create(&tcp).inc();
+        }
+        m.connections
+            .get_or_create(&SecurityLabels {
+                direction: "inbound",
+                security: "plaintext",
+                namespace: "n".into(),
+            })
+            .inc();
+        m.closed
+            .get_or_create(&ClosedLabels {
+                direction: "outbound",
+                reason: "done",
+                refusal: "",
+            })
+            .inc();
+        m.plaintext_refused.get_or_create(&w()).inc();
+        m.handshake_failures
+            .get_or_create(&HandshakeLabels {
+                direction: "inbound",
+                reason: "expired",
+            })
+            .inc();
+        m.denials
+            .get_or_create(&DenialLabels {
+                namespace: "n".into(),
+                workload: "w".into(),
+                policy: "-".into(),
+                reason: "denied",
+            })
+            .inc();
+        m.cert_expiry
+            .get_or_create(&IdentityLabels { identity: "i".into() })
+            .set(1);
+        m.cert_issuances
+            .get_or_create(&IssueLabels {
+                kind: "issue",
+                result: "success",
+            })
+            .inc();
+        m.ebpf_attached
+            .get_or_create(&PodLabels {
+                namespace: "n".into(),
+                pod: "p".into(),
+            })
+            .set(1);
+        m.config_reloads
+            .get_or_create(&ResultLabels { result: "success" })
+            .inc();
+        let text = m.render();
+        let exported: std::collections::BTreeSet<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .collect();
+        let dashboard = include_str!("../../deploy/grafana/nodeward.json");
+        let mut queried = 0;
+        for word in dashboard.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("nodeward_") || word.starts_with("istio_tcp_") {
+                queried += 1;
+                assert!(
+                    exported.contains(word),
+                    "the dashboard queries {word}, not exported:\n{text}"
+                );
+            }
+        }
+        assert!(queried >= 8, "the dashboard queries the metrics");
+    }
 }

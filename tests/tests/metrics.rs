@@ -52,7 +52,10 @@ fn mtls_connections_strict_refusals_and_denials_are_counted_exactly() {
         return;
     };
     let c = t.pod("c").clone();
-    let _s: Vec<_> = [7000, 7001].iter().map(|p| serve(&c.netns, c.v4(*p), info_echo)).collect();
+    let _s: Vec<_> = [7000, 7001]
+        .iter()
+        .map(|p| serve(&c.netns, c.v4(*p), info_echo))
+        .collect();
     let (n1, n2) = (t.nodes[0].netns.clone(), t.nodes[1].netns.clone());
 
     // Three mTLS connections a -> c, five bytes each way from the client.
@@ -62,9 +65,21 @@ fn mtls_connections_strict_refusals_and_denials_are_counted_exactly() {
     for (netns, reporter) in [(&n1, "source"), (&n2, "destination")] {
         let labels = a_to_c(reporter, "mutual_tls", "-");
         let m = wait_sample(netns, &format!("istio_tcp_connections_closed_total{labels}"), 3.0, WAIT);
-        assert_eq!(sample(&m, &format!("istio_tcp_connections_opened_total{labels}")), Some(3.0), "{m}");
-        assert_eq!(sample(&m, &format!("istio_tcp_connections_closed_total{labels}")), Some(3.0), "{m}");
-        assert_eq!(sample(&m, &format!("istio_tcp_sent_bytes_total{labels}")), Some(15.0), "{m}");
+        assert_eq!(
+            sample(&m, &format!("istio_tcp_connections_opened_total{labels}")),
+            Some(3.0),
+            "{m}"
+        );
+        assert_eq!(
+            sample(&m, &format!("istio_tcp_connections_closed_total{labels}")),
+            Some(3.0),
+            "{m}"
+        );
+        assert_eq!(
+            sample(&m, &format!("istio_tcp_sent_bytes_total{labels}")),
+            Some(15.0),
+            "{m}"
+        );
     }
     let m = admin::metrics(&n1);
     let out = "nodeward_connections_total{direction=\"outbound\",security=\"mutual_tls\",namespace=\"mesh\"}";
@@ -99,24 +114,36 @@ fn mtls_connections_strict_refusals_and_denials_are_counted_exactly() {
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-7001, namespace: mesh}\nspec:\n  action: DENY\n  rules:\n  - to:\n    - operation: {ports: [\"7001\"]}\n",
     );
     wait_dump(&t, 1, "mesh/c", |w| {
-        w["authorization_policies"]
-            .as_array()
-            .is_some_and(|ps| ps.iter().any(|p| p["policy"] == "mesh/deny-7001" && p["action"] == "DENY"))
+        w["authorization_policies"].as_array().is_some_and(|ps| {
+            ps.iter()
+                .any(|p| p["policy"] == "mesh/deny-7001" && p["action"] == "DENY")
+        })
     });
     assert!(!reaches(&t, "a", c.v4(7001)), "the DENY policy refuses a -> c:7001");
-    let denied =
-        "nodeward_authorization_denials_total{namespace=\"mesh\",workload=\"c\",policy=\"mesh/deny-7001\",reason=\"denied\"}";
+    let denied = "nodeward_authorization_denials_total{namespace=\"mesh\",workload=\"c\",policy=\"mesh/deny-7001\",reason=\"denied\"}";
     let m = wait_sample(&n2, denied, 1.0, WAIT);
     assert_eq!(sample(&m, denied), Some(1.0), "{m}");
     // The refusal and the denial are Istio-labelled too, with their flags.
     assert_eq!(
-        sample(&m, &format!("istio_tcp_connections_closed_total{}", a_to_c("destination", "mutual_tls", "denied"))),
+        sample(
+            &m,
+            &format!(
+                "istio_tcp_connections_closed_total{}",
+                a_to_c("destination", "mutual_tls", "denied")
+            )
+        ),
         Some(1.0),
         "{m}"
     );
     // The three allowed connections are still the only unflagged ones.
     assert_eq!(
-        sample(&m, &format!("istio_tcp_connections_closed_total{}", a_to_c("destination", "mutual_tls", "-"))),
+        sample(
+            &m,
+            &format!(
+                "istio_tcp_connections_closed_total{}",
+                a_to_c("destination", "mutual_tls", "-")
+            )
+        ),
         Some(3.0),
         "{m}"
     );
@@ -125,7 +152,10 @@ fn mtls_connections_strict_refusals_and_denials_are_counted_exactly() {
         m.contains("nodeward_certificate_expiry_timestamp_seconds{identity=\"spiffe://cluster.local/ns/mesh/sa/c\"}"),
         "{m}"
     );
-    assert!(m.contains("nodeward_ebpf_attached{namespace=\"mesh\",pod=\"c\"} 1"), "{m}");
+    assert!(
+        m.contains("nodeward_ebpf_attached{namespace=\"mesh\",pod=\"c\"} 1"),
+        "{m}"
+    );
 }
 
 #[test]
@@ -143,7 +173,10 @@ fn readiness_names_a_rejected_file_and_an_uncaptured_pod_and_the_admin_api_stays
     t.apply("broken", "apiVersion: v1\nkind: Pod\nmetadata: [not, a, mapping]\n");
     let (status, body) = wait_ready(&n1, WAIT, |s, _| s == 503);
     assert_eq!(status, 503, "{body}");
-    assert!(body.contains("config: config file") && body.contains("broken.yaml"), "{body}");
+    assert!(
+        body.contains("config: config file") && body.contains("broken.yaml"),
+        "{body}"
+    );
     t.unapply("broken");
     assert_eq!(wait_ready(&n1, WAIT, ready).0, 200);
 
@@ -165,7 +198,10 @@ fn readiness_names_a_rejected_file_and_an_uncaptured_pod_and_the_admin_api_stays
     );
     let (status, body) = wait_ready(&n1, WAIT, |s, b| s == 503 && b.contains("mesh/ghost"));
     assert_eq!(status, 503, "{body}");
-    assert!(body.contains("pods: pod mesh/ghost is enrolled but not captured"), "{body}");
+    assert!(
+        body.contains("pods: pod mesh/ghost is enrolled but not captured"),
+        "{body}"
+    );
     t.unapply("ghost");
     assert_eq!(wait_ready(&n1, WAIT, ready).0, 200);
 
@@ -174,7 +210,10 @@ fn readiness_names_a_rejected_file_and_an_uncaptured_pod_and_the_admin_api_stays
         http(&n1, admin::ADMIN, "GET", "/logging").unwrap(),
         (200, "level: info\n".into())
     );
-    assert_eq!(http(&n1, admin::ADMIN, "POST", "/logging?level=bogus=[").unwrap().0, 400);
+    assert_eq!(
+        http(&n1, admin::ADMIN, "POST", "/logging?level=bogus=[").unwrap().0,
+        400
+    );
     assert_eq!(
         http(&n1, admin::ADMIN, "POST", "/logging?level=debug").unwrap(),
         (200, "level: debug\n".into())

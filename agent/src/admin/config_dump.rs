@@ -39,7 +39,9 @@ pub fn dump(state: &AdminState) -> Value {
             .as_ref()
             .map(|c| c.identity_of(&m.namespace, &m.service_account).to_string());
         let ebpf = match captures.get(&m.key) {
-            Some(c) => json!({"captured": c.netns_cookie.is_some(), "netns_cookie": c.netns_cookie, "problem": c.problem}),
+            Some(c) => {
+                json!({"captured": c.netns_cookie.is_some(), "netns_cookie": c.netns_cookie, "problem": c.problem})
+            }
             None => json!({"captured": false, "problem": "not reconciled yet"}),
         };
         workloads.push(json!({

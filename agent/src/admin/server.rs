@@ -95,7 +95,11 @@ impl Response {
 
     /// 405.
     pub fn method_not_allowed() -> Self {
-        Response::with("405 Method Not Allowed", "text/plain; charset=utf-8", "method not allowed\n")
+        Response::with(
+            "405 Method Not Allowed",
+            "text/plain; charset=utf-8",
+            "method not allowed\n",
+        )
     }
 }
 
@@ -173,24 +177,26 @@ pub fn spawn(
     stop: CancellationToken,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    std::thread::Builder::new().name("nodeward-admin".into()).spawn(move || {
-        rt.block_on(async move {
-            let mut tasks = Vec::new();
-            for (listener, route) in [
-                (listeners.readiness, readiness as Route),
-                (listeners.metrics, metrics as Route),
-                (listeners.admin, admin as Route),
-            ] {
-                match TcpListener::from_std(listener) {
-                    Ok(l) => tasks.push(tokio::spawn(serve(l, state.clone(), route, stop.clone()))),
-                    Err(e) => tracing::error!("admin listener: {e}"),
+    std::thread::Builder::new()
+        .name("nodeward-admin".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let mut tasks = Vec::new();
+                for (listener, route) in [
+                    (listeners.readiness, readiness as Route),
+                    (listeners.metrics, metrics as Route),
+                    (listeners.admin, admin as Route),
+                ] {
+                    match TcpListener::from_std(listener) {
+                        Ok(l) => tasks.push(tokio::spawn(serve(l, state.clone(), route, stop.clone()))),
+                        Err(e) => tracing::error!("admin listener: {e}"),
+                    }
                 }
-            }
-            for t in tasks {
-                let _ = t.await;
-            }
+                for t in tasks {
+                    let _ = t.await;
+                }
+            })
         })
-    })
 }
 
 /// `:15021`.
@@ -237,7 +243,10 @@ pub fn admin(state: &AdminState, req: &Request<'_>) -> Response {
 /// `GET /logging` shows the filter; `POST /logging?level=SPEC` sets it.
 fn logging(req: &Request<'_>) -> Response {
     match (req.method, req.param("level")) {
-        ("GET", None) => Response::text(format!("level: {}\n", crate::logging::current_level().unwrap_or_default())),
+        ("GET", None) => Response::text(format!(
+            "level: {}\n",
+            crate::logging::current_level().unwrap_or_default()
+        )),
         ("POST", Some(spec)) => match crate::logging::set_level(spec) {
             Ok(()) => {
                 tracing::info!(level = spec, "log level changed");

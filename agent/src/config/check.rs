@@ -631,7 +631,14 @@ mod tests {
         assert!(p[0].to_string().contains("NODEWARD_ADMIN_ADDR"), "{}", p[0]);
         let p = problems(d.path(), &["--metrics-addr", "0.0.0.0:15021"]);
         assert_eq!(p.len(), 1, "{p:?}");
-        assert!(matches!(p[0], Problem::SameAddress { flag: "readiness-addr", other: "metrics-addr", .. }));
+        assert!(matches!(
+            p[0],
+            Problem::SameAddress {
+                flag: "readiness-addr",
+                other: "metrics-addr",
+                ..
+            }
+        ));
         let c = Config::from_args(args(d.path(), &[])).unwrap();
         assert_eq!(c.admin_addr, "127.0.0.1:15000".parse().unwrap());
         assert_eq!(c.metrics_addr, "0.0.0.0:15020".parse().unwrap());

@@ -70,6 +70,8 @@ pub struct CertManager {
     sources: Mutex<TrustSources>,
     ca_files: Mutex<Vec<WatchedFile>>,
     ca_problem: Mutex<Option<String>>,
+    /// Where signings are counted, once the agent wires its metrics in.
+    metrics: std::sync::OnceLock<Arc<crate::metrics::Metrics>>,
 }
 
 impl std::fmt::Debug for CertManager {
@@ -113,6 +115,7 @@ impl CertManager {
             sources: Mutex::new(sources),
             ca_files: Mutex::new(ca_files),
             ca_problem: Mutex::new(None),
+            metrics: std::sync::OnceLock::new(),
         }))
     }
 
@@ -126,6 +129,20 @@ impl CertManager {
         Identity::new(&self.config.trust_domain, namespace, service_account)
     }
 
+    /// Counts each issuance and renewal, and its failures, in `metrics`.
+    pub fn count_into(&self, metrics: Arc<crate::metrics::Metrics>) {
+        let _ = self.metrics.set(metrics);
+    }
+
+    fn count(&self, kind: &'static str, ok: bool) {
+        if let Some(m) = self.metrics.get() {
+            let result = if ok { "success" } else { "failure" };
+            m.cert_issuances
+                .get_or_create(&crate::metrics::IssueLabels { kind, result })
+                .inc();
+        }
+    }
+
     /// A pod of `id` is now on this node: make sure its certificate exists.
     pub fn acquire(&self, id: &Identity) -> Result<(), CaError> {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
@@ -134,7 +151,9 @@ impl CertManager {
             h.info.pods = h.pods;
             return Ok(());
         }
-        let mut h = self.issue(id)?;
+        let issued = self.issue(id);
+        self.count("issue", issued.is_ok());
+        let mut h = issued?;
         h.pods = 1;
         h.info.pods = 1;
         held.insert(id.clone(), h);
@@ -266,7 +285,9 @@ impl CertManager {
             .map(|(id, _)| id.clone())
             .collect();
         for id in due {
-            match self.issue(&id) {
+            let issued = self.issue(&id);
+            self.count("renew", issued.is_ok());
+            match issued {
                 Ok(mut fresh) => {
                     let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
                     if let Some(h) = held.get_mut(&id) {

@@ -126,7 +126,10 @@ pub fn workload_name(pod: &Pod) -> &str {
 /// or failed before its two ends were joined).
 fn carried(reason: CloseReason) -> bool {
     use CloseReason::*;
-    matches!(reason, Done | IdleTimeout | PeerReset | IoError | PodRemoved | Shutdown | PolicyChanged)
+    matches!(
+        reason,
+        Done | IdleTimeout | PeerReset | IoError | PodRemoved | Shutdown | PolicyChanged
+    )
 }
 
 /// Istio's `response_flags`: what cut the connection short, `-` when nothing.
@@ -156,7 +159,16 @@ pub fn log_connection(ctx: &PodContext, dir: Direction, src: SocketAddr, o: &Out
     };
     let mtls = o.transport == Transport::Hbone;
     let denied = matches!(o.refusal, Some(Refusal::Policy(_))) || reason == CloseReason::MtlsStrict;
-    record(ctx.mesh.counters.metrics(), dir, source, destination, &local, mtls, reason, o);
+    record(
+        ctx.mesh.counters.metrics(),
+        dir,
+        source,
+        destination,
+        &local,
+        mtls,
+        reason,
+        o,
+    );
     let dst = o.dst.map(|d| d.to_string()).unwrap_or_default();
     tracing::info!(
         target: "nodeward::conn",
@@ -195,7 +207,11 @@ fn record(
     o: &Outcome,
 ) {
     let tcp = TcpLabels {
-        reporter: if dir == Direction::Outbound { "source" } else { "destination" },
+        reporter: if dir == Direction::Outbound {
+            "source"
+        } else {
+            "destination"
+        },
         source_workload: source.workload.clone(),
         source_workload_namespace: source.namespace.clone(),
         source_principal: source.principal.clone(),
@@ -211,7 +227,11 @@ fn record(
     m.tcp_closed.get_or_create(&tcp).inc();
     m.tcp_sent.get_or_create(&tcp).inc_by(o.stats.sent);
     m.tcp_received.get_or_create(&tcp).inc_by(o.stats.received);
-    let direction = if dir == Direction::Outbound { "outbound" } else { "inbound" };
+    let direction = if dir == Direction::Outbound {
+        "outbound"
+    } else {
+        "inbound"
+    };
     if carried(reason) && o.refusal.is_none() {
         m.connections
             .get_or_create(&SecurityLabels {
