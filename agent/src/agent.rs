@@ -8,12 +8,17 @@ use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
 
+use crate::admin::readiness::Readiness;
+use crate::admin::server::Listeners;
+use crate::admin::{AdminState, Captures, ConfigStatus};
 use crate::capture::{Capture, CaptureError};
 use crate::cni::server::CniServer;
 use crate::config::{Config, SourceConfig};
 use crate::identity::ca::CaError;
 use crate::identity::manager::CertManager;
+use crate::metrics::Metrics;
 use crate::pods::PodManager;
+use crate::proxy::counters::Counters;
 use crate::proxy::limits::{LimitConfig, Limits};
 use crate::proxy::open::OpenConns;
 use crate::proxy::pool::Pool;
@@ -33,9 +38,11 @@ pub enum StartError {
     /// The certificate authority is unusable.
     #[error("certificate authority: {0}")]
     Identity(#[from] CaError),
-    /// The admin address could not be bound.
-    #[error("admin address {addr}: {source}")]
+    /// A listener of the admin endpoints could not be set up.
+    #[error("--{flag} {addr}: {source}")]
     Admin {
+        /// The flag that set the address.
+        flag: &'static str,
         /// The address.
         addr: std::net::SocketAddr,
         /// Why.
@@ -52,27 +59,34 @@ pub enum StartError {
     Signals(std::io::Error),
 }
 
-/// What readiness reports: the config source's sync (the API source is
-/// not ready until each kind has been listed) and the identities'.
-struct AgentHealth {
-    mesh: Arc<Mesh>,
-    source: Option<SourceHealth>,
+/// Binds an admin listener (tokio's bind: `SO_REUSEADDR`, so a restarted
+/// agent gets its ports back at once), for the admin thread to serve.
+async fn bind(flag: &'static str, addr: std::net::SocketAddr) -> Result<std::net::TcpListener, StartError> {
+    let err = |source| StartError::Admin { flag, addr, source };
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .and_then(|l| l.into_std())
+        .map_err(err)
 }
 
-impl crate::admin::Health for AgentHealth {
-    fn problems(&self) -> Vec<String> {
-        let mut problems = self.source.as_ref().map(SourceHealth::problems).unwrap_or_default();
-        problems.extend(self.mesh.certs.as_ref().map(|m| m.problems()).unwrap_or_default());
-        problems
+/// The readiness checks of the modules wired here; the config source and
+/// the pod manager report into theirs.
+fn register_checks(readiness: &Readiness, identity: Option<&Arc<CertManager>>, captures: &Arc<Captures>) {
+    if let Some(m) = identity {
+        let m2 = m.clone();
+        readiness.register_polled("ca", move || m2.problems());
+        let m = m.clone();
+        readiness.register_polled("certificates", move || {
+            let now = std::time::SystemTime::now();
+            m.certificates()
+                .into_iter()
+                .filter(|c| c.not_after <= now)
+                .map(|c| format!("the certificate of {} (serial {}) has expired", c.identity, c.serial))
+                .collect()
+        });
     }
-
-    fn stats(&self) -> String {
-        let mut s = self.mesh.counters.render();
-        if let Some(m) = &self.mesh.certs {
-            s.push_str(&m.stats());
-        }
-        s
-    }
+    let captures = captures.clone();
+    readiness.register_polled("pods", move || captures.problems());
 }
 
 /// The config source, ready to run.
@@ -96,18 +110,30 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             None
         }
     };
-    let admin = tokio::net::TcpListener::bind(config.admin_addr)
-        .await
-        .map_err(|source| StartError::Admin {
-            addr: config.admin_addr,
-            source,
-        })?;
+    let listeners = Listeners {
+        readiness: bind("readiness-addr", config.readiness_addr).await?,
+        metrics: bind("metrics-addr", config.metrics_addr).await?,
+        admin: bind("admin-addr", config.admin_addr).await?,
+    };
+    let metrics = Arc::new(Metrics::new());
+    let readiness = Arc::new(Readiness::default());
+    let ebpf = readiness.register("ebpf", "programs not attached yet");
+    let config_status = Arc::new(ConfigStatus::new(
+        readiness.register("config", "config directory not read yet"),
+        metrics.clone(),
+    ));
+    let captures = Arc::new(Captures::default());
+    if let Some(m) = &identity {
+        m.count_into(metrics.clone());
+    }
+    register_checks(&readiness, identity.as_ref(), &captures);
     // Before capture starts: a bad kubeconfig stops the agent having touched nothing.
     let source = match &config.source {
         SourceConfig::Kube { kubeconfig } => Source::Kube(crate::source::kube::client(kubeconfig.as_deref()).await?),
         SourceConfig::Dir(dir) => Source::Dir(dir.clone()),
     };
     let capture = Arc::new(Capture::start(config.capture)?);
+    ebpf.ready();
     let mut sigterm = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
 
@@ -124,17 +150,20 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         &config.trust_domain,
         &config.trust_domain_aliases,
     );
-    let (source_task, source_health) = match source {
+    let source_task = match source {
         Source::Kube(client) => {
             let source = KubeSource::new(client, &config.node_name, assembler);
-            let health = source.health();
-            let task = tokio::spawn(source.run(store.clone(), lifecycle.stop_accepting.clone()));
-            (task, Some(health))
+            // No files to reject: readiness follows the watchers' first sync.
+            config_status.report(Vec::new(), false);
+            let health: SourceHealth = source.health();
+            readiness.register_polled("source", move || health.problems());
+            tokio::spawn(source.run(store.clone(), lifecycle.stop_accepting.clone()))
         }
         Source::Dir(dir) => {
-            let source = DirSource::new(dir).with_assembler(assembler);
-            let task = tokio::spawn(source.run(store.clone(), config.config_poll, lifecycle.stop_accepting.clone()));
-            (task, None)
+            let source = DirSource::new(dir)
+                .with_assembler(assembler)
+                .with_status(config_status.clone());
+            tokio::spawn(source.run(store.clone(), config.config_poll, lifecycle.stop_accepting.clone()))
         }
     };
     let h2 = config.h2;
@@ -145,20 +174,30 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         limits.clone(),
     );
     tokio::spawn(pool.clone().run(lifecycle.hard_stop.clone()));
+    let admin = Arc::new(AdminState {
+        node: config.node_name.clone(),
+        readiness,
+        metrics: metrics.clone(),
+        store: store.clone(),
+        certs: identity.clone(),
+        captures: captures.clone(),
+        config: config_status,
+    });
     let mesh = Arc::new(Mesh {
         store: store.clone(),
         certs: identity,
         pool,
         open,
         h2,
-        counters: Default::default(),
+        counters: Counters::new(metrics),
+        captures,
         limits,
     });
-    let health = Arc::new(AgentHealth {
-        mesh: mesh.clone(),
-        source: source_health,
-    });
-    tokio::spawn(crate::admin::serve(admin, health, lifecycle.hard_stop.clone()));
+    crate::admin::server::spawn(listeners, admin, lifecycle.hard_stop.clone()).map_err(|source| StartError::Admin {
+        flag: "admin-addr",
+        addr: config.admin_addr,
+        source,
+    })?;
     let mut manager = PodManager::new(
         config.node_name.clone(),
         store,

@@ -58,8 +58,13 @@ pub mod defaults {
     pub const TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
     /// `--handshake-timeout`.
     pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-    /// `--admin-addr`: on the node only.
-    pub const ADMIN_ADDR: &str = "127.0.0.1:15021";
+    /// `--admin-addr`: `/config_dump`, `/certs`, `/logging`, node loopback only.
+    pub const ADMIN_ADDR: &str = "127.0.0.1:15000";
+    /// `--metrics-addr`: ztunnel's port; bounded labels and no secrets, so
+    /// the node's network may scrape it.
+    pub const METRICS_ADDR: &str = "0.0.0.0:15020";
+    /// `--readiness-addr`: ztunnel's port; kubelet probes it on the node's IP.
+    pub const READINESS_ADDR: &str = "0.0.0.0:15021";
     /// `--max-connections`.
     pub const MAX_CONNECTIONS: u32 = 16384;
     /// `--max-connections-per-pod`.
@@ -387,9 +392,18 @@ pub struct RunArgs {
     #[arg(long, env = "NODEWARD_WORKER_THREADS")]
     pub worker_threads: Option<u16>,
 
-    /// Admin address (readiness), on the node only.
+    /// Admin address (`/config_dump`, `/certs`, `/logging`): must be a
+    /// loopback address, as it shows the node's whole configuration.
     #[arg(long, env = "NODEWARD_ADMIN_ADDR", default_value = defaults::ADMIN_ADDR)]
     pub admin_addr: std::net::SocketAddr,
+
+    /// Metrics address (`/metrics`, `/stats/prometheus`).
+    #[arg(long, env = "NODEWARD_METRICS_ADDR", default_value = defaults::METRICS_ADDR)]
+    pub metrics_addr: std::net::SocketAddr,
+
+    /// Readiness address (`/healthz/ready`).
+    #[arg(long, env = "NODEWARD_READINESS_ADDR", default_value = defaults::READINESS_ADDR)]
+    pub readiness_addr: std::net::SocketAddr,
 
     /// Unix socket (mode 0600) where `nodeward-cni` hands new pods over, so
     /// each is captured before it starts; without it new pods are found by

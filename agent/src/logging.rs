@@ -13,12 +13,15 @@
 //! HBONE headers). [`EscapedFields`] writes every control character of a
 //! field or message escaped, so no peer can end a text-format line early
 //! and forge the next one, nor send terminal escapes to an operator.
+//!
+//! The level filter sits behind a `reload` layer: [`set_level`] changes it
+//! at runtime (`POST 127.0.0.1:15000/logging?level=`).
 
 #![forbid(unsafe_code)]
 
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -26,6 +29,57 @@ use tracing::field::{Field, Visit};
 use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FormatFields, MakeWriter};
+use tracing_subscriber::{EnvFilter, Registry, reload};
+
+/// Why the log level could not be changed.
+#[derive(Debug, thiserror::Error)]
+pub enum LogLevelError {
+    /// Logging was set up without a reloadable filter.
+    #[error("the log level cannot be changed: logging has no reloadable filter")]
+    NotReloadable,
+    /// The filter does not parse.
+    #[error("invalid log level {spec:?}: {reason}")]
+    Invalid {
+        /// What was asked for.
+        spec: String,
+        /// Why it does not parse.
+        reason: String,
+    },
+}
+
+static LEVEL: OnceLock<(reload::Handle<EnvFilter, Registry>, Mutex<String>)> = OnceLock::new();
+
+/// The level filter as a reloadable layer, with `spec` as its start value;
+/// the first call makes [`set_level`] work.
+pub fn reloadable_filter(spec: &str) -> reload::Layer<EnvFilter, Registry> {
+    let filter = EnvFilter::try_new(spec).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (layer, handle) = reload::Layer::new(filter);
+    let _ = LEVEL.set((handle, Mutex::new(spec.to_string())));
+    layer
+}
+
+/// Replaces the level filter (`info`, `debug`, `nodeward=debug,info`, ...).
+pub fn set_level(spec: &str) -> Result<(), LogLevelError> {
+    let invalid = |reason: String| LogLevelError::Invalid {
+        spec: spec.to_string(),
+        reason,
+    };
+    if spec.is_empty() || spec.len() > 256 || spec.chars().any(char::is_control) {
+        return Err(invalid("must be 1 to 256 printable characters".into()));
+    }
+    let filter = EnvFilter::try_new(spec).map_err(|e| invalid(e.to_string()))?;
+    let (handle, current) = LEVEL.get().ok_or(LogLevelError::NotReloadable)?;
+    handle.reload(filter).map_err(|_| LogLevelError::NotReloadable)?;
+    *current.lock().unwrap_or_else(|e| e.into_inner()) = spec.to_string();
+    Ok(())
+}
+
+/// The level filter in force, when it is reloadable.
+pub fn current_level() -> Option<String> {
+    LEVEL
+        .get()
+        .map(|(_, c)| c.lock().unwrap_or_else(|e| e.into_inner()).clone())
+}
 
 /// How often gathered lines are written.
 const FLUSH_EVERY: Duration = Duration::from_millis(20);

@@ -172,13 +172,19 @@ fn raise_fd_limit() {
 }
 
 fn init_logging(format: LogFormat) -> nodeward::logging::LogFlush {
-    let filter = EnvFilter::try_from_env("NODEWARD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let spec = std::env::var("NODEWARD_LOG")
+        .ok()
+        .filter(|s| EnvFilter::try_new(s).is_ok())
+        .unwrap_or_else(|| "info".into());
     let (writer, flush) = nodeward::logging::batched_stderr();
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    let registry = tracing_subscriber::registry().with(nodeward::logging::reloadable_filter(&spec));
+    let layer = tracing_subscriber::fmt::layer().with_writer(writer);
     if format == LogFormat::Json {
-        builder.json().flatten_event(true).init();
+        registry.with(layer.json().flatten_event(true)).init();
     } else {
-        builder.fmt_fields(nodeward::logging::EscapedFields).init();
+        registry.with(layer.fmt_fields(nodeward::logging::EscapedFields)).init();
     }
     flush
 }

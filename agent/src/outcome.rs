@@ -144,7 +144,7 @@ impl CloseReason {
     }
 }
 
-/// What a connection is counted as on `/stats`: its close reason, or one
+/// What a connection is counted as (`nodeward_connections_closed_total`): its close reason, or one
 /// of the two ends that are counted without a log line each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counted {

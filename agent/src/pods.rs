@@ -261,6 +261,7 @@ impl PodManager {
         }
         self.scan = None;
         self.reconcile_cni(&snap, &desired);
+        self.report_captures(&desired);
 
         // Nothing is purged before the first config is read: every pod
         // would look unmanaged, and its capture would lapse until re-adopted.
@@ -339,6 +340,25 @@ impl PodManager {
             "pod captured"
         );
         Ok(ctx)
+    }
+
+    /// Tells readiness, metrics and `/config_dump` which enrolled pods are
+    /// captured, and why the others are not.
+    fn report_captures(&self, desired: &HashMap<String, ManagedPod>) {
+        let pods = desired
+            .iter()
+            .map(|(uid, want)| {
+                let cookie = self.active.get(uid).map(|a| a.ctx.netns.cookie());
+                let problem = cookie.is_none().then(|| self.warned.get(uid).cloned()).flatten();
+                let capture = crate::admin::PodCapture {
+                    uid: uid.clone(),
+                    netns_cookie: cookie,
+                    problem,
+                };
+                (want.key.clone(), capture)
+            })
+            .collect();
+        self.mesh.captures.report(pods);
     }
 
     fn stop_pod(&self, a: &ActivePod) {

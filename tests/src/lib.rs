@@ -7,6 +7,7 @@
 //! is dropped, also when a test panics; leftovers of a killed run are
 //! reclaimed by the next one.
 
+pub mod admin;
 pub mod agent;
 pub mod bpf;
 pub mod ca;

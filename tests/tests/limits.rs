@@ -57,13 +57,9 @@ fn closed_by_agent(s: &mut TcpStream) -> bool {
     }
 }
 
-/// Node `k`'s agent's `/stats`.
+/// Node `k`'s agent's metrics.
 fn stats(t: &Topology, k: usize) -> String {
-    let mut s = traffic::connect(&t.nodes[k].netns, "127.0.0.1:15021".parse().unwrap()).unwrap();
-    s.write_all(b"GET /stats HTTP/1.1\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
+    nodeward_testbed::admin::metrics(&t.nodes[k].netns)
 }
 
 /// The agent's refusal warnings for `reason`.

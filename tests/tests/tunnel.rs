@@ -422,13 +422,7 @@ fn hostile_input_on_15008_is_rejected_and_other_tunnels_keep_working() {
     assert_eq!(cut_off.len(), n, "each abusive connection is logged once: {cut_off:?}");
 
     // Every refusal was counted.
-    let stats = {
-        let mut s = traffic::connect(&t.nodes[1].netns, "127.0.0.1:15021".parse().unwrap()).unwrap();
-        s.write_all(b"GET /stats HTTP/1.1\r\n\r\n").unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    };
+    let stats = nodeward_testbed::admin::metrics(&t.nodes[1].netns);
     for label in [
         "method_not_allowed",
         "not_this_pod",

@@ -282,11 +282,20 @@ impl CaService {
     }
 }
 
-impl crate::admin::Health for CaService {
-    fn problems(&self) -> Vec<String> {
-        Vec::new()
+/// The CA service's own admin endpoint: `/healthz/ready` (serving) and
+/// its request counters on `/stats` and `/metrics`.
+fn admin_route(service: &CaService, req: &crate::admin::server::Request<'_>) -> crate::admin::server::Response {
+    use crate::admin::server::Response;
+    match (req.method, req.path) {
+        ("GET", "/healthz/ready") => Response::text("ready\n"),
+        ("GET", "/stats" | "/metrics" | "/stats/prometheus") => Response::text(service.stats()),
+        (_, "/healthz/ready" | "/stats" | "/metrics" | "/stats/prometheus") => Response::method_not_allowed(),
+        _ => Response::not_found(),
     }
+}
 
+impl CaService {
+    /// The request counters in Prometheus text format.
     fn stats(&self) -> String {
         let mut out = String::from("# TYPE nodeward_ca_requests_total counter\n");
         for ((result, reason), n) in self.counters.lock().unwrap_or_else(|e| e.into_inner()).iter() {
@@ -346,7 +355,12 @@ pub async fn serve(args: ServeArgs, stop: CancellationToken) -> Result<(), Serve
             addr: args.admin_addr,
             source,
         })?;
-    tokio::spawn(crate::admin::serve(admin, service.clone(), stop.clone()));
+    tokio::spawn(crate::admin::server::serve(
+        admin,
+        service.clone(),
+        admin_route,
+        stop.clone(),
+    ));
     let source = DirSource::new(&args.config_dir).with_assembler(crate::source::Assembler::new(
         crate::config::defaults::ROOT_NAMESPACE,
         &args.trust_domain,
@@ -540,7 +554,7 @@ mod tests {
         let own = token(&signer, "shop", "web", "node-9");
         let ok = s.create(Some(&own), request(csr, web, 0));
         assert!(ok.is_ok(), "a workload gets its own identity");
-        let stats = crate::admin::Health::stats(&s);
+        let stats = s.stats();
         assert!(stats.contains("reason=\"not_on_node\"} 1"), "{stats}");
         assert_eq!(Identity::parse(web).unwrap().namespace, "shop");
         let _ = std::fs::remove_dir_all(&d);

@@ -50,8 +50,12 @@ pub struct Config {
     pub worker_threads: Option<usize>,
     /// Resource bounds.
     pub limits: LimitConfig,
-    /// Admin (readiness, stats) address.
+    /// Admin address (`/config_dump`, `/certs`, `/logging`), loopback only.
     pub admin_addr: SocketAddr,
+    /// Metrics address.
+    pub metrics_addr: SocketAddr,
+    /// Readiness address.
+    pub readiness_addr: SocketAddr,
     /// Where the CNI plugin hands new pods over, if anywhere.
     pub cni_socket: Option<PathBuf>,
     /// How long SIGTERM waits for open connections.
@@ -157,6 +161,24 @@ pub enum Problem {
         /// Why they do not go together.
         why: &'static str,
     },
+    /// An address that must stay on the node's loopback.
+    #[error("{} = {addr}: must be a loopback address (it shows the node's configuration and changes its log level)", named(.flag))]
+    NotLoopback {
+        /// The flag, without `--`.
+        flag: &'static str,
+        /// The address given.
+        addr: SocketAddr,
+    },
+    /// Two listeners given the same address.
+    #[error("{} = {addr} is also {}: each listener needs its own address", named(.flag), named(.other))]
+    SameAddress {
+        /// The flag, without `--`.
+        flag: &'static str,
+        /// The flag it collides with.
+        other: &'static str,
+        /// The address.
+        addr: SocketAddr,
+    },
     /// A flag that only means something with `--ca-dir` or `--ca-address`.
     #[error("{} is given without {} or {}: without a CA there are no identities to check", named(.flag), named("ca-dir"), named("ca-address"))]
     NeedsCaDir {
@@ -206,7 +228,9 @@ impl Problem {
             | Problem::Requires { flag, .. }
             | Problem::Invalid { flag, .. }
             | Problem::Required { flag, .. }
-            | Problem::Contradicts { flag, .. } => flag,
+            | Problem::Contradicts { flag, .. }
+            | Problem::NotLoopback { flag, .. }
+            | Problem::SameAddress { flag, .. } => flag,
         }
     }
 }
@@ -386,6 +410,26 @@ impl Config {
                 path: path.clone(),
                 problem: "must be absolute (the plugin's agentSocket names the same file)".into(),
             });
+        }
+        if !a.admin_addr.ip().is_loopback() {
+            c.0.push(Problem::NotLoopback {
+                flag: "admin-addr",
+                addr: a.admin_addr,
+            });
+        }
+        let listeners = [
+            ("admin-addr", a.admin_addr),
+            ("metrics-addr", a.metrics_addr),
+            ("readiness-addr", a.readiness_addr),
+        ];
+        for (i, (flag, addr)) in listeners.iter().enumerate() {
+            if let Some((other, _)) = listeners[..i].iter().find(|(_, o)| o == addr) {
+                c.0.push(Problem::SameAddress {
+                    flag,
+                    other,
+                    addr: *addr,
+                });
+            }
         }
         if a.socket_mark == 0 {
             c.range("socket-mark", 0, 1, u32::MAX.into());
@@ -634,6 +678,8 @@ impl Config {
             tunnel_connections,
             worker_threads,
             admin_addr: a.admin_addr,
+            metrics_addr: a.metrics_addr,
+            readiness_addr: a.readiness_addr,
             cni_socket: a.cni_socket,
             drain_timeout: drain,
             log_format: a.log_format,
@@ -744,6 +790,34 @@ mod tests {
         assert_eq!(id.crl_files.len(), 1);
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.tunnel_connections, 3);
+    }
+
+    #[test]
+    fn the_admin_api_stays_on_loopback_and_listeners_do_not_collide() {
+        let d = scratch();
+        let p = problems(d.path(), &["--admin-addr", "0.0.0.0:15000"]);
+        assert_eq!(
+            p,
+            vec![Problem::NotLoopback {
+                flag: "admin-addr",
+                addr: "0.0.0.0:15000".parse().unwrap()
+            }]
+        );
+        assert!(p[0].to_string().contains("NODEWARD_ADMIN_ADDR"), "{}", p[0]);
+        let p = problems(d.path(), &["--metrics-addr", "0.0.0.0:15021"]);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(matches!(
+            p[0],
+            Problem::SameAddress {
+                flag: "readiness-addr",
+                other: "metrics-addr",
+                ..
+            }
+        ));
+        let c = Config::from_args(args(d.path(), &[])).unwrap();
+        assert_eq!(c.admin_addr, "127.0.0.1:15000".parse().unwrap());
+        assert_eq!(c.metrics_addr, "0.0.0.0:15020".parse().unwrap());
+        assert_eq!(c.readiness_addr, "0.0.0.0:15021".parse().unwrap());
     }
 
     /// Each bad setting alone is reported, naming its flag and variable.

@@ -114,6 +114,8 @@ pub struct CertManager {
     requests: Mutex<BTreeMap<&'static str, u64>>,
     failures_total: AtomicU64,
     wake: tokio::sync::Notify,
+    /// Where signings are counted, once the agent wires its metrics in.
+    metrics: std::sync::OnceLock<Arc<crate::metrics::Metrics>>,
 }
 
 impl std::fmt::Debug for CertManager {
@@ -193,6 +195,7 @@ impl CertManager {
             requests: Mutex::new(BTreeMap::new()),
             failures_total: AtomicU64::new(0),
             wake: tokio::sync::Notify::new(),
+            metrics: std::sync::OnceLock::new(),
         })
     }
 
@@ -208,6 +211,20 @@ impl CertManager {
 
     fn issuer(&self) -> Arc<dyn Issuer> {
         self.issuer.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Counts each issuance and renewal, and its failures, in `metrics`.
+    pub fn count_into(&self, metrics: Arc<crate::metrics::Metrics>) {
+        let _ = self.metrics.set(metrics);
+    }
+
+    fn count_issuance(&self, kind: &'static str, ok: bool) {
+        if let Some(m) = self.metrics.get() {
+            let result = if ok { "success" } else { "failure" };
+            m.cert_issuances
+                .get_or_create(&crate::metrics::IssueLabels { kind, result })
+                .inc();
+        }
     }
 
     /// A pod of `id` is now on this node: make sure its certificate exists
@@ -229,7 +246,9 @@ impl CertManager {
             self.wake.notify_one();
             return Ok(());
         }
-        let (key, mut info) = self.issue(issuer.as_ref(), id).map_err(|e| match e {
+        let issued = self.issue(issuer.as_ref(), id);
+        self.count_issuance("issue", issued.is_ok());
+        let (key, mut info) = issued.map_err(|e| match e {
             IssueError::Local(e) => e,
             other => CaError::Sign(other.to_string()),
         })?;
@@ -307,7 +326,7 @@ impl CertManager {
 
     /// Certificate request counters, Prometheus text.
     pub fn stats(&self) -> String {
-        let mut out = String::from("# TYPE nodeward_certificate_requests_total counter\n");
+        let mut out = String::from("# TYPE nodeward_certificate_requests counter\n");
         for (result, n) in self.requests.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             out.push_str(&format!(
                 "nodeward_certificate_requests_total{{result=\"{result}\"}} {n}\n"
@@ -445,6 +464,13 @@ impl CertManager {
         let issuer = self.issuer();
         for id in due {
             let result = self.issue(issuer.as_ref(), &id);
+            let renewal = self
+                .held
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&id)
+                .is_some_and(|h| h.info.is_some());
+            self.count_issuance(if renewal { "renew" } else { "issue" }, result.is_ok());
             let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
             let Some(h) = held.get_mut(&id) else { continue };
             match result {

@@ -137,6 +137,11 @@ pub struct WorkloadMtls {
     pub default: Mode,
     /// Port-level modes; never `Unset`.
     pub ports: BTreeMap<u16, Mode>,
+    /// The PeerAuthentication (`namespace/name`) that set `default`;
+    /// `None`: the mesh default, PERMISSIVE.
+    pub default_from: Option<String>,
+    /// The workload PeerAuthentication that set `ports`, if any.
+    pub ports_from: Option<String>,
 }
 
 impl WorkloadMtls {
@@ -183,6 +188,11 @@ where
     let mesh_mode = inherit(mesh, Mode::Permissive);
     let ns_mode = inherit(namespace, mesh_mode);
     let wl_mode = inherit(workload, ns_mode);
+    let default_from = [workload, namespace, mesh]
+        .into_iter()
+        .flatten()
+        .find(|p| p.mode != Mode::Unset)
+        .map(|p| p.meta.key());
     let ports = workload
         .map(|w| {
             w.port_modes
@@ -193,7 +203,9 @@ where
         .unwrap_or_default();
     WorkloadMtls {
         default: wl_mode,
+        ports_from: workload.filter(|w| !w.port_modes.is_empty()).map(|w| w.meta.key()),
         ports,
+        default_from,
     }
 }
 

@@ -1,39 +1,40 @@
 //! Connection outcome counters, by direction, close reason and refusal
-//! kind: a small fixed label set, shown on the admin endpoint (`/stats`)
-//! until the metrics work exports them.
+//! kind (`nodeward_connections_closed_total`): the handle the proxies count
+//! into, recording in the agent's [`Metrics`].
 
 #![forbid(unsafe_code)]
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::Mutex;
+use std::sync::Arc;
 
+use crate::metrics::{ClosedLabels, Metrics};
 use crate::outcome::{Counted, Direction, Refusal};
 
-/// Counters of ended connections.
+/// Counters of ended connections, backed by the agent's metrics.
 #[derive(Debug, Default)]
 pub struct Counters {
-    map: Mutex<BTreeMap<(&'static str, &'static str, &'static str), u64>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Counters {
-    /// Counts one connection; every label comes from `crate::outcome`.
-    pub fn count(&self, direction: Direction, reason: Counted, refusal: Option<Refusal>) {
-        let key = (direction.as_str(), reason.as_str(), refusal.map_or("", Refusal::as_str));
-        let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        *m.entry(key).or_default() += 1;
+    /// Counters recording into `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Counters { metrics }
     }
 
-    /// Prometheus text exposition of the counters.
-    pub fn render(&self) -> String {
-        let m = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out = String::from("# TYPE nodeward_connections_closed_total counter\n");
-        for ((dir, reason, refusal), n) in m.iter() {
-            let _ = writeln!(
-                out,
-                "nodeward_connections_closed_total{{direction=\"{dir}\",reason=\"{reason}\",refusal=\"{refusal}\"}} {n}"
-            );
-        }
-        out
+    /// The metrics the counters record into, for the other families.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Counts one connection; every label comes from `crate::outcome`.
+    pub fn count(&self, direction: Direction, reason: Counted, refusal: Option<Refusal>) {
+        self.metrics
+            .closed
+            .get_or_create(&ClosedLabels {
+                direction: direction.as_str(),
+                reason: reason.as_str(),
+                refusal: refusal.map_or("", Refusal::as_str),
+            })
+            .inc();
     }
 }

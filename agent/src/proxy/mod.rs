@@ -94,8 +94,10 @@ pub struct Mesh {
     pub open: Arc<OpenConns>,
     /// HTTP/2 settings of tunnels.
     pub h2: hbone::H2Settings,
-    /// Outcome counters.
+    /// Outcome counters, recording into the agent's metrics.
     pub counters: counters::Counters,
+    /// Capture state of enrolled pods, for readiness and `/config_dump`.
+    pub captures: Arc<crate::admin::Captures>,
     /// Bounds on connections, tunnels and handshakes.
     pub limits: Arc<limits::Limits>,
 }

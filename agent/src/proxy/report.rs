@@ -1,6 +1,7 @@
 //! The end of a proxied connection: what it was ([`Outcome`]), its one
-//! `connection closed` log line and its count on `/stats`, all labelled
-//! from `crate::outcome`.
+//! `connection closed` access-log line and its metrics (Istio's
+//! `istio_tcp_*` and Nodeward's own), all labelled from `crate::outcome`
+//! and from names the cluster bounds.
 
 #![forbid(unsafe_code)]
 
@@ -10,7 +11,9 @@ use std::time::Instant;
 use super::relay::RelayStats;
 use super::{PodContext, unmap};
 use crate::identity::Identity;
+use crate::metrics::{DenialLabels, HandshakeLabels, Metrics, SecurityLabels, TcpLabels, WorkloadLabels};
 use crate::outcome::{CloseReason, Counted, Direction, Refusal, Transport};
+use crate::state::workload::Pod;
 
 /// The result of handling one connection, for its log line.
 #[derive(Debug)]
@@ -77,10 +80,95 @@ impl Outcome {
     }
 }
 
-/// Logs the end of one proxied connection.
+/// One side of a connection as logs and metrics name it.
+#[derive(Debug)]
+struct Party {
+    workload: String,
+    namespace: String,
+    principal: String,
+}
+
+const UNKNOWN: &str = "unknown";
+
+impl Party {
+    fn unknown() -> Self {
+        Party {
+            workload: UNKNOWN.into(),
+            namespace: UNKNOWN.into(),
+            principal: UNKNOWN.into(),
+        }
+    }
+
+    fn of(pod: Option<&Pod>, identity: Option<&Identity>) -> Self {
+        let mut p = Party::unknown();
+        if let Some(pod) = pod {
+            p.workload = workload_name(pod).to_string();
+            p.namespace = pod.namespace.clone();
+        }
+        if let Some(id) = identity {
+            p.principal = id.to_string();
+        }
+        p
+    }
+}
+
+/// The workload a pod belongs to, as metrics name it: its
+/// `app.kubernetes.io/name` or `app` label, else the pod's name (owner
+/// references are not read).
+pub fn workload_name(pod: &Pod) -> &str {
+    ["app.kubernetes.io/name", "app"]
+        .iter()
+        .find_map(|k| pod.labels.get(*k))
+        .map_or(pod.name.as_str(), String::as_str)
+}
+
+/// Whether the connection carried the app's traffic (it was not refused
+/// or failed before its two ends were joined).
+fn carried(reason: CloseReason) -> bool {
+    use CloseReason::*;
+    matches!(
+        reason,
+        Done | IdleTimeout | PeerReset | IoError | PodRemoved | Shutdown | PolicyChanged
+    )
+}
+
+/// Istio's `response_flags`: what cut the connection short, `-` when nothing.
+fn response_flags(reason: CloseReason, refusal: Option<Refusal>) -> &'static str {
+    match (reason, refusal) {
+        (_, Some(r)) => r.as_str(),
+        (CloseReason::Done | CloseReason::IdleTimeout, None) => "-",
+        (r, None) => r.as_str(),
+    }
+}
+
+/// Logs the end of one proxied connection and records its metrics.
 pub fn log_connection(ctx: &PodContext, dir: Direction, src: SocketAddr, o: &Outcome, started: Instant) {
     let reason = final_reason(ctx, o.stats.reason);
     ctx.mesh.counters.count(dir, Counted::Closed(reason), o.refusal);
+    let snap = ctx.mesh.store.current();
+    let local = Party::of(snap.pods.get(&ctx.pod.key).map(|p| p.as_ref()), ctx.identity.as_ref());
+    let remote_ip = match dir {
+        Direction::Outbound => o.dst.map(|d| d.ip()),
+        Direction::Inbound | Direction::Tunnel => Some(src.ip()),
+    };
+    let remote_pod = remote_ip.and_then(|ip| snap.enrolled_workload(unmap(SocketAddr::new(ip, 0)).ip()));
+    let remote = Party::of(remote_pod.as_deref(), o.peer_identity.as_ref());
+    let (source, destination) = match dir {
+        Direction::Outbound => (&local, &remote),
+        Direction::Inbound | Direction::Tunnel => (&remote, &local),
+    };
+    let mtls = o.transport == Transport::Hbone;
+    let denied = matches!(o.refusal, Some(Refusal::Policy(_))) || reason == CloseReason::MtlsStrict;
+    record(
+        ctx.mesh.counters.metrics(),
+        dir,
+        source,
+        destination,
+        &local,
+        mtls,
+        reason,
+        o,
+    );
     let dst = o.dst.map(|d| d.to_string()).unwrap_or_default();
     tracing::info!(
         target: "nodeward::conn",
@@ -88,7 +176,13 @@ pub fn log_connection(ctx: &PodContext, dir: Direction, src: SocketAddr, o: &Out
         pod = %ctx.pod.key,
         src = %unmap(src),
         dst = %dst,
+        src_workload = %format_args!("{}/{}", source.namespace, source.workload),
+        src_identity = %source.principal,
+        dst_workload = %format_args!("{}/{}", destination.namespace, destination.workload),
+        dst_identity = %destination.principal,
         transport = o.transport.as_str(),
+        mode = if mtls { "mutual_tls" } else { "plaintext" },
+        decision = if denied { "deny" } else { "allow" },
         peer_identity = o.peer_identity.as_ref().map(|i| i.to_string()),
         refusal = o.refusal.map(Refusal::as_str),
         policy = o.policy.as_deref(),
@@ -98,6 +192,85 @@ pub fn log_connection(ctx: &PodContext, dir: Direction, src: SocketAddr, o: &Out
         reason = reason.as_str(),
         "connection closed"
     );
+}
+
+/// Records one ended connection in Istio's and Nodeward's families.
+#[allow(clippy::too_many_arguments)]
+fn record(
+    m: &Metrics,
+    dir: Direction,
+    source: &Party,
+    destination: &Party,
+    local: &Party,
+    mtls: bool,
+    reason: CloseReason,
+    o: &Outcome,
+) {
+    let tcp = TcpLabels {
+        reporter: if dir == Direction::Outbound {
+            "source"
+        } else {
+            "destination"
+        },
+        source_workload: source.workload.clone(),
+        source_workload_namespace: source.namespace.clone(),
+        source_principal: source.principal.clone(),
+        destination_workload: destination.workload.clone(),
+        destination_workload_namespace: destination.namespace.clone(),
+        destination_principal: destination.principal.clone(),
+        connection_security_policy: if mtls { "mutual_tls" } else { "none" },
+        response_flags: response_flags(reason, o.refusal),
+    };
+    // The outcome is known when the connection ends: it is counted opened
+    // and closed then, with the flags of how it ended.
+    m.tcp_opened.get_or_create(&tcp).inc();
+    m.tcp_closed.get_or_create(&tcp).inc();
+    m.tcp_sent.get_or_create(&tcp).inc_by(o.stats.sent);
+    m.tcp_received.get_or_create(&tcp).inc_by(o.stats.received);
+    let direction = if dir == Direction::Outbound {
+        "outbound"
+    } else {
+        "inbound"
+    };
+    if carried(reason) && o.refusal.is_none() {
+        m.connections
+            .get_or_create(&SecurityLabels {
+                direction,
+                security: if mtls { "mutual_tls" } else { "plaintext" },
+                namespace: local.namespace.clone(),
+            })
+            .inc();
+    }
+    let workload = || WorkloadLabels {
+        namespace: local.namespace.clone(),
+        workload: local.workload.clone(),
+    };
+    if reason == CloseReason::MtlsStrict {
+        m.plaintext_refused.get_or_create(&workload()).inc();
+    }
+    let handshake = match (o.refusal, reason) {
+        (Some(Refusal::Cert(c)), _) => Some(c.as_str()),
+        (Some(Refusal::TlsError), _) => Some("protocol"),
+        (Some(Refusal::Http2Handshake), _) => Some("http2"),
+        (None, CloseReason::HandshakeTimeout) => Some("timeout"),
+        _ => None,
+    };
+    if let Some(reason) = handshake {
+        m.handshake_failures
+            .get_or_create(&HandshakeLabels { direction, reason })
+            .inc();
+    }
+    if let Some(Refusal::Policy(r)) = o.refusal {
+        let w = workload();
+        m.denials
+            .get_or_create(&DenialLabels {
+                namespace: w.namespace,
+                workload: w.workload,
+                policy: o.policy.clone().unwrap_or_else(|| "-".into()),
+                reason: r.as_str(),
+            })
+            .inc();
+    }
 }
 
 /// Logs the AUDIT policies a connection matched and what its dry-run

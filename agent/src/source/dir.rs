@@ -58,6 +58,8 @@ pub struct DirSource {
     parser: Parser,
     /// Set by a panicking poll: the next poll publishes even if no file changed.
     republish: bool,
+    /// Where each poll's rejected files and reloads are reported.
+    status: Option<std::sync::Arc<crate::admin::ConfigStatus>>,
 }
 
 impl DirSource {
@@ -69,12 +71,20 @@ impl DirSource {
             assembler: Assembler::default(),
             parser: parse_file,
             republish: false,
+            status: None,
         }
     }
 
     /// Sets the trust domain, its aliases and Istio's root namespace.
     pub fn with_assembler(mut self, assembler: Assembler) -> Self {
         self.assembler = assembler;
+        self
+    }
+
+    /// Reports each poll's rejected files and reloads to `status`
+    /// (readiness, metrics, `/config_dump`).
+    pub fn with_status(mut self, status: std::sync::Arc<crate::admin::ConfigStatus>) -> Self {
+        self.status = Some(status);
         self
     }
 
@@ -189,6 +199,9 @@ impl DirSource {
                 }
             };
             self = source;
+            if let Some(status) = &self.status {
+                status.report(self.errors(), snap.is_some());
+            }
             if let Some(snap) = snap {
                 tracing::info!(
                     pods = snap.pods.len(),

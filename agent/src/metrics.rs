@@ -1,0 +1,401 @@
+//! The agent's metrics: one registry of typed families, rendered in the
+//! Prometheus/OpenMetrics text format on `:15020/metrics`.
+//!
+//! Istio's standard TCP metrics carry Istio's names and labels, so existing
+//! dashboards work; Nodeward's own are named `nodeward_*`. Every label value
+//! comes from an enum of `crate::outcome` or from names the cluster bounds
+//! (namespaces, workloads, identities, policies): never a port or an IP.
+//! Recording is an atomic add on a family's entry; rendering happens on the
+//! scrape, off the connection path.
+
+#![forbid(unsafe_code)]
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Labels of Istio's `istio_tcp_*` metrics, as Istio names them.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    /// `source` on the client's node, `destination` on the server's.
+    pub reporter: &'static str,
+    /// Client workload, `unknown` outside the mesh.
+    pub source_workload: String,
+    /// Client namespace, `unknown` outside the mesh.
+    pub source_workload_namespace: String,
+    /// Client SPIFFE principal, `unknown` without mTLS.
+    pub source_principal: String,
+    /// Server workload, `unknown` outside the mesh.
+    pub destination_workload: String,
+    /// Server namespace, `unknown` outside the mesh.
+    pub destination_workload_namespace: String,
+    /// Server SPIFFE principal, `unknown` without mTLS.
+    pub destination_principal: String,
+    /// `mutual_tls` or `none`.
+    pub connection_security_policy: &'static str,
+    /// What cut the connection short (close reason or refusal), `-` when nothing did.
+    pub response_flags: &'static str,
+}
+
+/// Connections by direction and security, per namespace of the local pod.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SecurityLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// `mutual_tls` or `plaintext`.
+    pub security: &'static str,
+    /// Namespace of the local pod.
+    pub namespace: String,
+}
+
+/// Connections that ended, by direction, close reason and refusal kind.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClosedLabels {
+    /// `crate::outcome::Direction`.
+    pub direction: &'static str,
+    /// `crate::outcome::Counted`.
+    pub reason: &'static str,
+    /// `crate::outcome::Refusal`, empty when nothing refused it.
+    pub refusal: &'static str,
+}
+
+/// A local workload.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkloadLabels {
+    /// Namespace.
+    pub namespace: String,
+    /// Workload name.
+    pub workload: String,
+}
+
+/// A TLS handshake that failed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// `crate::outcome::CertRefusal`, or `protocol`, `http2`, `timeout`.
+    pub reason: &'static str,
+}
+
+/// A connection denied by authorization.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DenialLabels {
+    /// Namespace of the protected workload.
+    pub namespace: String,
+    /// The protected workload.
+    pub workload: String,
+    /// Deciding policy `namespace/name`, `-` when none decided by itself
+    /// (no ALLOW matched).
+    pub policy: String,
+    /// `crate::outcome::PolicyReason`.
+    pub reason: &'static str,
+}
+
+/// A workload identity.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdentityLabels {
+    /// SPIFFE ID.
+    pub identity: String,
+}
+
+/// A certificate signing.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IssueLabels {
+    /// `issue` (first certificate of an identity) or `renew`.
+    pub kind: &'static str,
+    /// `success` or `failure`.
+    pub result: &'static str,
+}
+
+/// A pod's capture.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PodLabels {
+    /// Namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub pod: String,
+}
+
+/// A config directory reload.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `success` or `failure`.
+    pub result: &'static str,
+}
+
+/// Every family the agent records, and the registry that renders them.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// `istio_tcp_connections_opened_total`.
+    pub tcp_opened: Family<TcpLabels, Counter>,
+    /// `istio_tcp_connections_closed_total`.
+    pub tcp_closed: Family<TcpLabels, Counter>,
+    /// `istio_tcp_sent_bytes_total`: bytes from client to server.
+    pub tcp_sent: Family<TcpLabels, Counter>,
+    /// `istio_tcp_received_bytes_total`: bytes from server to client.
+    pub tcp_received: Family<TcpLabels, Counter>,
+    /// `nodeward_connections_total`: mTLS coverage is computed from it.
+    pub connections: Family<SecurityLabels, Counter>,
+    /// `nodeward_connections_closed_total`.
+    pub closed: Family<ClosedLabels, Counter>,
+    /// `nodeward_plaintext_refused_total`: plaintext refused by STRICT.
+    pub plaintext_refused: Family<WorkloadLabels, Counter>,
+    /// `nodeward_tls_handshake_failures_total`.
+    pub handshake_failures: Family<HandshakeLabels, Counter>,
+    /// `nodeward_authorization_denials_total`.
+    pub denials: Family<DenialLabels, Counter>,
+    /// `nodeward_certificate_expiry_timestamp_seconds`, set at each scrape.
+    pub cert_expiry: Family<IdentityLabels, Gauge>,
+    /// `nodeward_certificate_issuances_total`.
+    pub cert_issuances: Family<IssueLabels, Counter>,
+    /// `nodeward_ebpf_attached`, set at each scrape.
+    pub ebpf_attached: Family<PodLabels, Gauge>,
+    /// `nodeward_config_reloads_total`.
+    pub config_reloads: Family<ResultLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every family.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            registry: Registry::default(),
+            tcp_opened: Family::default(),
+            tcp_closed: Family::default(),
+            tcp_sent: Family::default(),
+            tcp_received: Family::default(),
+            connections: Family::default(),
+            closed: Family::default(),
+            plaintext_refused: Family::default(),
+            handshake_failures: Family::default(),
+            denials: Family::default(),
+            cert_expiry: Family::default(),
+            cert_issuances: Family::default(),
+            ebpf_attached: Family::default(),
+            config_reloads: Family::default(),
+        };
+        // Counters get their `_total` suffix from the encoder.
+        let r = &mut registry;
+        r.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened",
+            m.tcp_opened.clone(),
+        );
+        r.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed",
+            m.tcp_closed.clone(),
+        );
+        r.register("istio_tcp_sent_bytes", "Bytes sent by the client", m.tcp_sent.clone());
+        r.register(
+            "istio_tcp_received_bytes",
+            "Bytes sent back to the client",
+            m.tcp_received.clone(),
+        );
+        r.register(
+            "nodeward_connections",
+            "Proxied connections by direction and security, per local namespace",
+            m.connections.clone(),
+        );
+        r.register(
+            "nodeward_connections_closed",
+            "Ended connections by close reason and refusal",
+            m.closed.clone(),
+        );
+        r.register(
+            "nodeward_plaintext_refused",
+            "Plaintext connections refused because the port is STRICT",
+            m.plaintext_refused.clone(),
+        );
+        r.register(
+            "nodeward_tls_handshake_failures",
+            "TLS handshakes that failed, by reason",
+            m.handshake_failures.clone(),
+        );
+        r.register(
+            "nodeward_authorization_denials",
+            "Connections denied by authorization policy",
+            m.denials.clone(),
+        );
+        r.register(
+            "nodeward_certificate_expiry_timestamp_seconds",
+            "Unix time at which the identity's current certificate expires",
+            m.cert_expiry.clone(),
+        );
+        r.register(
+            "nodeward_certificate_issuances",
+            "Workload certificates signed, by kind and result",
+            m.cert_issuances.clone(),
+        );
+        r.register(
+            "nodeward_ebpf_attached",
+            "1 when the pod's capture is attached, 0 when it is not (yet)",
+            m.ebpf_attached.clone(),
+        );
+        r.register(
+            "nodeward_config_reloads",
+            "Config directory reloads, by result",
+            m.config_reloads.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The text exposition of every family.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Seconds since the Unix epoch of `t` (0 before it).
+pub fn unix_seconds(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn istio_names_and_labels_are_rendered_as_istio_writes_them() {
+        let m = Metrics::new();
+        let l = TcpLabels {
+            reporter: "source",
+            source_workload: "a".into(),
+            source_workload_namespace: "ns".into(),
+            source_principal: "spiffe://cluster.local/ns/ns/sa/a".into(),
+            destination_workload: "c".into(),
+            destination_workload_namespace: "ns".into(),
+            destination_principal: "spiffe://cluster.local/ns/ns/sa/c".into(),
+            connection_security_policy: "mutual_tls",
+            response_flags: "-",
+        };
+        m.tcp_opened.get_or_create(&l).inc_by(3);
+        m.plaintext_refused
+            .get_or_create(&WorkloadLabels {
+                namespace: "ns".into(),
+                workload: "c".into(),
+            })
+            .inc();
+        let text = m.render();
+        assert!(
+            text.contains(
+                "istio_tcp_connections_opened_total{reporter=\"source\",source_workload=\"a\",\
+                 source_workload_namespace=\"ns\",source_principal=\"spiffe://cluster.local/ns/ns/sa/a\",\
+                 destination_workload=\"c\",destination_workload_namespace=\"ns\",\
+                 destination_principal=\"spiffe://cluster.local/ns/ns/sa/c\",\
+                 connection_security_policy=\"mutual_tls\",response_flags=\"-\"} 3\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE nodeward_plaintext_refused counter"), "{text}");
+        assert!(
+            text.contains("nodeward_plaintext_refused_total{namespace=\"ns\",workload=\"c\"} 1\n"),
+            "{text}"
+        );
+    }
+
+    /// Every metric the Grafana dashboard queries is one the agent exports.
+    #[test]
+    fn the_dashboard_queries_only_exported_metrics() {
+        let m = Metrics::new();
+        let w = || WorkloadLabels {
+            namespace: "n".into(),
+            workload: "w".into(),
+        };
+        let tcp = TcpLabels {
+            reporter: "source",
+            source_workload: "a".into(),
+            source_workload_namespace: "n".into(),
+            source_principal: "p".into(),
+            destination_workload: "c".into(),
+            destination_workload_namespace: "n".into(),
+            destination_principal: "p".into(),
+            connection_security_policy: "none",
+            response_flags: "-",
+        };
+        for f in [&m.tcp_opened, &m.tcp_closed, &m.tcp_sent, &m.tcp_received] {
+            f.get_or_create(&tcp).inc();
+        }
+        m.connections
+            .get_or_create(&SecurityLabels {
+                direction: "inbound",
+                security: "plaintext",
+                namespace: "n".into(),
+            })
+            .inc();
+        m.closed
+            .get_or_create(&ClosedLabels {
+                direction: "outbound",
+                reason: "done",
+                refusal: "",
+            })
+            .inc();
+        m.plaintext_refused.get_or_create(&w()).inc();
+        m.handshake_failures
+            .get_or_create(&HandshakeLabels {
+                direction: "inbound",
+                reason: "expired",
+            })
+            .inc();
+        m.denials
+            .get_or_create(&DenialLabels {
+                namespace: "n".into(),
+                workload: "w".into(),
+                policy: "-".into(),
+                reason: "denied",
+            })
+            .inc();
+        m.cert_expiry
+            .get_or_create(&IdentityLabels { identity: "i".into() })
+            .set(1);
+        m.cert_issuances
+            .get_or_create(&IssueLabels {
+                kind: "issue",
+                result: "success",
+            })
+            .inc();
+        m.ebpf_attached
+            .get_or_create(&PodLabels {
+                namespace: "n".into(),
+                pod: "p".into(),
+            })
+            .set(1);
+        m.config_reloads
+            .get_or_create(&ResultLabels { result: "success" })
+            .inc();
+        let text = m.render();
+        let exported: std::collections::BTreeSet<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .collect();
+        let dashboard = include_str!("../../deploy/grafana/nodeward.json");
+        let mut queried = 0;
+        for word in dashboard.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("nodeward_") || word.starts_with("istio_tcp_") {
+                queried += 1;
+                assert!(
+                    exported.contains(word),
+                    "the dashboard queries {word}, not exported:\n{text}"
+                );
+            }
+        }
+        assert!(queried >= 8, "the dashboard queries the metrics");
+    }
+}
