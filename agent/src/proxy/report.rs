@@ -27,6 +27,9 @@ pub struct Outcome {
     pub policy: Option<String>,
     /// What refused it (certificate, bound, policy, request), if something did.
     pub refusal: Option<Refusal>,
+    /// The Service (`namespace/name`) it was addressed to; `dst` is then
+    /// the endpoint chosen.
+    pub service: Option<String>,
 }
 
 impl Outcome {
@@ -43,6 +46,7 @@ impl Outcome {
             peer_identity: None,
             refusal: None,
             policy: None,
+            service: None,
         }
     }
 
@@ -55,6 +59,7 @@ impl Outcome {
             peer_identity: None,
             refusal: None,
             policy: None,
+            service: None,
         }
     }
 
@@ -67,6 +72,12 @@ impl Outcome {
     /// The same, refused by `refusal`.
     pub fn refusal(mut self, refusal: Option<Refusal>) -> Self {
         self.refusal = refusal;
+        self
+    }
+
+    /// The same, addressed to `service`.
+    pub fn service(mut self, service: Option<String>) -> Self {
+        self.service = service;
         self
     }
 
@@ -88,6 +99,7 @@ pub fn log_connection(ctx: &PodContext, dir: Direction, src: SocketAddr, o: &Out
         pod = %ctx.pod.key,
         src = %unmap(src),
         dst = %dst,
+        service = o.service.as_deref(),
         transport = o.transport.as_str(),
         peer_identity = o.peer_identity.as_ref().map(|i| i.to_string()),
         refusal = o.refusal.map(Refusal::as_str),

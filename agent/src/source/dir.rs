@@ -160,6 +160,8 @@ impl DirSource {
                     }
                     Object::PeerAuthentication(p) => snap.peer_authentications.push(p.clone()),
                     Object::AuthorizationPolicy(p) => snap.authorization_policies.push(p.clone()),
+                    Object::Service(s) => snap.services.push(s.clone()),
+                    Object::EndpointSlice(s) => snap.endpoint_slices.push(s.clone()),
                     Object::Pod(pod) => {
                         if snap.pods.insert(pod.key(), Arc::new(pod.clone())).is_some() {
                             tracing::warn!(file = %path.display(), pod = %pod.key(), "pod defined more than once; the last definition wins");
