@@ -73,6 +73,11 @@ async fn handle_to(
     dst: SocketAddr,
     snap: &crate::state::Snapshot,
 ) -> Outcome {
+    if ctx.pod.ips.contains(&dst.ip()) {
+        // A pod calling its own Service, resolved to itself: the
+        // connection never leaves the pod, as if it had dialled its own IP.
+        return passthrough(ctx, down, dst).await;
+    }
     if is_agent_port(dst.port()) && snap.enrolled_workload(dst.ip()).is_some() {
         // An enrolled pod's agent ports belong to its agent, not its apps;
         // its tunnel would only be asked to dial them again.
