@@ -26,8 +26,16 @@ fn cluster(test: &str) -> Option<Topology> {
     }
     let spec = TopologySpec {
         nodes: vec![
-            vec![PodSpec::new("a", "mesh"), PodSpec::new("b", "mesh"), PodSpec::new("p", "plain")],
-            vec![PodSpec::new("c", "mesh"), PodSpec::new("e", "mesh"), PodSpec::new("d", "plain")],
+            vec![
+                PodSpec::new("a", "mesh"),
+                PodSpec::new("b", "mesh"),
+                PodSpec::new("p", "plain"),
+            ],
+            vec![
+                PodSpec::new("c", "mesh"),
+                PodSpec::new("e", "mesh"),
+                PodSpec::new("d", "plain"),
+            ],
         ],
         namespaces: vec![("mesh".into(), true), ("plain".into(), false)],
     };
@@ -76,7 +84,10 @@ fn servers(t: &Topology, pods: &[&str]) -> Vec<traffic::Server> {
     pods.iter()
         .flat_map(|n| {
             let p = t.pod(n);
-            [serve(&p.netns, p.v4(8080), info_echo), serve(&p.netns, p.v6(8080), info_echo)]
+            [
+                serve(&p.netns, p.v4(8080), info_echo),
+                serve(&p.netns, p.v6(8080), info_echo),
+            ]
         })
         .collect()
 }
@@ -89,7 +100,10 @@ fn a_service_spreads_connections_over_all_its_endpoints_over_hbone_only() {
     };
     let _s = servers(&t, &["b", "c", "e"]);
     let a = t.pod("a").clone();
-    for (vip, own) in [(SocketAddr::new(VIP4, 80), IpAddr::from(a.ip4)), (SocketAddr::new(VIP6, 80), a.ip6.into())] {
+    for (vip, own) in [
+        (SocketAddr::new(VIP4, 80), IpAddr::from(a.ip4)),
+        (SocketAddr::new(VIP6, 80), a.ip6.into()),
+    ] {
         apply_and_wait(&t, &web(&t, &["b", "c", "e"]), "a", vip);
         let n1 = &t.nodes[0].netns;
         let (uplink, bridge) = (Sniffer::start(n1, &t.nodes[0].uplink), Sniffer::start(n1, "br0"));
@@ -110,9 +124,15 @@ fn a_service_spreads_connections_over_all_its_endpoints_over_hbone_only() {
                 if vip.is_ipv4() { p.ip4.into() } else { p.ip6.into() }
             })
             .collect();
-        assert_eq!(reached, want, "{vip}: every endpoint, of the ClusterIP's family, takes connections");
+        assert_eq!(
+            reached, want,
+            "{vip}: every endpoint, of the ClusterIP's family, takes connections"
+        );
         assert!(!contains(&uplink.finish(), MARKER), "{vip}: plaintext between nodes");
-        assert!(!contains(&bridge.finish(), MARKER), "{vip}: plaintext on the node's bridge");
+        assert!(
+            !contains(&bridge.finish(), MARKER),
+            "{vip}: plaintext on the node's bridge"
+        );
         let line = t
             .agent(0)
             .wait_log(WAIT, |l| {
@@ -142,21 +162,32 @@ fn not_ready_endpoints_stop_taking_connections_and_none_ready_is_refused_at_once
             (s, seen)
         })
         .collect();
-    assert!(held.iter().any(|(_, s)| s.local.ip() != IpAddr::from(c.ip4)), "e took some");
+    assert!(
+        held.iter().any(|(_, s)| s.local.ip() != IpAddr::from(c.ip4)),
+        "e took some"
+    );
 
     svc.endpoints[1].ready = false;
     t.apply("svc-web", &svc.to_yaml());
     std::thread::sleep(Duration::from_secs(1));
     for _ in 0..20 {
         let seen = reach(&a.netns, vip).unwrap();
-        assert_eq!(seen.local.ip(), IpAddr::from(c.ip4), "a not-ready endpoint takes no new connection");
+        assert_eq!(
+            seen.local.ip(),
+            IpAddr::from(c.ip4),
+            "a not-ready endpoint takes no new connection"
+        );
     }
     for (mut s, seen) in held {
         s.write_all(b"still").unwrap();
         s.shutdown(Shutdown::Write).unwrap();
         let mut back = Vec::new();
         s.read_to_end(&mut back).unwrap();
-        assert_eq!(back, b"still", "the established connection to {} was not cut", seen.local);
+        assert_eq!(
+            back, b"still",
+            "the established connection to {} was not cut",
+            seen.local
+        );
     }
 
     svc.endpoints[0].ready = false;
@@ -165,7 +196,10 @@ fn not_ready_endpoints_stop_taking_connections_and_none_ready_is_refused_at_once
     let started = Instant::now();
     let r = reach(&a.netns, vip);
     assert!(r.is_err(), "no ready endpoint, yet reached: {r:?}");
-    assert!(started.elapsed() < Duration::from_secs(1), "refused at once, not left to time out");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "refused at once, not left to time out"
+    );
     t.agent(0)
         .wait_log(WAIT, |l| l["reason"] == "no_endpoint" && l["service"] == "mesh/web")
         .unwrap_or_else(|| panic!("no_endpoint not logged:\n{}", t.agent(0).dump()));
@@ -183,7 +217,10 @@ fn internal_traffic_policy_local_keeps_connections_on_the_node() {
     svc.local = true;
     apply_and_wait(&t, &svc, "a", vip);
     for _ in 0..20 {
-        assert_eq!(reach(&t.pod("a").netns, vip).unwrap().local.ip(), IpAddr::from(t.pod("b").ip4));
+        assert_eq!(
+            reach(&t.pod("a").netns, vip).unwrap().local.ip(),
+            IpAddr::from(t.pod("b").ip4)
+        );
         // Node 2's endpoints, the client itself among them.
         let from_c = reach(&t.pod("c").netns, vip).unwrap().local.ip();
         assert!(from_c == IpAddr::from(t.pod("c").ip4) || from_c == IpAddr::from(t.pod("e").ip4));
@@ -192,13 +229,18 @@ fn internal_traffic_policy_local_keeps_connections_on_the_node() {
     own.endpoints.retain(|e| e.pod.as_deref() == Some("c"));
     apply_and_wait(&t, &own, "c", vip);
     let seen = reach(&t.pod("c").netns, vip).unwrap();
-    assert_eq!(seen.local, t.pod("c").v4(8080), "a pod calling its own Service reaches itself");
+    assert_eq!(
+        seen.local,
+        t.pod("c").v4(8080),
+        "a pod calling its own Service reaches itself"
+    );
 }
 
 #[test]
 fn a_service_whose_endpoint_is_outside_the_mesh_is_reached_in_plaintext_at_the_endpoint() {
     let _g = shared();
-    let Some(t) = cluster("a_service_whose_endpoint_is_outside_the_mesh_is_reached_in_plaintext_at_the_endpoint") else {
+    let Some(t) = cluster("a_service_whose_endpoint_is_outside_the_mesh_is_reached_in_plaintext_at_the_endpoint")
+    else {
         return;
     };
     let _s = servers(&t, &["d"]);
@@ -248,7 +290,11 @@ fn kube_proxy_dnat(netns: &str, vip: SocketAddr, to: SocketAddr) {
     )
     .output()
     .expect("run iptables");
-    assert!(out.status.success(), "iptables: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "iptables: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -269,7 +315,10 @@ fn strict_endpoints_take_service_calls_from_enrolled_clients_only() {
     let p = t.pod("p").clone();
     kube_proxy_dnat(&p.netns, vip, t.pod("c").v4(8080));
     let r = reach(&p.netns, vip);
-    assert!(r.is_err(), "plaintext from a client outside the mesh reached a STRICT endpoint: {r:?}");
+    assert!(
+        r.is_err(),
+        "plaintext from a client outside the mesh reached a STRICT endpoint: {r:?}"
+    );
     t.agent(1)
         .wait_log(WAIT, |l| l["reason"] == "mtls_strict")
         .unwrap_or_else(|| panic!("STRICT refusal not logged:\n{}", t.agent(1).dump()));

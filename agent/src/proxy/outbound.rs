@@ -56,7 +56,8 @@ pub async fn handle(ctx: &PodContext, down: TcpStream, peer: SocketAddr) -> Outc
                 None => {
                     // Like kube-proxy: no endpoint, the connection is refused at once.
                     socket::reset(&down);
-                    return Outcome::refused(Some(asked), CloseReason::NoEndpoint).service(Some(target.service.clone()));
+                    return Outcome::refused(Some(asked), CloseReason::NoEndpoint)
+                        .service(Some(target.service.clone()));
                 }
             }
         }

@@ -278,7 +278,8 @@ fn parse_value(value: serde_norway::Value, at: &At<'_>, out: &mut Vec<Object>) -
         }
         ("v1", "Service") => {
             let key = format!("{}/{}", metadata.namespace, metadata.name);
-            let svc = super::services::service_from(&doc.metadata, &doc.spec).map_err(|e| invalid(&key, e.to_string()))?;
+            let svc =
+                super::services::service_from(&doc.metadata, &doc.spec).map_err(|e| invalid(&key, e.to_string()))?;
             out.push(Object::Service(Arc::new(svc)));
         }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
@@ -292,12 +293,19 @@ fn parse_value(value: serde_norway::Value, at: &At<'_>, out: &mut Vec<Object>) -
                 body.insert(k.into(), v.clone());
             }
             let body = serde_norway::Value::Mapping(body);
-            let slice = super::services::endpoint_slice_from(&doc.metadata, &body)
-                .map_err(|e| invalid(&key, e.to_string()))?;
+            let slice =
+                super::services::endpoint_slice_from(&doc.metadata, &body).map_err(|e| invalid(&key, e.to_string()))?;
             out.push(Object::EndpointSlice(Arc::new(slice)));
         }
         (api_version, kind) => {
-            tracing::debug!(file = at.file, doc = at.doc, line = at.line, kind, api_version, "kind not used by the agent; skipped");
+            tracing::debug!(
+                file = at.file,
+                doc = at.doc,
+                line = at.line,
+                kind,
+                api_version,
+                "kind not used by the agent; skipped"
+            );
         }
     }
     Ok(())
@@ -420,9 +428,13 @@ status:
         };
         assert_eq!(s.key(), "shop/web");
         assert_eq!(e.endpoints[0].addresses, vec!["10.1.1.1".parse::<IpAddr>().unwrap()]);
-        let err = parse("apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {clusterIP: nope}\n")
-            .unwrap_err();
-        assert!(err.to_string().contains("shop/web") && err.to_string().contains("spec.clusterIPs"), "{err}");
+        let err =
+            parse("apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {clusterIP: nope}\n")
+                .unwrap_err();
+        assert!(
+            err.to_string().contains("shop/web") && err.to_string().contains("spec.clusterIPs"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -150,7 +150,11 @@ pub fn service_from(metadata: &serde_norway::Value, spec: &serde_norway::Value) 
         name: meta.name,
         cluster_ips,
         ports,
-        kind: if spec.kind.is_empty() { "ClusterIP".into() } else { spec.kind },
+        kind: if spec.kind.is_empty() {
+            "ClusterIP".into()
+        } else {
+            spec.kind
+        },
         has_selector: spec.selector.is_some_and(|s| !s.is_empty()),
         internal_local: spec.internal_traffic_policy == "Local",
         affinity,
@@ -232,10 +236,17 @@ pub fn endpoint_slice_from(
             }
         }
         let ready = e.conditions.ready.unwrap_or(true);
-        let pod = e
-            .target_ref
-            .filter(|r| r.kind == "Pod")
-            .map(|r| format!("{}/{}", if r.namespace.is_empty() { &meta.namespace } else { &r.namespace }, r.name));
+        let pod = e.target_ref.filter(|r| r.kind == "Pod").map(|r| {
+            format!(
+                "{}/{}",
+                if r.namespace.is_empty() {
+                    &meta.namespace
+                } else {
+                    &r.namespace
+                },
+                r.name
+            )
+        });
         endpoints.push(Endpoint {
             addresses,
             ready,
@@ -301,7 +312,10 @@ mod tests {
         let s = service_from(&yaml("{name: h, namespace: shop}"), &yaml("{clusterIP: None}")).unwrap();
         assert!(s.cluster_ips.is_empty());
         let e = service_from(&yaml("{name: h, namespace: shop}"), &yaml("{clusterIP: 10.0.0.300}")).unwrap_err();
-        assert!(e.to_string().contains("spec.clusterIPs") && e.to_string().contains("10.0.0.300"), "{e}");
+        assert!(
+            e.to_string().contains("spec.clusterIPs") && e.to_string().contains("10.0.0.300"),
+            "{e}"
+        );
     }
 
     #[test]

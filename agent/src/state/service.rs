@@ -278,7 +278,13 @@ impl Balancer {
         self.pick_at(target, node, client, Instant::now())
     }
 
-    fn pick_at(self: &Arc<Self>, target: &ServiceTarget, node: &str, client: IpAddr, now: Instant) -> Option<OpenGuard> {
+    fn pick_at(
+        self: &Arc<Self>,
+        target: &ServiceTarget,
+        node: &str,
+        client: IpAddr,
+        now: Instant,
+    ) -> Option<OpenGuard> {
         let local = |c: &&Candidate| !target.internal_local || c.node_name == node;
         let mut pool: Vec<&Candidate> = target.candidates.iter().filter(local).filter(|c| c.ready).collect();
         if pool.is_empty() {
@@ -404,7 +410,11 @@ mod tests {
     fn service_ports_map_to_endpoint_ports_by_name_per_family() {
         let s = svc(vec![port("http", 80, "web-http"), port("admin", 81, "9000")]);
         let slices = vec![
-            slice("IPv4", &[("http", 8080), ("admin", 9000)], vec![ep("10.1.1.1", "n1", true, false)]),
+            slice(
+                "IPv4",
+                &[("http", 8080), ("admin", 9000)],
+                vec![ep("10.1.1.1", "n1", true, false)],
+            ),
             slice("IPv6", &[("http", 8086)], vec![ep("fd00:1::1", "n1", true, false)]),
         ];
         let all = targets(
@@ -421,7 +431,11 @@ mod tests {
         };
         assert_eq!(addrs("10.96.0.10:80"), ["10.1.1.1:8080"], "named targetPort");
         assert_eq!(addrs("10.96.0.10:81"), ["10.1.1.1:9000"]);
-        assert_eq!(addrs("[fd00:96::10]:80"), ["[fd00:1::1]:8086"], "IPv6 ClusterIP, IPv6 slice");
+        assert_eq!(
+            addrs("[fd00:96::10]:80"),
+            ["[fd00:1::1]:8086"],
+            "IPv6 ClusterIP, IPv6 slice"
+        );
         assert!(addrs("[fd00:96::10]:81").is_empty(), "no IPv6 endpoint port for admin");
     }
 
@@ -433,8 +447,16 @@ mod tests {
         external.kind = "ExternalName".into();
         let mut manual = svc(vec![port("", 80, "80")]);
         manual.has_selector = false;
-        let slices = vec![Arc::new(slice("IPv4", &[("", 80)], vec![ep("192.0.2.1", "", true, false)]))];
-        for (name, s) in [("headless", headless), ("ExternalName", external), ("selector-less", manual)] {
+        let slices = vec![Arc::new(slice(
+            "IPv4",
+            &[("", 80)],
+            vec![ep("192.0.2.1", "", true, false)],
+        ))];
+        for (name, s) in [
+            ("headless", headless),
+            ("ExternalName", external),
+            ("selector-less", manual),
+        ] {
             assert!(targets(&[Arc::new(s)], &slices, |_| false).is_empty(), "{name}");
         }
         let mut manual_to_pods = svc(vec![port("", 80, "80")]);
@@ -456,7 +478,10 @@ mod tests {
             assert_eq!(b.open_count(c.addr), 10, "{}", c.addr);
         }
         drop(held);
-        assert!(t.candidates.iter().all(|c| b.open_count(c.addr) == 0), "closed connections are uncounted");
+        assert!(
+            t.candidates.iter().all(|c| b.open_count(c.addr) == 0),
+            "closed connections are uncounted"
+        );
         // Three endpoints: every one takes its share.
         let eps = (1..=3).map(|i| ep(&format!("10.1.1.{i}"), "n1", true, false)).collect();
         let t = target_of(s, vec![slice("IPv4", &[("", 8080)], eps)], "10.96.0.10:80");
@@ -513,7 +538,11 @@ mod tests {
             .collect();
         assert!(held.iter().all(|g| g.addr() == first));
         let other: IpAddr = "10.1.1.101".parse().unwrap();
-        assert_ne!(b.pick_at(&t, "n1", other, t0).unwrap().addr(), first, "another client is balanced");
+        assert_ne!(
+            b.pick_at(&t, "n1", other, t0).unwrap().addr(),
+            first,
+            "another client is balanced"
+        );
         let later = b.pick_at(&t, "n1", client, t0 + Duration::from_secs(19 + 61)).unwrap();
         assert_ne!(later.addr(), first, "after the timeout the loaded endpoint is left");
     }
