@@ -67,6 +67,11 @@ fn web(t: &Topology, endpoints: &[&str]) -> ServiceSpec {
 /// answer (the agent has read it).
 fn apply_and_wait(t: &Topology, svc: &ServiceSpec, from: &str, vip: SocketAddr) {
     t.apply(&format!("svc-{}", svc.name), &svc.to_yaml());
+    wait_reach(t, from, vip);
+}
+
+/// Waits until a connection from `from` to `vip` gets an answer.
+fn wait_reach(t: &Topology, from: &str, vip: SocketAddr) {
     let deadline = Instant::now() + WAIT;
     while reach(&t.pod(from).netns, vip).is_err() {
         assert!(Instant::now() < deadline, "{vip} never reached from {from}");
@@ -203,6 +208,14 @@ fn not_ready_endpoints_stop_taking_connections_and_none_ready_is_refused_at_once
     t.agent(0)
         .wait_log(WAIT, |l| l["reason"] == "no_endpoint" && l["service"] == "mesh/web")
         .unwrap_or_else(|| panic!("no_endpoint not logged:\n{}", t.agent(0).dump()));
+    let mut st = traffic::connect(&t.nodes[0].netns, "127.0.0.1:15021".parse().unwrap()).unwrap();
+    st.write_all(b"GET /stats HTTP/1.1\r\n\r\n").unwrap();
+    let mut stats = String::new();
+    st.read_to_string(&mut stats).unwrap();
+    assert!(
+        stats.contains("reason=\"no_endpoint\""),
+        "refusals are counted:\n{stats}"
+    );
 }
 
 #[test]
@@ -216,6 +229,7 @@ fn internal_traffic_policy_local_keeps_connections_on_the_node() {
     let mut svc = web(&t, &["b", "c", "e"]);
     svc.local = true;
     apply_and_wait(&t, &svc, "a", vip);
+    wait_reach(&t, "c", vip);
     for _ in 0..20 {
         assert_eq!(
             reach(&t.pod("a").netns, vip).unwrap().local.ip(),
@@ -225,10 +239,14 @@ fn internal_traffic_policy_local_keeps_connections_on_the_node() {
         let from_c = reach(&t.pod("c").netns, vip).unwrap().local.ip();
         assert!(from_c == IpAddr::from(t.pod("c").ip4) || from_c == IpAddr::from(t.pod("e").ip4));
     }
+    // A Service of its own (a fresh ClusterIP, so no earlier state answers).
     let mut own = svc.clone();
+    own.name = "self".into();
+    own.cluster_ips = vec![IpAddr::V4(Ipv4Addr::new(198, 18, 0, 11))];
     own.endpoints.retain(|e| e.pod.as_deref() == Some("c"));
-    apply_and_wait(&t, &own, "c", vip);
-    let seen = reach(&t.pod("c").netns, vip).unwrap();
+    let own_vip = SocketAddr::new(own.cluster_ips[0], 80);
+    apply_and_wait(&t, &own, "c", own_vip);
+    let seen = reach(&t.pod("c").netns, own_vip).unwrap();
     assert_eq!(
         seen.local,
         t.pod("c").v4(8080),
@@ -340,4 +358,22 @@ fn with_the_agent_down_a_service_call_is_refused() {
     t.agent_mut(0).kill();
     let r = reach(&a.netns, vip);
     assert!(r.is_err(), "with the agent down a ClusterIP was reached: {r:?}");
+}
+
+#[test]
+fn client_ip_affinity_keeps_a_client_on_one_endpoint() {
+    let _g = shared();
+    let Some(t) = cluster("client_ip_affinity_keeps_a_client_on_one_endpoint") else {
+        return;
+    };
+    let _s = servers(&t, &["c", "e"]);
+    let vip = SocketAddr::new(VIP4, 80);
+    let mut svc = web(&t, &["c", "e"]);
+    svc.affinity = true;
+    apply_and_wait(&t, &svc, "a", vip);
+    let first = reach(&t.pod("a").netns, vip).unwrap().local;
+    for _ in 0..20 {
+        // Without affinity, idle endpoints would be chosen at random.
+        assert_eq!(reach(&t.pod("a").netns, vip).unwrap().local, first);
+    }
 }

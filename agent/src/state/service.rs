@@ -132,6 +132,9 @@ pub struct Candidate {
 pub struct ServiceTarget {
     /// The Service's `namespace/name`.
     pub service: String,
+    /// The Service port's name: affinity is kept per Service port, as
+    /// kube-proxy keeps it.
+    pub port_name: String,
     /// `internalTrafficPolicy: Local`.
     pub internal_local: bool,
     /// Session affinity timeout, if `ClientIP`.
@@ -204,6 +207,7 @@ pub fn targets(
                     SocketAddr::new(vip.to_canonical(), sp.port),
                     Arc::new(ServiceTarget {
                         service: svc.key(),
+                        port_name: sp.name.clone(),
                         internal_local: svc.internal_local,
                         affinity: svc.affinity,
                         candidates,
@@ -222,12 +226,16 @@ pub fn targets(
 pub struct Balancer {
     /// Open connections per endpoint, on this node.
     open: Mutex<HashMap<SocketAddr, usize>>,
-    /// (Service, client IP) → endpoint, and when the client last used it.
-    affinity: Mutex<HashMap<(String, IpAddr), (SocketAddr, Instant)>>,
+    /// (Service, port name, client IP) → endpoint, and when the client
+    /// last used it.
+    affinity: Mutex<HashMap<AffinityKey, (SocketAddr, Instant)>>,
     /// Random source state.
     seed: AtomicU64,
     hasher: RandomState,
 }
+
+/// Whose affinity: (Service, port name, client IP).
+type AffinityKey = (String, String, IpAddr);
 
 /// An open connection to an endpoint; counted until dropped.
 #[derive(Debug)]
@@ -300,7 +308,7 @@ impl Balancer {
         }
         let sticky = target.affinity.and_then(|timeout| {
             let aff = self.affinity.lock().unwrap_or_else(|e| e.into_inner());
-            aff.get(&(target.service.clone(), client))
+            aff.get(&(target.service.clone(), target.port_name.clone(), client))
                 .filter(|(addr, at)| now.duration_since(*at) < timeout && pool.iter().any(|c| c.addr == *addr))
                 .map(|(addr, _)| *addr)
         });
@@ -324,7 +332,12 @@ impl Balancer {
         *open.entry(addr).or_insert(0) += 1;
         drop(open);
         if let Some(timeout) = target.affinity {
-            self.remember(&target.service, client, addr, now, timeout);
+            self.remember(
+                (target.service.clone(), target.port_name.clone(), client),
+                addr,
+                now,
+                timeout,
+            );
         }
         Some(OpenGuard {
             balancer: self.clone(),
@@ -332,9 +345,8 @@ impl Balancer {
         })
     }
 
-    fn remember(&self, service: &str, client: IpAddr, addr: SocketAddr, now: Instant, timeout: Duration) {
+    fn remember(&self, key: AffinityKey, addr: SocketAddr, now: Instant, timeout: Duration) {
         let mut aff = self.affinity.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (service.to_string(), client);
         if aff.len() >= MAX_AFFINITY_ENTRIES && !aff.contains_key(&key) {
             aff.retain(|_, (_, at)| now.duration_since(*at) < timeout);
             if aff.len() >= MAX_AFFINITY_ENTRIES {
