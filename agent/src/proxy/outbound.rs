@@ -49,7 +49,7 @@ pub async fn handle(ctx: &PodContext, down: TcpStream, peer: SocketAddr) -> Outc
                 .ips
                 .iter()
                 .copied()
-                .find(|ip| ip.is_ipv4() == asked.is_ipv4())
+                .find(|ip| ip.is_ipv4() == asked.ip().to_canonical().is_ipv4())
                 .unwrap_or(peer.ip());
             match ctx.mesh.store.balancer().pick(&target, node, client) {
                 Some(open) => (open.addr(), Some(open), Some(target.service.clone())),
