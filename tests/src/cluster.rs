@@ -112,3 +112,113 @@ impl Workloads {
         y
     }
 }
+
+/// One endpoint of a [`ServiceSpec`], rendered into its EndpointSlices.
+#[derive(Clone, Debug)]
+pub struct EndpointSpec {
+    /// Its addresses (each goes into the slice of its family).
+    pub ips: Vec<IpAddr>,
+    /// Kubernetes node name.
+    pub node: String,
+    /// The pod it is (`targetRef`), by name, if any.
+    pub pod: Option<String>,
+    /// `conditions.ready` (and `serving`).
+    pub ready: bool,
+    /// `conditions.terminating`.
+    pub terminating: bool,
+}
+
+impl EndpointSpec {
+    /// A ready endpoint: pod `pod` at `ips` on `node`.
+    pub fn pod(pod: &str, ips: &[IpAddr], node: &str) -> Self {
+        EndpointSpec {
+            ips: ips.to_vec(),
+            node: node.into(),
+            pod: Some(pod.into()),
+            ready: true,
+            terminating: false,
+        }
+    }
+}
+
+/// A `v1/Service` with its EndpointSlices, as the endpoints controller writes them.
+#[derive(Clone, Debug, Default)]
+pub struct ServiceSpec {
+    /// Name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// `spec.clusterIPs`, first the primary.
+    pub cluster_ips: Vec<IpAddr>,
+    /// `(name, port, targetPort, endpoint port)`: the slice ports carry the
+    /// resolved endpoint port under the Service port's name.
+    pub ports: Vec<(String, u16, String, u16)>,
+    /// `internalTrafficPolicy: Local`.
+    pub local: bool,
+    /// `sessionAffinity: ClientIP`.
+    pub affinity: bool,
+    /// Endpoints.
+    pub endpoints: Vec<EndpointSpec>,
+}
+
+impl ServiceSpec {
+    /// Renders the Service and one EndpointSlice per address family.
+    pub fn to_yaml(&self) -> String {
+        let (ns, name) = (&self.namespace, &self.name);
+        let mut y = format!("apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n");
+        if let Some(first) = self.cluster_ips.first() {
+            let _ = writeln!(y, "  clusterIP: \"{first}\"\n  clusterIPs:");
+            for ip in &self.cluster_ips {
+                let _ = writeln!(y, "  - \"{ip}\"");
+            }
+        }
+        let _ = writeln!(y, "  selector:\n    app: {name}\n  ports:");
+        for (pname, port, target, _) in &self.ports {
+            let _ = writeln!(
+                y,
+                "  - name: \"{pname}\"\n    port: {port}\n    protocol: TCP\n    targetPort: {target}"
+            );
+        }
+        if self.local {
+            y.push_str("  internalTrafficPolicy: Local\n");
+        }
+        if self.affinity {
+            y.push_str("  sessionAffinity: ClientIP\n");
+        }
+        for (family, v4) in [("IPv4", true), ("IPv6", false)] {
+            let _ = writeln!(
+                y,
+                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-{}\n  namespace: {ns}\n  labels:\n    kubernetes.io/service-name: {name}\naddressType: {family}\nports:",
+                family.to_lowercase()
+            );
+            for (pname, _, _, endpoint_port) in &self.ports {
+                let _ = writeln!(y, "- name: \"{pname}\"\n  port: {endpoint_port}\n  protocol: TCP");
+            }
+            y.push_str("endpoints:\n");
+            for e in &self.endpoints {
+                let ips: Vec<String> = e
+                    .ips
+                    .iter()
+                    .filter(|ip| ip.is_ipv4() == v4)
+                    .map(|ip| format!("\"{ip}\""))
+                    .collect();
+                if ips.is_empty() {
+                    continue;
+                }
+                let _ = writeln!(
+                    y,
+                    "- addresses: [{}]\n  nodeName: {}\n  conditions: {{ready: {}, serving: {}, terminating: {}}}",
+                    ips.join(", "),
+                    e.node,
+                    e.ready,
+                    e.ready || e.terminating,
+                    e.terminating
+                );
+                if let Some(pod) = &e.pod {
+                    let _ = writeln!(y, "  targetRef: {{kind: Pod, namespace: {ns}, name: {pod}}}");
+                }
+            }
+        }
+        y
+    }
+}

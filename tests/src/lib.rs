@@ -23,7 +23,7 @@ pub mod traffic;
 pub mod ztunnel;
 
 pub use agent::Agent;
-pub use cluster::{PodSpec, Workloads};
+pub use cluster::{EndpointSpec, PodSpec, ServiceSpec, Workloads};
 pub use topology::{Node, Pod, Topology, TopologySpec};
 
 /// Whether this process can build topologies: root with eBPF. When it

@@ -337,13 +337,14 @@ fn bad_config_is_reported_by_file_and_the_last_good_config_keeps_running() {
     let _sc = serve(&c.netns, c.v4(7000), info_echo);
     let dir = t.config_dir.clone();
     std::fs::write(dir.join("broken.yaml"), "apiVersion: v1\nkind: Pod\nmetadata: [oops\n").unwrap();
-    std::fs::write(dir.join("deploy.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n").unwrap();
+    // A kind the agent does not use is skipped; a bad Service is not.
+    std::fs::write(dir.join("deploy.yaml"), "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: x}\nspec: {clusterIP: nope}\n").unwrap();
     // The main file turns bad too: its last good version must stay in force.
     let good = std::fs::read_to_string(dir.join("cluster.yaml")).unwrap();
     std::fs::write(dir.join("cluster.yaml"), format!("{good}\nthis is: [not yaml\n")).unwrap();
     for (file, needle) in [
         ("broken.yaml", "line 3"),
-        ("deploy.yaml", "unknown kind \\\"Deployment\\\""),
+        ("deploy.yaml", "spec.clusterIPs"),
         ("cluster.yaml", "line"),
     ] {
         let l = t

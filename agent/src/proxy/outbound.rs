@@ -4,9 +4,12 @@
 //! endpoint (our peer). The entry stays while the connection lives, because
 //! the app's `getpeername()` reads it too, and is removed when it closes.
 //!
-//! A destination that is an enrolled workload is reached through an HBONE
-//! tunnel (`outbound_hbone`); any other destination is passed through
-//! unchanged from the pod's namespace, here.
+//! A destination that is a Service's ClusterIP and port is first resolved
+//! to one of its endpoints (`state::service`): the connection then goes to
+//! that endpoint as if the app had dialled it. A destination that is an
+//! enrolled workload is reached through an HBONE tunnel (`outbound_hbone`);
+//! any other destination is passed through unchanged from the pod's
+//! namespace, here.
 
 #![forbid(unsafe_code)]
 
@@ -35,8 +38,47 @@ pub async fn handle(ctx: &PodContext, down: TcpStream, peer: SocketAddr) -> Outc
         }
     };
     let _entry = MapEntryGuard { ctx, key };
-    let dst = from_words(orig.addr, orig.port);
+    let asked = from_words(orig.addr, orig.port);
     let snap = ctx.mesh.store.current();
+    let (dst, _open, service) = match snap.service(asked) {
+        None => (asked, None, None),
+        Some(target) => {
+            let node = snap.node_of(&ctx.pod.key).unwrap_or_default();
+            let client = ctx
+                .pod
+                .ips
+                .iter()
+                .copied()
+                .find(|ip| ip.is_ipv4() == asked.ip().to_canonical().is_ipv4())
+                .unwrap_or(peer.ip());
+            match ctx.mesh.store.balancer().pick(&target, node, client) {
+                Some(open) => (open.addr(), Some(open), Some(target.service.clone())),
+                None => {
+                    // Like kube-proxy: no endpoint, the connection is refused at once.
+                    socket::reset(&down);
+                    return Outcome::refused(Some(asked), CloseReason::NoEndpoint)
+                        .service(Some(target.service.clone()));
+                }
+            }
+        }
+    };
+    handle_to(ctx, down, peer, dst, &snap).await.service(service)
+}
+
+/// Carries a connection to `dst`, a pod or an address outside the mesh
+/// (a Service already resolved to its endpoint).
+async fn handle_to(
+    ctx: &PodContext,
+    down: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    snap: &crate::state::Snapshot,
+) -> Outcome {
+    if ctx.pod.ips.contains(&dst.ip()) {
+        // A pod calling its own Service, resolved to itself: the
+        // connection never leaves the pod, as if it had dialled its own IP.
+        return passthrough(ctx, down, dst).await;
+    }
     if is_agent_port(dst.port()) && snap.enrolled_workload(dst.ip()).is_some() {
         // An enrolled pod's agent ports belong to its agent, not its apps;
         // its tunnel would only be asked to dial them again.

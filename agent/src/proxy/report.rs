@@ -30,6 +30,9 @@ pub struct Outcome {
     pub policy: Option<String>,
     /// What refused it (certificate, bound, policy, request), if something did.
     pub refusal: Option<Refusal>,
+    /// The Service (`namespace/name`) it was addressed to; `dst` is then
+    /// the endpoint chosen.
+    pub service: Option<String>,
 }
 
 impl Outcome {
@@ -46,6 +49,7 @@ impl Outcome {
             peer_identity: None,
             refusal: None,
             policy: None,
+            service: None,
         }
     }
 
@@ -58,6 +62,7 @@ impl Outcome {
             peer_identity: None,
             refusal: None,
             policy: None,
+            service: None,
         }
     }
 
@@ -70,6 +75,12 @@ impl Outcome {
     /// The same, refused by `refusal`.
     pub fn refusal(mut self, refusal: Option<Refusal>) -> Self {
         self.refusal = refusal;
+        self
+    }
+
+    /// The same, addressed to `service`.
+    pub fn service(mut self, service: Option<String>) -> Self {
+        self.service = service;
         self
     }
 
@@ -180,6 +191,7 @@ pub fn log_connection(ctx: &PodContext, dir: Direction, src: SocketAddr, o: &Out
         src_identity = %source.principal,
         dst_workload = %format_args!("{}/{}", destination.namespace, destination.workload),
         dst_identity = %destination.principal,
+        service = o.service.as_deref(),
         transport = o.transport.as_str(),
         mode = if mtls { "mutual_tls" } else { "plaintext" },
         decision = if denied { "deny" } else { "allow" },

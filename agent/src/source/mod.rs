@@ -11,6 +11,7 @@
 pub mod dir;
 pub mod kube;
 pub mod objects;
+pub mod services;
 
 use std::collections::BTreeSet;
 use std::fmt::Display;
@@ -72,6 +73,8 @@ impl Assembler {
                 }
                 Object::PeerAuthentication(p) => snap.peer_authentications.push(p.clone()),
                 Object::AuthorizationPolicy(p) => snap.authorization_policies.push(p.clone()),
+                Object::Service(s) => snap.services.push(s.clone()),
+                Object::EndpointSlice(s) => snap.endpoint_slices.push(s.clone()),
                 Object::Pod(pod) => {
                     if snap.pods.insert(pod.key(), std::sync::Arc::new(pod.clone())).is_some() {
                         tracing::warn!(file = %origin, pod = %pod.key(), "pod defined more than once; the last definition wins");

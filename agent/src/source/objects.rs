@@ -4,9 +4,11 @@
 //! source from YAML, the API source from the server's JSON) and converted
 //! by the one pair of functions here, [`pod_from_k8s`] and
 //! [`namespace_from_k8s`]; policies of either source go through
-//! [`policy_object`] into `policy/parse.rs`. So field handling cannot
-//! differ between sources. YAML files add `List` documents and errors that
-//! name the file, the document and the line.
+//! [`policy_object`] into `policy/parse.rs`; Services and EndpointSlices
+//! through `services.rs`. So field handling cannot differ between sources.
+//! YAML files add `List` documents and errors that name the file, the
+//! document and the line. Other kinds are skipped with a debug line: a
+//! directory may hold a whole cluster dump.
 
 #![forbid(unsafe_code)]
 
@@ -20,6 +22,7 @@ use serde::Deserialize;
 use crate::policy::model::{
     AuthorizationPolicy, PeerAuthentication, parse_authorization_policy, parse_peer_authentication,
 };
+use crate::state::service::{EndpointSlice, Service};
 use crate::state::workload::{Namespace, Pod};
 
 /// A parsed object from the config directory.
@@ -33,6 +36,10 @@ pub enum Object {
     PeerAuthentication(Arc<PeerAuthentication>),
     /// A `security.istio.io` AuthorizationPolicy (kept even when invalid).
     AuthorizationPolicy(Arc<AuthorizationPolicy>),
+    /// A `v1/Service`.
+    Service(Arc<Service>),
+    /// A `discovery.k8s.io/v1` EndpointSlice.
+    EndpointSlice(Arc<EndpointSlice>),
 }
 
 /// Why a file was rejected. The file's previous good content stays in force.
@@ -49,22 +56,6 @@ pub enum ParseError {
         line: usize,
         /// What the parser said.
         message: String,
-    },
-    /// A kind this agent does not read.
-    #[error(
-        "{file}: document {doc} (line {line}): unknown kind {kind:?} (apiVersion {api_version:?}); expected Namespace, Pod or List"
-    )]
-    UnknownKind {
-        /// File.
-        file: String,
-        /// 1-based document number.
-        doc: usize,
-        /// 1-based line where the document starts.
-        line: usize,
-        /// The kind found.
-        kind: String,
-        /// The apiVersion found.
-        api_version: String,
     },
     /// A required field is missing or a value is invalid.
     #[error("{file}: document {doc} (line {line}): {kind} {name:?}: {message}")]
@@ -182,14 +173,26 @@ fn parse_value(value: serde_norway::Value, at: &At<'_>, out: &mut Vec<Object>) -
                 pod_from_k8s(&pod).map_err(|e| invalid(&key, e.to_string()))?,
             ));
         }
+        ("v1", "Service") => {
+            let svc = super::services::service_from(metadata, value.get("spec").unwrap_or(&null))
+                .map_err(|e| invalid(&key, e.to_string()))?;
+            out.push(Object::Service(Arc::new(svc)));
+        }
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            // A slice has no `spec`: its fields sit beside `metadata`.
+            let slice =
+                super::services::endpoint_slice_from(metadata, &value).map_err(|e| invalid(&key, e.to_string()))?;
+            out.push(Object::EndpointSlice(Arc::new(slice)));
+        }
         (api_version, kind) => {
-            return Err(ParseError::UnknownKind {
-                file: at.file.to_string(),
-                doc: at.doc,
-                line: at.line,
-                kind: kind.to_string(),
-                api_version: api_version.to_string(),
-            });
+            tracing::debug!(
+                file = at.file,
+                doc = at.doc,
+                line = at.line,
+                kind,
+                api_version,
+                "kind not used by the agent; skipped"
+            );
         }
     }
     Ok(())
@@ -435,20 +438,27 @@ status:
     }
 
     #[test]
-    fn unknown_kind_names_file_document_and_line() {
-        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: apps/v1\nkind: Deployment\n";
-        let err = parse(text).unwrap_err();
-        assert_eq!(
-            err,
-            ParseError::UnknownKind {
-                file: "cfg/pods.yaml".into(),
-                doc: 2,
-                line: 5,
-                kind: "Deployment".into(),
-                api_version: "apps/v1".into(),
-            }
+    fn kinds_the_agent_does_not_use_are_skipped_not_fatal() {
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d, namespace: a}\n";
+        assert_eq!(parse(text).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn services_and_endpoint_slices_are_read() {
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {clusterIP: 10.96.0.1, selector: {app: web}, ports: [{port: 80, targetPort: http}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-x, namespace: shop, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: '', port: 8080}]\nendpoints: [{addresses: [10.1.1.1]}]\n";
+        let objs = parse(text).unwrap();
+        let [Object::Service(s), Object::EndpointSlice(e)] = &objs[..] else {
+            panic!("a Service and a slice expected: {objs:?}")
+        };
+        assert_eq!(s.key(), "shop/web");
+        assert_eq!(e.endpoints[0].addresses, vec!["10.1.1.1".parse::<IpAddr>().unwrap()]);
+        let err =
+            parse("apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {clusterIP: nope}\n")
+                .unwrap_err();
+        assert!(
+            err.to_string().contains("shop/web") && err.to_string().contains("spec.clusterIPs"),
+            "{err}"
         );
-        assert!(err.to_string().contains("cfg/pods.yaml: document 2 (line 5)"), "{err}");
     }
 
     #[test]

@@ -6,10 +6,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod service;
 pub mod workload;
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -17,6 +18,7 @@ use tokio::sync::watch;
 use crate::policy::model::{AuthorizationPolicy, PeerAuthentication};
 use crate::policy::{ConnInfo, Decision, TrustDomains, WorkloadMtls};
 
+use service::{Balancer, EndpointSlice, Service, ServiceTarget};
 use workload::{
     EXCLUDE_INBOUND_ANNOTATION, EXCLUDE_OUTBOUND_ANNOTATION, Enrolment, ManagedPod, Namespace, Pod, enrolment,
 };
@@ -36,8 +38,14 @@ pub struct Snapshot {
     pub root_namespace: String,
     /// The trust domains policies treat as local.
     pub trust_domains: TrustDomains,
+    /// Services (v1).
+    pub services: Vec<Arc<Service>>,
+    /// EndpointSlices (`discovery.k8s.io/v1`).
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
     /// Increases with every published snapshot.
     pub generation: u64,
+    /// What each (ClusterIP, port) reaches, built by [`Snapshot::index`].
+    by_service_addr: HashMap<SocketAddr, Arc<ServiceTarget>>,
     /// Who holds each IP, built by [`Snapshot::index`] from live pods only.
     by_ip: HashMap<IpAddr, IpClaim>,
     /// AuthorizationPolicies by namespace, built by [`Snapshot::index`]:
@@ -96,6 +104,9 @@ impl Snapshot {
                 (ip, claim)
             })
             .collect();
+        self.by_service_addr = service::targets(&self.services, &self.endpoint_slices, |ip| {
+            self.by_ip.contains_key(&ip.to_canonical())
+        });
         self.authz_by_ns.clear();
         for p in &self.authorization_policies {
             self.authz_by_ns
@@ -160,6 +171,20 @@ impl Snapshot {
         }
     }
 
+    /// The Service a connection to `dst` (a ClusterIP and Service port)
+    /// reaches, with its endpoints for that port; `None` for any other
+    /// address, which is then a pod or outside the mesh.
+    pub fn service(&self, dst: SocketAddr) -> Option<Arc<ServiceTarget>> {
+        self.by_service_addr
+            .get(&SocketAddr::new(dst.ip().to_canonical(), dst.port()))
+            .cloned()
+    }
+
+    /// The node a pod of the state runs on (`namespace/name`).
+    pub fn node_of(&self, pod: &str) -> Option<&str> {
+        self.pods.get(pod).map(|p| p.node_name.as_str())
+    }
+
     /// The enrolled pod (on any node) that owns `ip`: a destination that
     /// is reached through an HBONE tunnel. `None` also for an ambiguous
     /// IP; callers that could send plaintext use [`Snapshot::destination`].
@@ -219,6 +244,9 @@ impl Snapshot {
 #[derive(Clone, Debug)]
 pub struct Store {
     tx: Arc<watch::Sender<Arc<Snapshot>>>,
+    /// Endpoint choice for Services: its open-connection counts and
+    /// affinities outlive any one snapshot.
+    balancer: Arc<Balancer>,
 }
 
 impl Default for Store {
@@ -231,7 +259,10 @@ impl Store {
     /// An empty store.
     pub fn new() -> Self {
         let (tx, _) = watch::channel(Arc::new(Snapshot::default()));
-        Store { tx: Arc::new(tx) }
+        Store {
+            tx: Arc::new(tx),
+            balancer: Arc::default(),
+        }
     }
 
     /// Replaces the state; readers see the new snapshot as a whole.
@@ -243,6 +274,11 @@ impl Store {
     /// The current snapshot.
     pub fn current(&self) -> Arc<Snapshot> {
         self.tx.borrow().clone()
+    }
+
+    /// The node's endpoint chooser for Services.
+    pub fn balancer(&self) -> &Arc<Balancer> {
+        &self.balancer
     }
 
     /// A receiver that wakes on every publish.

@@ -11,7 +11,7 @@
 //! and a JSON copy in target/bench/latest.json.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,7 +20,7 @@ use anyhow::{Context, Result, bail};
 use nodeward_testbed::loadgen;
 use nodeward_testbed::netns::nsenter;
 use nodeward_testbed::ztunnel::{self, Ztunnel};
-use nodeward_testbed::{PodSpec, Topology, TopologySpec};
+use nodeward_testbed::{EndpointSpec, PodSpec, ServiceSpec, Topology, TopologySpec};
 use serde_json::json;
 
 /// Bench settings.
@@ -103,6 +103,24 @@ metadata: {name: default, namespace: mesh}
 spec:
   mtls: {mode: STRICT}
 ";
+
+/// ClusterIP of the Service in front of `c:7070` (mesh rows `*_service`).
+const SERVICE_VIP: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 20));
+
+/// Service `echo` (`SERVICE_VIP:7070`) whose one endpoint is `c:7070`: the
+/// same path as to the pod IP, plus the agent's resolution.
+fn echo_service(t: &Topology) -> String {
+    let c = t.pod("c");
+    ServiceSpec {
+        name: "echo".into(),
+        namespace: "mesh".into(),
+        cluster_ips: vec![SERVICE_VIP],
+        ports: vec![(String::new(), 7070, "7070".into(), 7070)],
+        endpoints: vec![EndpointSpec::pod("c", &[c.ip4.into()], &t.nodes[c.node].name)],
+        ..Default::default()
+    }
+    .to_yaml()
+}
 
 /// The proxies of the mode being measured: the agents (mesh) or the
 /// ztunnels (ztunnel column), for their CPU time and memory.
@@ -259,6 +277,11 @@ fn round(t: &Topology, mode: Mode, o: &Options, p: &Proxies, s: &mut Samples) ->
         let pp = loadgen::request_response(&a.netns, dst, 1, 1, None, dur);
         put("pingpong_1_conn_p50_us", pp.p50_us);
         put("pingpong_1_conn_p99_us", pp.p99_us);
+        if mode == Mode::Mesh {
+            // The same through the Service's ClusterIP, resolved by the agent.
+            let pp = loadgen::request_response(&a.netns, SocketAddr::new(SERVICE_VIP, 7070), 1, 1, None, dur);
+            put("pingpong_1_conn_p50_us_service", pp.p50_us);
+        }
         // 16 connections, 100-byte requests, 1 KiB responses, saturated.
         let _sized = loadgen::sized_server(&c.netns, c.v4(7072), 100, 1024);
         let (dst, _relays) = path(t, mode, c.v4(7072));
@@ -276,6 +299,11 @@ fn round(t: &Topology, mode: Mode, o: &Options, p: &Proxies, s: &mut Samples) ->
         let cr = loadgen::connection_rate(&a.netns, dst, 4, 1, dur);
         put("conn_rate_4_loops_1b_cps", cr.cps);
         put("conn_rate_4_loops_1b_p50_us", cr.p50_us);
+        if mode == Mode::Mesh {
+            let cr = loadgen::connection_rate(&a.netns, SocketAddr::new(SERVICE_VIP, 7070), 4, 1, dur);
+            put("conn_rate_4_loops_1b_cps_service", cr.cps);
+            put("conn_rate_4_loops_1b_p50_us_service", cr.p50_us);
+        }
     }
     if matches!(mode, Mode::Mesh | Mode::Ztunnel) {
         put("proxy_rss_after_run_mib", p.rss_mib(t, mode));
@@ -460,6 +488,7 @@ fn main() -> Result<()> {
     };
     let mut t = Topology::build(spec);
     t.apply("strict", PA_STRICT);
+    t.apply("service", &echo_service(&t));
     // The connection-rate client (pod a) and the floor's far relay (pod c)
     // open tens of thousands of connections to one address: let them reuse
     // TIME_WAIT ports, as load generators and proxies are set up to do (the

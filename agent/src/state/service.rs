@@ -1,0 +1,561 @@
+//! Services and their endpoints: what a connection to a ClusterIP reaches.
+//!
+//! [`Service`] and [`EndpointSlice`] are the fields of the API objects the
+//! agent uses. [`Snapshot::index`](super::Snapshot::index) turns them into
+//! one [`ServiceTarget`] per (ClusterIP, port): the Service port and the
+//! endpoints of that address family with their port for it. The choice of
+//! one endpoint per connection ([`Balancer`]) needs state that outlives a
+//! snapshot (open connections, session affinity), so it lives beside the
+//! store, not in it.
+
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Default `sessionAffinityConfig.clientIP.timeoutSeconds` (Kubernetes').
+pub const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(10_800);
+
+/// Most clients remembered for session affinity on the node; past it,
+/// expired entries are dropped and, if none expired, a new client is not
+/// remembered (its connections are balanced like any other).
+pub const MAX_AFFINITY_ENTRIES: usize = 65_536;
+
+/// A `v1/Service`, as far as the agent resolves it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// `spec.clusterIPs` (or `spec.clusterIP`); empty for headless Services.
+    pub cluster_ips: Vec<IpAddr>,
+    /// `spec.ports`.
+    pub ports: Vec<ServicePort>,
+    /// `spec.type` (`ClusterIP` when absent).
+    pub kind: String,
+    /// Whether `spec.selector` is set: a selector-less Service's endpoints
+    /// are whatever someone wrote, possibly outside the cluster.
+    pub has_selector: bool,
+    /// `spec.internalTrafficPolicy: Local`: only endpoints on the client's node.
+    pub internal_local: bool,
+    /// `spec.sessionAffinity: ClientIP` with its timeout.
+    pub affinity: Option<Duration>,
+}
+
+impl Service {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One entry of `spec.ports`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    /// `name` (empty for a single unnamed port).
+    pub name: String,
+    /// `port`: what clients connect to.
+    pub port: u16,
+    /// `targetPort`: a number or a container port name (resolved by the
+    /// endpoint slices, whose ports carry the Service port's name).
+    pub target_port: String,
+    /// `protocol` (`TCP` when absent).
+    pub protocol: String,
+}
+
+/// A `discovery.k8s.io/v1` EndpointSlice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointSlice {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Label `kubernetes.io/service-name`: the Service it belongs to.
+    pub service: String,
+    /// `addressType` (`IPv4`, `IPv6`, `FQDN`).
+    pub address_type: String,
+    /// `ports`: the endpoint port of each Service port, by name.
+    pub ports: Vec<SlicePort>,
+    /// `endpoints`.
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// One entry of a slice's `ports`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlicePort {
+    /// The Service port's name.
+    pub name: String,
+    /// The endpoints' port; `None` when the slice leaves it unset (no
+    /// endpoint serves that Service port).
+    pub port: Option<u16>,
+    /// `protocol` (`TCP` when absent).
+    pub protocol: String,
+}
+
+/// One entry of a slice's `endpoints`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// `addresses`.
+    pub addresses: Vec<IpAddr>,
+    /// `conditions.ready` (absent means ready, as in the API).
+    pub ready: bool,
+    /// `conditions.serving` (absent means as `ready`).
+    pub serving: bool,
+    /// `conditions.terminating` (absent means not).
+    pub terminating: bool,
+    /// `nodeName`.
+    pub node_name: String,
+    /// `targetRef` when it is a Pod: `namespace/name`.
+    pub pod: Option<String>,
+}
+
+/// One endpoint address for one Service port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    /// Endpoint address and port.
+    pub addr: SocketAddr,
+    /// Ready and serving: takes new connections.
+    pub ready: bool,
+    /// Serving while terminating: used only when none is ready.
+    pub serving_terminating: bool,
+    /// Its node.
+    pub node_name: String,
+}
+
+/// What a connection to one (ClusterIP, port) may reach.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceTarget {
+    /// The Service's `namespace/name`.
+    pub service: String,
+    /// The Service port's name: affinity is kept per Service port, as
+    /// kube-proxy keeps it.
+    pub port_name: String,
+    /// `internalTrafficPolicy: Local`.
+    pub internal_local: bool,
+    /// Session affinity timeout, if `ClientIP`.
+    pub affinity: Option<Duration>,
+    /// The endpoints of the ClusterIP's family, with their port for this
+    /// Service port, in slice order.
+    pub candidates: Vec<Candidate>,
+}
+
+/// Builds the targets of every resolvable Service: by (ClusterIP, port).
+///
+/// Headless Services (no ClusterIP), `ExternalName` and non-TCP ports are
+/// left out (connections go through unchanged), and so are selector-less
+/// Services none of whose endpoints is a pod (`is_pod_ip`): their endpoints
+/// are outside the cluster.
+pub fn targets(
+    services: &[Arc<Service>],
+    slices: &[Arc<EndpointSlice>],
+    is_pod_ip: impl Fn(IpAddr) -> bool,
+) -> HashMap<SocketAddr, Arc<ServiceTarget>> {
+    let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+    for s in slices {
+        by_service
+            .entry((s.namespace.as_str(), s.service.as_str()))
+            .or_default()
+            .push(s);
+    }
+    let mut out = HashMap::new();
+    for svc in services {
+        if svc.kind == "ExternalName" || svc.cluster_ips.is_empty() {
+            continue;
+        }
+        let slices = by_service
+            .get(&(svc.namespace.as_str(), svc.name.as_str()))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let any_pod = slices
+            .iter()
+            .flat_map(|s| &s.endpoints)
+            .flat_map(|e| &e.addresses)
+            .any(|ip| is_pod_ip(*ip));
+        if !svc.has_selector && !any_pod {
+            continue;
+        }
+        for sp in svc.ports.iter().filter(|p| p.protocol == "TCP") {
+            for vip in &svc.cluster_ips {
+                let family = if vip.is_ipv4() { "IPv4" } else { "IPv6" };
+                let mut candidates = Vec::new();
+                for slice in slices.iter().filter(|s| s.address_type == family) {
+                    let Some(port) = slice
+                        .ports
+                        .iter()
+                        .find(|p| p.name == sp.name && p.protocol == sp.protocol)
+                        .and_then(|p| p.port)
+                    else {
+                        continue;
+                    };
+                    for e in &slice.endpoints {
+                        for ip in e.addresses.iter().filter(|ip| ip.is_ipv4() == vip.is_ipv4()) {
+                            candidates.push(Candidate {
+                                addr: SocketAddr::new(*ip, port),
+                                ready: e.ready && e.serving && !e.terminating,
+                                serving_terminating: e.serving && e.terminating,
+                                node_name: e.node_name.clone(),
+                            });
+                        }
+                    }
+                }
+                out.insert(
+                    SocketAddr::new(vip.to_canonical(), sp.port),
+                    Arc::new(ServiceTarget {
+                        service: svc.key(),
+                        port_name: sp.name.clone(),
+                        internal_local: svc.internal_local,
+                        affinity: svc.affinity,
+                        candidates,
+                    }),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Picks endpoints for new connections: random with two choices by open
+/// connections, honouring `internalTrafficPolicy: Local` and ClientIP
+/// session affinity. Shared by every pod of the node.
+#[derive(Debug, Default)]
+pub struct Balancer {
+    /// Open connections per endpoint, on this node.
+    open: Mutex<HashMap<SocketAddr, usize>>,
+    /// (Service, port name, client IP) → endpoint, and when the client
+    /// last used it.
+    affinity: Mutex<HashMap<AffinityKey, (SocketAddr, Instant)>>,
+    /// Random source state.
+    seed: AtomicU64,
+    hasher: RandomState,
+}
+
+/// Whose affinity: (Service, port name, client IP).
+type AffinityKey = (String, String, IpAddr);
+
+/// An open connection to an endpoint; counted until dropped.
+#[derive(Debug)]
+pub struct OpenGuard {
+    balancer: Arc<Balancer>,
+    addr: SocketAddr,
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        let mut open = self.balancer.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.addr) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.addr);
+            }
+        }
+    }
+}
+
+impl OpenGuard {
+    /// The endpoint chosen.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Balancer {
+    /// A random number (not for secrets: spreading load only).
+    fn random(&self) -> u64 {
+        self.hasher.hash_one(self.seed.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Open connections to `addr` through this node's agent.
+    pub fn open_count(&self, addr: SocketAddr) -> usize {
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&addr)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Chooses an endpoint of `target` for a connection from `client` on
+    /// `node` and counts it open until the guard drops; `None` when no
+    /// endpoint may take it (the connection is refused).
+    pub fn pick(self: &Arc<Self>, target: &ServiceTarget, node: &str, client: IpAddr) -> Option<OpenGuard> {
+        self.pick_at(target, node, client, Instant::now())
+    }
+
+    fn pick_at(
+        self: &Arc<Self>,
+        target: &ServiceTarget,
+        node: &str,
+        client: IpAddr,
+        now: Instant,
+    ) -> Option<OpenGuard> {
+        let local = |c: &&Candidate| !target.internal_local || c.node_name == node;
+        let mut pool: Vec<&Candidate> = target.candidates.iter().filter(local).filter(|c| c.ready).collect();
+        if pool.is_empty() {
+            pool = target
+                .candidates
+                .iter()
+                .filter(local)
+                .filter(|c| c.serving_terminating)
+                .collect();
+        }
+        if pool.is_empty() {
+            return None;
+        }
+        let sticky = target.affinity.and_then(|timeout| {
+            let aff = self.affinity.lock().unwrap_or_else(|e| e.into_inner());
+            aff.get(&(target.service.clone(), target.port_name.clone(), client))
+                .filter(|(addr, at)| now.duration_since(*at) < timeout && pool.iter().any(|c| c.addr == *addr))
+                .map(|(addr, _)| *addr)
+        });
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let addr = sticky.unwrap_or_else(|| {
+            let n = pool.len() as u64;
+            let i = (self.random() % n) as usize;
+            let j = if n > 1 {
+                // A second, different endpoint.
+                (i + 1 + (self.random() % (n - 1)) as usize) % pool.len()
+            } else {
+                i
+            };
+            let load = |c: &Candidate| open.get(&c.addr).copied().unwrap_or(0);
+            if load(pool[j]) < load(pool[i]) {
+                pool[j].addr
+            } else {
+                pool[i].addr
+            }
+        });
+        *open.entry(addr).or_insert(0) += 1;
+        drop(open);
+        if let Some(timeout) = target.affinity {
+            self.remember(
+                (target.service.clone(), target.port_name.clone(), client),
+                addr,
+                now,
+                timeout,
+            );
+        }
+        Some(OpenGuard {
+            balancer: self.clone(),
+            addr,
+        })
+    }
+
+    fn remember(&self, key: AffinityKey, addr: SocketAddr, now: Instant, timeout: Duration) {
+        let mut aff = self.affinity.lock().unwrap_or_else(|e| e.into_inner());
+        if aff.len() >= MAX_AFFINITY_ENTRIES && !aff.contains_key(&key) {
+            aff.retain(|_, (_, at)| now.duration_since(*at) < timeout);
+            if aff.len() >= MAX_AFFINITY_ENTRIES {
+                return;
+            }
+        }
+        aff.insert(key, (addr, now));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(ip: &str, node: &str, ready: bool, terminating: bool) -> Endpoint {
+        Endpoint {
+            addresses: vec![ip.parse().unwrap()],
+            ready,
+            serving: ready || terminating,
+            terminating,
+            node_name: node.into(),
+            pod: None,
+        }
+    }
+
+    fn svc(ports: Vec<ServicePort>) -> Service {
+        Service {
+            namespace: "shop".into(),
+            name: "web".into(),
+            cluster_ips: vec!["10.96.0.10".parse().unwrap(), "fd00:96::10".parse().unwrap()],
+            ports,
+            kind: "ClusterIP".into(),
+            has_selector: true,
+            internal_local: false,
+            affinity: None,
+        }
+    }
+
+    fn port(name: &str, port: u16, target: &str) -> ServicePort {
+        ServicePort {
+            name: name.into(),
+            port,
+            target_port: target.into(),
+            protocol: "TCP".into(),
+        }
+    }
+
+    fn slice(family: &str, ports: &[(&str, u16)], endpoints: Vec<Endpoint>) -> EndpointSlice {
+        EndpointSlice {
+            namespace: "shop".into(),
+            name: format!("web-{family}"),
+            service: "web".into(),
+            address_type: family.into(),
+            ports: ports
+                .iter()
+                .map(|(n, p)| SlicePort {
+                    name: (*n).into(),
+                    port: Some(*p),
+                    protocol: "TCP".into(),
+                })
+                .collect(),
+            endpoints,
+        }
+    }
+
+    fn target_of(svc: Service, slices: Vec<EndpointSlice>, vip: &str) -> Arc<ServiceTarget> {
+        let slices: Vec<_> = slices.into_iter().map(Arc::new).collect();
+        let t = targets(&[Arc::new(svc)], &slices, |_| true);
+        t[&vip.parse::<SocketAddr>().unwrap()].clone()
+    }
+
+    #[test]
+    fn service_ports_map_to_endpoint_ports_by_name_per_family() {
+        let s = svc(vec![port("http", 80, "web-http"), port("admin", 81, "9000")]);
+        let slices = vec![
+            slice(
+                "IPv4",
+                &[("http", 8080), ("admin", 9000)],
+                vec![ep("10.1.1.1", "n1", true, false)],
+            ),
+            slice("IPv6", &[("http", 8086)], vec![ep("fd00:1::1", "n1", true, false)]),
+        ];
+        let all = targets(
+            &[Arc::new(s)],
+            &slices.into_iter().map(Arc::new).collect::<Vec<_>>(),
+            |_| true,
+        );
+        let addrs = |vip: &str| -> Vec<String> {
+            all[&vip.parse::<SocketAddr>().unwrap()]
+                .candidates
+                .iter()
+                .map(|c| c.addr.to_string())
+                .collect()
+        };
+        assert_eq!(addrs("10.96.0.10:80"), ["10.1.1.1:8080"], "named targetPort");
+        assert_eq!(addrs("10.96.0.10:81"), ["10.1.1.1:9000"]);
+        assert_eq!(
+            addrs("[fd00:96::10]:80"),
+            ["[fd00:1::1]:8086"],
+            "IPv6 ClusterIP, IPv6 slice"
+        );
+        assert!(addrs("[fd00:96::10]:81").is_empty(), "no IPv6 endpoint port for admin");
+    }
+
+    #[test]
+    fn headless_external_name_and_selectorless_outside_services_are_not_resolved() {
+        let mut headless = svc(vec![port("", 80, "80")]);
+        headless.cluster_ips.clear();
+        let mut external = svc(vec![port("", 80, "80")]);
+        external.kind = "ExternalName".into();
+        let mut manual = svc(vec![port("", 80, "80")]);
+        manual.has_selector = false;
+        let slices = vec![Arc::new(slice(
+            "IPv4",
+            &[("", 80)],
+            vec![ep("192.0.2.1", "", true, false)],
+        ))];
+        for (name, s) in [
+            ("headless", headless),
+            ("ExternalName", external),
+            ("selector-less", manual),
+        ] {
+            assert!(targets(&[Arc::new(s)], &slices, |_| false).is_empty(), "{name}");
+        }
+        let mut manual_to_pods = svc(vec![port("", 80, "80")]);
+        manual_to_pods.has_selector = false;
+        assert!(!targets(&[Arc::new(manual_to_pods)], &slices, |_| true).is_empty());
+    }
+
+    #[test]
+    fn two_choices_go_to_the_endpoint_with_fewer_open_connections() {
+        let s = svc(vec![port("", 80, "8080")]);
+        let client = "10.1.1.100".parse().unwrap();
+        let b = Arc::new(Balancer::default());
+        // Two endpoints: both are always the two choices, so held
+        // connections alternate exactly (random choice would not).
+        let eps = (1..=2).map(|i| ep(&format!("10.1.1.{i}"), "n1", true, false)).collect();
+        let t = target_of(s.clone(), vec![slice("IPv4", &[("", 8080)], eps)], "10.96.0.10:80");
+        let held: Vec<OpenGuard> = (0..20).map(|_| b.pick(&t, "n1", client).unwrap()).collect();
+        for c in &t.candidates {
+            assert_eq!(b.open_count(c.addr), 10, "{}", c.addr);
+        }
+        drop(held);
+        assert!(
+            t.candidates.iter().all(|c| b.open_count(c.addr) == 0),
+            "closed connections are uncounted"
+        );
+        // Three endpoints: every one takes its share.
+        let eps = (1..=3).map(|i| ep(&format!("10.1.1.{i}"), "n1", true, false)).collect();
+        let t = target_of(s, vec![slice("IPv4", &[("", 8080)], eps)], "10.96.0.10:80");
+        let _held: Vec<OpenGuard> = (0..30).map(|_| b.pick(&t, "n1", client).unwrap()).collect();
+        for c in &t.candidates {
+            let n = b.open_count(c.addr);
+            assert!((6..=14).contains(&n), "{} has {n} of 30", c.addr);
+        }
+    }
+
+    #[test]
+    fn not_ready_local_and_terminating_endpoints() {
+        let s = svc(vec![port("", 80, "8080")]);
+        let eps = vec![
+            ep("10.1.1.1", "n1", false, false),
+            ep("10.1.1.2", "n2", true, false),
+            ep("10.1.1.3", "n1", false, true),
+        ];
+        let t = target_of(s.clone(), vec![slice("IPv4", &[("", 8080)], eps)], "10.96.0.10:80");
+        let b = Arc::new(Balancer::default());
+        let client = "10.1.1.100".parse().unwrap();
+        for _ in 0..20 {
+            assert_eq!(b.pick(&t, "n1", client).unwrap().addr().to_string(), "10.1.1.2:8080");
+        }
+        let mut local = s;
+        local.internal_local = true;
+        let eps = vec![
+            ep("10.1.1.1", "n1", false, false),
+            ep("10.1.1.2", "n2", true, false),
+            ep("10.1.1.3", "n1", false, true),
+        ];
+        let t = target_of(local, vec![slice("IPv4", &[("", 8080)], eps)], "10.96.0.10:80");
+        assert_eq!(
+            b.pick(&t, "n1", client).unwrap().addr().to_string(),
+            "10.1.1.3:8080",
+            "Local: the node's serving terminating endpoint when none of its own is ready"
+        );
+        assert!(b.pick(&t, "n3", client).is_none(), "Local with no endpoint on the node");
+    }
+
+    #[test]
+    fn client_ip_affinity_sticks_until_its_timeout() {
+        let mut s = svc(vec![port("", 80, "8080")]);
+        s.affinity = Some(Duration::from_secs(60));
+        let eps = (1..=4).map(|i| ep(&format!("10.1.1.{i}"), "n1", true, false)).collect();
+        let t = target_of(s, vec![slice("IPv4", &[("", 8080)], eps)], "10.96.0.10:80");
+        let b = Arc::new(Balancer::default());
+        let client: IpAddr = "10.1.1.100".parse().unwrap();
+        let t0 = Instant::now();
+        let first = b.pick_at(&t, "n1", client, t0).unwrap().addr();
+        // Held open, so two choices alone would move on.
+        let held: Vec<_> = (0..20)
+            .map(|i| b.pick_at(&t, "n1", client, t0 + Duration::from_secs(i)).unwrap())
+            .collect();
+        assert!(held.iter().all(|g| g.addr() == first));
+        let other: IpAddr = "10.1.1.101".parse().unwrap();
+        assert_ne!(
+            b.pick_at(&t, "n1", other, t0).unwrap().addr(),
+            first,
+            "another client is balanced"
+        );
+        let later = b.pick_at(&t, "n1", client, t0 + Duration::from_secs(19 + 61)).unwrap();
+        assert_ne!(later.addr(), first, "after the timeout the loaded endpoint is left");
+    }
+}
