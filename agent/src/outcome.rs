@@ -73,11 +73,14 @@ pub enum CloseReason {
     /// It was addressed to the agent itself (a pod's loopback listener or
     /// an agent port), which would make the agent dial its own listeners.
     LoopRefused,
+    /// Plaintext (or nothing) to a destination outside the mesh under
+    /// egress `tls-only`, and not allow-listed.
+    EgressPlaintext,
 }
 
 impl CloseReason {
     /// Every close reason, in the order README.md lists them.
-    pub const ALL: [CloseReason; 20] = [
+    pub const ALL: [CloseReason; 21] = [
         CloseReason::Done,
         CloseReason::IdleTimeout,
         CloseReason::PeerReset,
@@ -98,6 +101,7 @@ impl CloseReason {
         CloseReason::PolicyDenied,
         CloseReason::PolicyChanged,
         CloseReason::LoopRefused,
+        CloseReason::EgressPlaintext,
     ];
 
     /// The stable name used in logs and metric labels.
@@ -123,6 +127,7 @@ impl CloseReason {
             CloseReason::PolicyDenied => "policy_denied",
             CloseReason::PolicyChanged => "policy_changed",
             CloseReason::LoopRefused => "loop_refused",
+            CloseReason::EgressPlaintext => "egress_plaintext",
         }
     }
 

@@ -14,9 +14,11 @@ use crate::identity::ca::{CA_CERT, CA_KEY, ROOT_CERT};
 use crate::identity::manager::IdentityConfig;
 use crate::identity::trust::UnknownStatus;
 use crate::proxy::ProxyConfig;
+use crate::proxy::egress::EgressConfig;
 use crate::proxy::hbone::H2Settings;
 use crate::proxy::limits::LimitConfig;
 use crate::proxy::relay::RelayOptions;
+use crate::state::workload::parse_allow_list;
 
 /// Everything `nodeward run` is wired from, checked as a whole.
 #[derive(Clone, Debug)]
@@ -123,6 +125,14 @@ pub enum Problem {
         /// What is wrong with it.
         problem: String,
     },
+    /// A value the flag's syntax does not allow.
+    #[error("{}: {problem}", named(.flag))]
+    Invalid {
+        /// The flag, without `--`.
+        flag: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// A flag that only means something with `--ca-dir`.
     #[error("{} is given without {}: without a CA there are no identities to check", named(.flag), named("ca-dir"))]
     NeedsCaDir {
@@ -141,6 +151,7 @@ impl Problem {
             | Problem::TooLong { flag, .. }
             | Problem::Empty { flag }
             | Problem::Path { flag, .. }
+            | Problem::Invalid { flag, .. }
             | Problem::NeedsCaDir { flag } => flag,
         }
     }
@@ -393,6 +404,16 @@ impl Config {
             c.file("deny-identities", deny);
         }
 
+        // Egress: a bad allow-list entry stops the start rather than being
+        // skipped, since the operator is there to fix it.
+        let (egress_allow, bad) = parse_allow_list(&a.egress_allow.join(","));
+        for e in bad {
+            c.0.push(Problem::Invalid {
+                flag: "egress-allow",
+                problem: e.to_string(),
+            });
+        }
+
         if !c.0.is_empty() {
             return Err(ConfigErrors(c.0));
         }
@@ -430,6 +451,10 @@ impl Config {
                 relay: RelayOptions {
                     idle_timeout: idle,
                     buffer_size: n(a.buffer_size),
+                },
+                egress: EgressConfig {
+                    default: a.egress_default,
+                    allow: egress_allow,
                 },
             },
             h2: H2Settings {
@@ -635,6 +660,7 @@ mod tests {
             (&["--crl", &file], "crl"),
             (&["--deny-identities", &file], "deny-identities"),
             (&["--revocation-unknown", "refuse"], "revocation-unknown"),
+            (&["--egress-allow", "10.0.0.0/8,example.com:443"], "egress-allow"),
         ];
         for (extra, flag) in table {
             let found = problems(d.path(), extra);

@@ -226,6 +226,7 @@ fn parse_value(value: serde_norway::Value, at: &At<'_>, out: &mut Vec<Object>) -
             out.push(Object::Namespace(Namespace {
                 name: metadata.name,
                 labels: metadata.labels,
+                annotations: metadata.annotations,
             }));
         }
         ("v1", "Pod") => {
