@@ -104,7 +104,9 @@ fn getsockname_shows_the_pod_address_and_the_socket_port_but_loopback_stays_loop
         assert!(local.ip().is_loopback(), "loopback connection's getsockname: {local}");
         assert_eq!(seen.peer, local, "the loopback server sees the same endpoint");
     }
-    assert!(open.local_addr().unwrap().ip() == std::net::IpAddr::V4(a.ip4));
+    assert_eq!(open.local_addr().unwrap().ip(), std::net::IpAddr::V4(a.ip4));
+    // The kernel's own table still shows the captured connection on loopback.
+    assert!(traffic::captured(&a.netns, c.v4(8080)).unwrap(), "captured");
 }
 
 #[test]
