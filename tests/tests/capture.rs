@@ -86,11 +86,19 @@ fn getsockname_shows_the_pod_address_and_the_socket_port_but_loopback_stays_loop
     for (src, dst, want) in [
         ("0.0.0.0:47311", c.v4(8080), a.v4(47311)),
         ("[::]:47312", c.v6(8086), a.v6(47312)),
-        ("[::]:47313", mapped, format!("[::ffff:{}]:47313", a.ip4).parse().unwrap()),
+        (
+            "[::]:47313",
+            mapped,
+            format!("[::ffff:{}]:47313", a.ip4).parse().unwrap(),
+        ),
     ] {
         let s = traffic::connect_bound(&a.netns, src.parse().unwrap(), dst, WAIT).unwrap();
         traffic::read_greeting(&s).unwrap();
-        assert_eq!(s.local_addr().unwrap(), want, "getsockname of a captured socket to {dst}");
+        assert_eq!(
+            s.local_addr().unwrap(),
+            want,
+            "getsockname of a captured socket to {dst}"
+        );
         assert_eq!(s.peer_addr().unwrap(), dst, "getpeername of a captured socket to {dst}");
     }
     // The pod's own loopback connections are not captured and keep showing

@@ -20,11 +20,7 @@ const SERVER_NAME: &str = "outside.example";
 /// The two-node cluster with node 1's pods `a`, `b` and `e` annotated as
 /// given (`None`: no annotation), and the agents started with the flags
 /// `flags` makes from the built topology (its addresses).
-fn cluster(
-    test: &str,
-    [a, b, e]: [Option<&str>; 3],
-    flags: impl FnOnce(&Topology) -> Vec<String>,
-) -> Option<Topology> {
+fn cluster(test: &str, [a, b, e]: [Option<&str>; 3], flags: impl FnOnce(&Topology) -> Vec<String>) -> Option<Topology> {
     if !privileged_or_skip(test) {
         return None;
     }
@@ -56,7 +52,10 @@ fn tls_echo(s: TcpStream) {
         .with_no_client_auth()
         .with_single_cert(vec![c.cert.der().clone()], key)
         .unwrap();
-    let peer = s.peer_addr().map(|a| a.ip().to_canonical().to_string()).unwrap_or_default();
+    let peer = s
+        .peer_addr()
+        .map(|a| a.ip().to_canonical().to_string())
+        .unwrap_or_default();
     let conn = rustls::ServerConnection::new(Arc::new(config)).unwrap();
     let mut tls = rustls::StreamOwned::new(conn, s);
     let mut line = String::new();
@@ -128,13 +127,19 @@ fn tls_only_lets_the_apps_own_tls_through_refuses_plaintext_and_passes_the_allow
     // it), and the server sees the pod's address.
     let answer = tls_hello(&a.netns, d.v4(8443)).unwrap();
     assert_eq!(answer, format!("tls peer={} got=hello\n", a.ip4));
-    let out = t.agent(0).wait_connection("outbound", &d.v4(8443).to_string(), WAIT).unwrap();
+    let out = t
+        .agent(0)
+        .wait_connection("outbound", &d.v4(8443).to_string(), WAIT)
+        .unwrap();
     assert_eq!(out["reason"], "done");
     assert_eq!(out["transport"], "passthrough");
 
     // Plaintext is refused before the server is even dialled: no greeting.
     let back = plaintext_request(&a.netns, d.v4(8080));
-    assert!(!back.contains("peer="), "plaintext reached the outside server: {back:?}");
+    assert!(
+        !back.contains("peer="),
+        "plaintext reached the outside server: {back:?}"
+    );
     let out = t
         .agent(0)
         .wait_connection("outbound", &d.v4(8080).to_string(), WAIT)
@@ -143,9 +148,14 @@ fn tls_only_lets_the_apps_own_tls_through_refuses_plaintext_and_passes_the_allow
     assert_eq!(out["pod"], "mesh/a");
     let warned = t
         .agent(0)
-        .wait_log(WAIT, |l| l["level"] == "WARN" && l["pod"] == "mesh/a" && l["dst"] == d.v4(8080).to_string())
+        .wait_log(WAIT, |l| {
+            l["level"] == "WARN" && l["pod"] == "mesh/a" && l["dst"] == d.v4(8080).to_string()
+        })
         .unwrap_or_else(|| panic!("no warning:\n{}", t.agent(0).dump()));
-    assert!(warned["message"].as_str().unwrap_or_default().contains("tls-only"), "{warned}");
+    assert!(
+        warned["message"].as_str().unwrap_or_default().contains("tls-only"),
+        "{warned}"
+    );
     assert!(stats(&t, 0).contains("reason=\"egress_plaintext\""), "not counted");
 
     // An allow-listed destination passes in plaintext, server-first too.

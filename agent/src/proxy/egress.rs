@@ -72,7 +72,11 @@ pub async fn check(ctx: &PodContext, down: &TcpStream, dst: SocketAddr) -> Resul
         },
     };
     if setting.mode == EgressMode::Passthrough
-        || setting.allow.iter().chain(&ctx.config.egress.allow).any(|a| a.matches(dst))
+        || setting
+            .allow
+            .iter()
+            .chain(&ctx.config.egress.allow)
+            .any(|a| a.matches(dst))
     {
         return Ok(());
     }
@@ -201,20 +205,32 @@ mod tests {
         use crate::state::workload::{EGRESS_ALLOW_ANNOTATION, EGRESS_ANNOTATION, Namespace, Pod};
         let mut ns = Namespace::default();
         ns.annotations.insert(EGRESS_ANNOTATION.into(), "tls-only".into());
-        ns.annotations.insert(EGRESS_ALLOW_ANNOTATION.into(), "10.0.0.0/8".into());
+        ns.annotations
+            .insert(EGRESS_ALLOW_ANNOTATION.into(), "10.0.0.0/8".into());
         let mut pod = Pod {
             uid: "egress-test".into(),
             ..Default::default()
         };
-        assert_eq!(egress(&pod, None, EgressMode::Passthrough).mode, EgressMode::Passthrough);
+        assert_eq!(
+            egress(&pod, None, EgressMode::Passthrough).mode,
+            EgressMode::Passthrough
+        );
         assert_eq!(egress(&pod, None, EgressMode::TlsOnly).mode, EgressMode::TlsOnly);
-        assert_eq!(egress(&pod, Some(&ns), EgressMode::Passthrough).mode, EgressMode::TlsOnly);
+        assert_eq!(
+            egress(&pod, Some(&ns), EgressMode::Passthrough).mode,
+            EgressMode::TlsOnly
+        );
         pod.annotations.insert(EGRESS_ANNOTATION.into(), "passthrough".into());
-        pod.annotations.insert(EGRESS_ALLOW_ANNOTATION.into(), "192.0.2.1:25, nonsense".into());
+        pod.annotations
+            .insert(EGRESS_ALLOW_ANNOTATION.into(), "192.0.2.1:25, nonsense".into());
         let e = egress(&pod, Some(&ns), EgressMode::TlsOnly);
         assert_eq!(e.mode, EgressMode::Passthrough, "the pod wins");
         assert_eq!(e.allow.len(), 2, "both allow lists, bad entries skipped: {:?}", e.allow);
-        pod.annotations.insert(EGRESS_ANNOTATION.into(), "plaintext-please".into());
-        assert_eq!(egress(&pod, Some(&ns), EgressMode::Passthrough).mode, EgressMode::TlsOnly);
+        pod.annotations
+            .insert(EGRESS_ANNOTATION.into(), "plaintext-please".into());
+        assert_eq!(
+            egress(&pod, Some(&ns), EgressMode::Passthrough).mode,
+            EgressMode::TlsOnly
+        );
     }
 }

@@ -317,9 +317,12 @@ pub fn egress(pod: &Pod, ns: Option<&Namespace>, default: EgressMode) -> Egress 
         }),
     };
     let mut allow = Vec::new();
-    for value in [ns_annotations.and_then(|a| a.get(EGRESS_ALLOW_ANNOTATION)), pod.annotations.get(EGRESS_ALLOW_ANNOTATION)]
-        .into_iter()
-        .flatten()
+    for value in [
+        ns_annotations.and_then(|a| a.get(EGRESS_ALLOW_ANNOTATION)),
+        pod.annotations.get(EGRESS_ALLOW_ANNOTATION),
+    ]
+    .into_iter()
+    .flatten()
     {
         let (mut entries, bad) = parse_allow_list(value);
         if !bad.is_empty() && first_report(&pod.uid, EGRESS_ALLOW_ANNOTATION, value) {
