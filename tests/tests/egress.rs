@@ -119,7 +119,9 @@ fn tls_only_lets_the_apps_own_tls_through_refuses_plaintext_and_passes_the_allow
     };
     let (a, b, d) = (t.pod("a"), t.pod("b"), t.pod("d"));
     let _tls = serve(&d.netns, d.v4(8443), tls_echo);
+    let _tls6 = serve(&d.netns, d.v6(8443), tls_echo);
     let _plain = serve(&d.netns, d.v4(8080), info_echo);
+    let _plain6 = serve(&d.netns, d.v6(8080), info_echo);
     let _allowed = serve(&d.netns, d.v4(8081), info_echo);
 
     // The app's own TLS reaches the outside server end to end: the server's
@@ -133,6 +135,15 @@ fn tls_only_lets_the_apps_own_tls_through_refuses_plaintext_and_passes_the_allow
         .unwrap();
     assert_eq!(out["reason"], "done");
     assert_eq!(out["transport"], "passthrough");
+
+    // IPv6 alike.
+    let answer = tls_hello(&a.netns, d.v6(8443)).unwrap();
+    assert_eq!(answer, format!("tls peer={} got=hello\n", a.ip6));
+    let back = plaintext_request(&a.netns, d.v6(8080));
+    assert!(
+        !back.contains("peer="),
+        "IPv6 plaintext reached the outside server: {back:?}"
+    );
 
     // Plaintext is refused before the server is even dialled: no greeting.
     let back = plaintext_request(&a.netns, d.v4(8080));
@@ -149,7 +160,7 @@ fn tls_only_lets_the_apps_own_tls_through_refuses_plaintext_and_passes_the_allow
     let warned = t
         .agent(0)
         .wait_log(WAIT, |l| {
-            l["level"] == "WARN" && l["pod"] == "mesh/a" && l["dst"] == d.v4(8080).to_string()
+            l["level"] == "WARN" && l["pod"] == "mesh/a" && l["dst"].is_string()
         })
         .unwrap_or_else(|| panic!("no warning:\n{}", t.agent(0).dump()));
     assert!(

@@ -382,6 +382,18 @@ status:
     }
 
     #[test]
+    fn namespace_annotations_are_read() {
+        let objs = parse(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  annotations: {nodeward.io/egress: tls-only}\n",
+        )
+        .unwrap();
+        let [Object::Namespace(ns)] = &objs[..] else {
+            panic!("one namespace expected")
+        };
+        assert_eq!(ns.annotations["nodeward.io/egress"], "tls-only");
+    }
+
+    #[test]
     fn empty_service_account_means_default() {
         let objs = parse("apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: b}\n").unwrap();
         let Object::Pod(p) = &objs[0] else { panic!() };
