@@ -221,6 +221,18 @@ fn the_egress_default_flag_applies_unless_the_pod_says_and_an_invalid_value_is_t
         "no warning about the invalid value:\n{}",
         t.agent(0).dump()
     );
+    // A client that never sends (as for a server-first protocol) is
+    // refused after the bounded wait, not held open and not let through.
+    let mut silent = traffic::connect(&b.netns, d.v4(8080)).unwrap();
+    let mut back = Vec::new();
+    match silent.read_to_end(&mut back) {
+        Ok(_) => {}
+        Err(e) => assert!(
+            !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+            "a silent client was held open: {e}"
+        ),
+    }
+    assert!(back.is_empty(), "a silent client reached the server: {back:?}");
     // TLS still passes under the default.
     let answer = tls_hello(&b.netns, d.v4(8443)).unwrap();
     assert_eq!(answer, format!("tls peer={} got=hello\n", b.ip4));
