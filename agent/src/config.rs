@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::state::workload::EgressMode;
+
 mod check;
 
 pub use check::{Config, ConfigErrors, Problem, SourceConfig};
@@ -443,6 +445,18 @@ pub struct RunArgs {
     /// Such handshakes from one remote IP.
     #[arg(long, env = "NODEWARD_MAX_HANDSHAKES_PER_PEER", default_value_t = defaults::MAX_HANDSHAKES_PER_PEER)]
     pub max_handshakes_per_peer: u32,
+
+    /// What connections to destinations outside the mesh may carry, for
+    /// pods whose `nodeward.io/egress` annotation (pod or namespace) does
+    /// not say: `passthrough` (anything) or `tls-only` (a TLS ClientHello
+    /// first, unless allow-listed).
+    #[arg(long, env = "NODEWARD_EGRESS_DEFAULT", value_enum, default_value_t = EgressMode::Passthrough)]
+    pub egress_default: EgressMode,
+
+    /// Destinations outside the mesh every pod may reach even in plaintext
+    /// under `tls-only`: `CIDR[:PORT],...` (e.g. `10.0.0.0/8,192.0.2.1:25`).
+    #[arg(long, env = "NODEWARD_EGRESS_ALLOW", value_delimiter = ',')]
+    pub egress_allow: Vec<String>,
 }
 
 /// `--source`: where the cluster's objects come from.

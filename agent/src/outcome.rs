@@ -76,11 +76,14 @@ pub enum CloseReason {
     /// Addressed to a Service none of whose endpoints may take it (none
     /// ready, or none on the node under `internalTrafficPolicy: Local`).
     NoEndpoint,
+    /// Plaintext (or nothing) to a destination outside the mesh under
+    /// egress `tls-only`, and not allow-listed.
+    EgressPlaintext,
 }
 
 impl CloseReason {
     /// Every close reason, in the order README.md lists them.
-    pub const ALL: [CloseReason; 21] = [
+    pub const ALL: [CloseReason; 22] = [
         CloseReason::Done,
         CloseReason::IdleTimeout,
         CloseReason::PeerReset,
@@ -102,6 +105,7 @@ impl CloseReason {
         CloseReason::PolicyChanged,
         CloseReason::LoopRefused,
         CloseReason::NoEndpoint,
+        CloseReason::EgressPlaintext,
     ];
 
     /// The stable name used in logs and metric labels.
@@ -128,6 +132,7 @@ impl CloseReason {
             CloseReason::PolicyChanged => "policy_changed",
             CloseReason::LoopRefused => "loop_refused",
             CloseReason::NoEndpoint => "no_endpoint",
+            CloseReason::EgressPlaintext => "egress_plaintext",
         }
     }
 

@@ -65,6 +65,10 @@ pub mod names {
     pub const NW_GETPEER4: &str = "nw_getpeer4";
     /// Program: `getpeername()`/`accept()` of IPv6 sockets.
     pub const NW_GETPEER6: &str = "nw_getpeer6";
+    /// Program: `getsockname()` of IPv4 sockets.
+    pub const NW_GETSOCK4: &str = "nw_getsock4";
+    /// Program: `getsockname()` of IPv6 sockets.
+    pub const NW_GETSOCK6: &str = "nw_getsock6";
     /// Program: inbound steering, one instance per pod (`sk_lookup`).
     pub const NW_SK_LOOKUP: &str = "nw_sk_lookup";
 
@@ -101,6 +105,8 @@ pub mod names {
         NW_SOCKOPS,
         NW_GETPEER4,
         NW_GETPEER6,
+        NW_GETSOCK4,
+        NW_GETSOCK6,
         NW_SK_LOOKUP,
     ];
     /// Every map, for checks that each is in the object.

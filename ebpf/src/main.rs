@@ -12,6 +12,8 @@
 //!   hop's endpoint the moment `connect()` has chosen it.
 //! * `nw_getpeer4`/`nw_getpeer6` (`getpeer.rs`) make `getpeername()`/
 //!   `accept()` show apps the peers they would see without the mesh.
+//! * `nw_getsock4`/`nw_getsock6` (`getsock.rs`) make `getsockname()` on a
+//!   captured outbound socket show the pod's own address, not loopback.
 //! * `nw_sk_lookup` (`sk_lookup.rs`; attached to each pod's network
 //!   namespace, one instance per pod) steers every inbound TCP connection to
 //!   the agent's listeners, and drops it when the agent is not there (fail
@@ -27,6 +29,7 @@
 
 mod connect;
 mod getpeer;
+mod getsock;
 mod helpers;
 mod maps;
 mod sk_lookup;

@@ -280,3 +280,28 @@ pub fn pattern(seed: u64, buf: &mut [u8]) {
 pub fn unmapped(a: SocketAddr) -> SocketAddr {
     SocketAddr::new(a.ip().to_canonical(), a.port())
 }
+
+/// Whether a connection from `netns` to `dst` is captured: the kernel's
+/// socket table (which no `getsockname`/`getpeername` hook rewrites) shows
+/// it connected to the agent's outbound listener, port 15001. Apps see the
+/// pod's address either way, so their own view cannot tell.
+pub fn captured(netns: &str, dst: SocketAddr) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    let s = connect(netns, dst)?;
+    let inode = std::fs::metadata(format!("/proc/self/fd/{}", s.as_raw_fd()))?.ino();
+    let remote_port = run_in(netns, move || -> io::Result<Option<u16>> {
+        for table in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
+            for line in std::fs::read_to_string(table)?.lines().skip(1) {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                if fields.get(9).and_then(|i| i.parse::<u64>().ok()) == Some(inode) {
+                    let port = fields[2].rsplit(':').next().unwrap_or("");
+                    return Ok(u16::from_str_radix(port, 16).ok());
+                }
+            }
+        }
+        Ok(None)
+    })?;
+    drop(s);
+    Ok(remote_port == Some(15001))
+}

@@ -27,13 +27,12 @@ fn cross_node_connections_are_captured_on_both_ends_ipv4_ipv6_and_mapped() {
 
     for (dst, want_peer) in [(c.v4(8080), a.v4(0)), (c.v6(8086), a.v6(0)), (mapped, a.v4(0))] {
         let (seen, client_peer, client_local) = round_trip(&a.netns, dst, b"hello through the mesh").unwrap();
-        // The app sees the destination it asked for as its peer ...
+        // The app sees the destination it asked for as its peer, and its own
+        // pod address as its local one (in the socket's family), though its
+        // connection really went to the agent on loopback.
         assert_eq!(client_peer, dst, "client's getpeername");
-        // ... while its connection really went to the agent on loopback.
-        assert!(
-            client_local.ip().is_loopback() || client_local.ip().to_canonical().is_loopback(),
-            "captured: {client_local}"
-        );
+        assert_eq!(client_local.ip(), want_local(dst, want_peer), "client's getsockname");
+        assert_ne!(client_local.port(), 0, "client's getsockname port");
         // The server sees the real client pod, not the agent's hop.
         assert_eq!(seen.peer.ip().to_canonical(), want_peer.ip(), "server's accept() peer");
         let d = traffic::unmapped(dst).to_string();
@@ -59,6 +58,63 @@ fn cross_node_connections_are_captured_on_both_ends_ipv4_ipv6_and_mapped() {
             want_peer.ip()
         );
     }
+}
+
+/// The local address a client socket to `dst` should show: the pod's own
+/// address of `dst`'s family, IPv4-mapped for a mapped destination.
+fn want_local(dst: SocketAddr, pod: SocketAddr) -> std::net::IpAddr {
+    match (dst, pod.ip()) {
+        (SocketAddr::V6(d), std::net::IpAddr::V4(p)) if d.ip().to_ipv4_mapped().is_some() => p.to_ipv6_mapped().into(),
+        _ => pod.ip(),
+    }
+}
+
+#[test]
+fn getsockname_shows_the_pod_address_and_the_socket_port_but_loopback_stays_loopback() {
+    let _g = shared();
+    let Some(t) = cluster("getsockname_shows_the_pod_address_and_the_socket_port_but_loopback_stays_loopback") else {
+        return;
+    };
+    let (a, c) = (t.pod("a"), t.pod("c"));
+    let _s4 = serve(&c.netns, c.v4(8080), info_echo);
+    let _s6 = serve(&c.netns, c.v6(8086), info_echo);
+    let _l4 = serve(&a.netns, "127.0.0.1:8087".parse().unwrap(), info_echo);
+    let _l6 = serve(&a.netns, "[::1]:8088".parse().unwrap(), info_echo);
+    let mapped: SocketAddr = format!("[::ffff:{}]:8080", c.ip4).parse().unwrap();
+
+    // An app that binds its own port keeps it: only the address changes.
+    for (src, dst, want) in [
+        ("0.0.0.0:47311", c.v4(8080), a.v4(47311)),
+        ("[::]:47312", c.v6(8086), a.v6(47312)),
+        (
+            "[::]:47313",
+            mapped,
+            format!("[::ffff:{}]:47313", a.ip4).parse().unwrap(),
+        ),
+    ] {
+        let s = traffic::connect_bound(&a.netns, src.parse().unwrap(), dst, WAIT).unwrap();
+        traffic::read_greeting(&s).unwrap();
+        assert_eq!(
+            s.local_addr().unwrap(),
+            want,
+            "getsockname of a captured socket to {dst}"
+        );
+        assert_eq!(s.peer_addr().unwrap(), dst, "getpeername of a captured socket to {dst}");
+    }
+    // The pod's own loopback connections are not captured and keep showing
+    // loopback, with a captured connection open beside them.
+    let open = traffic::connect(&a.netns, c.v4(8080)).unwrap();
+    for dst in ["127.0.0.1:8087", "[::1]:8088"] {
+        let dst: SocketAddr = dst.parse().unwrap();
+        let s = traffic::connect(&a.netns, dst).unwrap();
+        let seen = traffic::read_greeting(&s).unwrap();
+        let local = s.local_addr().unwrap();
+        assert!(local.ip().is_loopback(), "loopback connection's getsockname: {local}");
+        assert_eq!(seen.peer, local, "the loopback server sees the same endpoint");
+    }
+    assert_eq!(open.local_addr().unwrap().ip(), std::net::IpAddr::V4(a.ip4));
+    // The kernel's own table still shows the captured connection on loopback.
+    assert!(traffic::captured(&a.netns, c.v4(8080)).unwrap(), "captured");
 }
 
 #[test]

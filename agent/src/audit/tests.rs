@@ -334,6 +334,7 @@ fn production_labels_must_be_key_value() {
     let ns = Namespace {
         name: "x".into(),
         labels: [("tier".to_string(), "gold".to_string())].into(),
+        ..Default::default()
     };
     assert!(p.matches("x", Some(&ns)));
     assert!(!p.matches("x", None));

@@ -1,7 +1,7 @@
 //! The capture layer: loads Nodeward's eBPF programs, attaches them, and
 //! keeps what fail-closed needs pinned in bpffs.
 //!
-//! Node-wide programs (connect, getpeername, sockops) attach once to the
+//! Node-wide programs (connect, getpeername, getsockname, sockops) attach once to the
 //! cgroup v2 root and act only on sockets whose network-namespace cookie is
 //! in `PODS`, and (connect) on the node's own connections to its pods,
 //! which are bound to the probe source (`probe.rs`). Each managed pod gets its own `sk_lookup` instance, attached to
@@ -44,6 +44,8 @@ const CGROUP_PROGRAMS: &[&str] = &[
     names::NW_CONNECT6,
     names::NW_GETPEER4,
     names::NW_GETPEER6,
+    names::NW_GETSOCK4,
+    names::NW_GETSOCK6,
 ];
 
 /// Errors of the capture layer, each naming what is missing or wrong.
@@ -406,6 +408,7 @@ fn hint(program: &str) -> &'static str {
         names::NW_SK_LOOKUP => "needs BPF_PROG_TYPE_SK_LOOKUP with ingress_ifindex, Linux 5.17 or newer",
         names::NW_SOCKOPS => "needs cgroup sock_ops with bpf_get_netns_cookie, Linux 5.15 or newer",
         names::NW_GETPEER4 | names::NW_GETPEER6 => "needs cgroup getpeername hooks, Linux 5.8 or newer",
+        names::NW_GETSOCK4 | names::NW_GETSOCK6 => "needs cgroup getsockname hooks, Linux 5.8 or newer",
         _ => "needs cgroup connect hooks with bpf_get_netns_cookie and bpf_link, Linux 5.8 or newer",
     }
 }

@@ -15,9 +15,11 @@ use crate::identity::ca_client::{CaClientConfig, parse_address};
 use crate::identity::manager::{CaSource, IdentityConfig};
 use crate::identity::trust::UnknownStatus;
 use crate::proxy::ProxyConfig;
+use crate::proxy::egress::EgressConfig;
 use crate::proxy::hbone::H2Settings;
 use crate::proxy::limits::LimitConfig;
 use crate::proxy::relay::RelayOptions;
+use crate::state::workload::parse_allow_list;
 
 /// Everything `nodeward run` is wired from, checked as a whole.
 #[derive(Clone, Debug)]
@@ -600,6 +602,16 @@ impl Config {
             c.file("deny-identities", deny);
         }
 
+        // Egress: a bad allow-list entry stops the start rather than being
+        // skipped, since the operator is there to fix it.
+        let (egress_allow, bad) = parse_allow_list(&a.egress_allow.join(","));
+        for e in bad {
+            c.0.push(Problem::Invalid {
+                flag: "egress-allow",
+                problem: e.to_string(),
+            });
+        }
+
         if !c.0.is_empty() {
             return Err(ConfigErrors(c.0));
         }
@@ -649,6 +661,10 @@ impl Config {
                 relay: RelayOptions {
                     idle_timeout: idle,
                     buffer_size: n(a.buffer_size),
+                },
+                egress: EgressConfig {
+                    default: a.egress_default,
+                    allow: egress_allow,
                 },
             },
             h2: H2Settings {
@@ -899,6 +915,7 @@ mod tests {
             (&["--ca-root", &file], "ca-root"),
             (&["--ca-token", &file], "ca-token"),
             (&["--cluster-id", ""], "cluster-id"),
+            (&["--egress-allow", "10.0.0.0/8,example.com:443"], "egress-allow"),
         ];
         for (extra, flag) in table {
             let found = problems(d.path(), extra);

@@ -19,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod counters;
+pub mod egress;
 pub mod hbone;
 pub mod hop;
 pub mod inbound_hbone;
@@ -65,6 +66,8 @@ pub struct ProxyConfig {
     pub connect_timeout: Duration,
     /// Relay settings.
     pub relay: RelayOptions,
+    /// Mesh-wide egress settings.
+    pub egress: egress::EgressConfig,
 }
 
 /// Agent-wide lifecycle signals and the set of live connections.

@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 use super::hop::is_agent_port;
 use super::relay::{TcpLeg, relay};
 use super::report::Outcome;
-use super::{PodContext, outbound_hbone, socket};
+use super::{PodContext, egress, outbound_hbone, socket};
 use crate::capture::keys::{from_words, sock_key};
 use crate::outcome::{CloseReason, Transport};
 use crate::state::Destination;
@@ -116,6 +116,10 @@ async fn handle_to(
 }
 
 async fn passthrough(ctx: &PodContext, down: TcpStream, dst: SocketAddr) -> Outcome {
+    if egress::check(ctx, &down, dst).await.is_err() {
+        socket::reset(&down);
+        return Outcome::refused(Some(dst), CloseReason::EgressPlaintext);
+    }
     let up = socket::connect_from_pod(&ctx.netns, ctx.config.socket_mark, dst, ctx.config.connect_timeout).await;
     let up = match up {
         Ok(up) => up,

@@ -262,6 +262,7 @@ pub fn namespace_from_k8s(ns: &k8s::Namespace) -> Result<Namespace, ConvertError
     Ok(Namespace {
         name,
         labels: ns.metadata.labels.clone().unwrap_or_default(),
+        annotations: ns.metadata.annotations.clone().unwrap_or_default(),
     })
 }
 
@@ -422,6 +423,18 @@ status:
         };
         let e = p.meta.error.as_deref().unwrap_or_default();
         assert!(e.contains("spec.rules[0].to[0].operation.port: unknown field"), "{e}");
+    }
+
+    #[test]
+    fn namespace_annotations_are_read() {
+        let objs = parse(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  annotations: {nodeward.io/egress: tls-only}\n",
+        )
+        .unwrap();
+        let [Object::Namespace(ns)] = &objs[..] else {
+            panic!("one namespace expected")
+        };
+        assert_eq!(ns.annotations["nodeward.io/egress"], "tls-only");
     }
 
     #[test]

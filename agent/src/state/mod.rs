@@ -316,6 +316,7 @@ mod tests {
             Namespace {
                 name: "shop".into(),
                 labels: [(DATAPLANE_MODE_LABEL.to_string(), "ambient".to_string())].into(),
+                ..Default::default()
             },
         );
         for p in pods {

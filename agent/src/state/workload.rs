@@ -14,6 +14,13 @@ pub const EXCLUDE_INBOUND_ANNOTATION: &str = "traffic.sidecar.istio.io/excludeIn
 /// Annotation listing outbound destination ports the agent never captures.
 pub const EXCLUDE_OUTBOUND_ANNOTATION: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
 
+/// Annotation (Namespace or Pod; the pod's wins) choosing what the pod's
+/// connections outside the mesh may carry: `passthrough` or `tls-only`.
+pub const EGRESS_ANNOTATION: &str = "nodeward.io/egress";
+/// Annotation (Namespace or Pod; both apply) listing destinations outside
+/// the mesh reached even in plaintext under `tls-only`: `CIDR[:PORT],...`.
+pub const EGRESS_ALLOW_ANNOTATION: &str = "nodeward.io/egress-allow";
+
 /// A Kubernetes namespace.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Namespace {
@@ -21,6 +28,8 @@ pub struct Namespace {
     pub name: String,
     /// Labels.
     pub labels: BTreeMap<String, String>,
+    /// Annotations (the egress settings).
+    pub annotations: BTreeMap<String, String>,
 }
 
 /// A Kubernetes pod, reduced to what the mesh needs.
@@ -145,6 +154,186 @@ pub fn parse_port_list(value: &str) -> (Vec<u16>, Vec<String>) {
     (ports, bad)
 }
 
+/// What a pod's connections to destinations outside the mesh may carry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum EgressMode {
+    /// Anything, passed through unchanged (the default: the mesh does not
+    /// break what worked before it).
+    #[default]
+    Passthrough,
+    /// Only TLS (the app's first bytes are a ClientHello), unless the
+    /// destination is allow-listed.
+    TlsOnly,
+}
+
+impl EgressMode {
+    /// The annotation and flag value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EgressMode::Passthrough => "passthrough",
+            EgressMode::TlsOnly => "tls-only",
+        }
+    }
+}
+
+/// Why an egress annotation or flag value was not understood.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EgressParseError {
+    /// An egress mode other than `passthrough` or `tls-only`.
+    #[error("{0:?} is not an egress mode (passthrough or tls-only)")]
+    Mode(String),
+    /// An allow-list entry that is not `CIDR[:PORT]`.
+    #[error("{0:?} is not CIDR[:PORT] (e.g. 10.0.0.0/8, 192.0.2.1:443, [2001:db8::]/32:443)")]
+    Allow(String),
+}
+
+impl std::str::FromStr for EgressMode {
+    type Err = EgressParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "passthrough" => Ok(EgressMode::Passthrough),
+            "tls-only" => Ok(EgressMode::TlsOnly),
+            other => Err(EgressParseError::Mode(other.to_string())),
+        }
+    }
+}
+
+/// One allow-list entry: a network and, optionally, one port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EgressAllow {
+    /// Network address (canonical: IPv4-mapped addresses are IPv4).
+    pub net: IpAddr,
+    /// Prefix length.
+    pub prefix: u8,
+    /// The only port allowed, or every port.
+    pub port: Option<u16>,
+}
+
+impl std::str::FromStr for EgressAllow {
+    type Err = EgressParseError;
+
+    /// `10.0.0.0/8`, `10.0.0.0/8:443`, `192.0.2.1`, `192.0.2.1:443`,
+    /// `2001:db8::/32`, `[2001:db8::]/32:443`, `[2001:db8::1]:443`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || EgressParseError::Allow(s.to_string());
+        let s = s.trim();
+        let (addr, prefix, port) = match s.split_once('/') {
+            Some((addr, rest)) => {
+                let (prefix, port) = match rest.split_once(':') {
+                    Some((p, port)) => (p, Some(port)),
+                    None => (rest, None),
+                };
+                let addr = addr.trim_start_matches('[').trim_end_matches(']');
+                let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+                (addr, Some(prefix.parse::<u8>().map_err(|_| bad())?), port)
+            }
+            None => match s.parse::<IpAddr>() {
+                Ok(addr) => (addr, None, None),
+                Err(_) => {
+                    let sa: std::net::SocketAddr = s.parse().map_err(|_| bad())?;
+                    (sa.ip(), None, Some(s.rsplit_once(':').map_or("", |(_, p)| p)))
+                }
+            },
+        };
+        let addr = addr.to_canonical();
+        let bits = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(bits);
+        if prefix > bits {
+            return Err(bad());
+        }
+        let port = match port {
+            Some(p) => Some(p.parse::<u16>().ok().filter(|&p| p != 0).ok_or_else(bad)?),
+            None => None,
+        };
+        Ok(EgressAllow {
+            net: addr,
+            prefix,
+            port,
+        })
+    }
+}
+
+impl EgressAllow {
+    /// Whether `dst` is in the network (and on the port, if one is named).
+    pub fn matches(&self, dst: std::net::SocketAddr) -> bool {
+        if self.port.is_some_and(|p| p != dst.port()) {
+            return false;
+        }
+        match (self.net, dst.ip().to_canonical()) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => prefix_eq(u32::from(n).into(), u32::from(a).into(), self.prefix, 32),
+            (IpAddr::V6(n), IpAddr::V6(a)) => prefix_eq(u128::from(n), u128::from(a), self.prefix, 128),
+            _ => false,
+        }
+    }
+}
+
+/// Whether the first `prefix` of `bits` bits of `a` and `b` agree.
+fn prefix_eq(a: u128, b: u128, prefix: u8, bits: u32) -> bool {
+    let drop = bits - u32::from(prefix);
+    drop >= 128 || (a >> drop) == (b >> drop)
+}
+
+/// Parses an allow list (`"10.0.0.0/8, 192.0.2.1:443"`). Bad entries are
+/// returned apart and skipped, which allows less, never more.
+pub fn parse_allow_list(value: &str) -> (Vec<EgressAllow>, Vec<EgressParseError>) {
+    let mut allow = Vec::new();
+    let mut bad = Vec::new();
+    for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.parse() {
+            Ok(a) => allow.push(a),
+            Err(e) => bad.push(e),
+        }
+    }
+    (allow, bad)
+}
+
+/// A pod's egress setting, from its annotations and its namespace's.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Egress {
+    /// The mode.
+    pub mode: EgressMode,
+    /// Destinations the annotations allow-list (the flag's come on top).
+    pub allow: Vec<EgressAllow>,
+}
+
+/// The egress setting of `pod`: the pod's `nodeward.io/egress` over its
+/// namespace's over `default`; an invalid value is `tls-only` (fail
+/// closed), warned about once per pod and value. The allow lists of both
+/// objects apply; bad entries are skipped and warned about once.
+pub fn egress(pod: &Pod, ns: Option<&Namespace>, default: EgressMode) -> Egress {
+    let ns_annotations = ns.map(|n| &n.annotations);
+    let mode = match pod
+        .annotations
+        .get(EGRESS_ANNOTATION)
+        .or_else(|| ns_annotations.and_then(|a| a.get(EGRESS_ANNOTATION)))
+    {
+        None => default,
+        Some(value) => value.parse().unwrap_or_else(|e: EgressParseError| {
+            if first_report(&pod.uid, EGRESS_ANNOTATION, value) {
+                tracing::warn!(pod = %pod.key(), annotation = EGRESS_ANNOTATION, value = %value, "{e}; using tls-only");
+            }
+            EgressMode::TlsOnly
+        }),
+    };
+    let mut allow = Vec::new();
+    for value in [
+        ns_annotations.and_then(|a| a.get(EGRESS_ALLOW_ANNOTATION)),
+        pod.annotations.get(EGRESS_ALLOW_ANNOTATION),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let (mut entries, bad) = parse_allow_list(value);
+        if !bad.is_empty() && first_report(&pod.uid, EGRESS_ALLOW_ANNOTATION, value) {
+            let bad: Vec<String> = bad.iter().map(ToString::to_string).collect();
+            tracing::warn!(pod = %pod.key(), annotation = EGRESS_ALLOW_ANNOTATION, value = %value, "ignoring bad allow-list entries: {}", bad.join(", "));
+        }
+        allow.append(&mut entries);
+    }
+    Egress { mode, allow }
+}
+
 /// Bad port annotations already reported, by (pod UID, annotation), with
 /// the value reported: the state is re-read on every reconcile tick, and a
 /// bad value is worth one warning, not one every tick.
@@ -206,6 +395,7 @@ mod tests {
         Namespace {
             name: "shop".into(),
             labels,
+            ..Default::default()
         }
     }
 

@@ -244,6 +244,7 @@ mod tests {
             Namespace {
                 name: "mesh".into(),
                 labels: ambient,
+                ..Default::default()
             },
         );
         for p in [pod("a", "mesh", "a"), pod("c", "mesh", "c"), pod("d", "plain", "d")] {
