@@ -72,7 +72,8 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Run every check and test: fmt, clippy, unit and integration tests.
+    /// Run every check and test: fmt, clippy, unit and integration tests,
+    /// then a subset of the integration tests on the oldest supported kernel in a VM.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
@@ -214,7 +215,18 @@ fn test(extra: &[String]) -> Result<()> {
         .args(extra)
         .env("NODEWARD_BIN", &bin)
         .env("RUST_TEST_THREADS", "2");
-    run_tests(&mut cmd)
+    run_tests(&mut cmd)?;
+    if nix_is_root() && extra.is_empty() {
+        println!("== the oldest supported kernel, in a VM (cargo xtask vm-test --kernel 6.1 for all tests)");
+        vm::run_plan(&vm::Plan {
+            kernels: vec![vm::OLDEST],
+            tests: Vec::new(),
+            args: vm::CI_SUBSET.iter().map(|s| s.to_string()).collect(),
+            tcg: false,
+            timeout: None,
+        })?;
+    }
+    Ok(())
 }
 
 /// Runs `cargo test`, passing its output through, and ends with one line
