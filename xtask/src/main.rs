@@ -65,7 +65,7 @@ enum Cmd {
         /// Use TCG even when /dev/kvm opens.
         #[arg(long)]
         tcg: bool,
-        /// Limit per kernel, in minutes (default 30 under KVM, 90 under TCG).
+        /// Limit per kernel, in minutes (default 30 under KVM, 180 under TCG).
         #[arg(long)]
         timeout_min: Option<u64>,
         /// Arguments for each test binary (e.g. a test name filter), after `--`.
@@ -100,7 +100,14 @@ fn main() -> Result<()> {
             prereqs::ensure()?;
             bench(quick, rounds, only.as_deref())
         }
-        Cmd::VmTest { kernels, all, tests, tcg, timeout_min, args } => {
+        Cmd::VmTest {
+            kernels,
+            all,
+            tests,
+            tcg,
+            timeout_min,
+            args,
+        } => {
             require_root("the guests' tests create network namespaces and load eBPF; KVM and virtiofsd need root")?;
             let kernels = if all {
                 vec![vm::Kernel::Debian61, vm::Kernel::Debian612, vm::Kernel::Host]
@@ -110,7 +117,13 @@ fn main() -> Result<()> {
                 kernels
             };
             let timeout = timeout_min.map(|m| std::time::Duration::from_secs(m * 60));
-            vm::run_plan(&vm::Plan { kernels, tests, args, tcg, timeout })
+            vm::run_plan(&vm::Plan {
+                kernels,
+                tests,
+                args,
+                tcg,
+                timeout,
+            })
         }
         Cmd::Test { args } => {
             prereqs::ensure()?;

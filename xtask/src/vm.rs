@@ -52,13 +52,15 @@ pub const OLDEST: Kernel = Kernel::Debian61;
 
 /// What `cargo xtask test` runs on [`OLDEST`] (libtest name filters): the
 /// startup checks, capture and the tunnel across nodes in all address
-/// families, and STRICT with the agent killed (fail closed). Each test
-/// takes about three minutes under TCG, which is all this machine's nested
-/// KVM allows; `vm-test` runs everything.
+/// families, the node's probes (`bpf_bind` in the connect hooks), and
+/// STRICT with the agent killed (fail closed). Each topology test takes
+/// one to three minutes under TCG, which is all this machine's nested KVM
+/// allows; `vm-test` runs everything.
 pub const CI_SUBSET: &[&str] = &[
     "refused_by_name",
     "without_privileges_the_missing_capabilities_are_named",
     "cross_node_connections_are_captured_on_both_ends_ipv4_ipv6_and_mapped",
+    "probes_from_the_node_reach_a_strict_pod_from_the_probe_source",
     "strict_still_refuses_plaintext_with_the_agent_killed",
 ];
 
@@ -85,7 +87,9 @@ impl Kernel {
             "6.12" => Ok(Kernel::Debian612),
             "host" => Ok(Kernel::Host),
             p if Path::new(p).exists() => Ok(Kernel::Path(PathBuf::from(p))),
-            other => Err(format!("{other}: not 6.1, 6.12, host, nor an existing .deb or directory")),
+            other => Err(format!(
+                "{other}: not 6.1, 6.12, host, nor an existing .deb or directory"
+            )),
         }
     }
 
@@ -109,7 +113,7 @@ pub struct Plan {
     pub args: Vec<String>,
     /// Force TCG even when KVM opens.
     pub tcg: bool,
-    /// Whole-run limit per kernel; `None`: 30 minutes under KVM, 90 under TCG.
+    /// Whole-run limit per kernel; `None`: 30 minutes under KVM, 180 under TCG.
     pub timeout: Option<Duration>,
 }
 
@@ -153,8 +157,8 @@ pub fn run_plan(plan: &Plan) -> Result<()> {
             }
         };
         let started = Instant::now();
-        let outcome = boot(&label, &unpacked, &tests, plan)
-            .unwrap_or_else(|e| Outcome::problem(&label, format!("{e:#}")));
+        let outcome =
+            boot(&label, &unpacked, &tests, plan).unwrap_or_else(|e| Outcome::problem(&label, format!("{e:#}")));
         println!("== {label} ({}) took {:.0?}", unpacked.version, started.elapsed());
         outcomes.push(outcome);
     }
@@ -176,11 +180,21 @@ pub fn run_plan(plan: &Plan) -> Result<()> {
 
 impl Outcome {
     fn new(label: &str) -> Outcome {
-        Outcome { label: label.to_string(), passed: 0, failed: 0, failures: Vec::new(), problem: None, finished: false }
+        Outcome {
+            label: label.to_string(),
+            passed: 0,
+            failed: 0,
+            failures: Vec::new(),
+            problem: None,
+            finished: false,
+        }
     }
 
     fn problem(label: &str, why: String) -> Outcome {
-        Outcome { problem: Some(why), ..Outcome::new(label) }
+        Outcome {
+            problem: Some(why),
+            ..Outcome::new(label)
+        }
     }
 
     /// Takes in one line of the guest's serial console.
@@ -218,7 +232,14 @@ impl Outcome {
 /// (all when none are).
 fn test_binaries(names: &[String]) -> Result<Vec<PathBuf>> {
     let out = cargo()
-        .args(["test", "--package", "nodeward-testbed", "--tests", "--no-run", "--message-format=json"])
+        .args([
+            "test",
+            "--package",
+            "nodeward-testbed",
+            "--tests",
+            "--no-run",
+            "--message-format=json",
+        ])
         .current_dir(root())
         .stderr(Stdio::inherit())
         .output()
@@ -232,7 +253,9 @@ fn test_binaries(names: &[String]) -> Result<Vec<PathBuf>> {
         if !line.contains("\"reason\":\"compiler-artifact\"") || !line.contains("\"kind\":[\"test\"]") {
             continue;
         }
-        let Some(exe) = json_string(line, "executable") else { continue };
+        let Some(exe) = json_string(line, "executable") else {
+            continue;
+        };
         let name = Path::new(&exe)
             .file_name()
             .and_then(|n| n.to_str())
@@ -309,7 +332,11 @@ fn debian_kernel(kernels: &Path, pattern: &str, backports: bool) -> Result<PathB
     }
     let deb = std::fs::read_dir(&debs)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("{package}_"))))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("{package}_")))
+        })
         .with_context(|| format!("apt-get download left no {package}_*.deb in {}", debs.display()))?;
     let dir = unpack_deb(&deb, kernels)?;
     // The unpacked tree is the cache; the .deb is not needed again.
@@ -352,7 +379,10 @@ fn newest_cached(kernels: &Path, pattern: &str) -> Option<PathBuf> {
 /// The literal start of an anchored package pattern (`linux-image-6.1.0-`).
 fn regex_prefix(pattern: &str) -> String {
     let body = pattern.trim_start_matches('^');
-    let literal: String = body.chars().take_while(|c| !matches!(c, '[' | '(' | '*' | '+')).collect();
+    let literal: String = body
+        .chars()
+        .take_while(|c| !matches!(c, '[' | '(' | '*' | '+'))
+        .collect();
     literal.replace('\\', "")
 }
 
@@ -406,7 +436,12 @@ fn host_kernel() -> Result<Option<Unpacked>> {
             return Ok(None);
         }
     }
-    Ok(Some(Unpacked { version, dir: PathBuf::from("/"), vmlinuz, config }))
+    Ok(Some(Unpacked {
+        version,
+        dir: PathBuf::from("/"),
+        vmlinuz,
+        config,
+    }))
 }
 
 /// Finds `boot/vmlinuz-*` and `boot/config-*` in an unpacked package.
@@ -425,7 +460,12 @@ fn unpacked_in(dir: &Path) -> Result<Unpacked> {
     if !config.exists() {
         bail!("{}: missing", config.display());
     }
-    Ok(Unpacked { vmlinuz: boot.join(format!("vmlinuz-{version}")), config, version, dir: dir.to_path_buf() })
+    Ok(Unpacked {
+        vmlinuz: boot.join(format!("vmlinuz-{version}")),
+        config,
+        version,
+        dir: dir.to_path_buf(),
+    })
 }
 
 /// Checks the kernel's config; returns the early modules to load (their
@@ -453,9 +493,18 @@ fn check_config(k: &Unpacked) -> Result<Vec<PathBuf>> {
         summary.push(format!("{}={v}", opt.trim_start_matches("CONFIG_")));
     }
     if !missing.is_empty() {
-        bail!("kernel {} ({}) lacks: {}", k.version, k.config.display(), missing.join(", "));
+        bail!(
+            "kernel {} ({}) lacks: {}",
+            k.version,
+            k.config.display(),
+            missing.join(", ")
+        );
     }
-    println!("kernel {}: BPF syscall, BPF JIT, cgroup BPF, netns built in; {}", k.version, summary.join(" "));
+    println!(
+        "kernel {}: BPF syscall, BPF JIT, cgroup BPF, netns built in; {}",
+        k.version,
+        summary.join(" ")
+    );
     let mut modules: Vec<PathBuf> = Vec::new();
     for m in EARLY_MODULES {
         let out = Command::new("modprobe")
@@ -465,7 +514,11 @@ fn check_config(k: &Unpacked) -> Result<Vec<PathBuf>> {
             .output()
             .context("starting modprobe")?;
         if !out.status.success() {
-            bail!("kernel {}: module {m} not found: {}", k.version, String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "kernel {}: module {m} not found: {}",
+                k.version,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             if let Some(path) = line.strip_prefix("insmod ") {
@@ -505,7 +558,11 @@ fn initramfs(run_dir: &Path, modules: &[PathBuf]) -> Result<PathBuf> {
                 std::fs::copy(m, &dest).with_context(|| format!("copying {}", m.display()))?;
             }
             Some(tool) => {
-                let out = Command::new(tool).arg("-dc").arg(m).output().with_context(|| format!("starting {tool}"))?;
+                let out = Command::new(tool)
+                    .arg("-dc")
+                    .arg(m)
+                    .output()
+                    .with_context(|| format!("starting {tool}"))?;
                 if !out.status.success() {
                     bail!("{tool} -dc {} failed", m.display());
                 }
@@ -536,7 +593,11 @@ fn initramfs(run_dir: &Path, modules: &[PathBuf]) -> Result<PathBuf> {
 /// did not fail (remembered in `target/vm/no-kvm`).
 fn use_kvm(plan: &Plan) -> bool {
     !plan.tcg
-        && std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
+        && std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok()
         && !vm_dir().join("no-kvm").exists()
 }
 
@@ -612,10 +673,16 @@ fn guest(label: &str, k: &Unpacked, run_dir: &Path, image: &Path, kvm: bool, pla
         std::thread::sleep(Duration::from_millis(50));
     }
     let (accel, cpu) = if kvm { ("kvm", "host") } else { ("tcg", "max") };
-    let limit = plan
-        .timeout
-        .unwrap_or(if kvm { Duration::from_secs(30 * 60) } else { Duration::from_secs(90 * 60) });
-    println!("vm {label}: booting {} under {accel} (limit {} min)", k.version, limit.as_secs() / 60);
+    let limit = plan.timeout.unwrap_or(if kvm {
+        Duration::from_secs(30 * 60)
+    } else {
+        Duration::from_secs(180 * 60)
+    });
+    println!(
+        "vm {label}: booting {} under {accel} (limit {} min)",
+        k.version,
+        limit.as_secs() / 60
+    );
     let cmdline = format!(
         "console=ttyS0 loglevel=4 panic=-1 NW_ROOT={} NW_RUN={} NW_KDIR={} NW_PATIENCE={}",
         root().display(),
@@ -624,20 +691,42 @@ fn guest(label: &str, k: &Unpacked, run_dir: &Path, image: &Path, kvm: bool, pla
         if kvm { 1 } else { TCG_PATIENCE }
     );
     let mut qemu = Command::new("nice");
-    qemu.args(["-n", "10", "qemu-system-x86_64", "-nodefaults", "-no-reboot", "-display", "none"])
-        .args(["-machine", &format!("q35,accel={accel}"), "-cpu", cpu, "-smp", "2", "-m", "4G"])
-        .args(["-object", "memory-backend-memfd,id=mem,size=4G,share=on", "-numa", "node,memdev=mem"])
-        .arg("-chardev")
-        .arg(format!("socket,id=vfs,path={}", socket.display()))
-        .args(["-device", "vhost-user-fs-pci,chardev=vfs,tag=root"])
-        .arg("-kernel")
-        .arg(&k.vmlinuz)
-        .arg("-initrd")
-        .arg(image)
-        .args(["-append", &cmdline, "-serial", "stdio", "-monitor", "none"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+    qemu.args([
+        "-n",
+        "10",
+        "qemu-system-x86_64",
+        "-nodefaults",
+        "-no-reboot",
+        "-display",
+        "none",
+    ])
+    .args([
+        "-machine",
+        &format!("q35,accel={accel}"),
+        "-cpu",
+        cpu,
+        "-smp",
+        "2",
+        "-m",
+        "4G",
+    ])
+    .args([
+        "-object",
+        "memory-backend-memfd,id=mem,size=4G,share=on",
+        "-numa",
+        "node,memdev=mem",
+    ])
+    .arg("-chardev")
+    .arg(format!("socket,id=vfs,path={}", socket.display()))
+    .args(["-device", "vhost-user-fs-pci,chardev=vfs,tag=root"])
+    .arg("-kernel")
+    .arg(&k.vmlinuz)
+    .arg("-initrd")
+    .arg(image)
+    .args(["-append", &cmdline, "-serial", "stdio", "-monitor", "none"])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
     let mut child = qemu.spawn().context("starting qemu-system-x86_64")?;
     let stdout = child.stdout.take().context("qemu stdout")?;
     let pid = child.id();
@@ -692,15 +781,21 @@ mod tests {
 
     #[test]
     fn kernel_package_versions_order_numerically() {
-        let mut v = vec![
+        let mut v = [
             "linux-image-6.12.95+deb12-cloud-amd64",
             "linux-image-6.12.117+deb12-cloud-amd64",
             "linux-image-6.12.43+deb12-cloud-amd64",
         ];
         v.sort_by(|a, b| version_cmp(a, b));
         assert_eq!(v.last(), Some(&"linux-image-6.12.117+deb12-cloud-amd64"));
-        assert_eq!(regex_prefix(r"^linux-image-6\.1\.0-[0-9]+-cloud-amd64$"), "linux-image-6.1.0-");
-        assert_eq!(regex_prefix(r"^linux-image-6\.12\.[0-9]+\+deb12-cloud-amd64$"), "linux-image-6.12.");
+        assert_eq!(
+            regex_prefix(r"^linux-image-6\.1\.0-[0-9]+-cloud-amd64$"),
+            "linux-image-6.1.0-"
+        );
+        assert_eq!(
+            regex_prefix(r"^linux-image-6\.12\.[0-9]+\+deb12-cloud-amd64$"),
+            "linux-image-6.12."
+        );
     }
 
     fn guest(lines: &[&str]) -> Outcome {
@@ -734,7 +829,12 @@ mod tests {
             "NW-VM-DONE failed=1",
         ]);
         assert!(!crashed.ok());
-        assert!(crashed.problem.as_deref().is_some_and(|p| p.contains("policy-2 rc=139")));
+        assert!(
+            crashed
+                .problem
+                .as_deref()
+                .is_some_and(|p| p.contains("policy-2 rc=139"))
+        );
         let cut_short = guest(&["test result: ok. 3 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out"]);
         assert!(!cut_short.ok());
         let fine = guest(&[
@@ -748,6 +848,9 @@ mod tests {
     #[test]
     fn cargo_json_executables_are_read() {
         let line = r#"{"reason":"compiler-artifact","target":{"kind":["test"]},"executable":"/w/target/debug/deps/capture-84"}"#;
-        assert_eq!(json_string(line, "executable").as_deref(), Some("/w/target/debug/deps/capture-84"));
+        assert_eq!(
+            json_string(line, "executable").as_deref(),
+            Some("/w/target/debug/deps/capture-84")
+        );
     }
 }
