@@ -103,7 +103,7 @@ impl Agent {
 
     /// Waits up to `timeout` for a log line matching `pred`.
     pub fn wait_log(&self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Option<Value> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + crate::patience(timeout);
         let (m, cv) = &*self.log;
         let mut g = m.lock().unwrap();
         let mut seen = 0;

@@ -52,6 +52,20 @@ pub fn two_node_cluster(test: &str, extra: &[&str]) -> Option<Topology> {
     Some(t)
 }
 
+/// `d` stretched by `NODEWARD_TEST_PATIENCE` (a whole factor, default 1):
+/// `cargo xtask vm-test` sets it for guests under emulation (TCG), where
+/// loading and verifying eBPF and everything else runs many times slower;
+/// what is awaited stays the same.
+pub fn patience(d: std::time::Duration) -> std::time::Duration {
+    match std::env::var("NODEWARD_TEST_PATIENCE") {
+        Err(_) => d,
+        Ok(v) => match v.parse::<u32>() {
+            Ok(k) if k >= 1 => d * k,
+            _ => panic!("NODEWARD_TEST_PATIENCE={v}: not a whole factor of at least 1"),
+        },
+    }
+}
+
 /// The `nodeward` binary under test: `$NODEWARD_BIN`, else the one built
 /// next to the test executable.
 pub fn nodeward_bin() -> std::path::PathBuf {

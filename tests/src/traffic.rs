@@ -9,19 +9,19 @@ use std::time::Duration;
 
 use crate::netns::run_in;
 
-/// Default timeout for test sockets.
+/// Default timeout for test sockets (stretched by [`crate::patience`] where used).
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Connects from inside namespace `netns` (the socket is created there).
 pub fn connect(netns: &str, dst: SocketAddr) -> io::Result<TcpStream> {
-    connect_timeout(netns, dst, TIMEOUT)
+    connect_timeout(netns, dst, crate::patience(TIMEOUT))
 }
 
 /// [`connect`] with a timeout.
 pub fn connect_timeout(netns: &str, dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     let s = run_in(netns, move || TcpStream::connect_timeout(&dst, timeout))?;
-    s.set_read_timeout(Some(TIMEOUT))?;
-    s.set_write_timeout(Some(TIMEOUT))?;
+    s.set_read_timeout(Some(crate::patience(TIMEOUT)))?;
+    s.set_write_timeout(Some(crate::patience(TIMEOUT)))?;
     Ok(s)
 }
 
@@ -52,8 +52,8 @@ pub fn connect_bound(netns: &str, src: SocketAddr, dst: SocketAddr, timeout: Dur
         }
         Err(e) => return Err(e.into()),
     }
-    s.set_read_timeout(Some(TIMEOUT))?;
-    s.set_write_timeout(Some(TIMEOUT))?;
+    s.set_read_timeout(Some(crate::patience(TIMEOUT)))?;
+    s.set_write_timeout(Some(crate::patience(TIMEOUT)))?;
     Ok(s)
 }
 

@@ -13,8 +13,11 @@
 //! testbed crate and are run from here once the prerequisites are in place.
 //! * `prereqs` — only the idempotent installs (nightly rust-src, LLVM 22
 //!   development packages, bpf-linker, iproute2, bpftool, tcpdump, iperf3).
+//! * `vm-test` — the integration suite on other kernels, each booted under
+//!   qemu (see `vm.rs`).
 
 mod prereqs;
+mod vm;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -63,7 +66,30 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Run every check and test: fmt, clippy, unit and integration tests.
+    /// Run the integration tests on other kernels, each in a qemu VM.
+    VmTest {
+        /// Kernel: 6.1 (Debian 12), 6.12 (Debian 12's newer line), host, or
+        /// the path of a kernel .deb or unpacked package; repeatable.
+        #[arg(long = "kernel", value_parser = vm::Kernel::parse)]
+        kernels: Vec<vm::Kernel>,
+        /// The full matrix: 6.1, 6.12 and host.
+        #[arg(long, conflicts_with = "kernels")]
+        all: bool,
+        /// Only these integration test binaries (capture, policy, ...); repeatable.
+        #[arg(long = "test")]
+        tests: Vec<String>,
+        /// Use TCG even when /dev/kvm opens.
+        #[arg(long)]
+        tcg: bool,
+        /// Limit per kernel, in minutes (default 30 under KVM, 180 under TCG).
+        #[arg(long)]
+        timeout_min: Option<u64>,
+        /// Arguments for each test binary (e.g. a test name filter), after `--`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run every check and test: fmt, clippy, unit and integration tests,
+    /// then a subset of the integration tests on the oldest supported kernel in a VM.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
@@ -98,6 +124,31 @@ fn main() -> Result<()> {
             require_root("the agent loads eBPF and attaches it to the host's cgroup root")?;
             prereqs::ensure()?;
             load(&config_dir, node_name, &args)
+        }
+        Cmd::VmTest {
+            kernels,
+            all,
+            tests,
+            tcg,
+            timeout_min,
+            args,
+        } => {
+            require_root("the guests' tests create network namespaces and load eBPF; KVM and virtiofsd need root")?;
+            let kernels = if all {
+                vec![vm::Kernel::Debian61, vm::Kernel::Debian612, vm::Kernel::Host]
+            } else if kernels.is_empty() {
+                vec![vm::OLDEST]
+            } else {
+                kernels
+            };
+            let timeout = timeout_min.map(|m| std::time::Duration::from_secs(m * 60));
+            vm::run_plan(&vm::Plan {
+                kernels,
+                tests,
+                args,
+                tcg,
+                timeout,
+            })
         }
         Cmd::Test { args } => {
             prereqs::ensure()?;
@@ -244,7 +295,18 @@ fn test(extra: &[String]) -> Result<()> {
         .args(extra)
         .env("NODEWARD_BIN", &bin)
         .env("RUST_TEST_THREADS", "2");
-    run_tests(&mut cmd)
+    run_tests(&mut cmd)?;
+    if nix_is_root() && extra.is_empty() {
+        println!("== the oldest supported kernel, in a VM (cargo xtask vm-test --kernel 6.1 for all tests)");
+        vm::run_plan(&vm::Plan {
+            kernels: vec![vm::OLDEST],
+            tests: Vec::new(),
+            args: vm::CI_SUBSET.iter().map(|s| s.to_string()).collect(),
+            tcg: false,
+            timeout: None,
+        })?;
+    }
+    Ok(())
 }
 
 /// Runs `cargo test`, passing its output through, and ends with one line

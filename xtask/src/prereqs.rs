@@ -24,6 +24,14 @@ const APT_PACKAGES: &[&str] = &[
     "containernetworking-plugins",
 ];
 
+/// What `vm-test` adds: qemu (and its virtiofsd), a static busybox for the
+/// guest's initramfs, kmod for the kernel packages' module dependencies,
+/// xz to decompress modules, cpio to pack the initramfs.
+const VM_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "kmod", "xz-utils", "cpio"];
+
+/// Where `add_backports` declares bookworm-backports, if no source does.
+const BACKPORTS_SOURCE: &str = "/etc/apt/sources.list.d/nodeward-bookworm-backports.sources";
+
 /// Installs whatever is missing.
 pub fn ensure() -> Result<()> {
     nightly_rust_src()?;
@@ -71,8 +79,42 @@ fn nightly_rust_src() -> Result<()> {
     Ok(())
 }
 
+/// Installs what `vm-test` needs besides the build prerequisites.
+pub fn ensure_vm() -> Result<()> {
+    ensure()?;
+    apt_install(VM_PACKAGES)
+}
+
+/// Declares bookworm-backports to apt (kernels only come from there when
+/// bookworm-security does not carry the 6.12 line) and updates the lists.
+/// apt's default priority for backports (100) keeps it from upgrading
+/// anything installed.
+pub fn add_backports() -> Result<()> {
+    let declared = std::fs::read_dir("/etc/apt/sources.list.d")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .chain([std::path::PathBuf::from("/etc/apt/sources.list")])
+        .any(|p| std::fs::read_to_string(p).is_ok_and(|s| s.contains("bookworm-backports")));
+    if !declared {
+        println!("declaring bookworm-backports in {BACKPORTS_SOURCE}");
+        std::fs::write(
+            BACKPORTS_SOURCE,
+            "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\nComponents: main\n\
+             Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n",
+        )
+        .with_context(|| format!("writing {BACKPORTS_SOURCE}"))?;
+    }
+    must(Command::new("apt-get").args(["update", "-q"]))
+}
+
 fn apt() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+    apt_install(APT_PACKAGES)
+}
+
+fn apt_install(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {
