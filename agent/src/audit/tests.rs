@@ -228,11 +228,11 @@ fn each_problem_is_found_with_its_kind_severity_and_object() {
         ),
         (
             "a file the agent rejects",
-            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n".into(),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: x}\nspec: {clusterIP: nope}\n".into(),
             Kind::RejectedFile,
             Severity::High,
             "extra.yaml",
-            "unknown kind",
+            "spec.clusterIPs",
         ),
         (
             "an opted-out pod without a reason",
