@@ -35,6 +35,11 @@ pub struct TcpLabels {
     pub destination_workload_namespace: String,
     /// Server SPIFFE principal, `unknown` without mTLS.
     pub destination_principal: String,
+    /// The Service the client called (its ClusterIP), `unknown` for a
+    /// direct call: bounded by the cluster's Services.
+    pub destination_service_name: String,
+    /// That Service's namespace, `unknown` for a direct call.
+    pub destination_service_namespace: String,
     /// `mutual_tls` or `none`.
     pub connection_security_policy: &'static str,
     /// What cut the connection short (close reason or refusal), `-` when nothing did.
@@ -282,6 +287,8 @@ mod tests {
             destination_workload: "c".into(),
             destination_workload_namespace: "ns".into(),
             destination_principal: "spiffe://cluster.local/ns/ns/sa/c".into(),
+            destination_service_name: "unknown".into(),
+            destination_service_namespace: "unknown".into(),
             connection_security_policy: "mutual_tls",
             response_flags: "-",
         };
@@ -299,6 +306,7 @@ mod tests {
                  source_workload_namespace=\"ns\",source_principal=\"spiffe://cluster.local/ns/ns/sa/a\",\
                  destination_workload=\"c\",destination_workload_namespace=\"ns\",\
                  destination_principal=\"spiffe://cluster.local/ns/ns/sa/c\",\
+                 destination_service_name=\"unknown\",destination_service_namespace=\"unknown\",\
                  connection_security_policy=\"mutual_tls\",response_flags=\"-\"} 3\n"
             ),
             "{text}"
@@ -326,6 +334,8 @@ mod tests {
             destination_workload: "c".into(),
             destination_workload_namespace: "n".into(),
             destination_principal: "p".into(),
+            destination_service_name: "unknown".into(),
+            destination_service_namespace: "unknown".into(),
             connection_security_policy: "none",
             response_flags: "-",
         };

@@ -16,6 +16,7 @@ fn a_to_c(reporter: &str, security: &str, flags: &str) -> String {
         "{{reporter=\"{reporter}\",source_workload=\"a\",source_workload_namespace=\"mesh\",\
          source_principal=\"spiffe://cluster.local/ns/mesh/sa/a\",destination_workload=\"c\",\
          destination_workload_namespace=\"mesh\",destination_principal=\"spiffe://cluster.local/ns/mesh/sa/c\",\
+         destination_service_name=\"unknown\",destination_service_namespace=\"unknown\",\
          connection_security_policy=\"{security}\",response_flags=\"{flags}\"}}"
     )
 }

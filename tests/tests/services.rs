@@ -146,6 +146,12 @@ fn a_service_spreads_connections_over_all_its_endpoints_over_hbone_only() {
             .unwrap_or_else(|| panic!("no hbone line naming the Service:\n{}", t.agent(0).dump()));
         assert_eq!(line["direction"], "outbound");
     }
+    // The counters carry the Service too.
+    let m = nodeward_testbed::admin::metrics(&t.nodes[0].netns);
+    assert!(
+        m.contains("destination_service_name=\"web\",destination_service_namespace=\"mesh\""),
+        "no series naming the Service:\n{m}"
+    );
 }
 
 #[test]
@@ -329,7 +335,16 @@ fn strict_endpoints_take_service_calls_from_enrolled_clients_only() {
     assert_eq!(seen.local, t.pod("c").v4(8080), "an enrolled client's call is mTLS");
     let p = t.pod("p").clone();
     kube_proxy_dnat(&p.netns, vip, t.pod("c").v4(8080));
-    let r = reach(&p.netns, vip);
+    // Each agent applies the policy within its own poll: node 2's may
+    // still be a poll behind node 1's.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let r = loop {
+        let r = reach(&p.netns, vip);
+        if r.is_err() || Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert!(
         r.is_err(),
         "plaintext from a client outside the mesh reached a STRICT endpoint: {r:?}"

@@ -218,6 +218,7 @@ fn record(
     reason: CloseReason,
     o: &Outcome,
 ) {
+    let service = o.service.as_deref().and_then(|s| s.split_once('/'));
     let tcp = TcpLabels {
         reporter: if dir == Direction::Outbound {
             "source"
@@ -230,6 +231,8 @@ fn record(
         destination_workload: destination.workload.clone(),
         destination_workload_namespace: destination.namespace.clone(),
         destination_principal: destination.principal.clone(),
+        destination_service_name: service.map_or("unknown", |(_, name)| name).to_string(),
+        destination_service_namespace: service.map_or("unknown", |(ns, _)| ns).to_string(),
         connection_security_policy: if mtls { "mutual_tls" } else { "none" },
         response_flags: response_flags(reason, o.refusal),
     };

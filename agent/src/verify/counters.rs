@@ -123,7 +123,8 @@ pub fn outbound_security(metrics: &str, snap: &Snapshot, pod: &Pod, trust_domain
     if !all.iter().any(|s| s.name == OPENED) {
         return None;
     }
-    let principal = |p: &Pod| format!("{trust_domain}/ns/{}/sa/{}", p.namespace, p.service_account);
+    // As the agent exports them (and Istio writes them): full SPIFFE IDs.
+    let principal = |p: &Pod| format!("spiffe://{trust_domain}/ns/{}/sa/{}", p.namespace, p.service_account);
     let names = |p: &Pod| -> Vec<String> {
         let mut n = vec![p.name.clone()];
         n.extend(
