@@ -44,8 +44,8 @@ impl http_body::Body for ChanBody {
 struct State {
     /// List responses (status, body) by path.
     lists: HashMap<String, (StatusCode, Value)>,
-    /// The open watch of each path.
-    watches: HashMap<String, mpsc::UnboundedSender<Bytes>>,
+    /// The open watch of each path, with its field selector.
+    watches: HashMap<String, (mpsc::UnboundedSender<Bytes>, Option<String>)>,
     /// Requests seen, as `path` or `path?watch`.
     seen: Vec<String>,
     /// Every request's path and query.
@@ -76,10 +76,15 @@ impl FakeApi {
     }
 
     /// Appends one watch event to the open watch of `path`, waiting for the
-    /// watcher to open it.
+    /// watcher to open it; an object's event is dropped, as the API server
+    /// would, when the watch's field selector does not select the object.
     async fn send(&self, path: &str, event: Value) {
         for _ in 0..500 {
-            if let Some(tx) = self.state().watches.get(path) {
+            if let Some((tx, selector)) = self.state().watches.get(path) {
+                let object_event = ["ADDED", "MODIFIED", "DELETED"].contains(&event["type"].as_str().unwrap_or(""));
+                if object_event && !selects(selector.as_deref(), &event["object"]) {
+                    return;
+                }
                 let mut line = serde_json::to_vec(&event).unwrap();
                 line.push(b'\n');
                 if tx.send(line.into()).is_ok() {
@@ -125,15 +130,40 @@ impl FakeApi {
                 "resources": [resource(PEER_AUTHN, "PeerAuthentication"), resource(AUTHZ, "AuthorizationPolicy")]});
             return reply(StatusCode::OK, &body);
         }
+        let selector = req
+            .uri()
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("fieldSelector="))
+            .map(|s| s.replace("%21", "!").replace("%3D", "="));
         if watch {
             let (tx, rx) = mpsc::unbounded_channel();
-            state.watches.insert(path, tx);
+            state.watches.insert(path, (tx, selector));
             return response(StatusCode::OK, rx);
         }
         match state.lists.get(&path).cloned() {
-            Some((status, body)) => reply(status, &body),
+            Some((status, mut body)) => {
+                if let Some(items) = body["items"].as_array_mut() {
+                    items.retain(|o| selects(selector.as_deref(), o));
+                }
+                reply(status, &body)
+            }
             None => reply(StatusCode::NOT_FOUND, &not_found()),
         }
+    }
+}
+
+/// Whether a `spec.nodeName` field selector (`=` or `!=`) selects `obj`.
+fn selects(selector: Option<&str>, obj: &Value) -> bool {
+    let node = obj["spec"]["nodeName"].as_str().unwrap_or("");
+    match selector {
+        None => true,
+        Some(s) => match (s.strip_prefix("spec.nodeName!="), s.strip_prefix("spec.nodeName=")) {
+            (Some(n), _) => node != n,
+            (None, Some(n)) => node == n,
+            (None, None) => panic!("unexpected field selector {s}"),
+        },
     }
 }
 
