@@ -33,10 +33,14 @@ pub struct FakeApi {
     pub addr: SocketAddr,
 }
 
-/// Path of Pods (the agent's field selector is not checked: serve only the node's).
+/// Path of Pods (every node's: the agent watches them cluster-wide).
 pub const PODS: &str = "/api/v1/pods";
 /// Path of Namespaces.
 pub const NAMESPACES: &str = "/api/v1/namespaces";
+/// Path of Services.
+pub const SERVICES: &str = "/api/v1/services";
+/// Path of EndpointSlices (`discovery.k8s.io/v1`).
+pub const ENDPOINT_SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 /// Path of PeerAuthentications (`security.istio.io/v1`).
 pub const PEER_AUTHENTICATIONS: &str = "/apis/security.istio.io/v1/peerauthentications";
 /// Path of AuthorizationPolicies (`security.istio.io/v1`).
@@ -57,6 +61,8 @@ impl FakeApi {
         for (path, kind) in [
             (PODS, "PodList"),
             (NAMESPACES, "NamespaceList"),
+            (SERVICES, "ServiceList"),
+            (ENDPOINT_SLICES, "EndpointSliceList"),
             (PEER_AUTHENTICATIONS, "PeerAuthenticationList"),
             (AUTHORIZATION_POLICIES, "AuthorizationPolicyList"),
         ] {
