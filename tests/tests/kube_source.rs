@@ -99,9 +99,15 @@ fn a_pod_from_the_watch_stream_is_captured_kept_through_410_gone_and_released_wh
             status.contains("503")
                 && body.contains("PeerAuthentications not synced yet (last error: ")
                 && body.contains("etcdserver: request timed out")
-                && !["Pods", "Namespaces", "Services", "EndpointSlices", "AuthorizationPolicies"]
-                    .iter()
-                    .any(|k| body.contains(&format!("{k} not synced")))
+                && ![
+                    "Pods",
+                    "Namespaces",
+                    "Services",
+                    "EndpointSlices",
+                    "AuthorizationPolicies",
+                ]
+                .iter()
+                .any(|k| body.contains(&format!("{k} not synced")))
         },
     );
     assert!(

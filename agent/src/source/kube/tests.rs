@@ -532,7 +532,8 @@ async fn a_pod_of_another_node_is_an_enrolled_destination_with_its_identity() {
     );
 
     // One that appears later on a third node, from the watch stream.
-    api.send(PODS, event("ADDED", pod_on("n3", "cache", "10.3.0.4", "11"))).await;
+    api.send(PODS, event("ADDED", pod_on("n3", "cache", "10.3.0.4", "11")))
+        .await;
     eventually(&store, "remote pod ADDED", |s| {
         s.enrolled_workload("10.3.0.4".parse().unwrap())
             .is_some_and(|p| p.service_account == "cache" && p.node_name == "n3")
@@ -562,7 +563,12 @@ async fn services_and_endpoint_slices_are_watched_and_resolve_the_cluster_ip() {
     );
     assert_eq!(store.current().generation, 0);
 
-    api.list(SLICES, "EndpointSliceList", "60", vec![endpoint_slice("10.1.0.2", "n1", "59")]);
+    api.list(
+        SLICES,
+        "EndpointSliceList",
+        "60",
+        vec![endpoint_slice("10.1.0.2", "n1", "59")],
+    );
     let vip = "10.96.0.10:80".parse().unwrap();
     eventually(&store, "Service resolved", |s| s.service(vip).is_some()).await;
     let target = store.current().service(vip).unwrap();
@@ -576,8 +582,12 @@ async fn services_and_endpoint_slices_are_watched_and_resolve_the_cluster_ip() {
     api.send(SLICES, event("MODIFIED", endpoint_slice("10.2.0.7", "n2", "61")))
         .await;
     eventually(&store, "slice MODIFIED", |s| {
-        s.service(vip)
-            .is_some_and(|t| t.candidates.iter().map(|c| c.addr).eq(["10.2.0.7:8080".parse().unwrap()]))
+        s.service(vip).is_some_and(|t| {
+            t.candidates
+                .iter()
+                .map(|c| c.addr)
+                .eq(["10.2.0.7:8080".parse().unwrap()])
+        })
     })
     .await;
     api.send(SERVICES, event("DELETED", service("51"))).await;
