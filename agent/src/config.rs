@@ -465,7 +465,7 @@ pub enum SourceKind {
     /// A directory of Kubernetes YAML (`--config-dir`): the demo, the test
     /// bed, and nodes without API access.
     Dir,
-    /// The Kubernetes API: watches this node's pods, namespaces and Istio policies.
+    /// The Kubernetes API: watches pods, namespaces, Services, EndpointSlices and Istio policies.
     Kube,
 }
 

@@ -19,8 +19,8 @@ use crate::netns::run_in;
 struct State {
     /// List responses (status code, body) by path.
     lists: HashMap<String, (u16, Value)>,
-    /// Open watches by path.
-    watches: HashMap<String, Vec<TcpStream>>,
+    /// Open watches by path, each with its field selector.
+    watches: HashMap<String, Vec<(TcpStream, Option<String>)>>,
     /// Requests seen: `path` or `path?watch`.
     seen: Vec<String>,
 }
@@ -33,10 +33,14 @@ pub struct FakeApi {
     pub addr: SocketAddr,
 }
 
-/// Path of Pods (the agent's field selector is not checked: serve only the node's).
+/// Path of Pods (a `spec.nodeName` field selector is honoured).
 pub const PODS: &str = "/api/v1/pods";
 /// Path of Namespaces.
 pub const NAMESPACES: &str = "/api/v1/namespaces";
+/// Path of Services.
+pub const SERVICES: &str = "/api/v1/services";
+/// Path of EndpointSlices (`discovery.k8s.io/v1`).
+pub const ENDPOINT_SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 /// Path of PeerAuthentications (`security.istio.io/v1`).
 pub const PEER_AUTHENTICATIONS: &str = "/apis/security.istio.io/v1/peerauthentications";
 /// Path of AuthorizationPolicies (`security.istio.io/v1`).
@@ -57,6 +61,8 @@ impl FakeApi {
         for (path, kind) in [
             (PODS, "PodList"),
             (NAMESPACES, "NamespaceList"),
+            (SERVICES, "ServiceList"),
+            (ENDPOINT_SLICES, "EndpointSliceList"),
             (PEER_AUTHENTICATIONS, "PeerAuthenticationList"),
             (AUTHORIZATION_POLICIES, "AuthorizationPolicyList"),
         ] {
@@ -92,15 +98,18 @@ impl FakeApi {
         self.state.lock().unwrap().seen.iter().filter(|s| *s == what).count()
     }
 
-    /// Appends a watch event to every open watch of `path`, waiting up to
-    /// 10 s for one to be open.
+    /// Appends a watch event to every open watch of `path` whose field
+    /// selector selects its object, waiting up to 10 s for one to be open.
     pub fn send(&self, path: &str, event: &Value) {
         let mut line = serde_json::to_vec(event).expect("event JSON");
         line.push(b'\n');
+        let object_event = ["ADDED", "MODIFIED", "DELETED"].contains(&event["type"].as_str().unwrap_or(""));
         for _ in 0..1000 {
             let mut state = self.state.lock().unwrap();
             if let Some(watches) = state.watches.get_mut(path) {
-                watches.retain_mut(|w| w.write_all(&line).is_ok());
+                watches.retain_mut(|(w, selector)| {
+                    (object_event && !selects(selector.as_deref(), &event["object"])) || w.write_all(&line).is_ok()
+                });
                 if !watches.is_empty() {
                     return;
                 }
@@ -134,6 +143,10 @@ impl FakeApi {
             let target = head.split_whitespace().nth(1).unwrap_or("/").to_string();
             let (path, query) = target.split_once('?').unwrap_or((&target, ""));
             let watch = query.split('&').any(|kv| kv == "watch=true" || kv == "watch=1");
+            let selector = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("fieldSelector="))
+                .map(|s| s.replace("%21", "!").replace("%3D", "="));
             let mut state = self.state.lock().unwrap();
             state.seen.push(if watch {
                 format!("{path}?watch")
@@ -143,11 +156,15 @@ impl FakeApi {
             if watch {
                 let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n";
                 if conn.write_all(head.as_bytes()).is_ok() {
-                    state.watches.entry(path.to_string()).or_default().push(conn);
+                    state
+                        .watches
+                        .entry(path.to_string())
+                        .or_default()
+                        .push((conn, selector));
                 }
                 return;
             }
-            let (status, body) = if path == "/apis/security.istio.io/v1" {
+            let (status, mut body) = if path == "/apis/security.istio.io/v1" {
                 (200, discovery())
             } else {
                 state.lists.get(path).cloned().unwrap_or_else(|| {
@@ -159,6 +176,9 @@ impl FakeApi {
                 })
             };
             drop(state);
+            if let Some(items) = body["items"].as_array_mut() {
+                items.retain(|o| selects(selector.as_deref(), o));
+            }
             let body = serde_json::to_vec(&body).expect("JSON");
             let head = format!(
                 "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
@@ -169,6 +189,20 @@ impl FakeApi {
                 return;
             }
         }
+    }
+}
+
+/// Whether a `spec.nodeName` field selector (`=` or `!=`) selects `obj`,
+/// as the API server decides it.
+fn selects(selector: Option<&str>, obj: &Value) -> bool {
+    let node = obj["spec"]["nodeName"].as_str().unwrap_or("");
+    match selector {
+        None => true,
+        Some(s) => match (s.strip_prefix("spec.nodeName!="), s.strip_prefix("spec.nodeName=")) {
+            (Some(n), _) => node != n,
+            (None, Some(n)) => node == n,
+            (None, None) => panic!("fake API server: unsupported field selector {s}"),
+        },
     }
 }
 

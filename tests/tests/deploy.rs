@@ -253,6 +253,8 @@ fn rbac_grants_exactly_read_only_access_to_what_the_agent_watches() {
     for (g, r) in [
         ("", "pods"),
         ("", "namespaces"),
+        ("", "services"),
+        ("discovery.k8s.io", "endpointslices"),
         ("security.istio.io", "peerauthentications"),
         ("security.istio.io", "authorizationpolicies"),
     ] {

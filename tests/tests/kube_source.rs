@@ -2,7 +2,8 @@
 //! this process, on the node's loopback, the API server's JSON), is not
 //! ready until every kind is listed, captures a pod that appears in the
 //! watch stream, keeps it through `410 Gone` and failing relists, and
-//! releases it when the stream deletes it.
+//! releases it when the stream deletes it; and tunnels to an enrolled pod
+//! on another node, which it knows only from the cluster-wide pod watch.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use nodeward_testbed::fake_api::{FakeApi, NAMESPACES, PEER_AUTHENTICATIONS, PODS, namespace_json, pod_json};
 use nodeward_testbed::netns::run_in;
+use nodeward_testbed::traffic::{info_echo, round_trip, serve};
 use nodeward_testbed::{Agent, PodSpec, Topology, TopologySpec, privileged_or_skip, shared, traffic};
 use serde_json::json;
 
@@ -99,9 +101,15 @@ fn a_pod_from_the_watch_stream_is_captured_kept_through_410_gone_and_released_wh
             status.contains("503")
                 && body.contains("PeerAuthentications not synced yet (last error: ")
                 && body.contains("etcdserver: request timed out")
-                && !["Pods", "Namespaces", "AuthorizationPolicies"]
-                    .iter()
-                    .any(|k| body.contains(&format!("{k} not synced")))
+                && ![
+                    "Pods",
+                    "Namespaces",
+                    "Services",
+                    "EndpointSlices",
+                    "AuthorizationPolicies",
+                ]
+                .iter()
+                .any(|k| body.contains(&format!("{k} not synced")))
         },
     );
     assert!(
@@ -174,4 +182,64 @@ fn a_pod_from_the_watch_stream_is_captured_kept_through_410_gone_and_released_wh
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(!listening(&a.netns), "the pod's listeners are gone");
+}
+
+#[test]
+fn a_pod_on_another_node_known_from_the_api_is_reached_through_the_tunnel() {
+    const NAME: &str = "a_pod_on_another_node_known_from_the_api_is_reached_through_the_tunnel";
+    let _g = shared();
+    if !privileged_or_skip(NAME) {
+        return;
+    }
+    // mesh/a, mesh/b on node 0; mesh/c, plain/d on node 1. Each node's
+    // agent reads its own fake API server, which serves every node's pods
+    // (as the real one does to a watch without a field selector).
+    let t = Topology::build(TopologySpec::two_nodes());
+    let pods: Vec<_> = t.workloads.pods.iter().map(|p| pod_json(p, "3")).collect();
+    let ca = t.ca_dir.display().to_string();
+    let mut agents = Vec::new();
+    let mut apis = Vec::new();
+    for (k, node) in t.nodes.iter().enumerate() {
+        let api = FakeApi::start_in(&node.netns);
+        api.list(PODS, "PodList", "5", pods.clone());
+        api.list(
+            NAMESPACES,
+            "NamespaceList",
+            "5",
+            vec![namespace_json("mesh", true, "4"), namespace_json("plain", false, "4")],
+        );
+        let dir = t.config_dir.join(format!("kube-{k}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kubeconfig = api.kubeconfig(&dir);
+        agents.push(Agent::start_with(
+            node,
+            &[
+                "--source",
+                "kube",
+                "--kubeconfig",
+                kubeconfig.to_str().unwrap(),
+                "--ca-dir",
+                &ca,
+            ],
+        ));
+        apis.push(api);
+    }
+    for (agent, pod) in agents.iter().zip(["mesh/a", "mesh/c"]) {
+        agent
+            .wait_log(WAIT, |l| l["message"] == "pod captured" && l["pod"] == pod)
+            .unwrap_or_else(|| panic!("{pod} not captured; log:\n{}", agent.dump()));
+    }
+
+    let c = t.pod("c");
+    let _server = serve(&c.netns, c.v4(8080), info_echo);
+    round_trip(&t.pod("a").netns, c.v4(8080), b"hello\n")
+        .unwrap_or_else(|e| panic!("a -> c: {e}; log:\n{}", agents[0].dump()));
+    let l = agents[0]
+        .wait_connection("outbound", &c.v4(8080).to_string(), WAIT)
+        .unwrap_or_else(|| panic!("no outbound log line for a -> c; log:\n{}", agents[0].dump()));
+    assert_eq!(
+        l["transport"], "hbone",
+        "a -> c (another node) went through the tunnel, not in plaintext: {l}"
+    );
+    assert_eq!(l["peer_identity"], "spiffe://cluster.local/ns/mesh/sa/c", "{l}");
 }

@@ -1,13 +1,15 @@
 //! The Kubernetes API as the config source.
 //!
-//! One watcher per kind: this node's Pods (field selector
-//! `spec.nodeName=<node>`, so only they are held), Namespaces, and Istio's
-//! `PeerAuthentication` and `AuthorizationPolicy` (`security.istio.io/v1`,
-//! `v1beta1` where v1 is not served). Each object is converted into the
-//! model as it arrives, by the same functions as the directory source
-//! ([`super::objects`]), so no Kubernetes object outlives its event.
-//! Services and EndpointSlices are not watched: the model has no place for
-//! them yet.
+//! One watcher per kind, each cluster-wide: Pods (every node's: a
+//! connection to a pod on another node is tunnelled and checked against its
+//! identity, so the agent needs every pod's IP and service account, as
+//! ztunnel gets them from istiod), Namespaces, Services, EndpointSlices
+//! (ClusterIP resolution), and Istio's `PeerAuthentication` and
+//! `AuthorizationPolicy` (`security.istio.io/v1`, `v1beta1` where v1 is not
+//! served). Each object is converted into the model as it arrives, by the
+//! same functions as the directory source ([`super::objects`],
+//! [`super::services`]), so no Kubernetes object outlives its event and
+//! only the model's small structs are held.
 //!
 //! A dropped or failed watch resumes from its last resource version; when
 //! that version is gone (`410 Gone`, e.g. after an API server restart) the
@@ -28,6 +30,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1 as k8s;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
@@ -38,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Assembler;
 use super::objects::{self, Object, PolicyKind};
+use super::services;
 use crate::state::Store;
 
 #[cfg(test)]
@@ -89,10 +93,14 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeError> {
 /// The kinds the source watches, each with its own sync state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kind {
-    /// This node's pods.
+    /// Every node's pods.
     Pods,
     /// Every namespace.
     Namespaces,
+    /// Every `v1/Service`.
+    Services,
+    /// Every `discovery.k8s.io/v1` EndpointSlice.
+    EndpointSlices,
     /// Every `PeerAuthentication`.
     PeerAuthentications,
     /// Every `AuthorizationPolicy`.
@@ -100,9 +108,11 @@ pub enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 4] = [
+    const ALL: [Kind; 6] = [
         Kind::Pods,
         Kind::Namespaces,
+        Kind::Services,
+        Kind::EndpointSlices,
         Kind::PeerAuthentications,
         Kind::AuthorizationPolicies,
     ];
@@ -113,6 +123,8 @@ impl fmt::Display for Kind {
         f.write_str(match self {
             Kind::Pods => "Pods",
             Kind::Namespaces => "Namespaces",
+            Kind::Services => "Services",
+            Kind::EndpointSlices => "EndpointSlices",
             Kind::PeerAuthentications => "PeerAuthentications",
             Kind::AuthorizationPolicies => "AuthorizationPolicies",
         })
@@ -185,7 +197,9 @@ pub struct KubeSource {
 }
 
 impl KubeSource {
-    /// A source reading through `client`, holding the pods of `node`.
+    /// A source reading through `client` for node `node`. It holds every
+    /// node's pods; which are this node's is decided by the state
+    /// (`spec.nodeName`), as for the directory source.
     pub fn new(client: Client, node: &str, assembler: Assembler) -> Self {
         KubeSource {
             client,
@@ -205,11 +219,10 @@ impl KubeSource {
     /// changes once every kind has been listed.
     pub async fn run(mut self, store: Store, cancel: CancellationToken) {
         let (tx, mut rx) = mpsc::channel(1024);
-        let fields = format!("spec.nodeName={}", self.node);
         let tasks = [
             tokio::spawn(watch(
                 Api::<k8s::Pod>::all(self.client.clone()),
-                watcher::Config::default().fields(&fields),
+                watcher::Config::default(),
                 Kind::Pods,
                 pod_object,
                 tx.clone(),
@@ -219,6 +232,20 @@ impl KubeSource {
                 watcher::Config::default(),
                 Kind::Namespaces,
                 namespace_object,
+                tx.clone(),
+            )),
+            tokio::spawn(watch(
+                Api::<k8s::Service>::all(self.client.clone()),
+                watcher::Config::default(),
+                Kind::Services,
+                service_object,
+                tx.clone(),
+            )),
+            tokio::spawn(watch(
+                Api::<EndpointSlice>::all(self.client.clone()),
+                watcher::Config::default(),
+                Kind::EndpointSlices,
+                endpoint_slice_object,
                 tx.clone(),
             )),
             tokio::spawn(watch_policies(
@@ -246,7 +273,9 @@ impl KubeSource {
                     .snapshot(self.sets.values().flat_map(|s| s.objects.iter()));
                 tracing::info!(
                     pods = snap.pods.len(),
+                    local_pods = snap.pods.values().filter(|p| p.node_name == self.node).count(),
                     namespaces = snap.namespaces.len(),
+                    services = snap.services.len(),
                     "config applied"
                 );
                 store.publish(snap);
@@ -346,6 +375,28 @@ fn pod_object(pod: k8s::Pod) -> Result<Object, String> {
 fn namespace_object(ns: k8s::Namespace) -> Result<Object, String> {
     objects::namespace_from_k8s(&ns)
         .map(Object::Namespace)
+        .map_err(|e| e.to_string())
+}
+
+/// A Service through the directory source's reader: its JSON metadata and
+/// spec become the YAML value it reads.
+fn service_object(mut svc: k8s::Service) -> Result<Object, String> {
+    svc.metadata.managed_fields = None;
+    let metadata = to_yaml(&svc.metadata);
+    let spec = svc.spec.as_ref().map(to_yaml).unwrap_or(serde_norway::Value::Null);
+    services::service_from(&metadata, &spec)
+        .map(|s| Object::Service(Arc::new(s)))
+        .map_err(|e| e.to_string())
+}
+
+/// An EndpointSlice through the directory source's reader, which takes the
+/// whole body (a slice has no `spec`).
+fn endpoint_slice_object(mut slice: EndpointSlice) -> Result<Object, String> {
+    slice.metadata.managed_fields = None;
+    let metadata = to_yaml(&slice.metadata);
+    let body = to_yaml(&slice);
+    services::endpoint_slice_from(&metadata, &body)
+        .map(|s| Object::EndpointSlice(Arc::new(s)))
         .map_err(|e| e.to_string())
 }
 

@@ -19,6 +19,8 @@ use crate::state::Snapshot;
 
 const PODS: &str = "/api/v1/pods";
 const NAMESPACES: &str = "/api/v1/namespaces";
+const SERVICES: &str = "/api/v1/services";
+const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 const PEER_AUTHN: &str = "peerauthentications";
 const AUTHZ: &str = "authorizationpolicies";
 
@@ -42,8 +44,8 @@ impl http_body::Body for ChanBody {
 struct State {
     /// List responses (status, body) by path.
     lists: HashMap<String, (StatusCode, Value)>,
-    /// The open watch of each path.
-    watches: HashMap<String, mpsc::UnboundedSender<Bytes>>,
+    /// The open watch of each path, with its field selector.
+    watches: HashMap<String, (mpsc::UnboundedSender<Bytes>, Option<String>)>,
     /// Requests seen, as `path` or `path?watch`.
     seen: Vec<String>,
     /// Every request's path and query.
@@ -74,10 +76,15 @@ impl FakeApi {
     }
 
     /// Appends one watch event to the open watch of `path`, waiting for the
-    /// watcher to open it.
+    /// watcher to open it; an object's event is dropped, as the API server
+    /// would, when the watch's field selector does not select the object.
     async fn send(&self, path: &str, event: Value) {
         for _ in 0..500 {
-            if let Some(tx) = self.state().watches.get(path) {
+            if let Some((tx, selector)) = self.state().watches.get(path) {
+                let object_event = ["ADDED", "MODIFIED", "DELETED"].contains(&event["type"].as_str().unwrap_or(""));
+                if object_event && !selects(selector.as_deref(), &event["object"]) {
+                    return;
+                }
                 let mut line = serde_json::to_vec(&event).unwrap();
                 line.push(b'\n');
                 if tx.send(line.into()).is_ok() {
@@ -123,15 +130,40 @@ impl FakeApi {
                 "resources": [resource(PEER_AUTHN, "PeerAuthentication"), resource(AUTHZ, "AuthorizationPolicy")]});
             return reply(StatusCode::OK, &body);
         }
+        let selector = req
+            .uri()
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("fieldSelector="))
+            .map(|s| s.replace("%21", "!").replace("%3D", "="));
         if watch {
             let (tx, rx) = mpsc::unbounded_channel();
-            state.watches.insert(path, tx);
+            state.watches.insert(path, (tx, selector));
             return response(StatusCode::OK, rx);
         }
         match state.lists.get(&path).cloned() {
-            Some((status, body)) => reply(status, &body),
+            Some((status, mut body)) => {
+                if let Some(items) = body["items"].as_array_mut() {
+                    items.retain(|o| selects(selector.as_deref(), o));
+                }
+                reply(status, &body)
+            }
             None => reply(StatusCode::NOT_FOUND, &not_found()),
         }
+    }
+}
+
+/// Whether a `spec.nodeName` field selector (`=` or `!=`) selects `obj`.
+fn selects(selector: Option<&str>, obj: &Value) -> bool {
+    let node = obj["spec"]["nodeName"].as_str().unwrap_or("");
+    match selector {
+        None => true,
+        Some(s) => match (s.strip_prefix("spec.nodeName!="), s.strip_prefix("spec.nodeName=")) {
+            (Some(n), _) => node != n,
+            (None, Some(n)) => node == n,
+            (None, None) => panic!("unexpected field selector {s}"),
+        },
     }
 }
 
@@ -162,12 +194,17 @@ fn istio(version: &str, kind: &str) -> String {
 /// A pod of node `n1` in namespace `shop` as the API server sends it,
 /// managed fields and containers included.
 fn pod(name: &str, ip: &str, rv: &str) -> Value {
+    pod_on("n1", name, ip, rv)
+}
+
+/// A pod of `node` in namespace `shop`.
+fn pod_on(node: &str, name: &str, ip: &str, rv: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}"), "resourceVersion": rv,
             "labels": {"app": name},
             "managedFields": [{"manager": "kubelet", "operation": "Update", "apiVersion": "v1",
                 "time": "2026-11-29T10:00:00Z", "fieldsType": "FieldsV1", "fieldsV1": {"f:status": {}}}]},
-        "spec": {"nodeName": "n1", "serviceAccountName": name,
+        "spec": {"nodeName": node, "serviceAccountName": name,
             "containers": [{"name": "app", "image": "registry.example/app:1", "ports": [{"containerPort": 8080}]}]},
         "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}})
 }
@@ -182,6 +219,31 @@ fn deny_policy(version: &str, rv: &str) -> Value {
     json!({"apiVersion": format!("security.istio.io/{version}"), "kind": "AuthorizationPolicy",
         "metadata": {"name": "deny-9", "namespace": "shop", "resourceVersion": rv},
         "spec": {"action": "DENY", "rules": [{"to": [{"operation": {"ports": ["9"]}}]}]}})
+}
+
+/// Service `shop/web` (ClusterIP 10.96.0.10, port 80 to 8080) as the API
+/// server sends it.
+fn service(rv: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "shop", "uid": "uid-svc-web", "resourceVersion": rv,
+            "managedFields": [{"manager": "kubectl", "operation": "Apply", "apiVersion": "v1",
+                "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {}}}]},
+        "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+            "ipFamilies": ["IPv4"], "selector": {"app": "web"}, "sessionAffinity": "None",
+            "internalTrafficPolicy": "Cluster",
+            "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]},
+        "status": {"loadBalancer": {}}})
+}
+
+/// The EndpointSlice of `shop/web`: one ready endpoint, `ip` on `node`.
+fn endpoint_slice(ip: &str, node: &str, rv: &str) -> Value {
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "web-abcde", "namespace": "shop", "resourceVersion": rv,
+            "labels": {"kubernetes.io/service-name": "web", "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [ip], "conditions": {"ready": true, "serving": true, "terminating": false},
+            "nodeName": node, "targetRef": {"kind": "Pod", "namespace": "shop", "name": "web", "uid": "uid-web"}}],
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]})
 }
 
 fn event(kind: &str, object: Value) -> Value {
@@ -249,6 +311,8 @@ fn served(api: &FakeApi) {
         vec![deny_policy("v1", "29")],
     );
     api.list(&istio("v1", PEER_AUTHN), "PeerAuthenticationList", "40", vec![]);
+    api.list(SERVICES, "ServiceList", "50", vec![]);
+    api.list(SLICES, "EndpointSliceList", "60", vec![]);
 }
 
 #[tokio::test]
@@ -295,11 +359,8 @@ async fn nothing_is_published_or_ready_until_every_kind_is_listed_then_watch_eve
     let queries = api.state().queries.clone();
     let pod_requests: Vec<&String> = queries.iter().filter(|q| q.starts_with(&format!("{PODS}?"))).collect();
     assert!(
-        !pod_requests.is_empty()
-            && pod_requests
-                .iter()
-                .all(|q| q.contains("fieldSelector=spec.nodeName%3Dn1")),
-        "pods are listed and watched for this node only: {pod_requests:?}"
+        !pod_requests.is_empty() && pod_requests.iter().all(|q| !q.contains("fieldSelector")),
+        "pods of every node are listed and watched: {pod_requests:?}"
     );
 
     api.send(PODS, event("ADDED", pod("api", "10.1.0.3", "11"))).await;
@@ -394,6 +455,8 @@ async fn a_dropped_watch_is_resumed_and_v1beta1_is_used_where_v1_is_not_served()
         vec![deny_policy("v1beta1", "29")],
     );
     api.list(&istio("v1beta1", PEER_AUTHN), "PeerAuthenticationList", "40", vec![]);
+    api.list(SERVICES, "ServiceList", "50", vec![]);
+    api.list(SLICES, "EndpointSliceList", "60", vec![]);
     let (store, health, _cancel) = start(&api);
     eventually(&store, "synced from v1beta1", |s| s.authorization_policies.len() == 1).await;
     assert!(health.problems().is_empty());
@@ -444,4 +507,89 @@ async fn a_bad_kubeconfig_is_refused_naming_the_file() {
         matches!(err, KubeError::Kubeconfig { .. }) && text.contains(&path.display().to_string()),
         "{text}"
     );
+}
+
+#[tokio::test]
+async fn a_pod_of_another_node_is_an_enrolled_destination_with_its_identity() {
+    let api = FakeApi::default();
+    api.state().istio_versions = vec!["v1"];
+    served(&api);
+    api.list(
+        PODS,
+        "PodList",
+        "10",
+        vec![pod("web", "10.1.0.2", "9"), pod_on("n2", "db", "10.2.0.7", "8")],
+    );
+    let (store, _health, _cancel) = start(&api);
+    eventually(&store, "first full sync", |s| s.generation > 0).await;
+    let db = store
+        .current()
+        .enrolled_workload("10.2.0.7".parse().unwrap())
+        .expect("a pod on another node is an enrolled destination, reached through its tunnel");
+    assert_eq!(
+        (db.key().as_str(), db.node_name.as_str(), db.service_account.as_str()),
+        ("shop/db", "n2", "db")
+    );
+
+    // One that appears later on a third node, from the watch stream.
+    api.send(PODS, event("ADDED", pod_on("n3", "cache", "10.3.0.4", "11")))
+        .await;
+    eventually(&store, "remote pod ADDED", |s| {
+        s.enrolled_workload("10.3.0.4".parse().unwrap())
+            .is_some_and(|p| p.service_account == "cache" && p.node_name == "n3")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn services_and_endpoint_slices_are_watched_and_resolve_the_cluster_ip() {
+    let api = FakeApi::default();
+    api.state().istio_versions = vec!["v1"];
+    served(&api);
+    // Not ready until Services and EndpointSlices are listed too.
+    api.fail_list(SLICES);
+    api.list(SERVICES, "ServiceList", "50", vec![service("49")]);
+    let (store, health, _cancel) = start(&api);
+    for _ in 0..500 {
+        if health.problems().len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let problems = health.problems();
+    assert!(
+        problems.len() == 1 && problems[0].contains("EndpointSlices not synced yet"),
+        "{problems:?}"
+    );
+    assert_eq!(store.current().generation, 0);
+
+    api.list(
+        SLICES,
+        "EndpointSliceList",
+        "60",
+        vec![endpoint_slice("10.1.0.2", "n1", "59")],
+    );
+    let vip = "10.96.0.10:80".parse().unwrap();
+    eventually(&store, "Service resolved", |s| s.service(vip).is_some()).await;
+    let target = store.current().service(vip).unwrap();
+    assert_eq!(target.service, "shop/web");
+    assert_eq!(
+        target.candidates.iter().map(|c| (c.addr, c.ready)).collect::<Vec<_>>(),
+        vec![("10.1.0.2:8080".parse().unwrap(), true)]
+    );
+
+    // The slice's endpoint moves (watch MODIFIED); the Service is deleted.
+    api.send(SLICES, event("MODIFIED", endpoint_slice("10.2.0.7", "n2", "61")))
+        .await;
+    eventually(&store, "slice MODIFIED", |s| {
+        s.service(vip).is_some_and(|t| {
+            t.candidates
+                .iter()
+                .map(|c| c.addr)
+                .eq(["10.2.0.7:8080".parse().unwrap()])
+        })
+    })
+    .await;
+    api.send(SERVICES, event("DELETED", service("51"))).await;
+    eventually(&store, "Service DELETED", |s| s.service(vip).is_none()).await;
 }
