@@ -1,7 +1,7 @@
 //! Nodeward's agent: one per node, capturing enrolled pods' TCP connections
 //! with eBPF and proxying them (see ARCHITECTURE.md for the data path).
 
-pub mod admin;
+mod admin;
 pub mod agent;
 pub mod audit;
 pub mod ca_service;
@@ -10,12 +10,12 @@ pub mod cni;
 pub mod config;
 pub mod identity;
 pub mod logging;
-pub mod metrics;
-pub mod netns;
-pub mod outcome;
-pub mod pods;
+mod metrics;
+mod netns;
+mod outcome;
+mod pods;
 pub mod policy;
 pub mod proxy;
-pub mod source;
+mod source;
 pub mod state;
 pub mod verify;
