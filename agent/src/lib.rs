@@ -14,8 +14,17 @@ mod metrics;
 mod netns;
 mod outcome;
 mod pods;
+#[cfg(feature = "testing")]
 pub mod policy;
+#[cfg(not(feature = "testing"))]
+pub(crate) mod policy;
+#[cfg(feature = "testing")]
 pub mod proxy;
+#[cfg(not(feature = "testing"))]
+pub(crate) mod proxy;
 mod source;
+#[cfg(feature = "testing")]
 pub mod state;
+#[cfg(not(feature = "testing"))]
+pub(crate) mod state;
 pub mod verify;

@@ -308,6 +308,7 @@ pub(crate) fn verify(token: &str, keys: &KeySet, expected: &Expected, now: i64) 
     })
 }
 
+#[cfg(any(test, feature = "testing"))]
 /// An ES256 token issuer: what the API server does when it projects a
 /// ServiceAccount token. For tests and tools that need real signed tokens.
 pub struct TokenSigner {
@@ -315,6 +316,7 @@ pub struct TokenSigner {
     kid: String,
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl TokenSigner {
     /// A fresh P-256 key named `kid`.
     pub fn generate(kid: &str) -> TokenSigner {
@@ -359,6 +361,7 @@ impl TokenSigner {
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
 /// Claims of a projected ServiceAccount token bound to a pod on a node,
 /// valid for an hour from `now`.
 pub fn k8s_claims(

@@ -9,7 +9,10 @@
 #![forbid(unsafe_code)]
 
 pub(crate) mod authz;
+#[cfg(feature = "testing")]
 pub mod jwt;
+#[cfg(not(feature = "testing"))]
+pub(crate) mod jwt;
 pub mod server;
 
 use std::net::SocketAddr;

@@ -58,6 +58,8 @@ pub(crate) struct Value {
 
 /// `google.protobuf.Value.kind`.
 #[derive(Clone, PartialEq, prost::Oneof)]
+// The variants keep protobuf's field names (`null_value`, ...).
+#[allow(clippy::enum_variant_names)]
 pub(crate) enum Kind {
     /// `null_value`.
     #[prost(int32, tag = "1")]

@@ -17,17 +17,38 @@
 
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "testing")]
 pub mod authority;
+#[cfg(not(feature = "testing"))]
+pub(crate) mod authority;
 pub mod ca;
 pub mod ca_cli;
+#[cfg(feature = "testing")]
 pub mod ca_client;
+#[cfg(not(feature = "testing"))]
+pub(crate) mod ca_client;
 pub(crate) mod ca_proto;
+#[cfg(feature = "testing")]
 pub mod issuer;
+#[cfg(not(feature = "testing"))]
+pub(crate) mod issuer;
+#[cfg(feature = "testing")]
 pub mod manager;
+#[cfg(not(feature = "testing"))]
+pub(crate) mod manager;
 pub(crate) mod revocation;
+#[cfg(feature = "testing")]
 pub mod tls;
+#[cfg(not(feature = "testing"))]
+pub(crate) mod tls;
+#[cfg(feature = "testing")]
 pub mod trust;
+#[cfg(not(feature = "testing"))]
+pub(crate) mod trust;
+#[cfg(feature = "testing")]
 pub mod verify;
+#[cfg(not(feature = "testing"))]
+pub(crate) mod verify;
 
 use std::fmt;
 

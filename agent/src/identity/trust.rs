@@ -251,6 +251,7 @@ pub(crate) fn read_crl_ders(path: &Path) -> Result<Vec<Vec<u8>>, String> {
     Ok(vec![bytes])
 }
 
+#[cfg(any(test, feature = "testing"))]
 /// Parses and checks one CRL file: every CRL in it must be signed by one
 /// of `issuers` (the roots and our CA chain).
 pub fn load_crl_file(path: &Path, issuers: &[CertificateDer<'static>]) -> Result<Vec<LoadedCrl>, String> {

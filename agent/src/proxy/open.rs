@@ -200,6 +200,7 @@ impl OpenConns {
     }
 
     /// Whether no connection is filed.
+    #[cfg(any(test, feature = "testing"))]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
