@@ -16,8 +16,8 @@ use crate::state::workload::EgressMode;
 
 mod check;
 
-pub use check::{Config, ConfigErrors};
 pub(crate) use check::SourceConfig;
+pub use check::{Config, ConfigErrors};
 
 /// Every default of `nodeward run`, defined once: the flags and the
 /// structs built without flags (tests, tools) read them from here.

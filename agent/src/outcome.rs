@@ -82,8 +82,8 @@ pub(crate) enum CloseReason {
 }
 
 impl CloseReason {
-    #[cfg(test)]
     /// Every close reason, in the order README.md lists them.
+    #[cfg(test)]
     pub(crate) const ALL: [CloseReason; 22] = [
         CloseReason::Done,
         CloseReason::IdleTimeout,

@@ -159,9 +159,9 @@ impl Production {
         })
     }
 
-    #[cfg(test)]
     /// The defaults: names `prod`, `prod-*`, `*-prod`, `production`…,
     /// labels `env`/`environment` = `prod`/`production`.
+    #[cfg(test)]
     pub(crate) fn defaults() -> Self {
         let split = |s: &str| s.split(',').map(String::from).collect::<Vec<_>>();
         Production::new(&split(DEFAULT_PRODUCTION_NAMESPACES), &split(DEFAULT_PRODUCTION_LABELS)).unwrap_or(

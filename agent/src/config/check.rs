@@ -216,8 +216,8 @@ pub(crate) enum Problem {
 }
 
 impl Problem {
-    #[cfg(test)]
     /// The flag the problem is about, without `--`.
+    #[cfg(test)]
     pub(crate) fn flag(&self) -> &'static str {
         match self {
             Problem::OutOfRange { flag, .. }

@@ -207,8 +207,8 @@ pub(crate) fn pem_text(label: &str, der: &[u8]) -> String {
     )
 }
 
-#[cfg(test)]
 /// PEM text of a certificate.
+#[cfg(test)]
 pub(crate) fn cert_pem(der: &CertificateDer<'_>) -> String {
     pem_text("CERTIFICATE", der.as_ref())
 }

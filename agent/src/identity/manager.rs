@@ -335,8 +335,8 @@ impl CertManager {
         out
     }
 
-    #[cfg(test)]
     /// Failed certificate requests since start.
+    #[cfg(test)]
     pub(crate) fn failures(&self) -> u64 {
         self.failures_total.load(Ordering::Relaxed)
     }

@@ -374,8 +374,7 @@ impl TrustSources {
             if !f.changed() && !force {
                 continue;
             }
-            let loaded =
-                read_crl_ders(&f.path).and_then(|ders| validate_crls(&ders, issuers).map(|c| (ders, c)));
+            let loaded = read_crl_ders(&f.path).and_then(|ders| validate_crls(&ders, issuers).map(|c| (ders, c)));
             match loaded {
                 Ok((ders, crls)) => {
                     let fresh: Vec<GoodCrl> = ders

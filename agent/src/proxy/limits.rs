@@ -47,8 +47,8 @@ pub(crate) struct LimitConfig {
 }
 
 impl LimitConfig {
-    #[cfg(test)]
     /// No bound at all, for tests and tools that build a pool by hand.
+    #[cfg(test)]
     pub(crate) const UNLIMITED: LimitConfig = LimitConfig {
         connections: usize::MAX,
         connections_per_pod: usize::MAX,
@@ -151,7 +151,7 @@ impl<K: Hash + Eq + Copy> KeyedGauge<K> {
         }
     }
 
-#[cfg(test)]
+    #[cfg(test)]
     fn held(&self, key: K) -> usize {
         let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         counts.get(&key).copied().unwrap_or(0)
@@ -290,8 +290,8 @@ impl Limits {
         take_both(&self.tunnels_per_pod, pod, Held::SourcePod, &self.tunnels, refusals)
     }
 
-    #[cfg(test)]
     /// Proxied connections the pod holds on `side` now.
+    #[cfg(test)]
     pub(crate) fn pod_connections(&self, pod: u64, side: Side) -> usize {
         self.connections_per_pod.held((pod, side))
     }

@@ -175,7 +175,12 @@ impl OpenConns {
 
     /// Files a connection to pod `pod` with what policy saw of it; its
     /// token is a child of `parent`.
-    pub(crate) fn register_conn(self: &Arc<Self>, pod: &str, info: ConnInfo, parent: &CancellationToken) -> Registration {
+    pub(crate) fn register_conn(
+        self: &Arc<Self>,
+        pod: &str,
+        info: ConnInfo,
+        parent: &CancellationToken,
+    ) -> Registration {
         let policy = PolicyFacts {
             pod: pod.to_owned(),
             info,

@@ -88,8 +88,8 @@ pub(crate) struct Transport {
 }
 
 impl Transport {
-    #[cfg(test)]
     /// A transport no revocation applies to (tests, tools).
+    #[cfg(test)]
     pub(crate) fn unregistered(io: Box<dyn TunnelIo>) -> Self {
         Transport {
             io,
@@ -150,8 +150,8 @@ pub(crate) struct StreamLease {
 }
 
 impl StreamLease {
-    #[cfg(test)]
     /// The tunnel connection's id.
+    #[cfg(test)]
     pub(crate) fn connection_id(&self) -> u64 {
         self.conn.id
     }
@@ -171,16 +171,21 @@ impl Drop for StreamLease {
 }
 
 impl Pool {
-    #[cfg(test)]
     /// An empty pool that spreads concurrent streams to one destination
     /// over up to `spread` connections (at least one).
+    #[cfg(test)]
     pub(crate) fn new(settings: H2Settings, idle_timeout: Duration, spread: usize) -> Arc<Pool> {
         Self::with_limits(settings, idle_timeout, spread, Limits::new(LimitConfig::UNLIMITED))
     }
 
     /// [`Pool::new`] whose connections count against `limits` (per source
     /// pod and in total) for as long as they are open.
-    pub(crate) fn with_limits(settings: H2Settings, idle_timeout: Duration, spread: usize, limits: Arc<Limits>) -> Arc<Pool> {
+    pub(crate) fn with_limits(
+        settings: H2Settings,
+        idle_timeout: Duration,
+        spread: usize,
+        limits: Arc<Limits>,
+    ) -> Arc<Pool> {
         Arc::new(Pool {
             settings,
             idle_timeout,
@@ -196,7 +201,6 @@ impl Pool {
     pub(crate) fn opened(&self) -> u64 {
         self.opened.load(Ordering::Relaxed)
     }
-
 
     /// A ready sender on a connection for `key` with a free stream,
     /// opening one with `connect` if none has room.

@@ -44,7 +44,12 @@ pub(crate) fn register_listener(capture: &Capture, netns: u64, slot: u32, l: &Tc
 /// A marked TCP socket created inside the pod's namespace for `dst`'s
 /// family, optionally bound to the address `source` (never to a port: the
 /// port is chosen by `connect()`, see [`Connecting`]).
-pub(crate) fn pod_socket(netns: &Netns, mark: u32, dst: SocketAddr, source: Option<IpAddr>) -> io::Result<socket2::Socket> {
+pub(crate) fn pod_socket(
+    netns: &Netns,
+    mark: u32,
+    dst: SocketAddr,
+    source: Option<IpAddr>,
+) -> io::Result<socket2::Socket> {
     let sock = netns
         .socket(socket2::Domain::for_address(dst), Some(mark))
         .map_err(|e| io::Error::other(e.to_string()))?;
@@ -125,7 +130,12 @@ impl Connecting {
 
 /// Connects from inside the pod's namespace with the agent's mark, so
 /// capture ignores the connection.
-pub(crate) async fn connect_from_pod(netns: &Netns, mark: u32, dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+pub(crate) async fn connect_from_pod(
+    netns: &Netns,
+    mark: u32,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
     let sock = pod_socket(netns, mark, dst, None)?;
     Connecting::start(sock, dst)?.finish(timeout).await
 }

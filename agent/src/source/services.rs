@@ -101,7 +101,10 @@ fn protocol(p: String) -> String {
 }
 
 /// Reads a `v1/Service` from its `metadata` and `spec`.
-pub(crate) fn service_from(metadata: &serde_norway::Value, spec: &serde_norway::Value) -> Result<Service, ServiceError> {
+pub(crate) fn service_from(
+    metadata: &serde_norway::Value,
+    spec: &serde_norway::Value,
+) -> Result<Service, ServiceError> {
     let meta: Meta = from_value(metadata, "metadata")?;
     if meta.name.is_empty() || meta.namespace.is_empty() {
         return Err(ServiceError::MissingName);

@@ -269,8 +269,8 @@ impl Balancer {
         self.hasher.hash_one(self.seed.fetch_add(1, Ordering::Relaxed))
     }
 
-    #[cfg(test)]
     /// Open connections to `addr` through this node's agent.
+    #[cfg(test)]
     pub(crate) fn open_count(&self, addr: SocketAddr) -> usize {
         self.open
             .lock()

@@ -118,7 +118,12 @@ pub(crate) struct OutboundSecurity {
 
 /// The pod's outbound connections to enrolled peers in `metrics`; `None`
 /// when the text has no `istio_tcp_connections_opened_total` at all.
-pub(crate) fn outbound_security(metrics: &str, snap: &Snapshot, pod: &Pod, trust_domain: &str) -> Option<OutboundSecurity> {
+pub(crate) fn outbound_security(
+    metrics: &str,
+    snap: &Snapshot,
+    pod: &Pod,
+    trust_domain: &str,
+) -> Option<OutboundSecurity> {
     let all = samples(metrics);
     if !all.iter().any(|s| s.name == OPENED) {
         return None;

@@ -75,7 +75,15 @@ impl Client {
     }
 
     /// The check for `pod`'s `port` at `target`.
-    pub(crate) fn check(&self, snap: &Snapshot, pod: &Pod, key: &str, target: IpAddr, port: u16, timeout: Duration) -> Check {
+    pub(crate) fn check(
+        &self,
+        snap: &Snapshot,
+        pod: &Pod,
+        key: &str,
+        target: IpAddr,
+        port: u16,
+        timeout: Duration,
+    ) -> Check {
         let check = |status, detail: String| Check {
             pod: key.to_string(),
             check: CheckKind::ForeignIdentity,

@@ -28,7 +28,6 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-
 use crate::netns::{Netns, NetnsFinder};
 use crate::policy::model::Mode;
 use crate::proxy::hop::is_agent_port;
