@@ -16,7 +16,8 @@ use crate::state::workload::EgressMode;
 
 mod check;
 
-pub use check::{Config, ConfigErrors, Problem, SourceConfig};
+pub(crate) use check::SourceConfig;
+pub use check::{Config, ConfigErrors};
 
 /// Every default of `nodeward run`, defined once: the flags and the
 /// structs built without flags (tests, tools) read them from here.
@@ -26,61 +27,61 @@ pub mod defaults {
     /// `--bpffs`.
     pub const BPFFS: &str = "/sys/fs/bpf";
     /// `--socket-mark`: "NW".
-    pub const SOCKET_MARK: &str = "0x4e57";
+    pub(crate) const SOCKET_MARK: &str = "0x4e57";
     /// `--drain-timeout`.
     pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
     /// `--idle-timeout`.
-    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+    pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
     /// `--connect-timeout`.
-    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+    pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
     /// `--config-poll`.
-    pub const CONFIG_POLL: Duration = Duration::from_millis(200);
+    pub(crate) const CONFIG_POLL: Duration = Duration::from_millis(200);
     /// `--buffer-size`, bytes.
-    pub const BUFFER_SIZE: u32 = 32 * 1024;
+    pub(crate) const BUFFER_SIZE: u32 = 32 * 1024;
     /// `--root-namespace`: Istio's.
-    pub const ROOT_NAMESPACE: &str = "istio-system";
+    pub(crate) const ROOT_NAMESPACE: &str = "istio-system";
     /// `--trust-domain`: Kubernetes' and Istio's.
-    pub const TRUST_DOMAIN: &str = "cluster.local";
+    pub(crate) const TRUST_DOMAIN: &str = "cluster.local";
     /// `--cluster-id`: Istio's default.
-    pub const CLUSTER_ID: &str = "Kubernetes";
+    pub(crate) const CLUSTER_ID: &str = "Kubernetes";
     /// `--cert-lifetime`.
-    pub const CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+    pub(crate) const CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
     /// `--h2-stream-window`, bytes.
-    pub const H2_STREAM_WINDOW: u32 = 4 << 20;
+    pub(crate) const H2_STREAM_WINDOW: u32 = 4 << 20;
     /// `--h2-connection-window`, bytes.
-    pub const H2_CONNECTION_WINDOW: u32 = 16 << 20;
+    pub(crate) const H2_CONNECTION_WINDOW: u32 = 16 << 20;
     /// `--h2-frame-size`, bytes.
-    pub const H2_FRAME_SIZE: u32 = 1 << 20;
+    pub(crate) const H2_FRAME_SIZE: u32 = 1 << 20;
     /// `--tunnel-max-streams`.
-    pub const TUNNEL_MAX_STREAMS: u32 = 100;
+    pub(crate) const TUNNEL_MAX_STREAMS: u32 = 100;
     /// Most tunnel connections per destination when `--tunnel-connections`
     /// is not given (one per worker thread up to this).
-    pub const TUNNEL_CONNECTIONS_MAX_AUTO: usize = 4;
+    pub(crate) const TUNNEL_CONNECTIONS_MAX_AUTO: usize = 4;
     /// `--tunnel-idle-timeout`.
-    pub const TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+    pub(crate) const TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
     /// `--handshake-timeout`.
-    pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
     /// `--admin-addr`: `/config_dump`, `/certs`, `/logging`, node loopback only.
-    pub const ADMIN_ADDR: &str = "127.0.0.1:15000";
+    pub(crate) const ADMIN_ADDR: &str = "127.0.0.1:15000";
     /// `--metrics-addr`: ztunnel's port; bounded labels and no secrets, so
     /// the node's network may scrape it.
-    pub const METRICS_ADDR: &str = "0.0.0.0:15020";
+    pub(crate) const METRICS_ADDR: &str = "0.0.0.0:15020";
     /// `--readiness-addr`: ztunnel's port; kubelet probes it on the node's IP.
-    pub const READINESS_ADDR: &str = "0.0.0.0:15021";
+    pub(crate) const READINESS_ADDR: &str = "0.0.0.0:15021";
     /// `--max-connections`.
-    pub const MAX_CONNECTIONS: u32 = 16384;
+    pub(crate) const MAX_CONNECTIONS: u32 = 16384;
     /// `--max-connections-per-pod`.
-    pub const MAX_CONNECTIONS_PER_POD: u32 = 8192;
+    pub(crate) const MAX_CONNECTIONS_PER_POD: u32 = 8192;
     /// `--max-tunnels`.
-    pub const MAX_TUNNELS: u32 = 1024;
+    pub(crate) const MAX_TUNNELS: u32 = 1024;
     /// `--max-tunnels-per-peer`.
-    pub const MAX_TUNNELS_PER_PEER: u32 = 128;
+    pub(crate) const MAX_TUNNELS_PER_PEER: u32 = 128;
     /// `--max-tunnels-per-pod`.
-    pub const MAX_TUNNELS_PER_POD: u32 = 128;
+    pub(crate) const MAX_TUNNELS_PER_POD: u32 = 128;
     /// `--max-handshakes`.
-    pub const MAX_HANDSHAKES: u32 = 512;
+    pub(crate) const MAX_HANDSHAKES: u32 = 512;
     /// `--max-handshakes-per-peer`.
-    pub const MAX_HANDSHAKES_PER_PEER: u32 = 64;
+    pub(crate) const MAX_HANDSHAKES_PER_PEER: u32 = 64;
 }
 
 /// Nodeward: a per-node, sidecarless service-mesh agent.
@@ -251,161 +252,161 @@ pub enum CaCommand {
 pub struct RunArgs {
     /// Name of this node; pods whose spec.nodeName matches are managed.
     #[arg(long, env = "NODEWARD_NODE_NAME")]
-    pub node_name: String,
+    pub(crate) node_name: String,
 
     // Where the cluster's objects come from (one block: `--source`,
     // `--config-dir`, `--kubeconfig`).
     /// Where the cluster's objects come from [default: `kube` when
     /// KUBERNETES_SERVICE_HOST is set and no --config-dir is given, else `dir`].
     #[arg(long, env = "NODEWARD_SOURCE", value_enum)]
-    pub source: Option<SourceKind>,
+    pub(crate) source: Option<SourceKind>,
 
     /// Directory of Kubernetes YAML (Namespace, Pod and Istio policy objects),
     /// re-read on change; the `dir` source.
     #[arg(long, env = "NODEWARD_CONFIG_DIR")]
-    pub config_dir: Option<PathBuf>,
+    pub(crate) config_dir: Option<PathBuf>,
 
     /// kubeconfig file for the `kube` source, for development [default:
     /// $KUBECONFIG or ~/.kube/config if present, else the pod's service account].
     #[arg(long, env = "NODEWARD_KUBECONFIG")]
-    pub kubeconfig: Option<PathBuf>,
+    pub(crate) kubeconfig: Option<PathBuf>,
 
     /// bpffs mount point (mounted there if it is not).
     #[arg(long, env = "NODEWARD_BPFFS", default_value = defaults::BPFFS)]
-    pub bpffs: PathBuf,
+    pub(crate) bpffs: PathBuf,
 
     /// cgroup v2 root to attach to [default: found in /proc/mounts].
     #[arg(long, env = "NODEWARD_CGROUP2")]
-    pub cgroup2: Option<PathBuf>,
+    pub(crate) cgroup2: Option<PathBuf>,
 
     /// Socket mark that identifies the agent's own sockets to its eBPF programs.
     #[arg(long, env = "NODEWARD_SOCKET_MARK", default_value = defaults::SOCKET_MARK, value_parser = parse_mark)]
-    pub socket_mark: u32,
+    pub(crate) socket_mark: u32,
 
     /// How long SIGTERM waits for open connections before closing them.
     #[arg(long, env = "NODEWARD_DRAIN_TIMEOUT", default_value_t = HumanDuration(defaults::DRAIN_TIMEOUT))]
-    pub drain_timeout: HumanDuration,
+    pub(crate) drain_timeout: HumanDuration,
 
     /// Close a proxied connection after this long without traffic.
     #[arg(long, env = "NODEWARD_IDLE_TIMEOUT", default_value_t = HumanDuration(defaults::IDLE_TIMEOUT))]
-    pub idle_timeout: HumanDuration,
+    pub(crate) idle_timeout: HumanDuration,
 
     /// Deadline for connecting to a destination.
     #[arg(long, env = "NODEWARD_CONNECT_TIMEOUT", default_value_t = HumanDuration(defaults::CONNECT_TIMEOUT))]
-    pub connect_timeout: HumanDuration,
+    pub(crate) connect_timeout: HumanDuration,
 
     /// How often the config directory is checked for changes.
     #[arg(long, env = "NODEWARD_CONFIG_POLL", default_value_t = HumanDuration(defaults::CONFIG_POLL))]
-    pub config_poll: HumanDuration,
+    pub(crate) config_poll: HumanDuration,
 
     /// Per-direction relay buffer, bytes (1 KiB to 4 MiB).
     #[arg(long, env = "NODEWARD_BUFFER_SIZE", default_value_t = defaults::BUFFER_SIZE)]
-    pub buffer_size: u32,
+    pub(crate) buffer_size: u32,
 
     /// Log format.
     #[arg(long, env = "NODEWARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    pub(crate) log_format: LogFormat,
 
     /// Istio root namespace: policies there apply mesh-wide.
     #[arg(long, env = "NODEWARD_ROOT_NAMESPACE", default_value = defaults::ROOT_NAMESPACE)]
-    pub root_namespace: String,
+    pub(crate) root_namespace: String,
 
     /// Trust domain of this cluster's SPIFFE identities.
     #[arg(long, env = "NODEWARD_TRUST_DOMAIN", default_value = defaults::TRUST_DOMAIN)]
-    pub trust_domain: String,
+    pub(crate) trust_domain: String,
 
     /// Other trust domains that policies treat as this one (comma-separated),
     /// as Istio's trust domain aliases: a principal written with one of them
     /// or with `cluster.local` matches peers of any.
     #[arg(long, env = "NODEWARD_TRUST_DOMAIN_ALIASES", value_delimiter = ',')]
-    pub trust_domain_aliases: Vec<String>,
+    pub(crate) trust_domain_aliases: Vec<String>,
 
     /// CA directory (Istio plug-in CA files: ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem);
     /// without it the agent issues no identities.
     #[arg(long, env = "NODEWARD_CA_DIR")]
-    pub ca_dir: Option<PathBuf>,
+    pub(crate) ca_dir: Option<PathBuf>,
 
     /// CA service speaking Istio's CA protocol, `https://HOST:PORT`
     /// (`nodeward ca serve`, istiod): keys stay on the node, only CSRs
     /// leave; exclusive with --ca-dir.
     #[arg(long, env = "NODEWARD_CA_ADDRESS")]
-    pub ca_address: Option<String>,
+    pub(crate) ca_address: Option<String>,
 
     /// Roots (PEM) the CA service's TLS certificate and the issued chains must reach.
     #[arg(long, env = "NODEWARD_CA_ROOT")]
-    pub ca_root: Option<PathBuf>,
+    pub(crate) ca_root: Option<PathBuf>,
 
     /// The agent's ServiceAccount token for the CA service (audience
     /// istio-ca), re-read for every request.
     #[arg(long, env = "NODEWARD_CA_TOKEN")]
-    pub ca_token: Option<PathBuf>,
+    pub(crate) ca_token: Option<PathBuf>,
 
     /// Cluster ID sent to the CA service (Istio's `ClusterID` metadata).
     #[arg(long, env = "NODEWARD_CLUSTER_ID", default_value = defaults::CLUSTER_ID)]
-    pub cluster_id: String,
+    pub(crate) cluster_id: String,
 
     /// Lifetime of workload certificates; renewed around half of it.
     #[arg(long, env = "NODEWARD_CERT_LIFETIME", default_value_t = HumanDuration(defaults::CERT_LIFETIME))]
-    pub cert_lifetime: HumanDuration,
+    pub(crate) cert_lifetime: HumanDuration,
 
     /// CRL files (PEM or DER), watched; repeat the flag or separate with commas.
     #[arg(long, env = "NODEWARD_CRL", value_delimiter = ',')]
-    pub crl: Vec<PathBuf>,
+    pub(crate) crl: Vec<PathBuf>,
 
     /// File of denied identities: one SPIFFE ID or `ns/<namespace>/*` per line, watched.
     #[arg(long, env = "NODEWARD_DENY_IDENTITIES")]
-    pub deny_identities: Option<PathBuf>,
+    pub(crate) deny_identities: Option<PathBuf>,
 
     /// Certificates no CRL speaks for.
     #[arg(long, env = "NODEWARD_REVOCATION_UNKNOWN", value_enum, default_value_t = RevocationUnknown::Accept)]
-    pub revocation_unknown: RevocationUnknown,
+    pub(crate) revocation_unknown: RevocationUnknown,
 
     /// HTTP/2 stream window of tunnels, bytes (bounds memory per stream).
     #[arg(long, env = "NODEWARD_H2_STREAM_WINDOW", default_value_t = defaults::H2_STREAM_WINDOW)]
-    pub h2_stream_window: u32,
+    pub(crate) h2_stream_window: u32,
 
     /// HTTP/2 connection window of tunnels, bytes.
     #[arg(long, env = "NODEWARD_H2_CONNECTION_WINDOW", default_value_t = defaults::H2_CONNECTION_WINDOW)]
-    pub h2_connection_window: u32,
+    pub(crate) h2_connection_window: u32,
 
     /// Largest HTTP/2 frame of tunnels, bytes.
     #[arg(long, env = "NODEWARD_H2_FRAME_SIZE", default_value_t = defaults::H2_FRAME_SIZE)]
-    pub h2_frame_size: u32,
+    pub(crate) h2_frame_size: u32,
 
     /// Streams per tunnel connection; the pool opens another when full.
     #[arg(long, env = "NODEWARD_TUNNEL_MAX_STREAMS", default_value_t = defaults::TUNNEL_MAX_STREAMS)]
-    pub tunnel_max_streams: u32,
+    pub(crate) tunnel_max_streams: u32,
 
     /// Tunnel connections per destination over which concurrent streams are
     /// spread, since each connection's TLS runs on one core at each end
     /// [default: one per worker thread, at most 4].
     #[arg(long, env = "NODEWARD_TUNNEL_CONNECTIONS")]
-    pub tunnel_connections: Option<u16>,
+    pub(crate) tunnel_connections: Option<u16>,
 
     /// Release pooled tunnel connections unused this long.
     #[arg(long, env = "NODEWARD_TUNNEL_IDLE_TIMEOUT", default_value_t = HumanDuration(defaults::TUNNEL_IDLE_TIMEOUT))]
-    pub tunnel_idle_timeout: HumanDuration,
+    pub(crate) tunnel_idle_timeout: HumanDuration,
 
     /// Deadline for a peer's TLS and HTTP/2 handshakes.
     #[arg(long, env = "NODEWARD_HANDSHAKE_TIMEOUT", default_value_t = HumanDuration(defaults::HANDSHAKE_TIMEOUT))]
-    pub handshake_timeout: HumanDuration,
+    pub(crate) handshake_timeout: HumanDuration,
 
     /// Threads of the proxy runtime [default: one per CPU].
     #[arg(long, env = "NODEWARD_WORKER_THREADS")]
-    pub worker_threads: Option<u16>,
+    pub(crate) worker_threads: Option<u16>,
 
     /// Admin address (`/config_dump`, `/certs`, `/logging`): must be a
     /// loopback address, as it shows the node's whole configuration.
     #[arg(long, env = "NODEWARD_ADMIN_ADDR", default_value = defaults::ADMIN_ADDR)]
-    pub admin_addr: std::net::SocketAddr,
+    pub(crate) admin_addr: std::net::SocketAddr,
 
     /// Metrics address (`/metrics`, `/stats/prometheus`).
     #[arg(long, env = "NODEWARD_METRICS_ADDR", default_value = defaults::METRICS_ADDR)]
-    pub metrics_addr: std::net::SocketAddr,
+    pub(crate) metrics_addr: std::net::SocketAddr,
 
     /// Readiness address (`/healthz/ready`).
     #[arg(long, env = "NODEWARD_READINESS_ADDR", default_value = defaults::READINESS_ADDR)]
-    pub readiness_addr: std::net::SocketAddr,
+    pub(crate) readiness_addr: std::net::SocketAddr,
 
     /// Unix socket (mode 0600) where `nodeward-cni` hands new pods over, so
     /// each is captured before it starts; without it new pods are found by
@@ -417,51 +418,51 @@ pub struct RunArgs {
     /// Proxied connections on the node (outbound, inbound plaintext and
     /// tunnel streams together); past it new ones are reset.
     #[arg(long, env = "NODEWARD_MAX_CONNECTIONS", default_value_t = defaults::MAX_CONNECTIONS)]
-    pub max_connections: u32,
+    pub(crate) max_connections: u32,
 
     /// Proxied connections of one pod, per direction (outbound; inbound
     /// plaintext and tunnel streams), so one pod cannot take them all.
     #[arg(long, env = "NODEWARD_MAX_CONNECTIONS_PER_POD", default_value_t = defaults::MAX_CONNECTIONS_PER_POD)]
-    pub max_connections_per_pod: u32,
+    pub(crate) max_connections_per_pod: u32,
 
     /// Tunnel connections on the node, inbound and outbound together.
     #[arg(long, env = "NODEWARD_MAX_TUNNELS", default_value_t = defaults::MAX_TUNNELS)]
-    pub max_tunnels: u32,
+    pub(crate) max_tunnels: u32,
 
     /// Inbound tunnel connections from one remote IP, handshakes included.
     #[arg(long, env = "NODEWARD_MAX_TUNNELS_PER_PEER", default_value_t = defaults::MAX_TUNNELS_PER_PEER)]
-    pub max_tunnels_per_peer: u32,
+    pub(crate) max_tunnels_per_peer: u32,
 
     /// Outbound tunnel connections of one pod (at the bound, streams share
     /// the connections it has).
     #[arg(long, env = "NODEWARD_MAX_TUNNELS_PER_POD", default_value_t = defaults::MAX_TUNNELS_PER_POD)]
-    pub max_tunnels_per_pod: u32,
+    pub(crate) max_tunnels_per_pod: u32,
 
     /// Inbound connections on 15008 still in their TLS/HTTP/2 handshakes;
     /// past it new ones are closed before TLS.
     #[arg(long, env = "NODEWARD_MAX_HANDSHAKES", default_value_t = defaults::MAX_HANDSHAKES)]
-    pub max_handshakes: u32,
+    pub(crate) max_handshakes: u32,
 
     /// Such handshakes from one remote IP.
     #[arg(long, env = "NODEWARD_MAX_HANDSHAKES_PER_PEER", default_value_t = defaults::MAX_HANDSHAKES_PER_PEER)]
-    pub max_handshakes_per_peer: u32,
+    pub(crate) max_handshakes_per_peer: u32,
 
     /// What connections to destinations outside the mesh may carry, for
     /// pods whose `nodeward.io/egress` annotation (pod or namespace) does
     /// not say: `passthrough` (anything) or `tls-only` (a TLS ClientHello
     /// first, unless allow-listed).
     #[arg(long, env = "NODEWARD_EGRESS_DEFAULT", value_enum, default_value_t = EgressMode::Passthrough)]
-    pub egress_default: EgressMode,
+    pub(crate) egress_default: EgressMode,
 
     /// Destinations outside the mesh every pod may reach even in plaintext
     /// under `tls-only`: `CIDR[:PORT],...` (e.g. `10.0.0.0/8,192.0.2.1:25`).
     #[arg(long, env = "NODEWARD_EGRESS_ALLOW", value_delimiter = ',')]
-    pub egress_allow: Vec<String>,
+    pub(crate) egress_allow: Vec<String>,
 }
 
 /// `--source`: where the cluster's objects come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum SourceKind {
+pub(crate) enum SourceKind {
     /// A directory of Kubernetes YAML (`--config-dir`): the demo, the test
     /// bed, and nodes without API access.
     Dir,
@@ -481,7 +482,7 @@ pub enum LogFormat {
 /// `--revocation-unknown`: what to do with a certificate whose issuer has
 /// published no CRL.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum RevocationUnknown {
+pub(crate) enum RevocationUnknown {
     /// Accept it (the default: CRLs are optional).
     Accept,
     /// Refuse it: only issuers with a CRL are trusted.
@@ -528,7 +529,7 @@ pub struct CleanupArgs {
 }
 
 /// Parses `30s`, `250ms`, `5m`, `1h` or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
@@ -551,7 +552,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// Parses a socket mark in decimal or `0x` hex (zero is refused by
 /// [`Config::from_args`]).
-pub fn parse_mark(s: &str) -> Result<u32, String> {
+pub(crate) fn parse_mark(s: &str) -> Result<u32, String> {
     match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(hex) => u32::from_str_radix(hex, 16),
         None => s.parse(),

@@ -1,7 +1,7 @@
 //! Nodeward's agent: one per node, capturing enrolled pods' TCP connections
 //! with eBPF and proxying them (see ARCHITECTURE.md for the data path).
 
-pub mod admin;
+mod admin;
 pub mod agent;
 pub mod audit;
 pub mod ca_service;
@@ -10,12 +10,21 @@ pub mod cni;
 pub mod config;
 pub mod identity;
 pub mod logging;
-pub mod metrics;
-pub mod netns;
-pub mod outcome;
-pub mod pods;
+mod metrics;
+mod netns;
+mod outcome;
+mod pods;
+#[cfg(feature = "testing")]
 pub mod policy;
+#[cfg(not(feature = "testing"))]
+pub(crate) mod policy;
+#[cfg(feature = "testing")]
 pub mod proxy;
-pub mod source;
+#[cfg(not(feature = "testing"))]
+pub(crate) mod proxy;
+mod source;
+#[cfg(feature = "testing")]
 pub mod state;
+#[cfg(not(feature = "testing"))]
+pub(crate) mod state;
 pub mod verify;

@@ -33,7 +33,7 @@ use tracing_subscriber::{EnvFilter, Registry, reload};
 
 /// Why the log level could not be changed.
 #[derive(Debug, thiserror::Error)]
-pub enum LogLevelError {
+pub(crate) enum LogLevelError {
     /// Logging was set up without a reloadable filter.
     #[error("the log level cannot be changed: logging has no reloadable filter")]
     NotReloadable,
@@ -59,7 +59,7 @@ pub fn reloadable_filter(spec: &str) -> reload::Layer<EnvFilter, Registry> {
 }
 
 /// Replaces the level filter (`info`, `debug`, `nodeward=debug,info`, ...).
-pub fn set_level(spec: &str) -> Result<(), LogLevelError> {
+pub(crate) fn set_level(spec: &str) -> Result<(), LogLevelError> {
     let invalid = |reason: String| LogLevelError::Invalid {
         spec: spec.to_string(),
         reason,
@@ -75,7 +75,7 @@ pub fn set_level(spec: &str) -> Result<(), LogLevelError> {
 }
 
 /// The level filter in force, when it is reloadable.
-pub fn current_level() -> Option<String> {
+pub(crate) fn current_level() -> Option<String> {
     LEVEL
         .get()
         .map(|(_, c)| c.lock().unwrap_or_else(|e| e.into_inner()).clone())

@@ -20,148 +20,148 @@ use prometheus_client::registry::Registry;
 
 /// Labels of Istio's `istio_tcp_*` metrics, as Istio names them.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TcpLabels {
+pub(crate) struct TcpLabels {
     /// `source` on the client's node, `destination` on the server's.
-    pub reporter: &'static str,
+    pub(crate) reporter: &'static str,
     /// Client workload, `unknown` outside the mesh.
-    pub source_workload: String,
+    pub(crate) source_workload: String,
     /// Client namespace, `unknown` outside the mesh.
-    pub source_workload_namespace: String,
+    pub(crate) source_workload_namespace: String,
     /// Client SPIFFE principal, `unknown` without mTLS.
-    pub source_principal: String,
+    pub(crate) source_principal: String,
     /// Server workload, `unknown` outside the mesh.
-    pub destination_workload: String,
+    pub(crate) destination_workload: String,
     /// Server namespace, `unknown` outside the mesh.
-    pub destination_workload_namespace: String,
+    pub(crate) destination_workload_namespace: String,
     /// Server SPIFFE principal, `unknown` without mTLS.
-    pub destination_principal: String,
+    pub(crate) destination_principal: String,
     /// The Service the client called (its ClusterIP), `unknown` for a
     /// direct call: bounded by the cluster's Services.
-    pub destination_service_name: String,
+    pub(crate) destination_service_name: String,
     /// That Service's namespace, `unknown` for a direct call.
-    pub destination_service_namespace: String,
+    pub(crate) destination_service_namespace: String,
     /// `mutual_tls` or `none`.
-    pub connection_security_policy: &'static str,
+    pub(crate) connection_security_policy: &'static str,
     /// What cut the connection short (close reason or refusal), `-` when nothing did.
-    pub response_flags: &'static str,
+    pub(crate) response_flags: &'static str,
 }
 
 /// Connections by direction and security, per namespace of the local pod.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SecurityLabels {
+pub(crate) struct SecurityLabels {
     /// `inbound` or `outbound`.
-    pub direction: &'static str,
+    pub(crate) direction: &'static str,
     /// `mutual_tls` or `plaintext`.
-    pub security: &'static str,
+    pub(crate) security: &'static str,
     /// Namespace of the local pod.
-    pub namespace: String,
+    pub(crate) namespace: String,
 }
 
 /// Connections that ended, by direction, close reason and refusal kind.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ClosedLabels {
+pub(crate) struct ClosedLabels {
     /// `crate::outcome::Direction`.
-    pub direction: &'static str,
+    pub(crate) direction: &'static str,
     /// `crate::outcome::Counted`.
-    pub reason: &'static str,
+    pub(crate) reason: &'static str,
     /// `crate::outcome::Refusal`, empty when nothing refused it.
-    pub refusal: &'static str,
+    pub(crate) refusal: &'static str,
 }
 
 /// A local workload.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct WorkloadLabels {
+pub(crate) struct WorkloadLabels {
     /// Namespace.
-    pub namespace: String,
+    pub(crate) namespace: String,
     /// Workload name.
-    pub workload: String,
+    pub(crate) workload: String,
 }
 
 /// A TLS handshake that failed.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HandshakeLabels {
+pub(crate) struct HandshakeLabels {
     /// `inbound` or `outbound`.
-    pub direction: &'static str,
+    pub(crate) direction: &'static str,
     /// `crate::outcome::CertRefusal`, or `protocol`, `http2`, `timeout`.
-    pub reason: &'static str,
+    pub(crate) reason: &'static str,
 }
 
 /// A connection denied by authorization.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DenialLabels {
+pub(crate) struct DenialLabels {
     /// Namespace of the protected workload.
-    pub namespace: String,
+    pub(crate) namespace: String,
     /// The protected workload.
-    pub workload: String,
+    pub(crate) workload: String,
     /// Deciding policy `namespace/name`, `-` when none decided by itself
     /// (no ALLOW matched).
-    pub policy: String,
+    pub(crate) policy: String,
     /// `crate::outcome::PolicyReason`.
-    pub reason: &'static str,
+    pub(crate) reason: &'static str,
 }
 
 /// A workload identity.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct IdentityLabels {
+pub(crate) struct IdentityLabels {
     /// SPIFFE ID.
-    pub identity: String,
+    pub(crate) identity: String,
 }
 
 /// A certificate signing.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct IssueLabels {
+pub(crate) struct IssueLabels {
     /// `issue` (first certificate of an identity) or `renew`.
-    pub kind: &'static str,
+    pub(crate) kind: &'static str,
     /// `success` or `failure`.
-    pub result: &'static str,
+    pub(crate) result: &'static str,
 }
 
 /// A pod's capture.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PodLabels {
+pub(crate) struct PodLabels {
     /// Namespace.
-    pub namespace: String,
+    pub(crate) namespace: String,
     /// Pod name.
-    pub pod: String,
+    pub(crate) pod: String,
 }
 
 /// A config directory reload.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResultLabels {
+pub(crate) struct ResultLabels {
     /// `success` or `failure`.
-    pub result: &'static str,
+    pub(crate) result: &'static str,
 }
 
 /// Every family the agent records, and the registry that renders them.
 #[derive(Debug)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     /// `istio_tcp_connections_opened_total`.
-    pub tcp_opened: Family<TcpLabels, Counter>,
+    pub(crate) tcp_opened: Family<TcpLabels, Counter>,
     /// `istio_tcp_connections_closed_total`.
-    pub tcp_closed: Family<TcpLabels, Counter>,
+    pub(crate) tcp_closed: Family<TcpLabels, Counter>,
     /// `istio_tcp_sent_bytes_total`: bytes from client to server.
-    pub tcp_sent: Family<TcpLabels, Counter>,
+    pub(crate) tcp_sent: Family<TcpLabels, Counter>,
     /// `istio_tcp_received_bytes_total`: bytes from server to client.
-    pub tcp_received: Family<TcpLabels, Counter>,
+    pub(crate) tcp_received: Family<TcpLabels, Counter>,
     /// `nodeward_connections_total`: mTLS coverage is computed from it.
-    pub connections: Family<SecurityLabels, Counter>,
+    pub(crate) connections: Family<SecurityLabels, Counter>,
     /// `nodeward_connections_closed_total`.
-    pub closed: Family<ClosedLabels, Counter>,
+    pub(crate) closed: Family<ClosedLabels, Counter>,
     /// `nodeward_plaintext_refused_total`: plaintext refused by STRICT.
-    pub plaintext_refused: Family<WorkloadLabels, Counter>,
+    pub(crate) plaintext_refused: Family<WorkloadLabels, Counter>,
     /// `nodeward_tls_handshake_failures_total`.
-    pub handshake_failures: Family<HandshakeLabels, Counter>,
+    pub(crate) handshake_failures: Family<HandshakeLabels, Counter>,
     /// `nodeward_authorization_denials_total`.
-    pub denials: Family<DenialLabels, Counter>,
+    pub(crate) denials: Family<DenialLabels, Counter>,
     /// `nodeward_certificate_expiry_timestamp_seconds`, set at each scrape.
-    pub cert_expiry: Family<IdentityLabels, Gauge>,
+    pub(crate) cert_expiry: Family<IdentityLabels, Gauge>,
     /// `nodeward_certificate_issuances_total`.
-    pub cert_issuances: Family<IssueLabels, Counter>,
+    pub(crate) cert_issuances: Family<IssueLabels, Counter>,
     /// `nodeward_ebpf_attached`, set at each scrape.
-    pub ebpf_attached: Family<PodLabels, Gauge>,
+    pub(crate) ebpf_attached: Family<PodLabels, Gauge>,
     /// `nodeward_config_reloads_total`.
-    pub config_reloads: Family<ResultLabels, Counter>,
+    pub(crate) config_reloads: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -172,7 +172,7 @@ impl Default for Metrics {
 
 impl Metrics {
     /// Registers every family.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let mut registry = Registry::default();
         let m = Metrics {
             registry: Registry::default(),
@@ -257,7 +257,7 @@ impl Metrics {
     }
 
     /// The text exposition of every family.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -266,7 +266,7 @@ impl Metrics {
 }
 
 /// Seconds since the Unix epoch of `t` (0 before it).
-pub fn unix_seconds(t: SystemTime) -> i64 {
+pub(crate) fn unix_seconds(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
         .unwrap_or(0)

@@ -19,7 +19,7 @@ use nix::sched::{CloneFlags, setns};
 
 /// Errors of namespace handling.
 #[derive(Debug, thiserror::Error)]
-pub enum NetnsError {
+pub(crate) enum NetnsError {
     /// The namespace file could not be opened or inspected.
     #[error("network namespace {path}: {source}")]
     Open {
@@ -59,18 +59,18 @@ fn home() -> &'static File {
 
 /// Records the current namespace as the agent's home. Call once at startup,
 /// before any thread enters another namespace.
-pub fn init_home() {
+pub(crate) fn init_home() {
     let _ = home();
 }
 
 /// (device, inode) of a namespace file: equal for the same namespace.
-pub type NsId = (u64, u64);
+pub(crate) type NsId = (u64, u64);
 
 /// An open network namespace, kept alive by its file descriptor. Opened
 /// once, by the scan that found it, and used through that descriptor from
 /// then on: a path may name another namespace by the time it is opened again.
 #[derive(Debug)]
-pub struct Netns {
+pub(crate) struct Netns {
     file: File,
     path: PathBuf,
     id: NsId,
@@ -79,7 +79,7 @@ pub struct Netns {
 
 impl Netns {
     /// Opens the namespace at `path` and reads its cookie.
-    pub fn open(path: &Path) -> Result<Self, NetnsError> {
+    pub(crate) fn open(path: &Path) -> Result<Self, NetnsError> {
         let open_err = |source| NetnsError::Open {
             path: path.to_path_buf(),
             source,
@@ -101,24 +101,24 @@ impl Netns {
     }
 
     /// The namespace file this handle was opened from (for messages only).
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// The kernel's cookie for this namespace: what the eBPF programs key on.
-    pub fn cookie(&self) -> u64 {
+    pub(crate) fn cookie(&self) -> u64 {
         self.cookie
     }
 
     /// Identity of the namespace for de-duplication.
-    pub fn id(&self) -> NsId {
+    pub(crate) fn id(&self) -> NsId {
         self.id
     }
 
     /// Runs `f` on this thread while it is inside the namespace.
     ///
     /// `f` must not block or await: the thread is back home when this returns.
-    pub fn run<T>(&self, f: impl FnOnce() -> T) -> Result<T, NetnsError> {
+    pub(crate) fn run<T>(&self, f: impl FnOnce() -> T) -> Result<T, NetnsError> {
         setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Enter {
             path: self.path.clone(),
             source,
@@ -135,7 +135,7 @@ impl Netns {
 
     /// Creates a TCP socket inside the namespace, marked with `mark` so the
     /// capture programs leave it alone.
-    pub fn socket(&self, domain: socket2::Domain, mark: Option<u32>) -> Result<socket2::Socket, NetnsError> {
+    pub(crate) fn socket(&self, domain: socket2::Domain, mark: Option<u32>) -> Result<socket2::Socket, NetnsError> {
         let sock = self
             .run(|| socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP)))?
             .map_err(|source| NetnsError::Socket {
@@ -152,7 +152,7 @@ impl Netns {
     }
 
     /// The addresses configured inside the namespace.
-    pub fn addresses(&self) -> Result<Vec<IpAddr>, NetnsError> {
+    pub(crate) fn addresses(&self) -> Result<Vec<IpAddr>, NetnsError> {
         let path = self.path.clone();
         // A short-lived thread, so no runtime thread is ever inside a pod
         // while it lists interfaces (getifaddrs speaks rtnetlink).
@@ -179,7 +179,7 @@ impl AsFd for Netns {
 }
 
 /// Addresses of the namespace the calling thread is in, loopback excluded.
-pub fn local_addresses() -> io::Result<Vec<IpAddr>> {
+pub(crate) fn local_addresses() -> io::Result<Vec<IpAddr>> {
     let mut out = Vec::new();
     for ifa in nix::ifaddrs::getifaddrs().map_err(io::Error::from)? {
         let Some(addr) = ifa.address else { continue };
@@ -198,7 +198,7 @@ pub fn local_addresses() -> io::Result<Vec<IpAddr>> {
 }
 
 /// Reads `SO_NETNS_COOKIE` (Linux 5.14+) from a socket.
-pub fn netns_cookie(sock: &impl AsRawFd) -> io::Result<u64> {
+pub(crate) fn netns_cookie(sock: &impl AsRawFd) -> io::Result<u64> {
     const SO_NETNS_COOKIE: libc::c_int = 71;
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
@@ -219,27 +219,27 @@ pub fn netns_cookie(sock: &impl AsRawFd) -> io::Result<u64> {
 }
 
 /// The identity of the agent's own (the node's) namespace.
-pub fn home_id() -> io::Result<NsId> {
+pub(crate) fn home_id() -> io::Result<NsId> {
     let meta = home().metadata()?;
     Ok((meta.dev(), meta.ino()))
 }
 
 /// What one scan found, each namespace opened once and kept open.
 #[derive(Debug, Default)]
-pub struct Scan {
+pub(crate) struct Scan {
     /// The namespaces holding each wanted IP.
-    pub by_ip: HashMap<IpAddr, Vec<Arc<Netns>>>,
+    pub(crate) by_ip: HashMap<IpAddr, Vec<Arc<Netns>>>,
     /// The namespaces whose cookie was asked for, whatever addresses they hold.
-    pub by_cookie: HashMap<u64, Arc<Netns>>,
+    pub(crate) by_cookie: HashMap<u64, Arc<Netns>>,
 }
 
 /// Finds pods' namespaces, the way a node agent must: CNI plugins leave
 /// them in `/var/run/netns`, container runtimes behind the processes in
 /// `/proc/*/ns/net`.
 #[derive(Debug, Default)]
-pub struct NetnsFinder {
+pub(crate) struct NetnsFinder {
     /// Extra directories of namespace files to search besides the defaults.
-    pub extra_dirs: Vec<PathBuf>,
+    pub(crate) extra_dirs: Vec<PathBuf>,
 }
 
 impl NetnsFinder {
@@ -248,7 +248,7 @@ impl NetnsFinder {
     /// captured before a restart, found by identity, never by address).
     /// The node's own namespace is never returned: a pod sharing it
     /// (hostNetwork) is not a pod to capture.
-    pub fn scan(&self, wanted: &HashSet<IpAddr>, cookies: &HashSet<u64>) -> Scan {
+    pub(crate) fn scan(&self, wanted: &HashSet<IpAddr>, cookies: &HashSet<u64>) -> Scan {
         let mut found = Scan::default();
         if wanted.is_empty() && cookies.is_empty() {
             return found;

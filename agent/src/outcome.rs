@@ -9,7 +9,7 @@
 
 /// Which listener a connection arrived on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Direction {
+pub(crate) enum Direction {
     /// Captured from an app in the pod.
     Outbound,
     /// Plaintext to the pod.
@@ -20,7 +20,7 @@ pub enum Direction {
 
 impl Direction {
     /// The name used in logs and counters.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Direction::Outbound => "outbound",
             Direction::Inbound => "inbound",
@@ -31,7 +31,7 @@ impl Direction {
 
 /// Why a proxied connection ended: a small fixed set, used in logs and metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CloseReason {
+pub(crate) enum CloseReason {
     /// Both sides finished normally.
     Done,
     /// No bytes either way for the idle timeout.
@@ -83,7 +83,8 @@ pub enum CloseReason {
 
 impl CloseReason {
     /// Every close reason, in the order README.md lists them.
-    pub const ALL: [CloseReason; 22] = [
+    #[cfg(test)]
+    pub(crate) const ALL: [CloseReason; 22] = [
         CloseReason::Done,
         CloseReason::IdleTimeout,
         CloseReason::PeerReset,
@@ -109,7 +110,7 @@ impl CloseReason {
     ];
 
     /// The stable name used in logs and metric labels.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             CloseReason::Done => "done",
             CloseReason::IdleTimeout => "idle_timeout",
@@ -137,12 +138,12 @@ impl CloseReason {
     }
 
     /// Whether the other side should see a reset rather than a clean close.
-    pub fn resets(self) -> bool {
+    pub(crate) fn resets(self) -> bool {
         !matches!(self, CloseReason::Done)
     }
 
     /// Classifies an I/O error.
-    pub fn from_io(e: &std::io::Error) -> Self {
+    pub(crate) fn from_io(e: &std::io::Error) -> Self {
         use std::io::ErrorKind::*;
         match e.kind() {
             ConnectionReset | BrokenPipe | ConnectionAborted | UnexpectedEof => CloseReason::PeerReset,
@@ -157,7 +158,7 @@ impl CloseReason {
 /// What a connection is counted as (`nodeward_connections_closed_total`): its close reason, or one
 /// of the two ends that are counted without a log line each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Counted {
+pub(crate) enum Counted {
     /// A connection that ended with a log line.
     Closed(CloseReason),
     /// Refused at accept by a resource bound (see the refusal kind).
@@ -168,7 +169,7 @@ pub enum Counted {
 
 impl Counted {
     /// The `reason` label.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Counted::Closed(r) => r.as_str(),
             Counted::Limit => "limit",
@@ -179,7 +180,7 @@ impl Counted {
 
 /// How a connection was carried.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Transport {
+pub(crate) enum Transport {
     /// An HBONE tunnel stream (mTLS + HTTP/2 CONNECT).
     Hbone,
     /// Outbound to a destination outside the mesh, unchanged.
@@ -190,7 +191,7 @@ pub enum Transport {
 
 impl Transport {
     /// The name used in logs.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Transport::Hbone => "hbone",
             Transport::Passthrough => "passthrough",
@@ -281,7 +282,7 @@ impl std::fmt::Display for CertRefusal {
 /// Why a connection was refused by a resource bound: which bound it hit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[repr(usize)]
-pub enum LimitRefusal {
+pub(crate) enum LimitRefusal {
     /// The node's proxied connections are at their bound.
     #[error("too many proxied connections on the node")]
     Connections,
@@ -307,10 +308,10 @@ pub enum LimitRefusal {
 
 impl LimitRefusal {
     /// How many bounds there are (the variants index arrays by `as usize`).
-    pub const COUNT: usize = 7;
+    pub(crate) const COUNT: usize = 7;
 
     /// The label used in counters and logs.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             LimitRefusal::Connections => "limit_connections",
             LimitRefusal::ConnectionsPerPod => "limit_connections_per_pod",
@@ -325,7 +326,7 @@ impl LimitRefusal {
 
 /// Why authorization decided as it did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PolicyReason {
+pub(crate) enum PolicyReason {
     /// No ALLOW policy selects the workload, or one matched.
     Allowed,
     /// A DENY policy matched.
@@ -340,7 +341,7 @@ pub enum PolicyReason {
 
 impl PolicyReason {
     /// The label used in logs and counters.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             PolicyReason::Allowed => "allowed",
             PolicyReason::Denied => "denied",
@@ -354,7 +355,7 @@ impl PolicyReason {
 /// What refused a connection or a tunnel stream, next to its close reason:
 /// a certificate, a bound, a policy, or a malformed tunnel request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// The peer's certificate.
     Cert(CertRefusal),
     /// A resource bound.
@@ -375,7 +376,7 @@ pub enum Refusal {
 
 impl Refusal {
     /// The `refusal` label of logs and counters.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Refusal::Cert(r) => r.as_str(),
             Refusal::Limit(r) => r.as_str(),
@@ -391,7 +392,7 @@ impl Refusal {
 
 /// How a tunnel connection (not a stream) ended, for its debug line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TunnelEnd {
+pub(crate) enum TunnelEnd {
     /// The peer closed it.
     Closed,
     /// The pod went, the agent stopped, or the peer stopped being trusted.
@@ -404,7 +405,7 @@ pub enum TunnelEnd {
 
 impl TunnelEnd {
     /// The `end` field of the log line.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             TunnelEnd::Closed => "closed",
             TunnelEnd::Cancelled => "cancelled",

@@ -31,7 +31,7 @@ const TICK: Duration = Duration::from_millis(500);
 
 /// Why a pod could not be captured (it is retried).
 #[derive(Debug, thiserror::Error)]
-pub enum PodError {
+pub(crate) enum PodError {
     /// No namespace holds the pod's IP yet.
     #[error("no network namespace on this node holds {0:?} yet")]
     NoNamespace(Vec<IpAddr>),
@@ -92,7 +92,7 @@ struct ActivePod {
 }
 
 /// The reconciler.
-pub struct PodManager {
+pub(crate) struct PodManager {
     node: String,
     store: Store,
     capture: Arc<Capture>,
@@ -124,7 +124,7 @@ pub struct PodManager {
 
 impl PodManager {
     /// A manager for `node`.
-    pub fn new(
+    pub(crate) fn new(
         node: String,
         store: Store,
         capture: Arc<Capture>,
@@ -157,7 +157,7 @@ impl PodManager {
 
     /// Reconciles on every state change and every tick until drain begins,
     /// then stops managing pods (their pins stay, for fail-closed).
-    pub async fn run(mut self) {
+    pub(crate) async fn run(mut self) {
         let mut rx = self.store.subscribe();
         // Connections of a previous run died with it; their entries go
         // before any new connection can make one.

@@ -13,7 +13,7 @@ use super::AdminState;
 use crate::metrics::unix_seconds;
 
 /// The dump, as JSON.
-pub fn dump(state: &AdminState) -> Value {
+pub(crate) fn dump(state: &AdminState) -> Value {
     let Some(manager) = &state.certs else {
         return json!({"certificates": [], "note": "no --ca-dir: no workload identities"});
     };

@@ -12,7 +12,7 @@ use crate::policy::model::Mode;
 use crate::state::workload::{EXCLUDE_INBOUND_ANNOTATION, EXCLUDE_OUTBOUND_ANNOTATION, Pod};
 
 /// The dump, as JSON.
-pub fn dump(state: &AdminState) -> Value {
+pub(crate) fn dump(state: &AdminState) -> Value {
     let snap = state.store.current();
     let (managed, _) = snap.managed_pods(&state.node);
     let captures = state.captures.pods();

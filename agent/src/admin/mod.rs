@@ -13,10 +13,10 @@
 
 #![forbid(unsafe_code)]
 
-pub mod certs;
-pub mod config_dump;
-pub mod readiness;
-pub mod server;
+pub(crate) mod certs;
+pub(crate) mod config_dump;
+pub(crate) mod readiness;
+pub(crate) mod server;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -30,38 +30,38 @@ use readiness::{Check, Readiness};
 
 /// A managed pod's capture, as the pod manager last saw it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PodCapture {
+pub(crate) struct PodCapture {
     /// Pod UID.
-    pub uid: String,
+    pub(crate) uid: String,
     /// The network namespace its capture is attached to; `None`: not captured.
-    pub netns_cookie: Option<u64>,
+    pub(crate) netns_cookie: Option<u64>,
     /// Why it is not captured (yet).
-    pub problem: Option<String>,
+    pub(crate) problem: Option<String>,
 }
 
 /// Capture state of every enrolled pod of the node, by `namespace/name`:
 /// reported by the pod manager each round, read by readiness, metrics and
 /// `/config_dump`.
 #[derive(Debug, Default)]
-pub struct Captures {
+pub(crate) struct Captures {
     pods: Mutex<BTreeMap<String, PodCapture>>,
     reported: AtomicBool,
 }
 
 impl Captures {
     /// Replaces the state with this round's.
-    pub fn report(&self, pods: BTreeMap<String, PodCapture>) {
+    pub(crate) fn report(&self, pods: BTreeMap<String, PodCapture>) {
         *self.pods.lock().unwrap_or_else(|e| e.into_inner()) = pods;
         self.reported.store(true, Ordering::Release);
     }
 
     /// The state of every enrolled pod.
-    pub fn pods(&self) -> BTreeMap<String, PodCapture> {
+    pub(crate) fn pods(&self) -> BTreeMap<String, PodCapture> {
         self.pods.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Readiness problems: pods enrolled but not captured.
-    pub fn problems(&self) -> Vec<String> {
+    pub(crate) fn problems(&self) -> Vec<String> {
         if !self.reported.load(Ordering::Acquire) {
             return vec!["pods not reconciled yet".into()];
         }
@@ -81,7 +81,7 @@ impl Captures {
 /// The config directory's health: files rejected at the last poll, counted
 /// reloads, and the readiness check they decide.
 #[derive(Debug)]
-pub struct ConfigStatus {
+pub(crate) struct ConfigStatus {
     check: Check,
     metrics: Arc<Metrics>,
     rejected: Mutex<Vec<(PathBuf, String)>>,
@@ -89,7 +89,7 @@ pub struct ConfigStatus {
 
 impl ConfigStatus {
     /// Status reporting into `check` and `metrics`.
-    pub fn new(check: Check, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(check: Check, metrics: Arc<Metrics>) -> Self {
         ConfigStatus {
             check,
             metrics,
@@ -99,7 +99,7 @@ impl ConfigStatus {
 
     /// Reports one poll: the files now rejected, and whether a new
     /// configuration was applied.
-    pub fn report(&self, rejected: Vec<(PathBuf, String)>, applied: bool) {
+    pub(crate) fn report(&self, rejected: Vec<(PathBuf, String)>, applied: bool) {
         let mut last = self.rejected.lock().unwrap_or_else(|e| e.into_inner());
         let new_failures = rejected.iter().filter(|r| !last.contains(r)).count();
         if new_failures > 0 {
@@ -124,33 +124,33 @@ impl ConfigStatus {
     }
 
     /// Files rejected at the last poll, with why.
-    pub fn rejected(&self) -> Vec<(PathBuf, String)> {
+    pub(crate) fn rejected(&self) -> Vec<(PathBuf, String)> {
         self.rejected.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
 /// What the three listeners read.
 #[derive(Debug)]
-pub struct AdminState {
+pub(crate) struct AdminState {
     /// This node.
-    pub node: String,
+    pub(crate) node: String,
     /// Readiness checks.
-    pub readiness: Arc<Readiness>,
+    pub(crate) readiness: Arc<Readiness>,
     /// Metric families.
-    pub metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     /// Cluster state.
-    pub store: Store,
+    pub(crate) store: Store,
     /// Certificates, when the agent has a CA.
-    pub certs: Option<Arc<CertManager>>,
+    pub(crate) certs: Option<Arc<CertManager>>,
     /// Pods' capture.
-    pub captures: Arc<Captures>,
+    pub(crate) captures: Arc<Captures>,
     /// The config directory's health.
-    pub config: Arc<ConfigStatus>,
+    pub(crate) config: Arc<ConfigStatus>,
 }
 
 impl AdminState {
     /// The metrics text, with the gauges read from their sources first.
-    pub fn render_metrics(&self) -> String {
+    pub(crate) fn render_metrics(&self) -> String {
         let m = &self.metrics;
         m.cert_expiry.clear();
         for c in self.certs.iter().flat_map(|c| c.certificates()) {

@@ -9,16 +9,16 @@ use std::sync::{Arc, Mutex};
 
 /// A reported check: the module sets its problems when they change.
 #[derive(Clone, Debug, Default)]
-pub struct Check(Arc<Mutex<Vec<String>>>);
+pub(crate) struct Check(Arc<Mutex<Vec<String>>>);
 
 impl Check {
     /// Replaces the check's problems; empty means ready.
-    pub fn set(&self, problems: Vec<String>) {
+    pub(crate) fn set(&self, problems: Vec<String>) {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = problems;
     }
 
     /// Marks the check ready.
-    pub fn ready(&self) {
+    pub(crate) fn ready(&self) {
         self.set(Vec::new());
     }
 
@@ -36,7 +36,7 @@ enum Source {
 
 /// The checks readiness is made of.
 #[derive(Default)]
-pub struct Readiness {
+pub(crate) struct Readiness {
     checks: Mutex<Vec<(&'static str, Source)>>,
 }
 
@@ -54,7 +54,7 @@ impl Readiness {
 
     /// Registers a check that starts not ready with `pending` (fail closed:
     /// a module that never reports keeps the agent unready).
-    pub fn register(&self, name: &'static str, pending: &str) -> Check {
+    pub(crate) fn register(&self, name: &'static str, pending: &str) -> Check {
         let check = Check::default();
         check.set(vec![pending.to_string()]);
         self.lock().push((name, Source::Reported(check.clone())));
@@ -62,12 +62,12 @@ impl Readiness {
     }
 
     /// Registers a check computed at each probe.
-    pub fn register_polled(&self, name: &'static str, poll: impl Fn() -> Vec<String> + Send + Sync + 'static) {
+    pub(crate) fn register_polled(&self, name: &'static str, poll: impl Fn() -> Vec<String> + Send + Sync + 'static) {
         self.lock().push((name, Source::Polled(Box::new(poll))));
     }
 
     /// Every problem, as `check: problem`; empty when ready.
-    pub fn problems(&self) -> Vec<String> {
+    pub(crate) fn problems(&self) -> Vec<String> {
         let checks = self.lock();
         let mut out = Vec::new();
         for (name, source) in checks.iter() {

@@ -22,18 +22,18 @@ const MAX_CONCURRENT: usize = 32;
 
 /// A parsed request line.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Request<'a> {
+pub(crate) struct Request<'a> {
     /// `GET`, `POST`, ...
-    pub method: &'a str,
+    pub(crate) method: &'a str,
     /// The path, without the query.
-    pub path: &'a str,
+    pub(crate) path: &'a str,
     /// The query, without `?`.
-    pub query: Option<&'a str>,
+    pub(crate) query: Option<&'a str>,
 }
 
 impl<'a> Request<'a> {
     /// The request line of `head`, if it has one.
-    pub fn parse(head: &'a str) -> Option<Self> {
+    pub(crate) fn parse(head: &'a str) -> Option<Self> {
         let mut words = head.lines().next()?.split_whitespace();
         let method = words.next()?;
         let target = words.next()?;
@@ -46,7 +46,7 @@ impl<'a> Request<'a> {
 
     /// The value of `name` in the query (no percent-decoding: the values
     /// the endpoints take need none).
-    pub fn param(&self, name: &str) -> Option<&'a str> {
+    pub(crate) fn param(&self, name: &str) -> Option<&'a str> {
         self.query?
             .split('&')
             .filter_map(|kv| kv.split_once('='))
@@ -57,30 +57,30 @@ impl<'a> Request<'a> {
 
 /// A response.
 #[derive(Debug)]
-pub struct Response {
+pub(crate) struct Response {
     /// Status line text, e.g. `200 OK`.
-    pub status: &'static str,
+    pub(crate) status: &'static str,
     /// Content type.
-    pub content_type: &'static str,
+    pub(crate) content_type: &'static str,
     /// Body.
-    pub body: String,
+    pub(crate) body: String,
 }
 
 impl Response {
     /// 200 with a plain-text body.
-    pub fn text(body: impl Into<String>) -> Self {
+    pub(crate) fn text(body: impl Into<String>) -> Self {
         Response::with("200 OK", "text/plain; charset=utf-8", body)
     }
 
     /// 200 with a JSON body.
-    pub fn json(value: &serde_json::Value) -> Self {
+    pub(crate) fn json(value: &serde_json::Value) -> Self {
         let mut body = serde_json::to_string_pretty(value).unwrap_or_default();
         body.push('\n');
         Response::with("200 OK", "application/json", body)
     }
 
     /// Any status with a plain-text body.
-    pub fn with(status: &'static str, content_type: &'static str, body: impl Into<String>) -> Self {
+    pub(crate) fn with(status: &'static str, content_type: &'static str, body: impl Into<String>) -> Self {
         Response {
             status,
             content_type,
@@ -89,12 +89,12 @@ impl Response {
     }
 
     /// 404.
-    pub fn not_found() -> Self {
+    pub(crate) fn not_found() -> Self {
         Response::with("404 Not Found", "text/plain; charset=utf-8", "not found\n")
     }
 
     /// 405.
-    pub fn method_not_allowed() -> Self {
+    pub(crate) fn method_not_allowed() -> Self {
         Response::with(
             "405 Method Not Allowed",
             "text/plain; charset=utf-8",
@@ -105,10 +105,10 @@ impl Response {
 
 /// What a listener answers, from the state `S` it serves (the agent's
 /// [`AdminState`], or the CA service's own).
-pub type Route<S = AdminState> = fn(&S, &Request<'_>) -> Response;
+pub(crate) type Route<S = AdminState> = fn(&S, &Request<'_>) -> Response;
 
 /// Serves `route` on `listener` until `stop` fires.
-pub async fn serve<S: Send + Sync + 'static>(
+pub(crate) async fn serve<S: Send + Sync + 'static>(
     listener: TcpListener,
     state: Arc<S>,
     route: Route<S>,
@@ -166,18 +166,18 @@ pub async fn serve<S: Send + Sync + 'static>(
 
 /// The three listeners, bound by the agent before anything starts.
 #[derive(Debug)]
-pub struct Listeners {
+pub(crate) struct Listeners {
     /// `--readiness-addr`.
-    pub readiness: std::net::TcpListener,
+    pub(crate) readiness: std::net::TcpListener,
     /// `--metrics-addr`.
-    pub metrics: std::net::TcpListener,
+    pub(crate) metrics: std::net::TcpListener,
     /// `--admin-addr`.
-    pub admin: std::net::TcpListener,
+    pub(crate) admin: std::net::TcpListener,
 }
 
 /// Serves the three listeners on a thread and runtime of their own until
 /// `stop` fires, so scrapes and dumps never run on the proxies' threads.
-pub fn spawn(
+pub(crate) fn spawn(
     listeners: Listeners,
     state: Arc<AdminState>,
     stop: CancellationToken,
@@ -206,7 +206,7 @@ pub fn spawn(
 }
 
 /// `:15021`.
-pub fn readiness(state: &AdminState, req: &Request<'_>) -> Response {
+pub(crate) fn readiness(state: &AdminState, req: &Request<'_>) -> Response {
     match req.path {
         "/healthz/ready" => {
             let problems = state.readiness.problems();
@@ -225,7 +225,7 @@ pub fn readiness(state: &AdminState, req: &Request<'_>) -> Response {
 }
 
 /// `:15020`.
-pub fn metrics(state: &AdminState, req: &Request<'_>) -> Response {
+pub(crate) fn metrics(state: &AdminState, req: &Request<'_>) -> Response {
     match req.path {
         "/metrics" | "/stats/prometheus" => Response::with(
             "200 OK",
@@ -237,7 +237,7 @@ pub fn metrics(state: &AdminState, req: &Request<'_>) -> Response {
 }
 
 /// `127.0.0.1:15000`.
-pub fn admin(state: &AdminState, req: &Request<'_>) -> Response {
+pub(crate) fn admin(state: &AdminState, req: &Request<'_>) -> Response {
     match req.path {
         "/config_dump" => Response::json(&super::config_dump::dump(state)),
         "/certs" => Response::json(&super::certs::dump(state)),

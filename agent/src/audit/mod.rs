@@ -39,7 +39,7 @@ pub enum Severity {
 
 impl Severity {
     /// The lowercase label used in tables and JSON.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Severity::Info => "info",
             Severity::Low => "low",
@@ -52,7 +52,7 @@ impl Severity {
 /// What a finding is about: one per check, a closed set for machines.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Kind {
+pub(crate) enum Kind {
     /// A PeerAuthentication sets DISABLE (mode or port).
     MtlsDisable,
     /// A PeerAuthentication sets PERMISSIVE in a production namespace.
@@ -80,7 +80,7 @@ pub enum Kind {
 
 impl Kind {
     /// The snake_case label used in tables and JSON.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Kind::MtlsDisable => "mtls_disable",
             Kind::PermissiveInProduction => "permissive_in_production",
@@ -101,13 +101,13 @@ impl Kind {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Finding {
     /// How much it matters.
-    pub severity: Severity,
+    pub(crate) severity: Severity,
     /// Which check found it.
-    pub kind: Kind,
+    pub(crate) kind: Kind,
     /// The object: `Kind namespace/name` (a file path for rejected files).
-    pub object: String,
+    pub(crate) object: String,
     /// One line saying why it matters.
-    pub why: String,
+    pub(crate) why: String,
 }
 
 impl Finding {
@@ -123,7 +123,7 @@ impl Finding {
 
 /// Annotation on a pod that documents why it is an exception (opted out
 /// or with excluded ports); the exceptions register lists it.
-pub const EXCEPTION_REASON_ANNOTATION: &str = "nodeward.io/exception-reason";
+pub(crate) const EXCEPTION_REASON_ANNOTATION: &str = "nodeward.io/exception-reason";
 
 /// Which namespaces count as production: by name pattern (`prod*`,
 /// `*-prod`, exact) or by a `key=value` label.
@@ -134,9 +134,9 @@ pub struct Production {
 }
 
 /// `--production-namespaces` default.
-pub const DEFAULT_PRODUCTION_NAMESPACES: &str = "prod,prod-*,*-prod,production,production-*,*-production";
+pub(crate) const DEFAULT_PRODUCTION_NAMESPACES: &str = "prod,prod-*,*-prod,production,production-*,*-production";
 /// `--production-labels` default.
-pub const DEFAULT_PRODUCTION_LABELS: &str = "env=prod,env=production,environment=prod,environment=production";
+pub(crate) const DEFAULT_PRODUCTION_LABELS: &str = "env=prod,env=production,environment=prod,environment=production";
 
 impl Production {
     /// Builds the matcher from name patterns and `key=value` labels.
@@ -161,7 +161,8 @@ impl Production {
 
     /// The defaults: names `prod`, `prod-*`, `*-prod`, `production`…,
     /// labels `env`/`environment` = `prod`/`production`.
-    pub fn defaults() -> Self {
+    #[cfg(test)]
+    pub(crate) fn defaults() -> Self {
         let split = |s: &str| s.split(',').map(String::from).collect::<Vec<_>>();
         Production::new(&split(DEFAULT_PRODUCTION_NAMESPACES), &split(DEFAULT_PRODUCTION_LABELS)).unwrap_or(
             Production {
@@ -173,7 +174,7 @@ impl Production {
 
     /// Whether namespace `name` (with its object, if the config has one)
     /// looks like production.
-    pub fn matches(&self, name: &str, ns: Option<&Namespace>) -> bool {
+    pub(crate) fn matches(&self, name: &str, ns: Option<&Namespace>) -> bool {
         self.names.iter().any(|m| m.matches(name))
             || ns.is_some_and(|ns| self.labels.iter().any(|(k, v)| ns.labels.get(k) == Some(v)))
     }
@@ -225,7 +226,7 @@ pub fn audit_dir(dir: &Path, root_namespace: &str, production: &Production) -> R
 }
 
 /// Audits a snapshot: every check, findings most severe first.
-pub fn audit_snapshot(snap: &Snapshot, production: &Production) -> Vec<Finding> {
+pub(crate) fn audit_snapshot(snap: &Snapshot, production: &Production) -> Vec<Finding> {
     let mut out = Vec::new();
     mtls::check(snap, production, &mut out);
     mtls::exceptions(snap, &mut out);

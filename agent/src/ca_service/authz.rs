@@ -11,7 +11,7 @@ use crate::state::Snapshot;
 
 /// Why an identity is refused. Each kind is a log and metric label.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AuthzError {
+pub(crate) enum AuthzError {
     /// `ImpersonatedIdentity` is not a SPIFFE ID.
     #[error("requested identity: {0}")]
     BadIdentity(String),
@@ -46,7 +46,7 @@ pub enum AuthzError {
 
 impl AuthzError {
     /// A fixed label for logs and counters.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             AuthzError::BadIdentity(_) => "bad_identity",
             AuthzError::WrongTrustDomain { .. } => "wrong_trust_domain",
@@ -59,16 +59,16 @@ impl AuthzError {
 
 /// What the CA authorizes against.
 #[derive(Debug, Clone)]
-pub struct Rules {
+pub(crate) struct Rules {
     /// The CA's trust domain.
-    pub trust_domain: String,
+    pub(crate) trust_domain: String,
     /// The node agent's ServiceAccount, `namespace/name`.
-    pub node_agent: (String, String),
+    pub(crate) node_agent: (String, String),
 }
 
 /// The identity to issue for a caller with `claims` asking for `requested`
 /// (its own when `None`), or why not.
-pub fn authorize(
+pub(crate) fn authorize(
     claims: &K8sClaims,
     requested: Option<&str>,
     rules: &Rules,

@@ -15,11 +15,11 @@ use serde::Deserialize;
 
 /// Clock skew tolerated on `exp` and `nbf`, seconds (nodes and the API
 /// server do not share a clock).
-pub const LEEWAY_SECS: i64 = 60;
+pub(crate) const LEEWAY_SECS: i64 = 60;
 
 /// Why a token or key set was refused. Each kind is a log and metric label.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum JwtError {
+pub(crate) enum JwtError {
     /// Not three base64url parts of JSON.
     #[error("malformed token: {0}")]
     Malformed(String),
@@ -63,7 +63,7 @@ pub enum JwtError {
 
 impl JwtError {
     /// A fixed label for logs and counters.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             JwtError::Malformed(_) => "malformed",
             JwtError::Algorithm(_) => "algorithm",
@@ -88,7 +88,7 @@ enum PublicKey {
 
 /// The issuer's public keys, by `kid`.
 #[derive(Debug, Clone, Default)]
-pub struct KeySet {
+pub(crate) struct KeySet {
     keys: Vec<(Option<String>, PublicKey)>,
 }
 
@@ -113,7 +113,7 @@ struct Jwk {
 impl KeySet {
     /// Reads a JWKS file (`{"keys": [...]}`, RSA and EC P-256 keys; others,
     /// and keys not for signatures, are skipped). No usable key is an error.
-    pub fn load(path: &Path) -> Result<KeySet, JwtError> {
+    pub(crate) fn load(path: &Path) -> Result<KeySet, JwtError> {
         let err = |message: String| JwtError::KeySet {
             file: path.display().to_string(),
             message,
@@ -123,7 +123,7 @@ impl KeySet {
     }
 
     /// Parses JWKS text; the error says what is wrong.
-    pub fn parse(text: &str) -> Result<KeySet, String> {
+    pub(crate) fn parse(text: &str) -> Result<KeySet, String> {
         let jwks: Jwks = serde_json::from_str(text).map_err(|e| format!("not a JWKS document: {e}"))?;
         let b64 = |v: &Option<String>, what: &str| -> Result<Vec<u8>, String> {
             let v = v.as_deref().ok_or_else(|| format!("key without {what}"))?;
@@ -181,24 +181,24 @@ impl KeySet {
 
 /// What is checked besides the signature.
 #[derive(Debug, Clone)]
-pub struct Expected {
+pub(crate) struct Expected {
     /// `iss`.
-    pub issuer: String,
+    pub(crate) issuer: String,
     /// One of `aud`.
-    pub audience: String,
+    pub(crate) audience: String,
 }
 
 /// The Kubernetes facts a verified token carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct K8sClaims {
+pub(crate) struct K8sClaims {
     /// `kubernetes.io.namespace`.
-    pub namespace: String,
+    pub(crate) namespace: String,
     /// `kubernetes.io.serviceaccount.name`.
-    pub service_account: String,
+    pub(crate) service_account: String,
     /// `kubernetes.io.pod.name`, when the token is bound to a pod.
-    pub pod: Option<String>,
+    pub(crate) pod: Option<String>,
     /// `kubernetes.io.node.name`, when the token carries its node.
-    pub node: Option<String>,
+    pub(crate) node: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -239,7 +239,7 @@ struct Claims {
 
 /// Verifies `token` at unix time `now` and returns its Kubernetes claims.
 /// The signature is checked before any claim is believed.
-pub fn verify(token: &str, keys: &KeySet, expected: &Expected, now: i64) -> Result<K8sClaims, JwtError> {
+pub(crate) fn verify(token: &str, keys: &KeySet, expected: &Expected, now: i64) -> Result<K8sClaims, JwtError> {
     let mut parts = token.trim().split('.');
     let (Some(h), Some(p), sig, None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
         return Err(JwtError::Malformed("not three dot-separated parts".into()));
@@ -308,6 +308,7 @@ pub fn verify(token: &str, keys: &KeySet, expected: &Expected, now: i64) -> Resu
     })
 }
 
+#[cfg(any(test, feature = "testing"))]
 /// An ES256 token issuer: what the API server does when it projects a
 /// ServiceAccount token. For tests and tools that need real signed tokens.
 pub struct TokenSigner {
@@ -315,6 +316,7 @@ pub struct TokenSigner {
     kid: String,
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl TokenSigner {
     /// A fresh P-256 key named `kid`.
     pub fn generate(kid: &str) -> TokenSigner {
@@ -359,6 +361,7 @@ impl TokenSigner {
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
 /// Claims of a projected ServiceAccount token bound to a pod on a node,
 /// valid for an hour from `now`.
 pub fn k8s_claims(

@@ -8,8 +8,11 @@
 
 #![forbid(unsafe_code)]
 
-pub mod authz;
+pub(crate) mod authz;
+#[cfg(feature = "testing")]
 pub mod jwt;
+#[cfg(not(feature = "testing"))]
+pub(crate) mod jwt;
 pub mod server;
 
 use std::net::SocketAddr;
@@ -23,32 +26,32 @@ use clap::Args;
 pub struct ServeArgs {
     /// CA directory (Istio plug-in CA files); mount it read-only.
     #[arg(long, env = "NODEWARD_CA_DIR")]
-    pub ca_dir: PathBuf,
+    pub(crate) ca_dir: PathBuf,
     /// Address of the gRPC endpoint (Istio's port is 15012).
     #[arg(long, env = "NODEWARD_CA_LISTEN", default_value = "0.0.0.0:15012")]
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     /// The service-account issuer's public keys, a JWKS file (RFC 7517).
     #[arg(long, env = "NODEWARD_CA_JWKS")]
-    pub jwks: PathBuf,
+    pub(crate) jwks: PathBuf,
     /// Expected `iss` of tokens (the API server's --service-account-issuer).
     #[arg(long, env = "NODEWARD_CA_ISSUER")]
-    pub issuer: String,
+    pub(crate) issuer: String,
     /// Expected audience of tokens.
     #[arg(long, env = "NODEWARD_CA_AUDIENCE", default_value = "istio-ca")]
-    pub audience: String,
+    pub(crate) audience: String,
     /// The node agent's ServiceAccount, `namespace/name`: it may obtain the
     /// identities of pods on its token's node.
     #[arg(long, env = "NODEWARD_CA_NODE_AGENT_SA", default_value = "nodeward-system/nodeward")]
-    pub node_agent_sa: String,
+    pub(crate) node_agent_sa: String,
     /// Kubernetes YAML with the cluster's pods (the CA's view for node authorization).
     #[arg(long, env = "NODEWARD_CONFIG_DIR")]
-    pub config_dir: PathBuf,
+    pub(crate) config_dir: PathBuf,
     /// SPIFFE trust domain of issued identities.
     #[arg(long, env = "NODEWARD_TRUST_DOMAIN", default_value = crate::config::defaults::TRUST_DOMAIN)]
-    pub trust_domain: String,
+    pub(crate) trust_domain: String,
     /// Longest certificate issued, whatever is asked.
     #[arg(long, env = "NODEWARD_CA_MAX_CERT_LIFETIME", default_value = "24h", value_parser = crate::config::parse_duration)]
-    pub max_cert_lifetime: Duration,
+    pub(crate) max_cert_lifetime: Duration,
     /// Names in the service's TLS certificate (DNS names or IP addresses);
     /// clients verify the one they dial. Repeat or separate with commas.
     #[arg(
@@ -57,10 +60,10 @@ pub struct ServeArgs {
         value_delimiter = ',',
         default_value = "nodeward-ca.nodeward-system.svc"
     )]
-    pub server_name: Vec<String>,
+    pub(crate) server_name: Vec<String>,
     /// Readiness and `/stats` (request counters), on localhost.
     #[arg(long, env = "NODEWARD_CA_ADMIN_ADDR", default_value = "127.0.0.1:15022")]
-    pub admin_addr: SocketAddr,
+    pub(crate) admin_addr: SocketAddr,
 }
 
 /// Why the CA service could not start; each names its flag or file.

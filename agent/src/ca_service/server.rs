@@ -42,7 +42,7 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_CONNECTIONS: usize = 1024;
 
 /// A loaded CA service.
-pub struct CaService {
+pub(crate) struct CaService {
     authority: Authority,
     keys: KeySet,
     expected: Expected,
@@ -63,7 +63,7 @@ impl std::fmt::Debug for CaService {
 
 impl CaService {
     /// Checks every flag and file, reporting all problems at once.
-    pub fn load(a: &ServeArgs) -> Result<CaService, ServeError> {
+    pub(crate) fn load(a: &ServeArgs) -> Result<CaService, ServeError> {
         let mut problems = Vec::new();
         let authority = Authority::load(&a.ca_dir)
             .map_err(|e| problems.push(format!("--ca-dir (NODEWARD_CA_DIR): {e}")))

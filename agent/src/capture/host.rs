@@ -15,7 +15,7 @@ const REQUIRED_CAPS: &[(u32, &str, &str)] = &[
 const CAP_BPF: u32 = 39;
 
 /// Fails with the list of missing capabilities.
-pub fn check_privileges() -> Result<(), CaptureError> {
+pub(crate) fn check_privileges() -> Result<(), CaptureError> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let eff = status
         .lines()
@@ -40,7 +40,7 @@ pub fn check_privileges() -> Result<(), CaptureError> {
 
 /// Finds the cgroup v2 mount from `/proc/mounts` (never a fixed path: it is
 /// `/sys/fs/cgroup` on most hosts and `/sys/fs/cgroup/unified` on hybrid ones).
-pub fn find_cgroup2() -> Result<PathBuf, CaptureError> {
+pub(crate) fn find_cgroup2() -> Result<PathBuf, CaptureError> {
     let mounts = std::fs::read_to_string("/proc/mounts").map_err(|e| CaptureError::Host {
         what: "/proc/mounts".into(),
         message: e.to_string(),
@@ -49,7 +49,7 @@ pub fn find_cgroup2() -> Result<PathBuf, CaptureError> {
 }
 
 /// Fails unless `path` is the root of a cgroup v2 filesystem.
-pub fn check_cgroup2(path: &Path) -> Result<(), CaptureError> {
+pub(crate) fn check_cgroup2(path: &Path) -> Result<(), CaptureError> {
     let st = nix::sys::statfs::statfs(path).map_err(|e| CaptureError::Host {
         what: format!("cgroup v2 root {}", path.display()),
         message: e.to_string(),
@@ -64,7 +64,7 @@ pub fn check_cgroup2(path: &Path) -> Result<(), CaptureError> {
 }
 
 /// The mount point of the first mount of filesystem type `fstype`.
-pub fn mount_point(mounts: &str, fstype: &str) -> Option<PathBuf> {
+pub(crate) fn mount_point(mounts: &str, fstype: &str) -> Option<PathBuf> {
     mounts.lines().find_map(|l| {
         let mut f = l.split_whitespace();
         let (_dev, point, ty) = (f.next()?, f.next()?, f.next()?);
@@ -73,7 +73,7 @@ pub fn mount_point(mounts: &str, fstype: &str) -> Option<PathBuf> {
 }
 
 /// Makes sure `path` is a bpffs mount, mounting one there if none is.
-pub fn ensure_bpffs(path: &Path) -> Result<(), CaptureError> {
+pub(crate) fn ensure_bpffs(path: &Path) -> Result<(), CaptureError> {
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
     let mounted = mounts.lines().any(|l| {
         let f: Vec<&str> = l.split_whitespace().collect();

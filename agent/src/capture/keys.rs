@@ -12,7 +12,7 @@ use nodeward_common::{SockAddr, SockKey, map_v4};
 /// The key the eBPF maps use for an endpoint in a pod: `app_port` is the
 /// app port of a hop (`INBOUND_PEER`), 0 for an app's own endpoint
 /// (`ORIG_DST`).
-pub fn sock_key(netns: u64, a: SocketAddr, app_port: u16) -> SockKey {
+pub(crate) fn sock_key(netns: u64, a: SocketAddr, app_port: u16) -> SockKey {
     SockKey {
         netns,
         addr: ip_words(a.ip()),
@@ -23,7 +23,7 @@ pub fn sock_key(netns: u64, a: SocketAddr, app_port: u16) -> SockKey {
 }
 
 /// The map form of a socket address.
-pub fn sock_addr(a: SocketAddr) -> SockAddr {
+pub(crate) fn sock_addr(a: SocketAddr) -> SockAddr {
     SockAddr {
         addr: ip_words(a.ip()),
         port: a.port(),
@@ -32,7 +32,7 @@ pub fn sock_addr(a: SocketAddr) -> SockAddr {
 }
 
 /// Map words of an address: IPv4 mapped into IPv6, network-order words.
-pub fn ip_words(ip: IpAddr) -> [u32; 4] {
+pub(crate) fn ip_words(ip: IpAddr) -> [u32; 4] {
     match ip {
         IpAddr::V4(v4) => map_v4(u32::from_ne_bytes(v4.octets())),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -46,7 +46,7 @@ pub fn ip_words(ip: IpAddr) -> [u32; 4] {
 }
 
 /// The socket address for map words and a port.
-pub fn from_words(words: [u32; 4], port: u16) -> SocketAddr {
+pub(crate) fn from_words(words: [u32; 4], port: u16) -> SocketAddr {
     let mut o = [0u8; 16];
     for (i, w) in words.iter().enumerate() {
         o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());

@@ -15,7 +15,7 @@ use aya::maps::MapData;
 
 /// A BPF map of `K` to `V`, shareable across threads.
 #[derive(Debug)]
-pub struct BpfMap<K, V> {
+pub(crate) struct BpfMap<K, V> {
     fd: OwnedFd,
     _kv: PhantomData<fn(K, V)>,
 }
@@ -66,7 +66,7 @@ pub enum MapError {
 impl<K: aya::Pod, V: aya::Pod> BpfMap<K, V> {
     /// Shares the map `name` as `K` to `V`, once the kernel's key and value
     /// sizes are checked to be theirs.
-    pub fn new(name: &'static str, map: &MapData) -> Result<Self, MapError> {
+    pub(crate) fn new(name: &'static str, map: &MapData) -> Result<Self, MapError> {
         let info = map.info().map_err(|e| MapError::Info {
             map: name,
             message: format!("reading its info: {e}"),
@@ -119,7 +119,7 @@ impl<K: aya::Pod, V: aya::Pod> BpfMap<K, V> {
     }
 
     /// The value for `key`, if any.
-    pub fn get(&self, key: &K) -> io::Result<Option<V>> {
+    pub(crate) fn get(&self, key: &K) -> io::Result<Option<V>> {
         let mut value = std::mem::MaybeUninit::<V>::zeroed();
         match self.call(BPF_MAP_LOOKUP_ELEM, key, value.as_mut_ptr() as u64, 0) {
             // SAFETY: the kernel filled the whole value (the map's value size
@@ -131,12 +131,12 @@ impl<K: aya::Pod, V: aya::Pod> BpfMap<K, V> {
     }
 
     /// Inserts or replaces `key`.
-    pub fn insert(&self, key: &K, value: &V) -> io::Result<()> {
+    pub(crate) fn insert(&self, key: &K, value: &V) -> io::Result<()> {
         self.call(BPF_MAP_UPDATE_ELEM, key, value as *const V as u64, 0)
     }
 
     /// Removes `key`; absent keys are not an error.
-    pub fn remove(&self, key: &K) -> io::Result<()> {
+    pub(crate) fn remove(&self, key: &K) -> io::Result<()> {
         match self.call(BPF_MAP_DELETE_ELEM, key, 0, 0) {
             Err(e) if e.raw_os_error() != Some(libc::ENOENT) => Err(e),
             _ => Ok(()),
@@ -144,7 +144,7 @@ impl<K: aya::Pod, V: aya::Pod> BpfMap<K, V> {
     }
 
     /// All keys, for reconciliation at startup.
-    pub fn keys(&self) -> io::Result<Vec<K>> {
+    pub(crate) fn keys(&self) -> io::Result<Vec<K>> {
         let mut keys = Vec::new();
         let mut next = std::mem::MaybeUninit::<K>::zeroed();
         let mut cur: Option<K> = None;

@@ -18,10 +18,10 @@
 //! duplicate left behind. `nodeward cleanup` removes the directory, which
 //! detaches everything.
 
-pub mod host;
-pub mod keys;
-pub mod map;
-pub mod probe;
+pub(crate) mod host;
+pub(crate) mod keys;
+pub(crate) mod map;
+pub(crate) mod probe;
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -31,7 +31,7 @@ use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use nodeward_common::{ListenerKey, PodInfo, PortKey, SockAddr, SockKey, names};
 
-pub use map::BpfMap;
+pub(crate) use map::BpfMap;
 
 use crate::netns::Netns;
 
@@ -103,61 +103,61 @@ pub enum CaptureError {
 
 /// Where and how to attach.
 #[derive(Clone, Debug)]
-pub struct CaptureConfig {
+pub(crate) struct CaptureConfig {
     /// bpffs mount point.
-    pub bpffs: PathBuf,
+    pub(crate) bpffs: PathBuf,
     /// This node's name, which scopes the pin directory.
-    pub node_name: String,
+    pub(crate) node_name: String,
     /// cgroup v2 root to attach to; discovered when `None`.
-    pub cgroup2: Option<PathBuf>,
+    pub(crate) cgroup2: Option<PathBuf>,
     /// Socket mark of the agent's own sockets.
-    pub socket_mark: u32,
+    pub(crate) socket_mark: u32,
 }
 
 /// The pin directory of a node.
-pub fn pin_dir(bpffs: &Path, node_name: &str) -> PathBuf {
+pub(crate) fn pin_dir(bpffs: &Path, node_name: &str) -> PathBuf {
     bpffs.join("nodeward").join(node_name).join("v1")
 }
 
 /// The maps the agent reads and writes.
 #[derive(Debug)]
-pub struct Maps {
+pub(crate) struct Maps {
     /// Managed pods by namespace cookie.
-    pub pods: BpfMap<u64, PodInfo>,
+    pub(crate) pods: BpfMap<u64, PodInfo>,
     /// Excluded ports.
-    pub excluded_ports: BpfMap<PortKey, u8>,
+    pub(crate) excluded_ports: BpfMap<PortKey, u8>,
     /// Original destinations of captured outbound connections.
-    pub orig_dst: BpfMap<SockKey, SockAddr>,
+    pub(crate) orig_dst: BpfMap<SockKey, SockAddr>,
     /// Client addresses apps see on inbound connections.
-    pub inbound_peer: BpfMap<SockKey, SockAddr>,
+    pub(crate) inbound_peer: BpfMap<SockKey, SockAddr>,
     /// Clients of hops about to connect, by hop socket cookie (sockops
     /// moves each into `inbound_peer`).
-    pub hop_peer: BpfMap<u64, SockAddr>,
+    pub(crate) hop_peer: BpfMap<u64, SockAddr>,
     /// Listener sockets for sk_lookup (value: socket fd on insert).
-    pub listeners: BpfMap<ListenerKey, u32>,
+    pub(crate) listeners: BpfMap<ListenerKey, u32>,
     /// The probe source addresses (`probe.rs`): connections from them to
     /// a pod are the node's own, kubelet probes among them.
-    pub probe_sources: BpfMap<[u32; 4], u8>,
+    pub(crate) probe_sources: BpfMap<[u32; 4], u8>,
     /// Addresses of this node's managed pods: the node's connections to
     /// them are bound to the probe source.
-    pub pod_addrs: BpfMap<[u32; 4], u8>,
+    pub(crate) pod_addrs: BpfMap<[u32; 4], u8>,
 }
 
 /// The attached capture layer of one node.
 #[derive(Debug)]
-pub struct Capture {
+pub(crate) struct Capture {
     config: CaptureConfig,
     dir: PathBuf,
     /// Cookie of the node's (the agent's own) network namespace.
     node_netns: u64,
     /// The shared maps.
-    pub maps: Maps,
+    pub(crate) maps: Maps,
 }
 
 impl Capture {
     /// Checks the host, loads and attaches the node-wide programs (replacing
     /// those of a previous run), and opens the maps.
-    pub fn start(config: CaptureConfig) -> Result<Self, CaptureError> {
+    pub(crate) fn start(config: CaptureConfig) -> Result<Self, CaptureError> {
         host::check_privileges()?;
         let cgroup = match &config.cgroup2 {
             Some(p) => p.clone(),
@@ -232,7 +232,7 @@ impl Capture {
     /// restarted agent re-adopts the namespace it captured rather than any
     /// namespace holding the pod's IP; `None` (a quarantined namespace)
     /// records no pod.
-    pub fn attach_pod(&self, netns: &Netns, uid: Option<&str>) -> Result<(), CaptureError> {
+    pub(crate) fn attach_pod(&self, netns: &Netns, uid: Option<&str>) -> Result<(), CaptureError> {
         let cookie = netns.cookie();
         let pod_dir = self.dir.join("pods").join(cookie.to_string());
         let dir_err = |path: &Path, e: std::io::Error| CaptureError::Pin {
@@ -262,13 +262,13 @@ impl Capture {
     }
 
     /// Detaches a pod's inbound steering.
-    pub fn detach_pod(&self, cookie: u64) -> Result<(), CaptureError> {
+    pub(crate) fn detach_pod(&self, cookie: u64) -> Result<(), CaptureError> {
         let pod_dir = self.dir.join("pods").join(cookie.to_string());
         remove_pins(&pod_dir)
     }
 
     /// Namespace cookies with pinned steering from this or a previous run.
-    pub fn pinned_pods(&self) -> Vec<u64> {
+    pub(crate) fn pinned_pods(&self) -> Vec<u64> {
         std::fs::read_dir(self.dir.join("pods"))
             .map(|rd| {
                 rd.flatten()
@@ -280,7 +280,7 @@ impl Capture {
 
     /// Whether the pod with `uid` is the one recorded as captured in the
     /// namespace with `cookie` (see [`Capture::attach_pod`]).
-    pub fn pinned_pod_is(&self, cookie: u64, uid: &str) -> bool {
+    pub(crate) fn pinned_pod_is(&self, cookie: u64, uid: &str) -> bool {
         let pod_dir = self.dir.join("pods").join(cookie.to_string());
         marker_dirs(&pod_dir) == [uid_marker(uid)]
     }

@@ -24,9 +24,9 @@ use super::BpfMap;
 use super::keys::ip_words;
 
 /// The IPv4 probe source, 169.254.7.127.
-pub const PROBE_V4: Ipv4Addr = Ipv4Addr::from_bits(PROBE_SOURCE_V4);
+pub(crate) const PROBE_V4: Ipv4Addr = Ipv4Addr::from_bits(PROBE_SOURCE_V4);
 /// The IPv6 probe source, `fd16:9254:7127:1337:ffff:ffff:ffff:ffff`.
-pub const PROBE_V6: Ipv6Addr = Ipv6Addr::from_octets(PROBE_SOURCE_V6);
+pub(crate) const PROBE_V6: Ipv6Addr = Ipv6Addr::from_octets(PROBE_SOURCE_V6);
 
 /// Why the probe source could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +48,7 @@ pub enum ProbeError {
 /// makes `PROBE_SOURCES` hold exactly them: entries of earlier versions
 /// (the node's own addresses) are removed, so traffic the node forwards
 /// from its addresses is no longer exempt.
-pub fn install(map: &BpfMap<[u32; 4], u8>) -> Result<(), ProbeError> {
+pub(crate) fn install(map: &BpfMap<[u32; 4], u8>) -> Result<(), ProbeError> {
     let sources = [IpAddr::V4(PROBE_V4), IpAddr::V6(PROBE_V6)];
     for addr in sources {
         add_to_loopback(addr).map_err(|source| ProbeError::Address { addr, source })?;

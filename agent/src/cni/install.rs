@@ -119,7 +119,7 @@ pub fn install(exe: &Path, args: &InstallArgs) -> Result<PathBuf, InstallError> 
 
 /// The network config with `nodeward-cni` last in its chain (added once;
 /// a present entry gets the socket updated).
-pub fn chain(mut conf: Value, socket: &Path) -> Result<Value, String> {
+pub(crate) fn chain(mut conf: Value, socket: &Path) -> Result<Value, String> {
     if conf.get("plugins").is_none() {
         let obj = conf.as_object_mut().ok_or("not a JSON object")?;
         let version = obj.remove("cniVersion").unwrap_or(json!("1.0.0"));

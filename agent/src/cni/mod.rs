@@ -12,5 +12,5 @@
 
 pub mod install;
 pub mod plugin;
-pub mod protocol;
-pub mod server;
+pub(crate) mod protocol;
+pub(crate) mod server;

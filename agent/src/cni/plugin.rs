@@ -19,33 +19,33 @@ use super::protocol::{self, Command, ProtocolError, Reply, Request};
 
 /// Spec versions whose configuration and result shapes this plugin reads
 /// (0.3.0 introduced the `ips` list it takes addresses from).
-pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
+pub(crate) const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
 /// The version this plugin answers VERSION with.
-pub const CNI_VERSION: &str = "1.0.0";
+pub(crate) const CNI_VERSION: &str = "1.0.0";
 /// Largest configuration read from stdin.
 const MAX_CONFIG: u64 = 1 << 20;
 
 /// The spec's well-known error codes this plugin uses.
-pub mod code {
+pub(crate) mod code {
     /// The configuration's `cniVersion` is not supported.
-    pub const INCOMPATIBLE_VERSION: u32 = 1;
+    pub(crate) const INCOMPATIBLE_VERSION: u32 = 1;
     /// A required `CNI_*` variable or `CNI_ARGS` entry is missing or bad.
-    pub const INVALID_ENVIRONMENT: u32 = 4;
+    pub(crate) const INVALID_ENVIRONMENT: u32 = 4;
     /// Reading stdin failed.
-    pub const IO_FAILURE: u32 = 5;
+    pub(crate) const IO_FAILURE: u32 = 5;
     /// stdin is not JSON.
-    pub const DECODING_FAILURE: u32 = 6;
+    pub(crate) const DECODING_FAILURE: u32 = 6;
     /// The configuration is not one this plugin can act on.
-    pub const INVALID_CONFIG: u32 = 7;
+    pub(crate) const INVALID_CONFIG: u32 = 7;
     /// The agent is unreachable or timed out: the runtime retries.
-    pub const TRY_AGAIN_LATER: u32 = 11;
+    pub(crate) const TRY_AGAIN_LATER: u32 = 11;
     /// The agent refused the pod (plugin-specific, 100 and up).
-    pub const REFUSED: u32 = 100;
+    pub(crate) const REFUSED: u32 = 100;
 }
 
 /// Why a command failed; rendered as the spec's error object.
 #[derive(Debug, thiserror::Error)]
-pub enum PluginError {
+pub(crate) enum PluginError {
     /// See [`code::INCOMPATIBLE_VERSION`].
     #[error("cniVersion {0:?} is not supported (supported: 0.3.0, 0.3.1, 0.4.0, 1.0.0)")]
     Version(String),
@@ -81,7 +81,7 @@ pub enum PluginError {
 
 impl PluginError {
     /// The spec's error code for this error.
-    pub fn code(&self) -> u32 {
+    pub(crate) fn code(&self) -> u32 {
         match self {
             PluginError::Version(_) => code::INCOMPATIBLE_VERSION,
             PluginError::Environment(_) => code::INVALID_ENVIRONMENT,
@@ -256,7 +256,7 @@ fn line(v: &Value) -> Vec<u8> {
 }
 
 /// `K8S_POD_NAME=a;K8S_POD_NAMESPACE=b`: pairs; entries without `=` are skipped.
-pub fn parse_cni_args(s: &str) -> Vec<(String, String)> {
+pub(crate) fn parse_cni_args(s: &str) -> Vec<(String, String)> {
     s.split(';')
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
@@ -289,7 +289,7 @@ fn prev_ips(prev: &Value) -> Result<Vec<IpAddr>, PluginError> {
 
 /// Sends `request` to the agent at `socket` and waits up to `timeout` for
 /// its answer.
-pub fn ask(socket: &Path, timeout: Duration, request: &Request) -> Result<Reply, PluginError> {
+pub(crate) fn ask(socket: &Path, timeout: Duration, request: &Request) -> Result<Reply, PluginError> {
     let unreachable = |problem: String| PluginError::Unreachable {
         socket: socket.to_path_buf(),
         problem,

@@ -12,17 +12,17 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// Longest line either side accepts, newline included.
-pub const MAX_LINE: usize = 16 * 1024;
+pub(crate) const MAX_LINE: usize = 16 * 1024;
 /// Where the agent listens unless the plugin's config says otherwise.
-pub const DEFAULT_SOCKET: &str = "/var/run/nodeward/cni.sock";
+pub(crate) const DEFAULT_SOCKET: &str = "/var/run/nodeward/cni.sock";
 /// How long the plugin waits for the agent's answer unless its config says
 /// otherwise: capture takes milliseconds; a runtime retries a failed ADD.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the runtime asked the plugin to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Command {
+pub(crate) enum Command {
     /// A pod's network was set up: capture it before it starts.
     Add,
     /// A pod's network is being torn down: release it.
@@ -34,26 +34,26 @@ pub enum Command {
 /// The plugin's request: what the runtime told it about one pod.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Request {
+pub(crate) struct Request {
     /// ADD, DEL or CHECK.
-    pub command: Command,
+    pub(crate) command: Command,
     /// `CNI_CONTAINERID`: the sandbox, for messages.
-    pub container_id: String,
+    pub(crate) container_id: String,
     /// `CNI_NETNS`: the pod's network namespace file (may be empty on DEL).
-    pub netns: PathBuf,
+    pub(crate) netns: PathBuf,
     /// `K8S_POD_NAMESPACE`.
-    pub pod_namespace: String,
+    pub(crate) pod_namespace: String,
     /// `K8S_POD_NAME`.
-    pub pod_name: String,
+    pub(crate) pod_name: String,
     /// `K8S_POD_UID` (empty when the runtime does not pass it).
-    pub pod_uid: String,
+    pub(crate) pod_uid: String,
     /// The pod's addresses from the previous plugin's result.
-    pub ips: Vec<IpAddr>,
+    pub(crate) ips: Vec<IpAddr>,
 }
 
 impl Request {
     /// `namespace/name`, as the agent names pods.
-    pub fn key(&self) -> String {
+    pub(crate) fn key(&self) -> String {
         format!("{}/{}", self.pod_namespace, self.pod_name)
     }
 }
@@ -61,7 +61,7 @@ impl Request {
 /// The agent's answer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
-pub enum Reply {
+pub(crate) enum Reply {
     /// ADD/CHECK: the pod is captured (steering attached, `PODS` filled).
     Captured,
     /// ADD/CHECK: the pod is enrolled or not yet known to the config; its
@@ -81,7 +81,7 @@ pub enum Reply {
 
 /// Why a line could not be read.
 #[derive(Debug, thiserror::Error)]
-pub enum ProtocolError {
+pub(crate) enum ProtocolError {
     /// The socket failed or timed out.
     #[error("reading: {0}")]
     Io(#[from] io::Error),
@@ -97,7 +97,7 @@ pub enum ProtocolError {
 }
 
 /// Reads one newline-terminated JSON message of at most [`MAX_LINE`] bytes.
-pub fn read_message<T: for<'de> Deserialize<'de>>(r: &mut impl BufRead) -> Result<T, ProtocolError> {
+pub(crate) fn read_message<T: for<'de> Deserialize<'de>>(r: &mut impl BufRead) -> Result<T, ProtocolError> {
     let mut line = Vec::new();
     let n = io::Read::take(&mut *r, MAX_LINE as u64).read_until(b'\n', &mut line)?;
     if line.last() != Some(&b'\n') {
@@ -111,7 +111,7 @@ pub fn read_message<T: for<'de> Deserialize<'de>>(r: &mut impl BufRead) -> Resul
 }
 
 /// One message as a line, newline included.
-pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+pub(crate) fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     // A struct of strings, addresses and enums always serializes.
     let mut out = serde_json::to_vec(msg).unwrap_or_default();
     out.push(b'\n');

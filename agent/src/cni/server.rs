@@ -26,11 +26,11 @@ const CONCURRENCY: usize = 64;
 
 /// A request on its way to the pod manager, with where its answer goes.
 #[derive(Debug)]
-pub struct CniRequest {
+pub(crate) struct CniRequest {
     /// What the plugin asked.
-    pub request: Request,
+    pub(crate) request: Request,
     /// Where the pod manager answers.
-    pub reply: oneshot::Sender<Reply>,
+    pub(crate) reply: oneshot::Sender<Reply>,
 }
 
 /// Why the socket could not be set up.
@@ -51,7 +51,7 @@ pub enum CniServerError {
 
 /// The listening socket.
 #[derive(Debug)]
-pub struct CniServer {
+pub(crate) struct CniServer {
     listener: UnixListener,
     path: PathBuf,
 }
@@ -59,7 +59,7 @@ pub struct CniServer {
 impl CniServer {
     /// Binds `path` (mode 0600; its directory is created 0700 if missing),
     /// replacing a socket a previous run left there.
-    pub fn bind(path: &Path) -> Result<Self, CniServerError> {
+    pub(crate) fn bind(path: &Path) -> Result<Self, CniServerError> {
         let io = |source| CniServerError::Io {
             path: path.to_path_buf(),
             source,
@@ -88,7 +88,7 @@ impl CniServer {
     /// Serves requests until `stop`, passing each to the pod manager
     /// through `manager`; removes the socket when it stops, so a plugin
     /// fails at once rather than waiting on a dead listener.
-    pub async fn run(self, manager: mpsc::Sender<CniRequest>, stop: CancellationToken) {
+    pub(crate) async fn run(self, manager: mpsc::Sender<CniRequest>, stop: CancellationToken) {
         let permits = Arc::new(Semaphore::new(CONCURRENCY));
         tracing::info!(socket = %self.path.display(), "CNI hand-off listening");
         loop {

@@ -25,50 +25,50 @@ use crate::state::workload::parse_allow_list;
 #[derive(Clone, Debug)]
 pub struct Config {
     /// This node's name: pods with this `spec.nodeName` are managed.
-    pub node_name: String,
+    pub(crate) node_name: String,
     /// Where the cluster's objects come from.
-    pub source: SourceConfig,
+    pub(crate) source: SourceConfig,
     /// How often the config directory, CA files, CRLs and deny list are polled.
-    pub config_poll: Duration,
+    pub(crate) config_poll: Duration,
     /// Istio root namespace (mesh-wide policies).
-    pub root_namespace: String,
+    pub(crate) root_namespace: String,
     /// Local trust domain.
-    pub trust_domain: String,
+    pub(crate) trust_domain: String,
     /// Trust domains policies treat as local.
-    pub trust_domain_aliases: Vec<String>,
+    pub(crate) trust_domain_aliases: Vec<String>,
     /// Where and how capture attaches.
-    pub capture: CaptureConfig,
+    pub(crate) capture: CaptureConfig,
     /// Settings of every proxied connection.
-    pub proxy: ProxyConfig,
+    pub(crate) proxy: ProxyConfig,
     /// Identities, when a CA directory is given.
-    pub identity: Option<IdentityConfig>,
+    pub(crate) identity: Option<IdentityConfig>,
     /// HTTP/2 settings of tunnel connections.
-    pub h2: H2Settings,
+    pub(crate) h2: H2Settings,
     /// Pooled tunnel connections unused this long are closed.
-    pub tunnel_idle_timeout: Duration,
+    pub(crate) tunnel_idle_timeout: Duration,
     /// Tunnel connections per destination that streams are spread over.
-    pub tunnel_connections: usize,
+    pub(crate) tunnel_connections: usize,
     /// Threads of the proxy runtime; `None`: one per CPU.
     pub worker_threads: Option<usize>,
     /// Resource bounds.
-    pub limits: LimitConfig,
+    pub(crate) limits: LimitConfig,
     /// Admin address (`/config_dump`, `/certs`, `/logging`), loopback only.
-    pub admin_addr: SocketAddr,
+    pub(crate) admin_addr: SocketAddr,
     /// Metrics address.
-    pub metrics_addr: SocketAddr,
+    pub(crate) metrics_addr: SocketAddr,
     /// Readiness address.
-    pub readiness_addr: SocketAddr,
+    pub(crate) readiness_addr: SocketAddr,
     /// Where the CNI plugin hands new pods over, if anywhere.
-    pub cni_socket: Option<PathBuf>,
+    pub(crate) cni_socket: Option<PathBuf>,
     /// How long SIGTERM waits for open connections.
-    pub drain_timeout: Duration,
+    pub(crate) drain_timeout: Duration,
     /// Log line format.
     pub log_format: LogFormat,
 }
 
 /// Where the agent reads the cluster's objects from (`--source`).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SourceConfig {
+pub(crate) enum SourceConfig {
     /// A directory of Kubernetes YAML, polled.
     Dir(PathBuf),
     /// The Kubernetes API.
@@ -82,7 +82,7 @@ pub enum SourceConfig {
 /// One problem with the flags. Each names its flag and that flag's
 /// environment variable, since either may have set it.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum Problem {
+pub(crate) enum Problem {
     /// A number outside what the flag allows.
     #[error("{} = {value}: must be within {min}..={max}", named(.flag))]
     OutOfRange {
@@ -217,7 +217,8 @@ pub enum Problem {
 
 impl Problem {
     /// The flag the problem is about, without `--`.
-    pub fn flag(&self) -> &'static str {
+    #[cfg(test)]
+    pub(crate) fn flag(&self) -> &'static str {
         match self {
             Problem::OutOfRange { flag, .. }
             | Problem::Exceeds { flag, .. }
@@ -240,7 +241,7 @@ impl Problem {
 /// Every problem found with the flags of `nodeward run`.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid flags:\n  {}", .0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n  "))]
-pub struct ConfigErrors(pub Vec<Problem>);
+pub struct ConfigErrors(pub(crate) Vec<Problem>);
 
 /// The environment variable of a `run` flag (a unit test holds clap's
 /// `env = ...` attributes to this rule).

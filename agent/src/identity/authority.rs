@@ -28,9 +28,9 @@ pub struct IssuedCert {
     /// The private key, PKCS#8; it only ever lives in memory.
     pub key: PrivatePkcs8KeyDer<'static>,
     /// When it expires.
-    pub not_after: SystemTime,
+    pub(crate) not_after: SystemTime,
     /// Serial number bytes (big-endian).
-    pub serial: Vec<u8>,
+    pub(crate) serial: Vec<u8>,
 }
 
 impl std::fmt::Debug for IssuedCert {
@@ -128,7 +128,7 @@ impl Authority {
     }
 
     /// SHA-256 of the signing certificate.
-    pub fn fingerprint(&self) -> &str {
+    pub(crate) fn fingerprint(&self) -> &str {
         &self.fingerprint
     }
 
@@ -152,7 +152,7 @@ impl Authority {
     /// CA service's path): the CSR's signature is checked and its key must
     /// be ECDSA P-256; its subject, SANs and extensions are ignored, never
     /// copied. Returns the leaf then the chain, and the serial.
-    pub fn issue_for_csr(
+    pub(crate) fn issue_for_csr(
         &self,
         id: &Identity,
         lifetime: Duration,

@@ -21,7 +21,7 @@ pub const CA_KEY: &str = "ca-key.pem";
 /// The trust bundle: one or more roots.
 pub const ROOT_CERT: &str = "root-cert.pem";
 /// The signing certificate's chain up to the root.
-pub const CERT_CHAIN: &str = "cert-chain.pem";
+pub(crate) const CERT_CHAIN: &str = "cert-chain.pem";
 /// The root's private key, written by `ca init`; keep it offline.
 pub const ROOT_KEY: &str = "root-key.pem";
 /// The CRL written by `ca revoke` for certificates the signing CA issued.
@@ -71,7 +71,7 @@ pub enum CaError {
 
 /// Parses `4f:a2:...` or `4fa2...` into bytes; `None` for anything else
 /// (the input is typed by an operator and may hold any character).
-pub fn parse_serial(s: &str) -> Option<Vec<u8>> {
+pub(crate) fn parse_serial(s: &str) -> Option<Vec<u8>> {
     let hex: String = s.chars().filter(|c| *c != ':').collect();
     // ASCII hex digits only: slicing below is then on character boundaries,
     // and `from_str_radix` never sees a sign.
@@ -90,7 +90,7 @@ pub fn hex(b: &[u8]) -> String {
 }
 
 /// SHA-256 of DER bytes, hex with colons as `openssl x509 -fingerprint` prints.
-pub fn sha256_hex(der: &[u8]) -> String {
+pub(crate) fn sha256_hex(der: &[u8]) -> String {
     let d = ring::digest::digest(&ring::digest::SHA256, der);
     d.as_ref()
         .iter()
@@ -144,7 +144,7 @@ pub(super) fn read_string(path: &Path) -> Result<String, CaError> {
 }
 
 /// All certificates of a PEM file; at least one.
-pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaError> {
+pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaError> {
     let pem = std::fs::read(path).map_err(|source| CaError::Read {
         file: path.to_path_buf(),
         source,
@@ -200,7 +200,7 @@ pub(super) fn check_ca(path: &Path, c: &X509Certificate<'_>) -> Result<(), CaErr
 }
 
 /// PEM text of DER bytes under `label`, `\n` line endings.
-pub fn pem_text(label: &str, der: &[u8]) -> String {
+pub(crate) fn pem_text(label: &str, der: &[u8]) -> String {
     pem::encode_config(
         &pem::Pem::new(label, der),
         pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
@@ -208,7 +208,8 @@ pub fn pem_text(label: &str, der: &[u8]) -> String {
 }
 
 /// PEM text of a certificate.
-pub fn cert_pem(der: &CertificateDer<'_>) -> String {
+#[cfg(test)]
+pub(crate) fn cert_pem(der: &CertificateDer<'_>) -> String {
     pem_text("CERTIFICATE", der.as_ref())
 }
 

@@ -24,7 +24,7 @@ use super::ca::{
 #[derive(Debug)]
 pub struct Written {
     /// (file, SHA-256 fingerprint for certificates).
-    pub files: Vec<(PathBuf, Option<String>)>,
+    pub(crate) files: Vec<(PathBuf, Option<String>)>,
 }
 
 impl std::fmt::Display for Written {

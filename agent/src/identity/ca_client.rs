@@ -47,7 +47,7 @@ pub struct CaClientConfig {
 }
 
 /// The host and port of `https://HOST:PORT` (the port defaults to 15012).
-pub fn parse_address(address: &str) -> Result<(String, u16), String> {
+pub(crate) fn parse_address(address: &str) -> Result<(String, u16), String> {
     let rest = address
         .strip_prefix("https://")
         .ok_or_else(|| format!("{address:?} must start with https://"))?;

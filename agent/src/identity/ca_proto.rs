@@ -11,54 +11,56 @@ use std::collections::BTreeMap;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// The one method: `istio.v1.auth.IstioCertificateService/CreateCertificate`.
-pub const CREATE_CERTIFICATE_PATH: &str = "/istio.v1.auth.IstioCertificateService/CreateCertificate";
+pub(crate) const CREATE_CERTIFICATE_PATH: &str = "/istio.v1.auth.IstioCertificateService/CreateCertificate";
 /// Request metadata key naming the identity a node agent asks for.
-pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
+pub(crate) const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
 /// Largest message either side accepts: a CSR or a chain is a few KiB.
-pub const MAX_MESSAGE: usize = 64 * 1024;
+pub(crate) const MAX_MESSAGE: usize = 64 * 1024;
 
 /// `IstioCertificateRequest`.
 #[derive(Clone, PartialEq, prost::Message)]
-pub struct IstioCertificateRequest {
+pub(crate) struct IstioCertificateRequest {
     /// PEM CSR; only its public key is used.
     #[prost(string, tag = "1")]
-    pub csr: String,
+    pub(crate) csr: String,
     /// Requested lifetime, seconds.
     #[prost(int64, tag = "3")]
-    pub validity_duration: i64,
+    pub(crate) validity_duration: i64,
     /// `ImpersonatedIdentity` and the like.
     #[prost(message, optional, tag = "4")]
-    pub metadata: Option<Struct>,
+    pub(crate) metadata: Option<Struct>,
 }
 
 /// `IstioCertificateResponse`.
 #[derive(Clone, PartialEq, prost::Message)]
-pub struct IstioCertificateResponse {
+pub(crate) struct IstioCertificateResponse {
     /// PEM certificates: leaf first, then intermediates, the root last.
     #[prost(string, repeated, tag = "1")]
-    pub cert_chain: Vec<String>,
+    pub(crate) cert_chain: Vec<String>,
 }
 
 /// `google.protobuf.Struct`.
 #[derive(Clone, PartialEq, prost::Message)]
-pub struct Struct {
+pub(crate) struct Struct {
     /// Its fields.
     #[prost(btree_map = "string, message", tag = "1")]
-    pub fields: BTreeMap<String, Value>,
+    pub(crate) fields: BTreeMap<String, Value>,
 }
 
 /// `google.protobuf.Value`, scalar kinds only (nested structs and lists
 /// are skipped as unknown fields: the protocol uses none).
 #[derive(Clone, PartialEq, prost::Message)]
-pub struct Value {
+pub(crate) struct Value {
     /// The value.
     #[prost(oneof = "Kind", tags = "1, 2, 3, 4")]
-    pub kind: Option<Kind>,
+    pub(crate) kind: Option<Kind>,
 }
 
 /// `google.protobuf.Value.kind`.
 #[derive(Clone, PartialEq, prost::Oneof)]
-pub enum Kind {
+// The variants keep protobuf's field names (`null_value`, ...).
+#[allow(clippy::enum_variant_names)]
+pub(crate) enum Kind {
     /// `null_value`.
     #[prost(int32, tag = "1")]
     NullValue(i32),
@@ -75,7 +77,7 @@ pub enum Kind {
 
 impl IstioCertificateRequest {
     /// The `ImpersonatedIdentity` metadata, if any.
-    pub fn impersonated(&self) -> Option<&str> {
+    pub(crate) fn impersonated(&self) -> Option<&str> {
         match self
             .metadata
             .as_ref()?
@@ -91,7 +93,7 @@ impl IstioCertificateRequest {
 }
 
 /// Metadata holding `ImpersonatedIdentity: id`.
-pub fn impersonating(id: &str) -> Struct {
+pub(crate) fn impersonating(id: &str) -> Struct {
     let mut fields = BTreeMap::new();
     fields.insert(
         IMPERSONATED_IDENTITY.to_string(),
@@ -103,7 +105,7 @@ pub fn impersonating(id: &str) -> Struct {
 }
 
 /// gRPC's length-prefixed message: flag 0 (uncompressed), length, bytes.
-pub fn frame(msg: &impl prost::Message) -> Bytes {
+pub(crate) fn frame(msg: &impl prost::Message) -> Bytes {
     let body = msg.encode_to_vec();
     let mut b = BytesMut::with_capacity(5 + body.len());
     b.put_u8(0);
@@ -114,7 +116,7 @@ pub fn frame(msg: &impl prost::Message) -> Bytes {
 
 /// Why a gRPC body could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum FrameError {
+pub(crate) enum FrameError {
     /// Fewer bytes than the prefix says.
     #[error("truncated gRPC message")]
     Truncated,
@@ -130,7 +132,7 @@ pub enum FrameError {
 }
 
 /// Decodes the one message of a unary body.
-pub fn unframe<M: prost::Message + Default>(mut body: Bytes) -> Result<M, FrameError> {
+pub(crate) fn unframe<M: prost::Message + Default>(mut body: Bytes) -> Result<M, FrameError> {
     if body.len() < 5 {
         return Err(FrameError::Truncated);
     }
@@ -150,9 +152,7 @@ pub fn unframe<M: prost::Message + Default>(mut body: Bytes) -> Result<M, FrameE
 
 /// gRPC status codes used here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Code {
-    /// 0.
-    Ok = 0,
+pub(crate) enum Code {
     /// 3: a malformed request.
     InvalidArgument = 3,
     /// 7: authenticated, not allowed.
@@ -161,15 +161,13 @@ pub enum Code {
     ResourceExhausted = 8,
     /// 12: another method.
     Unimplemented = 12,
-    /// 13: the CA failed.
-    Internal = 13,
     /// 16: no or a bad token.
     Unauthenticated = 16,
 }
 
 /// Reads a body up to [`MAX_MESSAGE`] plus prefix, releasing flow control
 /// as it goes.
-pub async fn read_body(body: &mut h2::RecvStream) -> Result<Bytes, String> {
+pub(crate) async fn read_body(body: &mut h2::RecvStream) -> Result<Bytes, String> {
     let mut buf = BytesMut::new();
     while let Some(chunk) = body.data().await {
         let chunk = chunk.map_err(|e| e.to_string())?;

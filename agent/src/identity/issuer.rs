@@ -46,7 +46,7 @@ pub enum IssueError {
 
 impl IssueError {
     /// A fixed label for logs and counters.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             IssueError::Local(_) => "local_ca",
             IssueError::Unavailable(_) => "unavailable",

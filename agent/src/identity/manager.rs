@@ -65,15 +65,15 @@ pub struct IdentityConfig {
 #[derive(Clone, Debug)]
 pub struct CertInfo {
     /// Whose.
-    pub identity: Identity,
+    pub(crate) identity: Identity,
     /// Serial, hex.
-    pub serial: String,
+    pub(crate) serial: String,
     /// Expiry.
     pub not_after: SystemTime,
     /// Planned renewal.
-    pub renew_at: SystemTime,
+    pub(crate) renew_at: SystemTime,
     /// Pods using it.
-    pub pods: usize,
+    pub(crate) pods: usize,
 }
 
 struct Held {
@@ -160,7 +160,7 @@ impl CertManager {
 
     /// A manager over a given issuer (tests substitute one); `config.ca`
     /// still names the files whose change reloads it.
-    pub fn with_issuer(config: IdentityConfig, issuer: Arc<dyn Issuer>) -> Arc<CertManager> {
+    pub(crate) fn with_issuer(config: IdentityConfig, issuer: Arc<dyn Issuer>) -> Arc<CertManager> {
         let mut ca_files: Vec<WatchedFile> = watched(&config.ca).into_iter().map(WatchedFile::new).collect();
         for f in &mut ca_files {
             f.changed();
@@ -205,7 +205,7 @@ impl CertManager {
     }
 
     /// The identity of a pod.
-    pub fn identity_of(&self, namespace: &str, service_account: &str) -> Identity {
+    pub(crate) fn identity_of(&self, namespace: &str, service_account: &str) -> Identity {
         Identity::new(&self.config.trust_domain, namespace, service_account)
     }
 
@@ -214,7 +214,7 @@ impl CertManager {
     }
 
     /// Counts each issuance and renewal, and its failures, in `metrics`.
-    pub fn count_into(&self, metrics: Arc<crate::metrics::Metrics>) {
+    pub(crate) fn count_into(&self, metrics: Arc<crate::metrics::Metrics>) {
         let _ = self.metrics.set(metrics);
     }
 
@@ -276,7 +276,7 @@ impl CertManager {
     }
 
     /// The current certificate of `id`.
-    pub fn current(&self, id: &Identity) -> Option<Arc<CertifiedKey>> {
+    pub(crate) fn current(&self, id: &Identity) -> Option<Arc<CertifiedKey>> {
         self.held
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -325,7 +325,7 @@ impl CertManager {
     }
 
     /// Certificate request counters, Prometheus text.
-    pub fn stats(&self) -> String {
+    pub(crate) fn stats(&self) -> String {
         let mut out = String::from("# TYPE nodeward_certificate_requests counter\n");
         for (result, n) in self.requests.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             out.push_str(&format!(
@@ -336,7 +336,8 @@ impl CertManager {
     }
 
     /// Failed certificate requests since start.
-    pub fn failures(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn failures(&self) -> u64 {
         self.failures_total.load(Ordering::Relaxed)
     }
 

@@ -17,17 +17,38 @@
 
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "testing")]
 pub mod authority;
+#[cfg(not(feature = "testing"))]
+pub(crate) mod authority;
 pub mod ca;
 pub mod ca_cli;
+#[cfg(feature = "testing")]
 pub mod ca_client;
-pub mod ca_proto;
+#[cfg(not(feature = "testing"))]
+pub(crate) mod ca_client;
+pub(crate) mod ca_proto;
+#[cfg(feature = "testing")]
 pub mod issuer;
+#[cfg(not(feature = "testing"))]
+pub(crate) mod issuer;
+#[cfg(feature = "testing")]
 pub mod manager;
-pub mod revocation;
+#[cfg(not(feature = "testing"))]
+pub(crate) mod manager;
+pub(crate) mod revocation;
+#[cfg(feature = "testing")]
 pub mod tls;
+#[cfg(not(feature = "testing"))]
+pub(crate) mod tls;
+#[cfg(feature = "testing")]
 pub mod trust;
+#[cfg(not(feature = "testing"))]
+pub(crate) mod trust;
+#[cfg(feature = "testing")]
 pub mod verify;
+#[cfg(not(feature = "testing"))]
+pub(crate) mod verify;
 
 use std::fmt;
 
@@ -35,11 +56,11 @@ use std::fmt;
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Identity {
     /// Trust domain, e.g. `cluster.local`.
-    pub trust_domain: String,
+    pub(crate) trust_domain: String,
     /// Kubernetes namespace.
-    pub namespace: String,
+    pub(crate) namespace: String,
     /// Kubernetes service account.
-    pub service_account: String,
+    pub(crate) service_account: String,
 }
 
 /// A string that is not a Kubernetes SPIFFE ID.
@@ -47,11 +68,11 @@ pub struct Identity {
 #[error(
     "{value:?} is not a SPIFFE ID of the form spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>: {reason}"
 )]
-pub struct IdentityError {
+pub(crate) struct IdentityError {
     /// The offending string (certificate contents are public data).
-    pub value: String,
+    pub(crate) value: String,
     /// What is wrong.
-    pub reason: &'static str,
+    pub(crate) reason: &'static str,
 }
 
 impl Identity {
@@ -66,7 +87,7 @@ impl Identity {
 
     /// Parses a SPIFFE ID strictly: lowercase scheme and trust domain, no
     /// port, user info, query or fragment, exactly `/ns/<ns>/sa/<sa>`.
-    pub fn parse(s: &str) -> Result<Self, IdentityError> {
+    pub(crate) fn parse(s: &str) -> Result<Self, IdentityError> {
         let err = |reason| IdentityError {
             value: s.chars().take(256).collect(),
             reason,
@@ -105,7 +126,7 @@ impl Identity {
     }
 
     /// The identity without `spiffe://`, as Istio writes principals.
-    pub fn principal(&self) -> String {
+    pub(crate) fn principal(&self) -> String {
         format!(
             "{}/ns/{}/sa/{}",
             self.trust_domain, self.namespace, self.service_account

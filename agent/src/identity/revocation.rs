@@ -71,7 +71,7 @@ impl OpenConns {
 
     /// Cancels every connection `trust` no longer admits; returns how many.
     /// Chains are verified outside the lock, so registrations go on meanwhile.
-    pub fn sweep(&self, trust: &TrustSnapshot) -> usize {
+    pub(crate) fn sweep(&self, trust: &TrustSnapshot) -> usize {
         let mut cut = 0;
         for (peer, handle) in self.peers() {
             if let Err(e) = admits(&peer.identity, &peer.chain, peer.role, trust) {

@@ -20,7 +20,7 @@ use super::trust::TrustStore;
 use super::verify::SvidVerifier;
 
 /// ALPN protocol of HBONE.
-pub const ALPN_H2: &[u8] = b"h2";
+pub(crate) const ALPN_H2: &[u8] = b"h2";
 
 /// The process-wide crypto provider (ring).
 pub fn provider() -> Arc<CryptoProvider> {

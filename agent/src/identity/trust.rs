@@ -58,7 +58,7 @@ impl DenyList {
     /// Parses a deny file: one SPIFFE ID or `ns/<ns>/*` per line, `#`
     /// comments. Valid lines apply even when others are invalid (denying
     /// more, never less); the invalid ones are returned as errors.
-    pub fn parse(path: &Path, text: &str) -> (DenyList, Vec<String>) {
+    pub(crate) fn parse(path: &Path, text: &str) -> (DenyList, Vec<String>) {
         let mut list = DenyList::default();
         let mut errors = Vec::new();
         for (i, raw) in text.lines().enumerate() {
@@ -82,7 +82,7 @@ impl DenyList {
     }
 
     /// Whether `id` is denied.
-    pub fn denies(&self, id: &Identity) -> bool {
+    pub(crate) fn denies(&self, id: &Identity) -> bool {
         self.entries.iter().any(|e| match e {
             DenyEntry::Exact(d) => d == id,
             DenyEntry::Namespace(ns) => *ns == id.namespace,
@@ -93,24 +93,22 @@ impl DenyList {
 /// A CRL that passed validation, with an index for classifying refusals.
 #[derive(Debug)]
 pub struct LoadedCrl {
-    /// The file it came from.
-    pub file: PathBuf,
     /// Raw DER issuer name.
-    pub issuer: Vec<u8>,
+    pub(crate) issuer: Vec<u8>,
     /// Revoked serials.
-    pub serials: HashSet<Vec<u8>>,
+    pub(crate) serials: HashSet<Vec<u8>>,
     /// The CRL number extension, if any: a lower number never replaces a
     /// higher one for the same issuer.
-    pub number: Option<BigUint>,
+    pub(crate) number: Option<BigUint>,
     /// `nextUpdate`, seconds since the epoch, if any.
-    pub next_update: Option<i64>,
+    pub(crate) next_update: Option<i64>,
     /// For webpki.
-    pub crl: CertRevocationList<'static>,
+    pub(crate) crl: CertRevocationList<'static>,
 }
 
 impl LoadedCrl {
     /// Whether its `nextUpdate` has passed at `now` (seconds since the epoch).
-    pub fn is_stale(&self, now: i64) -> bool {
+    pub(crate) fn is_stale(&self, now: i64) -> bool {
         self.next_update.is_some_and(|t| t <= now)
     }
 }
@@ -127,11 +125,9 @@ pub fn unix_now() -> i64 {
 #[derive(Debug)]
 pub struct TrustSnapshot {
     /// Our trust domain.
-    pub trust_domain: String,
-    /// Trusted roots.
-    pub roots: Vec<CertificateDer<'static>>,
+    pub(crate) trust_domain: String,
     /// Roots as webpki anchors.
-    pub anchors: Vec<rustls::pki_types::TrustAnchor<'static>>,
+    pub(crate) anchors: Vec<rustls::pki_types::TrustAnchor<'static>>,
     /// Raw subjects of intermediates this node's CA chain contains; a peer
     /// certificate issued by one of them but sent without it is missing an
     /// intermediate, not from an unknown root.
@@ -143,7 +139,7 @@ pub struct TrustSnapshot {
     /// Policy for certificates without revocation information.
     pub unknown_status: UnknownStatus,
     /// Increases with every change.
-    pub generation: u64,
+    pub(crate) generation: u64,
 }
 
 impl TrustSnapshot {
@@ -167,7 +163,6 @@ impl TrustSnapshot {
             .collect();
         TrustSnapshot {
             trust_domain: trust_domain.to_string(),
-            roots,
             anchors,
             known_intermediates,
             crls: Vec::new(),
@@ -179,7 +174,7 @@ impl TrustSnapshot {
 
     /// Whether a certificate with this issuer and serial is revoked by any
     /// loaded CRL (stale ones included: a revocation is never undone).
-    pub fn is_revoked(&self, issuer: &[u8], serial: &[u8]) -> bool {
+    pub(crate) fn is_revoked(&self, issuer: &[u8], serial: &[u8]) -> bool {
         self.crls
             .iter()
             .any(|c| c.issuer == issuer && c.serials.contains(serial))
@@ -189,7 +184,7 @@ impl TrustSnapshot {
     /// them, except that when unknown status is refused a CRL past its
     /// `nextUpdate` no longer counts (its issuer's certificates become
     /// unknown). Revoked serials are checked separately, over every CRL.
-    pub fn status_crls(&self, now: i64) -> Vec<&CertRevocationList<'static>> {
+    pub(crate) fn status_crls(&self, now: i64) -> Vec<&CertRevocationList<'static>> {
         self.crls
             .iter()
             .filter(|c| self.unknown_status == UnknownStatus::Accept || !c.is_stale(now))
@@ -198,7 +193,7 @@ impl TrustSnapshot {
     }
 
     /// Whether a CRL of `issuer` is loaded but past its `nextUpdate`.
-    pub fn has_stale_crl(&self, issuer: &[u8], now: i64) -> bool {
+    pub(crate) fn has_stale_crl(&self, issuer: &[u8], now: i64) -> bool {
         self.crls.iter().any(|c| c.issuer == issuer && c.is_stale(now))
     }
 }
@@ -221,7 +216,7 @@ impl TrustStore {
     }
 
     /// The current snapshot.
-    pub fn current(&self) -> Arc<TrustSnapshot> {
+    pub(crate) fn current(&self) -> Arc<TrustSnapshot> {
         self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
@@ -236,13 +231,13 @@ impl TrustStore {
     }
 
     /// A receiver that wakes on every change.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
     }
 }
 
 /// Reads the CRLs in a file, PEM or DER.
-pub fn read_crl_ders(path: &Path) -> Result<Vec<Vec<u8>>, String> {
+pub(crate) fn read_crl_ders(path: &Path) -> Result<Vec<Vec<u8>>, String> {
     let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
     if bytes.starts_with(b"-----") || bytes.iter().take(64).all(|b| b.is_ascii()) {
         let crls: Vec<_> = CertificateRevocationListDer::pem_slice_iter(&bytes)
@@ -256,13 +251,14 @@ pub fn read_crl_ders(path: &Path) -> Result<Vec<Vec<u8>>, String> {
     Ok(vec![bytes])
 }
 
+#[cfg(any(test, feature = "testing"))]
 /// Parses and checks one CRL file: every CRL in it must be signed by one
 /// of `issuers` (the roots and our CA chain).
 pub fn load_crl_file(path: &Path, issuers: &[CertificateDer<'static>]) -> Result<Vec<LoadedCrl>, String> {
-    validate_crls(path, &read_crl_ders(path)?, issuers)
+    validate_crls(&read_crl_ders(path)?, issuers)
 }
 
-fn validate_crls(path: &Path, ders: &[Vec<u8>], issuers: &[CertificateDer<'static>]) -> Result<Vec<LoadedCrl>, String> {
+fn validate_crls(ders: &[Vec<u8>], issuers: &[CertificateDer<'static>]) -> Result<Vec<LoadedCrl>, String> {
     let mut out = Vec::new();
     for der in ders {
         let (_, parsed) = x509_parser::revocation_list::CertificateRevocationList::from_der(der)
@@ -285,7 +281,6 @@ fn validate_crls(path: &Path, ders: &[Vec<u8>], issuers: &[CertificateDer<'stati
             .collect();
         let owned = OwnedCertRevocationList::from_der(der).map_err(|e| format!("CRL rejected: {e:?}"))?;
         out.push(LoadedCrl {
-            file: path.to_path_buf(),
             issuer: issuer_raw,
             serials,
             number: parsed.crl_number().cloned(),
@@ -298,20 +293,20 @@ fn validate_crls(path: &Path, ders: &[Vec<u8>], issuers: &[CertificateDer<'stati
 
 /// A polled file: reread when (inode, size, mtime) changes.
 #[derive(Debug, Default)]
-pub struct WatchedFile {
+pub(crate) struct WatchedFile {
     /// Path.
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     stamp: Option<(u64, u64, i64, i64)>,
 }
 
 impl WatchedFile {
     /// A file to watch.
-    pub fn new(path: PathBuf) -> Self {
+    pub(crate) fn new(path: PathBuf) -> Self {
         WatchedFile { path, stamp: None }
     }
 
     /// True when the file changed (or appeared, or vanished) since the last call.
-    pub fn changed(&mut self) -> bool {
+    pub(crate) fn changed(&mut self) -> bool {
         let now = std::fs::metadata(&self.path)
             .ok()
             .map(|m| (m.ino(), m.size(), m.mtime(), m.mtime_nsec()));
@@ -337,14 +332,14 @@ struct GoodCrl {
 #[derive(Debug)]
 pub struct TrustSources {
     /// CRL files.
-    pub crl_files: Vec<WatchedFile>,
+    pub(crate) crl_files: Vec<WatchedFile>,
     /// The deny list file.
-    pub deny_file: Option<WatchedFile>,
+    pub(crate) deny_file: Option<WatchedFile>,
     /// Each file's last good CRLs.
     crl_good: BTreeMap<PathBuf, Vec<GoodCrl>>,
     deny_good: DenyList,
     /// Current problems, by file.
-    pub problems: BTreeMap<PathBuf, String>,
+    pub(crate) problems: BTreeMap<PathBuf, String>,
     /// Files holding a CRL past its `nextUpdate`, reported once per change.
     stale: BTreeMap<PathBuf, String>,
     unknown_status: UnknownStatus,
@@ -379,8 +374,7 @@ impl TrustSources {
             if !f.changed() && !force {
                 continue;
             }
-            let loaded =
-                read_crl_ders(&f.path).and_then(|ders| validate_crls(&f.path, &ders, issuers).map(|c| (ders, c)));
+            let loaded = read_crl_ders(&f.path).and_then(|ders| validate_crls(&ders, issuers).map(|c| (ders, c)));
             match loaded {
                 Ok((ders, crls)) => {
                     let fresh: Vec<GoodCrl> = ders
@@ -479,7 +473,7 @@ impl TrustSources {
     pub fn apply(&self, mut base: TrustSnapshot, issuers: &[CertificateDer<'static>]) -> TrustSnapshot {
         for (path, good) in &self.crl_good {
             let ders: Vec<Vec<u8>> = good.iter().map(|c| c.der.clone()).collect();
-            match validate_crls(path, &ders, issuers) {
+            match validate_crls(&ders, issuers) {
                 Ok(crls) => base.crls.extend(crls),
                 Err(e) => tracing::warn!(file = %path.display(), "CRL no longer applies: {e}"),
             }

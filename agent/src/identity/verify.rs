@@ -34,7 +34,7 @@ pub struct SvidError {
     /// The kind.
     pub refusal: Refusal,
     /// Details for the log (certificate contents are public).
-    pub detail: String,
+    pub(crate) detail: String,
 }
 
 fn refuse(refusal: Refusal, detail: impl Into<String>) -> SvidError {
@@ -54,7 +54,7 @@ pub enum Role {
 }
 
 /// Verifies a peer's chain (leaf first) and returns its identity.
-pub fn verify_peer(
+pub(crate) fn verify_peer(
     chain: &[CertificateDer<'_>],
     trust: &TrustSnapshot,
     role: Role,
@@ -303,7 +303,7 @@ pub struct SvidVerifier {
 
 impl SvidVerifier {
     /// Verifies clients (server side).
-    pub fn for_clients(trust: Arc<TrustStore>, provider: Arc<CryptoProvider>) -> Self {
+    pub(crate) fn for_clients(trust: Arc<TrustStore>, provider: Arc<CryptoProvider>) -> Self {
         SvidVerifier {
             trust,
             provider,
@@ -422,7 +422,7 @@ impl ServerCertVerifier for SvidVerifier {
 }
 
 /// The refusal behind a handshake error, when it was ours.
-pub fn refusal_of(e: &rustls::Error) -> Option<Refusal> {
+pub(crate) fn refusal_of(e: &rustls::Error) -> Option<Refusal> {
     match e {
         rustls::Error::NoCertificatesPresented => Some(Refusal::NoClientCertificate),
         rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) => {

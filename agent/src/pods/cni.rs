@@ -47,7 +47,7 @@ enum Known {
 impl PodManager {
     /// Receives the CNI server's requests (without it, pods are only found
     /// by scanning for their IPs).
-    pub fn with_cni(mut self, requests: tokio::sync::mpsc::Receiver<CniRequest>) -> Self {
+    pub(crate) fn with_cni(mut self, requests: tokio::sync::mpsc::Receiver<CniRequest>) -> Self {
         self.cni_rx = Some(requests);
         self
     }

@@ -49,31 +49,31 @@ pub struct Decision {
     /// Whether the connection may proceed.
     pub allowed: bool,
     /// Why, as a fixed label.
-    pub reason: PolicyReason,
+    pub(crate) reason: PolicyReason,
     /// The policy that decided (`namespace/name`), if one did.
-    pub policy: Option<String>,
+    pub(crate) policy: Option<String>,
     /// AUDIT policies that matched.
-    pub audited: Vec<String>,
+    pub(crate) audited: Vec<String>,
     /// What each dry-run policy selecting the workload would have decided.
-    pub dry_run: Vec<DryRun>,
+    pub(crate) dry_run: Vec<DryRun>,
 }
 
 /// The outcome of one `istio.io/dry-run` policy, logged, never enforced.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DryRun {
+pub(crate) struct DryRun {
     /// `namespace/name`.
-    pub policy: String,
+    pub(crate) policy: String,
     /// Its action.
-    pub action: Action,
+    pub(crate) action: Action,
     /// Whether one of its rules matched (an invalid policy fails safe here
     /// too: a DENY matches, an ALLOW does not).
-    pub matched: bool,
+    pub(crate) matched: bool,
 }
 
 impl DryRun {
     /// What enforcing it would have done, as a fixed label: `deny`,
     /// `allow`, `no_match`, `audit`, `refuse` (CUSTOM).
-    pub fn would(&self) -> &'static str {
+    pub(crate) fn would(&self) -> &'static str {
         match (self.action, self.matched) {
             (Action::Custom, _) => "refuse",
             (_, false) => "no_match",
@@ -88,11 +88,11 @@ impl DryRun {
 /// `--trust-domain-aliases`. A principal written with `cluster.local` or
 /// any of these matches a peer of any of them, as in Istio.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TrustDomains {
+pub(crate) struct TrustDomains {
     /// `--trust-domain`.
-    pub local: String,
+    pub(crate) local: String,
     /// `--trust-domain-aliases`.
-    pub aliases: Vec<String>,
+    pub(crate) aliases: Vec<String>,
 }
 
 impl Default for TrustDomains {
@@ -132,27 +132,27 @@ fn oldest(mut v: Vec<&PeerAuthentication>) -> Option<&PeerAuthentication> {
 
 /// A workload's resolved mTLS modes.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct WorkloadMtls {
+pub(crate) struct WorkloadMtls {
     /// The mode of every port without an override; never `Unset`.
-    pub default: Mode,
+    pub(crate) default: Mode,
     /// Port-level modes; never `Unset`.
-    pub ports: BTreeMap<u16, Mode>,
+    pub(crate) ports: BTreeMap<u16, Mode>,
     /// The PeerAuthentication (`namespace/name`) that set `default`;
     /// `None`: the mesh default, PERMISSIVE.
-    pub default_from: Option<String>,
+    pub(crate) default_from: Option<String>,
     /// The workload PeerAuthentication that set `ports`, if any.
-    pub ports_from: Option<String>,
+    pub(crate) ports_from: Option<String>,
 }
 
 impl WorkloadMtls {
     /// The mode of `port`.
-    pub fn mode(&self, port: u16) -> Mode {
+    pub(crate) fn mode(&self, port: u16) -> Mode {
         self.ports.get(&port).copied().unwrap_or(self.default)
     }
 }
 
 /// Resolves the mTLS modes of `pod` under `policies`.
-pub fn mtls_mode<'a, I>(policies: I, root_ns: &str, pod: &Pod) -> WorkloadMtls
+pub(crate) fn mtls_mode<'a, I>(policies: I, root_ns: &str, pod: &Pod) -> WorkloadMtls
 where
     I: IntoIterator<Item = &'a Arc<PeerAuthentication>> + Clone,
 {
@@ -210,7 +210,7 @@ where
 }
 
 /// Authorizes a connection to `pod` under `policies`.
-pub fn authorize<'a>(
+pub(crate) fn authorize<'a>(
     policies: impl IntoIterator<Item = &'a Arc<AuthorizationPolicy>>,
     root_ns: &str,
     trust: &TrustDomains,

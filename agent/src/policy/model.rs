@@ -13,11 +13,12 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-pub use super::parse::{FieldError, parse_authorization_policy, parse_peer_authentication};
+pub use super::parse::parse_authorization_policy;
+pub(crate) use super::parse::parse_peer_authentication;
 
 /// An mTLS mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Mode {
+pub(crate) enum Mode {
     /// Inherit from the next wider scope.
     Unset,
     /// HBONE only; inbound plaintext is refused.
@@ -30,7 +31,7 @@ pub enum Mode {
 
 impl Mode {
     /// Istio's spelling.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Mode::Unset => "UNSET",
             Mode::Strict => "STRICT",
@@ -52,45 +53,45 @@ impl Mode {
 
 /// Common identification of a policy object.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PolicyMeta {
+pub(crate) struct PolicyMeta {
     /// Namespace.
-    pub namespace: String,
+    pub(crate) namespace: String,
     /// Name.
-    pub name: String,
+    pub(crate) name: String,
     /// `metadata.creationTimestamp` (RFC 3339; compared as text, which
     /// orders correctly for the UTC form the API server writes). `None`
     /// sorts after every dated policy, so an undated one is never "oldest".
-    pub created: Option<String>,
+    pub(crate) created: Option<String>,
     /// `selector.matchLabels`; `None` for a namespace-wide policy (no
     /// selector, or empty `matchLabels`). An invalid selector is
     /// `Some(empty)`, which selects every workload of the namespace, so the
     /// policy fails safe at workload level.
-    pub selector: Option<BTreeMap<String, String>>,
+    pub(crate) selector: Option<BTreeMap<String, String>>,
     /// Why the object is invalid, naming the field.
-    pub error: Option<String>,
+    pub(crate) error: Option<String>,
 }
 
 impl PolicyMeta {
     /// `namespace/name`.
-    pub fn key(&self) -> String {
+    pub(crate) fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
 }
 
 /// A `PeerAuthentication`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PeerAuthentication {
+pub(crate) struct PeerAuthentication {
     /// Identification, selector, validity.
-    pub meta: PolicyMeta,
+    pub(crate) meta: PolicyMeta,
     /// `spec.mtls.mode`.
-    pub mode: Mode,
+    pub(crate) mode: Mode,
     /// `spec.portLevelMtls`.
-    pub port_modes: BTreeMap<u16, Mode>,
+    pub(crate) port_modes: BTreeMap<u16, Mode>,
 }
 
 /// `ALLOW`, `DENY`, `AUDIT` or `CUSTOM`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     /// Allow when a rule matches.
     Allow,
     /// Deny when a rule matches.
@@ -103,7 +104,7 @@ pub enum Action {
 
 impl Action {
     /// Istio's spelling.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Action::Allow => "ALLOW",
             Action::Deny => "DENY",
@@ -115,7 +116,7 @@ impl Action {
 
 /// Istio's string match: exact, `prefix*`, `*suffix` or `*`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum StrMatch {
+pub(crate) enum StrMatch {
     /// Equal.
     Exact(String),
     /// Starts with.
@@ -128,7 +129,7 @@ pub enum StrMatch {
 
 impl StrMatch {
     /// Parses Istio's forms.
-    pub fn parse(s: &str) -> StrMatch {
+    pub(crate) fn parse(s: &str) -> StrMatch {
         if s == "*" {
             StrMatch::Any
         } else if let Some(p) = s.strip_suffix('*') {
@@ -141,7 +142,7 @@ impl StrMatch {
     }
 
     /// Whether `v` matches.
-    pub fn matches(&self, v: &str) -> bool {
+    pub(crate) fn matches(&self, v: &str) -> bool {
         match self {
             StrMatch::Exact(e) => v == e,
             StrMatch::Prefix(p) => v.starts_with(p.as_str()),
@@ -153,16 +154,16 @@ impl StrMatch {
 
 /// An IP network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
+pub(crate) struct Cidr {
     /// Network address.
-    pub addr: IpAddr,
+    pub(crate) addr: IpAddr,
     /// Prefix length.
-    pub len: u8,
+    pub(crate) len: u8,
 }
 
 impl Cidr {
     /// Parses `a.b.c.d`, `a.b.c.d/n`, IPv6 likewise.
-    pub fn parse(s: &str) -> Option<Cidr> {
+    pub(crate) fn parse(s: &str) -> Option<Cidr> {
         let (ip, len) = match s.split_once('/') {
             Some((ip, len)) => (ip.parse::<IpAddr>().ok()?, len.parse::<u8>().ok()?),
             None => {
@@ -175,7 +176,7 @@ impl Cidr {
     }
 
     /// Whether `ip` is inside.
-    pub fn contains(&self, ip: IpAddr) -> bool {
+    pub(crate) fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip.to_canonical()) {
             (IpAddr::V4(n), IpAddr::V4(a)) => {
                 let mask = if self.len == 0 {
@@ -203,17 +204,17 @@ impl Cidr {
 /// "local" (`cluster.local`, `--trust-domain` or an alias), it matches a
 /// peer of any local trust domain with the same rest, as Istio does.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Principal {
+pub(crate) struct Principal {
     /// The whole pattern, for trust domains that are not local.
-    pub pattern: StrMatch,
+    pub(crate) pattern: StrMatch,
     /// The trust domain and the pattern of the rest (after its `/`), when
     /// the pattern starts with a concrete trust domain.
-    pub domain: Option<(String, StrMatch)>,
+    pub(crate) domain: Option<(String, StrMatch)>,
 }
 
 impl Principal {
     /// Parses an Istio principal pattern.
-    pub fn parse(s: &str) -> Principal {
+    pub(crate) fn parse(s: &str) -> Principal {
         let domain = s
             .split_once('/')
             .filter(|(td, _)| !td.is_empty() && !td.contains('*'))
@@ -228,63 +229,63 @@ impl Principal {
 /// A `namespace/service-account` pair of `serviceAccounts` or the
 /// `source.serviceAccount` condition.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServiceAccount {
+pub(crate) struct ServiceAccount {
     /// Namespace.
-    pub namespace: String,
+    pub(crate) namespace: String,
     /// Service account.
-    pub name: String,
+    pub(crate) name: String,
 }
 
 /// `from.source`, `to.operation` and `when` of one rule, L4 parts only.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Rule {
+pub(crate) struct Rule {
     /// Sources: the rule's `from` matches when any of them does. `None`:
     /// no `from`, any source.
-    pub from: Option<Vec<Source>>,
+    pub(crate) from: Option<Vec<Source>>,
     /// Operations: any of them. `None`: no `to`.
-    pub to: Option<Vec<Operation>>,
+    pub(crate) to: Option<Vec<Operation>>,
     /// Conditions: all must hold. Each is kept as the source or operation
     /// it is equivalent to.
-    pub when: Vec<Condition>,
+    pub(crate) when: Vec<Condition>,
     /// The rule uses fields only an L7 proxy can evaluate.
-    pub has_l7: bool,
+    pub(crate) has_l7: bool,
 }
 
 /// One `from.source`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Source {
+pub(crate) struct Source {
     /// `principals`.
-    pub principals: Vec<Principal>,
+    pub(crate) principals: Vec<Principal>,
     /// `notPrincipals`.
-    pub not_principals: Vec<Principal>,
+    pub(crate) not_principals: Vec<Principal>,
     /// `serviceAccounts` (`ns/sa`).
-    pub service_accounts: Vec<ServiceAccount>,
+    pub(crate) service_accounts: Vec<ServiceAccount>,
     /// `notServiceAccounts`.
-    pub not_service_accounts: Vec<ServiceAccount>,
+    pub(crate) not_service_accounts: Vec<ServiceAccount>,
     /// `namespaces`.
-    pub namespaces: Vec<StrMatch>,
+    pub(crate) namespaces: Vec<StrMatch>,
     /// `notNamespaces`.
-    pub not_namespaces: Vec<StrMatch>,
+    pub(crate) not_namespaces: Vec<StrMatch>,
     /// `ipBlocks` and `remoteIpBlocks` (the same at L4).
-    pub ip_blocks: Vec<Cidr>,
+    pub(crate) ip_blocks: Vec<Cidr>,
     /// `notIpBlocks` and `notRemoteIpBlocks`.
-    pub not_ip_blocks: Vec<Cidr>,
+    pub(crate) not_ip_blocks: Vec<Cidr>,
 }
 
 /// One `to.operation`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Operation {
+pub(crate) struct Operation {
     /// `ports`.
-    pub ports: Vec<u16>,
+    pub(crate) ports: Vec<u16>,
     /// `notPorts`.
-    pub not_ports: Vec<u16>,
+    pub(crate) not_ports: Vec<u16>,
 }
 
 /// One `when` condition on an L4 attribute, as the source or operation it
 /// is equivalent to (`source.ip` is `ipBlocks`, `destination.port` is
 /// `ports`, and so on), so that it matches exactly as those do.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Condition {
+pub(crate) enum Condition {
     /// `source.ip`, `remote.ip`, `source.namespace`, `source.principal`,
     /// `source.serviceAccount`.
     Source(Source),
@@ -298,19 +299,19 @@ pub enum Condition {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AuthorizationPolicy {
     /// Identification, selector, validity.
-    pub meta: PolicyMeta,
+    pub(crate) meta: PolicyMeta,
     /// Action.
-    pub action: Action,
+    pub(crate) action: Action,
     /// Rules (`None`: the `rules` field is absent).
-    pub rules: Vec<Rule>,
+    pub(crate) rules: Vec<Rule>,
     /// Warnings (L7 fields) to report once.
-    pub warnings: Vec<String>,
+    pub(crate) warnings: Vec<String>,
     /// `istio.io/dry-run: "true"`: evaluated and logged, never enforced.
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
     /// `targetRef`/`targetRefs`: the policy belongs to a waypoint or a
     /// gateway; the node ignores it.
-    pub target_ref: bool,
+    pub(crate) target_ref: bool,
 }
 
 /// Annotation that makes an AuthorizationPolicy audit-only.
-pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
+pub(crate) const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";

@@ -19,7 +19,7 @@ use super::model::{
 
 /// One problem in a policy, with the path of the field (`spec.rules[0]…`).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum FieldError {
+pub(crate) enum FieldError {
     /// A field Istio does not define at this place (a typo such as `port`
     /// for `ports` would otherwise silently widen a rule).
     #[error("{0}: unknown field")]
@@ -261,7 +261,7 @@ fn mode(w: &mut Walk, v: Option<&Value>, at: &str) -> Mode {
 
 /// Parses a PeerAuthentication; never fails, invalid content is recorded
 /// and the policy then counts as STRICT for every port it selects.
-pub fn parse_peer_authentication(metadata: &Value, spec: &Value) -> PeerAuthentication {
+pub(crate) fn parse_peer_authentication(metadata: &Value, spec: &Value) -> PeerAuthentication {
     let mut w = Walk::default();
     let (mut meta, _) = meta_of(metadata, &mut w);
     let mut mode_of_spec = Mode::Unset;

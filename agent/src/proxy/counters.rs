@@ -11,23 +11,23 @@ use crate::outcome::{Counted, Direction, Refusal};
 
 /// Counters of ended connections, backed by the agent's metrics.
 #[derive(Debug, Default)]
-pub struct Counters {
+pub(crate) struct Counters {
     metrics: Arc<Metrics>,
 }
 
 impl Counters {
     /// Counters recording into `metrics`.
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(metrics: Arc<Metrics>) -> Self {
         Counters { metrics }
     }
 
     /// The metrics the counters record into, for the other families.
-    pub fn metrics(&self) -> &Metrics {
+    pub(crate) fn metrics(&self) -> &Metrics {
         &self.metrics
     }
 
     /// Counts one connection; every label comes from `crate::outcome`.
-    pub fn count(&self, direction: Direction, reason: Counted, refusal: Option<Refusal>) {
+    pub(crate) fn count(&self, direction: Direction, reason: Counted, refusal: Option<Refusal>) {
         self.metrics
             .closed
             .get_or_create(&ClosedLabels {

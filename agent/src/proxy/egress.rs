@@ -22,7 +22,7 @@ use crate::state::workload::{EgressAllow, EgressMode, egress};
 
 /// How long an app under `tls-only` has to send its first bytes; a
 /// server-first protocol (SMTP, MySQL) never does and is refused after it.
-pub const FIRST_BYTES_WAIT: Duration = Duration::from_secs(5);
+pub(crate) const FIRST_BYTES_WAIT: Duration = Duration::from_secs(5);
 
 /// The bytes that identify a ClientHello: the record header and the
 /// handshake type.
@@ -30,16 +30,16 @@ const HELLO_PREFIX: usize = 6;
 
 /// The mesh-wide egress settings (`--egress-default`, `--egress-allow`).
 #[derive(Clone, Debug, Default)]
-pub struct EgressConfig {
+pub(crate) struct EgressConfig {
     /// The mode of pods whose annotations do not say.
-    pub default: EgressMode,
+    pub(crate) default: EgressMode,
     /// Destinations every pod may reach in plaintext.
-    pub allow: Vec<EgressAllow>,
+    pub(crate) allow: Vec<EgressAllow>,
 }
 
 /// Why a connection leaving the mesh was refused.
 #[derive(Debug, thiserror::Error)]
-pub enum EgressError {
+pub(crate) enum EgressError {
     /// The app's first bytes are not a TLS ClientHello.
     #[error("first bytes are not a TLS ClientHello")]
     Plaintext,
@@ -58,7 +58,7 @@ pub enum EgressError {
 /// once for destinations in the mesh, `passthrough` pods and allow-listed
 /// destinations; otherwise waits for the app's first bytes. A refusal is
 /// warned about here (the caller resets and counts it).
-pub async fn check(ctx: &PodContext, down: &TcpStream, dst: SocketAddr) -> Result<(), EgressError> {
+pub(crate) async fn check(ctx: &PodContext, down: &TcpStream, dst: SocketAddr) -> Result<(), EgressError> {
     let snap = ctx.mesh.store.current();
     if !matches!(snap.destination(dst.ip()), Destination::Outside) {
         return Ok(());
@@ -118,7 +118,7 @@ async fn first_bytes_are_client_hello(down: &TcpStream, wait: Duration) -> Resul
 /// Whether `bytes` agree with the start of a TLS record carrying a
 /// ClientHello: content type handshake (0x16), record version 3.1 to 3.3
 /// (what TLS 1.0 to 1.3 clients send), handshake type ClientHello (0x01).
-pub fn could_be_client_hello(bytes: &[u8]) -> bool {
+pub(crate) fn could_be_client_hello(bytes: &[u8]) -> bool {
     bytes.iter().enumerate().all(|(i, &b)| match i {
         0 => b == 0x16,
         1 => b == 0x03,

@@ -15,23 +15,23 @@ use h2::{RecvStream, SendStream};
 use super::relay::{Leg, Sink, Source};
 
 /// Port of the HBONE listener in every pod.
-pub const HBONE_PORT: u16 = nodeward_common::TUNNEL_PORT;
+pub(crate) const HBONE_PORT: u16 = nodeward_common::TUNNEL_PORT;
 
 /// HTTP/2 settings of tunnel connections, both ends.
 #[derive(Clone, Copy, Debug)]
-pub struct H2Settings {
+pub(crate) struct H2Settings {
     /// Initial stream window (bytes a peer may send on one stream unacknowledged).
-    pub stream_window: u32,
+    pub(crate) stream_window: u32,
     /// Initial connection window.
-    pub connection_window: u32,
+    pub(crate) connection_window: u32,
     /// Largest frame.
-    pub max_frame_size: u32,
+    pub(crate) max_frame_size: u32,
     /// Streams per connection.
-    pub max_streams: u32,
+    pub(crate) max_streams: u32,
     /// Largest accepted header list (the request line and headers).
-    pub max_header_list_size: u32,
+    pub(crate) max_header_list_size: u32,
     /// Deadline for TLS and HTTP/2 handshakes.
-    pub handshake_timeout: Duration,
+    pub(crate) handshake_timeout: Duration,
 }
 
 impl Default for H2Settings {
@@ -53,23 +53,23 @@ impl Default for H2Settings {
 const MAX_HEADER_LIST_SIZE: u32 = 16 << 10;
 
 /// `:authority` of a CONNECT for `dst`: `ip:port`, IPv6 in brackets.
-pub fn authority(dst: SocketAddr) -> String {
+pub(crate) fn authority(dst: SocketAddr) -> String {
     dst.to_string()
 }
 
 /// Parses a CONNECT authority; only literal `ip:port` is valid in HBONE.
-pub fn parse_authority(a: &str) -> Option<SocketAddr> {
+pub(crate) fn parse_authority(a: &str) -> Option<SocketAddr> {
     let addr: SocketAddr = a.parse().ok()?;
     (addr.port() != 0).then_some(SocketAddr::new(addr.ip().to_canonical(), addr.port()))
 }
 
 /// The `forwarded` header value for the original client (RFC 7239).
-pub fn forwarded_for(client: SocketAddr) -> String {
+pub(crate) fn forwarded_for(client: SocketAddr) -> String {
     format!("for=\"{client}\"")
 }
 
 /// The client address from a `forwarded` header, if well formed.
-pub fn parse_forwarded_for(v: &str) -> Option<SocketAddr> {
+pub(crate) fn parse_forwarded_for(v: &str) -> Option<SocketAddr> {
     v.split([';', ',']).find_map(|part| {
         let val = part.trim().strip_prefix("for=")?.trim_matches('"');
         val.parse::<SocketAddr>()
@@ -79,7 +79,7 @@ pub fn parse_forwarded_for(v: &str) -> Option<SocketAddr> {
 }
 
 /// A fresh W3C `traceparent` for a tunnel stream.
-pub fn traceparent() -> String {
+pub(crate) fn traceparent() -> String {
     use ring::rand::SecureRandom;
     let mut b = [0u8; 24];
     let _ = ring::rand::SystemRandom::new().fill(&mut b);
@@ -91,21 +91,21 @@ pub fn traceparent() -> String {
 /// flow-control window given back only as the relay hands bytes on, so a
 /// slow reader throttles the sender and memory per stream is bounded by the
 /// stream window.
-pub struct H2Recv(RecvStream);
+pub(crate) struct H2Recv(RecvStream);
 
 /// The sending half of a tunnel stream: DATA within the peer's window,
 /// END_STREAM as half-close, RST_STREAM as reset.
-pub struct H2Send(SendStream<Bytes>);
+pub(crate) struct H2Send(SendStream<Bytes>);
 
 /// One tunnel stream as one side of a relay.
-pub struct H2Stream {
+pub(crate) struct H2Stream {
     send: H2Send,
     recv: H2Recv,
 }
 
 impl H2Stream {
     /// The stream of a sent (or received) `CONNECT` and the body answering it.
-    pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
+    pub(crate) fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
         H2Stream {
             send: H2Send(send),
             recv: H2Recv(recv),

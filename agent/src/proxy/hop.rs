@@ -28,7 +28,7 @@ use crate::outcome::CloseReason;
 /// removes it when the hop closes. If it was not filed (a full map), the
 /// app would see a loopback peer, which apps tend to trust: the hop is
 /// refused instead.
-pub async fn connect_app(ctx: &PodContext, dst: SocketAddr, client: SocketAddr) -> io::Result<TcpStream> {
+pub(crate) async fn connect_app(ctx: &PodContext, dst: SocketAddr, client: SocketAddr) -> io::Result<TcpStream> {
     if dst.ip().is_loopback() || is_agent_port(dst.port()) {
         // The agent's own listeners: a hop there would come back to us.
         return Err(io::Error::other(LoopRefused(dst)));
@@ -71,16 +71,16 @@ fn hop_source(dst: IpAddr) -> IpAddr {
 /// A hop the agent refused to dial because it would reach its own listeners.
 #[derive(Debug, thiserror::Error)]
 #[error("{0} is the agent's own listener: not dialled")]
-pub struct LoopRefused(pub SocketAddr);
+pub(crate) struct LoopRefused(pub SocketAddr);
 
 /// Whether `port` is one of the agent's listener ports (15001, 15006,
 /// 15008), which no app behind the agent may be reached on.
-pub fn is_agent_port(port: u16) -> bool {
+pub(crate) fn is_agent_port(port: u16) -> bool {
     matches!(port, OUTBOUND_PORT | INBOUND_PORT | TUNNEL_PORT)
 }
 
 /// The close reason of a failed [`connect_app`].
-pub fn close_reason(e: &io::Error) -> CloseReason {
+pub(crate) fn close_reason(e: &io::Error) -> CloseReason {
     if e.get_ref().is_some_and(|inner| inner.is::<LoopRefused>()) {
         CloseReason::LoopRefused
     } else {

@@ -83,7 +83,7 @@ impl ResetGuard {
 /// Serves one tunnel connection until it closes, the pod goes, or its peer
 /// is revoked. `permit` is its place under the bounds: it counts as a
 /// handshake until both handshakes are done, as a tunnel until it ends.
-pub async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr, mut permit: TunnelPermit) {
+pub(crate) async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr, mut permit: TunnelPermit) {
     let started = Instant::now();
     let peer = unmap(peer);
     let refused = |reason: CloseReason, refusal: Option<Refusal>| {

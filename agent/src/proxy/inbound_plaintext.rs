@@ -22,7 +22,7 @@ use crate::policy::model::Mode;
 
 /// Handles one inbound plaintext connection: refused on a STRICT port,
 /// otherwise authorized without a principal (PERMISSIVE), then relayed.
-pub async fn handle(ctx: &PodContext, down: TcpStream, peer: SocketAddr) -> Outcome {
+pub(crate) async fn handle(ctx: &PodContext, down: TcpStream, peer: SocketAddr) -> Outcome {
     let dst = match down.local_addr() {
         Ok(a) => unmap(a),
         Err(_) => return Outcome::refused(None, CloseReason::IoError),

@@ -22,33 +22,34 @@ use std::time::{Duration, Instant};
 use crate::outcome::Direction;
 
 /// At most one refusal warning per reason this often.
-pub const WARN_INTERVAL: Duration = Duration::from_secs(5);
+pub(crate) const WARN_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The configured bounds (see `RunArgs` for their flags and defaults).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LimitConfig {
+pub(crate) struct LimitConfig {
     /// Proxied connections on the node: outbound, inbound plaintext and
     /// inbound tunnel streams together.
-    pub connections: usize,
+    pub(crate) connections: usize,
     /// Proxied connections of one pod in one direction (outbound; inbound
     /// plaintext and tunnel streams).
-    pub connections_per_pod: usize,
+    pub(crate) connections_per_pod: usize,
     /// Tunnel connections on the node, inbound and outbound together.
-    pub tunnels: usize,
+    pub(crate) tunnels: usize,
     /// Inbound tunnel connections from one remote IP, handshakes included.
-    pub tunnels_per_peer: usize,
+    pub(crate) tunnels_per_peer: usize,
     /// Outbound (pooled) tunnel connections of one source pod.
-    pub tunnels_per_pod: usize,
+    pub(crate) tunnels_per_pod: usize,
     /// Inbound connections on 15008 not yet through their TLS and HTTP/2
     /// handshakes.
-    pub handshakes: usize,
+    pub(crate) handshakes: usize,
     /// Such handshakes from one remote IP.
-    pub handshakes_per_peer: usize,
+    pub(crate) handshakes_per_peer: usize,
 }
 
 impl LimitConfig {
     /// No bound at all, for tests and tools that build a pool by hand.
-    pub const UNLIMITED: LimitConfig = LimitConfig {
+    #[cfg(test)]
+    pub(crate) const UNLIMITED: LimitConfig = LimitConfig {
         connections: usize::MAX,
         connections_per_pod: usize::MAX,
         tunnels: usize::MAX,
@@ -64,20 +65,20 @@ impl LimitConfig {
 /// most the stream window. A tunnel connection then holds at most about one
 /// connection window received (flow control) plus one queued to send,
 /// however many streams it carries and however its peer behaves.
-pub fn send_buffer_per_stream(stream_window: u32, connection_window: u32, max_streams: u32) -> usize {
+pub(crate) fn send_buffer_per_stream(stream_window: u32, connection_window: u32, max_streams: u32) -> usize {
     let share = connection_window as usize / (max_streams.max(1) as usize);
     share.max(64 << 10).min(stream_window as usize)
 }
 
 /// Which bound refused a connection (defined with every other outcome label).
-pub use crate::outcome::LimitRefusal as Refusal;
+pub(crate) use crate::outcome::LimitRefusal as Refusal;
 
 const REASONS: usize = Refusal::COUNT;
 
 /// Which side of a pod a proxied connection is on; each has its own bound,
 /// so a flood from outside cannot starve the pod's own outbound traffic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Side {
+pub(crate) enum Side {
     /// Opened by the pod's apps.
     Outbound,
     /// Addressed to the pod, in plaintext or as a tunnel stream.
@@ -150,6 +151,7 @@ impl<K: Hash + Eq + Copy> KeyedGauge<K> {
         }
     }
 
+    #[cfg(test)]
     fn held(&self, key: K) -> usize {
         let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         counts.get(&key).copied().unwrap_or(0)
@@ -196,7 +198,7 @@ fn take_both<K: Hash + Eq + Copy>(
 /// Counts held for one connection; dropping it gives them back.
 #[derive(Debug)]
 #[must_use = "the counts are given back when the permit is dropped"]
-pub struct Permit {
+pub(crate) struct Permit {
     _held: [Held; 2],
 }
 
@@ -205,7 +207,7 @@ pub struct Permit {
 /// [`TunnelPermit::authenticated`].
 #[derive(Debug)]
 #[must_use = "the counts are given back when the permit is dropped"]
-pub struct TunnelPermit {
+pub(crate) struct TunnelPermit {
     _tunnel: Permit,
     handshake: Option<Permit>,
 }
@@ -213,14 +215,14 @@ pub struct TunnelPermit {
 impl TunnelPermit {
     /// The peer finished its TLS and HTTP/2 handshakes: it no longer counts
     /// as a handshake in progress.
-    pub fn authenticated(&mut self) {
+    pub(crate) fn authenticated(&mut self) {
         self.handshake = None;
     }
 }
 
 /// The agent's bounds and their current counts.
 #[derive(Debug)]
-pub struct Limits {
+pub(crate) struct Limits {
     config: LimitConfig,
     connections: Arc<Gauge>,
     connections_per_pod: Arc<KeyedGauge<(u64, Side)>>,
@@ -234,7 +236,7 @@ pub struct Limits {
 
 impl Limits {
     /// Bounds with nothing held yet.
-    pub fn new(config: LimitConfig) -> Arc<Limits> {
+    pub(crate) fn new(config: LimitConfig) -> Arc<Limits> {
         Arc::new(Limits {
             config,
             connections: Gauge::new(config.connections),
@@ -249,13 +251,13 @@ impl Limits {
     }
 
     /// The configured bounds.
-    pub fn config(&self) -> LimitConfig {
+    pub(crate) fn config(&self) -> LimitConfig {
         self.config
     }
 
     /// A place for one proxied connection of the pod with network-namespace
     /// cookie `pod` on `side`.
-    pub fn connection(&self, pod: u64, side: Side) -> Result<Permit, Refusal> {
+    pub(crate) fn connection(&self, pod: u64, side: Side) -> Result<Permit, Refusal> {
         let refusals = [Refusal::ConnectionsPerPod, Refusal::Connections];
         take_both(
             &self.connections_per_pod,
@@ -268,7 +270,7 @@ impl Limits {
 
     /// A place for one inbound connection on 15008 from `peer`, before any
     /// byte of it is read.
-    pub fn tunnel_in(&self, peer: IpAddr) -> Result<TunnelPermit, Refusal> {
+    pub(crate) fn tunnel_in(&self, peer: IpAddr) -> Result<TunnelPermit, Refusal> {
         let peer = peer.to_canonical();
         // Handshakes first: the bound a silent client runs into.
         let refusals = [Refusal::HandshakesPerPeer, Refusal::Handshakes];
@@ -283,20 +285,21 @@ impl Limits {
 
     /// A place for one outbound tunnel connection of the pod with
     /// network-namespace cookie `pod`.
-    pub fn tunnel_out(&self, pod: u64) -> Result<Permit, Refusal> {
+    pub(crate) fn tunnel_out(&self, pod: u64) -> Result<Permit, Refusal> {
         let refusals = [Refusal::TunnelsPerPod, Refusal::Tunnels];
         take_both(&self.tunnels_per_pod, pod, Held::SourcePod, &self.tunnels, refusals)
     }
 
     /// Proxied connections the pod holds on `side` now.
-    pub fn pod_connections(&self, pod: u64, side: Side) -> usize {
+    #[cfg(test)]
+    pub(crate) fn pod_connections(&self, pod: u64, side: Side) -> usize {
         self.connections_per_pod.held((pod, side))
     }
 
     /// Records a refusal and warns about it, at most once per reason per
     /// [`WARN_INTERVAL`], with the number refused since the last warning.
     /// The warning names the pod and peer of the refusal that triggered it.
-    pub fn refused(&self, refusal: Refusal, direction: Direction, pod: &str, peer: Option<IpAddr>) {
+    pub(crate) fn refused(&self, refusal: Refusal, direction: Direction, pod: &str, peer: Option<IpAddr>) {
         if let Some(count) = self.warner.refused(refusal, Instant::now()) {
             tracing::warn!(
                 reason = refusal.as_str(),
@@ -313,7 +316,7 @@ impl Limits {
 /// Turns a stream of refusals into at most one warning per reason per
 /// interval, each carrying how many were refused since the previous one.
 #[derive(Debug)]
-pub struct RateLimitedWarner {
+pub(crate) struct RateLimitedWarner {
     interval: Duration,
     state: [Mutex<WarnState>; REASONS],
 }
@@ -326,7 +329,7 @@ struct WarnState {
 
 impl RateLimitedWarner {
     /// A warner that speaks at most once per `interval` per reason.
-    pub fn new(interval: Duration) -> Self {
+    pub(crate) fn new(interval: Duration) -> Self {
         RateLimitedWarner {
             interval,
             state: Default::default(),
@@ -335,7 +338,7 @@ impl RateLimitedWarner {
 
     /// Counts one refusal at `now`; `Some(n)` when a warning is due, `n`
     /// being the refusals since the last warning, this one included.
-    pub fn refused(&self, reason: Refusal, now: Instant) -> Option<u64> {
+    pub(crate) fn refused(&self, reason: Refusal, now: Instant) -> Option<u64> {
         let mut s = self.state[reason as usize].lock().unwrap_or_else(|e| e.into_inner());
         s.since += 1;
         let due = s

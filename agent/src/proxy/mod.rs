@@ -18,20 +18,20 @@
 
 #![forbid(unsafe_code)]
 
-pub mod counters;
-pub mod egress;
-pub mod hbone;
-pub mod hop;
-pub mod inbound_hbone;
-pub mod inbound_plaintext;
-pub mod limits;
+pub(crate) mod counters;
+pub(crate) mod egress;
+pub(crate) mod hbone;
+pub(crate) mod hop;
+pub(crate) mod inbound_hbone;
+pub(crate) mod inbound_plaintext;
+pub(crate) mod limits;
 pub mod open;
-pub mod outbound;
-pub mod outbound_hbone;
-pub mod pool;
-pub mod relay;
-pub mod report;
-pub mod socket;
+pub(crate) mod outbound;
+pub(crate) mod outbound_hbone;
+pub(crate) mod pool;
+pub(crate) mod relay;
+pub(crate) mod report;
+pub(crate) mod socket;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -59,77 +59,77 @@ use report::log_connection;
 
 /// Proxy settings shared by all pods.
 #[derive(Clone, Debug)]
-pub struct ProxyConfig {
+pub(crate) struct ProxyConfig {
     /// Mark on every socket the agent opens inside a pod.
-    pub socket_mark: u32,
+    pub(crate) socket_mark: u32,
     /// Deadline for connecting upstream.
-    pub connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
     /// Relay settings.
-    pub relay: RelayOptions,
+    pub(crate) relay: RelayOptions,
     /// Mesh-wide egress settings.
-    pub egress: egress::EgressConfig,
+    pub(crate) egress: egress::EgressConfig,
 }
 
 /// Agent-wide lifecycle signals and the set of live connections.
 #[derive(Clone, Debug, Default)]
-pub struct Lifecycle {
+pub(crate) struct Lifecycle {
     /// Stops every accept loop (drain begins).
-    pub stop_accepting: CancellationToken,
+    pub(crate) stop_accepting: CancellationToken,
     /// Aborts every connection still open (drain deadline).
-    pub hard_stop: CancellationToken,
+    pub(crate) hard_stop: CancellationToken,
     /// Every connection task, so drain can wait for them.
-    pub connections: TaskTracker,
+    pub(crate) connections: TaskTracker,
     /// Every accept loop, so drain knows when no listener is left.
-    pub listeners: TaskTracker,
+    pub(crate) listeners: TaskTracker,
 }
 
 /// What the proxies of all pods share: the state to find destinations in,
 /// certificates, the tunnel pool and the register of open connections.
 #[derive(Debug)]
-pub struct Mesh {
+pub(crate) struct Mesh {
     /// Cluster state.
-    pub store: Store,
+    pub(crate) store: Store,
     /// Workload certificates and trust; `None` without a CA.
-    pub certs: Option<Arc<CertManager>>,
+    pub(crate) certs: Option<Arc<CertManager>>,
     /// Outbound tunnel connections.
-    pub pool: Arc<pool::Pool>,
+    pub(crate) pool: Arc<pool::Pool>,
     /// Open connections, swept on policy and trust changes.
-    pub open: Arc<OpenConns>,
+    pub(crate) open: Arc<OpenConns>,
     /// HTTP/2 settings of tunnels.
-    pub h2: hbone::H2Settings,
+    pub(crate) h2: hbone::H2Settings,
     /// Outcome counters, recording into the agent's metrics.
-    pub counters: counters::Counters,
+    pub(crate) counters: counters::Counters,
     /// Capture state of enrolled pods, for readiness and `/config_dump`.
-    pub captures: Arc<crate::admin::Captures>,
+    pub(crate) captures: Arc<crate::admin::Captures>,
     /// Bounds on connections, tunnels and handshakes.
-    pub limits: Arc<limits::Limits>,
+    pub(crate) limits: Arc<limits::Limits>,
 }
 
 /// What a managed pod's handlers share.
 #[derive(Debug)]
-pub struct PodContext {
+pub(crate) struct PodContext {
     /// The pod.
-    pub pod: ManagedPod,
+    pub(crate) pod: ManagedPod,
     /// Its network namespace.
-    pub netns: Arc<Netns>,
+    pub(crate) netns: Arc<Netns>,
     /// Its identity, when the agent has a CA.
-    pub identity: Option<Identity>,
+    pub(crate) identity: Option<Identity>,
     /// TLS configuration of its tunnel listener.
-    pub tunnel_tls: Option<Arc<rustls::ServerConfig>>,
+    pub(crate) tunnel_tls: Option<Arc<rustls::ServerConfig>>,
     /// Shared mesh services.
-    pub mesh: Arc<Mesh>,
+    pub(crate) mesh: Arc<Mesh>,
     /// Settings.
-    pub config: Arc<ProxyConfig>,
+    pub(crate) config: Arc<ProxyConfig>,
     /// Maps.
-    pub capture: Arc<Capture>,
+    pub(crate) capture: Arc<Capture>,
     /// Fires when the pod stops being managed or the agent stops hard.
-    pub cancel: CancellationToken,
+    pub(crate) cancel: CancellationToken,
     /// Agent lifecycle.
-    pub lifecycle: Lifecycle,
+    pub(crate) lifecycle: Lifecycle,
 }
 
 /// Listeners of one pod, bound inside its namespace.
-pub struct PodListeners {
+pub(crate) struct PodListeners {
     outbound: Vec<TcpListener>,
     inbound: Vec<TcpListener>,
     tunnel: Vec<TcpListener>,
@@ -143,7 +143,7 @@ impl PodListeners {
     /// `connect()`, inbound ones reach 15006/15008 through sk_lookup, which
     /// may hand a connection to any listener regardless of its address, so
     /// nothing outside the pod can address these sockets directly.
-    pub fn bind(ctx: &PodContext) -> Result<Self, NetnsError> {
+    pub(crate) fn bind(ctx: &PodContext) -> Result<Self, NetnsError> {
         let mut l = PodListeners {
             outbound: Vec::new(),
             inbound: Vec::new(),
@@ -182,7 +182,7 @@ impl PodListeners {
     }
 
     /// Starts the accept loops on the runtime.
-    pub fn serve(self, ctx: Arc<PodContext>) {
+    pub(crate) fn serve(self, ctx: Arc<PodContext>) {
         let tasks = &ctx.lifecycle.listeners;
         for l in self.outbound {
             tasks.spawn(accept_loop(ctx.clone(), l, Direction::Outbound));
@@ -254,7 +254,7 @@ enum Permit {
 
 /// Closes a connection over a bound at once (a reset, so the client learns
 /// without waiting), counts it, and warns at a bounded rate.
-pub fn refuse(ctx: &PodContext, dir: Direction, stream: &TcpStream, peer: SocketAddr, refusal: limits::Refusal) {
+pub(crate) fn refuse(ctx: &PodContext, dir: Direction, stream: &TcpStream, peer: SocketAddr, refusal: limits::Refusal) {
     socket::reset(stream);
     if dir == Direction::Outbound {
         // The handler that would have removed the app's entry never runs.
@@ -296,7 +296,7 @@ async fn next_connection(
 }
 
 /// An IPv4-mapped address as plain IPv4, for logs and connects.
-pub fn unmap(a: SocketAddr) -> SocketAddr {
+pub(crate) fn unmap(a: SocketAddr) -> SocketAddr {
     match a {
         SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
             Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),

@@ -34,15 +34,15 @@ struct PolicyFacts {
 
 /// An authenticated peer, as the trust sweep needs it.
 #[derive(Clone)]
-pub struct PeerFacts {
+pub(crate) struct PeerFacts {
     /// The identity the handshake proved.
-    pub identity: Identity,
+    pub(crate) identity: Identity,
     /// The chain the handshake verified, leaf first.
-    pub chain: Arc<Vec<CertificateDer<'static>>>,
+    pub(crate) chain: Arc<Vec<CertificateDer<'static>>>,
     /// The role the peer plays.
-    pub role: Role,
+    pub(crate) role: Role,
     /// The earliest notAfter of the chain: the connection's maximum age.
-    pub not_after: SystemTime,
+    pub(crate) not_after: SystemTime,
 }
 
 /// Which sweep cut an entry (0: none yet).
@@ -91,11 +91,11 @@ impl std::fmt::Debug for OpenConns {
 }
 
 /// A filed connection; removed from the register when dropped.
-pub struct Registration {
+pub(crate) struct Registration {
     open: Arc<OpenConns>,
     id: u64,
     /// Fires when a sweep (or the parent token) ends the connection.
-    pub cancel: CancellationToken,
+    pub(crate) cancel: CancellationToken,
     cut_by: Arc<CutBy>,
 }
 
@@ -115,7 +115,7 @@ impl PeerRegistration {
 impl Registration {
     /// The close reason of the sweep that cut the connection, if one did:
     /// `policy_changed` or `peer_revoked`.
-    pub fn cut_by(&self) -> Option<CloseReason> {
+    pub(crate) fn cut_by(&self) -> Option<CloseReason> {
         self.cut_by.reason()
     }
 }
@@ -175,7 +175,12 @@ impl OpenConns {
 
     /// Files a connection to pod `pod` with what policy saw of it; its
     /// token is a child of `parent`.
-    pub fn register_conn(self: &Arc<Self>, pod: &str, info: ConnInfo, parent: &CancellationToken) -> Registration {
+    pub(crate) fn register_conn(
+        self: &Arc<Self>,
+        pod: &str,
+        info: ConnInfo,
+        parent: &CancellationToken,
+    ) -> Registration {
         let policy = PolicyFacts {
             pod: pod.to_owned(),
             info,
@@ -186,7 +191,7 @@ impl OpenConns {
     /// Files an authenticated tunnel connection to `peer`; `cancel` fires
     /// when the trust sweeper cuts it. Use `identity::revocation`'s
     /// `register`, which checks the chain once filed.
-    pub fn register_peer(self: &Arc<Self>, peer: PeerFacts, cancel: CancellationToken) -> PeerRegistration {
+    pub(crate) fn register_peer(self: &Arc<Self>, peer: PeerFacts, cancel: CancellationToken) -> PeerRegistration {
         let not_after = peer.not_after;
         PeerRegistration {
             _registration: self.file(cancel, None, Some(peer)),
@@ -200,6 +205,7 @@ impl OpenConns {
     }
 
     /// Whether no connection is filed.
+    #[cfg(any(test, feature = "testing"))]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -207,7 +213,7 @@ impl OpenConns {
     /// Closes the connections `snap` no longer allows: plaintext on a port
     /// that became STRICT, or any connection authorization now denies.
     /// Returns how many.
-    pub fn revalidate(&self, snap: &Snapshot) -> usize {
+    pub(crate) fn revalidate(&self, snap: &Snapshot) -> usize {
         let entries = self.lock();
         let mut closed = 0;
         for e in entries.values().filter(|e| !e.cancel.is_cancelled()) {
@@ -235,7 +241,7 @@ impl OpenConns {
 
     /// The authenticated peers of open connections not cut yet, with their
     /// tokens, so the trust sweep can verify them outside the lock.
-    pub fn peers(&self) -> Vec<(PeerFacts, PeerCut)> {
+    pub(crate) fn peers(&self) -> Vec<(PeerFacts, PeerCut)> {
         self.lock()
             .values()
             .filter(|e| !e.cancel.is_cancelled())
@@ -252,7 +258,7 @@ impl OpenConns {
 
     /// Cancels the connections whose peer chain has expired at `now`;
     /// returns how many.
-    pub fn expire(&self, now: SystemTime) -> usize {
+    pub(crate) fn expire(&self, now: SystemTime) -> usize {
         let entries = self.lock();
         let mut cut = 0;
         for e in entries.values() {
@@ -269,7 +275,7 @@ impl OpenConns {
 
     /// The earliest expiry among open authenticated connections,
     /// remembered as the trust sweeper's deadline.
-    pub fn next_deadline(&self) -> Option<SystemTime> {
+    pub(crate) fn next_deadline(&self) -> Option<SystemTime> {
         let entries = self.lock();
         let next = entries
             .values()
@@ -281,20 +287,20 @@ impl OpenConns {
     }
 
     /// Resolves when a registration expires before the remembered deadline.
-    pub async fn earlier(&self) {
+    pub(crate) async fn earlier(&self) {
         self.earlier.notified().await
     }
 }
 
 /// The handle the trust sweep cuts a connection by.
-pub struct PeerCut {
+pub(crate) struct PeerCut {
     cancel: CancellationToken,
     cut_by: Arc<CutBy>,
 }
 
 impl PeerCut {
     /// Ends the connection because its peer is no longer trusted.
-    pub fn cut(&self) {
+    pub(crate) fn cut(&self) {
         self.cut_by.set(CutBy::TRUST);
         self.cancel.cancel();
     }

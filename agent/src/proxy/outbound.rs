@@ -26,7 +26,7 @@ use crate::outcome::{CloseReason, Transport};
 use crate::state::Destination;
 
 /// Handles one captured outbound connection.
-pub async fn handle(ctx: &PodContext, down: TcpStream, peer: SocketAddr) -> Outcome {
+pub(crate) async fn handle(ctx: &PodContext, down: TcpStream, peer: SocketAddr) -> Outcome {
     let key = sock_key(ctx.netns.cookie(), peer, 0);
     let orig = match ctx.capture.maps.orig_dst.get(&key) {
         Ok(Some(o)) => o,

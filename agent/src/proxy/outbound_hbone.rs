@@ -29,7 +29,7 @@ fn pod_ip_for(ctx: &PodContext, dst: IpAddr) -> Option<IpAddr> {
 
 /// Carries one captured connection to `dst` through a tunnel whose server
 /// must prove `expected`.
-pub async fn handle(
+pub(crate) async fn handle(
     ctx: &PodContext,
     down: TcpStream,
     peer: SocketAddr,

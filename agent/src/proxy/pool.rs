@@ -37,26 +37,28 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
 use super::hbone::H2Settings;
-use super::limits::{LimitConfig, Limits, Refusal, send_buffer_per_stream};
+#[cfg(test)]
+use super::limits::LimitConfig;
+use super::limits::{Limits, Refusal, send_buffer_per_stream};
 use super::open::PeerRegistration;
 use crate::identity::Identity;
 
 /// What identifies a reusable tunnel connection.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct PoolKey {
+pub(crate) struct PoolKey {
     /// Network-namespace cookie of the source pod.
-    pub src_netns: u64,
+    pub(crate) src_netns: u64,
     /// Identity the connection presents.
-    pub src: Identity,
+    pub(crate) src: Identity,
     /// The destination's HBONE address.
-    pub dst: SocketAddr,
+    pub(crate) dst: SocketAddr,
     /// Identity the destination must prove.
-    pub expected: Identity,
+    pub(crate) expected: Identity,
 }
 
 /// Why a stream could not be opened.
 #[derive(Debug, thiserror::Error)]
-pub enum PoolError {
+pub(crate) enum PoolError {
     /// TCP or TLS failed (the TLS error may carry a refusal kind).
     #[error("connecting tunnel: {0}")]
     Connect(#[source] std::io::Error),
@@ -72,22 +74,23 @@ pub enum PoolError {
 }
 
 /// A byte stream a tunnel runs over (TLS over TCP).
-pub trait TunnelIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+pub(crate) trait TunnelIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> TunnelIo for T {}
 
 /// The transport of a new tunnel connection and what bounds its life.
-pub struct Transport {
+pub(crate) struct Transport {
     /// TLS over TCP (or anything that carries HTTP/2).
-    pub io: Box<dyn TunnelIo>,
+    pub(crate) io: Box<dyn TunnelIo>,
     /// Fires when the peer stops being trusted: the connection is closed.
-    pub revoked: CancellationToken,
+    pub(crate) revoked: CancellationToken,
     /// The peer's registration for revocation, kept while the connection lives.
-    pub registration: Option<PeerRegistration>,
+    pub(crate) registration: Option<PeerRegistration>,
 }
 
 impl Transport {
     /// A transport no revocation applies to (tests, tools).
-    pub fn unregistered(io: Box<dyn TunnelIo>) -> Self {
+    #[cfg(test)]
+    pub(crate) fn unregistered(io: Box<dyn TunnelIo>) -> Self {
         Transport {
             io,
             revoked: CancellationToken::new(),
@@ -97,9 +100,11 @@ impl Transport {
 }
 
 /// Opens the transport of a new tunnel connection.
-pub type Connector<'a> = Pin<Box<dyn Future<Output = std::io::Result<Transport>> + Send + 'a>>;
+pub(crate) type Connector<'a> = Pin<Box<dyn Future<Output = std::io::Result<Transport>> + Send + 'a>>;
 
 struct Conn {
+    /// For tests (logs carry the id from creation).
+    #[cfg(test)]
     id: u64,
     sender: SendRequest<Bytes>,
     active: AtomicUsize,
@@ -121,7 +126,7 @@ impl Conn {
 type Slot = Arc<tokio::sync::Mutex<Vec<Arc<Conn>>>>;
 
 /// The pool.
-pub struct Pool {
+pub(crate) struct Pool {
     settings: H2Settings,
     idle_timeout: Duration,
     spread: usize,
@@ -140,18 +145,19 @@ impl std::fmt::Debug for Pool {
 }
 
 /// Holds a stream's place on its connection; releases it when dropped.
-pub struct StreamLease {
+pub(crate) struct StreamLease {
     conn: Arc<Conn>,
 }
 
 impl StreamLease {
-    /// The tunnel connection's id, for logs.
-    pub fn connection_id(&self) -> u64 {
+    /// The tunnel connection's id.
+    #[cfg(test)]
+    pub(crate) fn connection_id(&self) -> u64 {
         self.conn.id
     }
 
     /// Whether the connection was closed because its peer stopped being trusted.
-    pub fn peer_revoked(&self) -> bool {
+    pub(crate) fn peer_revoked(&self) -> bool {
         self.conn.revoked.is_cancelled()
     }
 }
@@ -167,13 +173,19 @@ impl Drop for StreamLease {
 impl Pool {
     /// An empty pool that spreads concurrent streams to one destination
     /// over up to `spread` connections (at least one).
-    pub fn new(settings: H2Settings, idle_timeout: Duration, spread: usize) -> Arc<Pool> {
+    #[cfg(test)]
+    pub(crate) fn new(settings: H2Settings, idle_timeout: Duration, spread: usize) -> Arc<Pool> {
         Self::with_limits(settings, idle_timeout, spread, Limits::new(LimitConfig::UNLIMITED))
     }
 
     /// [`Pool::new`] whose connections count against `limits` (per source
     /// pod and in total) for as long as they are open.
-    pub fn with_limits(settings: H2Settings, idle_timeout: Duration, spread: usize, limits: Arc<Limits>) -> Arc<Pool> {
+    pub(crate) fn with_limits(
+        settings: H2Settings,
+        idle_timeout: Duration,
+        spread: usize,
+        limits: Arc<Limits>,
+    ) -> Arc<Pool> {
         Arc::new(Pool {
             settings,
             idle_timeout,
@@ -186,25 +198,13 @@ impl Pool {
     }
 
     /// Tunnel connections opened so far.
-    pub fn opened(&self) -> u64 {
+    pub(crate) fn opened(&self) -> u64 {
         self.opened.load(Ordering::Relaxed)
-    }
-
-    /// Connections currently pooled.
-    pub fn open_connections(&self) -> usize {
-        let slots: Vec<Slot> = self
-            .slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        slots.iter().map(|s| s.try_lock().map(|v| v.len()).unwrap_or(0)).sum()
     }
 
     /// A ready sender on a connection for `key` with a free stream,
     /// opening one with `connect` if none has room.
-    pub async fn sender(
+    pub(crate) async fn sender(
         &self,
         key: &PoolKey,
         connect: impl FnOnce() -> Connector<'static>,
@@ -303,6 +303,7 @@ impl Pool {
             tracing::info!(id, %src, %dst, error, "tunnel connection closed");
         });
         Ok(Arc::new(Conn {
+            #[cfg(test)]
             id,
             sender,
             active: AtomicUsize::new(0),
@@ -315,7 +316,7 @@ impl Pool {
 
     /// Releases connections idle longer than the idle timeout; run it
     /// periodically. Dropping the last sender closes the connection.
-    pub async fn release_idle(&self) {
+    pub(crate) async fn release_idle(&self) {
         let slots: Vec<(PoolKey, Slot)> = self
             .slots
             .lock()
@@ -345,7 +346,7 @@ impl Pool {
     }
 
     /// Runs [`Pool::release_idle`] every second until `stop`.
-    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+    pub(crate) async fn run(self: Arc<Self>, stop: CancellationToken) {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,

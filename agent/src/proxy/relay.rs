@@ -26,7 +26,7 @@ use super::{PodContext, socket};
 use crate::outcome::CloseReason;
 
 /// Where one direction of a relay reads from.
-pub trait Source: Send {
+pub(crate) trait Source: Send {
     /// The next chunk of bytes, or `None` at the end of the stream.
     fn next_chunk(&mut self) -> impl Future<Output = io::Result<Option<Bytes>>> + Send;
 
@@ -37,7 +37,7 @@ pub trait Source: Send {
 }
 
 /// Where one direction of a relay writes to.
-pub trait Sink: Send {
+pub(crate) trait Sink: Send {
     /// Writes all of `chunk`, waiting for room as needed.
     fn write_chunk(&mut self, chunk: Bytes) -> impl Future<Output = io::Result<()>> + Send;
 
@@ -48,7 +48,7 @@ pub trait Sink: Send {
 /// A byte stream (a socket's read half) as a [`Source`]. Reads into a
 /// buffer that starts at 4 KiB and grows to the bulk size on the first full
 /// read; a chunk's memory is reused once its sink has dropped it.
-pub struct StreamSource<R> {
+pub(crate) struct StreamSource<R> {
     r: R,
     buf: BytesMut,
     size: usize,
@@ -57,7 +57,7 @@ pub struct StreamSource<R> {
 
 impl<R> StreamSource<R> {
     /// Reads `r` in chunks of at most `max` bytes.
-    pub fn new(r: R, max: usize) -> Self {
+    pub(crate) fn new(r: R, max: usize) -> Self {
         StreamSource {
             r,
             buf: BytesMut::new(),
@@ -83,7 +83,7 @@ impl<R: AsyncRead + Unpin + Send> Source for StreamSource<R> {
 }
 
 /// A byte stream (a socket's write half) as a [`Sink`].
-pub struct StreamSink<W>(pub W);
+pub(crate) struct StreamSink<W>(pub W);
 
 impl<W: AsyncWrite + Unpin + Send> Sink for StreamSink<W> {
     async fn write_chunk(&mut self, chunk: Bytes) -> io::Result<()> {
@@ -100,27 +100,27 @@ const INITIAL_BUFFER: usize = 4096;
 
 /// Byte counts and reason of a finished relay.
 #[derive(Clone, Copy, Debug)]
-pub struct RelayStats {
+pub(crate) struct RelayStats {
     /// Bytes from the downstream (accepted) side to the upstream side.
-    pub sent: u64,
+    pub(crate) sent: u64,
     /// Bytes from upstream to downstream.
-    pub received: u64,
+    pub(crate) received: u64,
     /// Why it ended; `None` when cancelled (the caller knows why).
-    pub reason: Option<CloseReason>,
+    pub(crate) reason: Option<CloseReason>,
 }
 
 /// Relay settings.
 #[derive(Clone, Copy, Debug)]
-pub struct RelayOptions {
+pub(crate) struct RelayOptions {
     /// Close after this long without a byte either way.
-    pub idle_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
     /// Per-direction buffer of a direction that carries bulk data (each
     /// starts at 4 KiB and grows to this on its first full read).
-    pub buffer_size: usize,
+    pub(crate) buffer_size: usize,
 }
 
 /// One side of a proxied connection: a socket or a tunnel stream.
-pub trait Leg: Send {
+pub(crate) trait Leg: Send {
     /// What this side's bytes are read from.
     type Source: Source;
     /// What bytes for this side are written to.
@@ -134,14 +134,14 @@ pub trait Leg: Send {
 }
 
 /// A socket as one side of a relay.
-pub struct TcpLeg {
+pub(crate) struct TcpLeg {
     source: StreamSource<OwnedReadHalf>,
     sink: StreamSink<OwnedWriteHalf>,
 }
 
 impl TcpLeg {
     /// `s`, read in chunks of at most `buffer_size` bytes.
-    pub fn new(s: TcpStream, buffer_size: usize) -> Self {
+    pub(crate) fn new(s: TcpStream, buffer_size: usize) -> Self {
         let (r, w) = s.into_split();
         TcpLeg {
             source: StreamSource::new(r, buffer_size),
@@ -168,7 +168,7 @@ impl Leg for TcpLeg {
 /// it ended cleanly. `cut_by` says which sweep cancelled it, if one did:
 /// that wins over however the relay saw the end, since tearing a connection
 /// down also errors it.
-pub async fn relay(
+pub(crate) async fn relay(
     ctx: &PodContext,
     down: &mut impl Leg,
     up: &mut impl Leg,
@@ -191,7 +191,7 @@ pub async fn relay(
 /// Moves bytes between downstream (`ds` read, `dk` written) and upstream
 /// (`us`, `uk`) until both directions finish, one fails, the idle timeout
 /// passes or `cancel` fires.
-pub async fn pump<DS, DK, US, UK>(
+pub(crate) async fn pump<DS, DK, US, UK>(
     ds: &mut DS,
     dk: &mut DK,
     us: &mut US,

@@ -17,27 +17,27 @@ use crate::state::workload::Pod;
 
 /// The result of handling one connection, for its log line.
 #[derive(Debug)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     /// The destination the client asked for, when known.
-    pub dst: Option<SocketAddr>,
+    pub(crate) dst: Option<SocketAddr>,
     /// Byte counts and reason.
-    pub stats: RelayStats,
+    pub(crate) stats: RelayStats,
     /// How it was carried.
-    pub transport: Transport,
+    pub(crate) transport: Transport,
     /// The authenticated peer, for tunnels.
-    pub peer_identity: Option<Identity>,
+    pub(crate) peer_identity: Option<Identity>,
     /// The policy that refused it, if one did.
-    pub policy: Option<String>,
+    pub(crate) policy: Option<String>,
     /// What refused it (certificate, bound, policy, request), if something did.
-    pub refusal: Option<Refusal>,
+    pub(crate) refusal: Option<Refusal>,
     /// The Service (`namespace/name`) it was addressed to; `dst` is then
     /// the endpoint chosen.
-    pub service: Option<String>,
+    pub(crate) service: Option<String>,
 }
 
 impl Outcome {
     /// An outcome for a connection refused before relaying.
-    pub fn refused(dst: Option<SocketAddr>, reason: CloseReason) -> Self {
+    pub(crate) fn refused(dst: Option<SocketAddr>, reason: CloseReason) -> Self {
         Outcome {
             dst,
             stats: RelayStats {
@@ -54,7 +54,7 @@ impl Outcome {
     }
 
     /// An outcome of a relay.
-    pub fn relayed(dst: SocketAddr, stats: RelayStats, transport: Transport) -> Self {
+    pub(crate) fn relayed(dst: SocketAddr, stats: RelayStats, transport: Transport) -> Self {
         Outcome {
             dst: Some(dst),
             stats,
@@ -67,25 +67,25 @@ impl Outcome {
     }
 
     /// The same, carried (or to be carried) by `transport`.
-    pub fn via(mut self, transport: Transport) -> Self {
+    pub(crate) fn via(mut self, transport: Transport) -> Self {
         self.transport = transport;
         self
     }
 
     /// The same, refused by `refusal`.
-    pub fn refusal(mut self, refusal: Option<Refusal>) -> Self {
+    pub(crate) fn refusal(mut self, refusal: Option<Refusal>) -> Self {
         self.refusal = refusal;
         self
     }
 
     /// The same, addressed to `service`.
-    pub fn service(mut self, service: Option<String>) -> Self {
+    pub(crate) fn service(mut self, service: Option<String>) -> Self {
         self.service = service;
         self
     }
 
     /// The same, with the authenticated peer.
-    pub fn peer(mut self, identity: Identity) -> Self {
+    pub(crate) fn peer(mut self, identity: Identity) -> Self {
         self.peer_identity = Some(identity);
         self
     }
@@ -126,7 +126,7 @@ impl Party {
 /// The workload a pod belongs to, as metrics name it: its
 /// `app.kubernetes.io/name` or `app` label, else the pod's name (owner
 /// references are not read).
-pub fn workload_name(pod: &Pod) -> &str {
+pub(crate) fn workload_name(pod: &Pod) -> &str {
     ["app.kubernetes.io/name", "app"]
         .iter()
         .find_map(|k| pod.labels.get(*k))
@@ -153,7 +153,7 @@ fn response_flags(reason: CloseReason, refusal: Option<Refusal>) -> &'static str
 }
 
 /// Logs the end of one proxied connection and records its metrics.
-pub fn log_connection(ctx: &PodContext, dir: Direction, src: SocketAddr, o: &Outcome, started: Instant) {
+pub(crate) fn log_connection(ctx: &PodContext, dir: Direction, src: SocketAddr, o: &Outcome, started: Instant) {
     let reason = final_reason(ctx, o.stats.reason);
     ctx.mesh.counters.count(dir, Counted::Closed(reason), o.refusal);
     let snap = ctx.mesh.store.current();
@@ -290,7 +290,7 @@ fn record(
 
 /// Logs the AUDIT policies a connection matched and what its dry-run
 /// policies would have decided.
-pub fn log_audits(ctx: &PodContext, info: &crate::policy::ConnInfo, d: &crate::policy::Decision) {
+pub(crate) fn log_audits(ctx: &PodContext, info: &crate::policy::ConnInfo, d: &crate::policy::Decision) {
     for policy in &d.audited {
         tracing::info!(
             target: "nodeward::audit",
@@ -319,7 +319,7 @@ pub fn log_audits(ctx: &PodContext, info: &crate::policy::ConnInfo, d: &crate::p
 }
 
 /// A cancelled relay ended because of the pod or the agent; say which.
-pub fn final_reason(ctx: &PodContext, reason: Option<CloseReason>) -> CloseReason {
+pub(crate) fn final_reason(ctx: &PodContext, reason: Option<CloseReason>) -> CloseReason {
     reason.unwrap_or(if ctx.lifecycle.hard_stop.is_cancelled() {
         CloseReason::Shutdown
     } else {

@@ -17,7 +17,7 @@ use crate::netns::{Netns, NetnsError};
 const BACKLOG: i32 = 4096;
 
 /// A listening socket bound to `addr` inside `netns`.
-pub fn listen_in(netns: &Netns, addr: SocketAddr, mark: u32) -> Result<TcpListener, NetnsError> {
+pub(crate) fn listen_in(netns: &Netns, addr: SocketAddr, mark: u32) -> Result<TcpListener, NetnsError> {
     let sock = netns.socket(socket2::Domain::for_address(addr), Some(mark))?;
     let err = |source| NetnsError::Socket {
         path: netns.path().to_path_buf(),
@@ -36,7 +36,7 @@ pub fn listen_in(netns: &Netns, addr: SocketAddr, mark: u32) -> Result<TcpListen
 }
 
 /// Puts a listener into the sk_lookup sock hash under the pod's slot.
-pub fn register_listener(capture: &Capture, netns: u64, slot: u32, l: &TcpListener) -> io::Result<()> {
+pub(crate) fn register_listener(capture: &Capture, netns: u64, slot: u32, l: &TcpListener) -> io::Result<()> {
     let key = ListenerKey { netns, slot, pad: 0 };
     capture.maps.listeners.insert(&key, &(l.as_raw_fd() as u32))
 }
@@ -44,7 +44,12 @@ pub fn register_listener(capture: &Capture, netns: u64, slot: u32, l: &TcpListen
 /// A marked TCP socket created inside the pod's namespace for `dst`'s
 /// family, optionally bound to the address `source` (never to a port: the
 /// port is chosen by `connect()`, see [`Connecting`]).
-pub fn pod_socket(netns: &Netns, mark: u32, dst: SocketAddr, source: Option<IpAddr>) -> io::Result<socket2::Socket> {
+pub(crate) fn pod_socket(
+    netns: &Netns,
+    mark: u32,
+    dst: SocketAddr,
+    source: Option<IpAddr>,
+) -> io::Result<socket2::Socket> {
     let sock = netns
         .socket(socket2::Domain::for_address(dst), Some(mark))
         .map_err(|e| io::Error::other(e.to_string()))?;
@@ -68,14 +73,14 @@ fn set_bind_address_no_port(sock: &socket2::Socket) -> io::Result<()> {
 
 /// A connection whose SYN is on its way: its local endpoint is known (the
 /// kernel chose the port in `connect()`), the handshake is not finished.
-pub struct Connecting {
+pub(crate) struct Connecting {
     sock: socket2::Socket,
     local: SocketAddr,
 }
 
 impl Connecting {
     /// Issues the non-blocking `connect()`.
-    pub fn start(sock: socket2::Socket, dst: SocketAddr) -> io::Result<Self> {
+    pub(crate) fn start(sock: socket2::Socket, dst: SocketAddr) -> io::Result<Self> {
         match sock.connect(&dst.into()) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -89,22 +94,22 @@ impl Connecting {
     }
 
     /// The local endpoint the kernel chose.
-    pub fn local_addr(&self) -> SocketAddr {
+    pub(crate) fn local_addr(&self) -> SocketAddr {
         self.local
     }
 
     /// The connection's error, if it has already failed.
-    pub fn take_error(&self) -> Option<io::Error> {
+    pub(crate) fn take_error(&self) -> Option<io::Error> {
         self.sock.take_error().ok().flatten()
     }
 
     /// Gives up on the connection; the peer sees a reset, never data.
-    pub fn abort(self) {
+    pub(crate) fn abort(self) {
         let _ = self.sock.set_linger(Some(Duration::ZERO));
     }
 
     /// Waits for the handshake, up to `timeout`.
-    pub async fn finish(self, timeout: Duration) -> io::Result<TcpStream> {
+    pub(crate) async fn finish(self, timeout: Duration) -> io::Result<TcpStream> {
         let stream = TcpStream::from_std(std::net::TcpStream::from(self.sock))?;
         let established = async {
             stream.writable().await?;
@@ -125,13 +130,18 @@ impl Connecting {
 
 /// Connects from inside the pod's namespace with the agent's mark, so
 /// capture ignores the connection.
-pub async fn connect_from_pod(netns: &Netns, mark: u32, dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+pub(crate) async fn connect_from_pod(
+    netns: &Netns,
+    mark: u32,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
     let sock = pod_socket(netns, mark, dst, None)?;
     Connecting::start(sock, dst)?.finish(timeout).await
 }
 
 /// Makes the next close send a reset, so a failure on one side is seen as a
 /// failure on the other, not as a clean end of data.
-pub fn reset(s: &TcpStream) {
+pub(crate) fn reset(s: &TcpStream) {
     let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
 }

@@ -50,7 +50,7 @@ type Parser = fn(&Path, &str) -> Result<Vec<Object>, ParseError>;
 
 /// The directory source: its files' last good contents.
 #[derive(Debug)]
-pub struct DirSource {
+pub(crate) struct DirSource {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
     /// Builds snapshots from the files' objects, as for every source.
@@ -64,7 +64,7 @@ pub struct DirSource {
 
 impl DirSource {
     /// A source for `dir`; nothing is read until [`DirSource::refresh`].
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
+    pub(crate) fn new(dir: impl Into<PathBuf>) -> Self {
         DirSource {
             dir: dir.into(),
             files: BTreeMap::new(),
@@ -76,20 +76,20 @@ impl DirSource {
     }
 
     /// Sets the trust domain, its aliases and Istio's root namespace.
-    pub fn with_assembler(mut self, assembler: Assembler) -> Self {
+    pub(crate) fn with_assembler(mut self, assembler: Assembler) -> Self {
         self.assembler = assembler;
         self
     }
 
     /// Reports each poll's rejected files and reloads to `status`
     /// (readiness, metrics, `/config_dump`).
-    pub fn with_status(mut self, status: std::sync::Arc<crate::admin::ConfigStatus>) -> Self {
+    pub(crate) fn with_status(mut self, status: std::sync::Arc<crate::admin::ConfigStatus>) -> Self {
         self.status = Some(status);
         self
     }
 
     /// Re-reads changed files. Returns true when the objects changed.
-    pub fn refresh(&mut self) -> bool {
+    pub(crate) fn refresh(&mut self) -> bool {
         let listing = match list_files(&self.dir) {
             Ok(l) => l,
             Err(e) => {
@@ -130,7 +130,7 @@ impl DirSource {
     }
 
     /// Files currently rejected, with their errors.
-    pub fn errors(&self) -> Vec<(PathBuf, String)> {
+    pub(crate) fn errors(&self) -> Vec<(PathBuf, String)> {
         self.files
             .iter()
             .filter_map(|(p, s)| s.error.clone().map(|e| (p.clone(), e)))
@@ -139,7 +139,7 @@ impl DirSource {
 
     /// Builds a snapshot of all files' last good objects. A pod or namespace
     /// defined twice: the file sorting last wins, with a warning.
-    pub fn snapshot(&mut self) -> Snapshot {
+    pub(crate) fn snapshot(&mut self) -> Snapshot {
         let objects = self
             .files
             .iter()
@@ -183,7 +183,7 @@ impl DirSource {
 
     /// Polls the directory until cancelled, publishing each change. Never
     /// ends on a panic (see [`DirSource::poll_supervised`]).
-    pub async fn run(mut self, store: Store, interval: Duration, cancel: CancellationToken) {
+    pub(crate) async fn run(mut self, store: Store, interval: Duration, cancel: CancellationToken) {
         loop {
             let joined = tokio::task::spawn_blocking(move || {
                 let snap = self.poll_supervised();

@@ -8,10 +8,10 @@
 
 #![forbid(unsafe_code)]
 
-pub mod dir;
-pub mod kube;
-pub mod objects;
-pub mod services;
+pub(crate) mod dir;
+pub(crate) mod kube;
+pub(crate) mod objects;
+pub(crate) mod services;
 
 use std::collections::BTreeSet;
 use std::fmt::Display;
@@ -23,7 +23,7 @@ use objects::Object;
 /// Builds the snapshot a source publishes from its objects, with the
 /// settings every snapshot carries, and reports the policies in force.
 #[derive(Debug)]
-pub struct Assembler {
+pub(crate) struct Assembler {
     root_namespace: String,
     trust_domains: TrustDomains,
     /// Policies already reported as ignored (`targetRef`), so each is
@@ -44,7 +44,7 @@ impl Default for Assembler {
 impl Assembler {
     /// Istio's root namespace (mesh-wide policies), the local trust domain
     /// and its aliases (blank ones dropped), which policies treat as local.
-    pub fn new(root_namespace: &str, trust_domain: &str, aliases: &[String]) -> Self {
+    pub(crate) fn new(root_namespace: &str, trust_domain: &str, aliases: &[String]) -> Self {
         Assembler {
             root_namespace: root_namespace.to_string(),
             trust_domains: TrustDomains {
@@ -62,7 +62,7 @@ impl Assembler {
     /// The indexed snapshot of `objects`, each with where it came from (for
     /// warnings). A pod or namespace given twice: the last wins, with a
     /// warning naming where the winner came from.
-    pub fn snapshot<'a, D: Display>(&mut self, objects: impl IntoIterator<Item = (D, &'a Object)>) -> Snapshot {
+    pub(crate) fn snapshot<'a, D: Display>(&mut self, objects: impl IntoIterator<Item = (D, &'a Object)>) -> Snapshot {
         let mut snap = Snapshot::default();
         for (origin, obj) in objects {
             match obj {

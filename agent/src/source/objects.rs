@@ -27,7 +27,7 @@ use crate::state::workload::{Namespace, Pod};
 
 /// A parsed object from the config directory.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Object {
+pub(crate) enum Object {
     /// A `v1/Namespace`.
     Namespace(Namespace),
     /// A `v1/Pod`.
@@ -44,7 +44,7 @@ pub enum Object {
 
 /// Why a file was rejected. The file's previous good content stays in force.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ParseError {
+pub(crate) enum ParseError {
     /// Not valid YAML, or a field of the wrong type.
     #[error("{file}: document {doc} (line {line}): {message}")]
     Syntax {
@@ -93,7 +93,7 @@ struct At<'a> {
 }
 
 /// Parses one file of (possibly multi-document) Kubernetes YAML.
-pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, ParseError> {
+pub(crate) fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, ParseError> {
     let file = path.display().to_string();
     let mut out = Vec::new();
     for (i, (start_line, body)) in split_documents(text).into_iter().enumerate() {
@@ -200,7 +200,7 @@ fn parse_value(value: serde_norway::Value, at: &At<'_>, out: &mut Vec<Object>) -
 
 /// The Istio policy kinds the agent enforces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PolicyKind {
+pub(crate) enum PolicyKind {
     /// `PeerAuthentication`.
     PeerAuthentication,
     /// `AuthorizationPolicy`.
@@ -209,7 +209,7 @@ pub enum PolicyKind {
 
 impl PolicyKind {
     /// The kind named `kind`, if it is one of them.
-    pub fn of(kind: &str) -> Option<PolicyKind> {
+    pub(crate) fn of(kind: &str) -> Option<PolicyKind> {
         match kind {
             "PeerAuthentication" => Some(PolicyKind::PeerAuthentication),
             "AuthorizationPolicy" => Some(PolicyKind::AuthorizationPolicy),
@@ -218,7 +218,7 @@ impl PolicyKind {
     }
 
     /// The kind's name, as in `kind:`.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             PolicyKind::PeerAuthentication => "PeerAuthentication",
             PolicyKind::AuthorizationPolicy => "AuthorizationPolicy",
@@ -229,7 +229,7 @@ impl PolicyKind {
 /// A policy from its metadata and spec, as either source holds them: the
 /// strict walk of `policy/parse.rs` keeps an invalid one with its error, so
 /// it fails safe. A missing or null spec is an empty one.
-pub fn policy_object(kind: PolicyKind, metadata: &serde_norway::Value, spec: &serde_norway::Value) -> Object {
+pub(crate) fn policy_object(kind: PolicyKind, metadata: &serde_norway::Value, spec: &serde_norway::Value) -> Object {
     let empty = serde_norway::Value::Mapping(Default::default());
     let spec = if spec.is_null() { &empty } else { spec };
     match kind {
@@ -244,7 +244,7 @@ pub fn policy_object(kind: PolicyKind, metadata: &serde_norway::Value, spec: &se
 
 /// Why a Kubernetes object cannot be converted into the model.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ConvertError {
+pub(crate) enum ConvertError {
     /// A field every object of its kind has is missing.
     #[error("{0} is required")]
     Missing(&'static str),
@@ -254,7 +254,7 @@ pub enum ConvertError {
 }
 
 /// A `v1/Namespace` as the model holds it: name and labels, nothing else.
-pub fn namespace_from_k8s(ns: &k8s::Namespace) -> Result<Namespace, ConvertError> {
+pub(crate) fn namespace_from_k8s(ns: &k8s::Namespace) -> Result<Namespace, ConvertError> {
     let name = ns.metadata.name.clone().unwrap_or_default();
     if name.is_empty() {
         return Err(ConvertError::Missing("metadata.name"));
@@ -269,7 +269,7 @@ pub fn namespace_from_k8s(ns: &k8s::Namespace) -> Result<Namespace, ConvertError
 /// A `v1/Pod` as the model holds it: identity, placement, IPs and
 /// lifecycle; everything else (containers, managed fields, conditions) is
 /// dropped here.
-pub fn pod_from_k8s(pod: &k8s::Pod) -> Result<Pod, ConvertError> {
+pub(crate) fn pod_from_k8s(pod: &k8s::Pod) -> Result<Pod, ConvertError> {
     let meta = &pod.metadata;
     let name = meta.name.clone().unwrap_or_default();
     let namespace = meta.namespace.clone().unwrap_or_default();

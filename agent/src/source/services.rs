@@ -14,11 +14,11 @@ use serde::Deserialize;
 use crate::state::service::{DEFAULT_AFFINITY_TIMEOUT, Endpoint, EndpointSlice, Service, ServicePort, SlicePort};
 
 /// Label naming a slice's Service.
-pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+pub(crate) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// Why a Service or EndpointSlice was rejected; the message names the field.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ServiceError {
+pub(crate) enum ServiceError {
     /// `metadata.name` or `metadata.namespace` is missing.
     #[error("metadata.name and metadata.namespace are required")]
     MissingName,
@@ -101,7 +101,10 @@ fn protocol(p: String) -> String {
 }
 
 /// Reads a `v1/Service` from its `metadata` and `spec`.
-pub fn service_from(metadata: &serde_norway::Value, spec: &serde_norway::Value) -> Result<Service, ServiceError> {
+pub(crate) fn service_from(
+    metadata: &serde_norway::Value,
+    spec: &serde_norway::Value,
+) -> Result<Service, ServiceError> {
     let meta: Meta = from_value(metadata, "metadata")?;
     if meta.name.is_empty() || meta.namespace.is_empty() {
         return Err(ServiceError::MissingName);
@@ -214,7 +217,7 @@ struct TargetRefDoc {
 
 /// Reads a `discovery.k8s.io/v1` EndpointSlice from its `metadata` and
 /// its body (the object itself: a slice has no `spec`).
-pub fn endpoint_slice_from(
+pub(crate) fn endpoint_slice_from(
     metadata: &serde_norway::Value,
     body: &serde_norway::Value,
 ) -> Result<EndpointSlice, ServiceError> {

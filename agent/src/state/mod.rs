@@ -6,7 +6,7 @@
 
 #![forbid(unsafe_code)]
 
-pub mod service;
+pub(crate) mod service;
 pub mod workload;
 
 use std::collections::{BTreeMap, HashMap};
@@ -27,23 +27,23 @@ use workload::{
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     /// Namespaces by name.
-    pub namespaces: HashMap<String, Namespace>,
+    pub(crate) namespaces: HashMap<String, Namespace>,
     /// Pods by `namespace/name`.
-    pub pods: BTreeMap<String, Arc<Pod>>,
+    pub(crate) pods: BTreeMap<String, Arc<Pod>>,
     /// PeerAuthentications.
-    pub peer_authentications: Vec<Arc<PeerAuthentication>>,
+    pub(crate) peer_authentications: Vec<Arc<PeerAuthentication>>,
     /// AuthorizationPolicies.
     pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
     /// Istio's root namespace: its policies apply mesh-wide.
     pub root_namespace: String,
     /// The trust domains policies treat as local.
-    pub trust_domains: TrustDomains,
+    pub(crate) trust_domains: TrustDomains,
     /// Services (v1).
-    pub services: Vec<Arc<Service>>,
+    pub(crate) services: Vec<Arc<Service>>,
     /// EndpointSlices (`discovery.k8s.io/v1`).
-    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
+    pub(crate) endpoint_slices: Vec<Arc<EndpointSlice>>,
     /// Increases with every published snapshot.
-    pub generation: u64,
+    pub(crate) generation: u64,
     /// What each (ClusterIP, port) reaches, built by [`Snapshot::index`].
     by_service_addr: HashMap<SocketAddr, Arc<ServiceTarget>>,
     /// Who holds each IP, built by [`Snapshot::index`] from live pods only.
@@ -67,7 +67,7 @@ enum IpClaim {
 
 /// Where a connection to an IP goes, as far as the mesh is concerned.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Destination {
+pub(crate) enum Destination {
     /// An enrolled pod: reached through an HBONE tunnel, expecting its identity.
     Enrolled(Arc<Pod>),
     /// Not an enrolled pod (a pod outside the mesh, or no pod at all).
@@ -135,7 +135,7 @@ impl Snapshot {
     }
 
     /// The mTLS modes of a pod.
-    pub fn mtls(&self, pod: &Pod) -> WorkloadMtls {
+    pub(crate) fn mtls(&self, pod: &Pod) -> WorkloadMtls {
         crate::policy::mtls_mode(
             self.by_ns(&self.peer_auth_by_ns, &pod.namespace),
             &self.root_namespace,
@@ -157,7 +157,7 @@ impl Snapshot {
 
     /// What a connection to `ip` reaches: an enrolled pod (on any node),
     /// something outside the mesh, or an IP several live pods claim.
-    pub fn destination(&self, ip: IpAddr) -> Destination {
+    pub(crate) fn destination(&self, ip: IpAddr) -> Destination {
         match self.by_ip.get(&ip.to_canonical()) {
             None => Destination::Outside,
             Some(IpClaim::Ambiguous(keys)) => Destination::Ambiguous(keys.clone()),
@@ -174,21 +174,21 @@ impl Snapshot {
     /// The Service a connection to `dst` (a ClusterIP and Service port)
     /// reaches, with its endpoints for that port; `None` for any other
     /// address, which is then a pod or outside the mesh.
-    pub fn service(&self, dst: SocketAddr) -> Option<Arc<ServiceTarget>> {
+    pub(crate) fn service(&self, dst: SocketAddr) -> Option<Arc<ServiceTarget>> {
         self.by_service_addr
             .get(&SocketAddr::new(dst.ip().to_canonical(), dst.port()))
             .cloned()
     }
 
     /// The node a pod of the state runs on (`namespace/name`).
-    pub fn node_of(&self, pod: &str) -> Option<&str> {
+    pub(crate) fn node_of(&self, pod: &str) -> Option<&str> {
         self.pods.get(pod).map(|p| p.node_name.as_str())
     }
 
     /// The enrolled pod (on any node) that owns `ip`: a destination that
     /// is reached through an HBONE tunnel. `None` also for an ambiguous
     /// IP; callers that could send plaintext use [`Snapshot::destination`].
-    pub fn enrolled_workload(&self, ip: IpAddr) -> Option<Arc<Pod>> {
+    pub(crate) fn enrolled_workload(&self, ip: IpAddr) -> Option<Arc<Pod>> {
         match self.destination(ip) {
             Destination::Enrolled(pod) => Some(pod),
             Destination::Outside | Destination::Ambiguous(_) => None,
@@ -206,7 +206,7 @@ impl Snapshot {
 
     /// The pods this node's agent must capture, by UID, with the reasons
     /// for the pods of this node it must not.
-    pub fn managed_pods(&self, node: &str) -> (HashMap<String, ManagedPod>, Vec<(String, Enrolment)>) {
+    pub(crate) fn managed_pods(&self, node: &str) -> (HashMap<String, ManagedPod>, Vec<(String, Enrolment)>) {
         let mut managed = HashMap::new();
         let mut skipped = Vec::new();
         for pod in self.pods.values().filter(|p| p.node_name == node) {
@@ -242,7 +242,7 @@ impl Snapshot {
 
 /// Publishes snapshots to any number of readers.
 #[derive(Clone, Debug)]
-pub struct Store {
+pub(crate) struct Store {
     tx: Arc<watch::Sender<Arc<Snapshot>>>,
     /// Endpoint choice for Services: its open-connection counts and
     /// affinities outlive any one snapshot.
@@ -257,7 +257,7 @@ impl Default for Store {
 
 impl Store {
     /// An empty store.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let (tx, _) = watch::channel(Arc::new(Snapshot::default()));
         Store {
             tx: Arc::new(tx),
@@ -266,23 +266,23 @@ impl Store {
     }
 
     /// Replaces the state; readers see the new snapshot as a whole.
-    pub fn publish(&self, mut snapshot: Snapshot) {
+    pub(crate) fn publish(&self, mut snapshot: Snapshot) {
         snapshot.generation = self.tx.borrow().generation + 1;
         self.tx.send_replace(Arc::new(snapshot));
     }
 
     /// The current snapshot.
-    pub fn current(&self) -> Arc<Snapshot> {
+    pub(crate) fn current(&self) -> Arc<Snapshot> {
         self.tx.borrow().clone()
     }
 
     /// The node's endpoint chooser for Services.
-    pub fn balancer(&self) -> &Arc<Balancer> {
+    pub(crate) fn balancer(&self) -> &Arc<Balancer> {
         &self.balancer
     }
 
     /// A receiver that wakes on every publish.
-    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
         self.tx.subscribe()
     }
 }

@@ -18,130 +18,130 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Default `sessionAffinityConfig.clientIP.timeoutSeconds` (Kubernetes').
-pub const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(10_800);
+pub(crate) const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(10_800);
 
 /// Most clients remembered for session affinity on the node; past it,
 /// expired entries are dropped and, if none expired, a new client is not
 /// remembered (its connections are balanced like any other).
-pub const MAX_AFFINITY_ENTRIES: usize = 65_536;
+pub(crate) const MAX_AFFINITY_ENTRIES: usize = 65_536;
 
 /// A `v1/Service`, as far as the agent resolves it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Service {
+pub(crate) struct Service {
     /// Namespace.
-    pub namespace: String,
+    pub(crate) namespace: String,
     /// Name.
-    pub name: String,
+    pub(crate) name: String,
     /// `spec.clusterIPs` (or `spec.clusterIP`); empty for headless Services.
-    pub cluster_ips: Vec<IpAddr>,
+    pub(crate) cluster_ips: Vec<IpAddr>,
     /// `spec.ports`.
-    pub ports: Vec<ServicePort>,
+    pub(crate) ports: Vec<ServicePort>,
     /// `spec.type` (`ClusterIP` when absent).
-    pub kind: String,
+    pub(crate) kind: String,
     /// Whether `spec.selector` is set: a selector-less Service's endpoints
     /// are whatever someone wrote, possibly outside the cluster.
-    pub has_selector: bool,
+    pub(crate) has_selector: bool,
     /// `spec.internalTrafficPolicy: Local`: only endpoints on the client's node.
-    pub internal_local: bool,
+    pub(crate) internal_local: bool,
     /// `spec.sessionAffinity: ClientIP` with its timeout.
-    pub affinity: Option<Duration>,
+    pub(crate) affinity: Option<Duration>,
 }
 
 impl Service {
     /// `namespace/name`.
-    pub fn key(&self) -> String {
+    pub(crate) fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
 }
 
 /// One entry of `spec.ports`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServicePort {
+pub(crate) struct ServicePort {
     /// `name` (empty for a single unnamed port).
-    pub name: String,
+    pub(crate) name: String,
     /// `port`: what clients connect to.
-    pub port: u16,
+    pub(crate) port: u16,
     /// `targetPort`: a number or a container port name (resolved by the
     /// endpoint slices, whose ports carry the Service port's name).
-    pub target_port: String,
+    pub(crate) target_port: String,
     /// `protocol` (`TCP` when absent).
-    pub protocol: String,
+    pub(crate) protocol: String,
 }
 
 /// A `discovery.k8s.io/v1` EndpointSlice.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EndpointSlice {
+pub(crate) struct EndpointSlice {
     /// Namespace.
-    pub namespace: String,
+    pub(crate) namespace: String,
     /// Name.
-    pub name: String,
+    pub(crate) name: String,
     /// Label `kubernetes.io/service-name`: the Service it belongs to.
-    pub service: String,
+    pub(crate) service: String,
     /// `addressType` (`IPv4`, `IPv6`, `FQDN`).
-    pub address_type: String,
+    pub(crate) address_type: String,
     /// `ports`: the endpoint port of each Service port, by name.
-    pub ports: Vec<SlicePort>,
+    pub(crate) ports: Vec<SlicePort>,
     /// `endpoints`.
-    pub endpoints: Vec<Endpoint>,
+    pub(crate) endpoints: Vec<Endpoint>,
 }
 
 /// One entry of a slice's `ports`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SlicePort {
+pub(crate) struct SlicePort {
     /// The Service port's name.
-    pub name: String,
+    pub(crate) name: String,
     /// The endpoints' port; `None` when the slice leaves it unset (no
     /// endpoint serves that Service port).
-    pub port: Option<u16>,
+    pub(crate) port: Option<u16>,
     /// `protocol` (`TCP` when absent).
-    pub protocol: String,
+    pub(crate) protocol: String,
 }
 
 /// One entry of a slice's `endpoints`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Endpoint {
+pub(crate) struct Endpoint {
     /// `addresses`.
-    pub addresses: Vec<IpAddr>,
+    pub(crate) addresses: Vec<IpAddr>,
     /// `conditions.ready` (absent means ready, as in the API).
-    pub ready: bool,
+    pub(crate) ready: bool,
     /// `conditions.serving` (absent means as `ready`).
-    pub serving: bool,
+    pub(crate) serving: bool,
     /// `conditions.terminating` (absent means not).
-    pub terminating: bool,
+    pub(crate) terminating: bool,
     /// `nodeName`.
-    pub node_name: String,
+    pub(crate) node_name: String,
     /// `targetRef` when it is a Pod: `namespace/name`.
-    pub pod: Option<String>,
+    pub(crate) pod: Option<String>,
 }
 
 /// One endpoint address for one Service port.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Candidate {
+pub(crate) struct Candidate {
     /// Endpoint address and port.
-    pub addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     /// Ready and serving: takes new connections.
-    pub ready: bool,
+    pub(crate) ready: bool,
     /// Serving while terminating: used only when none is ready.
-    pub serving_terminating: bool,
+    pub(crate) serving_terminating: bool,
     /// Its node.
-    pub node_name: String,
+    pub(crate) node_name: String,
 }
 
 /// What a connection to one (ClusterIP, port) may reach.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServiceTarget {
+pub(crate) struct ServiceTarget {
     /// The Service's `namespace/name`.
-    pub service: String,
+    pub(crate) service: String,
     /// The Service port's name: affinity is kept per Service port, as
     /// kube-proxy keeps it.
-    pub port_name: String,
+    pub(crate) port_name: String,
     /// `internalTrafficPolicy: Local`.
-    pub internal_local: bool,
+    pub(crate) internal_local: bool,
     /// Session affinity timeout, if `ClientIP`.
-    pub affinity: Option<Duration>,
+    pub(crate) affinity: Option<Duration>,
     /// The endpoints of the ClusterIP's family, with their port for this
     /// Service port, in slice order.
-    pub candidates: Vec<Candidate>,
+    pub(crate) candidates: Vec<Candidate>,
 }
 
 /// Builds the targets of every resolvable Service: by (ClusterIP, port).
@@ -150,7 +150,7 @@ pub struct ServiceTarget {
 /// left out (connections go through unchanged), and so are selector-less
 /// Services none of whose endpoints is a pod (`is_pod_ip`): their endpoints
 /// are outside the cluster.
-pub fn targets(
+pub(crate) fn targets(
     services: &[Arc<Service>],
     slices: &[Arc<EndpointSlice>],
     is_pod_ip: impl Fn(IpAddr) -> bool,
@@ -223,7 +223,7 @@ pub fn targets(
 /// connections, honouring `internalTrafficPolicy: Local` and ClientIP
 /// session affinity. Shared by every pod of the node.
 #[derive(Debug, Default)]
-pub struct Balancer {
+pub(crate) struct Balancer {
     /// Open connections per endpoint, on this node.
     open: Mutex<HashMap<SocketAddr, usize>>,
     /// (Service, port name, client IP) → endpoint, and when the client
@@ -239,7 +239,7 @@ type AffinityKey = (String, String, IpAddr);
 
 /// An open connection to an endpoint; counted until dropped.
 #[derive(Debug)]
-pub struct OpenGuard {
+pub(crate) struct OpenGuard {
     balancer: Arc<Balancer>,
     addr: SocketAddr,
 }
@@ -258,7 +258,7 @@ impl Drop for OpenGuard {
 
 impl OpenGuard {
     /// The endpoint chosen.
-    pub fn addr(&self) -> SocketAddr {
+    pub(crate) fn addr(&self) -> SocketAddr {
         self.addr
     }
 }
@@ -270,7 +270,8 @@ impl Balancer {
     }
 
     /// Open connections to `addr` through this node's agent.
-    pub fn open_count(&self, addr: SocketAddr) -> usize {
+    #[cfg(test)]
+    pub(crate) fn open_count(&self, addr: SocketAddr) -> usize {
         self.open
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -282,7 +283,7 @@ impl Balancer {
     /// Chooses an endpoint of `target` for a connection from `client` on
     /// `node` and counts it open until the guard drops; `None` when no
     /// endpoint may take it (the connection is refused).
-    pub fn pick(self: &Arc<Self>, target: &ServiceTarget, node: &str, client: IpAddr) -> Option<OpenGuard> {
+    pub(crate) fn pick(self: &Arc<Self>, target: &ServiceTarget, node: &str, client: IpAddr) -> Option<OpenGuard> {
         self.pick_at(target, node, client, Instant::now())
     }
 

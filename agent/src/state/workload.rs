@@ -8,28 +8,28 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 
 /// Label that enrols a namespace or pod (`ambient`) or opts a pod out (`none`).
-pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+pub(crate) const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
 /// Annotation listing inbound ports (comma-separated) the agent never captures.
-pub const EXCLUDE_INBOUND_ANNOTATION: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
+pub(crate) const EXCLUDE_INBOUND_ANNOTATION: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
 /// Annotation listing outbound destination ports the agent never captures.
-pub const EXCLUDE_OUTBOUND_ANNOTATION: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
+pub(crate) const EXCLUDE_OUTBOUND_ANNOTATION: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
 
 /// Annotation (Namespace or Pod; the pod's wins) choosing what the pod's
 /// connections outside the mesh may carry: `passthrough` or `tls-only`.
-pub const EGRESS_ANNOTATION: &str = "nodeward.io/egress";
+pub(crate) const EGRESS_ANNOTATION: &str = "nodeward.io/egress";
 /// Annotation (Namespace or Pod; both apply) listing destinations outside
 /// the mesh reached even in plaintext under `tls-only`: `CIDR[:PORT],...`.
-pub const EGRESS_ALLOW_ANNOTATION: &str = "nodeward.io/egress-allow";
+pub(crate) const EGRESS_ALLOW_ANNOTATION: &str = "nodeward.io/egress-allow";
 
 /// A Kubernetes namespace.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Namespace {
+pub(crate) struct Namespace {
     /// Name.
-    pub name: String,
+    pub(crate) name: String,
     /// Labels.
-    pub labels: BTreeMap<String, String>,
+    pub(crate) labels: BTreeMap<String, String>,
     /// Annotations (the egress settings).
-    pub annotations: BTreeMap<String, String>,
+    pub(crate) annotations: BTreeMap<String, String>,
 }
 
 /// A Kubernetes pod, reduced to what the mesh needs.
@@ -61,25 +61,25 @@ pub struct Pod {
 
 impl Pod {
     /// `namespace/name`, for logs.
-    pub fn key(&self) -> String {
+    pub(crate) fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
 
     /// `Succeeded` or `Failed`: its containers are gone for good.
-    pub fn finished(&self) -> bool {
+    pub(crate) fn finished(&self) -> bool {
         matches!(self.phase.as_str(), "Succeeded" | "Failed")
     }
 
     /// Whether the pod still holds its IPs: not finished and not being
     /// deleted, since either may have given them to a new pod already.
-    pub fn claims_ips(&self) -> bool {
+    pub(crate) fn claims_ips(&self) -> bool {
         !self.finished() && !self.deleting
     }
 }
 
 /// Why a pod on this node is or is not managed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Enrolment {
+pub(crate) enum Enrolment {
     /// Enrolled by its own label or its namespace's.
     Enrolled,
     /// Not enrolled: no ambient label on pod or namespace.
@@ -94,7 +94,7 @@ pub enum Enrolment {
 }
 
 /// Applies Istio ambient's enrolment rules to a pod.
-pub fn enrolment(pod: &Pod, ns: Option<&Namespace>) -> Enrolment {
+pub(crate) fn enrolment(pod: &Pod, ns: Option<&Namespace>) -> Enrolment {
     let pod_mode = pod.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str);
     let ns_mode = ns.and_then(|n| n.labels.get(DATAPLANE_MODE_LABEL)).map(String::as_str);
     if pod_mode == Some("none") {
@@ -114,26 +114,26 @@ pub fn enrolment(pod: &Pod, ns: Option<&Namespace>) -> Enrolment {
 
 /// A pod this node's agent captures: what the capture and proxy layers need.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ManagedPod {
+pub(crate) struct ManagedPod {
     /// `namespace/name`.
-    pub key: String,
+    pub(crate) key: String,
     /// Pod UID.
-    pub uid: String,
+    pub(crate) uid: String,
     /// Namespace.
-    pub namespace: String,
+    pub(crate) namespace: String,
     /// Service account (the basis of its identity).
-    pub service_account: String,
+    pub(crate) service_account: String,
     /// Pod IPs.
-    pub ips: Vec<IpAddr>,
+    pub(crate) ips: Vec<IpAddr>,
     /// Inbound ports left uncaptured.
-    pub exclude_inbound: Vec<u16>,
+    pub(crate) exclude_inbound: Vec<u16>,
     /// Outbound destination ports left uncaptured.
-    pub exclude_outbound: Vec<u16>,
+    pub(crate) exclude_outbound: Vec<u16>,
 }
 
 /// Parses a port-list annotation (`"8080, 9090"`). Bad entries are reported
 /// and skipped, which captures more, never less.
-pub fn parse_port_list(value: &str) -> (Vec<u16>, Vec<String>) {
+pub(crate) fn parse_port_list(value: &str) -> (Vec<u16>, Vec<String>) {
     let mut ports = Vec::new();
     let mut bad = Vec::new();
     for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -156,7 +156,7 @@ pub fn parse_port_list(value: &str) -> (Vec<u16>, Vec<String>) {
 
 /// What a pod's connections to destinations outside the mesh may carry.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum EgressMode {
+pub(crate) enum EgressMode {
     /// Anything, passed through unchanged (the default: the mesh does not
     /// break what worked before it).
     #[default]
@@ -166,19 +166,9 @@ pub enum EgressMode {
     TlsOnly,
 }
 
-impl EgressMode {
-    /// The annotation and flag value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EgressMode::Passthrough => "passthrough",
-            EgressMode::TlsOnly => "tls-only",
-        }
-    }
-}
-
 /// Why an egress annotation or flag value was not understood.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum EgressParseError {
+pub(crate) enum EgressParseError {
     /// An egress mode other than `passthrough` or `tls-only`.
     #[error("{0:?} is not an egress mode (passthrough or tls-only)")]
     Mode(String),
@@ -201,13 +191,13 @@ impl std::str::FromStr for EgressMode {
 
 /// One allow-list entry: a network and, optionally, one port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct EgressAllow {
+pub(crate) struct EgressAllow {
     /// Network address (canonical: IPv4-mapped addresses are IPv4).
-    pub net: IpAddr,
+    pub(crate) net: IpAddr,
     /// Prefix length.
-    pub prefix: u8,
+    pub(crate) prefix: u8,
     /// The only port allowed, or every port.
-    pub port: Option<u16>,
+    pub(crate) port: Option<u16>,
 }
 
 impl std::str::FromStr for EgressAllow {
@@ -256,7 +246,7 @@ impl std::str::FromStr for EgressAllow {
 
 impl EgressAllow {
     /// Whether `dst` is in the network (and on the port, if one is named).
-    pub fn matches(&self, dst: std::net::SocketAddr) -> bool {
+    pub(crate) fn matches(&self, dst: std::net::SocketAddr) -> bool {
         if self.port.is_some_and(|p| p != dst.port()) {
             return false;
         }
@@ -276,7 +266,7 @@ fn prefix_eq(a: u128, b: u128, prefix: u8, bits: u32) -> bool {
 
 /// Parses an allow list (`"10.0.0.0/8, 192.0.2.1:443"`). Bad entries are
 /// returned apart and skipped, which allows less, never more.
-pub fn parse_allow_list(value: &str) -> (Vec<EgressAllow>, Vec<EgressParseError>) {
+pub(crate) fn parse_allow_list(value: &str) -> (Vec<EgressAllow>, Vec<EgressParseError>) {
     let mut allow = Vec::new();
     let mut bad = Vec::new();
     for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -290,18 +280,18 @@ pub fn parse_allow_list(value: &str) -> (Vec<EgressAllow>, Vec<EgressParseError>
 
 /// A pod's egress setting, from its annotations and its namespace's.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Egress {
+pub(crate) struct Egress {
     /// The mode.
-    pub mode: EgressMode,
+    pub(crate) mode: EgressMode,
     /// Destinations the annotations allow-list (the flag's come on top).
-    pub allow: Vec<EgressAllow>,
+    pub(crate) allow: Vec<EgressAllow>,
 }
 
 /// The egress setting of `pod`: the pod's `nodeward.io/egress` over its
 /// namespace's over `default`; an invalid value is `tls-only` (fail
 /// closed), warned about once per pod and value. The allow lists of both
 /// objects apply; bad entries are skipped and warned about once.
-pub fn egress(pod: &Pod, ns: Option<&Namespace>, default: EgressMode) -> Egress {
+pub(crate) fn egress(pod: &Pod, ns: Option<&Namespace>, default: EgressMode) -> Egress {
     let ns_annotations = ns.map(|n| &n.annotations);
     let mode = match pod
         .annotations
@@ -346,7 +336,7 @@ const REPORTED_MAX: usize = 4096;
 /// The ports a pod's port-list `annotation` names. Bad entries are skipped
 /// (which captures more, never less) and warned about once per pod and
 /// value: again only if the value changes.
-pub fn annotated_ports(pod: &Pod, annotation: &'static str) -> Vec<u16> {
+pub(crate) fn annotated_ports(pod: &Pod, annotation: &'static str) -> Vec<u16> {
     let value = pod.annotations.get(annotation).map(String::as_str).unwrap_or("");
     let (ports, bad) = parse_port_list(value);
     if !bad.is_empty() && first_report(&pod.uid, annotation, value) {

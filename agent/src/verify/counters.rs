@@ -27,7 +27,7 @@ const OPENED: &str = "istio_tcp_connections_opened_total";
 const MAX_BODY: u64 = 64 << 20;
 
 /// Reads `http://addr/metrics`; the error says why it could not.
-pub fn scrape(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
+pub(crate) fn scrape(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
     let fetch = || -> std::io::Result<(String, String)> {
         let mut s = TcpStream::connect_timeout(&addr, timeout)?;
         s.set_read_timeout(Some(timeout))?;
@@ -109,16 +109,21 @@ fn sample(line: &str) -> Option<Sample> {
 
 /// Counts of a pod's outbound connections to enrolled peers.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct OutboundSecurity {
+pub(crate) struct OutboundSecurity {
     /// Over mutual TLS.
-    pub mtls: f64,
+    pub(crate) mtls: f64,
     /// In plaintext (`connection_security_policy="none"`).
-    pub plaintext: f64,
+    pub(crate) plaintext: f64,
 }
 
 /// The pod's outbound connections to enrolled peers in `metrics`; `None`
 /// when the text has no `istio_tcp_connections_opened_total` at all.
-pub fn outbound_security(metrics: &str, snap: &Snapshot, pod: &Pod, trust_domain: &str) -> Option<OutboundSecurity> {
+pub(crate) fn outbound_security(
+    metrics: &str,
+    snap: &Snapshot,
+    pod: &Pod,
+    trust_domain: &str,
+) -> Option<OutboundSecurity> {
     let all = samples(metrics);
     if !all.iter().any(|s| s.name == OPENED) {
         return None;

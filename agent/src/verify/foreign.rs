@@ -28,9 +28,9 @@ use crate::state::Snapshot;
 use crate::state::workload::Pod;
 
 /// Namespace of the foreign identity: one no workload runs in.
-pub const FOREIGN_NAMESPACE: &str = "nodeward-verify";
+pub(crate) const FOREIGN_NAMESPACE: &str = "nodeward-verify";
 /// Service account of the foreign identity.
-pub const FOREIGN_SERVICE_ACCOUNT: &str = "denied";
+pub(crate) const FOREIGN_SERVICE_ACCOUNT: &str = "denied";
 
 /// Lifetime of the throwaway certificate.
 const LIFETIME: Duration = Duration::from_secs(600);
@@ -45,7 +45,7 @@ enum Failed {
 }
 
 /// An HBONE client holding the foreign identity's certificate.
-pub struct Client {
+pub(crate) struct Client {
     me: Identity,
     cert: Arc<CertifiedKey>,
     trust: Arc<TrustStore>,
@@ -55,7 +55,7 @@ pub struct Client {
 
 impl Client {
     /// Issues the throwaway certificate from the CA in `ca_dir`.
-    pub fn new(ca_dir: &Path, trust_domain: &str) -> Result<Client, String> {
+    pub(crate) fn new(ca_dir: &Path, trust_domain: &str) -> Result<Client, String> {
         let ca = Authority::load(ca_dir).map_err(|e| e.to_string())?;
         let me = Identity::new(trust_domain, FOREIGN_NAMESPACE, FOREIGN_SERVICE_ACCOUNT);
         let issued = ca.issue(&me, LIFETIME).map_err(|e| e.to_string())?;
@@ -75,7 +75,15 @@ impl Client {
     }
 
     /// The check for `pod`'s `port` at `target`.
-    pub fn check(&self, snap: &Snapshot, pod: &Pod, key: &str, target: IpAddr, port: u16, timeout: Duration) -> Check {
+    pub(crate) fn check(
+        &self,
+        snap: &Snapshot,
+        pod: &Pod,
+        key: &str,
+        target: IpAddr,
+        port: u16,
+        timeout: Duration,
+    ) -> Check {
         let check = |status, detail: String| Check {
             pod: key.to_string(),
             check: CheckKind::ForeignIdentity,

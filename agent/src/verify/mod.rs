@@ -28,8 +28,6 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-pub use counters::{OutboundSecurity, outbound_security};
-
 use crate::netns::{Netns, NetnsFinder};
 use crate::policy::model::Mode;
 use crate::proxy::hop::is_agent_port;
@@ -40,7 +38,7 @@ use crate::state::workload::{ManagedPod, Pod};
 /// The checks verify runs, a closed set for machines.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum CheckKind {
+pub(crate) enum CheckKind {
     /// A plaintext connection to a port of the pod.
     Plaintext,
     /// An mTLS connection with an identity policy should refuse.
@@ -56,7 +54,7 @@ pub enum CheckKind {
 
 impl CheckKind {
     /// The snake_case label used in tables and JSON.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             CheckKind::Plaintext => "plaintext",
             CheckKind::ForeignIdentity => "foreign_identity",
@@ -70,7 +68,7 @@ impl CheckKind {
 /// The outcome of one check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Status {
+pub(crate) enum Status {
     /// Enforced as it should be.
     Pass,
     /// Not enforced: the mesh is less secure than it should be.
@@ -81,7 +79,7 @@ pub enum Status {
 
 impl Status {
     /// The label used in tables and JSON.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Status::Pass => "pass",
             Status::Fail => "FAIL",
@@ -94,15 +92,15 @@ impl Status {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Check {
     /// `namespace/name` of the pod.
-    pub pod: String,
+    pub(crate) pod: String,
     /// Which check.
-    pub check: CheckKind,
+    pub(crate) check: CheckKind,
     /// The port, for per-port checks.
-    pub port: Option<u16>,
+    pub(crate) port: Option<u16>,
     /// The outcome.
-    pub status: Status,
+    pub(crate) status: Status,
     /// What was seen and what was expected.
-    pub detail: String,
+    pub(crate) detail: String,
 }
 
 /// What to verify and how.

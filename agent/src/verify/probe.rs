@@ -23,7 +23,7 @@ use crate::netns::Netns;
 
 /// What became of a plaintext connection.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Refused: how (`reset`, `closed`, `connect refused`…).
     Refused(String),
     /// Still open after the wait, or the app answered.
@@ -32,7 +32,7 @@ pub enum Outcome {
 
 /// Connects in plaintext to `dst` from a node address and watches the
 /// connection for `wait`: a reset or a close before any byte is a refusal.
-pub fn plaintext(dst: SocketAddr, wait: Duration) -> io::Result<Outcome> {
+pub(crate) fn plaintext(dst: SocketAddr, wait: Duration) -> io::Result<Outcome> {
     let mut stream = match connect_from_node(dst, wait) {
         Ok(s) => s,
         Err(e) => {
@@ -59,7 +59,7 @@ pub fn plaintext(dst: SocketAddr, wait: Duration) -> io::Result<Outcome> {
 /// A TCP connection to `dst` from a socket bound to the node's own source
 /// address for it, so the connect hook does not make it a probe (see the
 /// module's doc).
-pub fn connect_from_node(dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+pub(crate) fn connect_from_node(dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     let src = source_for(dst)?;
     let domain = if dst.is_ipv4() {
         socket2::Domain::IPV4
@@ -73,7 +73,7 @@ pub fn connect_from_node(dst: SocketAddr, timeout: Duration) -> io::Result<TcpSt
 }
 
 /// The node's source address towards `dst`, from the routing table.
-pub fn source_for(dst: SocketAddr) -> io::Result<IpAddr> {
+pub(crate) fn source_for(dst: SocketAddr) -> io::Result<IpAddr> {
     let any = if dst.is_ipv4() {
         IpAddr::V4(Ipv4Addr::UNSPECIFIED)
     } else {
@@ -86,17 +86,17 @@ pub fn source_for(dst: SocketAddr) -> io::Result<IpAddr> {
 
 /// A listening TCP socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Listener {
+pub(crate) struct Listener {
     /// The address it is bound to (unspecified for all).
-    pub addr: IpAddr,
+    pub(crate) addr: IpAddr,
     /// Its port.
-    pub port: u16,
+    pub(crate) port: u16,
 }
 
 /// The TCP sockets listening in `netns` (IPv4 and IPv6), from the kernel's
 /// `/proc/thread-self/net/tcp{,6}` read from inside it; none when it
 /// cannot be entered.
-pub fn listeners(netns: &Netns) -> Vec<Listener> {
+pub(crate) fn listeners(netns: &Netns) -> Vec<Listener> {
     let read = |f: &str| std::fs::read_to_string(format!("/proc/thread-self/net/{f}")).unwrap_or_default();
     let Ok((v4, v6)) = netns.run(|| (read("tcp"), read("tcp6"))) else {
         return Vec::new();
@@ -110,7 +110,7 @@ pub fn listeners(netns: &Netns) -> Vec<Listener> {
 const TCP_LISTEN: &str = "0A";
 
 /// Parses `/proc/net/tcp` or `tcp6` text into its listening sockets.
-pub fn parse_listeners(text: &str) -> Vec<Listener> {
+pub(crate) fn parse_listeners(text: &str) -> Vec<Listener> {
     text.lines()
         .skip(1)
         .filter_map(|line| {
