@@ -149,6 +149,7 @@ fn main() -> Result<()> {
                 tcg,
                 timeout,
             })
+            .map(|_| ())
         }
         Cmd::Test { args } => {
             prereqs::ensure()?;
@@ -295,16 +296,20 @@ fn test(extra: &[String]) -> Result<()> {
         .args(extra)
         .env("NODEWARD_BIN", &bin)
         .env("RUST_TEST_THREADS", "2");
-    run_tests(&mut cmd)?;
+    let (mut passed, mut failed) = run_tests(&mut cmd)?;
     if nix_is_root() && extra.is_empty() {
         println!("== the oldest supported kernel, in a VM (cargo xtask vm-test --kernel 6.1 for all tests)");
-        vm::run_plan(&vm::Plan {
+        let (p, f) = vm::run_plan(&vm::Plan {
             kernels: vec![vm::OLDEST],
             tests: Vec::new(),
             args: vm::CI_SUBSET.iter().map(|s| s.to_string()).collect(),
             tcg: false,
             timeout: None,
         })?;
+        passed += p;
+        failed += f;
+        // One total for the whole run, host and VM, as its last line.
+        println!("tests: {passed} passed, {failed} failed");
     }
     Ok(())
 }
@@ -312,7 +317,7 @@ fn test(extra: &[String]) -> Result<()> {
 /// Runs `cargo test`, passing its output through, and ends with one line
 /// totalling every test binary's result: cargo's own last line belongs to
 /// whichever binary ran last (often a doc-test run of no tests).
-fn run_tests(cmd: &mut Command) -> Result<()> {
+fn run_tests(cmd: &mut Command) -> Result<(u64, u64)> {
     use std::io::{BufRead, BufReader};
     cmd.current_dir(root()).stdout(std::process::Stdio::piped());
     let mut child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
@@ -332,7 +337,7 @@ fn run_tests(cmd: &mut Command) -> Result<()> {
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }
-    Ok(())
+    Ok((passed, failed))
 }
 
 /// (passed, failed) from a libtest summary line

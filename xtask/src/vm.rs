@@ -139,8 +139,9 @@ struct Outcome {
 }
 
 /// Builds, then boots every kernel of the plan; fails if any test failed
-/// or any guest did not finish.
-pub fn run_plan(plan: &Plan) -> Result<()> {
+/// or any guest did not finish. Returns the tests passed and failed over
+/// all kernels.
+pub fn run_plan(plan: &Plan) -> Result<(u64, u64)> {
     crate::prereqs::ensure_vm()?;
     crate::build()?;
     let tests = test_binaries(&plan.tests)?;
@@ -175,7 +176,9 @@ pub fn run_plan(plan: &Plan) -> Result<()> {
     if bad {
         bail!("vm-test failed (serial logs under target/vm/run/)");
     }
-    Ok(())
+    let passed = outcomes.iter().map(|o| o.passed).sum();
+    let failed = outcomes.iter().map(|o| o.failed).sum();
+    Ok((passed, failed))
 }
 
 impl Outcome {
