@@ -213,7 +213,7 @@ impl PodManager {
                 if active.spec != *want {
                     let cookie = active.ctx.netns.cookie();
                     update_exclusions(&self.capture, cookie, &active.spec, want);
-                    if let Err(e) = self.capture.maps.pods.insert(&cookie, &pod_info(want)) {
+                    if let Err(e) = self.capture.maps.pods.insert(&cookie, &pod_info(&want.ips)) {
                         tracing::error!(pod = %want.key, "updating pod capture: {e}");
                     }
                     active.spec = want.clone();
@@ -323,7 +323,7 @@ impl PodManager {
         // entries first, then steering, then outbound capture.
         let listeners = PodListeners::bind(&ctx)?;
         self.capture.attach_pod(&ctx.netns, Some(&pod.uid))?;
-        let info = pod_info(pod);
+        let info = pod_info(&pod.ips);
         update_exclusions(&self.capture, cookie, &empty_like(pod), pod);
         for ip in &pod.ips {
             self.capture.maps.pod_addrs.insert(&ip_words(*ip), &1)?;
@@ -427,7 +427,7 @@ impl PodManager {
     /// Whether `cookie` is where a previous run captured `pod`: its `PODS`
     /// entry has the pod's addresses and its pins record the pod's uid.
     fn claims(&self, cookie: u64, pod: &ManagedPod) -> bool {
-        let want = pod_info(pod);
+        let want = pod_info(&pod.ips);
         self.previous.get(&cookie).is_some_and(|prev| {
             let ips = POD_HAS_IPV4 | POD_HAS_IPV6;
             prev.ipv4 == want.ipv4 && prev.ipv6 == want.ipv6 && prev.flags & ips == want.flags & ips
@@ -441,7 +441,7 @@ impl PodManager {
     /// just captured in) and any an active pod owns.
     fn quarantine(&mut self, pod: &ManagedPod, namespaces: &[Arc<Netns>], keep: Option<u64>) {
         let owned: HashSet<u64> = self.active.values().map(|a| a.ctx.netns.cookie()).collect();
-        let mut info = pod_info(pod);
+        let mut info = pod_info(&pod.ips);
         info.flags &= POD_HAS_IPV4 | POD_HAS_IPV6;
         let old = self.quarantined.remove(&pod.uid).unwrap_or_default();
         let mut now: Vec<Quarantined> = Vec::new();
@@ -584,10 +584,11 @@ fn empty_like(pod: &ManagedPod) -> ManagedPod {
     }
 }
 
-/// The `PODS` entry of a pod: its addresses.
-fn pod_info(pod: &ManagedPod) -> PodInfo {
+/// The `PODS` entry of a pod: its addresses (a captured pod's, or those
+/// the runtime handed over for a pod held closed).
+pub(crate) fn pod_info(ips: &[IpAddr]) -> PodInfo {
     let mut info = PodInfo::default();
-    for ip in &pod.ips {
+    for ip in ips {
         match ip {
             IpAddr::V4(_) => {
                 info.ipv4 = ip_words(*ip)[3];

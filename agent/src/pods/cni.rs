@@ -7,10 +7,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use nodeward_common::{POD_HAS_IPV4, POD_HAS_IPV6, PodInfo};
-
 use super::PodManager;
-use crate::capture::keys::ip_words;
 use crate::cni::protocol::{Command, Reply, Request};
 use crate::cni::server::CniRequest;
 use crate::netns::{self, Netns};
@@ -228,7 +225,7 @@ impl PodManager {
         self.capture
             .maps
             .pods
-            .insert(&cookie, &addresses_info(&c.ips))
+            .insert(&cookie, &super::pod_info(&c.ips))
             .map_err(|e| format!("holding the pod closed: {e}"))?;
         if !c.held {
             tracing::info!(pod = %c.key, netns = %c.netns.path().display(), cookie, "pod held closed until its config arrives");
@@ -303,22 +300,4 @@ fn refused(message: &str) -> Reply {
     Reply::Refused {
         message: message.to_string(),
     }
-}
-
-/// A `PODS` entry with just addresses, no exclusions.
-fn addresses_info(ips: &[IpAddr]) -> PodInfo {
-    let mut info = PodInfo::default();
-    for ip in ips {
-        match ip {
-            IpAddr::V4(_) => {
-                info.ipv4 = ip_words(*ip)[3];
-                info.flags |= POD_HAS_IPV4;
-            }
-            IpAddr::V6(_) => {
-                info.ipv6 = ip_words(*ip);
-                info.flags |= POD_HAS_IPV6;
-            }
-        }
-    }
-    info
 }
