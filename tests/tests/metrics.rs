@@ -241,3 +241,64 @@ fn readiness_names_a_rejected_file_and_an_uncaptured_pod_and_the_admin_api_stays
     // On the node itself it answers.
     assert!(config_dump(&n1)["workloads"].as_array().is_some_and(|w| !w.is_empty()));
 }
+
+#[test]
+fn an_open_connection_is_counted_opened_until_it_closes_and_its_log_names_the_allow_policy() {
+    let _g = shared();
+    let name = "an_open_connection_is_counted_opened_until_it_closes_and_its_log_names_the_allow_policy";
+    let Some(t) = two_node_cluster(name, &[]) else {
+        return;
+    };
+    let c = t.pod("c").clone();
+    let _s = serve(&c.netns, c.v4(7000), info_echo);
+    let (n1, n2) = (t.nodes[0].netns.clone(), t.nodes[1].netns.clone());
+    t.apply(
+        "allow",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-a, namespace: mesh}\nspec:\n  action: ALLOW\n  rules:\n  - from:\n    - source: {principals: [cluster.local/ns/mesh/sa/a]}\n",
+    );
+    wait_dump(&t, 1, "mesh/c", |w| {
+        w["authorization_policies"]
+            .as_array()
+            .is_some_and(|ps| ps.iter().any(|p| p["policy"] == "mesh/allow-a"))
+    });
+
+    // While the connection is open, both nodes count it opened and not
+    // closed: opened − closed is the number of open connections.
+    let held = traffic::connect_timeout(&t.pod("a").netns, c.v4(7000), Duration::from_secs(3)).unwrap();
+    read_greeting(&held).expect("a reaches c under the ALLOW");
+    for (netns, reporter) in [(&n1, "source"), (&n2, "destination")] {
+        let labels = a_to_c(reporter, "mutual_tls", "-");
+        let opened = format!("istio_tcp_connections_opened_total{labels}");
+        let m = wait_sample(netns, &opened, 1.0, WAIT);
+        assert_eq!(sample(&m, &opened), Some(1.0), "{reporter}: {m}");
+        assert!(
+            !m.contains("istio_tcp_connections_closed_total{"),
+            "{reporter}: nothing has closed yet:\n{m}"
+        );
+    }
+
+    drop(held);
+    for (netns, reporter) in [(&n1, "source"), (&n2, "destination")] {
+        let labels = a_to_c(reporter, "mutual_tls", "-");
+        let closed = format!("istio_tcp_connections_closed_total{labels}");
+        let m = wait_sample(netns, &closed, 1.0, WAIT);
+        assert_eq!(sample(&m, &closed), Some(1.0), "{reporter}: {m}");
+        assert_eq!(
+            sample(&m, &format!("istio_tcp_connections_opened_total{labels}")),
+            Some(1.0),
+            "{reporter}: {m}"
+        );
+    }
+
+    // The server's access-log line names the ALLOW policy that admitted it.
+    let l = t
+        .agent(1)
+        .wait_log(WAIT, |l| {
+            l["message"] == "connection closed" && l["dst"] == c.v4(7000).to_string().as_str()
+        })
+        .unwrap_or_else(|| panic!("no access-log line:\n{}", t.agent(1).dump()));
+    assert_eq!(l["decision"], "allow", "{l}");
+    assert_eq!(l["policy"], "mesh/allow-a", "{l}");
+    assert_eq!(l["src_identity"], "spiffe://cluster.local/ns/mesh/sa/a", "{l}");
+    assert_eq!(l["mode"], "mutual_tls", "{l}");
+}

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use nodeward_testbed::netns::nsenter;
-use nodeward_testbed::traffic::{info_echo, serve};
+use nodeward_testbed::traffic::{info_echo, round_trip, serve};
 use nodeward_testbed::{PodSpec, Topology, TopologySpec, nodeward_bin, privileged_or_skip, shared};
 use serde_json::Value;
 
@@ -67,6 +67,20 @@ fn verify_until(t: &Topology, want: i32) -> (Value, String) {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The status and detail of the `outbound_mtls` check of pod `c`.
+fn outbound(report: &Value) -> (String, String) {
+    let c = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "outbound_mtls" && c["pod"] == "mesh/c")
+        .unwrap_or_else(|| panic!("no outbound_mtls check: {report:#}"));
+    (
+        c["status"].as_str().unwrap().to_string(),
+        c["detail"].as_str().unwrap().to_string(),
+    )
 }
 
 /// The status and detail of `check` on `port`.
@@ -150,4 +164,63 @@ fn verify_passes_under_strict_and_names_the_pod_and_port_left_permissive() {
         line.starts_with("mesh/c") && line.contains("plaintext") && line.contains("9090"),
         "{line}"
     );
+}
+
+const A_8080_DISABLE: &str = "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: a-8080, namespace: mesh}
+spec:
+  selector: {matchLabels: {app: a}}
+  mtls: {mode: PERMISSIVE}
+  portLevelMtls: {8080: {mode: DISABLE}}
+";
+
+#[test]
+fn verify_reads_the_agents_counters_and_fails_once_the_pod_called_an_enrolled_peer_in_plaintext() {
+    let _g = shared();
+    let name = "verify_reads_the_agents_counters_and_fails_once_the_pod_called_an_enrolled_peer_in_plaintext";
+    let Some(t) = cluster(name) else {
+        return;
+    };
+    let a = t.pod("a").clone();
+    let _s = serve(&a.netns, a.v4(8080), info_echo);
+    let c_netns = t.pod("c").netns.clone();
+
+    // Nothing called yet: the check cannot say anything.
+    let (_, report, _) = verify(&t);
+    let (status, detail) = outbound(&report);
+    assert_eq!(status, "not_tested", "{detail}");
+
+    // c -> a over the tunnel: the counters c's agent exports say mTLS.
+    round_trip(&c_netns, a.v4(8080), b"over mtls").unwrap();
+    let (_, report, table) = verify(&t);
+    let (status, detail) = outbound(&report);
+    assert_eq!(status, "pass", "{detail}\n{table}");
+    assert!(detail.contains("all 1 outbound connections"), "{detail}");
+
+    // a's port 8080 in DISABLE: c's agent now calls it in plaintext, and
+    // verify on c's node names the plaintext calls to an enrolled peer.
+    t.apply("pa", A_8080_DISABLE);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        round_trip(&c_netns, a.v4(8080), b"in plaintext?").unwrap();
+        let (code, report, table) = verify(&t);
+        let (status, detail) = outbound(&report);
+        if status == "fail" {
+            assert!(
+                detail.contains("outbound connections to enrolled peers were plaintext"),
+                "{detail}"
+            );
+            assert_ne!(code, 0, "a failed check fails the command:\n{table}");
+            let line = table
+                .lines()
+                .find(|l| l.contains("outbound_mtls"))
+                .unwrap_or_else(|| panic!("no outbound_mtls line:\n{table}"));
+            assert!(line.starts_with("mesh/c") && line.contains("FAIL"), "{line}");
+            break;
+        }
+        assert_eq!(status, "pass", "{detail}");
+        assert!(Instant::now() < deadline, "verify still passes after DISABLE:\n{table}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

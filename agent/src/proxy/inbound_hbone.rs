@@ -30,7 +30,7 @@ use super::hbone::{H2Stream, parse_authority, parse_forwarded_for};
 use super::hop::{close_reason, connect_app};
 use super::limits::{Side, TunnelPermit, send_buffer_per_stream};
 use super::relay::{TcpLeg, relay};
-use super::report::{Outcome, log_audits, log_connection};
+use super::report::{Opened, Outcome, log_audits, log_connection};
 use super::{PodContext, socket, unmap};
 use crate::identity::Identity;
 use crate::identity::tls::peer_identity;
@@ -88,7 +88,7 @@ pub(crate) async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr
     let peer = unmap(peer);
     let refused = |reason: CloseReason, refusal: Option<Refusal>| {
         let o = Outcome::refused(None, reason).via(Transport::Hbone).refusal(refusal);
-        log_connection(&ctx, Direction::Tunnel, peer, &o, started);
+        log_connection(&ctx, Direction::Tunnel, peer, o, started);
     };
     if tcp.local_addr().map_or(true, |a| unmap(a).ip().is_loopback()) {
         // Reached by its loopback address: only an app inside the pod can do
@@ -257,23 +257,23 @@ async fn stream(
     if req.method() != Method::CONNECT {
         reject(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
         let o = outcome(None, CloseReason::BadRequest, Some(Refusal::MethodNotAllowed));
-        return log_connection(ctx, Direction::Tunnel, peer, &o, started);
+        return log_connection(ctx, Direction::Tunnel, peer, o, started);
     }
     let Some(dst) = req.uri().authority().and_then(|a| parse_authority(a.as_str())) else {
         reject(&mut respond, StatusCode::BAD_REQUEST);
         let o = outcome(None, CloseReason::BadRequest, Some(Refusal::MalformedAuthority));
-        return log_connection(ctx, Direction::Tunnel, peer, &o, started);
+        return log_connection(ctx, Direction::Tunnel, peer, o, started);
     };
     if !ctx.pod.ips.contains(&dst.ip()) {
         reject(&mut respond, StatusCode::FORBIDDEN);
         let o = outcome(Some(dst), CloseReason::BadRequest, Some(Refusal::NotThisPod));
-        return log_connection(ctx, Direction::Tunnel, peer, &o, started);
+        return log_connection(ctx, Direction::Tunnel, peer, o, started);
     }
     let snap = ctx.mesh.store.current();
     let Some(pod) = snap.pods.get(&ctx.pod.key).cloned() else {
         reject(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
         let o = outcome(Some(dst), CloseReason::PodRemoved, None);
-        return log_connection(ctx, Direction::Tunnel, peer, &o, started);
+        return log_connection(ctx, Direction::Tunnel, peer, o, started);
     };
     let info = ConnInfo {
         src_ip: peer.ip(),
@@ -291,7 +291,7 @@ async fn stream(
             Some(Refusal::Policy(decision.reason)),
         );
         o.policy = decision.policy;
-        return log_connection(ctx, Direction::Tunnel, peer, &o, started);
+        return log_connection(ctx, Direction::Tunnel, peer, o, started);
     }
     let open = ctx.mesh.open.register_conn(&ctx.pod.key, info, cancel);
     // The tunnel's source is the client pod (authenticated by mTLS); the
@@ -308,7 +308,7 @@ async fn stream(
         Err(e) => {
             reject(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
             let o = outcome(Some(dst), close_reason(&e), None);
-            return log_connection(ctx, Direction::Tunnel, client, &o, started);
+            return log_connection(ctx, Direction::Tunnel, client, o, started);
         }
     };
     let ok = Response::builder().status(StatusCode::OK).body(()).expect("valid 200");
@@ -329,6 +329,16 @@ async fn stream(
         open.cut_by()
             .or((cancel.is_cancelled() && !ctx.cancel.is_cancelled()).then_some(CloseReason::PeerRevoked))
     };
+    let opened = Opened::count(
+        ctx,
+        Direction::Tunnel,
+        client,
+        dst,
+        Transport::Hbone,
+        Some(&peer_id),
+        None,
+    )
+    .allowed_by(decision.policy);
     let stats = relay(ctx, &mut down, &mut up, &open.cancel, cut_by).await;
     if stats.reason == Some(CloseReason::PeerReset) {
         // Every client reset counts for the guard, also after the app spoke.
@@ -337,11 +347,10 @@ async fn stream(
             // Opened and cancelled without a byte: counted for the
             // connection rather than logged one by one.
             ctx.mesh.counters.count(Direction::Tunnel, Counted::EarlyReset, None);
-            return;
+            return opened.close(CloseReason::PeerReset);
         }
     }
-    let o = Outcome::relayed(dst, stats, Transport::Hbone).peer(peer_id);
-    log_connection(ctx, Direction::Tunnel, client, &o, started);
+    log_connection(ctx, Direction::Tunnel, client, Outcome::relayed(opened, stats), started);
 }
 
 #[cfg(test)]

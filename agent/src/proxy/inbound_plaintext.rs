@@ -14,9 +14,9 @@ use tokio::net::TcpStream;
 
 use super::hop::{close_reason, connect_app};
 use super::relay::{TcpLeg, relay};
-use super::report::{Outcome, log_audits};
+use super::report::{Opened, Outcome, log_audits};
 use super::{PodContext, socket, unmap};
-use crate::outcome::{CloseReason, Refusal, Transport};
+use crate::outcome::{CloseReason, Direction, Refusal, Transport};
 use crate::policy::ConnInfo;
 use crate::policy::model::Mode;
 
@@ -71,6 +71,8 @@ pub(crate) async fn handle(ctx: &PodContext, down: TcpStream, peer: SocketAddr) 
     };
     let size = ctx.config.relay.buffer_size;
     let (mut down, mut up) = (TcpLeg::new(down, size), TcpLeg::new(up, size));
+    let opened = Opened::count(ctx, Direction::Inbound, client, dst, Transport::Plaintext, None, None)
+        .allowed_by(decision.policy);
     let stats = relay(ctx, &mut down, &mut up, &open.cancel, || open.cut_by()).await;
-    Outcome::relayed(dst, stats, Transport::Plaintext)
+    Outcome::relayed(opened, stats)
 }

@@ -241,7 +241,7 @@ async fn accept_loop(ctx: Arc<PodContext>, listener: TcpListener, dir: Direction
                 (Direction::Outbound, Permit::Connection(_held)) => outbound::handle(&ctx, stream, peer).await,
                 (_, Permit::Connection(_held)) => inbound_plaintext::handle(&ctx, stream, peer).await,
             };
-            log_connection(&ctx, dir, peer, &outcome, started);
+            log_connection(&ctx, dir, peer, outcome, started);
         });
     }
 }

@@ -19,10 +19,10 @@ use tokio::net::TcpStream;
 
 use super::hop::is_agent_port;
 use super::relay::{TcpLeg, relay};
-use super::report::Outcome;
+use super::report::{Opened, Outcome};
 use super::{PodContext, egress, outbound_hbone, socket};
 use crate::capture::keys::{from_words, sock_key};
-use crate::outcome::{CloseReason, Transport};
+use crate::outcome::{CloseReason, Direction, Transport};
 use crate::state::Destination;
 
 /// Handles one captured outbound connection.
@@ -62,22 +62,25 @@ pub(crate) async fn handle(ctx: &PodContext, down: TcpStream, peer: SocketAddr) 
             }
         }
     };
-    handle_to(ctx, down, peer, dst, &snap).await.service(service)
+    handle_to(ctx, down, peer, dst, &snap, service.as_deref())
+        .await
+        .service(service)
 }
 
 /// Carries a connection to `dst`, a pod or an address outside the mesh
-/// (a Service already resolved to its endpoint).
+/// (an endpoint of `service`, when the app called one).
 async fn handle_to(
     ctx: &PodContext,
     down: TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
     snap: &crate::state::Snapshot,
+    service: Option<&str>,
 ) -> Outcome {
     if ctx.pod.ips.contains(&dst.ip()) {
         // A pod calling its own Service, resolved to itself: the
         // connection never leaves the pod, as if it had dialled its own IP.
-        return passthrough(ctx, down, dst).await;
+        return passthrough(ctx, down, peer, dst, service).await;
     }
     if is_agent_port(dst.port()) && snap.enrolled_workload(dst.ip()).is_some() {
         // An enrolled pod's agent ports belong to its agent, not its apps;
@@ -109,13 +112,19 @@ async fn handle_to(
                     return Outcome::refused(Some(dst), CloseReason::NoIdentity);
                 }
             };
-            outbound_hbone::handle(ctx, down, peer, dst, expected).await
+            outbound_hbone::handle(ctx, down, peer, dst, expected, service).await
         }
-        None => passthrough(ctx, down, dst).await,
+        None => passthrough(ctx, down, peer, dst, service).await,
     }
 }
 
-async fn passthrough(ctx: &PodContext, down: TcpStream, dst: SocketAddr) -> Outcome {
+async fn passthrough(
+    ctx: &PodContext,
+    down: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    service: Option<&str>,
+) -> Outcome {
     if egress::check(ctx, &down, dst).await.is_err() {
         socket::reset(&down);
         return Outcome::refused(Some(dst), CloseReason::EgressPlaintext);
@@ -130,8 +139,17 @@ async fn passthrough(ctx: &PodContext, down: TcpStream, dst: SocketAddr) -> Outc
     };
     let size = ctx.config.relay.buffer_size;
     let (mut down, mut up) = (TcpLeg::new(down, size), TcpLeg::new(up, size));
+    let opened = Opened::count(
+        ctx,
+        Direction::Outbound,
+        peer,
+        dst,
+        Transport::Passthrough,
+        None,
+        service,
+    );
     let stats = relay(ctx, &mut down, &mut up, &ctx.cancel, || None).await;
-    Outcome::relayed(dst, stats, Transport::Passthrough)
+    Outcome::relayed(opened, stats)
 }
 
 /// Removes the connection's `ORIG_DST` entry when the handler ends.

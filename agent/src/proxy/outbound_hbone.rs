@@ -15,7 +15,7 @@ use tokio_rustls::TlsConnector;
 use super::hbone::{self, H2Stream, HBONE_PORT};
 use super::pool::{Connector, PoolError, PoolKey, Transport};
 use super::relay::{TcpLeg, relay};
-use super::report::Outcome;
+use super::report::{Opened, Outcome};
 use super::{PodContext, socket};
 use crate::identity::Identity;
 use crate::identity::verify::{Role, refusal_of_io};
@@ -27,14 +27,16 @@ fn pod_ip_for(ctx: &PodContext, dst: IpAddr) -> Option<IpAddr> {
     ctx.pod.ips.iter().copied().find(|ip| ip.is_ipv4() == dst.is_ipv4())
 }
 
-/// Carries one captured connection to `dst` through a tunnel whose server
-/// must prove `expected`.
+/// Carries one captured connection to `dst` (an endpoint of `service`,
+/// when the app called one) through a tunnel whose server must prove
+/// `expected`.
 pub(crate) async fn handle(
     ctx: &PodContext,
     down: TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
     expected: Identity,
+    service: Option<&str>,
 ) -> Outcome {
     let refused = |down: &TcpStream, reason: CloseReason, refusal: Option<Refusal>| {
         socket::reset(down);
@@ -133,6 +135,15 @@ pub(crate) async fn handle(
     let size = ctx.config.relay.buffer_size;
     let (mut down, mut up) = (TcpLeg::new(down, size), H2Stream::new(send, response.into_body()));
     let cut_by = || (lease.peer_revoked() && !ctx.cancel.is_cancelled()).then_some(CloseReason::PeerRevoked);
+    let opened = Opened::count(
+        ctx,
+        Direction::Outbound,
+        peer,
+        dst,
+        Carried::Hbone,
+        Some(&expected),
+        service,
+    );
     let stats = relay(ctx, &mut down, &mut up, &ctx.cancel, cut_by).await;
-    Outcome::relayed(dst, stats, Carried::Hbone).peer(expected)
+    Outcome::relayed(opened, stats)
 }

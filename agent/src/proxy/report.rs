@@ -8,11 +8,15 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
 use super::relay::RelayStats;
 use super::{PodContext, unmap};
 use crate::identity::Identity;
 use crate::metrics::{DenialLabels, HandshakeLabels, Metrics, SecurityLabels, TcpLabels, WorkloadLabels};
 use crate::outcome::{CloseReason, Counted, Direction, Refusal, Transport};
+use crate::state::Snapshot;
 use crate::state::workload::Pod;
 
 /// The result of handling one connection, for its log line.
@@ -33,6 +37,9 @@ pub(crate) struct Outcome {
     /// The Service (`namespace/name`) it was addressed to; `dst` is then
     /// the endpoint chosen.
     pub(crate) service: Option<String>,
+    /// Its Istio labels, when it was counted opened as its ends were
+    /// joined; a refused connection is counted opened when it ends.
+    opened: Option<TcpLabels>,
 }
 
 impl Outcome {
@@ -50,19 +57,21 @@ impl Outcome {
             refusal: None,
             policy: None,
             service: None,
+            opened: None,
         }
     }
 
-    /// An outcome of a relay.
-    pub(crate) fn relayed(dst: SocketAddr, stats: RelayStats, transport: Transport) -> Self {
+    /// The outcome of the relay of a connection counted opened.
+    pub(crate) fn relayed(mut opened: Opened, stats: RelayStats) -> Self {
         Outcome {
-            dst: Some(dst),
+            dst: Some(opened.dst),
             stats,
-            transport,
-            peer_identity: None,
+            transport: opened.transport,
+            peer_identity: opened.peer_identity.take(),
             refusal: None,
-            policy: None,
-            service: None,
+            policy: opened.policy.take(),
+            service: opened.service.take(),
+            opened: opened.labels.take(),
         }
     }
 
@@ -123,6 +132,132 @@ impl Party {
     }
 }
 
+/// The local pod and the remote end of a connection, as logs and metrics
+/// name them: `src` is the client, `dst` the destination it asked for.
+fn parties(
+    ctx: &PodContext,
+    snap: &Snapshot,
+    dir: Direction,
+    src: SocketAddr,
+    dst: Option<SocketAddr>,
+    peer: Option<&Identity>,
+) -> (Party, Party) {
+    let local = Party::of(snap.pods.get(&ctx.pod.key).map(|p| p.as_ref()), ctx.identity.as_ref());
+    let remote_ip = match dir {
+        Direction::Outbound => dst.map(|d| d.ip()),
+        Direction::Inbound | Direction::Tunnel => Some(src.ip()),
+    };
+    let remote_pod = remote_ip.and_then(|ip| snap.enrolled_workload(unmap(SocketAddr::new(ip, 0)).ip()));
+    (local, Party::of(remote_pod.as_deref(), peer))
+}
+
+/// Istio's labels of a connection between `local` and `remote`.
+fn tcp_labels(
+    dir: Direction,
+    local: &Party,
+    remote: &Party,
+    mtls: bool,
+    service: Option<&str>,
+    response_flags: &'static str,
+) -> TcpLabels {
+    let (source, destination) = match dir {
+        Direction::Outbound => (local, remote),
+        Direction::Inbound | Direction::Tunnel => (remote, local),
+    };
+    let service = service.and_then(|s| s.split_once('/'));
+    TcpLabels {
+        reporter: if dir == Direction::Outbound {
+            "source"
+        } else {
+            "destination"
+        },
+        source_workload: source.workload.clone(),
+        source_workload_namespace: source.namespace.clone(),
+        source_principal: source.principal.clone(),
+        destination_workload: destination.workload.clone(),
+        destination_workload_namespace: destination.namespace.clone(),
+        destination_principal: destination.principal.clone(),
+        destination_service_name: service.map_or(UNKNOWN, |(_, name)| name).to_string(),
+        destination_service_namespace: service.map_or(UNKNOWN, |(ns, _)| ns).to_string(),
+        connection_security_policy: if mtls { "mutual_tls" } else { "none" },
+        response_flags,
+    }
+}
+
+/// A connection whose two ends are joined, counted in
+/// `istio_tcp_connections_opened_total` now (flags `-`), so that opened
+/// minus closed is what is open. Its close is counted with the same
+/// labels: by its log line, or, when it ends without one (reset before a
+/// byte, its task dropped at shutdown), when this is dropped.
+#[derive(Debug)]
+pub(crate) struct Opened {
+    dst: SocketAddr,
+    transport: Transport,
+    peer_identity: Option<Identity>,
+    service: Option<String>,
+    policy: Option<String>,
+    labels: Option<TcpLabels>,
+    closed: Family<TcpLabels, Counter>,
+}
+
+impl Opened {
+    /// Counts a connection from `src` to `dst` opened, carried by
+    /// `transport` to `peer` (the authenticated or expected identity of a
+    /// tunnel's other end), addressed to `service`.
+    pub(crate) fn count(
+        ctx: &PodContext,
+        dir: Direction,
+        src: SocketAddr,
+        dst: SocketAddr,
+        transport: Transport,
+        peer: Option<&Identity>,
+        service: Option<&str>,
+    ) -> Self {
+        let snap = ctx.mesh.store.current();
+        let (local, remote) = parties(ctx, &snap, dir, src, Some(dst), peer);
+        let mtls = transport == Transport::Hbone;
+        let labels = tcp_labels(dir, &local, &remote, mtls, service, NO_FLAGS);
+        let m = ctx.mesh.counters.metrics();
+        m.tcp_opened.get_or_create(&labels).inc();
+        Opened {
+            dst,
+            transport,
+            peer_identity: peer.cloned(),
+            service: service.map(str::to_string),
+            policy: None,
+            labels: Some(labels),
+            closed: m.tcp_closed.clone(),
+        }
+    }
+
+    /// The same, admitted by `policy` (the ALLOW that matched), for its log line.
+    pub(crate) fn allowed_by(mut self, policy: Option<String>) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Counts it closed with `reason` as its flags, without a log line.
+    pub(crate) fn close(mut self, reason: CloseReason) {
+        self.close_as(reason);
+    }
+
+    fn close_as(&mut self, reason: CloseReason) {
+        if let Some(mut labels) = self.labels.take() {
+            labels.response_flags = reason.as_str();
+            self.closed.get_or_create(&labels).inc();
+        }
+    }
+}
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        self.close_as(CloseReason::Shutdown);
+    }
+}
+
+/// Istio's `response_flags` of a connection nothing cut short.
+const NO_FLAGS: &str = "-";
+
 /// The workload a pod belongs to, as metrics name it: its
 /// `app.kubernetes.io/name` or `app` label, else the pod's name (owner
 /// references are not read).
@@ -147,39 +282,24 @@ fn carried(reason: CloseReason) -> bool {
 fn response_flags(reason: CloseReason, refusal: Option<Refusal>) -> &'static str {
     match (reason, refusal) {
         (_, Some(r)) => r.as_str(),
-        (CloseReason::Done | CloseReason::IdleTimeout, None) => "-",
+        (CloseReason::Done | CloseReason::IdleTimeout, None) => NO_FLAGS,
         (r, None) => r.as_str(),
     }
 }
 
 /// Logs the end of one proxied connection and records its metrics.
-pub(crate) fn log_connection(ctx: &PodContext, dir: Direction, src: SocketAddr, o: &Outcome, started: Instant) {
+pub(crate) fn log_connection(ctx: &PodContext, dir: Direction, src: SocketAddr, o: Outcome, started: Instant) {
     let reason = final_reason(ctx, o.stats.reason);
     ctx.mesh.counters.count(dir, Counted::Closed(reason), o.refusal);
     let snap = ctx.mesh.store.current();
-    let local = Party::of(snap.pods.get(&ctx.pod.key).map(|p| p.as_ref()), ctx.identity.as_ref());
-    let remote_ip = match dir {
-        Direction::Outbound => o.dst.map(|d| d.ip()),
-        Direction::Inbound | Direction::Tunnel => Some(src.ip()),
-    };
-    let remote_pod = remote_ip.and_then(|ip| snap.enrolled_workload(unmap(SocketAddr::new(ip, 0)).ip()));
-    let remote = Party::of(remote_pod.as_deref(), o.peer_identity.as_ref());
+    let (local, remote) = parties(ctx, &snap, dir, src, o.dst, o.peer_identity.as_ref());
     let (source, destination) = match dir {
         Direction::Outbound => (&local, &remote),
         Direction::Inbound | Direction::Tunnel => (&remote, &local),
     };
     let mtls = o.transport == Transport::Hbone;
     let denied = matches!(o.refusal, Some(Refusal::Policy(_))) || reason == CloseReason::MtlsStrict;
-    record(
-        ctx.mesh.counters.metrics(),
-        dir,
-        source,
-        destination,
-        &local,
-        mtls,
-        reason,
-        o,
-    );
+    record(ctx.mesh.counters.metrics(), dir, &local, &remote, mtls, reason, &o);
     let dst = o.dst.map(|d| d.to_string()).unwrap_or_default();
     tracing::info!(
         target: "nodeward::conn",
@@ -207,38 +327,24 @@ pub(crate) fn log_connection(ctx: &PodContext, dir: Direction, src: SocketAddr, 
 }
 
 /// Records one ended connection in Istio's and Nodeward's families.
-#[allow(clippy::too_many_arguments)]
-fn record(
-    m: &Metrics,
-    dir: Direction,
-    source: &Party,
-    destination: &Party,
-    local: &Party,
-    mtls: bool,
-    reason: CloseReason,
-    o: &Outcome,
-) {
-    let service = o.service.as_deref().and_then(|s| s.split_once('/'));
-    let tcp = TcpLabels {
-        reporter: if dir == Direction::Outbound {
-            "source"
-        } else {
-            "destination"
+fn record(m: &Metrics, dir: Direction, local: &Party, remote: &Party, mtls: bool, reason: CloseReason, o: &Outcome) {
+    let flags = response_flags(reason, o.refusal);
+    let tcp = match &o.opened {
+        Some(opened) => TcpLabels {
+            response_flags: flags,
+            ..opened.clone()
         },
-        source_workload: source.workload.clone(),
-        source_workload_namespace: source.namespace.clone(),
-        source_principal: source.principal.clone(),
-        destination_workload: destination.workload.clone(),
-        destination_workload_namespace: destination.namespace.clone(),
-        destination_principal: destination.principal.clone(),
-        destination_service_name: service.map_or("unknown", |(_, name)| name).to_string(),
-        destination_service_namespace: service.map_or("unknown", |(ns, _)| ns).to_string(),
-        connection_security_policy: if mtls { "mutual_tls" } else { "none" },
-        response_flags: response_flags(reason, o.refusal),
+        None => {
+            // Refused or failed before its ends were joined: it opens and
+            // closes now.
+            let opened = tcp_labels(dir, local, remote, mtls, o.service.as_deref(), NO_FLAGS);
+            m.tcp_opened.get_or_create(&opened).inc();
+            TcpLabels {
+                response_flags: flags,
+                ..opened
+            }
+        }
     };
-    // The outcome is known when the connection ends: it is counted opened
-    // and closed then, with the flags of how it ended.
-    m.tcp_opened.get_or_create(&tcp).inc();
     m.tcp_closed.get_or_create(&tcp).inc();
     m.tcp_sent.get_or_create(&tcp).inc_by(o.stats.sent);
     m.tcp_received.get_or_create(&tcp).inc_by(o.stats.received);
