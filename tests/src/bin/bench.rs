@@ -247,6 +247,10 @@ fn round(t: &Topology, mode: Mode, o: &Options, p: &Proxies, s: &mut Samples) ->
     let dur = Duration::from_secs(secs);
     let (a, c) = (t.pod("a").clone(), t.pod("c").clone());
     let mut put = |k: &'static str, v: f64| s.entry((k, mode)).or_default().push(v);
+    if matches!(mode, Mode::Mesh | Mode::Ztunnel) {
+        // Started and ready, before any load.
+        put("proxy_rss_at_rest_mib", p.rss_mib(t, mode));
+    }
 
     if o.runs(Group::Throughput) {
         let (dst, _relays) = path(t, mode, c.v4(5201));
@@ -309,6 +313,63 @@ fn round(t: &Topology, mode: Mode, o: &Options, p: &Proxies, s: &mut Samples) ->
         put("proxy_rss_after_run_mib", p.rss_mib(t, mode));
     }
     Ok(())
+}
+
+/// Issue 18's targets, Nodeward against ztunnel in the same run: which
+/// value is compared, how, and the bound.
+const TARGETS: &[(&str, Target, f64)] = &[
+    ("throughput_1_stream_gbps", Target::AtLeast, 1.3),
+    ("proxy_cpu_s_per_gb", Target::AtMost, 0.7),
+    ("pingpong_1_conn_p50_us", Target::AddedAtMost, 0.7),
+    ("pingpong_1_conn_p99_us", Target::AddedAtMost, 1.0),
+    ("rr_16_conn_100b_1k_rps", Target::AtLeast, 1.5),
+    ("conn_rate_4_loops_1b_cps", Target::AtLeast, 1.5),
+    ("conn_rate_4_loops_1b_p50_us", Target::AtMost, 0.7),
+    ("proxy_rss_at_rest_mib", Target::AtMost, 1.0),
+    ("proxy_rss_after_run_mib", Target::AtMost, 1.0),
+];
+
+/// How a target compares Nodeward (mesh) with ztunnel.
+#[derive(Clone, Copy)]
+enum Target {
+    /// mesh / ztunnel at least the bound.
+    AtLeast,
+    /// mesh / ztunnel at most the bound.
+    AtMost,
+    /// (mesh − direct) / (ztunnel − direct) at most the bound: what each
+    /// proxy adds to the path.
+    AddedAtMost,
+}
+
+/// Prints each target with its measured ratio and whether it was met.
+fn targets(s: &Samples) -> Vec<serde_json::Value> {
+    println!("\ntargets (mesh against ztunnel, same run)");
+    let mut out = Vec::new();
+    for &(k, how, bound) in TARGETS {
+        let get = |m: Mode| s.get(&(k, m)).map(|v| median(v));
+        let (d, m, z) = (get(Mode::Direct), get(Mode::Mesh), get(Mode::Ztunnel));
+        let (ratio, op) = match how {
+            Target::AtLeast => (m.zip(z).map(|(m, z)| m / z), ">="),
+            Target::AtMost => (m.zip(z).map(|(m, z)| m / z), "<="),
+            Target::AddedAtMost => (
+                m.zip(z).zip(d).map(|((m, z), d)| (m - d) / (z - d)),
+                "<= (added over direct)",
+            ),
+        };
+        let met = ratio.filter(|r| r.is_finite()).map(|r| match how {
+            Target::AtLeast => r >= bound,
+            Target::AtMost | Target::AddedAtMost => r <= bound,
+        });
+        let verdict = match met {
+            Some(true) => "met",
+            Some(false) => "MISSED",
+            None => "not measured",
+        };
+        let shown = ratio.map_or_else(|| "-".into(), |r| format!("{r:.2}"));
+        println!("  {k:<32} {shown:>6}  target {op} {bound}  {verdict}");
+        out.push(json!({"scenario": k, "ratio": ratio, "bound": bound, "met": met}));
+    }
+    out
 }
 
 /// (busy, total) jiffies of all CPUs, from /proc/stat.
@@ -626,10 +687,16 @@ fn report(s: &Samples, o: &Options, rounds: usize, ztunnel_absent: Option<&Path>
             "ratio": vs_direct, "ratio_ztunnel": vs_ztunnel,
         }));
     }
+    let checks = if ztunnel_absent.is_none() {
+        targets(s)
+    } else {
+        Vec::new()
+    };
     let out = json!({
         "machine": machine, "rounds": rounds, "quick": o.quick,
         "ztunnel": if ztunnel_absent.is_some() { "absent" } else { "present" },
         "results": rows,
+        "targets": checks,
     });
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
