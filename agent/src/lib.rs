@@ -10,6 +10,7 @@ pub mod cni;
 pub mod config;
 pub mod identity;
 pub mod logging;
+pub mod memory;
 mod metrics;
 mod netns;
 mod outcome;

@@ -42,6 +42,7 @@ fn with_logging(format: LogFormat, f: impl FnOnce() -> anyhow::Result<()>) -> an
 }
 
 fn run_agent(config: Config) -> anyhow::Result<()> {
+    nodeward::memory::fix_thresholds();
     raise_fd_limit();
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = config.worker_threads {

@@ -373,22 +373,22 @@ fn own_netns_cookie() -> Result<u64, CaptureError> {
 
 fn load_object(dir: &Path, mark: u32, node_netns: u64, netns_cookie: Option<u64>) -> Result<Ebpf, CaptureError> {
     let cookie = netns_cookie.unwrap_or(u64::MAX);
-    EbpfLoader::new()
+    let loaded = EbpfLoader::new()
         // The programs read only UAPI context structs, which never move, so
-        // they need no CO-RE relocation. Without this the loader parses the
-        // kernel's BTF (~5 MiB, tens of thousands of types) on every load —
-        // once per pod — and the heap keeps tens of MiB from it.
+        // they need no CO-RE relocation: the kernel's BTF is not used.
         .btf(None)
         .default_map_pin_directory(dir.join("maps"))
         .override_global(names::SOCKET_MARK, &mark, true)
         .override_global(names::NETNS_COOKIE, &cookie, true)
         .override_global(names::NODE_NETNS_COOKIE, &node_netns, true)
-        .load(EBPF_OBJECT)
-        .map_err(|e| CaptureError::Program {
-            program: "(object)",
-            hint: "eBPF maps: hash, LRU hash and sock hash, kernel 5.9 or newer",
-            message: error_chain(&e),
-        })
+        .load(EBPF_OBJECT);
+    // The loader's parse of the kernel's BTF is freed by now.
+    crate::memory::release_freed();
+    loaded.map_err(|e| CaptureError::Program {
+        program: "(object)",
+        hint: "eBPF maps: hash, LRU hash and sock hash, kernel 5.9 or newer",
+        message: error_chain(&e),
+    })
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, CaptureError>
