@@ -288,18 +288,26 @@ fn response_flags(reason: CloseReason, refusal: Option<Refusal>) -> &'static str
 }
 
 /// Logs the end of one proxied connection and records its metrics.
-pub(crate) fn log_connection(ctx: &PodContext, dir: Direction, src: SocketAddr, o: Outcome, started: Instant) {
+pub(crate) fn log_connection(ctx: &PodContext, dir: Direction, src: SocketAddr, mut o: Outcome, started: Instant) {
     let reason = final_reason(ctx, o.stats.reason);
     ctx.mesh.counters.count(dir, Counted::Closed(reason), o.refusal);
-    let snap = ctx.mesh.store.current();
-    let (local, remote) = parties(ctx, &snap, dir, src, o.dst, o.peer_identity.as_ref());
-    let (source, destination) = match dir {
-        Direction::Outbound => (&local, &remote),
-        Direction::Inbound | Direction::Tunnel => (&remote, &local),
-    };
+    let m = ctx.mesh.counters.metrics();
     let mtls = o.transport == Transport::Hbone;
+    let opened = o.opened.take().unwrap_or_else(|| {
+        // Refused or failed before its ends were joined: it opens and
+        // closes now.
+        let snap = ctx.mesh.store.current();
+        let (local, remote) = parties(ctx, &snap, dir, src, o.dst, o.peer_identity.as_ref());
+        let labels = tcp_labels(dir, &local, &remote, mtls, o.service.as_deref(), NO_FLAGS);
+        m.tcp_opened.get_or_create(&labels).inc();
+        labels
+    });
+    let tcp = TcpLabels {
+        response_flags: response_flags(reason, o.refusal),
+        ..opened
+    };
+    record(m, dir, &tcp, mtls, reason, &o);
     let denied = matches!(o.refusal, Some(Refusal::Policy(_))) || reason == CloseReason::MtlsStrict;
-    record(ctx.mesh.counters.metrics(), dir, &local, &remote, mtls, reason, &o);
     let dst = o.dst.map(|d| d.to_string()).unwrap_or_default();
     tracing::info!(
         target: "nodeward::conn",
@@ -307,10 +315,10 @@ pub(crate) fn log_connection(ctx: &PodContext, dir: Direction, src: SocketAddr, 
         pod = %ctx.pod.key,
         src = %unmap(src),
         dst = %dst,
-        src_workload = %format_args!("{}/{}", source.namespace, source.workload),
-        src_identity = %source.principal,
-        dst_workload = %format_args!("{}/{}", destination.namespace, destination.workload),
-        dst_identity = %destination.principal,
+        src_workload = %format_args!("{}/{}", tcp.source_workload_namespace, tcp.source_workload),
+        src_identity = %tcp.source_principal,
+        dst_workload = %format_args!("{}/{}", tcp.destination_workload_namespace, tcp.destination_workload),
+        dst_identity = %tcp.destination_principal,
         service = o.service.as_deref(),
         transport = o.transport.as_str(),
         mode = if mtls { "mutual_tls" } else { "plaintext" },
@@ -326,28 +334,18 @@ pub(crate) fn log_connection(ctx: &PodContext, dir: Direction, src: SocketAddr, 
     );
 }
 
-/// Records one ended connection in Istio's and Nodeward's families.
-fn record(m: &Metrics, dir: Direction, local: &Party, remote: &Party, mtls: bool, reason: CloseReason, o: &Outcome) {
-    let flags = response_flags(reason, o.refusal);
-    let tcp = match &o.opened {
-        Some(opened) => TcpLabels {
-            response_flags: flags,
-            ..opened.clone()
-        },
-        None => {
-            // Refused or failed before its ends were joined: it opens and
-            // closes now.
-            let opened = tcp_labels(dir, local, remote, mtls, o.service.as_deref(), NO_FLAGS);
-            m.tcp_opened.get_or_create(&opened).inc();
-            TcpLabels {
-                response_flags: flags,
-                ..opened
-            }
-        }
+/// Records one ended connection, labelled `tcp`, in Istio's and
+/// Nodeward's families.
+fn record(m: &Metrics, dir: Direction, tcp: &TcpLabels, mtls: bool, reason: CloseReason, o: &Outcome) {
+    m.tcp_closed.get_or_create(tcp).inc();
+    m.tcp_sent.get_or_create(tcp).inc_by(o.stats.sent);
+    m.tcp_received.get_or_create(tcp).inc_by(o.stats.received);
+    // The local pod is the source of an outbound connection, the
+    // destination of any other.
+    let (local_namespace, local_workload) = match dir {
+        Direction::Outbound => (&tcp.source_workload_namespace, &tcp.source_workload),
+        Direction::Inbound | Direction::Tunnel => (&tcp.destination_workload_namespace, &tcp.destination_workload),
     };
-    m.tcp_closed.get_or_create(&tcp).inc();
-    m.tcp_sent.get_or_create(&tcp).inc_by(o.stats.sent);
-    m.tcp_received.get_or_create(&tcp).inc_by(o.stats.received);
     let direction = if dir == Direction::Outbound {
         "outbound"
     } else {
@@ -358,13 +356,13 @@ fn record(m: &Metrics, dir: Direction, local: &Party, remote: &Party, mtls: bool
             .get_or_create(&SecurityLabels {
                 direction,
                 security: if mtls { "mutual_tls" } else { "plaintext" },
-                namespace: local.namespace.clone(),
+                namespace: local_namespace.clone(),
             })
             .inc();
     }
     let workload = || WorkloadLabels {
-        namespace: local.namespace.clone(),
-        workload: local.workload.clone(),
+        namespace: local_namespace.clone(),
+        workload: local_workload.clone(),
     };
     if reason == CloseReason::MtlsStrict {
         m.plaintext_refused.get_or_create(&workload()).inc();
