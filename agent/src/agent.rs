@@ -132,13 +132,18 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         SourceConfig::Kube { kubeconfig } => Source::Kube(crate::source::kube::client(kubeconfig.as_deref()).await?),
         SourceConfig::Dir(dir) => Source::Dir(dir.clone()),
     };
-    let capture = Arc::new(Capture::start(config.capture)?);
+    let mut capture = Capture::start(config.capture)?;
+    let program_log = capture.take_program_log();
+    let capture = Arc::new(capture);
     ebpf.ready();
     let mut sigterm = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
 
     let store = Store::new();
     let lifecycle = Lifecycle::default();
+    if let Some(log) = program_log {
+        tokio::spawn(log.run(lifecycle.hard_stop.clone()));
+    }
     let proxy_config = Arc::new(config.proxy);
     let open = OpenConns::new();
     if let Some(m) = &identity {

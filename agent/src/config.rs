@@ -307,6 +307,13 @@ pub struct RunArgs {
     #[arg(long, env = "NODEWARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub(crate) log_format: LogFormat,
 
+    /// Have the eBPF programs record their rare decisions (fail-closed
+    /// drops, missing or failed map entries, failed probe-source binds) and
+    /// log them under the target `nodeward::ebpf`. Off: the programs carry
+    /// no logging code once verified.
+    #[arg(long, env = "NODEWARD_EBPF_LOG")]
+    pub(crate) ebpf_log: bool,
+
     /// Istio root namespace: policies there apply mesh-wide.
     #[arg(long, env = "NODEWARD_ROOT_NAMESPACE", default_value = defaults::ROOT_NAMESPACE)]
     pub(crate) root_namespace: String,

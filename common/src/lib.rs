@@ -97,6 +97,12 @@ pub mod names {
     pub const NETNS_COOKIE: &str = "NETNS_COOKIE";
     /// Loader global: network-namespace cookie of the node.
     pub const NODE_NETNS_COOKIE: &str = "NODE_NETNS_COOKIE";
+    /// Map: the programs' log records (aya-log's ring buffer, pinned so
+    /// every program instance writes to the one the agent reads).
+    pub const EBPF_LOG: &str = "AYA_LOGS";
+    /// Loader global: the most verbose aya-log level the programs record
+    /// (0: none, so the verifier prunes every log call).
+    pub const EBPF_LOG_LEVEL: &str = "AYA_LOG_LEVEL";
 
     /// Every program, for checks that each is in the object.
     pub const PROGRAMS: &[&str] = &[
@@ -120,9 +126,10 @@ pub mod names {
         LISTENERS,
         PROBE_SOURCES,
         POD_ADDRS,
+        EBPF_LOG,
     ];
     /// Every loader global, for checks that each is in the object.
-    pub const GLOBALS: &[&str] = &[SOCKET_MARK, NETNS_COOKIE, NODE_NETNS_COOKIE];
+    pub const GLOBALS: &[&str] = &[SOCKET_MARK, NETNS_COOKIE, NODE_NETNS_COOKIE, EBPF_LOG_LEVEL];
 
     /// Whether two names are equal, in a `const` context (the eBPF build
     /// asserts each item's name with it).

@@ -12,13 +12,15 @@ use aya_ebpf::{
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
+use aya_log_ebpf::{error, warn};
 use nodeward_common::{
     DIRECTION_OUTBOUND, OUTBOUND_PORT, POD_HAS_IPV4, POD_HAS_IPV6, PROBE_SOURCE_V4, PROBE_SOURCE_V6, SockAddr,
     ip6_words, is_v4_loopback, is_v4_mapped, is_v6_loopback, map_v4, names,
 };
 
 use crate::helpers::{
-    AF_INET, AF_INET6, PROCEED, SOCK_STREAM, node_netns_cookie, port_excluded, read_ip6, socket_mark, symbol_is,
+    AF_INET, AF_INET6, PROCEED, SOCK_STREAM, ip6_bytes, node_netns_cookie, port_excluded, read_ip6, socket_mark,
+    symbol_is,
 };
 use crate::maps::{PENDING, POD_ADDRS, PODS};
 
@@ -82,7 +84,15 @@ unsafe fn connect4(ctx: &SockAddrContext) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // A failed insert still redirects: the agent then refuses the connection
     // for want of a destination, which fails closed.
-    let _ = PENDING.insert(&cookie, &orig, 0);
+    if let Err(e) = PENDING.insert(&cookie, &orig, 0) {
+        error!(
+            ctx,
+            "capture: no PENDING entry for a connect() to {:i}:{} (error {}): the agent will refuse it",
+            u32::from_be(dst),
+            port,
+            e
+        );
+    }
     sa.user_ip4 = u32::to_be(0x7f00_0001);
     sa.user_port = u32::from(OUTBOUND_PORT.to_be());
 }
@@ -133,7 +143,15 @@ unsafe fn connect6(ctx: &SockAddrContext) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // A failed insert still redirects: the agent then refuses the connection
     // for want of a destination, which fails closed.
-    let _ = PENDING.insert(&cookie, &orig, 0);
+    if let Err(e) = PENDING.insert(&cookie, &orig, 0) {
+        error!(
+            ctx,
+            "capture: no PENDING entry for a connect() to [{:i}]:{} (error {}): the agent will refuse it",
+            ip6_bytes(&dst),
+            port,
+            e
+        );
+    }
     let lo = if mapped {
         map_v4(u32::to_be(0x7f00_0001))
     } else {
@@ -163,13 +181,21 @@ unsafe fn bind_probe_source4(ctx: &SockAddrContext, sk: *mut bpf_sock) {
     };
     // A failed bind (the address is missing from the node) leaves the node's
     // own address as source, which sk_lookup treats as any plaintext client.
-    let _ = unsafe {
+    let ret = unsafe {
         bpf_bind(
             ctx.sock_addr,
             (&mut addr as *mut SockaddrIn).cast::<sockaddr>(),
             core::mem::size_of::<SockaddrIn>() as i32,
         )
     };
+    if ret != 0 {
+        warn!(
+            ctx,
+            "probe source: bind failed (error {}); the node's connection to {:i} leaves from its own address",
+            ret,
+            u32::from_be(sa.user_ip4)
+        );
+    }
 }
 
 /// [`bind_probe_source4`] for IPv6 sockets, IPv4-mapped destinations
@@ -195,13 +221,21 @@ unsafe fn bind_probe_source6(ctx: &SockAddrContext, sk: *mut bpf_sock) {
         scope_id: 0,
     };
     // As for IPv4, a failed bind fails closed.
-    let _ = unsafe {
+    let ret = unsafe {
         bpf_bind(
             ctx.sock_addr,
             (&mut addr as *mut SockaddrIn6).cast::<sockaddr>(),
             core::mem::size_of::<SockaddrIn6>() as i32,
         )
     };
+    if ret != 0 {
+        warn!(
+            ctx,
+            "probe source: bind failed (error {}); the node's connection to {:i} leaves from its own address",
+            ret,
+            ip6_bytes(&dst)
+        );
+    }
 }
 
 /// Whether the application bound the socket itself (an address, or a port):

@@ -46,6 +46,23 @@ pub(crate) unsafe fn read_ip6(a: &[u32; 4]) -> [u32; 4] {
     }
 }
 
+/// An IPv6 address as its 16 bytes, from the four words the kernel keeps it
+/// in (each in network order), for aya-log's `{:i}`.
+#[inline(always)]
+pub(crate) fn ip6_bytes(words: &[u32; 4]) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let w = words[i].to_ne_bytes();
+        b[4 * i] = w[0];
+        b[4 * i + 1] = w[1];
+        b[4 * i + 2] = w[2];
+        b[4 * i + 3] = w[3];
+        i += 1;
+    }
+    b
+}
+
 /// The agent's socket mark (loader global `SOCKET_MARK`).
 #[inline(always)]
 pub(crate) fn socket_mark() -> u32 {

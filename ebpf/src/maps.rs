@@ -6,6 +6,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap, SockHash},
 };
+use aya_log_ebpf::macro_support::{AYA_LOG_LEVEL, AYA_LOGS};
 use nodeward_common::{ListenerKey, PodInfo, PortKey, SockAddr, SockKey, names};
 
 use crate::helpers::symbol_is;
@@ -87,3 +88,6 @@ symbol_is!(HOP_PEER, names::HOP_PEER);
 symbol_is!(LISTENERS, names::LISTENERS);
 symbol_is!(PROBE_SOURCES, names::PROBE_SOURCES);
 symbol_is!(POD_ADDRS, names::POD_ADDRS);
+// aya-log's ring buffer and level, which the agent pins and sets by these names.
+symbol_is!(AYA_LOGS, names::EBPF_LOG);
+symbol_is!(AYA_LOG_LEVEL, names::EBPF_LOG_LEVEL);

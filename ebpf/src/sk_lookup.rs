@@ -5,12 +5,13 @@
 use core::ptr::read_volatile;
 
 use aya_ebpf::{bindings::sk_action, macros::sk_lookup, programs::SkLookupContext};
+use aya_log_ebpf::warn;
 use nodeward_common::{
     DIRECTION_INBOUND, LOOPBACK_IFINDEX, ListenerKey, POD_HAS_IPV4, POD_HAS_IPV6, SLOT_INBOUND_V4, SLOT_INBOUND_V6,
     SLOT_TUNNEL_V4, SLOT_TUNNEL_V6, TUNNEL_PORT, is_v4_loopback, is_v4_mapped, is_v6_loopback, map_v4, names,
 };
 
-use crate::helpers::{AF_INET, IPPROTO_TCP, netns_cookie_const, port_excluded, read_ip6, symbol_is};
+use crate::helpers::{AF_INET, IPPROTO_TCP, ip6_bytes, netns_cookie_const, port_excluded, read_ip6, symbol_is};
 use crate::maps::{LISTENERS, PODS, PROBE_SOURCES};
 
 #[sk_lookup]
@@ -63,7 +64,26 @@ unsafe fn steer(ctx: &SkLookupContext) -> u32 {
         Ok(()) => sk_action::SK_PASS,
         // No listener: the agent is down or the pod is being set up. Never
         // let plaintext reach the app behind the agent's back.
-        Err(_) => sk_action::SK_DROP,
+        Err(_) => {
+            if v4 {
+                warn!(
+                    ctx,
+                    "fail closed: dropped a TCP connection from {:i} to port {} of the pod in netns {}: no agent listener",
+                    u32::from_be(remote4),
+                    port,
+                    netns
+                );
+            } else {
+                warn!(
+                    ctx,
+                    "fail closed: dropped a TCP connection from {:i} to port {} of the pod in netns {}: no agent listener",
+                    ip6_bytes(&remote6),
+                    port,
+                    netns
+                );
+            }
+            sk_action::SK_DROP
+        }
     }
 }
 

@@ -15,10 +15,11 @@ use aya_ebpf::{
     maps::LruHashMap,
     programs::SockOpsContext,
 };
-use nodeward_common::{SockAddr, SockKey, map_v4, names};
+use aya_log_ebpf::error;
+use nodeward_common::{OUTBOUND_PORT, SockAddr, SockKey, map_v4, names};
 
 use crate::helpers::{AF_INET, read_ip6, symbol_is};
-use crate::maps::{HOP_PEER, INBOUND_PEER, ORIG_DST, PENDING};
+use crate::maps::{HOP_PEER, INBOUND_PEER, ORIG_DST, PENDING, PODS};
 
 #[sock_ops]
 pub fn nw_sockops(ctx: SockOpsContext) -> u32 {
@@ -42,7 +43,30 @@ pub fn nw_sockops(ctx: SockOpsContext) -> u32 {
 #[inline(always)]
 unsafe fn publish_orig_dst(ctx: &SockOpsContext) {
     if let Some(orig) = take_by_cookie(ctx, &PENDING) {
-        let _ = ORIG_DST.insert(&unsafe { local_key(ctx, 0) }, &orig, 0);
+        let key = unsafe { local_key(ctx, 0) };
+        if let Err(e) = ORIG_DST.insert(&key, &orig, 0) {
+            error!(
+                ctx,
+                "capture: ORIG_DST insert failed (error {}) for the connection from port {}: the agent will refuse it",
+                e,
+                key.port
+            );
+        }
+    } else if remote_port(ctx) == OUTBOUND_PORT {
+        // A pod's connection to the agent's outbound listener with no
+        // original destination: evicted from PENDING, or the app dialled
+        // the listener itself. Only this port's connections pay the lookup.
+        // SAFETY: the helper only reads the socket behind the kernel's context.
+        let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+        // SAFETY: presence test only.
+        if unsafe { PODS.get(&netns) }.is_some() {
+            error!(
+                ctx,
+                "capture: a connection to the agent's outbound listener from port {} of the pod in netns {} has no original destination: the agent will refuse it",
+                ctx.local_port(),
+                netns
+            );
+        }
     }
 }
 
@@ -53,7 +77,15 @@ unsafe fn publish_orig_dst(ctx: &SockOpsContext) {
 unsafe fn file_hop_peer(ctx: &SockOpsContext) {
     if let Some(client) = take_by_cookie(ctx, &HOP_PEER) {
         // A failed insert leaves no entry; the agent checks and refuses the hop.
-        let _ = INBOUND_PEER.insert(&unsafe { local_key(ctx, remote_port(ctx)) }, &client, 0);
+        let key = unsafe { local_key(ctx, remote_port(ctx)) };
+        if let Err(e) = INBOUND_PEER.insert(&key, &client, 0) {
+            error!(
+                ctx,
+                "capture: INBOUND_PEER insert failed (error {}) for the agent's hop to port {}: the agent will refuse it",
+                e,
+                key.app_port
+            );
+        }
         let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
     }
 }

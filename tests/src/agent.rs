@@ -29,14 +29,24 @@ pub struct Agent {
 impl Agent {
     /// Starts `nodeward run` for `node` reading `config_dir`, with JSON logs.
     pub fn start(node: &Node, config_dir: &Path, extra: &[&str]) -> Agent {
+        Agent::start_env(node, config_dir, extra, &[])
+    }
+
+    /// [`Agent::start`] with environment variables set for the agent (over
+    /// those it inherits, e.g. the VM runner's `NODEWARD_EBPF_LOG`).
+    pub fn start_env(node: &Node, config_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Agent {
         let dir = config_dir.to_str().expect("utf-8 path");
         let args: Vec<&str> = ["--config-dir", dir].iter().chain(extra).copied().collect();
-        Agent::start_with(node, &args)
+        Agent::start_with_env(node, &args, env)
     }
 
     /// Starts `nodeward run` for `node` with JSON logs and `args` (which
     /// choose the config source).
     pub fn start_with(node: &Node, args: &[&str]) -> Agent {
+        Agent::start_with_env(node, args, &[])
+    }
+
+    fn start_with_env(node: &Node, args: &[&str], env: &[(&str, &str)]) -> Agent {
         let bin = crate::nodeward_bin();
         let mut cmd = nsenter(&node.netns, &[bin.to_str().expect("utf-8 path")]);
         cmd.args(["run", "--node-name", &node.name])
@@ -46,6 +56,7 @@ impl Agent {
                 "NODEWARD_LOG",
                 std::env::var("NODEWARD_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

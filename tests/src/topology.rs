@@ -367,6 +367,11 @@ impl Topology {
     /// Starts node `k`'s agent with extra flags (and `--ca-dir`, unless
     /// they name a CA service).
     pub fn start_agent(&mut self, k: usize, extra: &[&str]) {
+        self.start_agent_env(k, extra, &[]);
+    }
+
+    /// [`Topology::start_agent`] with environment variables for the agent.
+    pub fn start_agent_env(&mut self, k: usize, extra: &[&str], env: &[(&str, &str)]) {
         let ca = self.ca_dir.to_string_lossy().into_owned();
         let mut args: Vec<&str> = if extra.contains(&"--ca-address") {
             Vec::new()
@@ -374,7 +379,7 @@ impl Topology {
             vec!["--ca-dir", &ca]
         };
         args.extend_from_slice(extra);
-        let agent = Agent::start(&self.nodes[k], &self.config_dir, &args);
+        let agent = Agent::start_env(&self.nodes[k], &self.config_dir, &args, env);
         self.nodes[k].agent = Some(agent);
     }
 

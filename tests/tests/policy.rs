@@ -161,6 +161,58 @@ fn strict_still_refuses_plaintext_with_the_agent_killed() {
     assert!(!reaches(&t, "outsider", api.v4(8080)));
 }
 
+/// `--ebpf-log`: the programs record the fail-closed drops they make while
+/// the agent is down, and the agent logs them when it is back; without the
+/// flag they record nothing.
+#[test]
+fn with_ebpf_log_the_drops_made_while_the_agent_was_down_are_logged_when_it_is_back() {
+    let _g = shared();
+    let Some(mut t) = cluster("with_ebpf_log_the_drops_made_while_the_agent_was_down_are_logged_when_it_is_back")
+    else {
+        return;
+    };
+    let api = t.pod("api").clone();
+    let outsider = t.pod("outsider").clone();
+    let _s = serve(&api.netns, api.v4(8080), info_echo);
+    let dropped = |line: &serde_json::Value| {
+        line["target"] == "nodeward::ebpf"
+            && line["program"] == "nodeward_ebpf::sk_lookup"
+            && line["message"].as_str().is_some_and(|m| {
+                m.starts_with("fail closed: dropped a TCP connection")
+                    && m.contains(&format!("from {} to port 8080", outsider.ip4))
+            })
+    };
+    // Off (whatever the environment says): the pod's steering is loaded
+    // with logging off, so its drops while the agent is down leave nothing.
+    t.agent_mut(1).kill();
+    t.start_agent_env(1, &[], &[("NODEWARD_EBPF_LOG", "false")]);
+    t.wait_captured(1);
+    t.agent_mut(1).kill();
+    assert!(!reaches(&t, "outsider", api.v4(8080)), "no agent: dropped");
+    t.start_agent(1, &["--ebpf-log"]);
+    t.wait_captured(1);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !t.agent(1).lines().iter().any(dropped),
+        "recorded with --ebpf-log off:\n{}",
+        t.agent(1).dump()
+    );
+    // On: the agent that just started reloaded the steering with logging
+    // on; killed, its drops are recorded and read by the next agent.
+    t.agent_mut(1).kill();
+    assert!(!reaches(&t, "outsider", api.v4(8080)), "no agent: dropped");
+    t.start_agent(1, &["--ebpf-log"]);
+    let line = t.agent(1).wait_log(WAIT, dropped).unwrap_or_else(|| {
+        panic!(
+            "the drop while the agent was down is not logged:\n{}",
+            t.agent(1).dump()
+        )
+    });
+    assert_eq!(line["level"], "WARN", "{line}");
+    t.wait_captured(1);
+    assert!(reaches(&t, "outsider", api.v4(8080)), "the agent is back");
+}
+
 #[test]
 fn disable_accepts_plaintext_through_the_agent_and_peers_send_plaintext() {
     let _g = shared();

@@ -53,7 +53,8 @@ pub const OLDEST: Kernel = Kernel::Debian61;
 /// What `cargo xtask test` runs on [`OLDEST`] (libtest name filters): the
 /// startup checks, capture and the tunnel across nodes in all address
 /// families, the node's probes (`bpf_bind` in the connect hooks), and
-/// STRICT with the agent killed (fail closed). Each topology test takes
+/// STRICT with the agent killed (fail closed), and the programs' own log
+/// (`--ebpf-log`) on and off. Each topology test takes
 /// one to three minutes under TCG, which is all this machine's nested KVM
 /// allows; `vm-test` runs everything.
 pub const CI_SUBSET: &[&str] = &[
@@ -62,6 +63,7 @@ pub const CI_SUBSET: &[&str] = &[
     "cross_node_connections_are_captured_on_both_ends_ipv4_ipv6_and_mapped",
     "probes_from_the_node_reach_a_strict_pod_from_the_probe_source",
     "strict_still_refuses_plaintext_with_the_agent_killed",
+    "with_ebpf_log_the_drops_made_while_the_agent_was_down_are_logged_when_it_is_back",
 ];
 
 /// A kernel to test on.

@@ -22,6 +22,7 @@ pub(crate) mod host;
 pub(crate) mod keys;
 pub(crate) mod map;
 pub(crate) mod probe;
+pub(crate) mod program_log;
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -32,6 +33,7 @@ use aya::{Ebpf, EbpfLoader};
 use nodeward_common::{ListenerKey, PodInfo, PortKey, SockAddr, SockKey, names};
 
 pub(crate) use map::BpfMap;
+use program_log::ProgramLog;
 
 use crate::netns::Netns;
 
@@ -112,6 +114,8 @@ pub(crate) struct CaptureConfig {
     pub(crate) cgroup2: Option<PathBuf>,
     /// Socket mark of the agent's own sockets.
     pub(crate) socket_mark: u32,
+    /// Whether the programs record their rare decisions (`--ebpf-log`).
+    pub(crate) ebpf_log: bool,
 }
 
 /// The pin directory of a node.
@@ -152,6 +156,9 @@ pub(crate) struct Capture {
     node_netns: u64,
     /// The shared maps.
     pub(crate) maps: Maps,
+    /// The reader of the programs' log records, until the agent takes it
+    /// (`--ebpf-log` only).
+    program_log: Option<ProgramLog>,
 }
 
 impl Capture {
@@ -173,7 +180,12 @@ impl Capture {
             })?;
         }
         let node_netns = own_netns_cookie()?;
-        let mut ebpf = load_object(&dir, config.socket_mark, node_netns, None)?;
+        let mut ebpf = load_object(&dir, &config, node_netns, None)?;
+        let program_log = if config.ebpf_log {
+            Some(ProgramLog::take(&mut ebpf)?)
+        } else {
+            None
+        };
         let cgroup_fd = std::fs::File::open(&cgroup).map_err(|e| CaptureError::Host {
             what: format!("cgroup v2 root {}", cgroup.display()),
             message: e.to_string(),
@@ -223,7 +235,13 @@ impl Capture {
             dir,
             node_netns,
             maps,
+            program_log,
         })
+    }
+
+    /// The reader of the programs' log records, once (`--ebpf-log`).
+    pub(crate) fn take_program_log(&mut self) -> Option<ProgramLog> {
+        self.program_log.take()
     }
 
     /// Attaches (or re-attaches) inbound steering to a pod's namespace,
@@ -240,7 +258,7 @@ impl Capture {
             message: e.to_string(),
         };
         std::fs::create_dir_all(&pod_dir).map_err(|e| dir_err(&pod_dir, e))?;
-        let mut ebpf = load_object(&self.dir, self.config.socket_mark, self.node_netns, Some(cookie))?;
+        let mut ebpf = load_object(&self.dir, &self.config, self.node_netns, Some(cookie))?;
         let name = names::NW_SK_LOOKUP;
         let prog: &mut SkLookup = program(&mut ebpf, name)?;
         prog.load().map_err(|e| refused(name, e))?;
@@ -371,22 +389,33 @@ fn own_netns_cookie() -> Result<u64, CaptureError> {
     crate::netns::netns_cookie(&sock).map_err(host_err)
 }
 
-fn load_object(dir: &Path, mark: u32, node_netns: u64, netns_cookie: Option<u64>) -> Result<Ebpf, CaptureError> {
+fn load_object(
+    dir: &Path,
+    config: &CaptureConfig,
+    node_netns: u64,
+    netns_cookie: Option<u64>,
+) -> Result<Ebpf, CaptureError> {
     let cookie = netns_cookie.unwrap_or(u64::MAX);
+    let level = program_log::level(config.ebpf_log);
+    // aya-log declares its ring buffer unpinned; pinned here, every
+    // instance of every load shares the node's one (see `program_log`).
+    let log_pin = dir.join("maps").join(names::EBPF_LOG);
     let loaded = EbpfLoader::new()
         // The programs read only UAPI context structs, which never move, so
         // they need no CO-RE relocation: the kernel's BTF is not used.
         .btf(None)
         .default_map_pin_directory(dir.join("maps"))
-        .override_global(names::SOCKET_MARK, &mark, true)
+        .map_pin_path(names::EBPF_LOG, log_pin)
+        .override_global(names::SOCKET_MARK, &config.socket_mark, true)
         .override_global(names::NETNS_COOKIE, &cookie, true)
         .override_global(names::NODE_NETNS_COOKIE, &node_netns, true)
+        .override_global(names::EBPF_LOG_LEVEL, &level, true)
         .load(EBPF_OBJECT);
     // The loader's parse of the kernel's BTF is freed by now.
     crate::memory::release_freed();
     loaded.map_err(|e| CaptureError::Program {
         program: "(object)",
-        hint: "eBPF maps: hash, LRU hash and sock hash, kernel 5.9 or newer",
+        hint: "eBPF maps: hash, LRU hash, sock hash and ring buffer, kernel 5.9 or newer",
         message: error_chain(&e),
     })
 }

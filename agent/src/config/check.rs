@@ -655,6 +655,7 @@ impl Config {
                 node_name: a.node_name.clone(),
                 cgroup2: a.cgroup2,
                 socket_mark: a.socket_mark,
+                ebpf_log: a.ebpf_log,
             },
             proxy: ProxyConfig {
                 socket_mark: a.socket_mark,
