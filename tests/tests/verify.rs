@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use nodeward_testbed::netns::nsenter;
 use nodeward_testbed::traffic::{info_echo, round_trip, serve};
-use nodeward_testbed::{PodSpec, Topology, TopologySpec, nodeward_bin, privileged_or_skip, shared};
+use nodeward_testbed::{PodSpec, Topology, TopologySpec, nodeward_bin, patience, privileged_or_skip, shared};
 use serde_json::Value;
 
 /// node 1: a; node 2: c (app: c), which the tests verify.
@@ -38,6 +38,9 @@ fn verify(t: &Topology) -> (i32, Value, String) {
             .arg(&t.config_dir)
             .arg("--ca-dir")
             .arg(&t.ca_dir)
+            // Each probe's wait, stretched where everything is slower (TCG).
+            .arg("--timeout")
+            .arg(format!("{}ms", patience(Duration::from_secs(1)).as_millis()))
             .output()
             .expect("run nodeward verify");
         (
@@ -55,7 +58,7 @@ fn verify(t: &Topology) -> (i32, Value, String) {
 /// Verifies until the exit code is `want` (the agents apply a config
 /// change within one poll; verify reads the directory at once).
 fn verify_until(t: &Topology, want: i32) -> (Value, String) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + patience(Duration::from_secs(10));
     loop {
         let (code, report, table) = verify(t);
         if code == want {
@@ -201,7 +204,7 @@ fn verify_reads_the_agents_counters_and_fails_once_the_pod_called_an_enrolled_pe
     // a's port 8080 in DISABLE: c's agent now calls it in plaintext, and
     // verify on c's node names the plaintext calls to an enrolled peer.
     t.apply("pa", A_8080_DISABLE);
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + patience(Duration::from_secs(10));
     loop {
         round_trip(&c_netns, a.v4(8080), b"in plaintext?").unwrap();
         let (code, report, table) = verify(&t);

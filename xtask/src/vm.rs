@@ -50,18 +50,27 @@ const EARLY_MODULES: &[&str] = &["virtio_pci", "virtiofs"];
 /// The oldest kernel `cargo xtask test` runs the suite on in a VM.
 pub const OLDEST: Kernel = Kernel::Debian61;
 
-/// What `cargo xtask test` runs on [`OLDEST`] (libtest name filters): the
-/// startup checks, capture and the tunnel across nodes in all address
-/// families, the node's probes (`bpf_bind` in the connect hooks), and
-/// STRICT with the agent killed (fail closed), and the programs' own log
-/// (`--ebpf-log`) on and off. Each topology test takes
-/// one to three minutes under TCG, which is all this machine's nested KVM
-/// allows; `vm-test` runs everything.
+/// What `cargo xtask test` runs on [`OLDEST`] (libtest name filters), one
+/// test per kernel feature the agent relies on: the startup checks;
+/// capture and the tunnel across nodes in all address families (connect
+/// hooks, sockops, sk_lookup); `getsockname` rewriting; the node's probes
+/// (`bpf_bind` in the connect hooks); NodePort traffic through the
+/// kernel's NAT into sk_lookup; no plaintext on the wire between enrolled
+/// pods; UDP untouched; pinned links surviving SIGKILL and replaced by the
+/// next agent; STRICT with the agent killed (fail closed); and the
+/// programs' own log (`--ebpf-log`) on and off. A topology test takes half
+/// a minute to a minute under TCG, the only accelerator on a host without
+/// nested virtualisation; `vm-test` runs everything.
 pub const CI_SUBSET: &[&str] = &[
     "refused_by_name",
     "without_privileges_the_missing_capabilities_are_named",
     "cross_node_connections_are_captured_on_both_ends_ipv4_ipv6_and_mapped",
+    "getsockname_shows_the_pod_address_and_the_socket_port_but_loopback_stays_loopback",
     "probes_from_the_node_reach_a_strict_pod_from_the_probe_source",
+    "node_port_traffic_masqueraded_to_the_node_address_is_plaintext_like_any_other",
+    "no_plaintext_between_enrolled_pods_on_the_wire_but_plaintext_to_others",
+    "udp_and_dns_style_traffic_is_untouched",
+    "sigkill_fails_closed_and_a_restarted_agent_readopts_without_duplicates",
     "strict_still_refuses_plaintext_with_the_agent_killed",
     "with_ebpf_log_the_drops_made_while_the_agent_was_down_are_logged_when_it_is_back",
 ];

@@ -43,6 +43,10 @@ pub(crate) fn scrape(addr: SocketAddr, timeout: Duration) -> Result<String, Stri
     match fetch() {
         Ok((status, body)) if status.split_whitespace().nth(1) == Some("200") => Ok(body),
         Ok((status, _)) => Err(format!("http://{addr}/metrics answered {status:?}")),
+        // A read or write timeout surfaces as EAGAIN, which says nothing.
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => Err(format!(
+            "http://{addr}/metrics: no answer within {timeout:?} (--timeout)"
+        )),
         Err(e) => Err(format!("http://{addr}/metrics: {e}")),
     }
 }
@@ -311,6 +315,16 @@ mod tests {
         let c = verdict(body);
         assert_eq!(c.status, Status::Fail, "{c:?}");
         assert!(c.detail.contains("2 of 5"), "{c:?}");
+    }
+
+    #[test]
+    fn an_agent_that_does_not_answer_in_time_is_named_with_the_timeout() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Accepted (by the backlog) and never answered.
+        let e = scrape(addr, Duration::from_millis(100)).unwrap_err();
+        assert_eq!(e, format!("http://{addr}/metrics: no answer within 100ms (--timeout)"));
+        drop(listener);
     }
 
     #[test]
