@@ -43,6 +43,19 @@ fn cross_node_connections_are_captured_on_both_ends_ipv4_ipv6_and_mapped() {
         assert_eq!(out["pod"], "mesh/a");
         assert_eq!(out["reason"], "done");
         assert_eq!(out["sent"], 22);
+        // The connection's line names the app's own end, the pod's address
+        // and port, as the server's side does; never the loopback leg to
+        // the agent (earlier connections to `d` have lines of their own).
+        let app_end = SocketAddr::new(want_peer.ip(), client_local.port()).to_string();
+        assert!(
+            t.agent(0)
+                .wait_log(WAIT, |l| l["direction"] == "outbound"
+                    && l["dst"] == d.as_str()
+                    && l["src"] == app_end.as_str())
+                .is_some(),
+            "no outbound line with src={app_end}:\n{}",
+            t.agent(0).dump()
+        );
         // Both ends are enrolled: the connection crossed as an HBONE tunnel
         // that proved c's identity to a and a's to c.
         assert_eq!(out["transport"], "hbone");

@@ -372,3 +372,39 @@ fn kubectl_renders_the_kustomizations() {
         assert_eq!(got, kinds, "{}", dir.display());
     }
 }
+
+/// Every cargo command that builds what ships, or the tool that builds it,
+/// uses the committed `Cargo.lock` (`--locked`): a build that may resolve
+/// newer crates than the ones reviewed is not the build that was tested.
+#[test]
+fn every_shipping_build_and_the_bpf_linker_install_are_locked() {
+    let root = deploy_dir().join("..");
+    let containerfile = std::fs::read_to_string(deploy_dir().join("Containerfile")).unwrap();
+    // Each `cargo <verb>` in a RUN line of the Containerfile.
+    let cargo_calls: Vec<&str> = containerfile
+        .split("cargo ")
+        .skip(1)
+        .filter(|c| ["build", "run", "install"].iter().any(|v| c.starts_with(v)))
+        .map(|c| c.split("&&").next().unwrap_or(c))
+        .collect();
+    assert!(!cargo_calls.is_empty(), "the Containerfile builds nothing with cargo");
+    for call in cargo_calls {
+        assert!(
+            call.contains("--locked"),
+            "Containerfile: `cargo {}` is not --locked",
+            call.trim()
+        );
+    }
+    // The xtask's installer of bpf-linker, which CI and the image both run.
+    let prereqs = std::fs::read_to_string(root.join("xtask/src/prereqs.rs")).unwrap();
+    let args = prereqs
+        .split("\"install\",")
+        .skip(1)
+        .map(|call| call.split(')').next().unwrap())
+        .find(|args| args.contains("\"bpf-linker\""))
+        .expect("xtask/src/prereqs.rs installs bpf-linker with cargo install");
+    assert!(
+        args.contains("\"--locked\""),
+        "bpf-linker is installed without --locked: {args}"
+    );
+}

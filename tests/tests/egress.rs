@@ -180,28 +180,47 @@ fn tls_only_lets_the_apps_own_tls_through_refuses_plaintext_and_passes_the_allow
 }
 
 #[test]
-fn the_egress_default_flag_applies_unless_the_pod_says_and_an_invalid_value_is_tls_only() {
+fn a_pod_cannot_relax_the_egress_default_nor_allow_list_itself_and_an_invalid_value_is_tls_only() {
     let _g = shared();
-    let Some(t) = cluster(
-        "the_egress_default_flag_applies_unless_the_pod_says_and_an_invalid_value_is_tls_only",
-        [Some("passthrough"), None, Some("plaintext-please")],
-        |_| vec!["--egress-default".to_string(), "tls-only".to_string()],
-    ) else {
+    let test = "a_pod_cannot_relax_the_egress_default_nor_allow_list_itself_and_an_invalid_value_is_tls_only";
+    if !privileged_or_skip(test) {
         return;
-    };
+    }
+    // `a` says passthrough and allow-lists everything for itself; `e`'s
+    // value is invalid; `b` says nothing.
+    let mut spec = TopologySpec::two_nodes();
+    spec.nodes[0] = vec![
+        PodSpec::new("a", "mesh")
+            .annotation(EGRESS, "passthrough")
+            .annotation("nodeward.io/egress-allow", "0.0.0.0/0, ::/0"),
+        PodSpec::new("b", "mesh"),
+        PodSpec::new("e", "mesh").annotation(EGRESS, "plaintext-please"),
+    ];
+    let mut t = Topology::build(spec);
+    t.start_agents_with(&["--egress-default", "tls-only"]);
     let (a, b, e, d) = (t.pod("a"), t.pod("b"), t.pod("e"), t.pod("d"));
     let _plain = serve(&d.netns, d.v4(8080), info_echo);
     let _tls = serve(&d.netns, d.v4(8443), tls_echo);
 
-    // The pod's own `passthrough` wins over the flag.
-    round_trip(&a.netns, d.v4(8080), b"opted back").unwrap();
-    // The flag is the default of a pod that does not say ...
+    // The flag holds for every pod: a pod's `passthrough` and its own
+    // allow list change nothing ...
+    let back = plaintext_request(&a.netns, d.v4(8080));
+    assert!(!back.contains("peer="), "a relaxed its own egress: {back:?}");
     let back = plaintext_request(&b.netns, d.v4(8080));
     assert!(!back.contains("peer="), "b's plaintext passed: {back:?}");
     // ... and an invalid value fails closed, with one warning naming it.
     let back = plaintext_request(&e.netns, d.v4(8080));
     assert!(!back.contains("peer="), "e's plaintext passed: {back:?}");
-    for pod in ["mesh/b", "mesh/e"] {
+    assert!(
+        t.agent(0)
+            .wait_log(WAIT, |l| l["level"] == "WARN"
+                && l["pod"] == "mesh/a"
+                && l["annotation"] == "nodeward.io/egress-allow")
+            .is_some(),
+        "no warning that a's own allow list is ignored:\n{}",
+        t.agent(0).dump()
+    );
+    for pod in ["mesh/a", "mesh/b", "mesh/e"] {
         assert!(
             t.agent(0)
                 .wait_log(WAIT, |l| l["pod"] == pod && l["reason"] == "egress_plaintext")

@@ -199,20 +199,28 @@ fn cargo() -> Command {
 
 /// Builds the agent; returns the binary's path.
 fn build() -> Result<PathBuf> {
-    run(cargo().args(["build", "--package", "nodeward"]))?;
+    run(cargo().args(["build", "--locked", "--package", "nodeward"]))?;
     Ok(root().join("target/debug/nodeward"))
 }
 
 /// Builds the agent optimised, for benchmarks.
 fn build_release() -> Result<PathBuf> {
-    run(cargo().args(["build", "--release", "--package", "nodeward"]))?;
+    run(cargo().args(["build", "--locked", "--release", "--package", "nodeward"]))?;
     Ok(root().join("target/release/nodeward"))
 }
 
 /// `cargo run` of one of the testbed's binaries.
 fn testbed_bin(name: &str, release: bool) -> Command {
     let mut cmd = cargo();
-    cmd.args(["run", "--quiet", "--package", "nodeward-testbed", "--bin", name]);
+    cmd.args([
+        "run",
+        "--locked",
+        "--quiet",
+        "--package",
+        "nodeward-testbed",
+        "--bin",
+        name,
+    ]);
     if release {
         cmd.arg("--release");
     }
@@ -280,7 +288,7 @@ fn test(extra: &[String]) -> Result<()> {
     println!("== cargo fmt --check");
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     println!("== cargo clippy");
-    run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    run(cargo().args(["clippy", "--locked", "--all-targets", "--", "-D", "warnings"]))?;
     println!("== build");
     let bin = build()?;
     if !nix_is_root() {
@@ -292,7 +300,7 @@ fn test(extra: &[String]) -> Result<()> {
     }
     println!("== cargo test");
     let mut cmd = cargo();
-    cmd.args(["test", "--no-fail-fast"])
+    cmd.args(["test", "--locked", "--no-fail-fast"])
         .args(extra)
         .env("NODEWARD_BIN", &bin)
         .env("RUST_TEST_THREADS", "2");

@@ -158,6 +158,7 @@ fn bpf_linker() -> Result<()> {
             .args([
                 "install",
                 "bpf-linker",
+                "--locked",
                 "--version",
                 "^0.13",
                 "--no-default-features",

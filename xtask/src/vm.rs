@@ -248,6 +248,7 @@ fn test_binaries(names: &[String]) -> Result<Vec<PathBuf>> {
     let out = cargo()
         .args([
             "test",
+            "--locked",
             "--package",
             "nodeward-testbed",
             "--tests",

@@ -201,36 +201,58 @@ mod tests {
     }
 
     #[test]
-    fn the_pod_annotation_wins_and_an_invalid_mode_is_tls_only() {
+    fn the_strictest_of_flag_namespace_and_pod_applies_and_only_the_namespace_allow_lists() {
         use crate::state::workload::{EGRESS_ALLOW_ANNOTATION, EGRESS_ANNOTATION, Namespace, Pod};
-        let mut ns = Namespace::default();
-        ns.annotations.insert(EGRESS_ANNOTATION.into(), "tls-only".into());
-        ns.annotations
-            .insert(EGRESS_ALLOW_ANNOTATION.into(), "10.0.0.0/8".into());
-        let mut pod = Pod {
-            uid: "egress-test".into(),
-            ..Default::default()
+        use EgressMode::{Passthrough, TlsOnly};
+        let ns = |mode: Option<&str>| {
+            let mut ns = Namespace::default();
+            if let Some(m) = mode {
+                ns.annotations.insert(EGRESS_ANNOTATION.into(), m.into());
+            }
+            ns
         };
-        assert_eq!(
-            egress(&pod, None, EgressMode::Passthrough).mode,
-            EgressMode::Passthrough
-        );
-        assert_eq!(egress(&pod, None, EgressMode::TlsOnly).mode, EgressMode::TlsOnly);
-        assert_eq!(
-            egress(&pod, Some(&ns), EgressMode::Passthrough).mode,
-            EgressMode::TlsOnly
-        );
-        pod.annotations.insert(EGRESS_ANNOTATION.into(), "passthrough".into());
-        pod.annotations
-            .insert(EGRESS_ALLOW_ANNOTATION.into(), "192.0.2.1:25, nonsense".into());
-        let e = egress(&pod, Some(&ns), EgressMode::TlsOnly);
-        assert_eq!(e.mode, EgressMode::Passthrough, "the pod wins");
-        assert_eq!(e.allow.len(), 2, "both allow lists, bad entries skipped: {:?}", e.allow);
-        pod.annotations
-            .insert(EGRESS_ANNOTATION.into(), "plaintext-please".into());
-        assert_eq!(
-            egress(&pod, Some(&ns), EgressMode::Passthrough).mode,
-            EgressMode::TlsOnly
-        );
+        let pod = |mode: Option<&str>| {
+            let mut pod = Pod {
+                uid: "egress-test".into(),
+                ..Default::default()
+            };
+            if let Some(m) = mode {
+                pod.annotations.insert(EGRESS_ANNOTATION.into(), m.into());
+            }
+            pod
+        };
+        // (flag, namespace, pod) -> mode
+        let table = [
+            (Passthrough, None, None, Passthrough),
+            (TlsOnly, None, None, TlsOnly),
+            (Passthrough, Some("tls-only"), None, TlsOnly),
+            (Passthrough, None, Some("tls-only"), TlsOnly),
+            // A pod cannot relax its namespace, nor the flag ...
+            (Passthrough, Some("tls-only"), Some("passthrough"), TlsOnly),
+            (TlsOnly, None, Some("passthrough"), TlsOnly),
+            // ... nor can a namespace relax the flag.
+            (TlsOnly, Some("passthrough"), None, TlsOnly),
+            (Passthrough, Some("passthrough"), Some("passthrough"), Passthrough),
+            // An invalid value anywhere fails closed.
+            (Passthrough, None, Some("plaintext-please"), TlsOnly),
+            (Passthrough, Some("plaintext-please"), Some("passthrough"), TlsOnly),
+        ];
+        for (flag, n, p, want) in table {
+            assert_eq!(
+                egress(&pod(p), Some(&ns(n)), flag).mode,
+                want,
+                "flag {flag:?}, namespace {n:?}, pod {p:?}"
+            );
+        }
+        // Only the namespace's allow list applies; a pod's is ignored.
+        let mut n = ns(Some("tls-only"));
+        n.annotations
+            .insert(EGRESS_ALLOW_ANNOTATION.into(), "10.0.0.0/8, nonsense".into());
+        let mut p = pod(None);
+        p.annotations.insert(EGRESS_ALLOW_ANNOTATION.into(), "0.0.0.0/0".into());
+        let e = egress(&p, Some(&n), Passthrough);
+        assert_eq!(e.allow.len(), 1, "the namespace's good entry only: {:?}", e.allow);
+        assert_eq!(e.allow[0].net, "10.0.0.0".parse::<std::net::IpAddr>().unwrap());
+        assert!(egress(&p, None, TlsOnly).allow.is_empty(), "a pod allow-listed itself");
     }
 }

@@ -287,6 +287,25 @@ fn response_flags(reason: CloseReason, refusal: Option<Refusal>) -> &'static str
     }
 }
 
+/// The client as a log line names it. Outbound, the agent meets the app on
+/// the pod's loopback (its `connect()` was redirected there), but the app's
+/// socket carries the pod's own address (its `getsockname()` shows it) and
+/// the server side logs that address: so name the pod's address of the
+/// socket's family with the app's port, as ztunnel does, and an operator
+/// finds both ends of a connection by one `src`.
+fn shown_src(ctx: &PodContext, dir: Direction, src: SocketAddr) -> SocketAddr {
+    let src = unmap(src);
+    match dir {
+        Direction::Outbound => ctx
+            .pod
+            .ips
+            .iter()
+            .find(|ip| ip.is_ipv4() == src.is_ipv4())
+            .map_or(src, |&ip| SocketAddr::new(ip, src.port())),
+        Direction::Inbound | Direction::Tunnel => src,
+    }
+}
+
 /// Logs the end of one proxied connection and records its metrics.
 pub(crate) fn log_connection(ctx: &PodContext, dir: Direction, src: SocketAddr, mut o: Outcome, started: Instant) {
     let reason = final_reason(ctx, o.stats.reason);
@@ -313,7 +332,7 @@ pub(crate) fn log_connection(ctx: &PodContext, dir: Direction, src: SocketAddr, 
         target: "nodeward::conn",
         direction = dir.as_str(),
         pod = %ctx.pod.key,
-        src = %unmap(src),
+        src = %shown_src(ctx, dir, src),
         dst = %dst,
         src_workload = %format_args!("{}/{}", tcp.source_workload_namespace, tcp.source_workload),
         src_identity = %tcp.source_principal,

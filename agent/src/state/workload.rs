@@ -14,11 +14,13 @@ pub(crate) const EXCLUDE_INBOUND_ANNOTATION: &str = "traffic.sidecar.istio.io/ex
 /// Annotation listing outbound destination ports the agent never captures.
 pub(crate) const EXCLUDE_OUTBOUND_ANNOTATION: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
 
-/// Annotation (Namespace or Pod; the pod's wins) choosing what the pod's
-/// connections outside the mesh may carry: `passthrough` or `tls-only`.
+/// Annotation (Namespace or Pod; the strictest of them and
+/// `--egress-default` applies) choosing what the pod's connections outside
+/// the mesh may carry: `passthrough` or `tls-only`.
 pub(crate) const EGRESS_ANNOTATION: &str = "nodeward.io/egress";
-/// Annotation (Namespace or Pod; both apply) listing destinations outside
-/// the mesh reached even in plaintext under `tls-only`: `CIDR[:PORT],...`.
+/// Annotation (Namespace only: a pod's is ignored) listing destinations
+/// outside the mesh reached even in plaintext under `tls-only`:
+/// `CIDR[:PORT],...`.
 pub(crate) const EGRESS_ALLOW_ANNOTATION: &str = "nodeward.io/egress-allow";
 
 /// A Kubernetes namespace.
@@ -155,7 +157,9 @@ pub(crate) fn parse_port_list(value: &str) -> (Vec<u16>, Vec<String>) {
 }
 
 /// What a pod's connections to destinations outside the mesh may carry.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+/// Ordered from the most permissive to the strictest: the strictest that
+/// any of flag, namespace and pod says applies.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub(crate) enum EgressMode {
     /// Anything, passed through unchanged (the default: the mesh does not
     /// break what worked before it).
@@ -287,35 +291,41 @@ pub(crate) struct Egress {
     pub(crate) allow: Vec<EgressAllow>,
 }
 
-/// The egress setting of `pod`: the pod's `nodeward.io/egress` over its
-/// namespace's over `default`; an invalid value is `tls-only` (fail
-/// closed), warned about once per pod and value. The allow lists of both
-/// objects apply; bad entries are skipped and warned about once.
+/// The egress setting of `pod`: the strictest of `default`
+/// (`--egress-default`), the namespace's `nodeward.io/egress` and the
+/// pod's, so that whoever may create a pod can only tighten what the
+/// operator and the namespace set, never relax it. An invalid value is
+/// `tls-only` (fail closed), warned about once per pod and value. Only the
+/// namespace's allow list opens destinations (the flag's come on top); a
+/// pod's own `nodeward.io/egress-allow` is ignored and warned about once,
+/// since a pod that could allow-list itself would make `tls-only` moot.
 pub(crate) fn egress(pod: &Pod, ns: Option<&Namespace>, default: EgressMode) -> Egress {
     let ns_annotations = ns.map(|n| &n.annotations);
-    let mode = match pod
-        .annotations
-        .get(EGRESS_ANNOTATION)
-        .or_else(|| ns_annotations.and_then(|a| a.get(EGRESS_ANNOTATION)))
-    {
-        None => default,
-        Some(value) => value.parse().unwrap_or_else(|e: EgressParseError| {
-            if first_report(&pod.uid, EGRESS_ANNOTATION, value) {
+    // Reported apart (the namespace's and the pod's may both be bad), so
+    // that neither warning resets the other's "already said".
+    let said = [
+        (ns_annotations.and_then(|a| a.get(EGRESS_ANNOTATION)), NS_EGRESS_REPORT),
+        (pod.annotations.get(EGRESS_ANNOTATION), EGRESS_ANNOTATION),
+    ];
+    let mode = said.into_iter().fold(default, |mode, (value, report)| {
+        let Some(value) = value else { return mode };
+        let said = value.parse().unwrap_or_else(|e: EgressParseError| {
+            if first_report(&pod.uid, report, value) {
                 tracing::warn!(pod = %pod.key(), annotation = EGRESS_ANNOTATION, value = %value, "{e}; using tls-only");
             }
             EgressMode::TlsOnly
-        }),
-    };
-    let mut allow = Vec::new();
-    for value in [
-        ns_annotations.and_then(|a| a.get(EGRESS_ALLOW_ANNOTATION)),
-        pod.annotations.get(EGRESS_ALLOW_ANNOTATION),
-    ]
-    .into_iter()
-    .flatten()
+        });
+        mode.max(said)
+    });
+    if let Some(value) = pod.annotations.get(EGRESS_ALLOW_ANNOTATION)
+        && first_report(&pod.uid, EGRESS_ALLOW_ANNOTATION, value)
     {
+        tracing::warn!(pod = %pod.key(), annotation = EGRESS_ALLOW_ANNOTATION, value = %value, "ignored on a pod: only the namespace's allow list (or --egress-allow) opens destinations");
+    }
+    let mut allow = Vec::new();
+    if let Some(value) = ns_annotations.and_then(|a| a.get(EGRESS_ALLOW_ANNOTATION)) {
         let (mut entries, bad) = parse_allow_list(value);
-        if !bad.is_empty() && first_report(&pod.uid, EGRESS_ALLOW_ANNOTATION, value) {
+        if !bad.is_empty() && first_report(&pod.uid, NS_EGRESS_ALLOW_REPORT, value) {
             let bad: Vec<String> = bad.iter().map(ToString::to_string).collect();
             tracing::warn!(pod = %pod.key(), annotation = EGRESS_ALLOW_ANNOTATION, value = %value, "ignoring bad allow-list entries: {}", bad.join(", "));
         }
@@ -323,6 +333,11 @@ pub(crate) fn egress(pod: &Pod, ns: Option<&Namespace>, default: EgressMode) -> 
     }
     Egress { mode, allow }
 }
+
+/// [`REPORTED`]'s keys for the namespace's egress annotations, seen
+/// through each of its pods.
+const NS_EGRESS_REPORT: &str = "namespace nodeward.io/egress";
+const NS_EGRESS_ALLOW_REPORT: &str = "namespace nodeward.io/egress-allow";
 
 /// Bad port annotations already reported, by (pod UID, annotation), with
 /// the value reported: the state is re-read on every reconcile tick, and a
