@@ -200,19 +200,25 @@ pub struct VerifyArgs {
 /// `nodeward ca` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum CaCommand {
-    /// Create a root and an intermediate CA in Istio's plug-in CA layout
-    /// (then move root-key.pem offline).
+    /// Create a root and an intermediate CA in Istio's plug-in CA layout.
+    /// The root's key goes to its own directory, to be kept offline.
     Init {
-        /// Directory to write.
+        /// Directory to write the intermediate to (ca-cert.pem, ca-key.pem,
+        /// cert-chain.pem, root-cert.pem): what a signer mounts.
         #[arg(long, env = "NODEWARD_CA_OUT")]
         out: PathBuf,
+        /// Directory to write the root to (root-cert.pem, root-key.pem);
+        /// never the same as --out [default: <out>-root].
+        #[arg(long, env = "NODEWARD_CA_ROOT_OUT")]
+        root_out: Option<PathBuf>,
         /// Levels of further CAs the intermediate may sign (0: workloads only).
         #[arg(long, env = "NODEWARD_CA_PATH_LEN", default_value_t = 0)]
         path_len: u8,
     },
     /// Issue a further intermediate CA.
     Intermediate {
-        /// Sign with this directory's root (root-cert.pem + root-key.pem).
+        /// Sign with this root directory's key (root-cert.pem + root-key.pem,
+        /// as `ca init --root-out` wrote them).
         #[arg(
             long,
             env = "NODEWARD_CA_ROOT",
@@ -236,7 +242,9 @@ pub enum CaCommand {
         /// CA directory whose ca-key.pem signs the CRL (ca-crl.pem).
         #[arg(long = "ca", env = "NODEWARD_CA_DIR")]
         ca: PathBuf,
-        /// Sign with root-key.pem instead (root-crl.pem), to revoke intermediates.
+        /// Sign with root-key.pem instead (root-crl.pem), to revoke
+        /// intermediates: `--ca` is then the root's directory; copy the
+        /// new root-crl.pem to where the agents read their CRLs.
         #[arg(long, env = "NODEWARD_CA_REVOKE_AS_ROOT")]
         as_root: bool,
         /// Serial numbers in hex, with or without colons.

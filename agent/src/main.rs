@@ -4,7 +4,7 @@
 
 use clap::Parser;
 use nodeward::config::{AuditArgs, CaCommand, CleanupArgs, Cli, Command, Config, LogFormat, Output, VerifyArgs};
-use nodeward::identity::{ca, ca_cli};
+use nodeward::identity::ca_cli;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
@@ -55,11 +55,17 @@ fn run_agent(config: Config) -> anyhow::Result<()> {
 
 fn ca_command(command: CaCommand) -> anyhow::Result<()> {
     match command {
-        CaCommand::Init { out, path_len } => {
-            print!("{}", ca_cli::init_with_path_len(&out, path_len)?);
+        CaCommand::Init {
+            out,
+            root_out,
+            path_len,
+        } => {
+            let root_out = root_out.unwrap_or_else(|| ca_cli::default_root_dir(&out));
+            print!("{}", ca_cli::init_with_path_len(&out, &root_out, path_len)?);
             println!(
-                "keep {} offline: the agent needs only ca-cert.pem, ca-key.pem, root-cert.pem and cert-chain.pem",
-                out.join(ca::ROOT_KEY).display()
+                "keep {} offline: it signs intermediates and root CRLs only; {} is what a signer mounts",
+                root_out.display(),
+                out.display()
             );
         }
         CaCommand::Intermediate { root, parent, out } => {

@@ -48,7 +48,7 @@ struct Pki {
 
 fn pki() -> Pki {
     let dir = tmp("ca");
-    ca_cli::init_with_path_len(&dir, 1).unwrap();
+    ca_cli::init_with_path_len(&dir, &ca_cli::default_root_dir(&dir), 1).unwrap();
     let nested_dir = tmp("nested");
     ca_cli::intermediate(&dir, Signer::Intermediate, &nested_dir).unwrap();
     Pki {
@@ -153,7 +153,8 @@ async fn client_certificates_accepted_and_refused_each_for_its_own_reason() {
     ca_cli::revoke(&p.dir, Signer::Intermediate, &[serial_hex(&revoked_leaf)]).unwrap();
     // A sibling intermediate, issued by the root, then revoked by the root's CRL.
     let sibling_dir = tmp("sibling");
-    ca_cli::intermediate(&p.dir, Signer::Root, &sibling_dir).unwrap();
+    let root_dir = ca_cli::default_root_dir(&p.dir);
+    ca_cli::intermediate(&root_dir, Signer::Root, &sibling_dir).unwrap();
     let sibling = Authority::load(&sibling_dir).unwrap();
     let sibling_serial = {
         use x509_parser::prelude::{FromDer, X509Certificate};
@@ -163,7 +164,7 @@ async fn client_certificates_accepted_and_refused_each_for_its_own_reason() {
     let root_crl_dir = tmp("rootcrl");
     std::fs::create_dir_all(&root_crl_dir).unwrap();
     for f in [ca::ROOT_CERT, ca::ROOT_KEY] {
-        std::fs::copy(p.dir.join(f), root_crl_dir.join(f)).unwrap();
+        std::fs::copy(root_dir.join(f), root_crl_dir.join(f)).unwrap();
     }
     ca_cli::revoke(&root_crl_dir, Signer::Root, &[sibling_serial]).unwrap();
 
@@ -755,8 +756,7 @@ async fn a_crl_past_its_next_update_refuses_what_it_speaks_for_when_unknown_stat
     use nodeward::identity::trust::{TrustSources, unix_now};
     let p = pki();
     // The root's CRL (for the intermediate) is fresh throughout.
-    ca_cli::revoke(&p.dir, Signer::Root, &[]).unwrap();
-    let root_crl = p.dir.join(ca::ROOT_CRL);
+    let (root_crl, _) = ca_cli::revoke(&ca_cli::default_root_dir(&p.dir), Signer::Root, &[]).unwrap();
     let ca_crl = p.dir.join(ca::CA_CRL);
     ca_cli::revoke(&p.dir, Signer::Intermediate, &[]).unwrap();
     let issuers = issuers_of(&p.ca);

@@ -483,6 +483,7 @@ impl Drop for Topology {
             .status();
         let _ = std::fs::remove_dir_all(&self.config_dir);
         let _ = std::fs::remove_dir_all(&self.ca_dir);
+        let _ = std::fs::remove_dir_all(nodeward::identity::ca_cli::default_root_dir(&self.ca_dir));
         let _ = std::fs::remove_file(lease_file(self.id));
     }
 }
@@ -554,4 +555,5 @@ fn reclaim(id: u32) {
     }
     let _ = std::fs::remove_dir_all(format!("{LEASE_DIR}/{id}.config"));
     let _ = std::fs::remove_dir_all(format!("{LEASE_DIR}/{id}.ca"));
+    let _ = std::fs::remove_dir_all(format!("{LEASE_DIR}/{id}.ca-root"));
 }

@@ -172,6 +172,109 @@ fn bad_ca_material_at_startup_is_refused_naming_the_file() {
     let _ = (std::fs::remove_dir_all(&dir), std::fs::remove_dir_all(&other));
 }
 
+/// `ca init` keeps the root key out of the directory signers mount, and
+/// both signers (`run --ca-dir`, `ca serve --ca-dir`) refuse to start with
+/// a root key, or any private key but their own, in their directory.
+#[test]
+fn signers_refuse_to_start_beside_a_root_key_or_any_other_private_key() {
+    let base = std::env::temp_dir().join(format!("nodeward-rootkey-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let (dir, root) = (base.join("ca"), base.join("offline"));
+    let bin = nodeward_bin();
+    let init = std::process::Command::new(&bin)
+        .args(["ca", "init", "--out"])
+        .arg(&dir)
+        .arg("--root-out")
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    assert!(root.join("root-key.pem").exists(), "no root key in --root-out");
+    assert!(
+        !dir.join("root-key.pem").exists(),
+        "the root key sits beside the intermediate"
+    );
+    // The default root directory is a sibling, never the directory itself.
+    let plain = base.join("plain");
+    let out = std::process::Command::new(&bin)
+        .args(["ca", "init", "--out"])
+        .arg(&plain)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(
+        !plain.join("root-key.pem").exists(),
+        "ca init without --root-out put the root key in --out"
+    );
+    assert!(base.join("plain-root/root-key.pem").exists());
+
+    let cfg = base.join("config");
+    std::fs::create_dir_all(&cfg).unwrap();
+    let jwks = base.join("jwks.json");
+    std::fs::write(&jwks, r#"{"keys":[]}"#).unwrap();
+    let signers = |dir: &std::path::Path| -> Vec<(&'static str, std::process::Output)> {
+        let mut run = std::process::Command::new(&bin);
+        run.args(["run", "--node-name", "rootkey", "--config-dir"])
+            .arg(&cfg)
+            .arg("--ca-dir")
+            .arg(dir);
+        let mut serve = std::process::Command::new(&bin);
+        serve
+            .args([
+                "ca",
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--issuer",
+                "https://issuer.test",
+            ])
+            .arg("--ca-dir")
+            .arg(dir)
+            .arg("--jwks")
+            .arg(&jwks)
+            .arg("--config-dir")
+            .arg(&cfg);
+        vec![("run", exits_within(run)), ("ca serve", exits_within(serve))]
+    };
+    for (planted, from) in [("root-key.pem", "root-key.pem"), ("old-root.pem", "root-key.pem")] {
+        std::fs::copy(root.join(from), dir.join(planted)).unwrap();
+        for (who, out) in signers(&dir) {
+            assert!(
+                !out.status.success(),
+                "{who} started with {planted} in its CA directory"
+            );
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains(&dir.join(planted).display().to_string())
+                    && err.contains("private key other than ca-key.pem"),
+                "{who}'s error does not name {planted}: {err}"
+            );
+        }
+        std::fs::remove_file(dir.join(planted)).unwrap();
+    }
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+/// Runs `cmd` and returns its output once it exits; one still running after
+/// 20 s (it started instead of refusing) is killed and fails the test.
+fn exits_within(mut cmd: std::process::Command) -> std::process::Output {
+    use std::process::Stdio;
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = std::time::Instant::now() + nodeward_testbed::patience(Duration::from_secs(20));
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{cmd:?} started instead of refusing:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
 const C_ID: &str = "spiffe://cluster.local/ns/mesh/sa/c";
 
 /// Whether `s` is closed by its peer within `within` (EOF or reset, not a timeout).

@@ -18,7 +18,7 @@ use x509_parser::prelude::X509Certificate;
 use super::Identity;
 use super::ca::{
     CA_CERT, CA_KEY, CERT_CHAIN, CaError, ROOT_CERT, check_ca, first_cert, hex, parse, random_serial, read_certs,
-    read_string, sha256_hex,
+    read_string, refuse_foreign_keys, sha256_hex,
 };
 
 /// A workload certificate with its chain and in-memory key.
@@ -60,7 +60,8 @@ impl std::fmt::Debug for Authority {
 }
 
 impl Authority {
-    /// Loads and validates a CA directory: readable files, a CA certificate
+    /// Loads and validates a CA directory: no private key but `ca-key.pem`
+    /// in it ([`refuse_foreign_keys`]), readable files, a CA certificate
     /// valid now whose key is the one in `ca-key.pem`, and a chain that
     /// reaches a root of `root-cert.pem`.
     pub fn load(dir: &Path) -> Result<Authority, CaError> {
@@ -73,6 +74,7 @@ impl Authority {
             file: key_path.clone(),
             message: format!("not a PKCS#8 private key ({e}); convert with `openssl pkcs8 -topk8 -nocrypt`"),
         })?;
+        refuse_foreign_keys(dir)?;
         let roots = read_certs(&dir.join(ROOT_CERT))?;
         let chain_path = dir.join(CERT_CHAIN);
         let extra = if chain_path.exists() {
@@ -296,7 +298,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::super::ca::{ROOT_KEY, load_issuer, new_key};
-    use super::super::ca_cli::{Signer, ca_params, init, init_with_path_len, intermediate};
+    use super::super::ca_cli::{Signer, ca_params, default_root_dir, init, init_with_path_len, intermediate};
     use super::*;
 
     fn tmp(tag: &str) -> PathBuf {
@@ -347,7 +349,7 @@ mod tests {
     fn nested_intermediates_load_and_send_the_whole_chain() {
         let (a, b) = (tmp("nest-a"), tmp("nest-b"));
         // `ca init`'s intermediate signs only leaves unless told otherwise.
-        init_with_path_len(&a, 1).unwrap();
+        init_with_path_len(&a, &default_root_dir(&a), 1).unwrap();
         intermediate(&a, Signer::Intermediate, &b).unwrap();
         let ca = Authority::load(&b).unwrap();
         assert_eq!(ca.chain().len(), 2, "both intermediates are sent");
@@ -363,7 +365,8 @@ mod tests {
         let d = tmp("expired");
         init(&d).unwrap();
         // Re-sign the intermediate with a validity that ended yesterday.
-        let root = load_issuer(&d.join(ROOT_CERT), &d.join(ROOT_KEY)).unwrap();
+        let r = default_root_dir(&d);
+        let root = load_issuer(&r.join(ROOT_CERT), &r.join(ROOT_KEY)).unwrap();
         let key = new_key().unwrap();
         let mut params = ca_params(
             "Expired Intermediate",

@@ -59,6 +59,17 @@ pub enum CaError {
     /// Signing failed.
     #[error("signing: {0}")]
     Sign(String),
+    /// A signer's directory holds a private key it does not sign with
+    /// (a root key, another CA's): whoever reads the directory could sign
+    /// with that key too.
+    #[error(
+        "{file}: a private key other than ca-key.pem; a signer's directory holds only the key it signs with \
+         (keep root keys offline: `nodeward ca init --root-out`)"
+    )]
+    ForeignKey {
+        /// The file.
+        file: PathBuf,
+    },
     /// A file could not be written.
     #[error("writing {file}: {source}")]
     Write {
@@ -67,6 +78,48 @@ pub enum CaError {
         /// Why.
         source: std::io::Error,
     },
+}
+
+/// Largest file [`refuse_foreign_keys`] reads; a larger one is read this
+/// far (a PEM key block starts within the first lines of any key file).
+const KEY_SCAN_LIMIT: u64 = 1024 * 1024;
+
+/// Refuses a signer's directory (`run --ca-dir`, `ca serve --ca-dir`) that
+/// holds `root-key.pem` or any other file with a PEM private key besides
+/// `ca-key.pem`: a root key on a node or in the CA service's Secret lets
+/// whoever reads it mint intermediates past every CRL. Reads every regular
+/// file of the directory (a mounted Secret's entries are links to files,
+/// followed; its `..data` directories are not), each at most
+/// [`KEY_SCAN_LIMIT`] bytes.
+pub(crate) fn refuse_foreign_keys(dir: &Path) -> Result<(), CaError> {
+    use std::io::Read;
+    let entries = std::fs::read_dir(dir).map_err(|source| CaError::Read {
+        file: dir.to_path_buf(),
+        source,
+    })?;
+    let mut files: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().is_some_and(|n| n != CA_KEY) && p.is_file())
+        .collect();
+    files.sort();
+    for file in files {
+        if file.file_name().is_some_and(|n| n == ROOT_KEY) {
+            return Err(CaError::ForeignKey { file });
+        }
+        let mut head = Vec::new();
+        let read = std::fs::File::open(&file).and_then(|f| f.take(KEY_SCAN_LIMIT).read_to_end(&mut head));
+        if let Err(source) = read {
+            return Err(CaError::Read { file, source });
+        }
+        if head
+            .windows(b"PRIVATE KEY-----".len())
+            .any(|w| w == b"PRIVATE KEY-----")
+        {
+            return Err(CaError::ForeignKey { file });
+        }
+    }
+    Ok(())
 }
 
 /// Parses `4f:a2:...` or `4fa2...` into bytes; `None` for anything else

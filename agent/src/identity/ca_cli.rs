@@ -39,19 +39,47 @@ impl std::fmt::Display for Written {
     }
 }
 
-/// `nodeward ca init`: a root and an intermediate for trying things out;
-/// the intermediate signs workloads only (`pathLenConstraint: 0`).
-pub fn init(out: &Path) -> Result<Written, CaError> {
-    init_with_path_len(out, 0)
+/// Where `ca init --out DIR` puts the root unless told: `DIR-root`, beside
+/// `DIR` and never in it, so that copying the CA directory into a Secret
+/// cannot carry the root key along.
+pub fn default_root_dir(out: &Path) -> PathBuf {
+    let mut name = out.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| "ca".into());
+    name.push("-root");
+    out.with_file_name(name)
 }
 
-/// [`init`] with an intermediate that may sign `path_len` levels of
+/// `nodeward ca init`: a root and an intermediate for trying things out;
+/// the intermediate signs workloads only (`pathLenConstraint: 0`). The
+/// root's key goes to [`default_root_dir`].
+pub fn init(out: &Path) -> Result<Written, CaError> {
+    init_with_path_len(out, &default_root_dir(out), 0)
+}
+
+/// [`init`] with the root written to `root_out` (its certificate and key:
+/// what `ca intermediate --root` and `ca revoke --as-root` sign with, to be
+/// kept offline) and an intermediate that may sign `path_len` levels of
 /// further CAs (`ca init --path-len`, for `ca intermediate --parent`).
-pub fn init_with_path_len(out: &Path, path_len: u8) -> Result<Written, CaError> {
-    std::fs::create_dir_all(out).map_err(|source| CaError::Write {
-        file: out.to_path_buf(),
-        source,
-    })?;
+/// `out` gets what a signer needs: the intermediate's certificate and key,
+/// the chain, and the root's certificate, never its key.
+pub fn init_with_path_len(out: &Path, root_out: &Path, path_len: u8) -> Result<Written, CaError> {
+    for dir in [out, root_out] {
+        std::fs::create_dir_all(dir).map_err(|source| CaError::Write {
+            file: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    };
+    if same(out, root_out) {
+        return Err(CaError::Invalid {
+            file: root_out.to_path_buf(),
+            message: "the root's directory must not be the intermediate's: whatever holds the \
+                      intermediate (a Secret, a node) would hold the root key too"
+                .into(),
+        });
+    }
     let root_key = new_key()?;
     let root_params = ca_params(
         "Nodeward Root CA",
@@ -71,8 +99,9 @@ pub fn init_with_path_len(out: &Path, path_len: u8) -> Result<Written, CaError> 
     .signed_by(&int_key, &root_issuer)
     .map_err(|e| CaError::Sign(e.to_string()))?;
     let mut w = Written { files: Vec::new() };
+    write_cert(&mut w, &root_out.join(ROOT_CERT), &[root.der()])?;
+    write_key(&mut w, &root_out.join(ROOT_KEY), &root_issuer.key().serialize_pem())?;
     write_cert(&mut w, &out.join(ROOT_CERT), &[root.der()])?;
-    write_key(&mut w, &out.join(ROOT_KEY), &root_issuer.key().serialize_pem())?;
     write_cert(&mut w, &out.join(CA_CERT), &[int.der()])?;
     write_key(&mut w, &out.join(CA_KEY), &int_key.serialize_pem())?;
     write_cert(&mut w, &out.join(CERT_CHAIN), &[int.der(), root.der()])?;
@@ -312,19 +341,54 @@ mod tests {
     }
 
     #[test]
-    fn init_writes_a_loadable_ca_with_private_keys_hidden() {
+    fn init_writes_a_loadable_ca_with_private_keys_hidden_and_the_root_key_apart() {
         let d = tmp("init");
+        let r = default_root_dir(&d);
+        let _ = std::fs::remove_dir_all(&r);
         let w = init(&d).unwrap();
-        assert_eq!(w.files.len(), 5);
+        assert_eq!(w.files.len(), 6);
         let ca = Authority::load(&d).unwrap();
         assert_eq!(ca.chain().len(), 1, "the root is never sent");
         assert_eq!(ca.roots().len(), 1);
+        assert!(!d.join(ROOT_KEY).exists(), "the root key sits beside the intermediate");
         use std::os::unix::fs::PermissionsExt;
-        for k in [CA_KEY, ROOT_KEY] {
-            let mode = std::fs::metadata(d.join(k)).unwrap().permissions().mode() & 0o777;
-            assert_eq!(mode, 0o600, "{k}");
+        for k in [d.join(CA_KEY), r.join(ROOT_KEY)] {
+            let mode = std::fs::metadata(&k).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", k.display());
         }
-        let _ = std::fs::remove_dir_all(&d);
+        // The root's directory can sign a sibling intermediate.
+        let sibling = tmp("init-sibling");
+        intermediate(&r, Signer::Root, &sibling).unwrap();
+        Authority::load(&sibling).unwrap();
+        // The root never goes into the intermediate's own directory.
+        let e = init_with_path_len(&d, &d, 0).unwrap_err().to_string();
+        assert!(e.contains("must not be the intermediate's"), "{e}");
+        let _ = (
+            std::fs::remove_dir_all(&d),
+            std::fs::remove_dir_all(&r),
+            std::fs::remove_dir_all(&sibling),
+        );
+    }
+
+    #[test]
+    fn a_signer_directory_holding_another_private_key_is_refused_naming_the_file() {
+        let d = tmp("foreign");
+        let r = default_root_dir(&d);
+        init(&d).unwrap();
+        // The root key copied in, under its own name or any other.
+        for name in [ROOT_KEY, "backup.pem", "..2026_12_07_key"] {
+            std::fs::copy(r.join(ROOT_KEY), d.join(name)).unwrap();
+            let e = Authority::load(&d).unwrap_err();
+            assert!(
+                matches!(&e, CaError::ForeignKey { file } if file.ends_with(name)),
+                "{name}: {e}"
+            );
+            assert!(e.to_string().contains(name), "{e}");
+            std::fs::remove_file(d.join(name)).unwrap();
+        }
+        // Certificates and CRLs beside the key are fine.
+        Authority::load(&d).unwrap();
+        let _ = (std::fs::remove_dir_all(&d), std::fs::remove_dir_all(&r));
     }
 
     fn verify(dir: &Path, chain: &[CertificateDer<'static>]) -> Result<(), super::super::verify::Refusal> {
