@@ -126,8 +126,29 @@ pub enum Output {
 #[derive(Debug, Args)]
 pub struct AuditArgs {
     /// Directory of Kubernetes YAML to review, as `run` reads it.
-    #[arg(long, env = "NODEWARD_CONFIG_DIR")]
-    pub config_dir: PathBuf,
+    #[arg(long, env = "NODEWARD_CONFIG_DIR", required_unless_present = "issuance_log")]
+    pub config_dir: Option<PathBuf>,
+
+    /// CA service issuance logs (one per replica; repeat or separate with
+    /// commas): each chain is checked, and every certificate the agents
+    /// report (--certs, --agent-metrics) must be in one of them.
+    #[arg(long, env = "NODEWARD_AUDIT_ISSUANCE_LOG", value_delimiter = ',')]
+    pub issuance_log: Vec<PathBuf>,
+
+    /// Saved `/certs` documents of agents (`curl 127.0.0.1:15000/certs` on
+    /// each node), for --issuance-log.
+    #[arg(long, env = "NODEWARD_AUDIT_CERTS", value_delimiter = ',', requires = "issuance_log")]
+    pub certs: Vec<PathBuf>,
+
+    /// Agents' metrics endpoints (`NODE:15020`), read for the certificates
+    /// they hold, for --issuance-log.
+    #[arg(
+        long,
+        env = "NODEWARD_AUDIT_AGENT_METRICS",
+        value_delimiter = ',',
+        requires = "issuance_log"
+    )]
+    pub agent_metrics: Vec<std::net::SocketAddr>,
 
     /// Exit 1 when a finding is at or above this severity.
     #[arg(long, env = "NODEWARD_AUDIT_FAIL_ON", value_enum, default_value_t = crate::audit::Severity::High)]
@@ -197,6 +218,19 @@ pub struct VerifyArgs {
     pub trust_domain: String,
 }
 
+/// `nodeward ca log` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum LogCommand {
+    /// Check an issuance log's hash chain from its first line: prints the
+    /// line count and the head (record it elsewhere: nothing follows the
+    /// newest line to vouch for it), or the first line that breaks the
+    /// chain, and exits 1.
+    Verify {
+        /// The issuance log (`ca serve --issuance-log`), JSON Lines.
+        file: PathBuf,
+    },
+}
+
 /// `nodeward ca` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum CaCommand {
@@ -237,6 +271,9 @@ pub enum CaCommand {
     /// authenticated by ServiceAccount tokens, node agents limited to the
     /// pods of their node. The signing key stays here, off the nodes.
     Serve(Box<crate::ca_service::ServeArgs>),
+    /// The CA service's issuance log.
+    #[command(subcommand)]
+    Log(LogCommand),
     /// Revoke certificates by serial: appends to the CRL and re-signs it.
     Revoke {
         /// CA directory whose ca-key.pem signs the CRL (ca-crl.pem).

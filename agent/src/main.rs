@@ -93,6 +93,15 @@ fn ca_command(command: CaCommand) -> anyhow::Result<()> {
                 anyhow::Ok(())
             })?;
         }
+        CaCommand::Log(nodeward::config::LogCommand::Verify { file }) => {
+            match nodeward::ca_service::ledger::verify_file(&file) {
+                Ok(report) => println!("{report}"),
+                Err(broken) => {
+                    eprintln!("{broken}");
+                    return Err(Failed.into());
+                }
+            }
+        }
         CaCommand::Revoke {
             ca: dir,
             as_root,
@@ -122,7 +131,17 @@ fn failed_if(failed: bool) -> anyhow::Result<()> {
 fn audit(args: &AuditArgs) -> anyhow::Result<bool> {
     use nodeward::audit;
     let production = audit::Production::new(&args.production_namespaces, &args.production_labels)?;
-    let findings = audit::audit_dir(&args.config_dir, &args.root_namespace, &production)?;
+    let mut findings = match &args.config_dir {
+        Some(dir) => audit::audit_dir(dir, &args.root_namespace, &production)?,
+        None => Vec::new(),
+    };
+    if !args.issuance_log.is_empty() {
+        let reported = audit::Reported {
+            certs: args.certs.clone(),
+            metrics: args.agent_metrics.clone(),
+        };
+        findings.extend(audit::audit_issuance(&args.issuance_log, &reported)?);
+    }
     emit(&match args.output {
         Output::Table => audit::table(&findings),
         Output::Json => audit::json(&findings) + "\n",

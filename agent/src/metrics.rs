@@ -100,11 +100,14 @@ pub(crate) struct DenialLabels {
     pub(crate) reason: &'static str,
 }
 
-/// A workload identity.
+/// A workload identity's current certificate.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub(crate) struct IdentityLabels {
+pub(crate) struct CertLabels {
     /// SPIFFE ID.
     pub(crate) identity: String,
+    /// The certificate's serial, hex: `nodeward audit --issuance-log
+    /// --agent-metrics` checks each against the CA service's log.
+    pub(crate) serial: String,
 }
 
 /// A certificate signing.
@@ -155,7 +158,7 @@ pub(crate) struct Metrics {
     /// `nodeward_authorization_denials_total`.
     pub(crate) denials: Family<DenialLabels, Counter>,
     /// `nodeward_certificate_expiry_timestamp_seconds`, set at each scrape.
-    pub(crate) cert_expiry: Family<IdentityLabels, Gauge>,
+    pub(crate) cert_expiry: Family<CertLabels, Gauge>,
     /// `nodeward_certificate_issuances_total`.
     pub(crate) cert_issuances: Family<IssueLabels, Counter>,
     /// `nodeward_ebpf_attached`, set at each scrape.
@@ -235,7 +238,7 @@ impl Metrics {
         );
         r.register(
             "nodeward_certificate_expiry_timestamp_seconds",
-            "Unix time at which the identity's current certificate expires",
+            "Unix time at which the identity's current certificate (by serial) expires",
             m.cert_expiry.clone(),
         );
         r.register(
@@ -372,7 +375,10 @@ mod tests {
             })
             .inc();
         m.cert_expiry
-            .get_or_create(&IdentityLabels { identity: "i".into() })
+            .get_or_create(&CertLabels {
+                identity: "i".into(),
+                serial: "01".into(),
+            })
             .set(1);
         m.cert_issuances
             .get_or_create(&IssueLabels {

@@ -38,12 +38,26 @@ pub struct CaService {
     node: usize,
     /// The running server, if any.
     pub server: Option<Agent>,
+    /// Further `ca serve` flags.
+    pub extra: Vec<String>,
+}
+
+/// The name of node `node`'s agent pod, which its token is bound to.
+pub fn agent_pod(node: &str) -> String {
+    format!("nodeward-{node}")
+}
+
+/// That pod's uid.
+pub fn agent_pod_uid(node: &str) -> String {
+    format!("agent-uid-{node}")
 }
 
 impl CaService {
     /// Prepares the files for `t`: the issuer's keys, a copy of the root
-    /// alone (the agents never see the CA directory), a node-bound token of
-    /// the node agent's ServiceAccount per node.
+    /// alone (the agents never see the CA directory), a token of the node
+    /// agent's ServiceAccount per node, bound to the node and to the
+    /// agent's pod, which the cluster's config lists (`nodeward-agents`:
+    /// hostNetwork pods of `nodeward-system`, as the DaemonSet's are).
     pub fn new(t: &Topology) -> CaService {
         let dir = t.ca_dir.with_extension("service");
         let _ = std::fs::remove_dir_all(&dir);
@@ -61,20 +75,53 @@ impl CaService {
             host,
             node: 0,
             server: None,
+            extra: Vec::new(),
         };
+        let mut pods = String::new();
         for node in &t.nodes {
+            let (pod, uid) = (agent_pod(&node.name), agent_pod_uid(&node.name));
             let token = s.signer.sign(&k8s_claims(
                 ISSUER,
                 "istio-ca",
                 NODE_AGENT.0,
                 NODE_AGENT.1,
-                &format!("nodeward-{}", node.name),
+                (&pod, &uid),
                 &node.name,
                 now(),
             ));
             std::fs::write(s.token_file(&node.name), token).expect("write token");
+            pods.push_str(&format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: {}, uid: {uid}}}\n\
+                 spec: {{nodeName: {}, serviceAccountName: {}, hostNetwork: true}}\nstatus: {{phase: Running}}\n",
+                NODE_AGENT.0, node.name, NODE_AGENT.1
+            ));
         }
+        t.apply("nodeward-agents", &pods);
         s
+    }
+
+    /// The issuance log the server writes.
+    pub fn issuance_log(&self) -> PathBuf {
+        self.dir.join("issuance.jsonl")
+    }
+
+    /// A token of pod `name` of `t` for its own ServiceAccount, bound to it.
+    pub fn pod_token(&self, t: &Topology, name: &str) -> String {
+        let p = t
+            .workloads
+            .pods
+            .iter()
+            .find(|p| p.spec.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"));
+        self.signer.sign(&k8s_claims(
+            ISSUER,
+            "istio-ca",
+            &p.spec.namespace,
+            &p.spec.service_account,
+            (name, &p.uid),
+            &p.node,
+            now(),
+        ))
     }
 
     /// The token file of `node`'s agent.
@@ -114,7 +161,11 @@ impl CaService {
             self.config_dir.display().to_string(),
             "--server-name".into(),
             self.host.clone(),
+            "--issuance-log".into(),
+            self.issuance_log().display().to_string(),
         ];
+        let mut args = args;
+        args.extend(self.extra.iter().cloned());
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let server = Agent::ca_serve(&t.nodes[self.node], &refs);
         server

@@ -13,7 +13,7 @@ use nodeward::ca_service::jwt::{TokenSigner, k8s_claims};
 use nodeward::identity::Identity;
 use nodeward::identity::ca_client::{CaClient, CaClientConfig};
 use nodeward::identity::issuer::{IssueError, Issuer};
-use nodeward_testbed::ca::{CaService, ISSUER, NODE_AGENT, now};
+use nodeward_testbed::ca::{CaService, ISSUER, NODE_AGENT, agent_pod, agent_pod_uid, now};
 use nodeward_testbed::netns::run_in;
 use nodeward_testbed::traffic::{info_echo, round_trip, serve};
 use nodeward_testbed::{PodSpec, Topology, TopologySpec, privileged_or_skip, shared};
@@ -146,12 +146,13 @@ fn the_ca_service_refuses_another_nodes_pods_and_bad_tokens() {
     ca.start(&t);
     let node1 = t.nodes[0].name.clone();
     let agent_token = |aud: &str, exp_offset: i64, signer: &TokenSigner| {
+        let (pod, uid) = (agent_pod(&node1), agent_pod_uid(&node1));
         let mut c = k8s_claims(
             ISSUER,
             aud,
             NODE_AGENT.0,
             NODE_AGENT.1,
-            "nodeward-x",
+            (&pod, &uid),
             &node1,
             now() - 10,
         );
@@ -180,14 +181,22 @@ fn the_ca_service_refuses_another_nodes_pods_and_bad_tokens() {
         16,
         "signature",
     );
-    let body = URL_SAFE_NO_PAD
-        .encode(k8s_claims(ISSUER, "istio-ca", NODE_AGENT.0, NODE_AGENT.1, "x", &node1, now()).to_string());
+    let body = URL_SAFE_NO_PAD.encode(
+        k8s_claims(
+            ISSUER,
+            "istio-ca",
+            NODE_AGENT.0,
+            NODE_AGENT.1,
+            ("x", "x"),
+            &node1,
+            now(),
+        )
+        .to_string(),
+    );
     let none = format!("{}.{body}.", URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"JWT"}"#));
     refused(ask(&t, &ca, &none, id("a")), 16, "algorithm");
     // A workload's own token gets its own identity only.
-    let own = ca
-        .signer
-        .sign(&k8s_claims(ISSUER, "istio-ca", "mesh", "b", "b", &node1, now()));
+    let own = ca.pod_token(&t, "b");
     ask(&t, &ca, &own, id("b")).expect("own identity");
     refused(ask(&t, &ca, &own, id("a")), 7, "may not obtain");
 
@@ -276,4 +285,187 @@ fn with_the_ca_service_down_tunnels_keep_working_a_new_pod_is_refused_and_renewa
         std::thread::sleep(Duration::from_millis(100));
     }
     round_trip(&e.netns, a.v4(8081), b"now\n").expect("e reaches a once it has an identity");
+}
+
+/// Runs `nodeward` with `args`; (success, stdout, stderr).
+fn nodeward(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(nodeward_testbed::nodeward_bin())
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_deleted_pods_token_mints_nothing_and_a_rate_limited_node_is_refused_while_another_is_served() {
+    let _g = shared();
+    let test = "a_deleted_pods_token_mints_nothing_and_a_rate_limited_node_is_refused_while_another_is_served";
+    if !privileged_or_skip(test) {
+        return;
+    }
+    let mut t = Topology::build(TopologySpec::two_nodes());
+    let mut ca = CaService::new(&t);
+    // Node-wide: three certificates at once, then one per 100 s.
+    ca.extra = ["--node-burst", "3", "--node-rate", "0.01"].map(String::from).to_vec();
+    ca.start(&t);
+    // b's own token works while b lives ...
+    let own = ca.pod_token(&t, "b");
+    ask(&t, &ca, &own, id("b")).expect("b's own identity");
+    // ... and mints nothing once b is deleted, though it has not expired.
+    let applied = |ca: &CaService| {
+        ca.server
+            .as_ref()
+            .unwrap()
+            .lines()
+            .iter()
+            .filter(|l| l["raw"].as_str().is_some_and(|r| r.contains("config applied")))
+            .count()
+    };
+    let before = applied(&ca);
+    t.edit_pod("b", |_| false);
+    let deadline = std::time::Instant::now() + nodeward_testbed::patience(WAIT);
+    while applied(&ca) == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the CA never read b's deletion:\n{}",
+            ca.dump()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    refused(ask(&t, &ca, &own, id("b")), 7, "gone");
+    // Node 1's: b's two requests used two of node 1's three; one more,
+    // then RESOURCE_EXHAUSTED (8) ...
+    let node1 = std::fs::read_to_string(ca.token_file(&t.nodes[0].name)).unwrap();
+    ask(&t, &ca, &node1, id("a")).expect("within node 1's burst");
+    refused(ask(&t, &ca, &node1, id("a")), 8, "rate limit");
+    // ... while node 2's agent is served.
+    let node2 = std::fs::read_to_string(ca.token_file(&t.nodes[1].name)).unwrap();
+    ask(&t, &ca, &node2, id("c")).expect("node 2 is served while node 1 is limited");
+    let metrics = nodeward_testbed::admin::http(&t.nodes[0].netns, "127.0.0.1:15022", "GET", "/metrics")
+        .unwrap()
+        .1;
+    assert!(
+        metrics.contains("nodeward_ca_requests_total{result=\"refused\",reason=\"rate_limited_node\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("nodeward_ca_intermediate_expiry_timestamp_seconds"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("nodeward_ca_request_duration_seconds_count"),
+        "{metrics}"
+    );
+    ca.kill();
+
+    // Every answer is a line of the issuance log, whose chain verifies ...
+    let log = ca.issuance_log();
+    let log_s = log.display().to_string();
+    let (ok, report, err) = nodeward(&["ca", "log", "verify", &log_s]);
+    assert!(ok, "ca log verify failed on the service's own log: {err}");
+    assert!(report.contains("chain holds"), "{report}");
+    let lines: Vec<String> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    let decisions: Vec<(String, String)> = lines
+        .iter()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (
+                v["decision"].as_str().unwrap().to_string(),
+                v["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(decisions.len() >= 5, "{decisions:?}");
+    assert_eq!(decisions[0], ("issued".into(), "ok".into()));
+    assert!(
+        decisions.contains(&("refused".into(), "pod_gone".into())),
+        "{decisions:?}"
+    );
+    assert!(
+        decisions.contains(&("refused".into(), "rate_limited_node".into())),
+        "{decisions:?}"
+    );
+    // ... and breaks at the line that shows one edited, removed or moved.
+    let tampered = ca.dir.join("tampered.jsonl");
+    let tampered_s = tampered.display().to_string();
+    let write =
+        |ls: &[String]| std::fs::write(&tampered, ls.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let mut edited = lines.clone();
+    edited[0] = edited[0].replace("\"issued\"", "\"refused\"");
+    let mut removed = lines.clone();
+    removed.remove(1);
+    let mut moved = lines.clone();
+    moved.swap(1, 2);
+    for (what, ls) in [("edited", edited), ("removed", removed), ("moved", moved)] {
+        write(&ls);
+        let (ok, _, err) = nodeward(&["ca", "log", "verify", &tampered_s]);
+        assert!(!ok, "a log with a line {what} verified");
+        assert!(err.contains("chain broken at line 2"), "{what}: {err}");
+    }
+}
+
+#[test]
+fn audit_names_a_certificate_in_use_that_the_issuance_log_does_not_hold() {
+    let _g = shared();
+    let test = "audit_names_a_certificate_in_use_that_the_issuance_log_does_not_hold";
+    let Some((t, ca)) = cluster(test, &[]) else { return };
+    wait_issued(&t, 0, &id("a"), WAIT);
+    wait_issued(&t, 1, &id("c"), WAIT);
+    // What each agent holds, as an operator saves it on each node.
+    let mut certs = Vec::new();
+    for (k, node) in t.nodes.iter().enumerate() {
+        let (code, body) = nodeward_testbed::admin::http(&node.netns, "127.0.0.1:15000", "GET", "/certs").unwrap();
+        assert_eq!(code, 200, "{body}");
+        let file = ca.dir.join(format!("certs-{k}.json"));
+        std::fs::write(&file, &body).unwrap();
+        certs.push((file, body));
+    }
+    let log = ca.issuance_log().display().to_string();
+    let files = certs
+        .iter()
+        .map(|(f, _)| f.display().to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let (ok, out, err) = nodeward(&["audit", "--issuance-log", &log, "--certs", &files]);
+    assert!(
+        ok && !out.contains("unlogged_certificate"),
+        "every certificate came from the service:\n{out}{err}"
+    );
+    // Someone with the intermediate's key signs a certificate outside the
+    // service, and an agent presents it.
+    let rogue = nodeward::identity::authority::Authority::load(&t.ca_dir)
+        .unwrap()
+        .issue(&id("a"), Duration::from_secs(3600))
+        .unwrap();
+    let serial = nodeward::identity::ca::hex(&rogue.serial);
+    let mut doc: Value = serde_json::from_str(&certs[0].1).unwrap();
+    doc["certificates"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"identity": id("a").to_string(), "serial": serial}));
+    std::fs::write(&certs[0].0, doc.to_string()).unwrap();
+    let (ok, out, _) = nodeward(&["audit", "--issuance-log", &log, "--certs", &files]);
+    assert!(!ok, "the audit passed a certificate no log holds:\n{out}");
+    assert!(out.contains("unlogged_certificate") && out.contains(&serial), "{out}");
+    // The same read from the agents' metrics endpoints.
+    let (ok, out, err) = run_in(&t.nodes[0].netns, {
+        let (log, addrs) = (
+            log.clone(),
+            // Each node's fabric address (node 1 reaches node 2's).
+            (1..=t.nodes.len())
+                .map(|k| format!("10.{}.0.{k}:15020", t.id))
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+        move || nodeward(&["audit", "--issuance-log", &log, "--agent-metrics", &addrs])
+    });
+    assert!(ok && !out.contains("unlogged_certificate"), "from metrics:\n{out}{err}");
 }

@@ -233,7 +233,9 @@ fn signers_refuse_to_start_beside_a_root_key_or_any_other_private_key() {
             .arg("--jwks")
             .arg(&jwks)
             .arg("--config-dir")
-            .arg(&cfg);
+            .arg(&cfg)
+            .arg("--issuance-log")
+            .arg(base.join("issuance.jsonl"));
         vec![("run", exits_within(run)), ("ca serve", exits_within(serve))]
     };
     for (planted, from) in [("root-key.pem", "root-key.pem"), ("old-root.pem", "root-key.pem")] {

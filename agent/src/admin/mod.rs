@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::identity::manager::CertManager;
-use crate::metrics::{IdentityLabels, Metrics, PodLabels, ResultLabels, unix_seconds};
+use crate::metrics::{CertLabels, Metrics, PodLabels, ResultLabels, unix_seconds};
 use crate::state::Store;
 use readiness::{Check, Readiness};
 
@@ -155,8 +155,9 @@ impl AdminState {
         m.cert_expiry.clear();
         for c in self.certs.iter().flat_map(|c| c.certificates()) {
             m.cert_expiry
-                .get_or_create(&IdentityLabels {
+                .get_or_create(&CertLabels {
                     identity: c.identity.to_string(),
+                    serial: c.serial.clone(),
                 })
                 .set(unix_seconds(c.not_after));
         }

@@ -10,7 +10,10 @@
 #![forbid(unsafe_code)]
 
 mod authz;
+mod issuance;
 mod mtls;
+
+pub use issuance::Reported;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -76,6 +79,10 @@ pub(crate) enum Kind {
     UndocumentedException,
     /// An opted-out pod or excluded ports with a documented reason.
     DocumentedException,
+    /// A certificate in use that no issuance log holds.
+    UnloggedCertificate,
+    /// An issuance log whose hash chain is broken.
+    IssuanceLogBroken,
 }
 
 impl Kind {
@@ -93,6 +100,8 @@ impl Kind {
             Kind::RejectedFile => "rejected_file",
             Kind::UndocumentedException => "undocumented_exception",
             Kind::DocumentedException => "documented_exception",
+            Kind::UnloggedCertificate => "unlogged_certificate",
+            Kind::IssuanceLogBroken => "issuance_log_broken",
         }
     }
 }
@@ -194,6 +203,22 @@ pub enum AuditError {
     /// A `--production-labels` entry that is not `key=value`.
     #[error("--production-labels: {0:?} is not key=value")]
     BadLabel(String),
+    /// An issuance log, a `/certs` file or an agent's metrics could not be read.
+    #[error("{what}: {message}")]
+    Reported {
+        /// The file or address.
+        what: String,
+        /// Why.
+        message: String,
+    },
+}
+
+/// Audits the certificates agents report (`reported`) against the CA
+/// service's issuance `logs`.
+pub fn audit_issuance(logs: &[PathBuf], reported: &Reported) -> Result<Vec<Finding>, AuditError> {
+    let mut findings = issuance::audit(logs, reported)?;
+    sort(&mut findings);
+    Ok(findings)
 }
 
 /// Audits the config directory `dir` as the agent would read it.

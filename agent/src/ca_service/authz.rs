@@ -34,6 +34,23 @@ pub(crate) enum AuthzError {
     /// The node agent's token names no node, nor a live pod the CA knows.
     #[error("the node agent's token names no node (kubernetes.io.node.name) nor a live pod the CA knows")]
     NoNode,
+    /// The token is bound to a pod the CA's view does not hold live: it
+    /// was deleted (or finished), so its token speaks for nothing.
+    #[error("the token's pod {pod} is gone (deleted, finished, or unknown to the CA)")]
+    PodGone {
+        /// `namespace/name`.
+        pod: String,
+    },
+    /// The token's pod of that name is another pod (a re-created one).
+    #[error("the token's pod {pod} has uid {token_uid}; the live pod of that name is another ({live_uid})")]
+    PodUidMismatch {
+        /// `namespace/name`.
+        pod: String,
+        /// The token's `kubernetes.io.pod.uid`.
+        token_uid: String,
+        /// The live pod's.
+        live_uid: String,
+    },
     /// No pod of that identity on the caller's node.
     #[error("no pod of {requested} is scheduled on node {node}")]
     NotOnNode {
@@ -52,6 +69,8 @@ impl AuthzError {
             AuthzError::WrongTrustDomain { .. } => "wrong_trust_domain",
             AuthzError::NotOwnIdentity { .. } => "not_own_identity",
             AuthzError::NoNode => "no_node",
+            AuthzError::PodGone { .. } => "pod_gone",
+            AuthzError::PodUidMismatch { .. } => "pod_uid_mismatch",
             AuthzError::NotOnNode { .. } => "not_on_node",
         }
     }
@@ -74,6 +93,7 @@ pub(crate) fn authorize(
     rules: &Rules,
     pods: &Snapshot,
 ) -> Result<Identity, AuthzError> {
+    bound_pod_lives(claims, pods)?;
     let own = Identity::new(&rules.trust_domain, &claims.namespace, &claims.service_account);
     let Some(requested) = requested else {
         return Ok(own);
@@ -125,6 +145,31 @@ pub(crate) fn authorize(
     }
 }
 
+/// A token bound to a pod (every projected token is) speaks only while
+/// that very pod lives: a token copied out of a deleted pod, or kept from
+/// an earlier pod of the same name, mints nothing even before it expires.
+/// A token bound to no pod (`kubectl create token`) is the ServiceAccount's
+/// own and passes; it can still never be a node agent's (no node, no pod).
+fn bound_pod_lives(claims: &K8sClaims, pods: &Snapshot) -> Result<(), AuthzError> {
+    let Some(name) = claims.pod.as_deref() else {
+        return Ok(());
+    };
+    let key = format!("{}/{name}", claims.namespace);
+    let live = pods
+        .pods
+        .get(&key)
+        .filter(|p| !p.deleting && !p.finished())
+        .ok_or_else(|| AuthzError::PodGone { pod: key.clone() })?;
+    match claims.pod_uid.as_deref() {
+        Some(uid) if uid != live.uid => Err(AuthzError::PodUidMismatch {
+            pod: key,
+            token_uid: uid.to_string(),
+            live_uid: live.uid.clone(),
+        }),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -145,10 +190,14 @@ mod tests {
             ("web-1", "shop", "web", "node-1", "Running"),
             ("db-1", "shop", "db", "node-2", "Running"),
             ("old-1", "shop", "old", "node-1", "Succeeded"),
+            // The callers' own pods, which their tokens are bound to.
+            ("p", "shop", "web", "node-1", "Running"),
+            ("p", "nodeward-system", "nodeward", "", "Running"),
         ] {
             let p = Pod {
                 namespace: ns.into(),
                 name: name.into(),
+                uid: format!("uid-{ns}-{name}"),
                 node_name: node.into(),
                 service_account: sa.into(),
                 phase: phase.into(),
@@ -164,8 +213,57 @@ mod tests {
             namespace: ns.into(),
             service_account: sa.into(),
             pod: Some("p".into()),
+            pod_uid: Some(format!("uid-{ns}-p")),
             node: node.map(Into::into),
         }
+    }
+
+    #[test]
+    fn a_token_of_a_deleted_or_replaced_pod_mints_nothing() {
+        let own = claims("shop", "web", None);
+        authorize(&own, None, &rules(), &pods()).unwrap();
+        let mut view = pods();
+        // Deleted.
+        view.pods.remove("shop/p");
+        assert_eq!(
+            authorize(&own, None, &rules(), &view),
+            Err(AuthzError::PodGone { pod: "shop/p".into() })
+        );
+        // Being deleted, or finished.
+        for edit in [|p: &mut Pod| p.deleting = true, |p: &mut Pod| p.phase = "Failed".into()] {
+            let mut view = pods();
+            let mut p = (*view.pods["shop/p"]).clone();
+            edit(&mut p);
+            view.pods.insert("shop/p".into(), Arc::new(p));
+            assert!(matches!(
+                authorize(&own, Some(WEB), &rules(), &view),
+                Err(AuthzError::PodGone { .. })
+            ));
+        }
+        // Re-created under the same name: another uid.
+        let mut view = pods();
+        let mut p = (*view.pods["shop/p"]).clone();
+        p.uid = "uid-of-the-new-pod".into();
+        view.pods.insert("shop/p".into(), Arc::new(p));
+        assert!(matches!(
+            authorize(&own, None, &rules(), &view),
+            Err(AuthzError::PodUidMismatch { .. })
+        ));
+        // The node agent's token is bound to its pod too.
+        let mut view = pods();
+        view.pods.remove("nodeward-system/p");
+        let agent1 = claims("nodeward-system", "nodeward", Some("node-1"));
+        assert!(matches!(
+            authorize(&agent1, Some(WEB), &rules(), &view),
+            Err(AuthzError::PodGone { .. })
+        ));
+        // A token bound to no pod is the ServiceAccount's own.
+        let unbound = K8sClaims {
+            pod: None,
+            pod_uid: None,
+            ..claims("shop", "web", None)
+        };
+        authorize(&unbound, None, &rules(), &view).unwrap();
     }
 
     const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
@@ -216,6 +314,7 @@ mod tests {
         let agent_pod = Pod {
             namespace: "nodeward-system".into(),
             name: "p".into(),
+            uid: "uid-nodeward-system-p".into(),
             node_name: "node-2".into(),
             service_account: "nodeward".into(),
             phase: "Running".into(),

@@ -197,6 +197,9 @@ pub(crate) struct K8sClaims {
     pub(crate) service_account: String,
     /// `kubernetes.io.pod.name`, when the token is bound to a pod.
     pub(crate) pod: Option<String>,
+    /// `kubernetes.io.pod.uid`: which pod of that name (a pod re-created
+    /// under the same name has another).
+    pub(crate) pod_uid: Option<String>,
     /// `kubernetes.io.node.name`, when the token carries its node.
     pub(crate) node: Option<String>,
 }
@@ -217,6 +220,7 @@ enum Audience {
 #[derive(Deserialize)]
 struct Named {
     name: String,
+    uid: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -303,6 +307,7 @@ pub(crate) fn verify(token: &str, keys: &KeySet, expected: &Expected, now: i64) 
             .map(|s| s.name)
             .filter(|n| !n.is_empty())
             .ok_or(JwtError::MissingClaim("kubernetes.io.serviceaccount.name"))?,
+        pod_uid: k.pod.as_ref().and_then(|p| p.uid.clone()).filter(|u| !u.is_empty()),
         pod: k.pod.map(|p| p.name),
         node: k.node.map(|n| n.name),
     })
@@ -362,24 +367,25 @@ impl TokenSigner {
 }
 
 #[cfg(any(test, feature = "testing"))]
-/// Claims of a projected ServiceAccount token bound to a pod on a node,
-/// valid for an hour from `now`.
+/// Claims of a projected ServiceAccount token bound to pod `pod` (name,
+/// uid) on a node, valid for an hour from `now`.
 pub fn k8s_claims(
     issuer: &str,
     audience: &str,
     namespace: &str,
     service_account: &str,
-    pod: &str,
+    pod: (&str, &str),
     node: &str,
     now: i64,
 ) -> serde_json::Value {
+    let (pod, pod_uid) = pod;
     serde_json::json!({
         "iss": issuer, "aud": [audience], "iat": now, "nbf": now, "exp": now + 3600,
         "sub": format!("system:serviceaccount:{namespace}:{service_account}"),
         "kubernetes.io": {
             "namespace": namespace,
             "serviceaccount": {"name": service_account, "uid": "00000000-0000-0000-0000-000000000001"},
-            "pod": {"name": pod, "uid": "00000000-0000-0000-0000-000000000002"},
+            "pod": {"name": pod, "uid": pod_uid},
             "node": {"name": node, "uid": "00000000-0000-0000-0000-000000000003"},
         }
     })
@@ -404,7 +410,7 @@ mod tests {
             "istio-ca",
             "shop",
             "web",
-            "web-1",
+            ("web-1", "uid-web-1"),
             "node-1",
             NOW - 10,
         )
@@ -426,6 +432,7 @@ mod tests {
                 namespace: "shop".into(),
                 service_account: "web".into(),
                 pod: Some("web-1".into()),
+                pod_uid: Some("uid-web-1".into()),
                 node: Some("node-1".into()),
             }
         );

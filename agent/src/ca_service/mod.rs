@@ -4,7 +4,11 @@
 //!
 //! * `jwt` — ServiceAccount tokens verified against the issuer's keys.
 //! * `authz` — who may obtain which identity (node-scoped impersonation).
-//! * `server` — the gRPC endpoint: authenticate, authorize, issue, count.
+//! * `limit` — issuance rate limits per caller and per node.
+//! * `ledger` — the hash-chained issuance log and its verifier.
+//! * `metrics` — the service's own metric families.
+//! * `server` — the gRPC endpoint: authenticate, limit, authorize, issue,
+//!   log, count.
 
 #![forbid(unsafe_code)]
 
@@ -13,6 +17,9 @@ pub(crate) mod authz;
 pub mod jwt;
 #[cfg(not(feature = "testing"))]
 pub(crate) mod jwt;
+pub mod ledger;
+pub(crate) mod limit;
+pub(crate) mod metrics;
 pub mod server;
 
 use std::net::SocketAddr;
@@ -61,9 +68,28 @@ pub struct ServeArgs {
         default_value = "nodeward-ca.nodeward-system.svc"
     )]
     pub(crate) server_name: Vec<String>,
-    /// Readiness and `/stats` (request counters), on localhost.
+    /// Readiness and `/metrics`, on localhost.
     #[arg(long, env = "NODEWARD_CA_ADMIN_ADDR", default_value = "127.0.0.1:15022")]
     pub(crate) admin_addr: SocketAddr,
+    /// The issuance log: one hash-chained JSON line per certificate issued
+    /// and per request refused, synced before the answer (`nodeward ca log
+    /// verify` checks it). Each replica writes its own file.
+    #[arg(long, env = "NODEWARD_CA_ISSUANCE_LOG")]
+    pub(crate) issuance_log: PathBuf,
+    /// Certificates per second one caller (the pod its token is bound to,
+    /// else its ServiceAccount) may obtain, after its burst.
+    #[arg(long, env = "NODEWARD_CA_CALLER_RATE", default_value_t = 5.0)]
+    pub(crate) caller_rate: f64,
+    /// Certificates one caller may obtain at once.
+    #[arg(long, env = "NODEWARD_CA_CALLER_BURST", default_value_t = 200.0)]
+    pub(crate) caller_burst: f64,
+    /// Certificates per second for all callers of one node (the token's
+    /// node), after its burst.
+    #[arg(long, env = "NODEWARD_CA_NODE_RATE", default_value_t = 10.0)]
+    pub(crate) node_rate: f64,
+    /// Certificates all callers of one node may obtain at once.
+    #[arg(long, env = "NODEWARD_CA_NODE_BURST", default_value_t = 400.0)]
+    pub(crate) node_burst: f64,
 }
 
 /// Why the CA service could not start; each names its flag or file.

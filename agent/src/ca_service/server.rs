@@ -6,10 +6,9 @@
 
 #![forbid(unsafe_code)]
 
-use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rcgen::SanType;
@@ -19,7 +18,10 @@ use rustls::sign::CertifiedKey;
 use tokio_util::sync::CancellationToken;
 
 use super::authz::{Rules, authorize};
-use super::jwt::{Expected, KeySet};
+use super::jwt::{Expected, K8sClaims, KeySet};
+use super::ledger::{Caller, Decision, Entry, Ledger};
+use super::limit::{Limiter, Rate};
+use super::metrics::{CaMetrics, RequestLabels, TableLabels};
 use super::{ServeArgs, ServeError};
 use crate::identity::authority::Authority;
 use crate::identity::ca_proto::{
@@ -50,7 +52,21 @@ pub(crate) struct CaService {
     store: Store,
     max_lifetime: Duration,
     server_names: Vec<String>,
-    counters: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    limiter: Limiter,
+    ledger: Mutex<Ledger>,
+    /// This instance's name in the issuance log (its host name).
+    replica: String,
+    metrics: CaMetrics,
+}
+
+/// A refusal: the gRPC status, its reason label, the message.
+type Refusal = (Code, &'static str, String);
+
+/// What one request came to, for its answer, its counter and its log line.
+struct Outcome {
+    caller: Caller,
+    requested: String,
+    result: Result<(IstioCertificateResponse, String, i64), Refusal>,
 }
 
 impl std::fmt::Debug for CaService {
@@ -104,8 +120,31 @@ impl CaService {
         if a.server_name.iter().all(|n| n.trim().is_empty()) {
             problems.push("--server-name (NODEWARD_CA_SERVER_NAME) is empty".into());
         }
-        match (authority, keys, node_agent) {
-            (Some(authority), Some(keys), Some(node_agent)) if problems.is_empty() => Ok(CaService {
+        for (flag, env, v) in [
+            ("caller-rate", "NODEWARD_CA_CALLER_RATE", a.caller_rate),
+            ("caller-burst", "NODEWARD_CA_CALLER_BURST", a.caller_burst),
+            ("node-rate", "NODEWARD_CA_NODE_RATE", a.node_rate),
+            ("node-burst", "NODEWARD_CA_NODE_BURST", a.node_burst),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                problems.push(format!("--{flag} ({env}) = {v}: must be a positive number"));
+            }
+        }
+        for (flag, env, burst) in [
+            ("caller-burst", "NODEWARD_CA_CALLER_BURST", a.caller_burst),
+            ("node-burst", "NODEWARD_CA_NODE_BURST", a.node_burst),
+        ] {
+            if burst.is_finite() && burst > 0.0 && burst < 1.0 {
+                problems.push(format!(
+                    "--{flag} ({env}) = {burst}: below 1, nothing could ever be issued"
+                ));
+            }
+        }
+        let ledger = Ledger::open(&a.issuance_log)
+            .map_err(|e| problems.push(e.to_string()))
+            .ok();
+        match (authority, keys, node_agent, ledger) {
+            (Some(authority), Some(keys), Some(node_agent), Some(ledger)) if problems.is_empty() => Ok(CaService {
                 authority,
                 keys,
                 expected: Expected {
@@ -119,7 +158,21 @@ impl CaService {
                 store: Store::new(),
                 max_lifetime: a.max_cert_lifetime,
                 server_names: a.server_name.clone(),
-                counters: Mutex::new(BTreeMap::new()),
+                limiter: Limiter::new(
+                    Rate {
+                        per_second: a.caller_rate,
+                        burst: a.caller_burst,
+                    },
+                    Rate {
+                        per_second: a.node_rate,
+                        burst: a.node_burst,
+                    },
+                ),
+                ledger: Mutex::new(ledger),
+                replica: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_string())
+                    .unwrap_or_default(),
+                metrics: CaMetrics::new(),
             }),
             _ => Err(ServeError::Setup(problems)),
         }
@@ -156,41 +209,104 @@ impl CaService {
     }
 
     fn count(&self, result: &'static str, reason: &'static str) {
-        *self
-            .counters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry((result, reason))
-            .or_default() += 1;
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels { result, reason })
+            .inc();
     }
 
-    /// Handles one request to an answer, counted: the response or a gRPC
-    /// status with its reason.
-    fn create(
-        &self,
-        token: Option<&str>,
-        body: Bytes,
-    ) -> Result<IstioCertificateResponse, (Code, &'static str, String)> {
-        let r = self.create_uncounted(token, body);
-        match &r {
+    /// Handles one request to an answer: the response or a gRPC status
+    /// with its reason, counted, and written to the issuance log before it
+    /// is answered. A line that cannot be written fails the request: a
+    /// certificate nobody can account for is never handed out.
+    fn create(&self, token: Option<&str>, body: Bytes, peer: SocketAddr) -> Result<IstioCertificateResponse, Refusal> {
+        let Outcome {
+            caller,
+            requested,
+            result,
+        } = self.decide(token, body);
+        let (decision, reason, serial, not_after) = match &result {
+            Ok((_, serial, not_after)) => (Decision::Issued, "ok", Some(serial.clone()), Some(*not_after)),
+            Err((_, reason, _)) => (Decision::Refused, *reason, None, None),
+        };
+        let entry = Entry {
+            time: time::OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+            replica: self.replica.clone(),
+            caller,
+            peer: peer.to_string(),
+            requested,
+            decision,
+            reason: reason.to_string(),
+            serial,
+            not_after,
+            prev: String::new(),
+        };
+        let logged = self.ledger.lock().unwrap_or_else(|e| e.into_inner()).append(entry);
+        let result = match (result, logged) {
+            (r, Ok(())) => r,
+            (_, Err(e)) => {
+                tracing::error!("{e}: refusing every request until the issuance log can be written");
+                Err((
+                    Code::Unavailable,
+                    "log_unavailable",
+                    "the issuance log cannot be written".into(),
+                ))
+            }
+        };
+        match &result {
             Ok(_) => self.count("issued", "ok"),
             Err((_, reason, _)) => self.count("refused", reason),
         }
-        r
+        result.map(|(resp, _, _)| resp)
     }
 
-    fn create_uncounted(
+    /// The decision on one request, with who asked and for what.
+    fn decide(&self, token: Option<&str>, body: Bytes) -> Outcome {
+        let mut out = Outcome {
+            caller: Caller::default(),
+            requested: String::new(),
+            result: Err((Code::Internal, "internal", String::new())),
+        };
+        out.result = self.decide_into(token, body, &mut out.caller, &mut out.requested);
+        out
+    }
+
+    fn decide_into(
         &self,
         token: Option<&str>,
         body: Bytes,
-    ) -> Result<IstioCertificateResponse, (Code, &'static str, String)> {
+        who: &mut Caller,
+        requested: &mut String,
+    ) -> Result<(IstioCertificateResponse, String, i64), Refusal> {
         let token = token.ok_or((Code::Unauthenticated, "no_token", "no bearer token".to_string()))?;
         let now = crate::identity::trust::unix_now();
         let claims = super::jwt::verify(token, &self.keys, &self.expected, now)
             .map_err(|e| (Code::Unauthenticated, e.kind(), format!("token refused: {e}")))?;
+        *who = caller_of(&claims);
         let req: IstioCertificateRequest =
             unframe(body).map_err(|e| (Code::InvalidArgument, "bad_request", e.to_string()))?;
+        *requested = req.impersonated().map_or_else(
+            || {
+                format!(
+                    "spiffe://{}/ns/{}/sa/{}",
+                    self.rules.trust_domain, claims.namespace, claims.service_account
+                )
+            },
+            |r| r.chars().take(512).collect(),
+        );
         let caller = format!("{}/{}", claims.namespace, claims.service_account);
+        let key = who.pod.as_deref().unwrap_or(&caller);
+        self.limiter
+            .admit(key, claims.node.as_deref(), Instant::now())
+            .map_err(|l| {
+                (
+                    Code::ResourceExhausted,
+                    l.reason(),
+                    format!("{key}: issuance rate limit reached"),
+                )
+            })?;
         let id = authorize(&claims, req.impersonated(), &self.rules, &self.store.current())
             .map_err(|e| (Code::PermissionDenied, e.kind(), format!("{caller}: {e}")))?;
         let asked = u64::try_from(req.validity_duration).unwrap_or(0);
@@ -202,11 +318,13 @@ impl CaService {
             .authority
             .issue_for_csr(&id, lifetime, &req.csr)
             .map_err(|e| (Code::InvalidArgument, "bad_csr", e.to_string()))?;
+        let serial = crate::identity::ca::hex(&serial);
+        let not_after = not_after(chain[0].as_ref());
         tracing::info!(
             identity = %id,
             caller = %caller,
             node = claims.node.as_deref().unwrap_or(""),
-            serial = %crate::identity::ca::hex(&serial),
+            serial = %serial,
             lifetime_s = lifetime.as_secs(),
             "certificate issued"
         );
@@ -218,14 +336,14 @@ impl CaService {
         if let Some(root) = self.authority.roots().first() {
             cert_chain.push(crate::identity::ca::pem_text("CERTIFICATE", root.as_ref()));
         }
-        Ok(IstioCertificateResponse { cert_chain })
+        Ok((IstioCertificateResponse { cert_chain }, serial, not_after))
     }
 
     async fn handle(
         self: Arc<Self>,
         req: http::Request<h2::RecvStream>,
         mut respond: h2::server::SendResponse<Bytes>,
-        peer: std::net::SocketAddr,
+        peer: SocketAddr,
     ) {
         let (head, mut body) = req.into_parts();
         let result = if head.method != http::Method::POST || head.uri.path() != CREATE_CERTIFICATE_PATH {
@@ -248,8 +366,14 @@ impl CaService {
                         .get(http::header::AUTHORIZATION)
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-                        .map(str::trim);
-                    self.create(token, bytes)
+                        .map(|t| t.trim().to_string());
+                    // Signing and the synced log line block: off the runtime's threads.
+                    let started = Instant::now();
+                    let service = self.clone();
+                    let answer =
+                        tokio::task::spawn_blocking(move || service.create(token.as_deref(), bytes, peer)).await;
+                    self.metrics.duration.observe(started.elapsed().as_secs_f64());
+                    answer.unwrap_or_else(|_| Err((Code::Internal, "internal", "the request's task failed".into())))
                 }
             }
         };
@@ -295,16 +419,37 @@ fn admin_route(service: &CaService, req: &crate::admin::server::Request<'_>) -> 
 }
 
 impl CaService {
-    /// The request counters in Prometheus text format.
+    /// The metrics text, the gauges read from their sources first.
     fn stats(&self) -> String {
-        let mut out = String::from("# TYPE nodeward_ca_requests_total counter\n");
-        for ((result, reason), n) in self.counters.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            out.push_str(&format!(
-                "nodeward_ca_requests_total{{result=\"{result}\",reason=\"{reason}\"}} {n}\n"
-            ));
+        let m = &self.metrics;
+        let (callers, nodes) = self.limiter.tracked();
+        for (table, n) in [("caller", callers), ("node", nodes)] {
+            m.limiter_keys
+                .get_or_create(&TableLabels { table })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
-        out
+        if let Some(ca) = self.authority.chain().first() {
+            m.intermediate_expiry.set(not_after(ca.as_ref()));
+        }
+        m.render()
     }
+}
+
+/// Who asked, for the issuance log: the token's ServiceAccount, node and pod.
+fn caller_of(claims: &K8sClaims) -> Caller {
+    Caller {
+        service_account: format!("{}/{}", claims.namespace, claims.service_account),
+        node: claims.node.clone(),
+        pod: claims.pod.as_ref().map(|p| format!("{}/{p}", claims.namespace)),
+    }
+}
+
+/// A certificate's notAfter, unix seconds (0 if it cannot be read).
+fn not_after(der: &[u8]) -> i64 {
+    use x509_parser::prelude::FromDer;
+    x509_parser::certificate::X509Certificate::from_der(der)
+        .map(|(_, c)| c.validity().not_after.timestamp())
+        .unwrap_or(0)
 }
 
 /// grpc-message: printable ASCII except `%`, the rest percent-encoded.
@@ -427,6 +572,13 @@ mod tests {
     use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
     fn service(tag: &str) -> (CaService, super::super::jwt::TokenSigner, PathBuf) {
+        service_with(tag, |_| {})
+    }
+
+    fn service_with(
+        tag: &str,
+        edit: impl FnOnce(&mut ServeArgs),
+    ) -> (CaService, super::super::jwt::TokenSigner, PathBuf) {
         let d = std::env::temp_dir().join(format!("nodeward-ca-svc-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         crate::identity::ca_cli::init(&d).unwrap();
@@ -444,18 +596,34 @@ mod tests {
             max_cert_lifetime: Duration::from_secs(3600),
             server_name: vec!["ca.test".into()],
             admin_addr: "127.0.0.1:0".parse().unwrap(),
+            issuance_log: d.join("issuance.jsonl"),
+            caller_rate: 5.0,
+            caller_burst: 200.0,
+            node_rate: 10.0,
+            node_burst: 400.0,
         };
+        let mut args = args;
+        edit(&mut args);
         let s = CaService::load(&args).unwrap();
         let mut snap = crate::state::Snapshot::default();
-        let pod = Pod {
-            namespace: "shop".into(),
-            name: "web-1".into(),
-            node_name: "node-1".into(),
-            service_account: "web".into(),
-            phase: "Running".into(),
-            ..Pod::default()
-        };
-        snap.pods.insert("shop/web-1".into(), Arc::new(pod));
+        // web-1 runs on node-1; `p` is each caller's own pod, which its
+        // token is bound to.
+        for (ns, name, sa, node) in [
+            ("shop", "web-1", "web", "node-1"),
+            ("shop", "p", "web", "node-9"),
+            ("nodeward-system", "p", "nodeward", "node-1"),
+        ] {
+            let pod = Pod {
+                namespace: ns.into(),
+                name: name.into(),
+                uid: "uid-p".into(),
+                node_name: node.into(),
+                service_account: sa.into(),
+                phase: "Running".into(),
+                ..Pod::default()
+            };
+            snap.pods.insert(format!("{ns}/{name}"), Arc::new(pod));
+        }
         s.store.publish(snap);
         (s, signer, d)
     }
@@ -469,11 +637,13 @@ mod tests {
             "istio-ca",
             ns,
             sa,
-            "p",
+            ("p", "uid-p"),
             node,
             now,
         ))
     }
+
+    const PEER: &str = "10.0.0.9:40000";
 
     fn request(csr: String, impersonate: &str, validity: i64) -> Bytes {
         frame(&IstioCertificateRequest {
@@ -495,7 +665,11 @@ mod tests {
         let csr = p.serialize_request(&key).unwrap().pem().unwrap();
         let t = token(&signer, "nodeward-system", "nodeward", "node-1");
         let resp = s
-            .create(Some(&t), request(csr, "spiffe://cluster.local/ns/shop/sa/web", 999_999))
+            .create(
+                Some(&t),
+                request(csr, "spiffe://cluster.local/ns/shop/sa/web", 999_999),
+                PEER.parse().unwrap(),
+            )
             .unwrap();
         let der = pem::parse(&resp.cert_chain[0]).unwrap();
         let (_, leaf) = X509Certificate::from_der(der.contents()).unwrap();
@@ -534,14 +708,22 @@ mod tests {
             .unwrap();
         let web = "spiffe://cluster.local/ns/shop/sa/web";
         let node2 = token(&signer, "nodeward-system", "nodeward", "node-2");
-        let e = s.create(Some(&node2), request(csr.clone(), web, 0)).unwrap_err();
+        let e = s
+            .create(Some(&node2), request(csr.clone(), web, 0), PEER.parse().unwrap())
+            .unwrap_err();
         assert_eq!((e.0, e.1), (Code::PermissionDenied, "not_on_node"), "{}", e.2);
-        let e = s.create(None, request(csr.clone(), web, 0)).unwrap_err();
+        let e = s
+            .create(None, request(csr.clone(), web, 0), PEER.parse().unwrap())
+            .unwrap_err();
         assert_eq!((e.0, e.1), (Code::Unauthenticated, "no_token"));
-        let e = s.create(Some("a.b.c"), request(csr.clone(), web, 0)).unwrap_err();
+        let e = s
+            .create(Some("a.b.c"), request(csr.clone(), web, 0), PEER.parse().unwrap())
+            .unwrap_err();
         assert_eq!(e.0, Code::Unauthenticated);
         let node1 = token(&signer, "nodeward-system", "nodeward", "node-1");
-        let e = s.create(Some(&node1), request("garbage".into(), web, 0)).unwrap_err();
+        let e = s
+            .create(Some(&node1), request("garbage".into(), web, 0), PEER.parse().unwrap())
+            .unwrap_err();
         assert_eq!((e.0, e.1), (Code::InvalidArgument, "bad_csr"));
         let rsa = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
         let p384 = rcgen::CertificateParams::default()
@@ -549,14 +731,63 @@ mod tests {
             .unwrap()
             .pem()
             .unwrap();
-        let e = s.create(Some(&node1), request(p384, web, 0)).unwrap_err();
+        let e = s
+            .create(Some(&node1), request(p384, web, 0), PEER.parse().unwrap())
+            .unwrap_err();
         assert_eq!((e.0, e.1), (Code::InvalidArgument, "bad_csr"), "{}", e.2);
         let own = token(&signer, "shop", "web", "node-9");
-        let ok = s.create(Some(&own), request(csr, web, 0));
+        let ok = s.create(Some(&own), request(csr, web, 0), PEER.parse().unwrap());
         assert!(ok.is_ok(), "a workload gets its own identity");
         let stats = s.stats();
         assert!(stats.contains("reason=\"not_on_node\"} 1"), "{stats}");
         assert_eq!(Identity::parse(web).unwrap().namespace, "shop");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn every_answer_is_logged_and_a_rate_limited_node_is_refused_while_another_is_served() {
+        let (s, signer, d) = service_with("limits", |a| {
+            a.node_burst = 2.0;
+            a.node_rate = 0.001;
+        });
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        let web = "spiffe://cluster.local/ns/shop/sa/web";
+        let peer: SocketAddr = PEER.parse().unwrap();
+        let node1 = token(&signer, "nodeward-system", "nodeward", "node-1");
+        for _ in 0..2 {
+            s.create(Some(&node1), request(csr.clone(), web, 0), peer).unwrap();
+        }
+        let e = s.create(Some(&node1), request(csr.clone(), web, 0), peer).unwrap_err();
+        assert_eq!((e.0, e.1), (Code::ResourceExhausted, "rate_limited_node"), "{}", e.2);
+        // A caller on another node is served.
+        let own = token(&signer, "shop", "web", "node-9");
+        s.create(Some(&own), request(csr.clone(), web, 0), peer).unwrap();
+        assert!(s.stats().contains("reason=\"rate_limited_node\"} 1"), "{}", s.stats());
+        // Every answer is a line of the chain, issued ones with their serial.
+        let v = super::super::ledger::verify(std::fs::File::open(d.join("issuance.jsonl")).unwrap()).unwrap();
+        let got: Vec<(Decision, &str, bool)> = v
+            .entries
+            .iter()
+            .map(|e| (e.decision, e.reason.as_str(), e.serial.is_some()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (Decision::Issued, "ok", true),
+                (Decision::Issued, "ok", true),
+                (Decision::Refused, "rate_limited_node", false),
+                (Decision::Issued, "ok", true),
+            ]
+        );
+        assert_eq!(v.entries[0].caller.node.as_deref(), Some("node-1"));
+        assert_eq!(v.entries[0].caller.pod.as_deref(), Some("nodeward-system/p"));
+        assert_eq!(v.entries[0].requested, web);
+        assert_eq!(v.entries[3].caller.service_account, "shop/web");
         let _ = std::fs::remove_dir_all(&d);
     }
 }

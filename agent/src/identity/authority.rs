@@ -30,7 +30,7 @@ pub struct IssuedCert {
     /// When it expires.
     pub(crate) not_after: SystemTime,
     /// Serial number bytes (big-endian).
-    pub(crate) serial: Vec<u8>,
+    pub serial: Vec<u8>,
 }
 
 impl std::fmt::Debug for IssuedCert {

@@ -161,6 +161,11 @@ pub(crate) enum Code {
     ResourceExhausted = 8,
     /// 12: another method.
     Unimplemented = 12,
+    /// 13: the service failed itself.
+    Internal = 13,
+    /// 14: the service cannot answer now (its issuance log cannot be
+    /// written); the client retries.
+    Unavailable = 14,
     /// 16: no or a bad token.
     Unauthenticated = 16,
 }

@@ -16,7 +16,7 @@
 
 #![forbid(unsafe_code)]
 
-mod counters;
+pub(crate) mod counters;
 mod foreign;
 mod probe;
 
