@@ -218,7 +218,6 @@ pub fn run(opts: &Options) -> Result<Vec<Check>, VerifyError> {
             });
             continue;
         };
-        out.extend(datagram_checks(&snap, pod, managed, &netns));
         let ports = ports_to_probe(&snap, pod, managed, &netns);
         for (port, target) in &ports {
             out.push(plaintext_check(&snap, pod, managed, *port, *target, opts.timeout));
@@ -244,6 +243,7 @@ pub fn run(opts: &Options) -> Result<Vec<Check>, VerifyError> {
             &opts.trust_domain,
             opts.metrics_addr,
         ));
+        out.extend(datagram_checks(&snap, pod, managed, &netns));
     }
     Ok(out)
 }
