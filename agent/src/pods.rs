@@ -9,7 +9,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nodeward_common::{DIRECTION_INBOUND, DIRECTION_OUTBOUND, POD_HAS_IPV4, POD_HAS_IPV6, PodInfo, PortKey};
+use nodeward_common::{
+    DIRECTION_INBOUND, DIRECTION_OUTBOUND, POD_DROP_INBOUND_UDP, POD_HAS_IPV4, POD_HAS_IPV6, PodInfo, PortKey,
+};
 
 use crate::capture::keys::ip_words;
 use crate::capture::{Capture, CaptureError};
@@ -213,7 +215,7 @@ impl PodManager {
                 if active.spec != *want {
                     let cookie = active.ctx.netns.cookie();
                     update_exclusions(&self.capture, cookie, &active.spec, want);
-                    if let Err(e) = self.capture.maps.pods.insert(&cookie, &pod_info(&want.ips)) {
+                    if let Err(e) = self.capture.maps.pods.insert(&cookie, &pod_entry(want)) {
                         tracing::error!(pod = %want.key, "updating pod capture: {e}");
                     }
                     active.spec = want.clone();
@@ -323,7 +325,7 @@ impl PodManager {
         // entries first, then steering, then outbound capture.
         let listeners = PodListeners::bind(&ctx)?;
         self.capture.attach_pod(&ctx.netns, Some(&pod.uid))?;
-        let info = pod_info(&pod.ips);
+        let info = pod_entry(pod);
         update_exclusions(&self.capture, cookie, &empty_like(pod), pod);
         for ip in &pod.ips {
             self.capture.maps.pod_addrs.insert(&ip_words(*ip), &1)?;
@@ -337,6 +339,7 @@ impl PodManager {
             ips = ?pod.ips,
             exclude_inbound = ?pod.exclude_inbound,
             exclude_outbound = ?pod.exclude_outbound,
+            drop_inbound_udp = pod.drop_inbound_udp,
             "pod captured"
         );
         Ok(ctx)
@@ -599,6 +602,15 @@ pub(crate) fn pod_info(ips: &[IpAddr]) -> PodInfo {
                 info.flags |= POD_HAS_IPV6;
             }
         }
+    }
+    info
+}
+
+/// The `PODS` entry of a captured pod: its addresses and its flags.
+fn pod_entry(pod: &ManagedPod) -> PodInfo {
+    let mut info = pod_info(&pod.ips);
+    if pod.drop_inbound_udp {
+        info.flags |= POD_DROP_INBOUND_UDP;
     }
     info
 }

@@ -48,6 +48,9 @@ pub const SLOT_TUNNEL_V6: u32 = 3;
 pub const POD_HAS_IPV4: u32 = 1;
 /// `PodInfo::flags`: the pod has an IPv6 address in `ipv6`.
 pub const POD_HAS_IPV6: u32 = 2;
+/// `PodInfo::flags`: `nw_sk_lookup` drops inbound UDP from outside the pod
+/// (`nodeward.io/inbound-udp: drop`), excluded inbound ports aside.
+pub const POD_DROP_INBOUND_UDP: u32 = 4;
 
 /// Names of the kernel programs, maps and loader globals: the ELF symbols
 /// the eBPF object defines (each item's own name) and the agent looks up,
@@ -90,6 +93,8 @@ pub mod names {
     pub const PROBE_SOURCES: &str = "PROBE_SOURCES";
     /// Map: addresses of this node's managed pods.
     pub const POD_ADDRS: &str = "POD_ADDRS";
+    /// Map: cookies of the agent's own sockets while they `connect()`.
+    pub const AGENT_SOCKETS: &str = "AGENT_SOCKETS";
 
     /// Loader global: socket mark of the agent's own sockets.
     pub const SOCKET_MARK: &str = "SOCKET_MARK";
@@ -126,6 +131,7 @@ pub mod names {
         LISTENERS,
         PROBE_SOURCES,
         POD_ADDRS,
+        AGENT_SOCKETS,
         EBPF_LOG,
     ];
     /// Every loader global, for checks that each is in the object.

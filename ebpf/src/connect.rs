@@ -1,7 +1,9 @@
 //! `nw_connect4`/`nw_connect6`: a managed pod's `connect()` goes to the
 //! agent's outbound listener on the pod's loopback, its original destination
 //! kept in `PENDING`; the node's own connections to its pods are bound to
-//! the probe source.
+//! the probe source. The agent's own sockets are left alone when they carry
+//! its mark and their cookie is in `AGENT_SOCKETS` (the mark alone is
+//! settable by any process with `CAP_NET_RAW`).
 
 use core::ptr::read_volatile;
 
@@ -19,8 +21,8 @@ use nodeward_common::{
 };
 
 use crate::helpers::{
-    AF_INET, AF_INET6, PROCEED, SOCK_STREAM, ip6_bytes, node_netns_cookie, port_excluded, read_ip6, socket_mark,
-    symbol_is,
+    AF_INET, AF_INET6, PROCEED, SOCK_STREAM, agent_socket, ip6_bytes, node_netns_cookie, port_excluded, read_ip6,
+    socket_mark, symbol_is,
 };
 use crate::maps::{PENDING, POD_ADDRS, PODS};
 
@@ -57,17 +59,23 @@ unsafe fn connect4(ctx: &SockAddrContext) {
         return;
     }
     let sk = unsafe { sa.__bindgen_anon_1.sk };
-    if unsafe { (*sk).mark } == socket_mark() {
-        return;
-    }
+    let marked = unsafe { (*sk).mark } == socket_mark();
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     if netns == node_netns_cookie() {
-        unsafe { bind_probe_source4(ctx, sk) };
+        // In the node's namespace the mark only opts out of the probe
+        // source, an exemption: anyone may decline it.
+        if !marked {
+            unsafe { bind_probe_source4(ctx, sk) };
+        }
         return;
     }
     let Some(pod) = (unsafe { PODS.get(&netns) }) else {
         return;
     };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if marked && agent_socket(cookie) {
+        return;
+    }
     let dst = sa.user_ip4;
     if is_v4_loopback(dst) || (pod.flags & POD_HAS_IPV4 != 0 && dst == pod.ipv4) {
         return;
@@ -81,7 +89,6 @@ unsafe fn connect4(ctx: &SockAddrContext) {
         port,
         pad: [0; 6],
     };
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // A failed insert still redirects: the agent then refuses the connection
     // for want of a destination, which fails closed.
     if let Err(e) = PENDING.insert(&cookie, &orig, 0) {
@@ -111,17 +118,23 @@ unsafe fn connect6(ctx: &SockAddrContext) {
         return;
     }
     let sk = unsafe { sa.__bindgen_anon_1.sk };
-    if unsafe { (*sk).mark } == socket_mark() {
-        return;
-    }
+    let marked = unsafe { (*sk).mark } == socket_mark();
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     if netns == node_netns_cookie() {
-        unsafe { bind_probe_source6(ctx, sk) };
+        // In the node's namespace the mark only opts out of the probe
+        // source, an exemption: anyone may decline it.
+        if !marked {
+            unsafe { bind_probe_source6(ctx, sk) };
+        }
         return;
     }
     let Some(pod) = (unsafe { PODS.get(&netns) }) else {
         return;
     };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if marked && agent_socket(cookie) {
+        return;
+    }
     let dst = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
     let mapped = is_v4_mapped(&dst);
     if mapped {
@@ -140,7 +153,6 @@ unsafe fn connect6(ctx: &SockAddrContext) {
         port,
         pad: [0; 6],
     };
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // A failed insert still redirects: the agent then refuses the connection
     // for want of a destination, which fails closed.
     if let Err(e) = PENDING.insert(&cookie, &orig, 0) {

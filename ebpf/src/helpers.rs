@@ -5,12 +5,13 @@ use core::ptr::read_volatile;
 
 use nodeward_common::PortKey;
 
-use crate::maps::{EXCLUDED_PORTS, NETNS_COOKIE, NODE_NETNS_COOKIE, SOCKET_MARK};
+use crate::maps::{AGENT_SOCKETS, EXCLUDED_PORTS, NETNS_COOKIE, NODE_NETNS_COOKIE, SOCKET_MARK};
 
 pub(crate) const AF_INET: u32 = 2;
 pub(crate) const AF_INET6: u32 = 10;
 pub(crate) const SOCK_STREAM: u32 = 1;
 pub(crate) const IPPROTO_TCP: u32 = 6;
+pub(crate) const IPPROTO_UDP: u32 = 17;
 /// Return value of cgroup sock_addr programs that lets the call proceed.
 pub(crate) const PROCEED: i32 = 1;
 
@@ -68,6 +69,14 @@ pub(crate) fn ip6_bytes(words: &[u32; 4]) -> [u8; 16] {
 pub(crate) fn socket_mark() -> u32 {
     // SAFETY: a plain read of a loader-initialised global.
     unsafe { read_volatile(&SOCKET_MARK) }
+}
+
+/// Whether the socket with `cookie` is one the agent registered in
+/// `AGENT_SOCKETS` for its `connect()`: the proof the mark is not.
+#[inline(always)]
+pub(crate) fn agent_socket(cookie: u64) -> bool {
+    // SAFETY: presence test only.
+    unsafe { AGENT_SOCKETS.get(&cookie).is_some() }
 }
 
 /// The node's network-namespace cookie (loader global `NODE_NETNS_COOKIE`).

@@ -23,7 +23,8 @@
 //! share in `helpers.rs`. Every item's name is its ELF symbol, which the
 //! agent finds by the constants in `nodeward_common::names`. Every decision
 //! is keyed on the network-namespace cookie, and the agent's own sockets are
-//! recognised by their socket mark.
+//! recognised by their socket mark together with their cookie in
+//! `AGENT_SOCKETS` (the mark alone any `CAP_NET_RAW` process can set).
 #![no_std]
 #![no_main]
 

@@ -76,6 +76,18 @@ pub(crate) static PROBE_SOURCES: HashMap<[u32; 4], u8> = HashMap::pinned(1024, 0
 #[map]
 pub(crate) static POD_ADDRS: HashMap<[u32; 4], u8> = HashMap::pinned(16384, BPF_F_NO_PREALLOC);
 
+/// The agent's own sockets, by socket cookie, while their `connect()`
+/// runs: the agent files a socket's cookie before `connect()` and removes
+/// it when the call returns, and the connect hooks leave a socket alone
+/// only if its mark is the agent's *and* its cookie is here. A mark is
+/// something any process with `CAP_NET_RAW` can set; a cookie in this map
+/// only the agent (with `CAP_BPF`) can put there. LRU so an entry the
+/// agent could not remove (killed mid-call) never fills the map; an
+/// entry lives for one system call, so eviction needs 16384 connects of
+/// this agent within one, and an evicted socket is captured (fails closed).
+#[map]
+pub(crate) static AGENT_SOCKETS: LruHashMap<u64, u8> = LruHashMap::pinned(16384, 0);
+
 symbol_is!(SOCKET_MARK, names::SOCKET_MARK);
 symbol_is!(NETNS_COOKIE, names::NETNS_COOKIE);
 symbol_is!(NODE_NETNS_COOKIE, names::NODE_NETNS_COOKIE);
@@ -88,6 +100,7 @@ symbol_is!(HOP_PEER, names::HOP_PEER);
 symbol_is!(LISTENERS, names::LISTENERS);
 symbol_is!(PROBE_SOURCES, names::PROBE_SOURCES);
 symbol_is!(POD_ADDRS, names::POD_ADDRS);
+symbol_is!(AGENT_SOCKETS, names::AGENT_SOCKETS);
 // aya-log's ring buffer and level, which the agent pins and sets by these names.
 symbol_is!(AYA_LOGS, names::EBPF_LOG);
 symbol_is!(AYA_LOG_LEVEL, names::EBPF_LOG_LEVEL);

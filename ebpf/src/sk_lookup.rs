@@ -1,17 +1,21 @@
 //! `nw_sk_lookup`: one instance per pod, attached to its network namespace,
 //! steers every inbound TCP connection to the agent's listeners and drops
-//! it when the agent is not there (fail closed).
+//! it when the agent is not there (fail closed); and, for pods that opt in,
+//! drops inbound UDP from outside the pod.
 
 use core::ptr::read_volatile;
 
 use aya_ebpf::{bindings::sk_action, macros::sk_lookup, programs::SkLookupContext};
 use aya_log_ebpf::warn;
 use nodeward_common::{
-    DIRECTION_INBOUND, LOOPBACK_IFINDEX, ListenerKey, POD_HAS_IPV4, POD_HAS_IPV6, SLOT_INBOUND_V4, SLOT_INBOUND_V6,
-    SLOT_TUNNEL_V4, SLOT_TUNNEL_V6, TUNNEL_PORT, is_v4_loopback, is_v4_mapped, is_v6_loopback, map_v4, names,
+    DIRECTION_INBOUND, LOOPBACK_IFINDEX, ListenerKey, POD_DROP_INBOUND_UDP, POD_HAS_IPV4, POD_HAS_IPV6,
+    SLOT_INBOUND_V4, SLOT_INBOUND_V6, SLOT_TUNNEL_V4, SLOT_TUNNEL_V6, TUNNEL_PORT, is_v4_loopback, is_v4_mapped,
+    is_v6_loopback, map_v4, names,
 };
 
-use crate::helpers::{AF_INET, IPPROTO_TCP, ip6_bytes, netns_cookie_const, port_excluded, read_ip6, symbol_is};
+use crate::helpers::{
+    AF_INET, IPPROTO_TCP, IPPROTO_UDP, ip6_bytes, netns_cookie_const, port_excluded, read_ip6, symbol_is,
+};
 use crate::maps::{LISTENERS, PODS, PROBE_SOURCES};
 
 #[sk_lookup]
@@ -23,6 +27,9 @@ pub fn nw_sk_lookup(ctx: SkLookupContext) -> u32 {
 #[inline(always)]
 unsafe fn steer(ctx: &SkLookupContext) -> u32 {
     let lk = unsafe { &*ctx.lookup };
+    if lk.protocol == IPPROTO_UDP {
+        return unsafe { udp(ctx) };
+    }
     if lk.protocol != IPPROTO_TCP {
         return sk_action::SK_PASS;
     }
@@ -85,6 +92,39 @@ unsafe fn steer(ctx: &SkLookupContext) -> u32 {
             sk_action::SK_DROP
         }
     }
+}
+
+/// A UDP datagram's lookup: left to the kernel unless the pod asked for
+/// inbound UDP from outside it to be dropped (`POD_DROP_INBOUND_UDP`,
+/// from `nodeward.io/inbound-udp: drop`). The pod's own datagrams (from
+/// loopback or its addresses) and excluded inbound ports still pass. The
+/// kernel finds connected UDP sockets before this program runs, so the
+/// replies a pod's connected client sockets (DNS lookups) wait for are
+/// never dropped here.
+#[inline(always)]
+unsafe fn udp(ctx: &SkLookupContext) -> u32 {
+    let lk = unsafe { &*ctx.lookup };
+    let netns = netns_cookie_const();
+    // SAFETY: read-only lookup of a plain value.
+    let Some(pod) = (unsafe { PODS.get(&netns) }) else {
+        return sk_action::SK_PASS;
+    };
+    if pod.flags & POD_DROP_INBOUND_UDP == 0 {
+        return sk_action::SK_PASS;
+    }
+    let v4 = lk.family == AF_INET;
+    let remote4 = unsafe { read_volatile(&lk.remote_ip4) };
+    let remote6 = unsafe { read_ip6(&lk.remote_ip6) };
+    if lk.ingress_ifindex == LOOPBACK_IFINDEX || is_own_address(netns, v4, remote4, &remote6) {
+        return sk_action::SK_PASS;
+    }
+    let port = lk.local_port as u16;
+    if port_excluded(netns, port, DIRECTION_INBOUND) {
+        return sk_action::SK_PASS;
+    }
+    // Not logged: anyone outside can send datagrams at any rate, and each
+    // would cost the agent a log line.
+    sk_action::SK_DROP
 }
 
 /// Whether a source address belongs to the pod itself (or is loopback).

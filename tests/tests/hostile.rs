@@ -1,14 +1,17 @@
 //! Hostile workloads: a pod that points the agent at its own listeners, a
-//! namespace that claims a neighbour's IP. Each is refused and reported;
-//! none makes the agent loop or leaves a pod open.
+//! namespace that claims a neighbour's IP, a pod that forges the agent's
+//! socket mark. Each is refused or captured and reported; none makes the
+//! agent loop or leaves a pod open.
 
 use std::io::{ErrorKind, Read};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use nodeward_testbed::bpf::{links, netns_ino};
+use nodeward_testbed::netns::nsenter;
+use nodeward_testbed::sniff::{self, Sniffer};
 use nodeward_testbed::traffic::{self, info_echo, read_greeting, round_trip, serve};
-use nodeward_testbed::{PodSpec, Topology, shared};
+use nodeward_testbed::{PodSpec, Topology, TopologySpec, privileged_or_skip, shared};
 
 const WAIT: Duration = Duration::from_secs(10);
 const QUICK: Duration = Duration::from_secs(2);
@@ -185,4 +188,107 @@ fn a_new_pod_whose_ip_a_decoy_already_holds_is_quarantined_until_the_decoy_goes(
     round_trip(&e.netns, c.v4(7000), b"captured").unwrap();
     assert!(traffic::captured(&e.netns, c.v4(7000)).unwrap(), "captured");
     round_trip(&d.netns, e.v4(7000), b"permissive").unwrap();
+}
+
+/// The agent's default `--socket-mark`, as the README prints it.
+const AGENT_MARK: &str = "0x4e57";
+
+/// Runs the hostile client inside `netns` as nobody with `CAP_NET_RAW`
+/// alone (what container runtimes grant by default): it marks its socket
+/// with the agent's mark, connects to `dst` and sends `payload`. Returns
+/// its exit code and what it printed.
+fn forged_mark_client(netns: &str, dst: std::net::SocketAddr, payload: &str) -> (i32, String) {
+    let out = nsenter(
+        netns,
+        &[
+            "setpriv",
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "--inh-caps=-all,+net_raw",
+            "--ambient-caps=-all,+net_raw",
+            "--bounding-set=-all,+net_raw",
+            env!("CARGO_BIN_EXE_nodeward-marked-client"),
+            AGENT_MARK,
+            &dst.to_string(),
+            payload,
+        ],
+    )
+    .output()
+    .expect("run setpriv (util-linux) and the marked client");
+    let code = out.status.code().unwrap_or(-1);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_ne!(
+        code,
+        2,
+        "the client could not set the mark with CAP_NET_RAW: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (code, text)
+}
+
+#[test]
+fn a_pod_forging_the_agents_socket_mark_with_cap_net_raw_is_still_captured() {
+    let _g = shared();
+    let test = "a_pod_forging_the_agents_socket_mark_with_cap_net_raw_is_still_captured";
+    if !privileged_or_skip(test) {
+        return;
+    }
+    let mut spec = TopologySpec::two_nodes();
+    spec.nodes[0][0] = PodSpec::new("a", "mesh").annotation("nodeward.io/egress", "tls-only");
+    let mut t = Topology::build(spec);
+    t.start_agents();
+    let (a, c, d) = (t.pod("a").clone(), t.pod("c").clone(), t.pod("d").clone());
+    let _sc = serve(&c.netns, c.v4(7100), info_echo);
+    let _sd = serve(&d.netns, d.v4(7200), info_echo);
+
+    // To an enrolled pod on the other node: tunnelled, so the payload never
+    // crosses the node link in the clear, and c's agent sees a's identity.
+    let secret = "forged-mark-secret-payload";
+    let wire = Sniffer::start(&t.nodes[0].netns, &t.nodes[0].uplink);
+    let (code, back) = forged_mark_client(&a.netns, c.v4(7100), secret);
+    let packets = wire.finish();
+    assert_eq!(code, 0, "the connection to c failed: {back}");
+    assert!(
+        back.contains(&format!("peer={}", a.ip4)),
+        "c's app did not see a: {back:?}"
+    );
+    assert!(back.ends_with(secret), "not echoed: {back:?}");
+    assert!(
+        !sniff::contains(&packets, secret.as_bytes()),
+        "the marked connection crossed the node link in plaintext"
+    );
+    let out = t
+        .agent(0)
+        .wait_connection("outbound", &c.v4(7100).to_string(), WAIT)
+        .unwrap_or_else(|| panic!("a's marked connection not logged:\n{}", t.agent(0).dump()));
+    assert_eq!(
+        (out["pod"].as_str(), out["transport"].as_str()),
+        (Some("mesh/a"), Some("hbone")),
+        "{out}"
+    );
+    let inb = t
+        .agent(1)
+        .wait_connection("inbound_tunnel", &c.v4(7100).to_string(), WAIT)
+        .unwrap_or_else(|| panic!("no tunnel at c:\n{}", t.agent(1).dump()));
+    assert_eq!(inb["peer_identity"], "spiffe://cluster.local/ns/mesh/sa/a");
+
+    // Under tls-only egress, plaintext to a destination outside the mesh is
+    // refused, logged and named, mark or no mark.
+    let (_, back) = forged_mark_client(&a.netns, d.v4(7200), "GET / HTTP/1.1\r\n\r\n");
+    assert!(
+        !back.contains("peer="),
+        "plaintext reached the outside server: {back:?}"
+    );
+    let out = t
+        .agent(0)
+        .wait_connection("outbound", &d.v4(7200).to_string(), WAIT)
+        .unwrap_or_else(|| panic!("the refusal is not logged:\n{}", t.agent(0).dump()));
+    assert_eq!(
+        (out["pod"].as_str(), out["reason"].as_str()),
+        (Some("mesh/a"), Some("egress_plaintext")),
+        "{out}"
+    );
 }

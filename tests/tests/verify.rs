@@ -1,11 +1,12 @@
 //! `nodeward verify` on a node of the two-node test bed, against real
 //! agents: it passes when STRICT is enforced on every port a pod listens
 //! on, and fails naming the pod and the port when one port is left
-//! PERMISSIVE.
+//! PERMISSIVE; it lists UDP listeners, which STRICT does not cover.
 
+use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
-use nodeward_testbed::netns::nsenter;
+use nodeward_testbed::netns::{nsenter, run_in};
 use nodeward_testbed::traffic::{info_echo, round_trip, serve};
 use nodeward_testbed::{PodSpec, Topology, TopologySpec, nodeward_bin, patience, privileged_or_skip, shared};
 use serde_json::Value;
@@ -226,4 +227,53 @@ fn verify_reads_the_agents_counters_and_fails_once_the_pod_called_an_enrolled_pe
         assert!(Instant::now() < deadline, "verify still passes after DISABLE:\n{table}");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+#[test]
+fn verify_lists_each_udp_listener_of_a_strict_pod_as_not_covered_without_failing() {
+    let _g = shared();
+    let Some(mut t) = cluster("verify_lists_each_udp_listener_of_a_strict_pod_as_not_covered_without_failing") else {
+        return;
+    };
+    let c = t.pod("c").clone();
+    let _tcp = serve(&c.netns, c.v4(8080), info_echo);
+    let udp_addr: std::net::SocketAddr = "0.0.0.0:5353".parse().unwrap();
+    let _udp = run_in(&c.netns, move || UdpSocket::bind(udp_addr)).unwrap();
+    let local: std::net::SocketAddr = "127.0.0.1:5400".parse().unwrap();
+    let _loopback = run_in(&c.netns, move || UdpSocket::bind(local)).unwrap();
+    t.apply("pa", STRICT);
+    t.apply("authz", DENY_FOREIGN);
+
+    // Listed, and not a failure: STRICT is what it should be on TCP.
+    let (report, table) = verify_until(&t, 0);
+    let (status, detail) = result(&report, "udp", 5353);
+    assert_eq!(status, "not_covered", "{detail}\n{table}");
+    assert!(detail.contains("not covered by STRICT"), "{detail}");
+    let line = table
+        .lines()
+        .find(|l| l.contains(" udp "))
+        .unwrap_or_else(|| panic!("no udp line:\n{table}"));
+    assert!(
+        line.starts_with("mesh/c") && line.contains("5353") && line.contains("not covered"),
+        "{line}"
+    );
+    assert!(table.contains("1 not covered"), "{table}");
+    let udp_rows = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["check"] == "udp")
+        .count();
+    assert_eq!(udp_rows, 1, "the loopback-only socket is not listed: {report:#}");
+
+    // With inbound UDP dropped, the port is closed to the outside, which
+    // verify cannot observe: not tested, never a pass.
+    t.edit_pod("c", |p| {
+        p.annotations.push(("nodeward.io/inbound-udp".into(), "drop".into()));
+        true
+    });
+    let (_, report, table) = verify(&t);
+    let (status, detail) = result(&report, "udp", 5353);
+    assert_eq!(status, "not_tested", "{detail}\n{table}");
+    assert!(detail.contains("dropped"), "{detail}");
 }

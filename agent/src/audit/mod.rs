@@ -3,9 +3,10 @@
 //! model), so the audit sees exactly what the agent would enforce.
 //!
 //! Each finding has a severity, the object (`Kind namespace/name`) and a
-//! one-line why. The checks are grouped by what they look at: mTLS modes
-//! and the exceptions register (`mtls.rs`), authorization policies and the
-//! rules other rules shadow (`authz.rs`).
+//! one-line why. The checks are grouped by what they look at: mTLS modes,
+//! the exceptions register and the UDP/SCTP ports STRICT does not cover
+//! (`mtls.rs`), authorization policies and the rules other rules shadow
+//! (`authz.rs`).
 
 #![forbid(unsafe_code)]
 
@@ -83,6 +84,9 @@ pub(crate) enum Kind {
     UnloggedCertificate,
     /// An issuance log whose hash chain is broken.
     IssuanceLogBroken,
+    /// An enrolled pod declaring UDP or SCTP ports under STRICT, which
+    /// covers TCP only.
+    UdpNotCovered,
 }
 
 impl Kind {
@@ -102,6 +106,7 @@ impl Kind {
             Kind::DocumentedException => "documented_exception",
             Kind::UnloggedCertificate => "unlogged_certificate",
             Kind::IssuanceLogBroken => "issuance_log_broken",
+            Kind::UdpNotCovered => "udp_not_covered",
         }
     }
 }
@@ -255,6 +260,7 @@ pub(crate) fn audit_snapshot(snap: &Snapshot, production: &Production) -> Vec<Fi
     let mut out = Vec::new();
     mtls::check(snap, production, &mut out);
     mtls::exceptions(snap, &mut out);
+    mtls::datagram_ports(snap, &mut out);
     authz::check(snap, &mut out);
     sort(&mut out);
     out

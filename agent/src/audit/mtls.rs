@@ -10,8 +10,8 @@ use super::{EXCEPTION_REASON_ANNOTATION, Finding, Kind, Production, Severity};
 use crate::policy::model::{Mode, PeerAuthentication};
 use crate::state::Snapshot;
 use crate::state::workload::{
-    DATAPLANE_MODE_LABEL, EXCLUDE_INBOUND_ANNOTATION, EXCLUDE_OUTBOUND_ANNOTATION, Enrolment, Pod, enrolment,
-    parse_port_list,
+    DATAPLANE_MODE_LABEL, DatagramProtocol, EXCLUDE_INBOUND_ANNOTATION, EXCLUDE_OUTBOUND_ANNOTATION, Enrolment,
+    INBOUND_UDP_ANNOTATION, Pod, drop_inbound_udp, enrolment, parse_port_list,
 };
 
 fn object(p: &PeerAuthentication) -> String {
@@ -184,5 +184,60 @@ pub(super) fn exceptions(snap: &Snapshot, out: &mut Vec<Finding>) {
                 ),
             ),
         });
+    }
+}
+
+/// Enrolled pods whose containers declare UDP or SCTP ports where their
+/// mode is STRICT: STRICT covers TCP only, so those ports take plaintext
+/// from anyone. A UDP port `nodeward.io/inbound-udp: drop` closes to the
+/// outside (not excluded) is not reported; SCTP always is (`sk_lookup`
+/// never sees it). Audit reads the config only, so what it can see is what
+/// the pod spec declares; `nodeward verify` lists the sockets really open.
+pub(super) fn datagram_ports(snap: &Snapshot, out: &mut Vec<Finding>) {
+    for pod in snap.pods.values().filter(|p| !p.datagram_ports.is_empty()) {
+        let ns = snap.namespaces.get(&pod.namespace);
+        if !matches!(enrolment(pod, ns), Enrolment::Enrolled | Enrolment::NotRunning) {
+            continue;
+        }
+        let mtls = snap.mtls(pod);
+        let dropped = drop_inbound_udp(pod, ns);
+        let (excluded, _) = parse_port_list(
+            pod.annotations
+                .get(EXCLUDE_INBOUND_ANNOTATION)
+                .map(String::as_str)
+                .unwrap_or(""),
+        );
+        let open = |protocol: DatagramProtocol| -> Vec<String> {
+            pod.datagram_ports
+                .iter()
+                .filter(|d| d.protocol == protocol && mtls.mode(d.port) == Mode::Strict)
+                .filter(|d| protocol == DatagramProtocol::Sctp || !dropped || excluded.contains(&d.port))
+                .map(|d| d.port.to_string())
+                .collect()
+        };
+        let what: Vec<String> = [DatagramProtocol::Udp, DatagramProtocol::Sctp]
+            .into_iter()
+            .filter_map(|proto| {
+                let ports = open(proto);
+                (!ports.is_empty()).then(|| format!("{} ports {}", proto.as_str(), ports.join(", ")))
+            })
+            .collect();
+        if what.is_empty() {
+            continue;
+        }
+        out.push(Finding::new(
+            Severity::Medium,
+            Kind::UdpNotCovered,
+            format!("Pod {}", pod.key()),
+            format!(
+                "STRICT covers TCP only: {} declared by its containers take plaintext from anyone{}",
+                what.join(" and "),
+                if dropped {
+                    String::new()
+                } else {
+                    format!(" ({INBOUND_UDP_ANNOTATION}: drop drops UDP from outside the pod)")
+                }
+            ),
+        ));
     }
 }

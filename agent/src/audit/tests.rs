@@ -88,6 +88,47 @@ fn pod(name: &str, ns: &str, labels: &str, annotations: &str) -> String {
     )
 }
 
+/// An enrolled pod of shop-prod (STRICT mesh-wide) whose containers
+/// declare TCP 8080, UDP 53 and SCTP 3868, with `annotations`.
+fn datagram_pod(annotations: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: dns, namespace: shop-prod, annotations: {{{annotations}}}}}\nspec:\n  nodeName: n1\n  containers:\n  - name: dns\n    image: dns:1\n    ports:\n    - {{containerPort: 8080}}\n    - {{containerPort: 53, protocol: UDP}}\n    - {{containerPort: 3868, protocol: SCTP}}\nstatus: {{phase: Running, podIP: 10.0.0.8}}\n"
+    )
+}
+
+#[test]
+fn udp_under_strict_is_reported_unless_dropped_and_sctp_always() {
+    let whys = |annotations: &str, extra: &str| -> Vec<String> {
+        audit(true, &format!("{}{extra}", datagram_pod(annotations)))
+            .into_iter()
+            .filter(|f| f.kind == Kind::UdpNotCovered)
+            .map(|f| f.why)
+            .collect()
+    };
+    // Dropped: only SCTP, which sk_lookup never sees, is left.
+    let dropped = whys("nodeward.io/inbound-udp: drop", "");
+    assert_eq!(dropped.len(), 1, "{dropped:?}");
+    assert!(
+        dropped[0].contains("SCTP ports 3868") && !dropped[0].contains("UDP ports"),
+        "{dropped:?}"
+    );
+    // An excluded port stays open under the drop.
+    let excluded = whys(
+        "nodeward.io/inbound-udp: drop, traffic.sidecar.istio.io/excludeInboundPorts: '53', nodeward.io/exception-reason: dns",
+        "",
+    );
+    assert!(excluded.iter().any(|w| w.contains("UDP ports 53")), "{excluded:?}");
+    // Where the pod's mode is not STRICT, plaintext is accepted on TCP too:
+    // nothing STRICT-specific to report.
+    let permissive = pa(
+        "shop-prod",
+        "dns-permissive",
+        "  selector: {matchLabels: {}}\n  mtls: {mode: PERMISSIVE}\n",
+    );
+    let relaxed = whys("", &format!("---\n{permissive}"));
+    assert_eq!(relaxed, Vec::<String>::new());
+}
+
 #[test]
 fn a_clean_config_has_no_findings() {
     assert_eq!(audit(true, ""), vec![]);
@@ -267,6 +308,14 @@ fn each_problem_is_found_with_its_kind_severity_and_object() {
             Severity::Info,
             "Pod shop-prod/db",
             "reason: DNS over TCP to kube-dns",
+        ),
+        (
+            "a STRICT pod declaring UDP and SCTP container ports",
+            datagram_pod(""),
+            Kind::UdpNotCovered,
+            Severity::Medium,
+            "Pod shop-prod/dns",
+            "UDP ports 53 and SCTP ports 3868 declared by its containers take plaintext from anyone",
         ),
     ];
     for (what, yaml, kind, severity, object, why) in rows {

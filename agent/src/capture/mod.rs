@@ -145,6 +145,10 @@ pub(crate) struct Maps {
     /// Addresses of this node's managed pods: the node's connections to
     /// them are bound to the probe source.
     pub(crate) pod_addrs: BpfMap<[u32; 4], u8>,
+    /// Cookies of the agent's own sockets during their `connect()`: the
+    /// connect hooks leave a marked socket alone only if it is here
+    /// (`proxy::socket::Connecting::start`).
+    pub(crate) agent_sockets: BpfMap<u64, u8>,
 }
 
 /// The attached capture layer of one node.
@@ -228,6 +232,7 @@ impl Capture {
             listeners: open_map(&dir, names::LISTENERS)?,
             probe_sources: open_map(&dir, names::PROBE_SOURCES)?,
             pod_addrs: open_map(&dir, names::POD_ADDRS)?,
+            agent_sockets: open_map(&dir, names::AGENT_SOCKETS)?,
         };
         probe::install(&maps.probe_sources)?;
         Ok(Capture {

@@ -38,7 +38,7 @@ pub(crate) async fn connect_app(ctx: &PodContext, dst: SocketAddr, client: Socke
     let sock = socket::pod_socket(&ctx.netns, ctx.config.socket_mark, dst, Some(hop_source(dst.ip())))?;
     let cookie = sock.cookie()?;
     maps.hop_peer.insert(&cookie, &client)?;
-    let connecting = match socket::Connecting::start(sock, dst) {
+    let connecting = match socket::Connecting::start(&ctx.capture, sock, dst) {
         Ok(c) => c,
         Err(e) => {
             // connect() failed before choosing a port: sockops never ran.

@@ -129,7 +129,14 @@ async fn passthrough(
         socket::reset(&down);
         return Outcome::refused(Some(dst), CloseReason::EgressPlaintext);
     }
-    let up = socket::connect_from_pod(&ctx.netns, ctx.config.socket_mark, dst, ctx.config.connect_timeout).await;
+    let up = socket::connect_from_pod(
+        &ctx.capture,
+        &ctx.netns,
+        ctx.config.socket_mark,
+        dst,
+        ctx.config.connect_timeout,
+    )
+    .await;
     let up = match up {
         Ok(up) => up,
         Err(e) => {

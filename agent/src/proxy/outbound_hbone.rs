@@ -59,7 +59,7 @@ pub(crate) async fn handle(
         dst: SocketAddr::new(dst.ip(), HBONE_PORT),
         expected: expected.clone(),
     };
-    let netns = ctx.netns.clone();
+    let (netns, capture) = (ctx.netns.clone(), ctx.capture.clone());
     let (mark, timeout, tunnel_addr) = (ctx.config.socket_mark, ctx.config.connect_timeout, key.dst);
     let expected_server = expected.clone();
     let open = ctx.mesh.open.clone();
@@ -69,7 +69,7 @@ pub(crate) async fn handle(
         let trust = certs.trust();
         let tls = crate::identity::tls::client_config(certs.clone(), src_id, trust.clone(), expected_server.clone());
         Box::pin(async move {
-            let tcp = socket::connect_from_pod(&netns, mark, tunnel_addr, timeout).await?;
+            let tcp = socket::connect_from_pod(&capture, &netns, mark, tunnel_addr, timeout).await?;
             let server_name = rustls::pki_types::ServerName::IpAddress(tunnel_addr.ip().into());
             let tls = TlsConnector::from(tls).connect(server_name, tcp).await?;
             let chain = tls.get_ref().1.peer_certificates().unwrap_or_default().to_vec();

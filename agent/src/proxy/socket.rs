@@ -1,4 +1,7 @@
-//! Sockets made inside a pod's namespace, marked as the agent's own.
+//! Sockets made inside a pod's namespace, marked as the agent's own, and
+//! their `connect()`, during which each is registered as the agent's in
+//! `AGENT_SOCKETS` (the mark alone proves nothing: any process with
+//! `CAP_NET_RAW` can set it).
 
 #![forbid(unsafe_code)]
 
@@ -79,9 +82,10 @@ pub(crate) struct Connecting {
 }
 
 impl Connecting {
-    /// Issues the non-blocking `connect()`.
-    pub(crate) fn start(sock: socket2::Socket, dst: SocketAddr) -> io::Result<Self> {
-        match sock.connect(&dst.into()) {
+    /// Issues the non-blocking `connect()`, the socket registered as the
+    /// agent's own for the call (see [`connect_as_agent`]).
+    pub(crate) fn start(capture: &Capture, sock: socket2::Socket, dst: SocketAddr) -> io::Result<Self> {
+        match connect_as_agent(capture, &sock, dst) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
             Err(e) => return Err(e),
@@ -128,16 +132,40 @@ impl Connecting {
     }
 }
 
-/// Connects from inside the pod's namespace with the agent's mark, so
-/// capture ignores the connection.
+/// `connect()` of one of the agent's own sockets, its cookie filed in
+/// `AGENT_SOCKETS` for exactly the call: the connect hooks run inside it
+/// (before a non-blocking call returns `EINPROGRESS`), and leave the socket
+/// alone only if it carries the mark and is filed. Not filed (the insert
+/// failed), the socket is not connected at all: captured, it would come
+/// back to the agent as the pod's own connection.
+pub(crate) fn connect_as_agent(capture: &Capture, sock: &socket2::Socket, dst: SocketAddr) -> io::Result<()> {
+    let agent = &capture.maps.agent_sockets;
+    let cookie = sock.cookie()?;
+    agent.insert(&cookie, &1).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("registering the agent's socket in AGENT_SOCKETS: {e}"),
+        )
+    })?;
+    let connected = sock.connect(&dst.into());
+    if let Err(e) = agent.remove(&cookie) {
+        // Harmless: cookies are never reused, and the map is LRU.
+        tracing::debug!(cookie, "AGENT_SOCKETS entry not removed: {e}");
+    }
+    connected
+}
+
+/// Connects from inside the pod's namespace as the agent (marked and
+/// registered), so capture leaves the connection alone.
 pub(crate) async fn connect_from_pod(
+    capture: &Capture,
     netns: &Netns,
     mark: u32,
     dst: SocketAddr,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
     let sock = pod_socket(netns, mark, dst, None)?;
-    Connecting::start(sock, dst)?.finish(timeout).await
+    Connecting::start(capture, sock, dst)?.finish(timeout).await
 }
 
 /// Makes the next close send a reset, so a failure on one side is seen as a

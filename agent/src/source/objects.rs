@@ -23,7 +23,7 @@ use crate::policy::model::{
     AuthorizationPolicy, PeerAuthentication, parse_authorization_policy, parse_peer_authentication,
 };
 use crate::state::service::{EndpointSlice, Service};
-use crate::state::workload::{Namespace, Pod};
+use crate::state::workload::{DatagramPort, DatagramProtocol, Namespace, Pod};
 
 /// A parsed object from the config directory.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -267,8 +267,8 @@ pub(crate) fn namespace_from_k8s(ns: &k8s::Namespace) -> Result<Namespace, Conve
 }
 
 /// A `v1/Pod` as the model holds it: identity, placement, IPs and
-/// lifecycle; everything else (containers, managed fields, conditions) is
-/// dropped here.
+/// lifecycle, and of its containers only the UDP/SCTP ports they declare;
+/// everything else (managed fields, conditions) is dropped here.
 pub(crate) fn pod_from_k8s(pod: &k8s::Pod) -> Result<Pod, ConvertError> {
     let meta = &pod.metadata;
     let name = meta.name.clone().unwrap_or_default();
@@ -308,7 +308,31 @@ pub(crate) fn pod_from_k8s(pod: &k8s::Pod) -> Result<Pod, ConvertError> {
         ips,
         phase: status.and_then(|s| s.phase.clone()).unwrap_or_default(),
         deleting: meta.deletion_timestamp.is_some(),
+        datagram_ports: spec.map(datagram_ports).unwrap_or_default(),
     })
+}
+
+/// The UDP and SCTP ports a pod's containers (init containers included:
+/// sidecars are init containers) declare, sorted and de-duplicated.
+fn datagram_ports(spec: &k8s::PodSpec) -> Vec<DatagramPort> {
+    let containers = spec.containers.iter().chain(spec.init_containers.iter().flatten());
+    let mut out: Vec<DatagramPort> = containers
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| {
+            let protocol = match p.protocol.as_deref() {
+                Some("UDP") => DatagramProtocol::Udp,
+                Some("SCTP") => DatagramProtocol::Sctp,
+                _ => return None,
+            };
+            Some(DatagramPort {
+                protocol,
+                port: u16::try_from(p.container_port).ok().filter(|p| *p != 0)?,
+            })
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// Splits YAML text at `---` document markers, keeping each document's

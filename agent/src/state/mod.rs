@@ -230,6 +230,7 @@ impl Snapshot {
                             ips: pod.ips.clone(),
                             exclude_inbound: ports(EXCLUDE_INBOUND_ANNOTATION),
                             exclude_outbound: ports(EXCLUDE_OUTBOUND_ANNOTATION),
+                            drop_inbound_udp: workload::drop_inbound_udp(pod, self.namespaces.get(&pod.namespace)),
                         },
                     );
                 }

@@ -22,6 +22,10 @@ pub(crate) const EGRESS_ANNOTATION: &str = "nodeward.io/egress";
 /// outside the mesh reached even in plaintext under `tls-only`:
 /// `CIDR[:PORT],...`.
 pub(crate) const EGRESS_ALLOW_ANNOTATION: &str = "nodeward.io/egress-allow";
+/// Annotation (Namespace or Pod; `drop` on either wins) making the pod's
+/// `sk_lookup` program drop inbound UDP from outside the pod, excluded
+/// inbound ports aside: `drop` or `allow` (the default).
+pub(crate) const INBOUND_UDP_ANNOTATION: &str = "nodeward.io/inbound-udp";
 
 /// A Kubernetes namespace.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -59,6 +63,38 @@ pub struct Pod {
     pub phase: String,
     /// `metadata.deletionTimestamp` is set: the pod is being deleted.
     pub deleting: bool,
+    /// The UDP and SCTP ports its containers declare (`ports[]` with
+    /// `protocol: UDP`/`SCTP`), sorted: what STRICT does not cover, for
+    /// `nodeward audit`. Usually empty.
+    pub datagram_ports: Vec<DatagramPort>,
+}
+
+/// A non-TCP transport a container port may declare.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DatagramProtocol {
+    /// `protocol: UDP`.
+    Udp,
+    /// `protocol: SCTP`.
+    Sctp,
+}
+
+impl DatagramProtocol {
+    /// Kubernetes' spelling.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            DatagramProtocol::Udp => "UDP",
+            DatagramProtocol::Sctp => "SCTP",
+        }
+    }
+}
+
+/// A declared UDP or SCTP container port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DatagramPort {
+    /// Its transport.
+    pub protocol: DatagramProtocol,
+    /// `containerPort`.
+    pub port: u16,
 }
 
 impl Pod {
@@ -131,6 +167,8 @@ pub(crate) struct ManagedPod {
     pub(crate) exclude_inbound: Vec<u16>,
     /// Outbound destination ports left uncaptured.
     pub(crate) exclude_outbound: Vec<u16>,
+    /// Inbound UDP from outside the pod is dropped (`nodeward.io/inbound-udp`).
+    pub(crate) drop_inbound_udp: bool,
 }
 
 /// Parses a port-list annotation (`"8080, 9090"`). Bad entries are reported
@@ -338,6 +376,33 @@ pub(crate) fn egress(pod: &Pod, ns: Option<&Namespace>, default: EgressMode) -> 
 /// through each of its pods.
 const NS_EGRESS_REPORT: &str = "namespace nodeward.io/egress";
 const NS_EGRESS_ALLOW_REPORT: &str = "namespace nodeward.io/egress-allow";
+const NS_INBOUND_UDP_REPORT: &str = "namespace nodeward.io/inbound-udp";
+/// Whether inbound UDP from outside `pod` is dropped: `drop` on the pod or
+/// its namespace (the stricter wins, so a namespace's `drop` cannot be
+/// undone by a pod); a value other than `drop` or `allow` counts as `drop`
+/// (the owner asked for something, and dropping is the safe reading),
+/// warned about once per pod and value.
+pub(crate) fn drop_inbound_udp(pod: &Pod, ns: Option<&Namespace>) -> bool {
+    let values = [
+        (pod.annotations.get(INBOUND_UDP_ANNOTATION), INBOUND_UDP_ANNOTATION),
+        (ns.and_then(|n| n.annotations.get(INBOUND_UDP_ANNOTATION)), NS_INBOUND_UDP_REPORT),
+    ];
+    let mut drop = false;
+    for (value, report) in values {
+        let Some(value) = value else { continue };
+        match value.trim() {
+            "drop" => drop = true,
+            "allow" => {}
+            other => {
+                if first_report(&pod.uid, report, value) {
+                    tracing::warn!(pod = %pod.key(), annotation = INBOUND_UDP_ANNOTATION, value = %other, "{other:?} is not drop or allow; using drop");
+                }
+                drop = true;
+            }
+        }
+    }
+    drop
+}
 
 /// Bad port annotations already reported, by (pod UID, annotation), with
 /// the value reported: the state is re-read on every reconcile tick, and a
@@ -489,6 +554,41 @@ mod tests {
             snap.managed_pods("n1");
             assert_eq!(count(), 2);
         });
+    }
+
+    #[test]
+    fn inbound_udp_drop_is_the_stricter_of_pod_and_namespace_and_a_bad_value_drops() {
+        let with = |v: Option<&str>| {
+            let mut p = pod(&[]);
+            if let Some(v) = v {
+                p.annotations.insert(INBOUND_UDP_ANNOTATION.into(), v.into());
+            }
+            p
+        };
+        let ns_with = |v: Option<&str>| {
+            let mut n = ns(true);
+            if let Some(v) = v {
+                n.annotations.insert(INBOUND_UDP_ANNOTATION.into(), v.into());
+            }
+            n
+        };
+        let cases = [
+            (None, None, false),
+            (Some("drop"), None, true),
+            (None, Some("drop"), true),
+            (Some("allow"), Some("drop"), true),
+            (Some("drop"), Some("allow"), true),
+            (Some("allow"), Some("allow"), false),
+            (Some("dorp"), None, true),
+        ];
+        for (p, n, want) in cases {
+            assert_eq!(
+                drop_inbound_udp(&with(p), Some(&ns_with(n))),
+                want,
+                "pod {p:?} namespace {n:?}"
+            );
+        }
+        assert!(!drop_inbound_udp(&with(None), None));
     }
 
     #[test]

@@ -13,6 +13,11 @@
 //!   refuse it, that is reported as not tested, never as a pass.
 //! * **outbound mTLS**: the agent's counters (`/metrics`) must show the
 //!   pod's connections to enrolled peers as `mutual_tls` (`counters.rs`).
+//! * **udp / sctp**: every UDP socket taking datagrams from anyone and
+//!   every SCTP listener on a STRICT port is listed as *not covered*:
+//!   STRICT covers TCP only. A UDP port the pod's `nodeward.io/inbound-udp:
+//!   drop` closes to the outside is listed as not tested (a dropped
+//!   datagram and a received one look alike from outside).
 
 #![forbid(unsafe_code)]
 
@@ -33,7 +38,7 @@ use crate::policy::model::Mode;
 use crate::proxy::hop::is_agent_port;
 use crate::source::dir::DirSource;
 use crate::state::Snapshot;
-use crate::state::workload::{ManagedPod, Pod};
+use crate::state::workload::{DatagramProtocol, INBOUND_UDP_ANNOTATION, ManagedPod, Pod};
 
 /// The checks verify runs, a closed set for machines.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -45,6 +50,10 @@ pub(crate) enum CheckKind {
     ForeignIdentity,
     /// The pod's outbound connections to enrolled peers, from the counters.
     OutboundMtls,
+    /// A UDP socket of the pod, which STRICT does not cover.
+    Udp,
+    /// An SCTP listener of the pod, which STRICT does not cover.
+    Sctp,
     /// Finding the pod on this node at all.
     Pod,
     /// A config file the agent rejects: what verify compares against is
@@ -59,6 +68,8 @@ impl CheckKind {
             CheckKind::Plaintext => "plaintext",
             CheckKind::ForeignIdentity => "foreign_identity",
             CheckKind::OutboundMtls => "outbound_mtls",
+            CheckKind::Udp => "udp",
+            CheckKind::Sctp => "sctp",
             CheckKind::Pod => "pod",
             CheckKind::Config => "config",
         }
@@ -75,6 +86,9 @@ pub(crate) enum Status {
     Fail,
     /// Could not be tested; the detail says why. Never counts as a pass.
     NotTested,
+    /// Outside what the mesh protects (UDP, SCTP): listed so nobody
+    /// takes STRICT for covering it. Not a failure of the config.
+    NotCovered,
 }
 
 impl Status {
@@ -84,6 +98,7 @@ impl Status {
             Status::Pass => "pass",
             Status::Fail => "FAIL",
             Status::NotTested => "not tested",
+            Status::NotCovered => "not covered",
         }
     }
 }
@@ -228,6 +243,7 @@ pub fn run(opts: &Options) -> Result<Vec<Check>, VerifyError> {
             &opts.trust_domain,
             opts.metrics_addr,
         ));
+        out.extend(datagram_checks(&snap, pod, managed, &netns));
     }
     Ok(out)
 }
@@ -307,6 +323,61 @@ fn ports_to_probe(snap: &Snapshot, pod: &Pod, managed: &ManagedPod, netns: &Netn
     out
 }
 
+/// One row per UDP socket taking datagrams from anyone and per SCTP
+/// listener on a port where the pod's mode is STRICT (elsewhere plaintext
+/// is accepted anyway, and the plaintext check says so): STRICT covers
+/// TCP only.
+fn datagram_checks(snap: &Snapshot, pod: &Pod, managed: &ManagedPod, netns: &Netns) -> Vec<Check> {
+    let mtls = snap.mtls(pod);
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for l in probe::datagram_listeners(netns) {
+        if l.addr.to_canonical().is_loopback() || mtls.mode(l.port) != Mode::Strict {
+            continue;
+        }
+        if !seen.insert((l.protocol, l.port)) {
+            continue;
+        }
+        let (check, status, detail) = match l.protocol {
+            DatagramProtocol::Udp if managed.drop_inbound_udp && !managed.exclude_inbound.contains(&l.port) => (
+                CheckKind::Udp,
+                Status::NotTested,
+                format!(
+                    "UDP not covered by STRICT, but datagrams from outside the pod are dropped ({INBOUND_UDP_ANNOTATION}: drop); a drop cannot be seen from outside"
+                ),
+            ),
+            DatagramProtocol::Udp if managed.drop_inbound_udp => (
+                CheckKind::Udp,
+                Status::NotCovered,
+                format!(
+                    "UDP not covered by STRICT: an excluded inbound port, so {INBOUND_UDP_ANNOTATION}: drop leaves it open; datagrams from anyone reach the app"
+                ),
+            ),
+            DatagramProtocol::Udp => (
+                CheckKind::Udp,
+                Status::NotCovered,
+                format!(
+                    "UDP not covered by STRICT: datagrams from anyone reach the app in plaintext ({INBOUND_UDP_ANNOTATION}: drop drops those from outside the pod)"
+                ),
+            ),
+            DatagramProtocol::Sctp => (
+                CheckKind::Sctp,
+                Status::NotCovered,
+                "SCTP not covered by STRICT (nor by an inbound-udp drop): associations from anyone reach the app"
+                    .into(),
+            ),
+        };
+        out.push(Check {
+            pod: managed.key.clone(),
+            check,
+            port: Some(l.port),
+            status,
+            detail,
+        });
+    }
+    out
+}
+
 fn plaintext_check(
     snap: &Snapshot,
     pod: &Pod,
@@ -373,14 +444,14 @@ pub fn table(checks: &[Check]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<w_pod$} {:<16} {:<5} {:<10} DETAIL",
+        "{:<w_pod$} {:<16} {:<5} {:<11} DETAIL",
         "POD", "CHECK", "PORT", "STATUS"
     );
     for c in checks {
         let port = c.port.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
         let _ = writeln!(
             out,
-            "{:<w_pod$} {:<16} {:<5} {:<10} {}",
+            "{:<w_pod$} {:<16} {:<5} {:<11} {}",
             c.pod,
             c.check.as_str(),
             port,
@@ -389,7 +460,7 @@ pub fn table(checks: &[Check]) -> String {
         );
     }
     let count = |s| checks.iter().filter(|c| c.status == s).count();
-    let _ = writeln!(
+    let _ = write!(
         out,
         "\n{} checks: {} passed, {} failed, {} not tested",
         checks.len(),
@@ -397,6 +468,10 @@ pub fn table(checks: &[Check]) -> String {
         count(Status::Fail),
         count(Status::NotTested)
     );
+    let _ = match count(Status::NotCovered) {
+        0 => writeln!(out),
+        n => writeln!(out, ", {n} not covered (UDP/SCTP)"),
+    };
     out
 }
 

@@ -1,4 +1,5 @@
-//! The plaintext probe, and the ports a pod listens on.
+//! The plaintext probe, and the ports a pod listens on (TCP, and the UDP
+//! and SCTP sockets STRICT does not cover).
 //!
 //! The probe runs in the node's namespace, where the connect hook binds an
 //! unbound, unmarked socket headed for a pod to the probe source, which
@@ -20,6 +21,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use crate::netns::Netns;
+use crate::state::workload::DatagramProtocol;
 
 /// What became of a plaintext connection.
 #[derive(Debug, PartialEq, Eq)]
@@ -106,6 +108,88 @@ pub(crate) fn listeners(netns: &Netns) -> Vec<Listener> {
     out
 }
 
+/// A socket waiting for datagrams (UDP) or associations (SCTP), which
+/// STRICT does not cover.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct DatagramListener {
+    /// Its transport.
+    pub(crate) protocol: DatagramProtocol,
+    /// The address it is bound to (unspecified for all).
+    pub(crate) addr: IpAddr,
+    /// Its port.
+    pub(crate) port: u16,
+}
+
+/// The UDP sockets bound and not connected in `netns` (from
+/// `/proc/thread-self/net/udp{,6}`), and its listening SCTP endpoints
+/// (`/proc/thread-self/net/sctp/eps`, present once the sctp module is
+/// loaded); none when the namespace cannot be entered.
+pub(crate) fn datagram_listeners(netns: &Netns) -> Vec<DatagramListener> {
+    let read = |f: &str| std::fs::read_to_string(format!("/proc/thread-self/net/{f}")).unwrap_or_default();
+    let Ok((v4, v6, sctp)) = netns.run(|| (read("udp"), read("udp6"), read("sctp/eps"))) else {
+        return Vec::new();
+    };
+    let mut out = parse_udp(&v4);
+    out.extend(parse_udp(&v6));
+    out.extend(parse_sctp_endpoints(&sctp));
+    out
+}
+
+/// `TCP_CLOSE`, the `st` of a UDP socket that is not connected.
+const UDP_UNCONNECTED: &str = "07";
+
+/// Parses `/proc/net/udp` or `udp6` into the sockets that take datagrams
+/// from anyone: bound to a port and not connected (a connected socket is a
+/// client, which only its peer's datagrams reach).
+pub(crate) fn parse_udp(text: &str) -> Vec<DatagramListener> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut f = line.split_whitespace();
+            let local = f.nth(1)?;
+            let remote = f.next()?;
+            let state = f.next()?;
+            let (_, remote_port) = remote.split_once(':')?;
+            if state != UDP_UNCONNECTED || u16::from_str_radix(remote_port, 16).ok()? != 0 {
+                return None;
+            }
+            let (addr, port) = local.split_once(':')?;
+            Some(DatagramListener {
+                protocol: DatagramProtocol::Udp,
+                addr: parse_addr(addr)?,
+                port: u16::from_str_radix(port, 16).ok().filter(|p| *p != 0)?,
+            })
+        })
+        .collect()
+}
+
+/// `TCP_LISTEN` (10, decimal here) in `/proc/net/sctp/eps`'s `SST` column.
+const SCTP_LISTEN: &str = "10";
+
+/// Parses `/proc/net/sctp/eps` (`ENDPT SOCK STY SST HBKT LPORT UID INODE
+/// LADDRS...`, addresses printed plainly) into its listening endpoints,
+/// one per local address.
+pub(crate) fn parse_sctp_endpoints(text: &str) -> Vec<DatagramListener> {
+    let mut out = Vec::new();
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (Some(state), Some(port)) = (f.get(3), f.get(5).and_then(|p| p.parse::<u16>().ok())) else {
+            continue;
+        };
+        if *state != SCTP_LISTEN || port == 0 {
+            continue;
+        }
+        for addr in f.iter().skip(8).filter_map(|a| a.parse::<IpAddr>().ok()) {
+            out.push(DatagramListener {
+                protocol: DatagramProtocol::Sctp,
+                addr,
+                port,
+            });
+        }
+    }
+    out
+}
+
 /// `TCP_LISTEN` in `/proc/net/tcp`'s `st` column.
 const TCP_LISTEN: &str = "0A";
 
@@ -183,6 +267,41 @@ mod tests {
                 Listener {
                     addr: "::ffff:10.1.2.10".parse().unwrap(),
                     port: 8080
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn udp_sockets_taking_datagrams_from_anyone_and_sctp_listeners_are_read() {
+        let udp = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+  100: 00000000:0035 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1 2 0 0
+  101: 0100007F:1F90 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 2 2 0 0
+  102: 0A02010A:C350 0B02010A:0035 01 00000000:00000000 00:00000000 00000000     0        0 3 2 0 0
+";
+        let got = parse_udp(udp);
+        assert_eq!(
+            got.iter().map(|l| (l.addr, l.port)).collect::<Vec<_>>(),
+            vec![("0.0.0.0".parse().unwrap(), 53), ("127.0.0.1".parse().unwrap(), 8080)],
+            "the connected client socket (st 01, a remote port) is not a listener"
+        );
+        assert!(got.iter().all(|l| l.protocol == DatagramProtocol::Udp));
+        let eps = " ENDPT     SOCK   STY SST HBKT LPORT   UID INODE LADDRS
+ffff8881 ffff8882 1   10  29   3868  0   1234 10.1.2.10 fd00::10
+ffff8883 ffff8884 2   7   30   0     0   1235 10.1.2.10
+";
+        assert_eq!(
+            parse_sctp_endpoints(eps),
+            vec![
+                DatagramListener {
+                    protocol: DatagramProtocol::Sctp,
+                    addr: "10.1.2.10".parse().unwrap(),
+                    port: 3868
+                },
+                DatagramListener {
+                    protocol: DatagramProtocol::Sctp,
+                    addr: "fd00::10".parse().unwrap(),
+                    port: 3868
                 },
             ]
         );
