@@ -165,7 +165,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     );
     let source_task = match source {
         Source::Kube(client) => {
-            let source = KubeSource::new(client, &config.node_name, assembler);
+            let source = KubeSource::new(client, &config.node_name, assembler)
+                .with_staleness(config.source_stale_after, metrics.clone());
             // No files to reject: readiness follows the watchers' first sync.
             config_status.report(Vec::new(), false);
             let health: SourceHealth = source.health();
