@@ -54,6 +54,9 @@ pub enum StartError {
     /// The Kubernetes API source could not be set up.
     #[error(transparent)]
     Kube(#[from] KubeError),
+    /// A config file cannot be parsed at all at start.
+    #[error(transparent)]
+    Config(#[from] crate::source::dir::DirError),
     /// A signal handler could not be installed.
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
@@ -91,8 +94,8 @@ fn register_checks(readiness: &Readiness, identity: Option<&Arc<CertManager>>, c
 
 /// The config source, ready to run.
 enum Source {
-    /// A directory of YAML.
-    Dir(std::path::PathBuf),
+    /// A directory of YAML, read once.
+    Dir(DirSource),
     /// The Kubernetes API, through this client.
     Kube(kube::Client),
 }
@@ -127,10 +130,15 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         m.count_into(metrics.clone());
     }
     register_checks(&readiness, identity.as_ref(), &captures);
-    // Before capture starts: a bad kubeconfig stops the agent having touched nothing.
+    // Before capture starts: a bad kubeconfig or a config file that does
+    // not parse stops the agent having touched nothing.
     let source = match &config.source {
         SourceConfig::Kube { kubeconfig } => Source::Kube(crate::source::kube::client(kubeconfig.as_deref()).await?),
-        SourceConfig::Dir(dir) => Source::Dir(dir.clone()),
+        SourceConfig::Dir(dir) => {
+            let mut source = DirSource::new(dir.clone());
+            source.start()?;
+            Source::Dir(source)
+        }
     };
     let mut capture = Capture::start(config.capture)?;
     let program_log = capture.take_program_log();
@@ -157,17 +165,16 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     );
     let source_task = match source {
         Source::Kube(client) => {
-            let source = KubeSource::new(client, &config.node_name, assembler);
+            let source = KubeSource::new(client, &config.node_name, assembler)
+                .with_staleness(config.source_stale_after, metrics.clone());
             // No files to reject: readiness follows the watchers' first sync.
             config_status.report(Vec::new(), false);
             let health: SourceHealth = source.health();
             readiness.register_polled("source", move || health.problems());
             tokio::spawn(source.run(store.clone(), lifecycle.stop_accepting.clone()))
         }
-        Source::Dir(dir) => {
-            let source = DirSource::new(dir)
-                .with_assembler(assembler)
-                .with_status(config_status.clone());
+        Source::Dir(source) => {
+            let source = source.with_assembler(assembler).with_status(config_status.clone());
             tokio::spawn(source.run(store.clone(), config.config_poll, lifecycle.stop_accepting.clone()))
         }
     };

@@ -36,6 +36,10 @@ pub mod defaults {
     pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
     /// `--config-poll`.
     pub(crate) const CONFIG_POLL: Duration = Duration::from_millis(200);
+    /// `--source-stale-after`: kube's watch backoff caps each retry at
+    /// 30 s, so a minute is two failed retries in a row, which an API
+    /// server's rolling restart or leader change does not reach.
+    pub(crate) const SOURCE_STALE_AFTER: Duration = Duration::from_secs(60);
     /// `--buffer-size`, bytes.
     pub(crate) const BUFFER_SIZE: u32 = 32 * 1024;
     /// `--root-namespace`: Istio's.
@@ -343,6 +347,11 @@ pub struct RunArgs {
     /// How often the config directory is checked for changes.
     #[arg(long, env = "NODEWARD_CONFIG_POLL", default_value_t = HumanDuration(defaults::CONFIG_POLL))]
     pub(crate) config_poll: HumanDuration,
+
+    /// The `kube` source: a kind whose watch has been failing this long
+    /// since it last worked makes readiness fail (its objects may be stale).
+    #[arg(long, env = "NODEWARD_SOURCE_STALE_AFTER", default_value_t = HumanDuration(defaults::SOURCE_STALE_AFTER))]
+    pub(crate) source_stale_after: HumanDuration,
 
     /// Per-direction relay buffer, bytes (1 KiB to 4 MiB).
     #[arg(long, env = "NODEWARD_BUFFER_SIZE", default_value_t = defaults::BUFFER_SIZE)]

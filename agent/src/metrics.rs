@@ -135,6 +135,13 @@ pub(crate) struct ResultLabels {
     pub(crate) result: &'static str,
 }
 
+/// A kind the `kube` source watches.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct KindLabels {
+    /// The resource's plural (`pods`, `peerauthentications`, ...).
+    pub(crate) kind: &'static str,
+}
+
 /// Every family the agent records, and the registry that renders them.
 #[derive(Debug)]
 pub(crate) struct Metrics {
@@ -165,6 +172,11 @@ pub(crate) struct Metrics {
     pub(crate) ebpf_attached: Family<PodLabels, Gauge>,
     /// `nodeward_config_reloads_total`.
     pub(crate) config_reloads: Family<ResultLabels, Counter>,
+    /// `nodeward_source_watch_failures_total`: failed watch (or list) attempts.
+    pub(crate) source_watch_failures: Family<KindLabels, Counter>,
+    /// `nodeward_source_stale_total`: times a kind's watch failed longer
+    /// than `--source-stale-after`.
+    pub(crate) source_stale: Family<KindLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -192,6 +204,8 @@ impl Metrics {
             cert_issuances: Family::default(),
             ebpf_attached: Family::default(),
             config_reloads: Family::default(),
+            source_watch_failures: Family::default(),
+            source_stale: Family::default(),
         };
         // Counters get their `_total` suffix from the encoder.
         let r = &mut registry;
@@ -255,6 +269,16 @@ impl Metrics {
             "nodeward_config_reloads",
             "Config directory reloads, by result",
             m.config_reloads.clone(),
+        );
+        r.register(
+            "nodeward_source_watch_failures",
+            "Kubernetes API watch or list attempts that failed, by kind",
+            m.source_watch_failures.clone(),
+        );
+        r.register(
+            "nodeward_source_stale",
+            "Times a kind's watch failed for longer than --source-stale-after, by kind",
+            m.source_stale.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -49,10 +49,6 @@ pub(crate) enum PodError {
         /// The namespaces, as the scan opened them.
         namespaces: Vec<Arc<Netns>>,
     },
-    /// The runtime tore the pod's network down (CNI DEL): its namespace is
-    /// not looked for again while the config still lists the pod.
-    #[error("the runtime deleted the pod's network (CNI DEL)")]
-    Deleted,
     /// The next namespace scan is not due yet; nothing is known.
     #[error("waiting for the next namespace scan")]
     Pending,
@@ -119,9 +115,9 @@ pub(crate) struct PodManager {
     cni_rx: Option<tokio::sync::mpsc::Receiver<CniRequest>>,
     /// Pods whose namespace the runtime handed over, by uid.
     cni: HashMap<String, cni::CniPod>,
-    /// Pods the runtime has deleted the network of, by uid, while the
-    /// config still lists them.
-    cni_gone: HashSet<String>,
+    /// Namespaces the runtime deleted (CNI DEL) by pod uid, while the
+    /// config still lists the pod: never captured again.
+    cni_released: HashMap<String, Vec<u64>>,
 }
 
 impl PodManager {
@@ -153,7 +149,7 @@ impl PodManager {
             revalidated: 0,
             cni_rx: None,
             cni: HashMap::new(),
-            cni_gone: HashSet::new(),
+            cni_released: HashMap::new(),
         }
     }
 
@@ -234,7 +230,7 @@ impl PodManager {
                     match &e {
                         PodError::Ambiguous { namespaces, .. } => self.quarantine(want, namespaces, None),
                         // The namespaces it was quarantined in hold its IP no more.
-                        PodError::NoNamespace(_) | PodError::Deleted => self.quarantine(want, &[], None),
+                        PodError::NoNamespace(_) => self.quarantine(want, &[], None),
                         // Still ambiguous as far as we know: stay closed.
                         _ => {}
                     }
@@ -511,9 +507,6 @@ impl PodManager {
         if let Some(c) = self.cni.get(&pod.uid) {
             return Ok(c.netns.clone());
         }
-        if self.cni_gone.contains(&pod.uid) {
-            return Err(PodError::Deleted);
-        }
         if self.scan.is_none() {
             // Scan at once for a new config (a pod just appeared), otherwise
             // at most every SCAN_INTERVAL while some pod is unresolved.
@@ -541,7 +534,13 @@ impl PodManager {
             self.last_scan = Some((Instant::now(), snap.generation));
         }
         let scan = self.scan.as_ref().ok_or(PodError::Pending)?;
-        let claimed: Vec<u64> = self.previous.keys().copied().filter(|c| self.claims(*c, pod)).collect();
+        let released = self.released_cookies(&pod.uid);
+        let claimed: Vec<u64> = self
+            .previous
+            .keys()
+            .copied()
+            .filter(|c| !released.contains(c) && self.claims(*c, pod))
+            .collect();
         if let [cookie] = claimed.as_slice()
             && let Some(ns) = scan.by_cookie.get(cookie)
         {
@@ -553,7 +552,8 @@ impl PodManager {
         let others = self.cni_cookies_except(&pod.uid);
         let mut found: Vec<Arc<Netns>> = Vec::new();
         for ns in pod.ips.iter().filter_map(|ip| scan.by_ip.get(ip)).flatten() {
-            if !others.contains(&ns.cookie()) && !found.iter().any(|f| f.cookie() == ns.cookie()) {
+            let cookie = ns.cookie();
+            if !others.contains(&cookie) && !released.contains(&cookie) && !found.iter().any(|f| f.cookie() == cookie) {
                 found.push(ns.clone());
             }
         }

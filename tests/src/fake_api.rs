@@ -23,6 +23,8 @@ struct State {
     watches: HashMap<String, Vec<(TcpStream, Option<String>)>>,
     /// Requests seen: `path` or `path?watch`.
     seen: Vec<String>,
+    /// Paths whose watches fail (500) until healed.
+    failing_watches: std::collections::HashSet<String>,
 }
 
 /// The fake API server; it runs until the test process ends.
@@ -93,6 +95,19 @@ impl FakeApi {
         self.state.lock().unwrap().lists.insert(path.into(), (500, body));
     }
 
+    /// Makes watches of `path` fail: open ones are closed, new ones get a
+    /// 500 Status (lists still work), until [`FakeApi::heal_watch`].
+    pub fn fail_watch(&self, path: &str) {
+        let mut state = self.state.lock().unwrap();
+        state.failing_watches.insert(path.into());
+        state.watches.remove(path);
+    }
+
+    /// Lets watches of `path` work again.
+    pub fn heal_watch(&self, path: &str) {
+        self.state.lock().unwrap().failing_watches.remove(path);
+    }
+
     /// How many requests of `what` (`path` or `path?watch`) were seen.
     pub fn count(&self, what: &str) -> usize {
         self.state.lock().unwrap().seen.iter().filter(|s| *s == what).count()
@@ -153,7 +168,7 @@ impl FakeApi {
             } else {
                 path.to_string()
             });
-            if watch {
+            if watch && !state.failing_watches.contains(path) {
                 let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n";
                 if conn.write_all(head.as_bytes()).is_ok() {
                     state
@@ -164,7 +179,13 @@ impl FakeApi {
                 }
                 return;
             }
-            let (status, mut body) = if path == "/apis/security.istio.io/v1" {
+            let (status, mut body) = if watch {
+                (
+                    500,
+                    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                        "message": "etcdserver: leader changed", "reason": "InternalError", "code": 500}),
+                )
+            } else if path == "/apis/security.istio.io/v1" {
                 (200, discovery())
             } else {
                 state.lists.get(path).cloned().unwrap_or_else(|| {

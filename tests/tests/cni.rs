@@ -2,7 +2,8 @@
 //! plugins chained with `nodeward-cni`, exec'd as a runtime does. A pod is
 //! closed before ADD returns and captured in the namespace the runtime
 //! gave, a pod outside the mesh passes untouched, ADD fails while the
-//! agent is down, and DEL releases the pod.
+//! agent is down, and a DEL of the pod's own sandbox releases it (a DEL of
+//! any other, or one the agent cannot match, changes nothing).
 
 use std::io::ErrorKind;
 use std::net::SocketAddr;
@@ -217,4 +218,134 @@ fn an_enrolled_pod_is_captured_before_add_returns_one_outside_passes_and_add_fai
     net.del(&r, None).unwrap_or_else(|e| panic!("DEL failed: {e:?}"));
     net.del(&q, Some(&result))
         .unwrap_or_else(|e| panic!("DEL failed: {e:?}"));
+}
+
+/// Mesh-wide STRICT: plaintext from outside the mesh never reaches a captured pod.
+const STRICT: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec:\n  mtls: {mode: STRICT}\n";
+
+/// A DEL the runtime sends for `pod` as the sandbox `container_id` in the
+/// namespace `netns` (one that may exist or not): the pod's name and uid,
+/// another sandbox. Its namespace is not deleted when dropped.
+fn sandbox_of(pod: &CniPod, container_id: &str, netns: &str) -> std::mem::ManuallyDrop<CniPod> {
+    std::mem::ManuallyDrop::new(CniPod {
+        netns: netns.into(),
+        container_id: container_id.into(),
+        name: pod.name.clone(),
+        namespace: pod.namespace.clone(),
+        uid: pod.uid.clone(),
+    })
+}
+
+#[test]
+fn a_del_of_another_sandbox_or_one_the_agent_cannot_match_leaves_the_pod_strict_and_a_del_of_its_own_releases_it() {
+    let _g = shared();
+    let test =
+        "a_del_of_another_sandbox_or_one_the_agent_cannot_match_leaves_the_pod_strict_and_a_del_of_its_own_releases_it";
+    let Some((mut t, net, socket)) = cni_node(test) else {
+        return;
+    };
+    let d = t.pod("d").clone();
+    t.apply("strict", STRICT);
+    let (q, r) = (CniPod::new(t.id, "q", "mesh"), CniPod::new(t.id, "r", "mesh"));
+    let (ipq, ipr) = (format!("10.{}.99.10", t.id), format!("10.{}.99.11", t.id));
+    t.apply("cni-q", &pod_yaml(&t, &q, &ipq));
+    t.apply("cni-r", &pod_yaml(&t, &r, &ipr));
+    let agent = t.agent(0);
+    agent
+        .wait_log(WAIT, |l| {
+            l["message"] == "config applied" && l["pods"].as_u64().is_some_and(|n| n >= 3)
+        })
+        .unwrap_or_else(|| panic!("config not applied; log:\n{}", agent.dump()));
+    let added_q = net.add(&q).unwrap_or_else(|e| panic!("ADD failed: {e:?}"));
+    let added_r = net.add(&r).unwrap_or_else(|e| panic!("ADD failed: {e:?}"));
+    assert_eq!((address(&added_q), address(&added_r)), (ipq.clone(), ipr.clone()));
+    let (keyq, keyr) = ("mesh/q".to_string(), "mesh/r".to_string());
+    let cookie_q = captured_cookie(&t, &keyq, &q.netns_path());
+    let cookie_r = captured_cookie(&t, &keyr, &r.netns_path());
+    let dst: SocketAddr = format!("{ipq}:7000").parse().unwrap();
+    let _server = serve(&q.netns, dst, info_echo);
+    let pins = t.pin_dir(0).join("pods");
+    let strict_holds = |t: &Topology, after: &str| {
+        assert!(
+            pins.join(cookie_q.to_string()).exists(),
+            "{after}: the live pod lost its capture; log:\n{}",
+            t.agent(0).dump()
+        );
+        assert_blocked(&d.netns, dst);
+    };
+    strict_holds(&t, "ADD");
+
+    // DELs of sandboxes of the pod that are not the one it runs in: an
+    // older one whose namespace is gone, a failed one whose namespace is
+    // still there, each sent twice (runtimes repeat DELs).
+    let gone = sandbox_of(&q, "sandbox-q-older", &format!("nwt{}-cni-q-gone", t.id));
+    let failed_ns = CniPod::new(t.id, "q-failed", "mesh");
+    let failed = sandbox_of(&q, "sandbox-q-failed", &failed_ns.netns);
+    for round in ["", " again"] {
+        net.del(&gone, None).unwrap_or_else(|e| panic!("DEL failed: {e:?}"));
+        strict_holds(&t, &format!("DEL of an older sandbox{round}"));
+        net.del(&failed, None).unwrap_or_else(|e| panic!("DEL failed: {e:?}"));
+        strict_holds(&t, &format!("DEL of a failed sandbox{round}"));
+    }
+
+    // The agent restarts: it holds no ADD record any more, only the pins.
+    t.agent_mut(0).kill();
+    t.start_agent(0, &["--cni-socket", socket.to_str().unwrap()]);
+    for key in [&keyq, &keyr] {
+        let agent = t.agent(0);
+        agent
+            .wait_log(WAIT, |l| l["message"] == "pod captured" && l["pod"] == key.as_str())
+            .unwrap_or_else(|| panic!("{key} not re-adopted; log:\n{}", agent.dump()));
+    }
+    strict_holds(&t, "the restart");
+    for round in ["", " again"] {
+        net.del(&gone, None).unwrap_or_else(|e| panic!("DEL failed: {e:?}"));
+        strict_holds(&t, &format!("DEL of an older sandbox after the restart{round}"));
+        net.del(&failed, None).unwrap_or_else(|e| panic!("DEL failed: {e:?}"));
+        strict_holds(&t, &format!("DEL of a failed sandbox after the restart{round}"));
+    }
+
+    // The runtime removed r's namespace file before its DEL: the sandbox id
+    // the pins recorded still names it, and it is released.
+    nodeward_testbed::netns::sh(&["ip", "netns", "del", &r.netns]);
+    net.del(&r, Some(&added_r))
+        .unwrap_or_else(|e| panic!("DEL failed: {e:?}"));
+    assert!(
+        !pins.join(cookie_r.to_string()).exists(),
+        "a DEL of r's own sandbox did not release it; log:\n{}",
+        t.agent(0).dump()
+    );
+    strict_holds(&t, "r's DEL");
+
+    // A DEL of q's own sandbox releases it at once, though the config
+    // still lists q, and the scan does not take that namespace back.
+    net.del(&q, Some(&added_q))
+        .unwrap_or_else(|e| panic!("DEL failed: {e:?}"));
+    assert!(
+        !pins.join(cookie_q.to_string()).exists(),
+        "a DEL of q's own sandbox did not release it; log:\n{}",
+        t.agent(0).dump()
+    );
+    // q lives on in the config: the next namespace holding its address
+    // (a sandbox the runtime made without CNI) is captured.
+    let next = t.add_decoy("q-next", &[ipq.parse().unwrap()]);
+    nodeward_testbed::netns::sh(&["ip", "-n", &next, "link", "set", "lo", "up"]);
+    let next_path = nodeward_testbed::netns::path(&next);
+    let agent = t.agent(0);
+    agent
+        .wait_log(WAIT, |l| {
+            l["message"] == "pod captured" && l["pod"] == keyq.as_str() && l["netns"] == next_path.as_str()
+        })
+        .unwrap_or_else(|| panic!("q's next namespace not captured; log:\n{}", agent.dump()));
+    let in_deleted = agent
+        .lines()
+        .iter()
+        .filter(|l| l["message"] == "pod captured" && l["cookie"] == cookie_q)
+        .count();
+    assert_eq!(
+        in_deleted,
+        1,
+        "q's deleted namespace was captured again after its re-adoption; log:\n{}",
+        agent.dump()
+    );
 }

@@ -243,3 +243,103 @@ fn a_pod_on_another_node_known_from_the_api_is_reached_through_the_tunnel() {
     );
     assert_eq!(l["peer_identity"], "spiffe://cluster.local/ns/mesh/sa/c", "{l}");
 }
+
+/// `GET path` on the agent's `port` in node namespace `netns`: the body.
+fn get(netns: &str, port: u16, path: &str) -> String {
+    let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    run_in(netns, move || {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+            return String::new();
+        };
+        let _ = s.write_all(request.as_bytes());
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        text
+    })
+}
+
+#[test]
+fn a_watch_failing_longer_than_source_stale_after_fails_readiness_naming_its_kind_and_is_counted() {
+    const NAME: &str = "a_watch_failing_longer_than_source_stale_after_fails_readiness_naming_its_kind_and_is_counted";
+    let _g = shared();
+    if !privileged_or_skip(NAME) {
+        return;
+    }
+    let t = Topology::build(TopologySpec {
+        nodes: vec![vec![PodSpec::new("a", "mesh")]],
+        namespaces: vec![("mesh".into(), true)],
+    });
+    let node = &t.nodes[0];
+    let api = FakeApi::start_in(&node.netns);
+    let kubeconfig = api.kubeconfig(&t.config_dir);
+    let ca = t.ca_dir.display().to_string();
+    let agent = Agent::start_with(
+        node,
+        &[
+            "--source",
+            "kube",
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+            "--ca-dir",
+            &ca,
+            "--source-stale-after",
+            "3s",
+        ],
+    );
+    wait_readiness(&node.netns, "ready once every kind is listed", |status, _| {
+        status.contains("200")
+    });
+
+    // The PeerAuthentication watch breaks and every retry fails: the last
+    // synced policies keep serving, but readiness fails naming the kind.
+    api.fail_watch(PEER_AUTHENTICATIONS);
+    let body = wait_readiness(&node.netns, "not ready while the watch fails", |status, body| {
+        status.contains("503") && body.contains("PeerAuthentications watch failing")
+    });
+    assert!(
+        body.contains("etcdserver: leader changed"),
+        "the last error is shown: {body}"
+    );
+    assert!(
+        ![
+            "Pods",
+            "Namespaces",
+            "Services",
+            "EndpointSlices",
+            "AuthorizationPolicies"
+        ]
+        .iter()
+        .any(|k| body.contains(k)),
+        "only the failing kind is named: {body}"
+    );
+    // Logged and counted once, as it goes stale.
+    agent
+        .wait_log(WAIT, |l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("watch failing too long"))
+                && l["kind"] == "PeerAuthentications"
+        })
+        .unwrap_or_else(|| panic!("the stale kind is not logged; log:\n{}", agent.dump()));
+    let metrics = get(&node.netns, 15020, "/metrics");
+    assert!(
+        metrics.contains("nodeward_source_stale_total{kind=\"peerauthentications\"} 1"),
+        "{metrics}"
+    );
+    let failures = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("nodeward_source_watch_failures_total{kind=\"peerauthentications\"} "))
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(failures >= 2, "failures counted: {metrics}");
+
+    // The watch works again and delivers: ready again.
+    api.heal_watch(PEER_AUTHENTICATIONS);
+    let policy = json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+        "metadata": {"name": "default", "namespace": "istio-system", "resourceVersion": "20"},
+        "spec": {"mtls": {"mode": "STRICT"}}});
+    api.send(PEER_AUTHENTICATIONS, &json!({"type": "ADDED", "object": policy}));
+    wait_readiness(&node.netns, "ready once the watch delivers again", |status, _| {
+        status.contains("200")
+    });
+}

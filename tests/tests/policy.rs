@@ -584,3 +584,58 @@ spec:
     assert_eq!(l["would"], "no_match");
     assert_eq!(l["allowed"], false, "other was denied by the enforced policy");
 }
+
+/// Mesh-wide STRICT (the root namespace) in the same file as a Pod the
+/// agent rejects (its IP is no address), there from the agent's start.
+const STRICT_BESIDE_AN_INVALID_POD: &str = "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec:
+  mtls: {mode: STRICT}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: broken, namespace: mesh, uid: broken-uid}
+spec: {nodeName: elsewhere}
+status: {phase: Running, podIP: 10.0.0.300}
+";
+
+#[test]
+fn a_mesh_wide_strict_beside_an_invalid_pod_in_the_same_file_is_enforced_from_the_start() {
+    let _g = shared();
+    let test = "a_mesh_wide_strict_beside_an_invalid_pod_in_the_same_file_is_enforced_from_the_start";
+    if !privileged_or_skip(test) {
+        return;
+    }
+    let mut t = Topology::build(TopologySpec {
+        nodes: vec![vec![
+            PodSpec::new("a", "mesh"),
+            PodSpec::new("c", "mesh"),
+            PodSpec::new("d", "plain"),
+        ]],
+        namespaces: vec![("mesh".into(), true), ("plain".into(), false)],
+    });
+    t.apply("mesh-policy", STRICT_BESIDE_AN_INVALID_POD);
+    t.start_agents();
+    let agent = t.agent(0);
+    let a = t.pod("a").clone();
+    let _s = serve(&a.netns, a.v4(7000), info_echo);
+    round_trip(&t.pod("c").netns, a.v4(7000), b"meshed").expect("mTLS from a mesh pod");
+    assert!(
+        !reaches(&t, "d", a.v4(7000)),
+        "plaintext from outside the mesh reached a pod under mesh-wide STRICT; log:\n{}",
+        agent.dump()
+    );
+    assert!(
+        !reaches(&t, "d", a.v6(7000)),
+        "plaintext reached a STRICT pod over IPv6"
+    );
+    // The invalid document is reported, by file and object.
+    agent
+        .wait_log(WAIT, |l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("mesh-policy.yaml: document 2") && m.contains("mesh/broken"))
+        })
+        .unwrap_or_else(|| panic!("the invalid pod is not reported; log:\n{}", agent.dump()));
+}

@@ -2,8 +2,9 @@
 //! is missing, and the process exits non-zero without attaching anything.
 
 use std::process::Command;
+use std::time::Duration;
 
-use nodeward_testbed::{nodeward_bin, privileged_or_skip};
+use nodeward_testbed::{PodSpec, Topology, TopologySpec, nodeward_bin, patience, privileged_or_skip, shared};
 
 fn run(prefix: &[&str], args: &[&str]) -> (bool, String) {
     let bin = nodeward_bin();
@@ -116,4 +117,34 @@ fn help_documents_every_flag_with_its_environment_variable() {
         out.contains("[env: NODEWARD_NODE_NAME=]") && out.contains("[env: NODEWARD_CONFIG_DIR=]"),
         "{out}"
     );
+}
+
+#[test]
+fn a_config_file_that_does_not_parse_at_start_is_refused_naming_the_file_and_the_line() {
+    let _g = shared();
+    let test = "a_config_file_that_does_not_parse_at_start_is_refused_naming_the_file_and_the_line";
+    if !privileged_or_skip(test) {
+        return;
+    }
+    let mut t = Topology::build(TopologySpec {
+        nodes: vec![vec![PodSpec::new("a", "mesh")]],
+        namespaces: vec![("mesh".into(), true)],
+    });
+    // A mesh-wide STRICT policy, then a document whose YAML is broken on line 8.
+    t.apply(
+        "broken",
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec:\n  mtls: {mode: STRICT}\n---\napiVersion: v1\nkind: Pod: oops\n",
+    );
+    t.start_agent(0, &[]);
+    let agent = t.agent_mut(0);
+    let status = agent.wait_exit(patience(Duration::from_secs(10)));
+    let log = agent.dump();
+    let status = status.unwrap_or_else(|| panic!("the agent started without the file; log:\n{log}"));
+    assert!(!status.success(), "{status}; log:\n{log}");
+    let file = t.config_dir.join("broken.yaml");
+    assert!(
+        log.contains(&format!("{}: document 2 (line 8)", file.display())),
+        "the error does not name the file and the line; log:\n{log}"
+    );
+    assert!(!t.pin_dir(0).exists(), "the agent attached something before refusing");
 }

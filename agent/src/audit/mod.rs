@@ -74,7 +74,7 @@ pub(crate) enum Kind {
     L7Fields,
     /// A policy the agent's validation rejects (it fails safe).
     InvalidPolicy,
-    /// A config file the agent rejects (its objects are not loaded).
+    /// A config file, or a document of one, the agent rejects.
     RejectedFile,
     /// An opted-out pod or excluded ports without a documented reason.
     UndocumentedException,
@@ -242,11 +242,16 @@ pub fn audit_dir(dir: &Path, root_namespace: &str, production: &Production) -> R
         .errors()
         .into_iter()
         .map(|(path, e)| {
+            let what = if source.unparseable(&path) {
+                "the agent cannot parse this file: it keeps the file's last good version, and does not start without one"
+            } else {
+                "the agent rejects this document (its object keeps its last good version, if any; the file's other documents stand)"
+            };
             Finding::new(
                 Severity::High,
                 Kind::RejectedFile,
                 path.display().to_string(),
-                format!("the agent rejects this file and loads none of its objects: {e}"),
+                format!("{what}: {e}"),
             )
         })
         .collect();

@@ -9,8 +9,9 @@
 //! programs cannot ask for their namespace's cookie).
 //!
 //! Everything lives under `<bpffs>/nodeward/<node>/v1/`: `maps/`, `links/`
-//! and `pods/<cookie>/` (its `sk_lookup` link and `uid-<hash>/`, the pod
-//! captured there). Links are pinned, so when the agent dies the
+//! and `pods/<cookie>/` (its `sk_lookup` link, `uid-<hash>/`, the pod
+//! captured there, and `sandbox-<hash>/`, the CNI sandbox it was handed
+//! over as, if it was). Links are pinned, so when the agent dies the
 //! programs stay: a managed pod's `connect()` still goes to the (now closed)
 //! outbound port and is refused, and inbound connections find no listener
 //! and are dropped. A restarted agent attaches fresh links first and only
@@ -307,6 +308,41 @@ impl Capture {
         let pod_dir = self.dir.join("pods").join(cookie.to_string());
         marker_dirs(&pod_dir) == [uid_marker(uid)]
     }
+
+    /// Records, next to the pins of the namespace with `cookie`, the CNI
+    /// sandbox (`CNI_CONTAINERID`) the runtime handed it over as, so that a
+    /// restarted agent can tell a DEL of that sandbox, whose namespace path
+    /// may already be gone, from a DEL of another sandbox of the pod.
+    pub(crate) fn pin_sandbox(&self, cookie: u64, container_id: &str) -> Result<(), CaptureError> {
+        let pod_dir = self.dir.join("pods").join(cookie.to_string());
+        let marker = sandbox_marker(container_id);
+        for old in prefixed_dirs(&pod_dir, "sandbox-") {
+            if old != marker {
+                let _ = std::fs::remove_dir(pod_dir.join(old));
+            }
+        }
+        let path = pod_dir.join(marker);
+        std::fs::create_dir_all(&path).map_err(|e| CaptureError::Pin {
+            path: path.clone(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Whether the namespace with `cookie` was handed over as the sandbox
+    /// `container_id` (see [`Capture::pin_sandbox`]); `None`: no sandbox
+    /// recorded (found by a scan, never named by the runtime).
+    pub(crate) fn pinned_sandbox_is(&self, cookie: u64, container_id: &str) -> Option<bool> {
+        let pod_dir = self.dir.join("pods").join(cookie.to_string());
+        match prefixed_dirs(&pod_dir, "sandbox-").as_slice() {
+            [] => None,
+            found => Some(found == [sandbox_marker(container_id)]),
+        }
+    }
+}
+
+/// The name under which a CNI sandbox id is recorded, hashed as uids are.
+fn sandbox_marker(container_id: &str) -> String {
+    format!("sandbox-{:016x}", fnv1a(container_id))
 }
 
 /// The name under which a pod's uid is recorded in its pin directory:
@@ -314,19 +350,27 @@ impl Capture {
 /// hold any character, so it is recorded as a hash (FNV-1a, stable across
 /// builds, unlike std's hasher).
 fn uid_marker(uid: &str) -> String {
-    let hash = uid.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+    format!("uid-{:016x}", fnv1a(uid))
+}
+
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    format!("uid-{hash:016x}")
+    })
 }
 
 /// The uid markers in a pod's pin directory.
 fn marker_dirs(pod_dir: &Path) -> Vec<String> {
+    prefixed_dirs(pod_dir, "uid-")
+}
+
+/// The entries of a pod's pin directory named `prefix`….
+fn prefixed_dirs(pod_dir: &Path, prefix: &str) -> Vec<String> {
     std::fs::read_dir(pod_dir)
         .map(|rd| {
             rd.flatten()
                 .filter_map(|e| e.file_name().into_string().ok())
-                .filter(|n| n.starts_with("uid-"))
+                .filter(|n| n.starts_with(prefix))
                 .collect()
         })
         .unwrap_or_default()

@@ -25,7 +25,7 @@ pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) enum Command {
     /// A pod's network was set up: capture it before it starts.
     Add,
-    /// A pod's network is being torn down: release it.
+    /// A sandbox of a pod is being torn down: release the pod if it is the one it runs in.
     Del,
     /// Is the pod still captured as ADD left it?
     Check,
@@ -37,7 +37,7 @@ pub(crate) enum Command {
 pub(crate) struct Request {
     /// ADD, DEL or CHECK.
     pub(crate) command: Command,
-    /// `CNI_CONTAINERID`: the sandbox, for messages.
+    /// `CNI_CONTAINERID`: the sandbox (a DEL of another sandbox of the pod changes nothing).
     pub(crate) container_id: String,
     /// `CNI_NETNS`: the pod's network namespace file (may be empty on DEL).
     pub(crate) netns: PathBuf,
@@ -70,7 +70,7 @@ pub(crate) enum Reply {
     Held,
     /// ADD/CHECK: the config says the pod is outside the mesh.
     NotManaged,
-    /// DEL: whatever the agent held for the pod is released.
+    /// DEL: done (whatever the agent held in the named sandbox is released).
     Released,
     /// The agent refuses: the plugin fails the command with this message.
     Refused {

@@ -30,6 +30,8 @@ pub struct Config {
     pub(crate) source: SourceConfig,
     /// How often the config directory, CA files, CRLs and deny list are polled.
     pub(crate) config_poll: Duration,
+    /// How long a kind's watch may fail before readiness does (`kube` source).
+    pub(crate) source_stale_after: Duration,
     /// Istio root namespace (mesh-wide policies).
     pub(crate) root_namespace: String,
     /// Local trust domain.
@@ -446,6 +448,11 @@ impl Config {
             a.config_poll,
             "the directory would be read in a busy loop",
         );
+        let stale_after = c.non_zero(
+            "source-stale-after",
+            a.source_stale_after,
+            "any watch error would fail readiness",
+        );
         let lifetime = c.non_zero("cert-lifetime", a.cert_lifetime, "certificates would expire as issued");
         let tunnel_idle = c.non_zero(
             "tunnel-idle-timeout",
@@ -689,6 +696,7 @@ impl Config {
             node_name: a.node_name,
             source,
             config_poll: poll,
+            source_stale_after: stale_after,
             root_namespace: a.root_namespace,
             trust_domain: a.trust_domain,
             trust_domain_aliases: a.trust_domain_aliases,

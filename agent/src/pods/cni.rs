@@ -1,13 +1,19 @@
 //! The pod manager's side of the CNI hand-off: a pod the runtime names is
 //! captured in the namespace the runtime gave (opened once, kept open),
 //! before the runtime starts it; one the config does not know yet is held
-//! closed until it does; DEL releases it.
+//! closed until it does; a DEL of the sandbox it is in releases it (a DEL
+//! of any other sandbox of the pod changes nothing), and the pod's end is
+//! the config's word.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::PodManager;
+
+/// Deleted namespaces remembered per pod: a sandbox lingers for moments
+/// after its DEL, and a pod has one sandbox at a time.
+const RELEASED_KEPT: usize = 4;
 use crate::cni::protocol::{Command, Reply, Request};
 use crate::cni::server::CniRequest;
 use crate::netns::{self, Netns};
@@ -29,6 +35,14 @@ pub(super) struct CniPod {
     /// Steering and `PODS` are attached without listeners: the config has
     /// not said yet that the pod is captured or outside the mesh.
     held: bool,
+}
+
+/// The sandbox a pod is in now, as a DEL is compared with it.
+struct Sandbox {
+    /// Its namespace.
+    cookie: u64,
+    /// Its `CNI_CONTAINERID`, when this run saw its ADD.
+    container_id: Option<String>,
 }
 
 /// What the config says about a pod the runtime named.
@@ -107,8 +121,11 @@ impl PodManager {
         {
             self.cni_release(&uid);
         }
-        self.cni_gone.remove(&uid);
         let cookie = ns.cookie();
+        // The runtime says this namespace is live after all.
+        if let Some(gone) = self.cni_released.get_mut(&uid) {
+            gone.retain(|c| *c != cookie);
+        }
         self.cni.insert(
             uid.clone(),
             CniPod {
@@ -125,12 +142,16 @@ impl PodManager {
                 Reply::NotManaged
             }
             Known::Unknown => match self.hold(&uid) {
-                Ok(()) => Reply::Held,
+                Ok(()) => {
+                    self.pin_sandbox(cookie, request);
+                    Reply::Held
+                }
                 Err(e) => refused(&e),
             },
             Known::Managed(want) => {
                 if let Some(a) = self.active.get(&uid) {
                     if a.ctx.netns.cookie() == cookie {
+                        self.pin_sandbox(cookie, request);
                         return Reply::Captured;
                     }
                     // Found by a scan in some other namespace holding its IP.
@@ -145,6 +166,7 @@ impl PodManager {
                         if let Some(c) = self.cni.get_mut(&uid) {
                             c.held = false;
                         }
+                        self.pin_sandbox(cookie, request);
                         Reply::Captured
                     }
                     Err(e) => refused(&e.to_string()),
@@ -153,6 +175,12 @@ impl PodManager {
         }
     }
 
+    /// Releases the sandbox the DEL names, if it is the pod's current one
+    /// (or a namespace quarantined for the pod); any other DEL (of an older
+    /// or failed sandbox, a repeat, one the agent cannot match after a
+    /// restart) leaves the pod as it is. A DEL never ends the pod: the
+    /// config still lists it, and a new sandbox of it is captured as any
+    /// is; only the released namespace is never taken back.
     fn cni_del(&mut self, request: &Request) -> Reply {
         let snap = self.store.current();
         let uid = self.cni_uid(request, &snap).or_else(|| {
@@ -164,19 +192,71 @@ impl PodManager {
         let Some(uid) = uid else {
             return Reply::Released;
         };
-        if self
-            .cni
-            .get(&uid)
-            .is_some_and(|c| c.container_id != request.container_id)
-        {
-            // The DEL of an older sandbox: the current one stays.
-            return Reply::Released;
+        // The namespace the DEL names, while its file still opens (the
+        // runtime may pass none, or one already removed).
+        let named = (!request.netns.as_os_str().is_empty())
+            .then(|| Netns::open(&request.netns).ok())
+            .flatten()
+            .map(|ns| ns.cookie());
+        match self.current_sandbox(&uid) {
+            Some(current) if self.names(&current, named, &request.container_id) => {
+                self.cni_release(&uid);
+                self.forget_namespace(&uid, current.cookie);
+                tracing::info!(pod = %request.key(), container = %request.container_id, cookie = current.cookie, "the runtime deleted the pod's current sandbox: released");
+            }
+            current => {
+                if let Some(cookie) = named
+                    && self
+                        .quarantined
+                        .get(&uid)
+                        .is_some_and(|q| q.iter().any(|q| q.netns.cookie() == cookie))
+                {
+                    self.release_quarantined(&uid, cookie);
+                    self.forget_namespace(&uid, cookie);
+                }
+                tracing::info!(
+                    pod = %request.key(),
+                    container = %request.container_id,
+                    current = ?current.map(|c| c.cookie),
+                    named = ?named,
+                    "DEL of a sandbox that is not the pod's current one: the pod stays as it is"
+                );
+            }
         }
-        self.cni_release(&uid);
-        // Its namespace is going: never look for it by IP again, or the
-        // scan could find it in the moment before its addresses go.
-        self.cni_gone.insert(uid);
         Reply::Released
+    }
+
+    /// The pod's current sandbox as far as the agent knows it: the one its
+    /// ADD gave, else the namespace it is captured in (found by a scan, or
+    /// adopted from a previous run's pins, which may record its sandbox id).
+    fn current_sandbox(&self, uid: &str) -> Option<Sandbox> {
+        if let Some(c) = self.cni.get(uid) {
+            return Some(Sandbox {
+                cookie: c.netns.cookie(),
+                container_id: Some(c.container_id.clone()),
+            });
+        }
+        let cookie = self.active.get(uid)?.ctx.netns.cookie();
+        Some(Sandbox {
+            cookie,
+            container_id: None,
+        })
+    }
+
+    /// Whether a DEL of `container_id` in the namespace `named` (`None`:
+    /// its path gave none) names `current`. Both must agree where known:
+    /// the namespace by cookie, the sandbox id by this run's ADD or the
+    /// pins; with no namespace to compare, only a known, equal sandbox id
+    /// names it. Anything unknown is not a match: a live pod stays captured.
+    fn names(&self, current: &Sandbox, named: Option<u64>, container_id: &str) -> bool {
+        let same_id = match &current.container_id {
+            Some(id) => Some(id == container_id),
+            None => self.capture.pinned_sandbox_is(current.cookie, container_id),
+        };
+        match named {
+            Some(cookie) => cookie == current.cookie && same_id != Some(false),
+            None => same_id == Some(true),
+        }
     }
 
     fn cni_check(&self, request: &Request) -> Reply {
@@ -210,6 +290,46 @@ impl PodManager {
             self.release(uid, q, None);
         }
         self.cni.remove(uid);
+    }
+
+    /// Records the ADD's sandbox id beside the namespace's pins, for a DEL
+    /// a restarted agent must match (see [`PodManager::names`]). Without it
+    /// such a DEL leaves the pod captured: the safe side.
+    fn pin_sandbox(&self, cookie: u64, request: &Request) {
+        if let Err(e) = self.capture.pin_sandbox(cookie, &request.container_id) {
+            tracing::warn!(pod = %request.key(), cookie, "recording the pod's sandbox: {e}");
+        }
+    }
+
+    /// Ends the quarantine of one namespace of `uid`'s (the runtime deleted it).
+    fn release_quarantined(&mut self, uid: &str, cookie: u64) {
+        let Some(all) = self.quarantined.remove(uid) else {
+            return;
+        };
+        let (gone, kept): (Vec<_>, Vec<_>) = all.into_iter().partition(|q| q.netns.cookie() == cookie);
+        self.release(uid, gone, None);
+        if !kept.is_empty() {
+            self.quarantined.insert(uid.to_string(), kept);
+        }
+    }
+
+    /// Remembers that the runtime deleted `uid`'s namespace `cookie`: the
+    /// scan must not capture it again in the moment before its addresses
+    /// go. Cookies are never reused, so remembering one cannot hide a new
+    /// sandbox; the last few per pod are kept, while the config lists it.
+    fn forget_namespace(&mut self, uid: &str, cookie: u64) {
+        let gone = self.cni_released.entry(uid.to_string()).or_default();
+        if !gone.contains(&cookie) {
+            gone.push(cookie);
+        }
+        if gone.len() > RELEASED_KEPT {
+            gone.remove(0);
+        }
+    }
+
+    /// Namespaces of `uid` the runtime deleted (see [`PodManager::forget_namespace`]).
+    pub(super) fn released_cookies(&self, uid: &str) -> &[u64] {
+        self.cni_released.get(uid).map_or(&[], Vec::as_slice)
     }
 
     /// Attaches steering and a `PODS` entry without listeners to the pod's
@@ -253,8 +373,8 @@ impl PodManager {
     }
 
     /// After each reconcile: a held pod that got captured is no longer
-    /// held; one the config now puts outside the mesh is released; uids
-    /// the config no longer lists are forgotten by the DEL memory.
+    /// held; one the config now puts outside the mesh is released; the
+    /// deleted namespaces of pods the config no longer lists are forgotten.
     pub(super) fn reconcile_cni(&mut self, snap: &Snapshot, desired: &HashMap<String, ManagedPod>) {
         let uids: Vec<String> = self
             .cni
@@ -277,7 +397,7 @@ impl PodManager {
             }
         }
         let listed: std::collections::HashSet<&str> = snap.pods.values().map(|p| p.uid.as_str()).collect();
-        self.cni_gone.retain(|u| listed.contains(u.as_str()));
+        self.cni_released.retain(|u, _| listed.contains(u.as_str()));
     }
 
     /// Namespaces the runtime gave for pods other than `uid`: a scan for

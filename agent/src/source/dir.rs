@@ -3,8 +3,12 @@
 //! Polled (every 200 ms by default) rather than watched with inotify: polling
 //! works the same on ConfigMap volumes (atomic symlink swaps), bind mounts and
 //! network filesystems, and a stat per file is cheap. Only files whose
-//! (inode, size, mtime) changed are read again. A file that fails to parse
-//! keeps its last good objects in force and its error is logged once.
+//! (inode, size, mtime) changed are read again. Documents are independent:
+//! an invalid one is rejected alone, its object keeping its last good
+//! version (if it had one), and the file's other documents stand. A file
+//! whose YAML does not parse keeps its last good objects in force; at start
+//! it has none, so `nodeward run` refuses to start ([`DirSource::start`])
+//! rather than run without them. Each error is logged once.
 //!
 //! A panic never ends the polling: one in the parser rejects that file like
 //! a syntax error; one anywhere else in a poll is logged with its message and
@@ -22,7 +26,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::Assembler;
-use super::objects::{Object, ParseError, parse_file};
+use super::objects::{Object, ObjectId, ParseError, Parsed, parse_file};
 use crate::state::{Snapshot, Store};
 
 /// Largest config file read; a bigger one is rejected, not loaded.
@@ -39,14 +43,29 @@ struct Fingerprint {
 #[derive(Debug, Default)]
 struct FileState {
     fingerprint: Option<Fingerprint>,
-    /// Objects from the last version of the file that parsed.
+    /// Objects in force: the current version's valid ones, and the last
+    /// good version of each it rejects (all of the last good version when
+    /// the current one does not parse).
     objects: Vec<Object>,
-    /// The error of the current version, if it did not parse.
-    error: Option<String>,
+    /// The errors of the current version: its own when it does not parse
+    /// (then `unparseable`), else one per rejected document.
+    errors: Vec<String>,
+    /// The current version does not parse (or cannot be read) at all.
+    unparseable: bool,
 }
 
 /// Reads one file's text into objects; [`parse_file`] except in tests.
-type Parser = fn(&Path, &str) -> Result<Vec<Object>, ParseError>;
+type Parser = fn(&Path, &str) -> Result<Parsed, ParseError>;
+
+/// Why `nodeward run` does not start on a config directory.
+#[derive(Debug, thiserror::Error)]
+pub enum DirError {
+    /// Files that cannot be read or parsed at all: with no last good
+    /// version, running would enforce none of their objects (a STRICT
+    /// policy among them would be absent, traffic PERMISSIVE).
+    #[error("config files that do not parse, so none of their objects would be enforced: {}", .0.iter().map(|(_, e)| e.as_str()).collect::<Vec<_>>().join("; "))]
+    Unparseable(Vec<(PathBuf, String)>),
+}
 
 /// The directory source: its files' last good contents.
 #[derive(Debug)]
@@ -111,10 +130,18 @@ impl DirSource {
             }
             state.fingerprint = Some(fp);
             match read_and_parse(&path, fp.size, self.parser) {
-                Ok(objects) => {
-                    if state.error.take().is_some() {
+                Ok(parsed) => {
+                    let was_bad = !state.errors.is_empty();
+                    let errors: Vec<String> = parsed.rejected.iter().map(|r| r.error.to_string()).collect();
+                    for e in &errors {
+                        tracing::error!(file = %path.display(), "rejected config document, keeping its object's last good version if any: {e}");
+                    }
+                    if was_bad && errors.is_empty() {
                         tracing::info!(file = %path.display(), "config file is valid again");
                     }
+                    let objects = in_force(parsed, &state.objects);
+                    state.errors = errors;
+                    state.unparseable = false;
                     if state.objects != objects {
                         state.objects = objects;
                         changed = true;
@@ -122,19 +149,47 @@ impl DirSource {
                 }
                 Err(message) => {
                     tracing::error!(file = %path.display(), "rejected config file, keeping its last good version: {message}");
-                    state.error = Some(message);
+                    state.errors = vec![message];
+                    state.unparseable = true;
                 }
             }
         }
         changed
     }
 
-    /// Files currently rejected, with their errors.
+    /// The first read, for `nodeward run`: a file that cannot be parsed at
+    /// all has no last good version to run with, so the agent must not
+    /// start (documents that are merely invalid are rejected alone, as at
+    /// any time). The first poll of [`DirSource::run`] publishes what was read.
+    pub(crate) fn start(&mut self) -> Result<(), DirError> {
+        self.refresh();
+        self.republish = true;
+        let bad: Vec<(PathBuf, String)> = self
+            .files
+            .iter()
+            .filter(|(_, s)| s.unparseable)
+            .flat_map(|(p, s)| s.errors.iter().map(|e| (p.clone(), e.clone())))
+            .collect();
+        if bad.is_empty() {
+            Ok(())
+        } else {
+            Err(DirError::Unparseable(bad))
+        }
+    }
+
+    /// What the current versions reject, with the file: a whole file that
+    /// does not parse, or each invalid document of one that does.
     pub(crate) fn errors(&self) -> Vec<(PathBuf, String)> {
         self.files
             .iter()
-            .filter_map(|(p, s)| s.error.clone().map(|e| (p.clone(), e)))
+            .flat_map(|(p, s)| s.errors.iter().map(|e| (p.clone(), e.clone())))
             .collect()
+    }
+
+    /// Whether the current version of `file` does not parse at all (its
+    /// errors reject the whole file, not documents of it).
+    pub(crate) fn unparseable(&self, file: &Path) -> bool {
+        self.files.get(file).is_some_and(|s| s.unparseable)
     }
 
     /// Builds a snapshot of all files' last good objects. A pod or namespace
@@ -263,7 +318,29 @@ pub(super) fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
     })
 }
 
-fn read_and_parse(path: &Path, size: u64, parser: Parser) -> Result<Vec<Object>, String> {
+/// The objects a new version of a file puts in force: its valid ones, and
+/// for each document it rejects, the last good version (`before`) of the
+/// object it names, unless a valid document names it too. A rejected
+/// document that does not name itself could be any object of the file, so
+/// every object of the last good version that is not redefined stays.
+fn in_force(parsed: Parsed, before: &[Object]) -> Vec<Object> {
+    let valid: std::collections::HashSet<ObjectId> = parsed.objects.iter().map(Object::id).collect();
+    let anonymous = parsed.rejected.iter().any(|r| r.id.is_none());
+    let rejected: std::collections::HashSet<&ObjectId> = parsed.rejected.iter().filter_map(|r| r.id.as_ref()).collect();
+    let mut objects = parsed.objects;
+    objects.extend(
+        before
+            .iter()
+            .filter(|o| {
+                let id = o.id();
+                !valid.contains(&id) && (anonymous || rejected.contains(&id))
+            })
+            .cloned(),
+    );
+    objects
+}
+
+fn read_and_parse(path: &Path, size: u64, parser: Parser) -> Result<Parsed, String> {
     if size > MAX_FILE_BYTES {
         return Err(format!(
             "{}: {size} bytes is over the {MAX_FILE_BYTES}-byte limit",
@@ -317,7 +394,77 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    fn panicking_parser(_: &Path, _: &str) -> Result<Vec<Object>, ParseError> {
+    const STRICT: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n";
+
+    fn pod(ip: &str) -> String {
+        format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: web, namespace: shop}}\nstatus: {{podIP: {ip}}}\n")
+    }
+
+    #[test]
+    fn an_invalid_document_hides_no_other_and_keeps_its_own_last_good_version() {
+        let dir = tmpdir("perdoc");
+        // At start: the invalid pod has no last good version; the policy stands.
+        write(&dir, "mesh.yaml", &format!("{STRICT}---\n{}", pod("nope")));
+        let mut src = DirSource::new(&dir);
+        assert!(src.start().is_ok(), "an invalid document does not stop the start");
+        let snap = src.snapshot();
+        assert_eq!(snap.peer_authentications.len(), 1);
+        assert!(snap.pods.is_empty());
+        let errors = src.errors();
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0].1.contains("document 2") && errors[0].1.contains("shop/web"),
+            "{errors:?}"
+        );
+        assert!(!src.unparseable(&dir.join("mesh.yaml")));
+
+        write(&dir, "mesh.yaml", &format!("{STRICT}---\n{}", pod("10.1.1.1")));
+        assert!(src.refresh());
+        assert!(src.errors().is_empty());
+        // The pod turns invalid again and the policy goes: the pod keeps its
+        // last good version, the removal applies.
+        write(&dir, "mesh.yaml", &pod("10.1.1.300"));
+        assert!(src.refresh());
+        let snap = src.snapshot();
+        assert!(snap.peer_authentications.is_empty());
+        assert_eq!(
+            snap.pods["shop/web"].ips,
+            vec!["10.1.1.1".parse::<std::net::IpAddr>().unwrap()]
+        );
+        // A document that does not name itself could be any: nothing of the
+        // last good version that is not redefined goes.
+        write(
+            &dir,
+            "mesh.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata: {namespace: shop}\n",
+        );
+        src.refresh();
+        assert!(src.snapshot().pods.contains_key("shop/web"));
+        // Broken YAML: the whole last good version stays.
+        write(&dir, "mesh.yaml", "apiVersion: v1\nkind: [\n");
+        assert!(!src.refresh());
+        assert!(src.snapshot().pods.contains_key("shop/web"));
+        assert!(src.unparseable(&dir.join("mesh.yaml")));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_file_that_does_not_parse_at_start_refuses_the_start_naming_it_and_its_line() {
+        let dir = tmpdir("badstart");
+        write(&dir, "ns.yaml", NS);
+        write(
+            &dir,
+            "mesh.yaml",
+            &format!("{STRICT}---\napiVersion: v1\nkind: Pod: x\nmetadata: {{name: a}}\n"),
+        );
+        let mut src = DirSource::new(&dir);
+        let err = src.start().expect_err("the start is refused").to_string();
+        assert!(err.contains("mesh.yaml: document 2 (line 7)"), "{err}");
+        assert!(!err.contains("ns.yaml"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn panicking_parser(_: &Path, _: &str) -> Result<Parsed, ParseError> {
         panic!("parser bug on purpose")
     }
 
@@ -374,7 +521,7 @@ mod tests {
         assert_eq!(catch_panic(|| 5), Ok(5));
     }
 
-    fn panics_on_bad_yaml(path: &Path, text: &str) -> Result<Vec<Object>, ParseError> {
+    fn panics_on_bad_yaml(path: &Path, text: &str) -> Result<Parsed, ParseError> {
         if path.ends_with("bad.yaml") {
             panic!("parser bug on purpose");
         }

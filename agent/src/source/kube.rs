@@ -18,7 +18,12 @@
 //! it is complete, so the last synced state keeps serving meanwhile. Nothing is
 //! published before every kind has been listed once: a snapshot with pods
 //! but no policies would open what policies close. Until then readiness
-//! names the kinds still missing ([`SourceHealth`]).
+//! names the kinds still missing ([`SourceHealth`]). After it, a kind whose
+//! watch has been failing for `--source-stale-after` (no event since its
+//! first error, and errors still coming) makes readiness fail, naming the
+//! kind: its last synced objects keep serving, but may be stale. Each
+//! failed attempt is counted (`nodeward_source_watch_failures_total`), and
+//! each kind going stale (`nodeward_source_stale_total`), logged once.
 
 #![forbid(unsafe_code)]
 
@@ -26,7 +31,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1 as k8s;
@@ -42,7 +47,14 @@ use tokio_util::sync::CancellationToken;
 use super::Assembler;
 use super::objects::{self, Object, PolicyKind};
 use super::services;
+use crate::metrics::{KindLabels, Metrics};
 use crate::state::Store;
+
+/// A failing watch errs again within its backoff (at most 30 s) plus one
+/// failed request (kube's connect timeout, 30 s): this long without an
+/// error, a watch that sent no event either is taken as watching again
+/// (kube's watcher reports a resumed watch only by its next event).
+const RECOVERED_AFTER: Duration = Duration::from_secs(90);
 
 #[cfg(test)]
 mod tests;
@@ -118,6 +130,20 @@ impl Kind {
     ];
 }
 
+impl Kind {
+    /// The kind as a metric label: its resource's plural, as the API names it.
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Pods => "pods",
+            Kind::Namespaces => "namespaces",
+            Kind::Services => "services",
+            Kind::EndpointSlices => "endpointslices",
+            Kind::PeerAuthentications => "peerauthentications",
+            Kind::AuthorizationPolicies => "authorizationpolicies",
+        }
+    }
+}
+
 impl fmt::Display for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -135,30 +161,83 @@ impl fmt::Display for Kind {
 struct KindHealth {
     synced: bool,
     last_error: Option<String>,
+    /// The first error since the kind's last event; `None`: working.
+    failing_since: Option<Instant>,
+    /// The latest error.
+    failed_at: Option<Instant>,
+    /// This failing stretch has been logged and counted as stale.
+    reported: bool,
 }
 
-/// Which kinds have been listed in full at least once, for readiness.
-#[derive(Clone, Debug, Default)]
-pub struct SourceHealth(Arc<Mutex<BTreeMap<Kind, KindHealth>>>);
+impl KindHealth {
+    /// How long the kind has been failing, if it is stale by `stale_after`.
+    fn stale(&self, stale_after: Duration) -> Option<Duration> {
+        let since = self.failing_since?.elapsed();
+        let erring = self.failed_at.is_some_and(|t| t.elapsed() < RECOVERED_AFTER);
+        (self.synced && erring && since >= stale_after).then_some(since)
+    }
+}
+
+/// Which kinds have been listed in full at least once, and which synced
+/// kinds have been failing too long since, for readiness.
+#[derive(Clone, Debug)]
+pub struct SourceHealth {
+    kinds: Arc<Mutex<BTreeMap<Kind, KindHealth>>>,
+    stale_after: Duration,
+}
+
+impl Default for SourceHealth {
+    fn default() -> Self {
+        SourceHealth {
+            kinds: Arc::default(),
+            stale_after: crate::config::defaults::SOURCE_STALE_AFTER,
+        }
+    }
+}
 
 impl SourceHealth {
-    /// One line per kind not listed yet, with its last error if any; empty
-    /// once every kind has been listed.
+    /// One line per kind not listed yet, with its last error if any, and
+    /// per synced kind whose watch is stale; empty when neither.
     pub fn problems(&self) -> Vec<String> {
-        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        Kind::ALL
-            .iter()
-            .filter(|k| !map.get(k).is_some_and(|h| h.synced))
-            .map(|k| match map.get(k).and_then(|h| h.last_error.as_deref()) {
-                Some(e) => format!("Kubernetes API: {k} not synced yet (last error: {e})"),
-                None => format!("Kubernetes API: {k} not synced yet"),
-            })
-            .collect()
+        let map = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        for k in Kind::ALL {
+            let h = map.get(&k);
+            let error = h.and_then(|h| h.last_error.as_deref()).unwrap_or("none");
+            if !h.is_some_and(|h| h.synced) {
+                out.push(match h.and_then(|h| h.last_error.as_deref()) {
+                    Some(e) => format!("Kubernetes API: {k} not synced yet (last error: {e})"),
+                    None => format!("Kubernetes API: {k} not synced yet"),
+                });
+            } else if let Some(since) = h.and_then(|h| h.stale(self.stale_after)) {
+                out.push(format!(
+                    "Kubernetes API: {k} watch failing for {}s, its objects may be stale (last error: {error})",
+                    since.as_secs()
+                ));
+            }
+        }
+        out
     }
 
     fn update(&self, kind: Kind, f: impl FnOnce(&mut KindHealth)) {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
         f(map.entry(kind).or_default());
+    }
+
+    /// Kinds that became stale since the last call (each failing stretch
+    /// once), with how long they have been failing and their last error.
+    fn newly_stale(&self) -> Vec<(Kind, Duration, String)> {
+        let mut map = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        for (kind, h) in map.iter_mut() {
+            if let Some(since) = h.stale(self.stale_after)
+                && !h.reported
+            {
+                h.reported = true;
+                out.push((*kind, since, h.last_error.clone().unwrap_or_default()));
+            }
+        }
+        out
     }
 }
 
@@ -194,6 +273,8 @@ pub struct KubeSource {
     assembler: Assembler,
     health: SourceHealth,
     sets: BTreeMap<Kind, KindSet>,
+    /// Where watch failures and stale kinds are counted.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl KubeSource {
@@ -207,7 +288,16 @@ impl KubeSource {
             assembler,
             health: SourceHealth::default(),
             sets: Kind::ALL.iter().map(|k| (*k, KindSet::default())).collect(),
+            metrics: None,
         }
+    }
+
+    /// Fails readiness for a synced kind whose watch has been failing for
+    /// `stale_after`, and counts failures and stale kinds into `metrics`.
+    pub(crate) fn with_staleness(mut self, stale_after: Duration, metrics: Arc<Metrics>) -> Self {
+        self.health.stale_after = stale_after;
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Its readiness, to hand to the admin endpoint.
@@ -255,9 +345,14 @@ impl KubeSource {
             )),
             tokio::spawn(watch_policies(self.client.clone(), PolicyKind::AuthorizationPolicy, tx)),
         ];
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             let (kind, change) = tokio::select! {
                 _ = cancel.cancelled() => break,
+                _ = tick.tick() => {
+                    self.report_stale();
+                    continue;
+                }
                 got = rx.recv() => match got {
                     Some(u) => u,
                     None => break,
@@ -286,11 +381,29 @@ impl KubeSource {
         }
     }
 
+    /// Logs and counts each kind that just became stale.
+    fn report_stale(&self) {
+        for (kind, since, error) in self.health.newly_stale() {
+            tracing::error!(%kind, failing_s = since.as_secs(), "Kubernetes API watch failing too long: its objects may be stale, readiness fails until it works again (last error: {error})");
+            if let Some(m) = &self.metrics {
+                m.source_stale.get_or_create(&KindLabels { kind: kind.label() }).inc();
+            }
+        }
+    }
+
     /// Applies one change to its kind; true when the published objects changed.
     fn apply(&mut self, kind: Kind, change: Change) -> bool {
         let Some(set) = self.sets.get_mut(&kind) else {
             return false;
         };
+        if !matches!(change, Change::Error(_) | Change::Init) {
+            // Objects arrive: the watch works (`Init` comes before the
+            // list request, so it proves nothing).
+            self.health.update(kind, |h| {
+                h.failing_since = None;
+                h.reported = false;
+            });
+        }
         match change {
             Change::Init => {
                 set.listing = Some(BTreeMap::new());
@@ -341,7 +454,17 @@ impl KubeSource {
             }
             Change::Error(e) => {
                 tracing::warn!(%kind, "Kubernetes API watch failed, retrying; the last synced state stays in force: {e}");
-                self.health.update(kind, |h| h.last_error = Some(e));
+                if let Some(m) = &self.metrics {
+                    m.source_watch_failures
+                        .get_or_create(&KindLabels { kind: kind.label() })
+                        .inc();
+                }
+                let now = Instant::now();
+                self.health.update(kind, |h| {
+                    h.last_error = Some(e);
+                    h.failed_at = Some(now);
+                    h.failing_since.get_or_insert(now);
+                });
                 false
             }
         }

@@ -42,7 +42,9 @@ pub(crate) enum Object {
     EndpointSlice(Arc<EndpointSlice>),
 }
 
-/// Why a file was rejected. The file's previous good content stays in force.
+/// Why a file (a YAML syntax error: its previous good content stays in
+/// force) or one document of it (its object's previous good version stays)
+/// was rejected.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub(crate) enum ParseError {
     /// Not valid YAML, or a field of the wrong type.
@@ -92,30 +94,128 @@ struct At<'a> {
     line: usize,
 }
 
-/// Parses one file of (possibly multi-document) Kubernetes YAML.
-pub(crate) fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, ParseError> {
-    let file = path.display().to_string();
-    let mut out = Vec::new();
-    for (i, (start_line, body)) in split_documents(text).into_iter().enumerate() {
-        let at = At {
-            file: &file,
-            doc: i + 1,
-            line: start_line,
+/// Which object a document is, as far as its own text says: what a
+/// rejected document is matched by to its last good version.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct ObjectId {
+    /// `kind:`.
+    pub(crate) kind: String,
+    /// `metadata.namespace` (empty for a Namespace).
+    pub(crate) namespace: String,
+    /// `metadata.name`.
+    pub(crate) name: String,
+}
+
+impl Object {
+    /// The object's kind, namespace and name.
+    pub(crate) fn id(&self) -> ObjectId {
+        let (kind, namespace, name) = match self {
+            Object::Namespace(ns) => ("Namespace", "", ns.name.as_str()),
+            Object::Pod(p) => ("Pod", p.namespace.as_str(), p.name.as_str()),
+            Object::PeerAuthentication(p) => ("PeerAuthentication", p.meta.namespace.as_str(), p.meta.name.as_str()),
+            Object::AuthorizationPolicy(p) => ("AuthorizationPolicy", p.meta.namespace.as_str(), p.meta.name.as_str()),
+            Object::Service(s) => ("Service", s.namespace.as_str(), s.name.as_str()),
+            Object::EndpointSlice(s) => ("EndpointSlice", s.namespace.as_str(), s.name.as_str()),
         };
+        ObjectId {
+            kind: kind.to_string(),
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        }
+    }
+}
+
+/// One document (or `List` item) the agent rejects, the others of its file
+/// standing.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Rejected {
+    /// Why, naming the file, the document and its line.
+    pub(crate) error: ParseError,
+    /// The object it meant to be, when its kind and name say so; `None`
+    /// when they do not (then no last good version can be told apart).
+    pub(crate) id: Option<ObjectId>,
+}
+
+/// A file whose YAML parsed: its valid objects and its rejected documents.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Parsed {
+    /// The objects of its valid documents.
+    pub(crate) objects: Vec<Object>,
+    /// Its invalid documents.
+    pub(crate) rejected: Vec<Rejected>,
+}
+
+/// Parses one file of (possibly multi-document) Kubernetes YAML. Documents
+/// are independent: an invalid one is rejected alone ([`Parsed::rejected`]).
+/// Only YAML that does not parse fails the whole file, with the line: the
+/// text around a syntax error cannot be trusted to be what it looks like.
+pub(crate) fn parse_file(path: &Path, text: &str) -> Result<Parsed, ParseError> {
+    let file = path.display().to_string();
+    let mut values = Vec::new();
+    for (i, (start_line, body)) in split_documents(text).into_iter().enumerate() {
         let value: serde_norway::Value = serde_norway::from_str(body).map_err(|e| ParseError::Syntax {
             file: file.clone(),
-            doc: at.doc,
+            doc: i + 1,
             line: start_line + e.location().map_or(0, |l| l.line().saturating_sub(1)),
             message: e.to_string(),
         })?;
+        values.push((i + 1, start_line, value));
+    }
+    let mut out = Parsed::default();
+    for (doc, line, value) in values {
         if value.is_null() {
             continue;
         }
-        parse_value(value, &at, &mut out)?;
+        let at = At { file: &file, doc, line };
+        parse_document(value, &at, &mut out);
     }
     Ok(out)
 }
 
+/// One document, or one item of a `List`: its object, or its rejection.
+fn parse_document(value: serde_norway::Value, at: &At<'_>, out: &mut Parsed) {
+    let field = |f: &str| value.get(f).and_then(serde_norway::Value::as_str).map(str::to_string);
+    if field("apiVersion").as_deref() == Some("v1") && field("kind").as_deref() == Some("List") {
+        match value.get("items") {
+            None | Some(serde_norway::Value::Null) => {}
+            Some(serde_norway::Value::Sequence(items)) => {
+                for item in items {
+                    parse_document(item.clone(), at, out);
+                }
+            }
+            Some(_) => out.rejected.push(Rejected {
+                error: ParseError::Syntax {
+                    file: at.file.to_string(),
+                    doc: at.doc,
+                    line: at.line,
+                    message: "items: not a list".into(),
+                },
+                id: None,
+            }),
+        }
+        return;
+    }
+    let id = object_id(&value);
+    if let Err(error) = parse_value(value, at, &mut out.objects) {
+        out.rejected.push(Rejected { error, id });
+    }
+}
+
+/// The kind, namespace and name a document gives, if it names itself.
+fn object_id(value: &serde_norway::Value) -> Option<ObjectId> {
+    let text = |v: Option<&serde_norway::Value>| v.and_then(serde_norway::Value::as_str).unwrap_or("").to_string();
+    let kind = text(value.get("kind"));
+    let metadata = value.get("metadata");
+    let name = text(metadata.and_then(|m| m.get("name")));
+    let namespace = if kind == "Namespace" {
+        String::new()
+    } else {
+        text(metadata.and_then(|m| m.get("namespace")))
+    };
+    (!kind.is_empty() && !name.is_empty()).then_some(ObjectId { kind, namespace, name })
+}
+
+/// One object (not a `List`) into `out`, or why it is invalid.
 fn parse_value(value: serde_norway::Value, at: &At<'_>, out: &mut Vec<Object>) -> Result<(), ParseError> {
     let syntax = |message: String| ParseError::Syntax {
         file: at.file.to_string(),
@@ -151,16 +251,6 @@ fn parse_value(value: serde_norway::Value, at: &At<'_>, out: &mut Vec<Object>) -
         return Ok(());
     }
     match (doc.api_version.as_str(), doc.kind.as_str()) {
-        ("v1", "List") => {
-            let items = match value.get("items") {
-                None | Some(serde_norway::Value::Null) => Vec::new(),
-                Some(serde_norway::Value::Sequence(items)) => items.clone(),
-                Some(_) => return Err(syntax("items: not a list".into())),
-            };
-            for item in items {
-                parse_value(item, at, out)?;
-            }
-        }
         ("v1", "Namespace") => {
             let ns: k8s::Namespace = serde_norway::from_value(value).map_err(|e| syntax(e.to_string()))?;
             out.push(Object::Namespace(
@@ -361,8 +451,33 @@ fn split_documents(text: &str) -> Vec<(usize, &str)> {
 mod tests {
     use super::*;
 
+    /// The file's objects, or its first error (file or document).
     fn parse(text: &str) -> Result<Vec<Object>, ParseError> {
-        parse_file(Path::new("cfg/pods.yaml"), text)
+        let mut parsed = parse_file(Path::new("cfg/pods.yaml"), text)?;
+        match parsed.rejected.is_empty() {
+            true => Ok(parsed.objects),
+            false => Err(parsed.rejected.remove(0).error),
+        }
+    }
+
+    #[test]
+    fn an_invalid_document_is_rejected_alone_and_named() {
+        let text = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: b}\nstatus: {podIP: nope}\n---\napiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: Namespace, metadata: {name: x}}\n- {apiVersion: v1, kind: Pod, metadata: {name: c}}\n";
+        let parsed = parse_file(Path::new("cfg/mixed.yaml"), text).unwrap();
+        let kinds: Vec<String> = parsed.objects.iter().map(|o| o.id().kind).collect();
+        assert_eq!(kinds, ["PeerAuthentication", "Namespace"]);
+        let ids: Vec<Option<ObjectId>> = parsed.rejected.iter().map(|r| r.id.clone()).collect();
+        let id = |namespace: &str, name: &str| ObjectId {
+            kind: "Pod".into(),
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        assert_eq!(ids, [Some(id("b", "a")), Some(id("", "c"))]);
+        let first = parsed.rejected[0].error.to_string();
+        assert!(first.contains("cfg/mixed.yaml: document 2 (line 6)"), "{first}");
+        // Broken YAML anywhere fails the whole file, with its line.
+        let err = parse_file(Path::new("cfg/mixed.yaml"), &format!("{text}---\nkind: [\n")).unwrap_err();
+        assert!(matches!(err, ParseError::Syntax { doc: 4, .. }), "{err}");
     }
 
     const POD: &str = "apiVersion: v1
