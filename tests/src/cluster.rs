@@ -1,5 +1,5 @@
-//! The cluster's objects as the agents read them: Namespace and Pod YAML,
-//! written the way an API server returns them.
+//! The cluster's objects as the agents read them: Namespace, Node and Pod
+//! YAML, written the way an API server returns them.
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
@@ -65,6 +65,8 @@ pub struct Workloads {
     pub namespaces: Vec<(String, bool)>,
     /// Pods.
     pub pods: Vec<PlacedPod>,
+    /// Nodes: (name, `InternalIP` addresses).
+    pub nodes: Vec<(String, Vec<IpAddr>)>,
 }
 
 impl Workloads {
@@ -75,6 +77,16 @@ impl Workloads {
             let _ = writeln!(y, "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}");
             if *ambient {
                 let _ = writeln!(y, "  labels:\n    istio.io/dataplane-mode: ambient");
+            }
+            y.push_str("---\n");
+        }
+        for (name, addresses) in &self.nodes {
+            let _ = writeln!(
+                y,
+                "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\nstatus:\n  addresses:"
+            );
+            for a in addresses {
+                let _ = writeln!(y, "  - type: InternalIP\n    address: \"{a}\"");
             }
             y.push_str("---\n");
         }
@@ -159,6 +171,14 @@ pub struct ServiceSpec {
     pub affinity: bool,
     /// Endpoints.
     pub endpoints: Vec<EndpointSpec>,
+    /// `spec.type` (`ClusterIP` when empty).
+    pub kind: String,
+    /// `spec.ports[].nodePort`, in the order of `ports` (missing ones: none).
+    pub node_ports: Vec<u16>,
+    /// `spec.externalIPs`.
+    pub external_ips: Vec<IpAddr>,
+    /// No `spec.selector` (its slices written by hand, as for `kubernetes`).
+    pub selectorless: bool,
 }
 
 impl ServiceSpec {
@@ -172,12 +192,27 @@ impl ServiceSpec {
                 let _ = writeln!(y, "  - \"{ip}\"");
             }
         }
-        let _ = writeln!(y, "  selector:\n    app: {name}\n  ports:");
-        for (pname, port, target, _) in &self.ports {
+        if !self.selectorless {
+            let _ = writeln!(y, "  selector:\n    app: {name}");
+        }
+        if !self.kind.is_empty() {
+            let _ = writeln!(y, "  type: {}", self.kind);
+        }
+        if !self.external_ips.is_empty() {
+            y.push_str("  externalIPs:\n");
+            for ip in &self.external_ips {
+                let _ = writeln!(y, "  - \"{ip}\"");
+            }
+        }
+        y.push_str("  ports:\n");
+        for (i, (pname, port, target, _)) in self.ports.iter().enumerate() {
             let _ = writeln!(
                 y,
                 "  - name: \"{pname}\"\n    port: {port}\n    protocol: TCP\n    targetPort: {target}"
             );
+            if let Some(node_port) = self.node_ports.get(i) {
+                let _ = writeln!(y, "    nodePort: {node_port}");
+            }
         }
         if self.local {
             y.push_str("  internalTrafficPolicy: Local\n");

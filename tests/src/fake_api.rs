@@ -43,6 +43,8 @@ pub const NAMESPACES: &str = "/api/v1/namespaces";
 pub const SERVICES: &str = "/api/v1/services";
 /// Path of EndpointSlices (`discovery.k8s.io/v1`).
 pub const ENDPOINT_SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
+/// Path of Nodes.
+pub const NODES: &str = "/api/v1/nodes";
 /// Path of PeerAuthentications (`security.istio.io/v1`).
 pub const PEER_AUTHENTICATIONS: &str = "/apis/security.istio.io/v1/peerauthentications";
 /// Path of AuthorizationPolicies (`security.istio.io/v1`).
@@ -65,6 +67,7 @@ impl FakeApi {
             (NAMESPACES, "NamespaceList"),
             (SERVICES, "ServiceList"),
             (ENDPOINT_SLICES, "EndpointSliceList"),
+            (NODES, "NodeList"),
             (PEER_AUTHENTICATIONS, "PeerAuthenticationList"),
             (AUTHORIZATION_POLICIES, "AuthorizationPolicyList"),
         ] {

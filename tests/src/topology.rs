@@ -57,6 +57,10 @@ pub struct Node {
     pub gateway6: Ipv6Addr,
     /// Interface towards the other nodes.
     pub uplink: String,
+    /// Its address on the uplink: the Node's `InternalIP`.
+    pub address4: Ipv4Addr,
+    /// Its IPv6 address on the uplink, also an `InternalIP`.
+    pub address6: Ipv6Addr,
     /// The running agent, if any.
     pub agent: Option<Agent>,
 }
@@ -133,6 +137,7 @@ impl Topology {
             workloads: Workloads {
                 namespaces: spec.namespaces.clone(),
                 pods: Vec::new(),
+                nodes: Vec::new(),
             },
             fabric: fabric.clone(),
             extra_netns: Vec::new(),
@@ -174,7 +179,14 @@ impl Topology {
                 &["addr", "add", &format!("fd00:{id:x}:{k}::1/64"), "dev", "br0", "nodad"],
             );
             let node_name = format!("t{id}n{k}");
+            let address4: Ipv4Addr = format!("10.{id}.0.{k}").parse().unwrap();
+            let address6: Ipv6Addr = format!("fd00:{id:x}:0::{k}").parse().unwrap();
+            topo.workloads
+                .nodes
+                .push((node_name.clone(), vec![address4.into(), address6.into()]));
             topo.nodes.push(Node {
+                address4,
+                address6,
                 name: node_name.clone(),
                 netns: netns.clone(),
                 gateway4: format!("10.{id}.{k}.1").parse().unwrap(),

@@ -254,6 +254,7 @@ fn rbac_grants_exactly_read_only_access_to_what_the_agent_watches() {
         ("", "pods"),
         ("", "namespaces"),
         ("", "services"),
+        ("", "nodes"),
         ("discovery.k8s.io", "endpointslices"),
         ("security.istio.io", "peerauthentications"),
         ("security.istio.io", "authorizationpolicies"),

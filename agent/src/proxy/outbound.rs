@@ -4,8 +4,10 @@
 //! endpoint (our peer). The entry stays while the connection lives, because
 //! the app's `getpeername()` reads it too, and is removed when it closes.
 //!
-//! A destination that is a Service's ClusterIP and port is first resolved
-//! to one of its endpoints (`state::service`): the connection then goes to
+//! A destination that is a Service address (its ClusterIP, an external or
+//! load-balancer IP and a Service port, a node address and its nodePort)
+//! is first resolved to one of its endpoints (`state::service`), the same
+//! way for each: the connection then goes to
 //! that endpoint as if the app had dialled it. A destination that is an
 //! enrolled workload is reached through an HBONE tunnel (`outbound_hbone`);
 //! any other destination is passed through unchanged from the pod's

@@ -4,7 +4,8 @@
 //! connection to a pod on another node is tunnelled and checked against its
 //! identity, so the agent needs every pod's IP and service account, as
 //! ztunnel gets them from istiod), Namespaces, Services, EndpointSlices
-//! (ClusterIP resolution), and Istio's `PeerAuthentication` and
+//! (Service resolution), Nodes (their addresses, where `nodePort`s are
+//! answered), and Istio's `PeerAuthentication` and
 //! `AuthorizationPolicy` (`security.istio.io/v1`, `v1beta1` where v1 is not
 //! served). Each object is converted into the model as it arrives, by the
 //! same functions as the directory source ([`super::objects`],
@@ -113,6 +114,8 @@ pub enum Kind {
     Services,
     /// Every `discovery.k8s.io/v1` EndpointSlice.
     EndpointSlices,
+    /// Every `v1/Node`.
+    Nodes,
     /// Every `PeerAuthentication`.
     PeerAuthentications,
     /// Every `AuthorizationPolicy`.
@@ -120,11 +123,12 @@ pub enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 6] = [
+    const ALL: [Kind; 7] = [
         Kind::Pods,
         Kind::Namespaces,
         Kind::Services,
         Kind::EndpointSlices,
+        Kind::Nodes,
         Kind::PeerAuthentications,
         Kind::AuthorizationPolicies,
     ];
@@ -151,6 +155,7 @@ impl fmt::Display for Kind {
             Kind::Namespaces => "Namespaces",
             Kind::Services => "Services",
             Kind::EndpointSlices => "EndpointSlices",
+            Kind::Nodes => "Nodes",
             Kind::PeerAuthentications => "PeerAuthentications",
             Kind::AuthorizationPolicies => "AuthorizationPolicies",
         })
@@ -338,6 +343,13 @@ impl KubeSource {
                 endpoint_slice_object,
                 tx.clone(),
             )),
+            tokio::spawn(watch(
+                Api::<k8s::Node>::all(self.client.clone()),
+                watcher::Config::default(),
+                Kind::Nodes,
+                node_object,
+                tx.clone(),
+            )),
             tokio::spawn(watch_policies(
                 self.client.clone(),
                 PolicyKind::PeerAuthentication,
@@ -501,13 +513,22 @@ fn namespace_object(ns: k8s::Namespace) -> Result<Object, String> {
         .map_err(|e| e.to_string())
 }
 
-/// A Service through the directory source's reader: its JSON metadata and
-/// spec become the YAML value it reads.
+/// A Node reduced to its addresses as it arrives: its images and
+/// conditions (most of its size) are never held.
+fn node_object(node: k8s::Node) -> Result<Object, String> {
+    objects::node_from_k8s(&node)
+        .map(|n| Object::Node(Arc::new(n)))
+        .map_err(|e| e.to_string())
+}
+
+/// A Service through the directory source's reader: its JSON metadata,
+/// spec and status become the YAML values it reads.
 fn service_object(mut svc: k8s::Service) -> Result<Object, String> {
     svc.metadata.managed_fields = None;
     let metadata = to_yaml(&svc.metadata);
     let spec = svc.spec.as_ref().map(to_yaml).unwrap_or(serde_norway::Value::Null);
-    services::service_from(&metadata, &spec)
+    let status = svc.status.as_ref().map(to_yaml).unwrap_or(serde_norway::Value::Null);
+    services::service_from(&metadata, &spec, &status)
         .map(|s| Object::Service(Arc::new(s)))
         .map_err(|e| e.to_string())
 }

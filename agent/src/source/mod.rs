@@ -75,6 +75,7 @@ impl Assembler {
                 Object::AuthorizationPolicy(p) => snap.authorization_policies.push(p.clone()),
                 Object::Service(s) => snap.services.push(s.clone()),
                 Object::EndpointSlice(s) => snap.endpoint_slices.push(s.clone()),
+                Object::Node(n) => snap.nodes.push(n.clone()),
                 Object::Pod(pod) => {
                     if snap.pods.insert(pod.key(), std::sync::Arc::new(pod.clone())).is_some() {
                         tracing::warn!(file = %origin, pod = %pod.key(), "pod defined more than once; the last definition wins");

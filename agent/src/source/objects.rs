@@ -22,6 +22,7 @@ use serde::Deserialize;
 use crate::policy::model::{
     AuthorizationPolicy, PeerAuthentication, parse_authorization_policy, parse_peer_authentication,
 };
+use crate::state::node::Node;
 use crate::state::service::{EndpointSlice, Service};
 use crate::state::workload::{DatagramPort, DatagramProtocol, Namespace, Pod};
 
@@ -40,6 +41,8 @@ pub(crate) enum Object {
     Service(Arc<Service>),
     /// A `discovery.k8s.io/v1` EndpointSlice.
     EndpointSlice(Arc<EndpointSlice>),
+    /// A `v1/Node` (its addresses).
+    Node(Arc<Node>),
 }
 
 /// Why a file (a YAML syntax error: its previous good content stays in
@@ -264,9 +267,19 @@ fn parse_value(value: serde_norway::Value, at: &At<'_>, out: &mut Vec<Object>) -
             ));
         }
         ("v1", "Service") => {
-            let svc = super::services::service_from(metadata, value.get("spec").unwrap_or(&null))
-                .map_err(|e| invalid(&key, e.to_string()))?;
+            let svc = super::services::service_from(
+                metadata,
+                value.get("spec").unwrap_or(&null),
+                value.get("status").unwrap_or(&null),
+            )
+            .map_err(|e| invalid(&key, e.to_string()))?;
             out.push(Object::Service(Arc::new(svc)));
+        }
+        ("v1", "Node") => {
+            let node: k8s::Node = serde_norway::from_value(value).map_err(|e| invalid(&key, e.to_string()))?;
+            out.push(Object::Node(Arc::new(
+                node_from_k8s(&node).map_err(|e| invalid(&key, e.to_string()))?,
+            )));
         }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             // A slice has no `spec`: its fields sit beside `metadata`.
@@ -341,6 +354,38 @@ pub(crate) enum ConvertError {
     /// A pod IP that is not an IP address.
     #[error("status.podIPs: {0:?} is not an IP address")]
     BadIp(String),
+    /// A node address of an IP type that is not an IP address.
+    #[error("status.addresses: {0:?} is not an IP address")]
+    BadNodeAddress(String),
+}
+
+/// A `v1/Node` as the model holds it: its name and its `InternalIP` and
+/// `ExternalIP` addresses (where kube-proxy answers for `nodePort`s);
+/// hostnames, images, conditions are dropped here.
+pub(crate) fn node_from_k8s(node: &k8s::Node) -> Result<Node, ConvertError> {
+    let name = node.metadata.name.clone().unwrap_or_default();
+    if name.is_empty() {
+        return Err(ConvertError::Missing("metadata.name"));
+    }
+    let mut addresses: Vec<IpAddr> = Vec::new();
+    let all = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_deref())
+        .unwrap_or_default();
+    for a in all
+        .iter()
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+    {
+        let ip: IpAddr = a
+            .address
+            .parse()
+            .map_err(|_| ConvertError::BadNodeAddress(a.address.clone()))?;
+        if !addresses.contains(&ip) {
+            addresses.push(ip);
+        }
+    }
+    Ok(Node { name, addresses })
 }
 
 /// A `v1/Namespace` as the model holds it: name and labels, nothing else.
@@ -609,6 +654,26 @@ status:
                 .unwrap_err();
         assert!(
             err.to_string().contains("shop/web") && err.to_string().contains("spec.clusterIPs"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn nodes_keep_their_ip_addresses_only() {
+        let text = "apiVersion: v1\nkind: Node\nmetadata: {name: n1, labels: {kubernetes.io/os: linux}}\nstatus:\n  addresses:\n  - {type: InternalIP, address: 10.0.0.1}\n  - {type: InternalIP, address: 'fd00::1'}\n  - {type: ExternalIP, address: 198.51.100.1}\n  - {type: Hostname, address: n1}\n  images: [{names: [app:1], sizeBytes: 100}]\n";
+        let [Object::Node(n)] = &parse(text).unwrap()[..] else {
+            panic!("one node expected")
+        };
+        assert_eq!(n.name, "n1");
+        let want: Vec<IpAddr> = ["10.0.0.1", "fd00::1", "198.51.100.1"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(n.addresses, want);
+        let err = parse("apiVersion: v1\nkind: Node\nmetadata: {name: n1}\nstatus: {addresses: [{type: InternalIP, address: nope}]}\n")
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("n1") && err.to_string().contains("nope"),
             "{err}"
         );
     }

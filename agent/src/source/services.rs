@@ -68,6 +68,30 @@ struct SpecDoc {
     session_affinity: String,
     #[serde(default)]
     session_affinity_config: Option<AffinityConfigDoc>,
+    #[serde(default, rename = "externalIPs")]
+    external_ips: Vec<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct StatusDoc {
+    #[serde(default)]
+    load_balancer: Option<LoadBalancerDoc>,
+}
+
+#[derive(Deserialize)]
+struct LoadBalancerDoc {
+    #[serde(default)]
+    ingress: Option<Vec<IngressDoc>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct IngressDoc {
+    #[serde(default)]
+    ip: Option<String>,
+    #[serde(default)]
+    ip_mode: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -94,33 +118,69 @@ struct PortDoc {
     target_port: Option<serde_norway::Value>,
     #[serde(default)]
     protocol: String,
+    #[serde(default)]
+    node_port: Option<u16>,
 }
 
 fn protocol(p: String) -> String {
     if p.is_empty() { "TCP".into() } else { p }
 }
 
-/// Reads a `v1/Service` from its `metadata` and `spec`.
+/// The IP addresses `values` of `field`, de-duplicated (empty ones and
+/// `None` skipped).
+fn ips<'a>(field: &'static str, values: impl IntoIterator<Item = &'a String>) -> Result<Vec<IpAddr>, ServiceError> {
+    let mut out: Vec<IpAddr> = Vec::new();
+    for s in values.into_iter().filter(|s| !s.is_empty() && s.as_str() != "None") {
+        let ip: IpAddr = s.parse().map_err(|_| ServiceError::Field {
+            field,
+            message: format!("{s:?} is not an IP address"),
+        })?;
+        if !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    Ok(out)
+}
+
+/// Reads a `v1/Service` from its `metadata`, `spec` and `status` (the
+/// load balancer's addresses).
 pub(crate) fn service_from(
     metadata: &serde_norway::Value,
     spec: &serde_norway::Value,
+    status: &serde_norway::Value,
 ) -> Result<Service, ServiceError> {
     let meta: Meta = from_value(metadata, "metadata")?;
     if meta.name.is_empty() || meta.namespace.is_empty() {
         return Err(ServiceError::MissingName);
     }
     let spec: SpecDoc = from_value(spec, "spec")?;
-    let mut cluster_ips: Vec<IpAddr> = Vec::new();
-    let all = std::iter::once(&spec.cluster_ip).chain(&spec.cluster_ips);
-    for s in all.filter(|s| !s.is_empty() && s.as_str() != "None") {
-        let ip: IpAddr = s.parse().map_err(|_| ServiceError::Field {
-            field: "spec.clusterIPs",
-            message: format!("{s:?} is not an IP address"),
-        })?;
-        if !cluster_ips.contains(&ip) {
-            cluster_ips.push(ip);
-        }
-    }
+    let status: StatusDoc = from_value(status, "status")?;
+    let kind = if spec.kind.is_empty() {
+        "ClusterIP".to_string()
+    } else {
+        spec.kind
+    };
+    let cluster_ips = ips(
+        "spec.clusterIPs",
+        std::iter::once(&spec.cluster_ip).chain(&spec.cluster_ips),
+    )?;
+    let external_ips = ips("spec.externalIPs", &spec.external_ips)?;
+    // kube-proxy answers for a load balancer's addresses only on
+    // LoadBalancer Services, and not for those the load balancer proxies.
+    let ingress = status
+        .load_balancer
+        .and_then(|lb| lb.ingress)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|i| i.ip_mode.as_deref().is_none_or(|m| m == "VIP"))
+        .filter_map(|i| i.ip)
+        .collect::<Vec<_>>();
+    let load_balancer_ips = if kind == "LoadBalancer" {
+        ips("status.loadBalancer.ingress[].ip", &ingress)?
+    } else {
+        Vec::new()
+    };
+    let has_node_ports = kind == "NodePort" || kind == "LoadBalancer";
     let mut ports = Vec::new();
     for p in spec.ports {
         let target_port = match p.target_port {
@@ -139,6 +199,7 @@ pub(crate) fn service_from(
             port: p.port,
             target_port,
             protocol: protocol(p.protocol),
+            node_port: p.node_port.filter(|p| has_node_ports && *p != 0),
         });
     }
     let affinity = (spec.session_affinity == "ClientIP").then(|| {
@@ -153,14 +214,12 @@ pub(crate) fn service_from(
         name: meta.name,
         cluster_ips,
         ports,
-        kind: if spec.kind.is_empty() {
-            "ClusterIP".into()
-        } else {
-            spec.kind
-        },
+        kind,
         has_selector: spec.selector.is_some_and(|s| !s.is_empty()),
         internal_local: spec.internal_traffic_policy == "Local",
         affinity,
+        external_ips,
+        load_balancer_ips,
     })
 }
 
@@ -301,6 +360,7 @@ mod tests {
         let s = service_from(
             &yaml("{name: web, namespace: shop}"),
             &yaml("{clusterIP: 10.96.0.10, clusterIPs: [10.96.0.10, 'fd00::10'], selector: {app: web}, ports: [{name: http, port: 80, targetPort: web}], internalTrafficPolicy: Local, sessionAffinity: ClientIP}"),
+            &serde_norway::Value::Null,
         )
         .unwrap();
         assert_eq!(s.cluster_ips.len(), 2);
@@ -312,13 +372,48 @@ mod tests {
 
     #[test]
     fn headless_has_no_cluster_ip_and_bad_ips_name_the_field() {
-        let s = service_from(&yaml("{name: h, namespace: shop}"), &yaml("{clusterIP: None}")).unwrap();
+        let none = serde_norway::Value::Null;
+        let s = service_from(&yaml("{name: h, namespace: shop}"), &yaml("{clusterIP: None}"), &none).unwrap();
         assert!(s.cluster_ips.is_empty());
-        let e = service_from(&yaml("{name: h, namespace: shop}"), &yaml("{clusterIP: 10.0.0.300}")).unwrap_err();
+        let e = service_from(
+            &yaml("{name: h, namespace: shop}"),
+            &yaml("{clusterIP: 10.0.0.300}"),
+            &none,
+        )
+        .unwrap_err();
         assert!(
             e.to_string().contains("spec.clusterIPs") && e.to_string().contains("10.0.0.300"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn external_load_balancer_and_node_port_addresses_are_read_where_kube_proxy_answers_for_them() {
+        let meta = yaml("{name: web, namespace: shop}");
+        let status = yaml(
+            "{loadBalancer: {ingress: [{ip: 203.0.113.7}, {ip: 203.0.113.8, ipMode: Proxy}, {hostname: lb.example}]}}",
+        );
+        let spec = |kind: &str| {
+            yaml(&format!(
+                "{{type: {kind}, clusterIP: 10.96.0.10, externalIPs: [192.0.2.10, 192.0.2.10], ports: [{{port: 80, nodePort: 30080}}]}}"
+            ))
+        };
+        let lb = service_from(&meta, &spec("LoadBalancer"), &status).unwrap();
+        assert_eq!(lb.external_ips, vec!["192.0.2.10".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            lb.load_balancer_ips,
+            vec!["203.0.113.7".parse::<IpAddr>().unwrap()],
+            "ipMode Proxy is the load balancer's"
+        );
+        assert_eq!(lb.ports[0].node_port, Some(30080));
+        let np = service_from(&meta, &spec("NodePort"), &status).unwrap();
+        assert!(np.load_balancer_ips.is_empty(), "only LoadBalancer Services have them");
+        assert_eq!(np.ports[0].node_port, Some(30080));
+        let cip = service_from(&meta, &spec("ClusterIP"), &status).unwrap();
+        assert_eq!(cip.ports[0].node_port, None, "a ClusterIP Service has no node port");
+        assert_eq!(cip.external_ips.len(), 1, "externalIPs apply to every type");
+        let e = service_from(&meta, &yaml("{externalIPs: [nope]}"), &status).unwrap_err();
+        assert!(e.to_string().contains("spec.externalIPs"), "{e}");
     }
 
     #[test]

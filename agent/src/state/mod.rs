@@ -6,10 +6,11 @@
 
 #![forbid(unsafe_code)]
 
+pub(crate) mod node;
 pub(crate) mod service;
 pub mod workload;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -42,10 +43,15 @@ pub struct Snapshot {
     pub(crate) services: Vec<Arc<Service>>,
     /// EndpointSlices (`discovery.k8s.io/v1`).
     pub(crate) endpoint_slices: Vec<Arc<EndpointSlice>>,
+    /// Nodes (their addresses, for `nodePort`s).
+    pub(crate) nodes: Vec<Arc<node::Node>>,
     /// Increases with every published snapshot.
     pub(crate) generation: u64,
-    /// What each (ClusterIP, port) reaches, built by [`Snapshot::index`].
-    by_service_addr: HashMap<SocketAddr, Arc<ServiceTarget>>,
+    /// What each Service address reaches, built by [`Snapshot::index`].
+    by_service_addr: service::Targets,
+    /// Every node's addresses, built by [`Snapshot::index`]: where a
+    /// nodePort is answered.
+    node_addresses: HashSet<IpAddr>,
     /// Who holds each IP, built by [`Snapshot::index`] from live pods only.
     by_ip: HashMap<IpAddr, IpClaim>,
     /// AuthorizationPolicies by namespace, built by [`Snapshot::index`]:
@@ -83,6 +89,8 @@ impl Snapshot {
     /// Only live pods claim their IPs: a finished pod (`Succeeded`,
     /// `Failed`) or one being deleted has given its IP back, and a new pod
     /// may already hold it. Two live pods holding one IP make it ambiguous.
+    /// A `hostNetwork` pod claims nothing: its IPs are its node's, shared
+    /// by every such pod there, and traffic to them is node traffic.
     pub fn index(mut self) -> Self {
         let mut claims: HashMap<IpAddr, Vec<Arc<Pod>>> = HashMap::new();
         for p in self.pods.values().filter(|p| p.claims_ips()) {
@@ -103,6 +111,11 @@ impl Snapshot {
                 };
                 (ip, claim)
             })
+            .collect();
+        self.node_addresses = self
+            .nodes
+            .iter()
+            .flat_map(|n| n.addresses.iter().map(|ip| ip.to_canonical()))
             .collect();
         self.by_service_addr = service::targets(&self.services, &self.endpoint_slices, |ip| {
             self.by_ip.contains_key(&ip.to_canonical())
@@ -171,13 +184,26 @@ impl Snapshot {
         }
     }
 
-    /// The Service a connection to `dst` (a ClusterIP and Service port)
+    /// The Service a connection to `dst` (a ClusterIP, external IP or
+    /// load-balancer IP and Service port, or a node address and nodePort)
     /// reaches, with its endpoints for that port; `None` for any other
     /// address, which is then a pod or outside the mesh.
+    ///
+    /// A node address that a pod of the pod network claims (stale state)
+    /// is that pod's, as for external IPs.
     pub(crate) fn service(&self, dst: SocketAddr) -> Option<Arc<ServiceTarget>> {
-        self.by_service_addr
-            .get(&SocketAddr::new(dst.ip().to_canonical(), dst.port()))
-            .cloned()
+        let ip = dst.ip().to_canonical();
+        if let Some(t) = self.by_service_addr.by_addr.get(&SocketAddr::new(ip, dst.port())) {
+            return Some(t.clone());
+        }
+        if self.node_addresses.contains(&ip) && !self.by_ip.contains_key(&ip) {
+            return self
+                .by_service_addr
+                .by_node_port
+                .get(&(dst.port(), ip.is_ipv4()))
+                .cloned();
+        }
+        None
     }
 
     /// The node a pod of the state runs on (`namespace/name`).
@@ -404,5 +430,96 @@ mod tests {
         assert_eq!(tunnelled_to(&snap), None, "no identity is guessed for an ambiguous IP");
         let mapped: IpAddr = "::ffff:10.0.0.7".parse().unwrap();
         assert!(matches!(snap.destination(mapped), Destination::Ambiguous(_)));
+    }
+
+    #[test]
+    fn host_network_pods_claim_no_ip_so_the_node_ip_is_outside_the_mesh() {
+        let host = |name: &str| {
+            let mut p = pod(name, name, "Running", false);
+            p.host_network = true;
+            p
+        };
+        let snap = snapshot(vec![host("kube-proxy"), host("cni")]);
+        let ip: IpAddr = IP.parse().unwrap();
+        assert_eq!(
+            snap.destination(ip),
+            Destination::Outside,
+            "node traffic: not ambiguous, not a workload"
+        );
+        // Beside a pod of the pod network holding the IP (stale state), the
+        // pod is the one identified, as if the host pods were not there.
+        let snap = snapshot(vec![host("kube-proxy"), pod("web", "web", "Running", false)]);
+        assert_eq!(tunnelled_to(&snap).as_deref(), Some("shop/web"));
+    }
+
+    #[test]
+    fn a_service_backed_by_host_network_pods_resolves_to_the_node_ip_outside_the_mesh() {
+        use service::{Endpoint, ServicePort, SlicePort};
+        let mut host = pod("apiserver", "apiserver", "Running", false);
+        host.host_network = true;
+        let mut snap = snapshot(vec![host]);
+        let node_ip: IpAddr = IP.parse().unwrap();
+        snap.nodes.push(Arc::new(node::Node {
+            name: "n2".into(),
+            addresses: vec![node_ip],
+        }));
+        snap.services.push(Arc::new(Service {
+            namespace: "shop".into(),
+            name: "api".into(),
+            cluster_ips: vec!["10.96.0.1".parse().unwrap()],
+            ports: vec![ServicePort {
+                name: "https".into(),
+                port: 443,
+                target_port: "6443".into(),
+                protocol: "TCP".into(),
+                node_port: Some(30443),
+            }],
+            kind: "NodePort".into(),
+            has_selector: true,
+            internal_local: false,
+            affinity: None,
+            external_ips: vec![],
+            load_balancer_ips: vec![],
+        }));
+        snap.endpoint_slices.push(Arc::new(EndpointSlice {
+            namespace: "shop".into(),
+            name: "api-1".into(),
+            service: "api".into(),
+            address_type: "IPv4".into(),
+            ports: vec![SlicePort {
+                name: "https".into(),
+                port: Some(6443),
+                protocol: "TCP".into(),
+            }],
+            endpoints: vec![Endpoint {
+                addresses: vec![node_ip],
+                ready: true,
+                serving: true,
+                terminating: false,
+                node_name: "n2".into(),
+                pod: None,
+            }],
+        }));
+        let snap = snap.index();
+        let vip = snap.service("10.96.0.1:443".parse().unwrap()).expect("resolved");
+        assert_eq!(vip.candidates[0].addr, SocketAddr::new(node_ip, 6443));
+        assert_eq!(snap.destination(node_ip), Destination::Outside, "reached in plaintext");
+        let node_port = snap
+            .service(SocketAddr::new(node_ip, 30443))
+            .expect("nodePort resolved");
+        assert_eq!(node_port.candidates, vip.candidates);
+        let mapped: IpAddr = "::ffff:10.0.0.7".parse().unwrap();
+        assert!(snap.service(SocketAddr::new(mapped, 30443)).is_some(), "IPv4-mapped");
+        assert!(
+            snap.service("10.0.0.8:30443".parse().unwrap()).is_none(),
+            "only a node's address"
+        );
+        // A pod of the pod network reporting the node's IP (stale state)
+        // keeps it: the nodePort is not resolved there.
+        let mut snap = snap;
+        let web = pod("web", "web", "Running", false);
+        snap.pods.insert(web.key(), Arc::new(web));
+        let snap = snap.index();
+        assert!(snap.service(SocketAddr::new(node_ip, 30443)).is_none());
     }
 }

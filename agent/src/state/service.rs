@@ -1,9 +1,11 @@
-//! Services and their endpoints: what a connection to a ClusterIP reaches.
+//! Services and their endpoints: what a connection to a Service address reaches.
 //!
 //! [`Service`] and [`EndpointSlice`] are the fields of the API objects the
 //! agent uses. [`Snapshot::index`](super::Snapshot::index) turns them into
-//! one [`ServiceTarget`] per (ClusterIP, port): the Service port and the
-//! endpoints of that address family with their port for it. The choice of
+//! one [`ServiceTarget`] per Service address: (ClusterIP, port), and the
+//! addresses kube-proxy also answers for, (external IP or load-balancer
+//! IP, port) and (node address, nodePort); each with the Service port and
+//! the endpoints of that address family with their port for it. The choice of
 //! one endpoint per connection ([`Balancer`]) needs state that outlives a
 //! snapshot (open connections, session affinity), so it lives beside the
 //! store, not in it.
@@ -45,6 +47,12 @@ pub(crate) struct Service {
     pub(crate) internal_local: bool,
     /// `spec.sessionAffinity: ClientIP` with its timeout.
     pub(crate) affinity: Option<Duration>,
+    /// `spec.externalIPs`.
+    pub(crate) external_ips: Vec<IpAddr>,
+    /// `status.loadBalancer.ingress[].ip` of a `LoadBalancer` Service whose
+    /// `ipMode` is `VIP` (or unset): the addresses kube-proxy answers for
+    /// on the node. `Proxy` ones are left to the load balancer.
+    pub(crate) load_balancer_ips: Vec<IpAddr>,
 }
 
 impl Service {
@@ -66,6 +74,8 @@ pub(crate) struct ServicePort {
     pub(crate) target_port: String,
     /// `protocol` (`TCP` when absent).
     pub(crate) protocol: String,
+    /// `nodePort`, of a `NodePort` or `LoadBalancer` Service only.
+    pub(crate) node_port: Option<u16>,
 }
 
 /// A `discovery.k8s.io/v1` EndpointSlice.
@@ -127,7 +137,7 @@ pub(crate) struct Candidate {
     pub(crate) node_name: String,
 }
 
-/// What a connection to one (ClusterIP, port) may reach.
+/// What a connection to one Service address may reach.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct ServiceTarget {
     /// The Service's `namespace/name`.
@@ -135,26 +145,48 @@ pub(crate) struct ServiceTarget {
     /// The Service port's name: affinity is kept per Service port, as
     /// kube-proxy keeps it.
     pub(crate) port_name: String,
-    /// `internalTrafficPolicy: Local`.
+    /// Only endpoints on the client's node: `internalTrafficPolicy: Local`
+    /// on a ClusterIP. Never on the other addresses, as for kube-proxy:
+    /// `internalTrafficPolicy` is about ClusterIPs, and a pod calling an
+    /// external address of an `externalTrafficPolicy: Local` Service is
+    /// sent to every endpoint.
     pub(crate) internal_local: bool,
     /// Session affinity timeout, if `ClientIP`.
     pub(crate) affinity: Option<Duration>,
-    /// The endpoints of the ClusterIP's family, with their port for this
+    /// The endpoints of the address's family, with their port for this
     /// Service port, in slice order.
     pub(crate) candidates: Vec<Candidate>,
 }
 
-/// Builds the targets of every resolvable Service: by (ClusterIP, port).
+/// The targets of every resolvable Service, as [`targets`] builds them.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Targets {
+    /// By (ClusterIP, port) and (external or load-balancer IP, port).
+    pub(crate) by_addr: HashMap<SocketAddr, Arc<ServiceTarget>>,
+    /// By (nodePort, IPv4?): what a node address on that port reaches.
+    /// Kept apart from `by_addr` so its size is the Services', not
+    /// Services times node addresses.
+    pub(crate) by_node_port: HashMap<(u16, bool), Arc<ServiceTarget>>,
+}
+
+/// Builds the targets of every resolvable Service, by Service address:
+/// each (ClusterIP, port), (external IP or load-balancer IP, port) and
+/// nodePort, which resolve to the same endpoints as the ClusterIP (see
+/// [`ServiceTarget::internal_local`] for the one difference).
 ///
 /// Headless Services (no ClusterIP), `ExternalName` and non-TCP ports are
 /// left out (connections go through unchanged), and so are selector-less
 /// Services none of whose endpoints is a pod (`is_pod_ip`): their endpoints
-/// are outside the cluster.
+/// are outside the cluster. An address other than a ClusterIP never takes
+/// over a ClusterIP or a pod's IP (`is_pod_ip`): a Service's author sets
+/// `externalIPs`, and the pod's identity is what its IP is known by; of two
+/// Services claiming one, the first by `namespace/name` keeps it. Each is
+/// warned about.
 pub(crate) fn targets(
     services: &[Arc<Service>],
     slices: &[Arc<EndpointSlice>],
     is_pod_ip: impl Fn(IpAddr) -> bool,
-) -> HashMap<SocketAddr, Arc<ServiceTarget>> {
+) -> Targets {
     let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
     for s in slices {
         by_service
@@ -162,7 +194,12 @@ pub(crate) fn targets(
             .or_default()
             .push(s);
     }
-    let mut out = HashMap::new();
+    let mut out = Targets::default();
+    let mut external: HashMap<SocketAddr, Arc<ServiceTarget>> = HashMap::new();
+    // By `namespace/name`, so which of two claims wins does not depend on
+    // the order a source lists them in.
+    let mut services: Vec<&Arc<Service>> = services.iter().collect();
+    services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     for svc in services {
         if svc.kind == "ExternalName" || svc.cluster_ips.is_empty() {
             continue;
@@ -180,43 +217,91 @@ pub(crate) fn targets(
             continue;
         }
         for sp in svc.ports.iter().filter(|p| p.protocol == "TCP") {
+            // One target per (family, internal_local), shared by every
+            // address of that family.
+            let mut built: [Option<Arc<ServiceTarget>>; 4] = Default::default();
+            let mut target = |v4: bool, internal_local: bool| {
+                built[usize::from(v4) * 2 + usize::from(internal_local)]
+                    .get_or_insert_with(|| {
+                        Arc::new(ServiceTarget {
+                            service: svc.key(),
+                            port_name: sp.name.clone(),
+                            internal_local,
+                            affinity: svc.affinity,
+                            candidates: candidates(slices, sp, v4),
+                        })
+                    })
+                    .clone()
+            };
             for vip in &svc.cluster_ips {
-                let family = if vip.is_ipv4() { "IPv4" } else { "IPv6" };
-                let mut candidates = Vec::new();
-                for slice in slices.iter().filter(|s| s.address_type == family) {
-                    let Some(port) = slice
-                        .ports
-                        .iter()
-                        .find(|p| p.name == sp.name && p.protocol == sp.protocol)
-                        .and_then(|p| p.port)
-                    else {
-                        continue;
-                    };
-                    for e in &slice.endpoints {
-                        for ip in e.addresses.iter().filter(|ip| ip.is_ipv4() == vip.is_ipv4()) {
-                            candidates.push(Candidate {
-                                addr: SocketAddr::new(*ip, port),
-                                ready: e.ready && e.serving && !e.terminating,
-                                serving_terminating: e.serving && e.terminating,
-                                node_name: e.node_name.clone(),
-                            });
+                out.by_addr.insert(
+                    SocketAddr::new(vip.to_canonical(), sp.port),
+                    target(vip.is_ipv4(), svc.internal_local),
+                );
+            }
+            for ip in svc.external_ips.iter().chain(&svc.load_balancer_ips) {
+                let addr = SocketAddr::new(ip.to_canonical(), sp.port);
+                if is_pod_ip(addr.ip()) {
+                    tracing::warn!(service = %svc.key(), %addr, "Service address is a pod's IP; not resolved, the pod keeps it");
+                } else if let Some(first) = external.get(&addr).filter(|f| f.service != svc.key()) {
+                    tracing::warn!(service = %svc.key(), %addr, holder = %first.service, "Service address already claimed by another Service; not resolved for this one");
+                } else {
+                    external.insert(addr, target(addr.is_ipv4(), false));
+                }
+            }
+            if let Some(port) = sp.node_port {
+                for v4 in [true, false] {
+                    match out.by_node_port.get(&(port, v4)) {
+                        Some(first) if first.service != svc.key() => {
+                            tracing::warn!(service = %svc.key(), node_port = port, holder = %first.service, "nodePort already claimed by another Service; not resolved for this one");
+                        }
+                        _ => {
+                            out.by_node_port.insert((port, v4), target(v4, false));
                         }
                     }
                 }
-                out.insert(
-                    SocketAddr::new(vip.to_canonical(), sp.port),
-                    Arc::new(ServiceTarget {
-                        service: svc.key(),
-                        port_name: sp.name.clone(),
-                        internal_local: svc.internal_local,
-                        affinity: svc.affinity,
-                        candidates,
-                    }),
-                );
+            }
+        }
+    }
+    for (addr, t) in external {
+        match out.by_addr.get(&addr) {
+            Some(holder) => {
+                tracing::warn!(service = %t.service, %addr, holder = %holder.service, "Service address is another Service's ClusterIP; not resolved for this one");
+            }
+            None => {
+                out.by_addr.insert(addr, t);
             }
         }
     }
     out
+}
+
+/// The endpoints of `slices` of one family (`v4` or not) with their port
+/// for Service port `sp`.
+fn candidates(slices: &[&EndpointSlice], sp: &ServicePort, v4: bool) -> Vec<Candidate> {
+    let family = if v4 { "IPv4" } else { "IPv6" };
+    let mut candidates = Vec::new();
+    for slice in slices.iter().filter(|s| s.address_type == family) {
+        let Some(port) = slice
+            .ports
+            .iter()
+            .find(|p| p.name == sp.name && p.protocol == sp.protocol)
+            .and_then(|p| p.port)
+        else {
+            continue;
+        };
+        for e in &slice.endpoints {
+            for ip in e.addresses.iter().filter(|ip| ip.is_ipv4() == v4) {
+                candidates.push(Candidate {
+                    addr: SocketAddr::new(*ip, port),
+                    ready: e.ready && e.serving && !e.terminating,
+                    serving_terminating: e.serving && e.terminating,
+                    node_name: e.node_name.clone(),
+                });
+            }
+        }
+    }
+    candidates
 }
 
 /// Picks endpoints for new connections: random with two choices by open
@@ -383,6 +468,8 @@ mod tests {
             has_selector: true,
             internal_local: false,
             affinity: None,
+            external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
         }
     }
 
@@ -392,6 +479,7 @@ mod tests {
             port,
             target_port: target.into(),
             protocol: "TCP".into(),
+            node_port: None,
         }
     }
 
@@ -415,7 +503,7 @@ mod tests {
 
     fn target_of(svc: Service, slices: Vec<EndpointSlice>, vip: &str) -> Arc<ServiceTarget> {
         let slices: Vec<_> = slices.into_iter().map(Arc::new).collect();
-        let t = targets(&[Arc::new(svc)], &slices, |_| true);
+        let t = targets(&[Arc::new(svc)], &slices, |_| true).by_addr;
         t[&vip.parse::<SocketAddr>().unwrap()].clone()
     }
 
@@ -434,7 +522,8 @@ mod tests {
             &[Arc::new(s)],
             &slices.into_iter().map(Arc::new).collect::<Vec<_>>(),
             |_| true,
-        );
+        )
+        .by_addr;
         let addrs = |vip: &str| -> Vec<String> {
             all[&vip.parse::<SocketAddr>().unwrap()]
                 .candidates
@@ -470,11 +559,15 @@ mod tests {
             ("ExternalName", external),
             ("selector-less", manual),
         ] {
-            assert!(targets(&[Arc::new(s)], &slices, |_| false).is_empty(), "{name}");
+            assert!(targets(&[Arc::new(s)], &slices, |_| false).by_addr.is_empty(), "{name}");
         }
         let mut manual_to_pods = svc(vec![port("", 80, "80")]);
         manual_to_pods.has_selector = false;
-        assert!(!targets(&[Arc::new(manual_to_pods)], &slices, |_| true).is_empty());
+        assert!(
+            !targets(&[Arc::new(manual_to_pods)], &slices, |_| true)
+                .by_addr
+                .is_empty()
+        );
     }
 
     #[test]
@@ -558,5 +651,65 @@ mod tests {
         );
         let later = b.pick_at(&t, "n1", client, t0 + Duration::from_secs(19 + 61)).unwrap();
         assert_ne!(later.addr(), first, "after the timeout the loaded endpoint is left");
+    }
+
+    #[test]
+    fn external_load_balancer_and_node_port_addresses_resolve_like_the_cluster_ip_without_internal_local() {
+        let mut s = svc(vec![ServicePort {
+            node_port: Some(30080),
+            ..port("http", 80, "8080")
+        }]);
+        s.internal_local = true;
+        s.external_ips = vec!["192.0.2.10".parse().unwrap()];
+        s.load_balancer_ips = vec!["203.0.113.7".parse().unwrap(), "2001:db8::7".parse().unwrap()];
+        let slices: Vec<_> = [
+            slice("IPv4", &[("http", 8080)], vec![ep("10.1.1.1", "n1", true, false)]),
+            slice("IPv6", &[("http", 8080)], vec![ep("fd00:1::1", "n1", true, false)]),
+        ]
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+        let all = targets(&[Arc::new(s)], &slices, |ip| ip.to_string() == "10.1.1.1");
+        let at = |a: &str| all.by_addr.get(&a.parse::<SocketAddr>().unwrap()).cloned();
+        let vip = at("10.96.0.10:80").unwrap();
+        assert!(vip.internal_local, "the ClusterIP keeps internalTrafficPolicy");
+        let node_port = |v4| all.by_node_port.get(&(30080, v4)).cloned();
+        let external = ["192.0.2.10:80", "203.0.113.7:80"].map(|a| (a, at(a)));
+        for (a, t) in external.into_iter().chain([("nodePort, IPv4", node_port(true))]) {
+            let t = t.unwrap_or_else(|| panic!("{a} not resolved"));
+            assert_eq!(t.candidates, vip.candidates, "{a}: the ClusterIP's endpoints");
+            assert!(!t.internal_local, "{a}: every endpoint, as kube-proxy for pods");
+        }
+        let v6 = node_port(false).unwrap();
+        assert_eq!(
+            v6.candidates[0].addr.to_string(),
+            "[fd00:1::1]:8080",
+            "the address's family"
+        );
+        assert!(at("[2001:db8::7]:80").is_some());
+        assert!(
+            at("192.0.2.10:30080").is_none(),
+            "an external IP only on the Service port"
+        );
+    }
+
+    #[test]
+    fn an_external_address_never_takes_a_cluster_ip_a_pod_ip_or_another_services_address() {
+        let mk = |name: &str, vip: &str, external: &[&str]| {
+            let mut s = svc(vec![port("", 80, "8080")]);
+            s.name = name.into();
+            s.cluster_ips = vec![vip.parse().unwrap()];
+            s.external_ips = external.iter().map(|a| a.parse().unwrap()).collect();
+            Arc::new(s)
+        };
+        let first = mk("first", "10.96.0.1", &["192.0.2.1"]);
+        // Claims the first's ClusterIP, a pod's IP, and the first's external IP.
+        let thief = mk("thief", "10.96.0.2", &["10.96.0.1", "10.1.1.9", "192.0.2.1"]);
+        let all = targets(&[first, thief], &[], |ip| ip.to_string() == "10.1.1.9").by_addr;
+        let holder = |a: &str| all.get(&a.parse::<SocketAddr>().unwrap()).map(|t| t.service.clone());
+        assert_eq!(holder("10.96.0.1:80").as_deref(), Some("shop/first"));
+        assert_eq!(holder("192.0.2.1:80").as_deref(), Some("shop/first"));
+        assert_eq!(holder("10.1.1.9:80"), None, "the pod keeps its IP");
+        assert_eq!(holder("10.96.0.2:80").as_deref(), Some("shop/thief"));
     }
 }

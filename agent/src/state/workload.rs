@@ -110,8 +110,11 @@ impl Pod {
 
     /// Whether the pod still holds its IPs: not finished and not being
     /// deleted, since either may have given them to a new pod already.
+    /// A `hostNetwork` pod holds none of its own: its IPs are its node's
+    /// (kube-proxy, CNI daemons and static control-plane pods all report
+    /// them), so they identify no workload.
     pub(crate) fn claims_ips(&self) -> bool {
-        !self.finished() && !self.deleting
+        !self.finished() && !self.deleting && !self.host_network
     }
 }
 

@@ -21,6 +21,7 @@ const PODS: &str = "/api/v1/pods";
 const NAMESPACES: &str = "/api/v1/namespaces";
 const SERVICES: &str = "/api/v1/services";
 const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
+const NODES: &str = "/api/v1/nodes";
 const PEER_AUTHN: &str = "peerauthentications";
 const AUTHZ: &str = "authorizationpolicies";
 
@@ -246,6 +247,17 @@ fn endpoint_slice(ip: &str, node: &str, rv: &str) -> Value {
         "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]})
 }
 
+/// Node `name` at `ip` as the kubelet reports it: addresses, images and
+/// conditions (which the agent does not keep).
+fn node(name: &str, ip: &str, rv: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "resourceVersion": rv, "labels": {"kubernetes.io/hostname": name}},
+        "spec": {"podCIDR": "10.1.0.0/24"},
+        "status": {"addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": name}],
+            "images": [{"names": ["registry.example/app:1"], "sizeBytes": 1_000_000}],
+            "conditions": [{"type": "Ready", "status": "True"}]}})
+}
+
 fn event(kind: &str, object: Value) -> Value {
     json!({"type": kind, "object": object})
 }
@@ -313,6 +325,7 @@ fn served(api: &FakeApi) {
     api.list(&istio("v1", PEER_AUTHN), "PeerAuthenticationList", "40", vec![]);
     api.list(SERVICES, "ServiceList", "50", vec![]);
     api.list(SLICES, "EndpointSliceList", "60", vec![]);
+    api.list(NODES, "NodeList", "70", vec![]);
 }
 
 #[tokio::test]
@@ -457,6 +470,7 @@ async fn a_dropped_watch_is_resumed_and_v1beta1_is_used_where_v1_is_not_served()
     api.list(&istio("v1beta1", PEER_AUTHN), "PeerAuthenticationList", "40", vec![]);
     api.list(SERVICES, "ServiceList", "50", vec![]);
     api.list(SLICES, "EndpointSliceList", "60", vec![]);
+    api.list(NODES, "NodeList", "70", vec![]);
     let (store, health, _cancel) = start(&api);
     eventually(&store, "synced from v1beta1", |s| s.authorization_policies.len() == 1).await;
     assert!(health.problems().is_empty());
@@ -592,4 +606,51 @@ async fn services_and_endpoint_slices_are_watched_and_resolve_the_cluster_ip() {
     .await;
     api.send(SERVICES, event("DELETED", service("51"))).await;
     eventually(&store, "Service DELETED", |s| s.service(vip).is_none()).await;
+}
+
+#[tokio::test]
+async fn nodes_are_watched_and_a_node_port_on_their_addresses_resolves_like_the_cluster_ip() {
+    let api = FakeApi::default();
+    api.state().istio_versions = vec!["v1"];
+    served(&api);
+    // Not ready, and nothing published, until Nodes are listed too.
+    api.fail_list(NODES);
+    let mut svc = service("49");
+    svc["spec"]["type"] = json!("NodePort");
+    svc["spec"]["ports"][0]["nodePort"] = json!(30080);
+    api.list(SERVICES, "ServiceList", "50", vec![svc]);
+    api.list(
+        SLICES,
+        "EndpointSliceList",
+        "60",
+        vec![endpoint_slice("10.1.0.2", "n1", "59")],
+    );
+    let (store, health, _cancel) = start(&api);
+    for _ in 0..500 {
+        if health.problems().len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let problems = health.problems();
+    assert!(
+        problems.len() == 1 && problems[0].contains("Nodes not synced yet"),
+        "{problems:?}"
+    );
+    assert_eq!(store.current().generation, 0);
+
+    api.list(NODES, "NodeList", "70", vec![node("n1", "192.168.0.1", "69")]);
+    let on_n1 = "192.168.0.1:30080".parse().unwrap();
+    eventually(&store, "NodePort resolved", |s| s.service(on_n1).is_some()).await;
+    let via_node = store.current().service(on_n1).unwrap();
+    let via_vip = store.current().service("10.96.0.10:80".parse().unwrap()).unwrap();
+    assert_eq!(via_node.service, "shop/web");
+    assert_eq!(via_node.candidates, via_vip.candidates, "the ClusterIP's endpoints");
+
+    // A node joins from the watch stream; one leaves.
+    api.send(NODES, event("ADDED", node("n2", "192.168.0.2", "71"))).await;
+    let on_n2 = "192.168.0.2:30080".parse().unwrap();
+    eventually(&store, "node ADDED", |s| s.service(on_n2).is_some()).await;
+    api.send(NODES, event("DELETED", node("n1", "192.168.0.1", "72"))).await;
+    eventually(&store, "node DELETED", |s| s.service(on_n1).is_none()).await;
 }
