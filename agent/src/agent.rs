@@ -294,13 +294,14 @@ fn check_fd_budget(limits: &LimitConfig) {
     };
     let needed = (limits.connections as u64)
         .saturating_mul(2)
-        .saturating_add(limits.tunnels as u64)
+        .saturating_add(limits.tunnels_in as u64)
+        .saturating_add(limits.tunnels_out as u64)
         .saturating_add(FD_RESERVE);
     if needed > soft {
         tracing::warn!(
             nofile = soft,
             needed,
-            "RLIMIT_NOFILE is below what --max-connections and --max-tunnels allow: accept() may fail with EMFILE before they refuse"
+            "RLIMIT_NOFILE is below what --max-connections, --max-inbound-tunnels and --max-outbound-tunnels allow: accept() may fail with EMFILE before they refuse"
         );
     }
 }

@@ -65,6 +65,8 @@ pub mod defaults {
     pub(crate) const TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
     /// `--handshake-timeout`.
     pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    /// `--tunnel-keepalive`.
+    pub(crate) const TUNNEL_KEEPALIVE: Duration = Duration::from_secs(30);
     /// `--admin-addr`: `/config_dump`, `/certs`, `/logging`, node loopback only.
     pub(crate) const ADMIN_ADDR: &str = "127.0.0.1:15000";
     /// `--metrics-addr`: ztunnel's port; bounded labels and no secrets, so
@@ -76,8 +78,10 @@ pub mod defaults {
     pub(crate) const MAX_CONNECTIONS: u32 = 16384;
     /// `--max-connections-per-pod`.
     pub(crate) const MAX_CONNECTIONS_PER_POD: u32 = 8192;
-    /// `--max-tunnels`.
-    pub(crate) const MAX_TUNNELS: u32 = 1024;
+    /// `--max-inbound-tunnels`.
+    pub(crate) const MAX_INBOUND_TUNNELS: u32 = 1024;
+    /// `--max-outbound-tunnels`.
+    pub(crate) const MAX_OUTBOUND_TUNNELS: u32 = 1024;
     /// `--max-tunnels-per-peer`.
     pub(crate) const MAX_TUNNELS_PER_PEER: u32 = 128;
     /// `--max-tunnels-per-pod`.
@@ -444,11 +448,19 @@ pub struct RunArgs {
     #[arg(long, env = "NODEWARD_TUNNEL_CONNECTIONS")]
     pub(crate) tunnel_connections: Option<u16>,
 
-    /// Release pooled tunnel connections unused this long.
+    /// Close tunnel connections, inbound and outbound, with no open stream
+    /// for this long (inbound: GOAWAY).
     #[arg(long, env = "NODEWARD_TUNNEL_IDLE_TIMEOUT", default_value_t = HumanDuration(defaults::TUNNEL_IDLE_TIMEOUT))]
     pub(crate) tunnel_idle_timeout: HumanDuration,
 
-    /// Deadline for a peer's TLS and HTTP/2 handshakes.
+    /// HTTP/2 PING on every tunnel connection this often; a peer that does
+    /// not answer within as long again is closed as dead.
+    #[arg(long, env = "NODEWARD_TUNNEL_KEEPALIVE", default_value_t = HumanDuration(defaults::TUNNEL_KEEPALIVE))]
+    pub(crate) tunnel_keepalive: HumanDuration,
+
+    /// One deadline for an inbound tunnel connection from accept through
+    /// its TLS and HTTP/2 handshakes to its first stream (and for an
+    /// outbound one's connect and handshakes).
     #[arg(long, env = "NODEWARD_HANDSHAKE_TIMEOUT", default_value_t = HumanDuration(defaults::HANDSHAKE_TIMEOUT))]
     pub(crate) handshake_timeout: HumanDuration,
 
@@ -486,11 +498,22 @@ pub struct RunArgs {
     #[arg(long, env = "NODEWARD_MAX_CONNECTIONS_PER_POD", default_value_t = defaults::MAX_CONNECTIONS_PER_POD)]
     pub(crate) max_connections_per_pod: u32,
 
-    /// Tunnel connections on the node, inbound and outbound together.
-    #[arg(long, env = "NODEWARD_MAX_TUNNELS", default_value_t = defaults::MAX_TUNNELS)]
-    pub(crate) max_tunnels: u32,
+    /// Inbound tunnel connections on the node (15008 of every pod),
+    /// handshakes included.
+    #[arg(long, env = "NODEWARD_MAX_INBOUND_TUNNELS", default_value_t = defaults::MAX_INBOUND_TUNNELS)]
+    pub(crate) max_inbound_tunnels: u32,
 
-    /// Inbound tunnel connections from one remote IP, handshakes included.
+    /// Outbound (pooled) tunnel connections on the node.
+    #[arg(long, env = "NODEWARD_MAX_OUTBOUND_TUNNELS", default_value_t = defaults::MAX_OUTBOUND_TUNNELS)]
+    pub(crate) max_outbound_tunnels: u32,
+
+    /// Removed: one node-wide bound let peers' tunnels starve the pods'
+    /// own. Refused at start, naming its replacements.
+    #[arg(long, env = "NODEWARD_MAX_TUNNELS", hide = true)]
+    pub(crate) max_tunnels: Option<u32>,
+
+    /// Inbound tunnel connections from one remote peer (an IPv4 address or
+    /// an IPv6 /64), handshakes included.
     #[arg(long, env = "NODEWARD_MAX_TUNNELS_PER_PEER", default_value_t = defaults::MAX_TUNNELS_PER_PEER)]
     pub(crate) max_tunnels_per_peer: u32,
 
@@ -504,7 +527,7 @@ pub struct RunArgs {
     #[arg(long, env = "NODEWARD_MAX_HANDSHAKES", default_value_t = defaults::MAX_HANDSHAKES)]
     pub(crate) max_handshakes: u32,
 
-    /// Such handshakes from one remote IP.
+    /// Such handshakes from one remote peer (IPv4 address or IPv6 /64).
     #[arg(long, env = "NODEWARD_MAX_HANDSHAKES_PER_PEER", default_value_t = defaults::MAX_HANDSHAKES_PER_PEER)]
     pub(crate) max_handshakes_per_peer: u32,
 

@@ -79,12 +79,15 @@ pub(crate) enum CloseReason {
     /// Plaintext (or nothing) to a destination outside the mesh under
     /// egress `tls-only`, and not allow-listed.
     EgressPlaintext,
+    /// A tunnel connection closed because its peer's last streams were all
+    /// refused (denied or invalid): it held a place for nothing.
+    StreamsRefused,
 }
 
 impl CloseReason {
     /// Every close reason, in the order README.md lists them.
     #[cfg(test)]
-    pub(crate) const ALL: [CloseReason; 22] = [
+    pub(crate) const ALL: [CloseReason; 23] = [
         CloseReason::Done,
         CloseReason::IdleTimeout,
         CloseReason::PeerReset,
@@ -107,6 +110,7 @@ impl CloseReason {
         CloseReason::LoopRefused,
         CloseReason::NoEndpoint,
         CloseReason::EgressPlaintext,
+        CloseReason::StreamsRefused,
     ];
 
     /// The stable name used in logs and metric labels.
@@ -134,6 +138,7 @@ impl CloseReason {
             CloseReason::LoopRefused => "loop_refused",
             CloseReason::NoEndpoint => "no_endpoint",
             CloseReason::EgressPlaintext => "egress_plaintext",
+            CloseReason::StreamsRefused => "streams_refused",
         }
     }
 
@@ -289,9 +294,12 @@ pub(crate) enum LimitRefusal {
     /// The pod's proxied connections in this direction are at their bound.
     #[error("too many proxied connections for the pod")]
     ConnectionsPerPod,
-    /// The node's tunnel connections are at their bound.
-    #[error("too many tunnel connections on the node")]
-    Tunnels,
+    /// The node's inbound tunnel connections are at their bound.
+    #[error("too many inbound tunnel connections on the node")]
+    InboundTunnels,
+    /// The node's outbound tunnel connections are at their bound.
+    #[error("too many outbound tunnel connections on the node")]
+    OutboundTunnels,
     /// The remote peer's tunnel connections are at their bound.
     #[error("too many tunnel connections from the peer")]
     TunnelsPerPeer,
@@ -308,14 +316,15 @@ pub(crate) enum LimitRefusal {
 
 impl LimitRefusal {
     /// How many bounds there are (the variants index arrays by `as usize`).
-    pub(crate) const COUNT: usize = 7;
+    pub(crate) const COUNT: usize = 8;
 
     /// The label used in counters and logs.
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             LimitRefusal::Connections => "limit_connections",
             LimitRefusal::ConnectionsPerPod => "limit_connections_per_pod",
-            LimitRefusal::Tunnels => "limit_tunnels",
+            LimitRefusal::InboundTunnels => "limit_inbound_tunnels",
+            LimitRefusal::OutboundTunnels => "limit_outbound_tunnels",
             LimitRefusal::TunnelsPerPeer => "limit_tunnels_per_peer",
             LimitRefusal::TunnelsPerPod => "limit_tunnels_per_pod",
             LimitRefusal::Handshakes => "limit_handshakes",
@@ -401,6 +410,14 @@ pub(crate) enum TunnelEnd {
     RapidReset,
     /// An HTTP/2 protocol error (including h2's own flood limits).
     ProtocolError,
+    /// No stream was open for the idle timeout: GOAWAY sent.
+    Idle,
+    /// The peer stopped answering PING.
+    DeadPeer,
+    /// No first stream before the handshake deadline.
+    NoStream,
+    /// The peer's last streams were all refused.
+    StreamsRefused,
 }
 
 impl TunnelEnd {
@@ -411,6 +428,10 @@ impl TunnelEnd {
             TunnelEnd::Cancelled => "cancelled",
             TunnelEnd::RapidReset => "rapid_reset",
             TunnelEnd::ProtocolError => "protocol_error",
+            TunnelEnd::Idle => "idle",
+            TunnelEnd::DeadPeer => "dead_peer",
+            TunnelEnd::NoStream => "no_stream",
+            TunnelEnd::StreamsRefused => "streams_refused",
         }
     }
 }

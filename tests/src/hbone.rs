@@ -52,6 +52,19 @@ pub async fn tls_to(
     trust: Arc<TrustStore>,
 ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let tcp = tcp_from(netns, dst)?;
+    tls_over(tcp, dst, cert, me, expected, trust).await
+}
+
+/// [`tls_to`] over a TCP connection to `dst` already made (a client that
+/// takes its time before its ClientHello).
+pub async fn tls_over(
+    tcp: TcpStream,
+    dst: SocketAddr,
+    cert: Option<Arc<CertifiedKey>>,
+    me: Identity,
+    expected: Identity,
+    trust: Arc<TrustStore>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let config = match cert {
         Some(c) => tls::client_config(Arc::new(FixedCert(c)), me, trust, expected),
         None => Arc::new(

@@ -1,7 +1,8 @@
 //! Hostile workloads: a pod that points the agent at its own listeners, a
 //! namespace that claims a neighbour's IP, a pod that forges the agent's
-//! socket mark. Each is refused or captured and reported; none makes the
-//! agent loop or leaves a pod open.
+//! socket mark, a pod holding the node's readiness port. Each is refused or
+//! captured and reported; none makes the agent loop, leaves a pod open or
+//! fails the node's readiness probe.
 
 use std::io::{ErrorKind, Read};
 use std::net::{IpAddr, SocketAddr};
@@ -291,4 +292,51 @@ fn a_pod_forging_the_agents_socket_mark_with_cap_net_raw_is_still_captured() {
         (Some("mesh/a"), Some("egress_plaintext")),
         "{out}"
     );
+}
+
+/// One `GET /healthz/ready` from inside `netns` to `addr`, read within
+/// `within`: the status code.
+fn ready_within(netns: &str, addr: SocketAddr, within: Duration) -> std::io::Result<u16> {
+    use std::io::Write;
+    let mut s = traffic::connect_timeout(netns, addr, within)?;
+    s.set_read_timeout(Some(within))?;
+    s.write_all(b"GET /healthz/ready HTTP/1.1\r\nhost: nodeward\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    out.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {out:?}")))
+}
+
+#[test]
+fn two_hundred_slow_connections_from_a_pod_do_not_starve_the_nodes_readiness_probe() {
+    let _g = shared();
+    let Some(t) = cluster("two_hundred_slow_connections_from_a_pod_do_not_starve_the_nodes_readiness_probe") else {
+        return;
+    };
+    let (node, d) = (&t.nodes[1], t.pod("d").clone());
+    // The kubelet probes the agent on the node's address, from the node.
+    let probe = SocketAddr::new(IpAddr::V4(node.gateway4), 15021);
+    let within = nodeward_testbed::patience(Duration::from_secs(1));
+    assert!(
+        ready_within(&node.netns, probe, within).is_ok(),
+        "readiness answers at rest"
+    );
+
+    // A pod opens 200 connections to the node's readiness port and never
+    // sends a request; the ones the agent does not close at once stay open.
+    let slow: Vec<std::net::TcpStream> = (0..200)
+        .filter_map(|_| traffic::connect_timeout(&d.netns, probe, QUICK).ok())
+        .collect();
+    assert!(!slow.is_empty(), "the pod reaches the node's readiness port");
+    for i in 0..5 {
+        let answer = ready_within(&node.netns, probe, within);
+        assert!(
+            answer.is_ok(),
+            "the node's readiness request {i} beside {} slow connections from a pod: {answer:?}",
+            slow.len()
+        );
+    }
+    drop(slow);
 }

@@ -1,24 +1,111 @@
 //! A deliberately small HTTP/1.1 server for the three listeners: one
-//! request per connection, a request head of at most 8 KiB read within 5 s,
-//! at most 32 connections at once per listener, `connection: close`.
-//! Operators' tools and Prometheus need nothing more, and it keeps hyper
-//! out of the agent until something needs it.
+//! request per connection, a request head of at most 8 KiB read within
+//! [`READ_DEADLINE`], the answer written within [`WRITE_DEADLINE`],
+//! `connection: close`. Operators' tools and Prometheus need nothing more,
+//! and it keeps hyper out of the agent until something needs it.
+//!
+//! Readiness and metrics listen on the node's addresses, which every pod
+//! can reach. So that no pod can hold the connections the kubelet's probe
+//! needs, each listener keeps [`NODE_RESERVED`] places that only the node
+//! itself can take ([`node_local`]: the kubelet probes from the node), and
+//! shares [`SHARED`] others out at most [`PER_SOURCE`] to one source
+//! (an IPv4 address or IPv6 /64); past its bound a connection is closed at
+//! once.
 
 #![forbid(unsafe_code)]
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::AdminState;
 
 const MAX_HEAD: usize = 8 * 1024;
-const READ_DEADLINE: Duration = Duration::from_secs(5);
-const MAX_CONCURRENT: usize = 32;
+/// Every client sends its request head at once; a slow one only holds a place.
+const READ_DEADLINE: Duration = Duration::from_secs(2);
+/// For a client that reads the answer (a scrape: hundreds of KiB) slowly.
+const WRITE_DEADLINE: Duration = Duration::from_secs(5);
+/// Places only node-local clients take.
+const NODE_RESERVED: usize = 16;
+/// Places any client may take, node-local ones once theirs are taken.
+const SHARED: usize = 32;
+/// Shared places one source may hold.
+const PER_SOURCE: usize = 4;
+
+/// Whether a connection from `peer` to `local` comes from the node itself:
+/// a loopback address, the address it was made to (a connection to one of
+/// the node's own addresses comes from that address unless bound
+/// otherwise: the kubelet's probe), or the probe source. A pod cannot
+/// have one of these as source and complete a handshake: the node answers
+/// such an address itself.
+fn node_local(peer: IpAddr, local: IpAddr) -> bool {
+    let (peer, local) = (peer.to_canonical(), local.to_canonical());
+    peer.is_loopback()
+        || peer == local
+        || peer == IpAddr::V4(crate::capture::probe::PROBE_V4)
+        || peer == IpAddr::V6(crate::capture::probe::PROBE_V6)
+}
+
+/// The places of one listener.
+struct Places {
+    node: Arc<Semaphore>,
+    shared: Arc<Semaphore>,
+    per_source: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One connection's place; given back when dropped.
+enum Place {
+    Node(#[allow(dead_code)] OwnedSemaphorePermit),
+    Shared(#[allow(dead_code)] OwnedSemaphorePermit, Arc<Places>, IpAddr),
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        if let Place::Shared(_, places, source) = self {
+            let mut counts = places.per_source.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = counts.get_mut(source) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(source);
+                }
+            }
+        }
+    }
+}
+
+impl Places {
+    fn new() -> Arc<Self> {
+        Arc::new(Places {
+            node: Arc::new(Semaphore::new(NODE_RESERVED)),
+            shared: Arc::new(Semaphore::new(SHARED)),
+            per_source: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A place for a connection from `peer` to `local`, if one is free.
+    fn take(self: &Arc<Self>, peer: IpAddr, local: IpAddr) -> Option<Place> {
+        if node_local(peer, local)
+            && let Ok(p) = self.node.clone().try_acquire_owned()
+        {
+            return Some(Place::Node(p));
+        }
+        let source = crate::proxy::limits::peer_key(peer);
+        let mut counts = self.per_source.lock().unwrap_or_else(|e| e.into_inner());
+        let n = counts.get(&source).copied().unwrap_or(0);
+        if n >= PER_SOURCE {
+            return None;
+        }
+        let permit = self.shared.clone().try_acquire_owned().ok()?;
+        counts.insert(source, n + 1);
+        Some(Place::Shared(permit, self.clone(), source))
+    }
+}
 
 /// A parsed request line.
 #[derive(Debug, PartialEq, Eq)]
@@ -114,14 +201,15 @@ pub(crate) async fn serve<S: Send + Sync + 'static>(
     route: Route<S>,
     stop: CancellationToken,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_CONCURRENT));
+    let places = Places::new();
     loop {
-        let (mut s, _) = tokio::select! {
+        let (mut s, peer) = tokio::select! {
             _ = stop.cancelled() => return,
             a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
         };
+        let Ok(local) = s.local_addr() else { continue };
         // Over the bound, a new connection is closed at once.
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
+        let Some(slot) = places.take(peer.ip(), local.ip()) else {
             continue;
         };
         let state = state.clone();
@@ -158,8 +246,11 @@ pub(crate) async fn serve<S: Send + Sync + 'static>(
                 resp.body.len(),
                 resp.body
             );
-            let _ = s.write_all(out.as_bytes()).await;
-            let _ = s.shutdown().await;
+            let _ = tokio::time::timeout(WRITE_DEADLINE, async {
+                s.write_all(out.as_bytes()).await?;
+                s.shutdown().await
+            })
+            .await;
         });
     }
 }
@@ -280,5 +371,38 @@ mod tests {
         assert_eq!(r.param("level"), Some("nodeward=debug"));
         assert_eq!(r.param("y"), None);
         assert_eq!(Request::parse(""), None);
+    }
+
+    #[test]
+    fn the_node_keeps_its_places_however_many_a_pod_holds() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let (node, pod) = (ip("10.0.0.1"), ip("10.1.0.7"));
+        let places = Places::new();
+        let from_pod: Vec<Place> = (0..200).filter_map(|_| places.take(pod, node)).collect();
+        assert_eq!(from_pod.len(), PER_SOURCE, "one source holds a few places");
+        // Addresses of one /64 are one source.
+        let v6: Vec<Place> = (1..50)
+            .filter_map(|i| places.take(ip(&format!("fd00::{i:x}")), ip("fd00:1::1")))
+            .collect();
+        assert_eq!(v6.len(), PER_SOURCE);
+        // Many sources take the shared places, never the node's.
+        let many: Vec<Place> = (0..255)
+            .filter_map(|i| places.take(ip(&format!("10.2.0.{i}")), node))
+            .collect();
+        assert_eq!(many.len(), SHARED - 2 * PER_SOURCE);
+        for (peer, local) in [
+            ("10.0.0.1", "10.0.0.1"),
+            ("127.0.0.1", "127.0.0.1"),
+            ("::1", "::1"),
+            ("169.254.7.127", "10.0.0.1"),
+            ("::ffff:10.0.0.1", "10.0.0.1"),
+        ] {
+            assert!(node_local(ip(peer), ip(local)), "{peer} to {local}");
+        }
+        let held: Vec<Place> = (0..NODE_RESERVED).filter_map(|_| places.take(node, node)).collect();
+        assert_eq!(held.len(), NODE_RESERVED, "the node's reserve is whole");
+        assert!(places.take(pod, node).is_none());
+        drop(from_pod);
+        assert!(places.take(pod, node).is_some(), "a source's places come back");
     }
 }

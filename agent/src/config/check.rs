@@ -460,6 +460,20 @@ impl Config {
             "tunnel connections would close as they are opened",
         );
         let handshake = c.non_zero("handshake-timeout", a.handshake_timeout, "no peer could ever connect");
+        let keepalive = c.non_zero(
+            "tunnel-keepalive",
+            a.tunnel_keepalive,
+            "every tunnel would be pinged in a busy loop",
+        );
+        if a.max_tunnels.is_some() {
+            c.0.push(Problem::Invalid {
+                flag: "max-tunnels",
+                problem: "removed: inbound and outbound tunnels have bounds of their own now, \
+                          --max-inbound-tunnels (NODEWARD_MAX_INBOUND_TUNNELS) and \
+                          --max-outbound-tunnels (NODEWARD_MAX_OUTBOUND_TUNNELS)"
+                    .into(),
+            });
+        }
         c.range("buffer-size", a.buffer_size.into(), 1024, 4 << 20);
 
         c.range(
@@ -496,7 +510,8 @@ impl Config {
         for (flag, v) in [
             ("max-connections", a.max_connections),
             ("max-connections-per-pod", a.max_connections_per_pod),
-            ("max-tunnels", a.max_tunnels),
+            ("max-inbound-tunnels", a.max_inbound_tunnels),
+            ("max-outbound-tunnels", a.max_outbound_tunnels),
             ("max-tunnels-per-peer", a.max_tunnels_per_peer),
             ("max-tunnels-per-pod", a.max_tunnels_per_pod),
             ("max-handshakes", a.max_handshakes),
@@ -512,17 +527,17 @@ impl Config {
         );
         c.at_most(
             ("max-tunnels-per-peer", a.max_tunnels_per_peer),
-            ("max-tunnels", a.max_tunnels),
+            ("max-inbound-tunnels", a.max_inbound_tunnels),
             part,
         );
         c.at_most(
             ("max-tunnels-per-pod", a.max_tunnels_per_pod),
-            ("max-tunnels", a.max_tunnels),
+            ("max-outbound-tunnels", a.max_outbound_tunnels),
             part,
         );
         c.at_most(
             ("max-handshakes", a.max_handshakes),
-            ("max-tunnels", a.max_tunnels),
+            ("max-inbound-tunnels", a.max_inbound_tunnels),
             part,
         );
         c.at_most(
@@ -682,12 +697,15 @@ impl Config {
                 max_frame_size: a.h2_frame_size,
                 max_streams: a.tunnel_max_streams,
                 handshake_timeout: handshake,
+                idle_timeout: tunnel_idle,
+                keepalive,
                 ..H2Settings::default()
             },
             limits: LimitConfig {
                 connections: n(a.max_connections),
                 connections_per_pod: n(a.max_connections_per_pod),
-                tunnels: n(a.max_tunnels),
+                tunnels_in: n(a.max_inbound_tunnels),
+                tunnels_out: n(a.max_outbound_tunnels),
                 tunnels_per_peer: n(a.max_tunnels_per_peer),
                 tunnels_per_pod: n(a.max_tunnels_per_pod),
                 handshakes: n(a.max_handshakes),
@@ -887,22 +905,16 @@ mod tests {
             (&["--tunnel-max-streams", "0"], "tunnel-max-streams"),
             (&["--tunnel-connections", "65"], "tunnel-connections"),
             (&["--worker-threads", "0"], "worker-threads"),
-            (&["--max-tunnels", "0"], "max-tunnels"),
+            (&["--max-inbound-tunnels", "0"], "max-inbound-tunnels"),
+            (&["--max-outbound-tunnels", "0"], "max-outbound-tunnels"),
+            (&["--max-tunnels", "1024"], "max-tunnels"),
+            (&["--tunnel-keepalive", "0s"], "tunnel-keepalive"),
             (
                 &["--max-connections", "10", "--max-connections-per-pod", "20"],
                 "max-connections-per-pod",
             ),
             (
-                &[
-                    "--max-tunnels",
-                    "100",
-                    "--max-tunnels-per-peer",
-                    "100",
-                    "--max-handshakes",
-                    "100",
-                    "--max-tunnels-per-pod",
-                    "200",
-                ],
+                &["--max-outbound-tunnels", "100", "--max-tunnels-per-pod", "200"],
                 "max-tunnels-per-pod",
             ),
             (&["--ca-dir", &missing], "ca-dir"),

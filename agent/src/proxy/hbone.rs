@@ -30,8 +30,14 @@ pub(crate) struct H2Settings {
     pub(crate) max_streams: u32,
     /// Largest accepted header list (the request line and headers).
     pub(crate) max_header_list_size: u32,
-    /// Deadline for TLS and HTTP/2 handshakes.
+    /// One deadline for TLS and HTTP/2 handshakes (inbound: from accept to
+    /// the first stream).
     pub(crate) handshake_timeout: Duration,
+    /// A connection with no open stream this long is closed (inbound: GOAWAY).
+    pub(crate) idle_timeout: Duration,
+    /// PING interval, and how long a PING may go unanswered before the
+    /// peer is taken for dead.
+    pub(crate) keepalive: Duration,
 }
 
 impl Default for H2Settings {
@@ -45,6 +51,28 @@ impl Default for H2Settings {
             max_streams: defaults::TUNNEL_MAX_STREAMS,
             max_header_list_size: MAX_HEADER_LIST_SIZE,
             handshake_timeout: defaults::HANDSHAKE_TIMEOUT,
+            idle_timeout: defaults::TUNNEL_IDLE_TIMEOUT,
+            keepalive: defaults::TUNNEL_KEEPALIVE,
+        }
+    }
+}
+
+/// Pings the peer of a tunnel connection every `every` and returns once a
+/// PING goes unanswered for as long again: the peer is gone (a half-open
+/// connection, a powered-off node) while the connection looks open. Never
+/// returns while the peer answers, nor once the connection itself has
+/// ended (its owner sees that end). The connection must be polled
+/// meanwhile, or no PONG can be read.
+pub(crate) async fn dead_peer(ping: Option<h2::PingPong>, every: Duration) {
+    let Some(mut ping) = ping else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        match tokio::time::timeout(every, ping.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return std::future::pending().await,
+            Err(_) => return,
         }
     }
 }

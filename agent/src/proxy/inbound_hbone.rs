@@ -1,7 +1,10 @@
 //! The HBONE listener on 15008: terminates mutual TLS, accepts HTTP/2
 //! `CONNECT` streams to this pod's own addresses, and relays each to the app.
 //!
-//! Every input is hostile: the TLS and HTTP/2 handshakes share a deadline;
+//! Every input is hostile: the TLS and HTTP/2 handshakes and the wait for
+//! the first stream share one deadline; a connection with no open stream
+//! for the idle timeout is sent GOAWAY, one whose peer stops answering PING
+//! is closed, and so is one whose last few streams were all refused;
 //! streams per connection, header size and reset floods are bounded by the
 //! HTTP/2 layer; a request that is not a CONNECT to `ip:port` of this pod is
 //! answered with a 4xx status and never reaches the app. Each refusal is
@@ -13,9 +16,9 @@
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::RecvStream;
@@ -80,11 +83,80 @@ impl ResetGuard {
     }
 }
 
-/// Serves one tunnel connection until it closes, the pod goes, or its peer
-/// is revoked. `permit` is its place under the bounds: it counts as a
-/// handshake until both handshakes are done, as a tunnel until it ends.
+/// Refused streams in a row after which a tunnel connection is closed: a
+/// peer every stream of which is denied (by policy, or as a bad request)
+/// has no use for the connection but to hold a place under the bounds.
+const REFUSED_IN_A_ROW: u32 = 8;
+
+/// What the streams of one tunnel connection tell its loop: how many are
+/// open and since when none is (the idle timeout), and how many in a row
+/// were refused for the peer's own doing.
+struct Streams {
+    open: AtomicUsize,
+    idle_since: Mutex<Instant>,
+    refused: AtomicU32,
+    all_refused: CancellationToken,
+}
+
+impl Streams {
+    fn new() -> Self {
+        Streams {
+            open: AtomicUsize::new(0),
+            idle_since: Mutex::new(Instant::now()),
+            refused: AtomicU32::new(0),
+            all_refused: CancellationToken::new(),
+        }
+    }
+
+    /// A stream starts; the returned guard ends it.
+    fn open(self: &Arc<Self>) -> OpenStream {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        OpenStream(self.clone())
+    }
+
+    /// Counts a stream refused for something the peer asked (a denied or
+    /// invalid request): whether it is the [`REFUSED_IN_A_ROW`]th, after
+    /// which the connection ends.
+    fn refused(&self) -> bool {
+        self.refused.fetch_add(1, Ordering::AcqRel) + 1 >= REFUSED_IN_A_ROW
+    }
+
+    /// A stream was accepted: the peer has a use for the connection.
+    fn accepted(&self) {
+        self.refused.store(0, Ordering::Release);
+    }
+
+    /// Whether no stream has been open for `idle`.
+    fn idle_for(&self, idle: Duration) -> bool {
+        self.open.load(Ordering::Acquire) == 0
+            && self.idle_since.lock().unwrap_or_else(|e| e.into_inner()).elapsed() >= idle
+    }
+}
+
+/// An open stream's place in [`Streams`].
+struct OpenStream(Arc<Streams>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        let mut since = self.0.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *since = Instant::now();
+        }
+    }
+}
+
+/// Serves one tunnel connection until it closes, the pod goes, its peer
+/// is revoked, it idles, or its peer stops answering. `permit` is its
+/// place under the bounds: it counts as a handshake until its first
+/// stream, as a tunnel until it ends.
+///
+/// One deadline, `--handshake-timeout` from accept, covers the TLS
+/// handshake, the HTTP/2 handshake and the wait for the first stream, so a
+/// client slow at each step gets no more than one timeout in all.
 pub(crate) async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr, mut permit: TunnelPermit) {
     let started = Instant::now();
+    let settings = ctx.mesh.h2;
+    let deadline = tokio::time::Instant::now() + settings.handshake_timeout;
     let peer = unmap(peer);
     let refused = |reason: CloseReason, refusal: Option<Refusal>| {
         let o = Outcome::refused(None, reason).via(Transport::Hbone).refusal(refusal);
@@ -100,8 +172,7 @@ pub(crate) async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr
         socket::reset(&tcp);
         return refused(CloseReason::NoIdentity, None);
     };
-    let settings = ctx.mesh.h2;
-    let tls = match tokio::time::timeout(settings.handshake_timeout, TlsAcceptor::from(tls_config).accept(tcp)).await {
+    let tls = match tokio::time::timeout_at(deadline, TlsAcceptor::from(tls_config).accept(tcp)).await {
         Err(_) => return refused(CloseReason::HandshakeTimeout, None),
         Ok(Err(e)) => {
             let refusal = refusal_of_io(&e).map_or(Refusal::TlsError, Refusal::Cert);
@@ -155,7 +226,7 @@ pub(crate) async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr
             settings.max_streams,
         ))
         .handshake::<_, Bytes>(tls);
-    let mut conn = match tokio::time::timeout(settings.handshake_timeout, handshake).await {
+    let mut conn = match tokio::time::timeout_at(deadline, handshake).await {
         Err(_) => return refused(CloseReason::HandshakeTimeout, None),
         Ok(Err(e)) => {
             tracing::warn!(pod = %ctx.pod.key, %peer, peer_identity = %peer_id, "tunnel HTTP/2 handshake failed: {e}");
@@ -163,9 +234,13 @@ pub(crate) async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr
         }
         Ok(Ok(c)) => c,
     };
-    permit.authenticated();
     let mut streams = 0u64;
     let guard = Arc::new(ResetGuard::new());
+    let open = Arc::new(Streams::new());
+    let dead_peer = super::hbone::dead_peer(conn.ping_pong(), settings.keepalive);
+    tokio::pin!(dead_peer);
+    let mut idle_check =
+        tokio::time::interval((settings.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(1)));
     let draining = ctx.lifecycle.stop_accepting.clone();
     let mut going_away = false;
     let end = loop {
@@ -181,6 +256,29 @@ pub(crate) async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr
             _ = cancel.cancelled() => {
                 conn.abrupt_shutdown(h2::Reason::CANCEL);
                 break TunnelEnd::Cancelled;
+            }
+            _ = open.all_refused.cancelled() => {
+                tracing::warn!(pod = %ctx.pod.key, %peer, peer_identity = %peer_id, streams, "closing tunnel connection: its last {REFUSED_IN_A_ROW} streams were all refused");
+                // GOAWAY; the last refusal's answer still goes out.
+                conn.graceful_shutdown();
+                break TunnelEnd::StreamsRefused;
+            }
+            () = &mut dead_peer => {
+                tracing::warn!(pod = %ctx.pod.key, %peer, peer_identity = %peer_id, streams, "closing tunnel connection: the peer does not answer PING");
+                break TunnelEnd::DeadPeer;
+            }
+            // The one deadline runs on to the first stream.
+            () = tokio::time::sleep_until(deadline), if streams == 0 => {
+                break TunnelEnd::NoStream;
+            }
+            _ = idle_check.tick(), if streams > 0 => {
+                if open.idle_for(settings.idle_timeout) {
+                    // GOAWAY: no stream is open, and streams the peer may
+                    // have sent meanwhile are named unprocessed, so its
+                    // client retries them elsewhere.
+                    conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                    break TunnelEnd::Idle;
+                }
             }
             _ = draining.cancelled(), if !going_away => {
                 // Drain: GOAWAY, so the peer opens no new stream here; the
@@ -202,6 +300,10 @@ pub(crate) async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr
                     ctx.mesh.counters.count(Direction::Tunnel, Counted::Closed(CloseReason::Shutdown), None);
                 }
                 Some(Ok((req, mut respond))) => {
+                    if streams == 0 {
+                        // Through to its first stream: no longer a handshake.
+                        permit.authenticated();
+                    }
                     streams += 1;
                     // Each stream becomes a connection to the app: it
                     // counts against the pod's inbound bound.
@@ -216,21 +318,37 @@ pub(crate) async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr
                         }
                     };
                     let (ctx, peer_id, cancel, guard) = (ctx.clone(), peer_id.clone(), cancel.clone(), guard.clone());
+                    let (open, opened) = (open.clone(), open.open());
                     ctx.lifecycle.connections.clone().spawn(async move {
-                        stream(&ctx, req, respond, peer_id, peer, &cancel, &guard).await;
-                        drop(held);
+                        stream(&ctx, req, respond, peer_id, peer, &cancel, &guard, &open).await;
+                        drop((held, opened));
                     });
                 }
             }
         }
     };
-    if end == TunnelEnd::Closed {
+    match end {
         // Let streams in flight finish their exchange.
-        let _ = std::future::poll_fn(|cx| conn.poll_closed(cx)).await;
+        TunnelEnd::Closed => {
+            let _ = std::future::poll_fn(|cx| conn.poll_closed(cx)).await;
+        }
+        // Send the GOAWAY, for no longer than a handshake may take: a peer
+        // that does not read cannot hold the connection this way.
+        TunnelEnd::Idle | TunnelEnd::StreamsRefused => {
+            let closed = std::future::poll_fn(|cx| conn.poll_closed(cx));
+            let _ = tokio::time::timeout(settings.handshake_timeout, closed).await;
+        }
+        _ => {}
+    }
+    match end {
+        TunnelEnd::NoStream => refused(CloseReason::HandshakeTimeout, None),
+        TunnelEnd::StreamsRefused => refused(CloseReason::StreamsRefused, None),
+        _ => {}
     }
     tracing::debug!(pod = %ctx.pod.key, %peer, peer_identity = %peer_id, streams, end = end.as_str(), "tunnel connection closed");
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn stream(
     ctx: &PodContext,
     req: Request<RecvStream>,
@@ -239,6 +357,7 @@ async fn stream(
     peer: SocketAddr,
     cancel: &CancellationToken,
     resets: &ResetGuard,
+    streams: &Streams,
 ) {
     let started = Instant::now();
     let outcome = |dst: Option<SocketAddr>, reason: CloseReason, refusal: Option<Refusal>| {
@@ -252,7 +371,14 @@ async fn stream(
             .status(status)
             .body(())
             .expect("valid status response");
+        // The peer's own doing (a 4xx), not the pod's or the app's; the
+        // connection closes once the peer has its answer, before its next
+        // stream can arrive.
+        let last = status.is_client_error() && streams.refused();
         let _ = respond.send_response(resp, true);
+        if last {
+            streams.all_refused.cancel();
+        }
     };
     if req.method() != Method::CONNECT {
         reject(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
@@ -312,6 +438,7 @@ async fn stream(
         }
     };
     let ok = Response::builder().status(StatusCode::OK).body(()).expect("valid 200");
+    streams.accepted();
     let send = match respond.send_response(ok, false) {
         Ok(s) => s,
         Err(_) => {
@@ -355,8 +482,6 @@ async fn stream(
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     #[test]

@@ -1,7 +1,13 @@
 //! Bounds on what a peer or a pod can make the agent hold: proxied
-//! connections per pod and in total, tunnel connections per remote peer,
-//! per source pod and in total, and unauthenticated handshakes on 15008 per
-//! remote peer and in total.
+//! connections per pod and in total, inbound tunnel connections per remote
+//! peer and in total, outbound ones per source pod and in total, and
+//! unauthenticated handshakes on 15008 per remote peer and in total.
+//!
+//! Inbound and outbound tunnels have bounds of their own, so peers holding
+//! tunnels to this node cannot stop its pods from opening tunnels out, nor
+//! the reverse. A remote peer is an IPv4 address or an IPv6 /64
+//! ([`peer_key`]): a host is routinely given a whole /64, so bounding per
+//! /128 would bound nothing.
 //!
 //! Each bound is a counter taken when a connection is accepted (or a tunnel
 //! opened) and given back when its [`Permit`] is dropped, so a count can
@@ -33,16 +39,19 @@ pub(crate) struct LimitConfig {
     /// Proxied connections of one pod in one direction (outbound; inbound
     /// plaintext and tunnel streams).
     pub(crate) connections_per_pod: usize,
-    /// Tunnel connections on the node, inbound and outbound together.
-    pub(crate) tunnels: usize,
-    /// Inbound tunnel connections from one remote IP, handshakes included.
+    /// Inbound tunnel connections on the node, handshakes included.
+    pub(crate) tunnels_in: usize,
+    /// Outbound (pooled) tunnel connections on the node.
+    pub(crate) tunnels_out: usize,
+    /// Inbound tunnel connections from one remote peer ([`peer_key`]),
+    /// handshakes included.
     pub(crate) tunnels_per_peer: usize,
     /// Outbound (pooled) tunnel connections of one source pod.
     pub(crate) tunnels_per_pod: usize,
     /// Inbound connections on 15008 not yet through their TLS and HTTP/2
     /// handshakes.
     pub(crate) handshakes: usize,
-    /// Such handshakes from one remote IP.
+    /// Such handshakes from one remote peer ([`peer_key`]).
     pub(crate) handshakes_per_peer: usize,
 }
 
@@ -52,7 +61,8 @@ impl LimitConfig {
     pub(crate) const UNLIMITED: LimitConfig = LimitConfig {
         connections: usize::MAX,
         connections_per_pod: usize::MAX,
-        tunnels: usize::MAX,
+        tunnels_in: usize::MAX,
+        tunnels_out: usize::MAX,
         tunnels_per_peer: usize::MAX,
         tunnels_per_pod: usize::MAX,
         handshakes: usize::MAX,
@@ -68,6 +78,17 @@ impl LimitConfig {
 pub(crate) fn send_buffer_per_stream(stream_window: u32, connection_window: u32, max_streams: u32) -> usize {
     let share = connection_window as usize / (max_streams.max(1) as usize);
     share.max(64 << 10).min(stream_window as usize)
+}
+
+/// The remote peer `ip` is counted as: an IPv4 address (IPv4-mapped IPv6
+/// included), or the /64 of an IPv6 address, the smallest prefix a host or
+/// pod is given, so one client cannot multiply its share by taking more
+/// addresses of its own prefix.
+pub(crate) fn peer_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from_bits(v6.to_bits() & !((1u128 << 64) - 1))),
+        v4 => v4,
+    }
 }
 
 /// Which bound refused a connection (defined with every other outcome label).
@@ -226,7 +247,8 @@ pub(crate) struct Limits {
     config: LimitConfig,
     connections: Arc<Gauge>,
     connections_per_pod: Arc<KeyedGauge<(u64, Side)>>,
-    tunnels: Arc<Gauge>,
+    tunnels_in: Arc<Gauge>,
+    tunnels_out: Arc<Gauge>,
     tunnels_per_peer: Arc<KeyedGauge<IpAddr>>,
     tunnels_per_pod: Arc<KeyedGauge<u64>>,
     handshakes: Arc<Gauge>,
@@ -241,7 +263,8 @@ impl Limits {
             config,
             connections: Gauge::new(config.connections),
             connections_per_pod: KeyedGauge::new(config.connections_per_pod),
-            tunnels: Gauge::new(config.tunnels),
+            tunnels_in: Gauge::new(config.tunnels_in),
+            tunnels_out: Gauge::new(config.tunnels_out),
             tunnels_per_peer: KeyedGauge::new(config.tunnels_per_peer),
             tunnels_per_pod: KeyedGauge::new(config.tunnels_per_pod),
             handshakes: Gauge::new(config.handshakes),
@@ -271,12 +294,12 @@ impl Limits {
     /// A place for one inbound connection on 15008 from `peer`, before any
     /// byte of it is read.
     pub(crate) fn tunnel_in(&self, peer: IpAddr) -> Result<TunnelPermit, Refusal> {
-        let peer = peer.to_canonical();
+        let peer = peer_key(peer);
         // Handshakes first: the bound a silent client runs into.
         let refusals = [Refusal::HandshakesPerPeer, Refusal::Handshakes];
         let handshake = take_both(&self.handshakes_per_peer, peer, Held::Peer, &self.handshakes, refusals)?;
-        let refusals = [Refusal::TunnelsPerPeer, Refusal::Tunnels];
-        let tunnel = take_both(&self.tunnels_per_peer, peer, Held::Peer, &self.tunnels, refusals)?;
+        let refusals = [Refusal::TunnelsPerPeer, Refusal::InboundTunnels];
+        let tunnel = take_both(&self.tunnels_per_peer, peer, Held::Peer, &self.tunnels_in, refusals)?;
         Ok(TunnelPermit {
             _tunnel: tunnel,
             handshake: Some(handshake),
@@ -286,8 +309,8 @@ impl Limits {
     /// A place for one outbound tunnel connection of the pod with
     /// network-namespace cookie `pod`.
     pub(crate) fn tunnel_out(&self, pod: u64) -> Result<Permit, Refusal> {
-        let refusals = [Refusal::TunnelsPerPod, Refusal::Tunnels];
-        take_both(&self.tunnels_per_pod, pod, Held::SourcePod, &self.tunnels, refusals)
+        let refusals = [Refusal::TunnelsPerPod, Refusal::OutboundTunnels];
+        take_both(&self.tunnels_per_pod, pod, Held::SourcePod, &self.tunnels_out, refusals)
     }
 
     /// Proxied connections the pod holds on `side` now.
@@ -360,7 +383,8 @@ mod tests {
         LimitConfig {
             connections: 3,
             connections_per_pod: 2,
-            tunnels: 3,
+            tunnels_in: 3,
+            tunnels_out: 3,
             tunnels_per_peer: 2,
             tunnels_per_pod: 2,
             handshakes: 2,
@@ -422,13 +446,46 @@ mod tests {
         t1.authenticated();
         // p's handshake place is free again; its tunnel place is not.
         let _t3 = l.tunnel_in(p).unwrap();
+        assert_eq!(l.tunnel_in(p).unwrap_err(), Refusal::HandshakesPerPeer);
+    }
+
+    #[test]
+    fn inbound_tunnels_at_their_bound_leave_outbound_ones_their_own() {
+        let l = Limits::new(LimitConfig {
+            tunnels_per_peer: 10,
+            ..small()
+        });
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        let held: Vec<_> = (0..3)
+            .map(|_| {
+                let mut t = l.tunnel_in(peer).unwrap();
+                t.authenticated();
+                t
+            })
+            .collect();
+        assert_eq!(l.tunnel_in(peer).unwrap_err(), Refusal::InboundTunnels);
+        let out: Vec<_> = (1..=3).map(|pod| l.tunnel_out(pod).unwrap()).collect();
+        assert_eq!(l.tunnel_out(4).unwrap_err(), Refusal::OutboundTunnels);
+        assert_eq!(l.tunnel_in(peer).unwrap_err(), Refusal::InboundTunnels);
+        drop((held, out));
+    }
+
+    #[test]
+    fn an_ipv6_peer_is_its_64_and_an_ipv4_mapped_one_its_ipv4_address() {
+        let k = |s: &str| peer_key(s.parse().unwrap());
+        assert_eq!(k("fd00:1:2:3:4:5:6:7"), k("fd00:1:2:3:ffff::1"));
+        assert_eq!(k("fd00:1:2:3:4:5:6:7"), "fd00:1:2:3::".parse::<IpAddr>().unwrap());
+        assert_ne!(k("fd00:1:2:3::1"), k("fd00:1:2:4::1"));
+        assert_eq!(k("::ffff:10.0.0.3"), "10.0.0.3".parse::<IpAddr>().unwrap());
+        assert_ne!(k("10.0.0.3"), k("10.0.0.4"));
+        // Two addresses of one /64 share the per-peer bound.
+        let l = Limits::new(small());
+        let _a = l.tunnel_in("fd00::1".parse().unwrap()).unwrap();
         assert_eq!(
-            l.tunnel_out(9).unwrap_err(),
-            Refusal::Tunnels,
-            "the tunnel total is shared"
+            l.tunnel_in("fd00::2".parse().unwrap()).unwrap_err(),
+            Refusal::HandshakesPerPeer
         );
-        drop(t1);
-        let _o = l.tunnel_out(9).unwrap();
+        let _b = l.tunnel_in("fd00:0:0:1::1".parse().unwrap()).unwrap();
     }
 
     #[test]
@@ -449,7 +506,10 @@ mod tests {
 
     #[test]
     fn outbound_tunnels_are_bounded_per_source_pod() {
-        let l = Limits::new(LimitConfig { tunnels: 10, ..small() });
+        let l = Limits::new(LimitConfig {
+            tunnels_out: 10,
+            ..small()
+        });
         let _a = l.tunnel_out(1).unwrap();
         let _b = l.tunnel_out(1).unwrap();
         assert_eq!(l.tunnel_out(1).unwrap_err(), Refusal::TunnelsPerPod);

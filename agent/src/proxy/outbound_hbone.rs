@@ -86,41 +86,51 @@ pub(crate) async fn handle(
             })
         })
     };
-    let (mut sender, lease) = match ctx.mesh.pool.sender(&key, connect).await {
-        Ok(s) => s,
-        Err(PoolError::Limit(limit)) => {
-            // Counted and warned about at a bounded rate, not per connection.
-            ctx.mesh.limits.refused(limit, Direction::Outbound, &ctx.pod.key, None);
-            return refused(&down, CloseReason::TunnelRefused, Some(Refusal::Limit(limit)));
+    // A stream the server never took (GOAWAY raced it: the server's idle
+    // timeout or drain) reached no app: it is tried once more, on another
+    // connection.
+    let mut attempt = 0;
+    let (lease, response, send) = loop {
+        attempt += 1;
+        let (mut sender, lease) = match ctx.mesh.pool.sender(&key, connect.clone()).await {
+            Ok(s) => s,
+            Err(PoolError::H2(e)) if e.is_go_away() && attempt == 1 => continue,
+            Err(PoolError::Limit(limit)) => {
+                // Counted and warned about at a bounded rate, not per connection.
+                ctx.mesh.limits.refused(limit, Direction::Outbound, &ctx.pod.key, None);
+                return refused(&down, CloseReason::TunnelRefused, Some(Refusal::Limit(limit)));
+            }
+            Err(e) => {
+                let refusal = match &e {
+                    PoolError::Connect(io) => refusal_of_io(io).map(Refusal::Cert),
+                    _ => None,
+                };
+                tracing::warn!(pod = %ctx.pod.key, %dst, %expected, refusal = refusal.map(Refusal::as_str), "tunnel to destination failed: {e}");
+                let reason = match &e {
+                    PoolError::Connect(io) if refusal.is_none() => CloseReason::from_io(io),
+                    PoolError::Timeout => CloseReason::ConnectTimeout,
+                    _ => CloseReason::TunnelRefused,
+                };
+                return refused(&down, reason, refusal);
+            }
+        };
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(hbone::authority(dst))
+            .header("forwarded", hbone::forwarded_for(client))
+            .header("traceparent", hbone::traceparent())
+            .body(())
+            .expect("valid CONNECT request");
+        let sent = sender.send_request(req, false);
+        let answer = match sent {
+            Ok((response, send)) => response.await.map(|r| (r, send)),
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok((response, send)) => break (lease, response, send),
+            Err(e) if e.is_go_away() && attempt == 1 => lease.retire(),
+            Err(_) => return refused(&down, CloseReason::TunnelRefused, None),
         }
-        Err(e) => {
-            let refusal = match &e {
-                PoolError::Connect(io) => refusal_of_io(io).map(Refusal::Cert),
-                _ => None,
-            };
-            tracing::warn!(pod = %ctx.pod.key, %dst, %expected, refusal = refusal.map(Refusal::as_str), "tunnel to destination failed: {e}");
-            let reason = match &e {
-                PoolError::Connect(io) if refusal.is_none() => CloseReason::from_io(io),
-                PoolError::Timeout => CloseReason::ConnectTimeout,
-                _ => CloseReason::TunnelRefused,
-            };
-            return refused(&down, reason, refusal);
-        }
-    };
-    let req = Request::builder()
-        .method(Method::CONNECT)
-        .uri(hbone::authority(dst))
-        .header("forwarded", hbone::forwarded_for(client))
-        .header("traceparent", hbone::traceparent())
-        .body(())
-        .expect("valid CONNECT request");
-    let (response, send) = match sender.send_request(req, false) {
-        Ok(r) => r,
-        Err(_) => return refused(&down, CloseReason::TunnelRefused, None),
-    };
-    let response = match response.await {
-        Ok(r) => r,
-        Err(_) => return refused(&down, CloseReason::TunnelRefused, None),
     };
     if response.status() != StatusCode::OK {
         // The destination refused the stream (its app port closed, or the

@@ -7,7 +7,8 @@
 //! IP, which the destination app sees. A connection takes up to
 //! `max_streams` streams; the next caller opens another. Concurrent first
 //! callers for a key wait on one lock and share one handshake. Connections
-//! with no stream for `idle_timeout` are released.
+//! with no stream for `idle_timeout` are released, and every connection
+//! PINGs its server, closing it when a PING goes unanswered.
 //!
 //! Concurrent streams are spread over up to `spread` connections before any
 //! connection takes a second one: each connection's TLS and HTTP/2 work runs
@@ -160,6 +161,12 @@ impl StreamLease {
     pub(crate) fn peer_revoked(&self) -> bool {
         self.conn.revoked.is_cancelled()
     }
+
+    /// The peer sent GOAWAY (its idle timeout, a drain): the connection
+    /// takes no new stream.
+    pub(crate) fn retire(&self) {
+        self.conn.closed.cancel();
+    }
 }
 
 impl Drop for StreamLease {
@@ -246,7 +253,14 @@ impl Pool {
             conn
         };
         let lease = StreamLease { conn: conn.clone() };
-        let sender = conn.sender.clone().ready().await?;
+        let sender = match conn.sender.clone().ready().await {
+            Ok(s) => s,
+            Err(e) => {
+                // Gone or going away (GOAWAY): no other stream goes there.
+                conn.closed.cancel();
+                return Err(e.into());
+            }
+        };
         Ok((sender, lease))
     }
 
@@ -274,9 +288,10 @@ impl Pool {
                 .await?;
             Ok::<_, PoolError>((sender, connection, revoked, registration))
         };
-        let (sender, connection, revoked, registration) = tokio::time::timeout(s.handshake_timeout, handshake)
+        let (sender, mut connection, revoked, registration) = tokio::time::timeout(s.handshake_timeout, handshake)
             .await
             .map_err(|_| PoolError::Timeout)??;
+        let dead_peer = super::hbone::dead_peer(connection.ping_pong(), s.keepalive);
         let retire_at = registration.as_ref().map(|r| {
             let left = r
                 .not_after()
@@ -297,6 +312,7 @@ impl Pool {
                 r = connection => r.err().map(|e| e.to_string()),
                 // Dropping the connection closes it and fails its streams.
                 _ = cut.cancelled() => Some("peer no longer trusted".to_string()),
+                () = dead_peer => Some("the peer does not answer PING".to_string()),
             };
             drop(permit);
             done.cancel();

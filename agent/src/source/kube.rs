@@ -142,6 +142,7 @@ impl Kind {
             Kind::Namespaces => "namespaces",
             Kind::Services => "services",
             Kind::EndpointSlices => "endpointslices",
+            Kind::Nodes => "nodes",
             Kind::PeerAuthentications => "peerauthentications",
             Kind::AuthorizationPolicies => "authorizationpolicies",
         }

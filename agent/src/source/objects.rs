@@ -119,6 +119,7 @@ impl Object {
             Object::AuthorizationPolicy(p) => ("AuthorizationPolicy", p.meta.namespace.as_str(), p.meta.name.as_str()),
             Object::Service(s) => ("Service", s.namespace.as_str(), s.name.as_str()),
             Object::EndpointSlice(s) => ("EndpointSlice", s.namespace.as_str(), s.name.as_str()),
+            Object::Node(n) => ("Node", "", n.name.as_str()),
         };
         ObjectId {
             kind: kind.to_string(),
