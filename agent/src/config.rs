@@ -393,7 +393,9 @@ pub struct RunArgs {
 
     /// CA service speaking Istio's CA protocol, `https://HOST:PORT`
     /// (`nodeward ca serve`, istiod): keys stay on the node, only CSRs
-    /// leave; exclusive with --ca-dir.
+    /// leave; exclusive with --ca-dir. Several, comma-separated, are
+    /// tried in turn (replicas without a Service in front), as are the
+    /// addresses a name resolves to.
     #[arg(long, env = "NODEWARD_CA_ADDRESS")]
     pub(crate) ca_address: Option<String>,
 

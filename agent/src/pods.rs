@@ -49,6 +49,11 @@ pub(crate) enum PodError {
         /// The namespaces, as the scan opened them.
         namespaces: Vec<Arc<Netns>>,
     },
+    /// The runtime deleted the pod's current sandbox (CNI DEL): no
+    /// namespace is looked for by address until its ADD names a new one,
+    /// since the freed address may already be another pod's.
+    #[error("the runtime deleted the pod's sandbox (CNI DEL); waiting for the ADD of a new one")]
+    SandboxDeleted,
     /// The next namespace scan is not due yet; nothing is known.
     #[error("waiting for the next namespace scan")]
     Pending,
@@ -118,6 +123,11 @@ pub(crate) struct PodManager {
     /// Namespaces the runtime deleted (CNI DEL) by pod uid, while the
     /// config still lists the pod: never captured again.
     cni_released: HashMap<String, Vec<u64>>,
+    /// Pods whose current sandbox the runtime deleted: found again only by
+    /// the ADD of their next one, never by a scan for their addresses
+    /// (IPAM may have given them to a new pod whose ADD is still on its
+    /// way). Kept while the config lists the pod.
+    cni_awaiting_add: HashSet<String>,
 }
 
 impl PodManager {
@@ -150,6 +160,7 @@ impl PodManager {
             cni_rx: None,
             cni: HashMap::new(),
             cni_released: HashMap::new(),
+            cni_awaiting_add: HashSet::new(),
         }
     }
 
@@ -230,7 +241,7 @@ impl PodManager {
                     match &e {
                         PodError::Ambiguous { namespaces, .. } => self.quarantine(want, namespaces, None),
                         // The namespaces it was quarantined in hold its IP no more.
-                        PodError::NoNamespace(_) => self.quarantine(want, &[], None),
+                        PodError::NoNamespace(_) | PodError::SandboxDeleted => self.quarantine(want, &[], None),
                         // Still ambiguous as far as we know: stay closed.
                         _ => {}
                     }
@@ -506,6 +517,9 @@ impl PodManager {
     async fn resolve(&mut self, pod: &ManagedPod) -> Result<Arc<Netns>, PodError> {
         if let Some(c) = self.cni.get(&pod.uid) {
             return Ok(c.netns.clone());
+        }
+        if self.cni_awaiting_add.contains(&pod.uid) {
+            return Err(PodError::SandboxDeleted);
         }
         if self.scan.is_none() {
             // Scan at once for a new config (a pod just appeared), otherwise

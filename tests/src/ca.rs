@@ -40,6 +40,10 @@ pub struct CaService {
     pub server: Option<Agent>,
     /// Further `ca serve` flags.
     pub extra: Vec<String>,
+    /// A kubeconfig: pods and the issuer's keys come from that API server
+    /// (`--source kube`, OIDC discovery) instead of the config directory
+    /// and `jwks.json`.
+    pub api: Option<PathBuf>,
 }
 
 /// The name of node `node`'s agent pod, which its token is bound to.
@@ -76,6 +80,7 @@ impl CaService {
             node: 0,
             server: None,
             extra: Vec::new(),
+            api: None,
         };
         let mut pods = String::new();
         for node in &t.nodes {
@@ -148,23 +153,34 @@ impl CaService {
 
     /// Starts the server in node 1's namespace and waits until it serves.
     pub fn start(&mut self, t: &Topology) {
+        let view: Vec<String> = match &self.api {
+            Some(kubeconfig) => vec![
+                "--source".into(),
+                "kube".into(),
+                "--kubeconfig".into(),
+                kubeconfig.display().to_string(),
+            ],
+            None => vec![
+                "--jwks".into(),
+                self.dir.join("jwks.json").display().to_string(),
+                "--config-dir".into(),
+                self.config_dir.display().to_string(),
+            ],
+        };
         let args: Vec<String> = vec![
             "--ca-dir".into(),
             self.ca_dir.display().to_string(),
             "--listen".into(),
             format!("{}:15012", self.host),
-            "--jwks".into(),
-            self.dir.join("jwks.json").display().to_string(),
             "--issuer".into(),
             ISSUER.into(),
-            "--config-dir".into(),
-            self.config_dir.display().to_string(),
             "--server-name".into(),
             self.host.clone(),
             "--issuance-log".into(),
             self.issuance_log().display().to_string(),
         ];
         let mut args = args;
+        args.extend(view);
         args.extend(self.extra.iter().cloned());
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let server = Agent::ca_serve(&t.nodes[self.node], &refs);

@@ -47,6 +47,10 @@ pub const ENDPOINT_SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 pub const NODES: &str = "/api/v1/nodes";
 /// Path of PeerAuthentications (`security.istio.io/v1`).
 pub const PEER_AUTHENTICATIONS: &str = "/apis/security.istio.io/v1/peerauthentications";
+/// The API server's OIDC discovery document.
+pub const OIDC_DISCOVERY: &str = "/.well-known/openid-configuration";
+/// The service-account issuer's keys.
+pub const OIDC_JWKS: &str = "/openid/v1/jwks";
 /// Path of AuthorizationPolicies (`security.istio.io/v1`).
 pub const AUTHORIZATION_POLICIES: &str = "/apis/security.istio.io/v1/authorizationpolicies";
 
@@ -88,6 +92,11 @@ impl FakeApi {
     pub fn list(&self, path: &str, kind: &str, resource_version: &str, items: Vec<Value>) {
         let body = json!({"kind": kind, "apiVersion": "v1",
             "metadata": {"resourceVersion": resource_version}, "items": items});
+        self.state.lock().unwrap().lists.insert(path.into(), (200, body));
+    }
+
+    /// Sets the answer of `path` to any document (OIDC discovery, JWKS).
+    pub fn set(&self, path: &str, body: Value) {
         self.state.lock().unwrap().lists.insert(path.into(), (200, body));
     }
 

@@ -469,3 +469,118 @@ fn audit_names_a_certificate_in_use_that_the_issuance_log_does_not_hold() {
     });
     assert!(ok && !out.contains("unlogged_certificate"), "from metrics:\n{out}{err}");
 }
+
+/// The pods of `t` and the agents' own pods, as the API server lists them.
+fn api_pods(t: &Topology) -> Vec<Value> {
+    let mut pods: Vec<Value> = t
+        .workloads
+        .pods
+        .iter()
+        .map(|p| nodeward_testbed::fake_api::pod_json(p, "1"))
+        .collect();
+    for node in &t.nodes {
+        pods.push(serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": agent_pod(&node.name), "namespace": NODE_AGENT.0,
+                "uid": agent_pod_uid(&node.name), "resourceVersion": "1"},
+            "spec": {"nodeName": node.name, "serviceAccountName": NODE_AGENT.1, "hostNetwork": true,
+                "containers": [{"name": "agent", "image": "nodeward:latest"}]},
+            "status": {"phase": "Running"}}));
+    }
+    pods
+}
+
+#[test]
+fn without_a_jwks_file_the_service_reads_pods_and_keys_from_the_api_and_follows_a_key_rotation() {
+    use nodeward_testbed::fake_api::{FakeApi, OIDC_DISCOVERY, OIDC_JWKS, PODS};
+    let _g = shared();
+    let test = "without_a_jwks_file_the_service_reads_pods_and_keys_from_the_api_and_follows_a_key_rotation";
+    if !privileged_or_skip(test) {
+        return;
+    }
+    let t = Topology::build(TopologySpec::two_nodes());
+    let mut ca = CaService::new(&t);
+    let api = FakeApi::start_in(&t.nodes[0].netns);
+    api.list(PODS, "PodList", "1", api_pods(&t));
+    api.set(
+        OIDC_DISCOVERY,
+        serde_json::json!({"issuer": ISSUER, "jwks_uri": format!("https://{}{OIDC_JWKS}", api.addr),
+            "response_types_supported": ["id_token"], "id_token_signing_alg_values_supported": ["RS256", "ES256"]}),
+    );
+    api.set(OIDC_JWKS, serde_json::from_str(&ca.signer.jwks()).unwrap());
+    ca.api = Some(api.kubeconfig(&ca.dir));
+    ca.start(&t);
+    // Ready once the API's Pods are listed.
+    let deadline = std::time::Instant::now() + nodeward_testbed::patience(WAIT);
+    loop {
+        let ready =
+            nodeward_testbed::admin::http(&t.nodes[0].netns, "127.0.0.1:15022", "GET", "/healthz/ready").unwrap();
+        if ready.0 == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never ready: {ready:?}\n{}",
+            ca.dump()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        api.count(&format!("{PODS}?watch")) >= 1,
+        "the service does not watch Pods"
+    );
+    assert_eq!(api.count("/api/v1/namespaces"), 0, "the service lists more than Pods");
+
+    // Node 1's agent, as the API's pods place them and its keys verify.
+    let node1 = std::fs::read_to_string(ca.token_file(&t.nodes[0].name)).unwrap();
+    ask(&t, &ca, &node1, id("a")).expect("a pod of node 1, from the API's view");
+    refused(ask(&t, &ca, &node1, id("c")), 7, "is scheduled on node");
+
+    // The API server rotates its key: the old one is gone from the JWKS.
+    let rotated = TokenSigner::generate("test-issuer-2");
+    api.set(OIDC_JWKS, serde_json::from_str(&rotated.jwks()).unwrap());
+    let (pod, uid) = (agent_pod(&t.nodes[0].name), agent_pod_uid(&t.nodes[0].name));
+    let new_token = rotated.sign(&k8s_claims(
+        ISSUER,
+        "istio-ca",
+        NODE_AGENT.0,
+        NODE_AGENT.1,
+        (&pod, &uid),
+        &t.nodes[0].name,
+        now(),
+    ));
+    // A token of the new key makes the service fetch the keys again (at
+    // most once per 10 s, so it may take that long after the first fetch).
+    let deadline = std::time::Instant::now() + nodeward_testbed::patience(Duration::from_secs(30));
+    loop {
+        match ask(&t, &ca, &new_token, id("a")) {
+            Ok(()) => break,
+            Err(e) => assert!(
+                std::time::Instant::now() < deadline,
+                "a token of the rotated-in key is still refused: {e}\n{}",
+                ca.dump()
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // ... and the old key no longer verifies anything.
+    refused(ask(&t, &ca, &node1, id("a")), 16, "no key \"test-issuer-1\"");
+
+    // A pod deleted in the API: its node's agent no longer obtains it.
+    let a = t.workloads.pods.iter().find(|p| p.spec.name == "a").unwrap();
+    api.send(
+        PODS,
+        &serde_json::json!({"type": "DELETED", "object": nodeward_testbed::fake_api::pod_json(a, "2")}),
+    );
+    let deadline = std::time::Instant::now() + nodeward_testbed::patience(WAIT);
+    loop {
+        match ask(&t, &ca, &new_token, id("a")) {
+            Err(e) if e.to_string().contains("is scheduled on node") => break,
+            r => assert!(
+                std::time::Instant::now() < deadline,
+                "a deleted pod's identity is still issued: {r:?}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ca.kill();
+}

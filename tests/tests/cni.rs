@@ -326,17 +326,34 @@ fn a_del_of_another_sandbox_or_one_the_agent_cannot_match_leaves_the_pod_strict_
         "a DEL of q's own sandbox did not release it; log:\n{}",
         t.agent(0).dump()
     );
-    // q lives on in the config: the next namespace holding its address
-    // (a sandbox the runtime made without CNI) is captured.
-    let next = t.add_decoy("q-next", &[ipq.parse().unwrap()]);
-    nodeward_testbed::netns::sh(&["ip", "-n", &next, "link", "set", "lo", "up"]);
-    let next_path = nodeward_testbed::netns::path(&next);
+    // q lives on in the config, but its address is free: IPAM may give it
+    // to another pod whose ADD is still on its way. A namespace holding it
+    // is not q's for that: no scan takes it for q ...
+    let other = t.add_decoy("q-ip-reused", &[ipq.parse().unwrap()]);
+    nodeward_testbed::netns::sh(&["ip", "-n", &other, "link", "set", "lo", "up"]);
+    let other_path = nodeward_testbed::netns::path(&other);
+    // (several namespace scans, 500 ms apart, would have run by now)
+    std::thread::sleep(nodeward_testbed::patience(Duration::from_secs(3)));
     let agent = t.agent(0);
+    assert!(
+        !agent
+            .lines()
+            .iter()
+            .any(|l| l["message"] == "pod captured" && l["netns"] == other_path.as_str()),
+        "after q's DEL, a namespace holding its freed address was captured as q; log:\n{}",
+        agent.dump()
+    );
+    // ... until the runtime's ADD of q's next sandbox names one.
+    let next_ns = CniPod::new(t.id, "q-next", "mesh");
+    let next = sandbox_of(&q, "sandbox-q-next", &next_ns.netns);
+    net.add(&next)
+        .unwrap_or_else(|e| panic!("ADD of q's next sandbox failed: {e:?}"));
+    let next_path = next.netns_path();
     agent
         .wait_log(WAIT, |l| {
             l["message"] == "pod captured" && l["pod"] == keyq.as_str() && l["netns"] == next_path.as_str()
         })
-        .unwrap_or_else(|| panic!("q's next namespace not captured; log:\n{}", agent.dump()));
+        .unwrap_or_else(|| panic!("q's next sandbox not captured; log:\n{}", agent.dump()));
     let in_deleted = agent
         .lines()
         .iter()

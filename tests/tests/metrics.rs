@@ -148,9 +148,12 @@ fn mtls_connections_strict_refusals_and_denials_are_counted_exactly() {
         Some(3.0),
         "{m}"
     );
-    // Certificate expiry is exported per identity held on the node.
+    // Certificate expiry is exported per identity held on the node, with
+    // the serial of the certificate (what `audit --issuance-log` reads).
     assert!(
-        m.contains("nodeward_certificate_expiry_timestamp_seconds{identity=\"spiffe://cluster.local/ns/mesh/sa/c\"}"),
+        m.contains(
+            "nodeward_certificate_expiry_timestamp_seconds{identity=\"spiffe://cluster.local/ns/mesh/sa/c\",serial=\""
+        ),
         "{m}"
     );
     assert!(

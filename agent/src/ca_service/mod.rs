@@ -6,6 +6,7 @@
 //! * `authz` — who may obtain which identity (node-scoped impersonation).
 //! * `limit` — issuance rate limits per caller and per node.
 //! * `ledger` — the hash-chained issuance log and its verifier.
+//! * `oidc` — the token issuer's keys from the API server's OIDC discovery.
 //! * `metrics` — the service's own metric families.
 //! * `server` — the gRPC endpoint: authenticate, limit, authorize, issue,
 //!   log, count.
@@ -20,6 +21,7 @@ pub(crate) mod jwt;
 pub mod ledger;
 pub(crate) mod limit;
 pub(crate) mod metrics;
+pub(crate) mod oidc;
 pub mod server;
 
 use std::net::SocketAddr;
@@ -38,8 +40,11 @@ pub struct ServeArgs {
     #[arg(long, env = "NODEWARD_CA_LISTEN", default_value = "0.0.0.0:15012")]
     pub(crate) listen: SocketAddr,
     /// The service-account issuer's public keys, a JWKS file (RFC 7517).
+    /// Without it they come from the API server's OIDC discovery
+    /// (`/.well-known/openid-configuration`, `/openid/v1/jwks`), refreshed
+    /// when a token names an unknown key and every 5 minutes.
     #[arg(long, env = "NODEWARD_CA_JWKS")]
-    pub(crate) jwks: PathBuf,
+    pub(crate) jwks: Option<PathBuf>,
     /// Expected `iss` of tokens (the API server's --service-account-issuer).
     #[arg(long, env = "NODEWARD_CA_ISSUER")]
     pub(crate) issuer: String,
@@ -50,9 +55,18 @@ pub struct ServeArgs {
     /// identities of pods on its token's node.
     #[arg(long, env = "NODEWARD_CA_NODE_AGENT_SA", default_value = "nodeward-system/nodeward")]
     pub(crate) node_agent_sa: String,
-    /// Kubernetes YAML with the cluster's pods (the CA's view for node authorization).
+    /// Where the CA's view of pods comes from (who runs where, as which
+    /// ServiceAccount): `kube` watches the API's Pods, and nothing else;
+    /// `dir` reads `--config-dir` [default: dir with --config-dir, else kube].
+    #[arg(long, env = "NODEWARD_SOURCE", value_enum)]
+    pub(crate) source: Option<crate::config::SourceKind>,
+    /// Kubernetes YAML with the cluster's pods, for `--source dir`.
     #[arg(long, env = "NODEWARD_CONFIG_DIR")]
-    pub(crate) config_dir: PathBuf,
+    pub(crate) config_dir: Option<PathBuf>,
+    /// kubeconfig for the Kubernetes API (`--source kube`, OIDC discovery)
+    /// [default: the local kubeconfig if any, else in-cluster settings].
+    #[arg(long, env = "NODEWARD_KUBECONFIG")]
+    pub(crate) kubeconfig: Option<PathBuf>,
     /// SPIFFE trust domain of issued identities.
     #[arg(long, env = "NODEWARD_TRUST_DOMAIN", default_value = crate::config::defaults::TRUST_DOMAIN)]
     pub(crate) trust_domain: String,

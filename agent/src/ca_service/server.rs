@@ -46,7 +46,7 @@ const MAX_CONNECTIONS: usize = 1024;
 /// A loaded CA service.
 pub(crate) struct CaService {
     authority: Authority,
-    keys: KeySet,
+    keys: Keys,
     expected: Expected,
     rules: Rules,
     store: Store,
@@ -57,6 +57,74 @@ pub(crate) struct CaService {
     /// This instance's name in the issuance log (its host name).
     replica: String,
     metrics: CaMetrics,
+    /// The Kubernetes source's health, when pods come from the API.
+    health: Option<crate::source::kube::SourceHealth>,
+}
+
+/// Where the token issuer's keys come from.
+enum Keys {
+    /// `--jwks`, read at start.
+    File(Arc<KeySet>),
+    /// The API server's OIDC discovery.
+    Discovered(Arc<super::oidc::Discovered>),
+}
+
+impl Keys {
+    fn current(&self) -> Arc<KeySet> {
+        match self {
+            Keys::File(k) => k.clone(),
+            Keys::Discovered(d) => d.current(),
+        }
+    }
+}
+
+/// Where the CA's view of pods comes from, once the flags are checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum PodSource {
+    /// `--config-dir`.
+    Dir(std::path::PathBuf),
+    /// The Kubernetes API's Pods.
+    Kube,
+}
+
+impl PodSource {
+    /// `--source` with `--config-dir`: the default is `dir` when a
+    /// directory is named, else `kube`; each source takes only its own flag.
+    fn of(a: &ServeArgs, problems: &mut Vec<String>) -> Option<PodSource> {
+        use crate::config::SourceKind;
+        let kind = a.source.unwrap_or(if a.config_dir.is_some() {
+            SourceKind::Dir
+        } else {
+            SourceKind::Kube
+        });
+        match (kind, &a.config_dir) {
+            (SourceKind::Dir, Some(dir)) if dir.is_dir() => Some(PodSource::Dir(dir.clone())),
+            (SourceKind::Dir, Some(dir)) => {
+                problems.push(format!(
+                    "--config-dir (NODEWARD_CONFIG_DIR) {}: not a directory",
+                    dir.display()
+                ));
+                None
+            }
+            (SourceKind::Dir, None) => {
+                problems.push("--source dir needs --config-dir (NODEWARD_CONFIG_DIR)".into());
+                None
+            }
+            (SourceKind::Kube, Some(_)) => {
+                problems.push(
+                    "--config-dir (NODEWARD_CONFIG_DIR) contradicts --source kube, which reads the Kubernetes API"
+                        .into(),
+                );
+                None
+            }
+            (SourceKind::Kube, None) => Some(PodSource::Kube),
+        }
+    }
+
+    /// Whether the Kubernetes API is needed: for pods, or for the keys.
+    pub(crate) fn needs_api(a: &ServeArgs) -> bool {
+        a.jwks.is_none() || !matches!(PodSource::of(a, &mut Vec::new()), Some(PodSource::Dir(_)))
+    }
 }
 
 /// A refusal: the gRPC status, its reason label, the message.
@@ -78,21 +146,35 @@ impl std::fmt::Debug for CaService {
 }
 
 impl CaService {
-    /// Checks every flag and file, reporting all problems at once.
+    /// [`CaService::load_with`] with keys from `--jwks` only.
+    #[cfg(test)]
     pub(crate) fn load(a: &ServeArgs) -> Result<CaService, ServeError> {
+        Self::load_with(a, None)
+    }
+
+    /// Checks every flag and file, reporting all problems at once; the
+    /// issuer's keys are `discovered` from the API server when no `--jwks`
+    /// is given.
+    pub(crate) fn load_with(
+        a: &ServeArgs,
+        discovered: Option<Arc<super::oidc::Discovered>>,
+    ) -> Result<CaService, ServeError> {
         let mut problems = Vec::new();
         let authority = Authority::load(&a.ca_dir)
             .map_err(|e| problems.push(format!("--ca-dir (NODEWARD_CA_DIR): {e}")))
             .ok();
-        let keys = KeySet::load(&a.jwks)
-            .map_err(|e| problems.push(format!("--jwks (NODEWARD_CA_JWKS): {e}")))
-            .ok();
-        if !a.config_dir.is_dir() {
-            problems.push(format!(
-                "--config-dir (NODEWARD_CONFIG_DIR) {}: not a directory",
-                a.config_dir.display()
-            ));
-        }
+        let keys = match (&a.jwks, discovered) {
+            (Some(file), _) => KeySet::load(file)
+                .map(|k| Keys::File(Arc::new(k)))
+                .map_err(|e| problems.push(format!("--jwks (NODEWARD_CA_JWKS): {e}")))
+                .ok(),
+            (None, Some(d)) => Some(Keys::Discovered(d)),
+            (None, None) => {
+                problems.push("no --jwks (NODEWARD_CA_JWKS) and no keys discovered from the API server".into());
+                None
+            }
+        };
+        PodSource::of(a, &mut problems);
         let node_agent = match a.node_agent_sa.split_once('/') {
             Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') => Some((ns.into(), sa.into())),
             _ => {
@@ -173,6 +255,7 @@ impl CaService {
                     .map(|h| h.trim().to_string())
                     .unwrap_or_default(),
                 metrics: CaMetrics::new(),
+                health: None,
             }),
             _ => Err(ServeError::Setup(problems)),
         }
@@ -282,8 +365,16 @@ impl CaService {
     ) -> Result<(IstioCertificateResponse, String, i64), Refusal> {
         let token = token.ok_or((Code::Unauthenticated, "no_token", "no bearer token".to_string()))?;
         let now = crate::identity::trust::unix_now();
-        let claims = super::jwt::verify(token, &self.keys, &self.expected, now)
-            .map_err(|e| (Code::Unauthenticated, e.kind(), format!("token refused: {e}")))?;
+        let mut verified = super::jwt::verify(token, &self.keys.current(), &self.expected, now);
+        // A key the set lacks may be a new one the API server rotated in.
+        let unknown_key = matches!(verified, Err(super::jwt::JwtError::UnknownKey(_)));
+        if unknown_key
+            && let Keys::Discovered(d) = &self.keys
+            && d.refresh_blocking()
+        {
+            verified = super::jwt::verify(token, &d.current(), &self.expected, now);
+        }
+        let claims = verified.map_err(|e| (Code::Unauthenticated, e.kind(), format!("token refused: {e}")))?;
         *who = caller_of(&claims);
         let req: IstioCertificateRequest =
             unframe(body).map_err(|e| (Code::InvalidArgument, "bad_request", e.to_string()))?;
@@ -411,7 +502,20 @@ impl CaService {
 fn admin_route(service: &CaService, req: &crate::admin::server::Request<'_>) -> crate::admin::server::Response {
     use crate::admin::server::Response;
     match (req.method, req.path) {
-        ("GET", "/healthz/ready") => Response::text("ready\n"),
+        ("GET", "/healthz/ready") => {
+            let mut problems = service.health.as_ref().map(|h| h.problems()).unwrap_or_default();
+            if service.store.current().generation == 0 {
+                problems.push("no view of pods yet: every node agent's request would be refused".into());
+            }
+            match problems.is_empty() {
+                true => Response::text("ready\n"),
+                false => Response::with(
+                    "503 Service Unavailable",
+                    "text/plain; charset=utf-8",
+                    problems.join("\n") + "\n",
+                ),
+            }
+        }
         ("GET", "/stats" | "/metrics" | "/stats/prometheus") => Response::text(service.stats()),
         (_, "/healthz/ready" | "/stats" | "/metrics" | "/stats/prometheus") => Response::method_not_allowed(),
         _ => Response::not_found(),
@@ -476,7 +580,50 @@ impl ResolvesServerCert for Rotating {
 
 /// Runs the service until `stop` fires.
 pub async fn serve(args: ServeArgs, stop: CancellationToken) -> Result<(), ServeError> {
-    let service = Arc::new(CaService::load(&args)?);
+    let setup = |e: String| ServeError::Setup(vec![e]);
+    let client = match PodSource::needs_api(&args) {
+        true => Some(
+            crate::source::kube::client(args.kubeconfig.as_deref())
+                .await
+                .map_err(|e| setup(e.to_string()))?,
+        ),
+        false => None,
+    };
+    let discovered = match (&args.jwks, &client) {
+        (None, Some(c)) => Some(Arc::new(
+            super::oidc::Discovered::start(c.clone(), &args.issuer)
+                .await
+                .map_err(|e| setup(format!("OIDC discovery (no --jwks): {e}")))?,
+        )),
+        _ => None,
+    };
+    let mut service = CaService::load_with(&args, discovered.clone())?;
+    // The view of pods: a directory, or the API's Pods alone.
+    let assembler = || crate::source::Assembler::new(crate::config::defaults::ROOT_NAMESPACE, &args.trust_domain, &[]);
+    let pods = PodSource::of(&args, &mut Vec::new());
+    let kube_source = match (&pods, client) {
+        (Some(PodSource::Kube), Some(client)) => {
+            let source =
+                crate::source::kube::KubeSource::watching(client, "", assembler(), &[crate::source::kube::Kind::Pods]);
+            service.health = Some(source.health());
+            Some(source)
+        }
+        _ => None,
+    };
+    let service = Arc::new(service);
+    match (pods, kube_source) {
+        (_, Some(source)) => {
+            tokio::spawn(source.run(service.store.clone(), stop.clone()));
+        }
+        (Some(PodSource::Dir(dir)), None) => {
+            let source = DirSource::new(&dir).with_assembler(assembler());
+            tokio::spawn(source.run(service.store.clone(), Duration::from_millis(200), stop.clone()));
+        }
+        _ => return Err(setup("no source of pods".into())),
+    }
+    if let Some(d) = discovered {
+        tokio::spawn(d.run(stop.clone()));
+    }
     let cert = service
         .server_cert()
         .map_err(|e| ServeError::Setup(vec![format!("--server-name: {e}")]))?;
@@ -506,12 +653,6 @@ pub async fn serve(args: ServeArgs, stop: CancellationToken) -> Result<(), Serve
         admin_route,
         stop.clone(),
     ));
-    let source = DirSource::new(&args.config_dir).with_assembler(crate::source::Assembler::new(
-        crate::config::defaults::ROOT_NAMESPACE,
-        &args.trust_domain,
-        &[],
-    ));
-    tokio::spawn(source.run(service.store.clone(), Duration::from_millis(200), stop.clone()));
     {
         let (service, resolver, stop) = (service.clone(), resolver.clone(), stop.clone());
         tokio::spawn(async move {
@@ -587,11 +728,13 @@ mod tests {
         let args = ServeArgs {
             ca_dir: d.clone(),
             listen: "127.0.0.1:0".parse().unwrap(),
-            jwks: d.join("jwks.json"),
+            jwks: Some(d.join("jwks.json")),
             issuer: "https://kubernetes.default.svc".into(),
             audience: "istio-ca".into(),
             node_agent_sa: "nodeward-system/nodeward".into(),
-            config_dir: d.clone(),
+            source: None,
+            config_dir: Some(d.clone()),
+            kubeconfig: None,
             trust_domain: "cluster.local".into(),
             max_cert_lifetime: Duration::from_secs(3600),
             server_name: vec!["ca.test".into()],

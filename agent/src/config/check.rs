@@ -11,7 +11,7 @@ use std::time::Duration;
 use super::{HumanDuration, LogFormat, RevocationUnknown, RunArgs, SourceKind, defaults};
 use crate::capture::CaptureConfig;
 use crate::identity::ca::{CA_CERT, CA_KEY, ROOT_CERT};
-use crate::identity::ca_client::{CaClientConfig, parse_address};
+use crate::identity::ca_client::{CaClientConfig, parse_addresses};
 use crate::identity::manager::{CaSource, IdentityConfig};
 use crate::identity::trust::UnknownStatus;
 use crate::proxy::ProxyConfig;
@@ -588,7 +588,7 @@ impl Config {
         }
         match &a.ca_address {
             Some(addr) => {
-                if let Err(problem) = parse_address(addr) {
+                if let Err(problem) = parse_addresses(addr) {
                     c.0.push(Problem::Invalid {
                         flag: "ca-address",
                         problem,

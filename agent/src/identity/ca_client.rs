@@ -28,11 +28,16 @@ use super::issuer::{IssueError, Issuer};
 
 /// Deadline of one certificate request, connection included.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline for TCP and TLS to one address of the service, before the
+/// next is tried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Where and how to reach the CA service.
 #[derive(Clone, Debug)]
 pub struct CaClientConfig {
-    /// `https://HOST:PORT`.
+    /// `https://HOST:PORT`, or several separated by commas (replicas
+    /// without a Service in front; a name resolving to several addresses
+    /// works too): each is tried in turn until one answers.
     pub address: String,
     /// Roots the service's TLS certificate and our chains must reach.
     pub root_file: PathBuf,
@@ -44,6 +49,20 @@ pub struct CaClientConfig {
     pub trust_domain: String,
     /// Mark of the agent's own sockets, so capture never takes them.
     pub socket_mark: u32,
+}
+
+/// The (host, port) of each of `https://HOST:PORT,...`.
+pub(crate) fn parse_addresses(addresses: &str) -> Result<Vec<(String, u16)>, String> {
+    let targets: Vec<(String, u16)> = addresses
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(parse_address)
+        .collect::<Result<_, _>>()?;
+    if targets.is_empty() {
+        return Err("no address".into());
+    }
+    Ok(targets)
 }
 
 /// The host and port of `https://HOST:PORT` (the port defaults to 15012).
@@ -81,8 +100,10 @@ pub(crate) fn parse_address(address: &str) -> Result<(String, u16), String> {
 /// A client of one CA service.
 pub struct CaClient {
     config: CaClientConfig,
-    host: String,
-    port: u16,
+    /// Each (host, port) of `--ca-address`.
+    targets: Vec<(String, u16)>,
+    /// The target that answered last: tried first next time.
+    preferred: std::sync::atomic::AtomicUsize,
     roots: Vec<CertificateDer<'static>>,
     tls: Arc<ClientConfig>,
     chain: Mutex<Vec<CertificateDer<'static>>>,
@@ -102,7 +123,7 @@ impl CaClient {
     /// current-thread runtime's IO is driven only by its own `block_on`)
     /// runs the calls, which the manager makes from a blocking thread.
     pub fn new(config: CaClientConfig, runtime: tokio::runtime::Handle) -> Result<CaClient, CaError> {
-        let (host, port) = parse_address(&config.address).map_err(|message| CaError::Invalid {
+        let targets = parse_addresses(&config.address).map_err(|message| CaError::Invalid {
             file: config.root_file.clone(),
             message,
         })?;
@@ -129,8 +150,8 @@ impl CaClient {
         tls.alpn_protocols = vec![b"h2".to_vec()];
         Ok(CaClient {
             config,
-            host,
-            port,
+            targets,
+            preferred: Default::default(),
             roots,
             tls: Arc::new(tls),
             chain: Mutex::new(Vec::new()),
@@ -153,36 +174,69 @@ impl CaClient {
         Ok(t)
     }
 
-    async fn call(&self, req: IstioCertificateRequest, token: String) -> Result<IstioCertificateResponse, IssueError> {
-        let unavailable = |e: &dyn std::fmt::Display| IssueError::Unavailable(e.to_string());
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port))
-            .await
-            .map_err(|e| unavailable(&e))?
-            .collect();
-        let addr = *addrs
-            .first()
-            .ok_or_else(|| IssueError::Unavailable(format!("{} resolves to nothing", self.host)))?;
+    /// A TLS connection to the first target (the one that answered last
+    /// first, then the others in order, each of its resolved addresses in
+    /// turn) that completes TCP and TLS within [`CONNECT_TIMEOUT`]: a
+    /// replica that is down costs one timeout, not the request.
+    async fn connect(&self) -> Result<(tokio_rustls::client::TlsStream<tokio::net::TcpStream>, usize), IssueError> {
+        use std::sync::atomic::Ordering;
+        let n = self.targets.len();
+        let first = self.preferred.load(Ordering::Relaxed) % n;
+        let mut failures = Vec::new();
+        for i in (0..n).map(|k| (first + k) % n) {
+            let (host, port) = &self.targets[i];
+            let addrs: Vec<SocketAddr> = match tokio::net::lookup_host((host.as_str(), *port)).await {
+                Ok(a) => a.collect(),
+                Err(e) => {
+                    failures.push(format!("{host}: {e}"));
+                    continue;
+                }
+            };
+            if addrs.is_empty() {
+                failures.push(format!("{host} resolves to nothing"));
+            }
+            for addr in addrs {
+                match tokio::time::timeout(CONNECT_TIMEOUT, self.connect_to(host, addr)).await {
+                    Ok(Ok(tls)) => {
+                        self.preferred.store(i, Ordering::Relaxed);
+                        return Ok((tls, i));
+                    }
+                    Ok(Err(e)) => failures.push(format!("{addr}: {e}")),
+                    Err(_) => failures.push(format!("{addr}: no TLS connection within {CONNECT_TIMEOUT:?}")),
+                }
+            }
+        }
+        Err(IssueError::Unavailable(failures.join("; ")))
+    }
+
+    async fn connect_to(
+        &self,
+        host: &str,
+        addr: SocketAddr,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
         let sock = if addr.is_ipv4() {
             tokio::net::TcpSocket::new_v4()
         } else {
             tokio::net::TcpSocket::new_v6()
-        }
-        .map_err(|e| unavailable(&e))?;
-        socket2::SockRef::from(&sock)
-            .set_mark(self.config.socket_mark)
-            .map_err(|e| unavailable(&e))?;
-        let tcp = sock.connect(addr).await.map_err(|e| unavailable(&e))?;
-        let name = ServerName::try_from(self.host.clone()).map_err(|e| unavailable(&e))?;
-        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+        }?;
+        socket2::SockRef::from(&sock).set_mark(self.config.socket_mark)?;
+        let tcp = sock.connect(addr).await?;
+        let name = ServerName::try_from(host.to_string()).map_err(std::io::Error::other)?;
+        tokio_rustls::TlsConnector::from(self.tls.clone())
             .connect(name, tcp)
             .await
-            .map_err(|e| unavailable(&e))?;
+    }
+
+    async fn call(&self, req: IstioCertificateRequest, token: String) -> Result<IstioCertificateResponse, IssueError> {
+        let unavailable = |e: &dyn std::fmt::Display| IssueError::Unavailable(e.to_string());
+        let (tls, target) = self.connect().await?;
+        let (host, port) = &self.targets[target];
         let (mut client, conn) = h2::client::handshake(tls).await.map_err(|e| unavailable(&e))?;
         let driver = tokio::spawn(conn);
         let result = async {
             let request = http::Request::builder()
                 .method("POST")
-                .uri(format!("https://{}:{}{CREATE_CERTIFICATE_PATH}", self.host, self.port))
+                .uri(format!("https://{host}:{port}{CREATE_CERTIFICATE_PATH}"))
                 .header("content-type", "application/grpc")
                 .header("te", "trailers")
                 .header("authorization", format!("Bearer {token}"))

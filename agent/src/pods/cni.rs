@@ -122,6 +122,7 @@ impl PodManager {
             self.cni_release(&uid);
         }
         let cookie = ns.cookie();
+        self.cni_awaiting_add.remove(&uid);
         // The runtime says this namespace is live after all.
         if let Some(gone) = self.cni_released.get_mut(&uid) {
             gone.retain(|c| *c != cookie);
@@ -202,6 +203,7 @@ impl PodManager {
             Some(current) if self.names(&current, named, &request.container_id) => {
                 self.cni_release(&uid);
                 self.forget_namespace(&uid, current.cookie);
+                self.cni_awaiting_add.insert(uid.clone());
                 tracing::info!(pod = %request.key(), container = %request.container_id, cookie = current.cookie, "the runtime deleted the pod's current sandbox: released");
             }
             current => {
@@ -339,13 +341,26 @@ impl PodManager {
             return Err("no namespace".into());
         };
         let cookie = c.netns.cookie();
+        // The pod's own annotations are not known yet; its namespace's
+        // `nodeward.io/inbound-udp` may be, and holds already.
+        let mut info = super::pod_info(&c.ips);
+        let namespace = c.key.split_once('/').map_or("", |(ns, _)| ns);
+        let ns = self.store.current().namespaces.get(namespace).cloned();
+        let probe = crate::state::workload::Pod {
+            uid: uid.to_string(),
+            namespace: namespace.to_string(),
+            ..Default::default()
+        };
+        if crate::state::workload::drop_inbound_udp(&probe, ns.as_ref()) {
+            info.flags |= nodeward_common::POD_DROP_INBOUND_UDP;
+        }
         self.capture
             .attach_pod(&c.netns, Some(uid))
             .map_err(|e| format!("holding the pod closed: {e}"))?;
         self.capture
             .maps
             .pods
-            .insert(&cookie, &super::pod_info(&c.ips))
+            .insert(&cookie, &info)
             .map_err(|e| format!("holding the pod closed: {e}"))?;
         if !c.held {
             tracing::info!(pod = %c.key, netns = %c.netns.path().display(), cookie, "pod held closed until its config arrives");
@@ -398,6 +413,20 @@ impl PodManager {
         }
         let listed: std::collections::HashSet<&str> = snap.pods.values().map(|p| p.uid.as_str()).collect();
         self.cni_released.retain(|u, _| listed.contains(u.as_str()));
+        self.cni_awaiting_add.retain(|u| listed.contains(u.as_str()));
+        // A pod the config does not list, neither captured nor held (its
+        // config put it outside the mesh, and then it went) whose DEL never
+        // came: let its namespace go, the entry holds it open. A held pod
+        // stays held: its config may not have arrived yet (fail closed).
+        let gone: Vec<String> = self
+            .cni
+            .iter()
+            .filter(|(u, c)| !listed.contains(u.as_str()) && !c.held && !self.active.contains_key(*u))
+            .map(|(u, _)| u.clone())
+            .collect();
+        for uid in gone {
+            self.cni_release(&uid);
+        }
     }
 
     /// Namespaces the runtime gave for pods other than `uid`: a scan for

@@ -189,13 +189,16 @@ impl KindHealth {
 #[derive(Clone, Debug)]
 pub struct SourceHealth {
     kinds: Arc<Mutex<BTreeMap<Kind, KindHealth>>>,
+    /// The kinds the source watches.
+    watched: Arc<[Kind]>,
     stale_after: Duration,
 }
 
-impl Default for SourceHealth {
-    fn default() -> Self {
+impl SourceHealth {
+    fn of(watched: &[Kind]) -> Self {
         SourceHealth {
             kinds: Arc::default(),
+            watched: watched.into(),
             stale_after: crate::config::defaults::SOURCE_STALE_AFTER,
         }
     }
@@ -207,7 +210,7 @@ impl SourceHealth {
     pub fn problems(&self) -> Vec<String> {
         let map = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::new();
-        for k in Kind::ALL {
+        for &k in self.watched.iter() {
             let h = map.get(&k);
             let error = h.and_then(|h| h.last_error.as_deref()).unwrap_or("none");
             if !h.is_some_and(|h| h.synced) {
@@ -288,12 +291,19 @@ impl KubeSource {
     /// node's pods; which are this node's is decided by the state
     /// (`spec.nodeName`), as for the directory source.
     pub fn new(client: Client, node: &str, assembler: Assembler) -> Self {
+        Self::watching(client, node, assembler, &Kind::ALL)
+    }
+
+    /// A source that watches only `kinds`, and publishes once those are
+    /// listed: the CA service needs the pods alone (who runs where, as
+    /// which ServiceAccount), and its RBAC grants no more.
+    pub fn watching(client: Client, node: &str, assembler: Assembler, kinds: &[Kind]) -> Self {
         KubeSource {
             client,
             node: node.to_string(),
             assembler,
-            health: SourceHealth::default(),
-            sets: Kind::ALL.iter().map(|k| (*k, KindSet::default())).collect(),
+            health: SourceHealth::of(kinds),
+            sets: kinds.iter().map(|k| (*k, KindSet::default())).collect(),
             metrics: None,
         }
     }
@@ -315,49 +325,59 @@ impl KubeSource {
     /// changes once every kind has been listed.
     pub async fn run(mut self, store: Store, cancel: CancellationToken) {
         let (tx, mut rx) = mpsc::channel(1024);
-        let tasks = [
-            tokio::spawn(watch(
-                Api::<k8s::Pod>::all(self.client.clone()),
-                watcher::Config::default(),
-                Kind::Pods,
-                pod_object,
-                tx.clone(),
-            )),
-            tokio::spawn(watch(
-                Api::<k8s::Namespace>::all(self.client.clone()),
-                watcher::Config::default(),
-                Kind::Namespaces,
-                namespace_object,
-                tx.clone(),
-            )),
-            tokio::spawn(watch(
-                Api::<k8s::Service>::all(self.client.clone()),
-                watcher::Config::default(),
-                Kind::Services,
-                service_object,
-                tx.clone(),
-            )),
-            tokio::spawn(watch(
-                Api::<EndpointSlice>::all(self.client.clone()),
-                watcher::Config::default(),
-                Kind::EndpointSlices,
-                endpoint_slice_object,
-                tx.clone(),
-            )),
-            tokio::spawn(watch(
-                Api::<k8s::Node>::all(self.client.clone()),
-                watcher::Config::default(),
-                Kind::Nodes,
-                node_object,
-                tx.clone(),
-            )),
-            tokio::spawn(watch_policies(
-                self.client.clone(),
-                PolicyKind::PeerAuthentication,
-                tx.clone(),
-            )),
-            tokio::spawn(watch_policies(self.client.clone(), PolicyKind::AuthorizationPolicy, tx)),
-        ];
+        let client = &self.client;
+        let tasks: Vec<_> = self
+            .sets
+            .keys()
+            .map(|&kind| match kind {
+                Kind::Pods => tokio::spawn(watch(
+                    Api::<k8s::Pod>::all(client.clone()),
+                    watcher::Config::default(),
+                    kind,
+                    pod_object,
+                    tx.clone(),
+                )),
+                Kind::Namespaces => tokio::spawn(watch(
+                    Api::<k8s::Namespace>::all(client.clone()),
+                    watcher::Config::default(),
+                    kind,
+                    namespace_object,
+                    tx.clone(),
+                )),
+                Kind::Services => tokio::spawn(watch(
+                    Api::<k8s::Service>::all(client.clone()),
+                    watcher::Config::default(),
+                    kind,
+                    service_object,
+                    tx.clone(),
+                )),
+                Kind::EndpointSlices => tokio::spawn(watch(
+                    Api::<EndpointSlice>::all(client.clone()),
+                    watcher::Config::default(),
+                    kind,
+                    endpoint_slice_object,
+                    tx.clone(),
+                )),
+                Kind::Nodes => tokio::spawn(watch(
+                    Api::<k8s::Node>::all(client.clone()),
+                    watcher::Config::default(),
+                    kind,
+                    node_object,
+                    tx.clone(),
+                )),
+                Kind::PeerAuthentications => tokio::spawn(watch_policies(
+                    client.clone(),
+                    PolicyKind::PeerAuthentication,
+                    tx.clone(),
+                )),
+                Kind::AuthorizationPolicies => tokio::spawn(watch_policies(
+                    client.clone(),
+                    PolicyKind::AuthorizationPolicy,
+                    tx.clone(),
+                )),
+            })
+            .collect();
+        drop(tx);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             let (kind, change) = tokio::select! {

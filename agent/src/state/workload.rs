@@ -388,7 +388,10 @@ const NS_INBOUND_UDP_REPORT: &str = "namespace nodeward.io/inbound-udp";
 pub(crate) fn drop_inbound_udp(pod: &Pod, ns: Option<&Namespace>) -> bool {
     let values = [
         (pod.annotations.get(INBOUND_UDP_ANNOTATION), INBOUND_UDP_ANNOTATION),
-        (ns.and_then(|n| n.annotations.get(INBOUND_UDP_ANNOTATION)), NS_INBOUND_UDP_REPORT),
+        (
+            ns.and_then(|n| n.annotations.get(INBOUND_UDP_ANNOTATION)),
+            NS_INBOUND_UDP_REPORT,
+        ),
     ];
     let mut drop = false;
     for (value, report) in values {
