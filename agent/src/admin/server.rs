@@ -88,14 +88,15 @@ impl Places {
         })
     }
 
-    /// A place for a connection from `peer` to `local`, if one is free.
-    fn take(self: &Arc<Self>, peer: IpAddr, local: IpAddr) -> Option<Place> {
+    /// A place for a connection from `peer` (a known pod's address when
+    /// `known_pod`) to `local`, if one is free.
+    fn take(self: &Arc<Self>, peer: IpAddr, local: IpAddr, known_pod: bool) -> Option<Place> {
         if node_local(peer, local)
             && let Ok(p) = self.node.clone().try_acquire_owned()
         {
             return Some(Place::Node(p));
         }
-        let source = crate::proxy::limits::peer_key(peer);
+        let source = crate::proxy::limits::peer_key(peer, known_pod);
         let mut counts = self.per_source.lock().unwrap_or_else(|e| e.into_inner());
         let n = counts.get(&source).copied().unwrap_or(0);
         if n >= PER_SOURCE {
@@ -195,10 +196,13 @@ impl Response {
 pub(crate) type Route<S = AdminState> = fn(&S, &Request<'_>) -> Response;
 
 /// Serves `route` on `listener` until `stop` fires.
+/// `known_pod` says whether a source address is a known pod's (each then
+/// has its own bound; unknown IPv6 sources share one per /64).
 pub(crate) async fn serve<S: Send + Sync + 'static>(
     listener: TcpListener,
     state: Arc<S>,
     route: Route<S>,
+    known_pod: fn(&S, IpAddr) -> bool,
     stop: CancellationToken,
 ) {
     let places = Places::new();
@@ -209,7 +213,7 @@ pub(crate) async fn serve<S: Send + Sync + 'static>(
         };
         let Ok(local) = s.local_addr() else { continue };
         // Over the bound, a new connection is closed at once.
-        let Some(slot) = places.take(peer.ip(), local.ip()) else {
+        let Some(slot) = places.take(peer.ip(), local.ip(), known_pod(&state, peer.ip())) else {
             continue;
         };
         let state = state.clone();
@@ -285,7 +289,13 @@ pub(crate) fn spawn(
                     (listeners.admin, admin as Route),
                 ] {
                     match TcpListener::from_std(listener) {
-                        Ok(l) => tasks.push(tokio::spawn(serve(l, state.clone(), route, stop.clone()))),
+                        Ok(l) => tasks.push(tokio::spawn(serve(
+                            l,
+                            state.clone(),
+                            route,
+                            |s: &AdminState, ip| s.store.current().claims_ip(ip),
+                            stop.clone(),
+                        ))),
                         Err(e) => tracing::error!("admin listener: {e}"),
                     }
                 }
@@ -378,16 +388,16 @@ mod tests {
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let (node, pod) = (ip("10.0.0.1"), ip("10.1.0.7"));
         let places = Places::new();
-        let from_pod: Vec<Place> = (0..200).filter_map(|_| places.take(pod, node)).collect();
+        let from_pod: Vec<Place> = (0..200).filter_map(|_| places.take(pod, node, false)).collect();
         assert_eq!(from_pod.len(), PER_SOURCE, "one source holds a few places");
         // Addresses of one /64 are one source.
         let v6: Vec<Place> = (1..50)
-            .filter_map(|i| places.take(ip(&format!("fd00::{i:x}")), ip("fd00:1::1")))
+            .filter_map(|i| places.take(ip(&format!("fd00::{i:x}")), ip("fd00:1::1"), false))
             .collect();
         assert_eq!(v6.len(), PER_SOURCE);
         // Many sources take the shared places, never the node's.
         let many: Vec<Place> = (0..255)
-            .filter_map(|i| places.take(ip(&format!("10.2.0.{i}")), node))
+            .filter_map(|i| places.take(ip(&format!("10.2.0.{i}")), node, false))
             .collect();
         assert_eq!(many.len(), SHARED - 2 * PER_SOURCE);
         for (peer, local) in [
@@ -399,10 +409,10 @@ mod tests {
         ] {
             assert!(node_local(ip(peer), ip(local)), "{peer} to {local}");
         }
-        let held: Vec<Place> = (0..NODE_RESERVED).filter_map(|_| places.take(node, node)).collect();
+        let held: Vec<Place> = (0..NODE_RESERVED).filter_map(|_| places.take(node, node, false)).collect();
         assert_eq!(held.len(), NODE_RESERVED, "the node's reserve is whole");
-        assert!(places.take(pod, node).is_none());
+        assert!(places.take(pod, node, false).is_none());
         drop(from_pod);
-        assert!(places.take(pod, node).is_some(), "a source's places come back");
+        assert!(places.take(pod, node, false).is_some(), "a source's places come back");
     }
 }

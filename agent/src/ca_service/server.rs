@@ -651,6 +651,7 @@ pub async fn serve(args: ServeArgs, stop: CancellationToken) -> Result<(), Serve
         admin,
         service.clone(),
         admin_route,
+        |s: &CaService, ip| s.store.current().claims_ip(ip),
         stop.clone(),
     ));
     {

@@ -5,9 +5,8 @@
 //!
 //! Inbound and outbound tunnels have bounds of their own, so peers holding
 //! tunnels to this node cannot stop its pods from opening tunnels out, nor
-//! the reverse. A remote peer is an IPv4 address or an IPv6 /64
-//! ([`peer_key`]): a host is routinely given a whole /64, so bounding per
-//! /128 would bound nothing.
+//! the reverse. A remote peer is an IPv4 address, a known pod's IPv6
+//! address, or else an IPv6 /64 ([`peer_key`]).
 //!
 //! Each bound is a counter taken when a connection is accepted (or a tunnel
 //! opened) and given back when its [`Permit`] is dropped, so a count can
@@ -81,13 +80,16 @@ pub(crate) fn send_buffer_per_stream(stream_window: u32, connection_window: u32,
 }
 
 /// The remote peer `ip` is counted as: an IPv4 address (IPv4-mapped IPv6
-/// included), or the /64 of an IPv6 address, the smallest prefix a host or
-/// pod is given, so one client cannot multiply its share by taking more
-/// addresses of its own prefix.
-pub(crate) fn peer_key(ip: IpAddr) -> IpAddr {
+/// included), an IPv6 address that is a known pod's (`known_pod`: pods of
+/// one node share that node's /64, each its own /128), or else the /64 of
+/// an IPv6 address, so a client cannot multiply its share by sourcing from
+/// more addresses of its prefix (answering neighbour discovery for them
+/// takes only `CAP_NET_RAW`): all the unknown addresses of a /64 share one
+/// bound, while each known pod has its own.
+pub(crate) fn peer_key(ip: IpAddr, known_pod: bool) -> IpAddr {
     match ip.to_canonical() {
-        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from_bits(v6.to_bits() & !((1u128 << 64) - 1))),
-        v4 => v4,
+        IpAddr::V6(v6) if !known_pod => IpAddr::V6(std::net::Ipv6Addr::from_bits(v6.to_bits() & !((1u128 << 64) - 1))),
+        other => other,
     }
 }
 
@@ -291,10 +293,10 @@ impl Limits {
         )
     }
 
-    /// A place for one inbound connection on 15008 from `peer`, before any
-    /// byte of it is read.
-    pub(crate) fn tunnel_in(&self, peer: IpAddr) -> Result<TunnelPermit, Refusal> {
-        let peer = peer_key(peer);
+    /// A place for one inbound connection on 15008 from `peer` (a known
+    /// pod's address when `known_pod`), before any byte of it is read.
+    pub(crate) fn tunnel_in(&self, peer: IpAddr, known_pod: bool) -> Result<TunnelPermit, Refusal> {
+        let peer = peer_key(peer, known_pod);
         // Handshakes first: the bound a silent client runs into.
         let refusals = [Refusal::HandshakesPerPeer, Refusal::Handshakes];
         let handshake = take_both(&self.handshakes_per_peer, peer, Held::Peer, &self.handshakes, refusals)?;
@@ -439,14 +441,14 @@ mod tests {
             "10.0.0.2".parse().unwrap(),
             "::ffff:10.0.0.3".parse().unwrap(),
         );
-        let mut t1 = l.tunnel_in(p).unwrap();
-        assert_eq!(l.tunnel_in(p).unwrap_err(), Refusal::HandshakesPerPeer);
-        let _t2 = l.tunnel_in(q).unwrap();
-        assert_eq!(l.tunnel_in(r).unwrap_err(), Refusal::Handshakes);
+        let mut t1 = l.tunnel_in(p, false).unwrap();
+        assert_eq!(l.tunnel_in(p, false).unwrap_err(), Refusal::HandshakesPerPeer);
+        let _t2 = l.tunnel_in(q, false).unwrap();
+        assert_eq!(l.tunnel_in(r, false).unwrap_err(), Refusal::Handshakes);
         t1.authenticated();
         // p's handshake place is free again; its tunnel place is not.
-        let _t3 = l.tunnel_in(p).unwrap();
-        assert_eq!(l.tunnel_in(p).unwrap_err(), Refusal::HandshakesPerPeer);
+        let _t3 = l.tunnel_in(p, false).unwrap();
+        assert_eq!(l.tunnel_in(p, false).unwrap_err(), Refusal::HandshakesPerPeer);
     }
 
     #[test]
@@ -458,21 +460,21 @@ mod tests {
         let peer: IpAddr = "10.0.0.1".parse().unwrap();
         let held: Vec<_> = (0..3)
             .map(|_| {
-                let mut t = l.tunnel_in(peer).unwrap();
+                let mut t = l.tunnel_in(peer, false).unwrap();
                 t.authenticated();
                 t
             })
             .collect();
-        assert_eq!(l.tunnel_in(peer).unwrap_err(), Refusal::InboundTunnels);
+        assert_eq!(l.tunnel_in(peer, false).unwrap_err(), Refusal::InboundTunnels);
         let out: Vec<_> = (1..=3).map(|pod| l.tunnel_out(pod).unwrap()).collect();
         assert_eq!(l.tunnel_out(4).unwrap_err(), Refusal::OutboundTunnels);
-        assert_eq!(l.tunnel_in(peer).unwrap_err(), Refusal::InboundTunnels);
+        assert_eq!(l.tunnel_in(peer, false).unwrap_err(), Refusal::InboundTunnels);
         drop((held, out));
     }
 
     #[test]
     fn an_ipv6_peer_is_its_64_and_an_ipv4_mapped_one_its_ipv4_address() {
-        let k = |s: &str| peer_key(s.parse().unwrap());
+        let k = |s: &str| peer_key(s.parse().unwrap(), false);
         assert_eq!(k("fd00:1:2:3:4:5:6:7"), k("fd00:1:2:3:ffff::1"));
         assert_eq!(k("fd00:1:2:3:4:5:6:7"), "fd00:1:2:3::".parse::<IpAddr>().unwrap());
         assert_ne!(k("fd00:1:2:3::1"), k("fd00:1:2:4::1"));
@@ -480,12 +482,12 @@ mod tests {
         assert_ne!(k("10.0.0.3"), k("10.0.0.4"));
         // Two addresses of one /64 share the per-peer bound.
         let l = Limits::new(small());
-        let _a = l.tunnel_in("fd00::1".parse().unwrap()).unwrap();
+        let _a = l.tunnel_in("fd00::1".parse().unwrap(), false).unwrap();
         assert_eq!(
-            l.tunnel_in("fd00::2".parse().unwrap()).unwrap_err(),
+            l.tunnel_in("fd00::2".parse().unwrap(), false).unwrap_err(),
             Refusal::HandshakesPerPeer
         );
-        let _b = l.tunnel_in("fd00:0:0:1::1".parse().unwrap()).unwrap();
+        let _b = l.tunnel_in("fd00:0:0:1::1".parse().unwrap(), false).unwrap();
     }
 
     #[test]

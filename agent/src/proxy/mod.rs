@@ -221,7 +221,10 @@ async fn accept_loop(ctx: Arc<PodContext>, listener: TcpListener, dir: Direction
             Direction::Inbound => limits
                 .connection(ctx.netns.cookie(), Side::Inbound)
                 .map(Permit::Connection),
-            Direction::Tunnel => limits.tunnel_in(peer.ip()).map(Permit::Tunnel),
+            Direction::Tunnel => {
+                let known = ctx.mesh.store.current().claims_ip(peer.ip());
+                limits.tunnel_in(peer.ip(), known).map(Permit::Tunnel)
+            }
         };
         let permit = match permit {
             Ok(p) => p,

@@ -449,6 +449,47 @@ mod tests {
     }
 
     #[test]
+    fn a_policy_losing_its_namespace_or_misspelt_keeps_its_last_good_version() {
+        let dir = tmpdir("policy-typo");
+        let shop = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: shop}\nspec: {mtls: {mode: STRICT}}\n";
+        write(&dir, "mesh.yaml", shop);
+        let mut src = DirSource::new(&dir);
+        assert!(src.start().is_ok());
+        assert_eq!(src.snapshot().peer_authentications.len(), 1);
+        // The `namespace:` line deleted: it could be the object of any
+        // namespace, so shop's STRICT stays in force.
+        write(&dir, "mesh.yaml", &shop.replace(", namespace: shop", ""));
+        src.refresh();
+        assert_eq!(src.snapshot().peer_authentications.len(), 1, "{:?}", src.errors());
+        assert_eq!(src.errors().len(), 1);
+        // A misspelt kind or version: rejected (not skipped as a kind the
+        // agent does not use), and the last good version stays.
+        for typo in [
+            shop.replace("PeerAuthentication", "PeerAuthenticaton"),
+            shop.replace("security.istio.io/v1", "security.istio.io/v1beta"),
+            shop.replace("security.istio.io/v1", "v1"),
+        ] {
+            write(&dir, "mesh.yaml", &typo);
+            src.refresh();
+            assert_eq!(src.snapshot().peer_authentications.len(), 1, "{typo}");
+            let errors = src.errors();
+            assert!(
+                errors.len() == 1 && errors[0].1.contains("not a policy the agent reads"),
+                "{typo}: {errors:?}"
+            );
+        }
+        // Istio's own L7 kind is left alone, not rejected.
+        write(
+            &dir,
+            "mesh.yaml",
+            &format!("{shop}---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: shop}}\n"),
+        );
+        src.refresh();
+        assert!(src.errors().is_empty(), "{:?}", src.errors());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn a_file_that_does_not_parse_at_start_refuses_the_start_naming_it_and_its_line() {
         let dir = tmpdir("badstart");
         write(&dir, "ns.yaml", NS);

@@ -205,19 +205,47 @@ fn parse_document(value: serde_norway::Value, at: &At<'_>, out: &mut Parsed) {
     }
 }
 
-/// The kind, namespace and name a document gives, if it names itself.
+/// The kind, namespace and name a document gives, if it names itself
+/// whole. A namespaced kind without its namespace names nothing: it could
+/// be the broken version of the object of any namespace (a deleted
+/// `namespace:` line), so its file keeps every last good object.
 fn object_id(value: &serde_norway::Value) -> Option<ObjectId> {
     let text = |v: Option<&serde_norway::Value>| v.and_then(serde_norway::Value::as_str).unwrap_or("").to_string();
     let kind = text(value.get("kind"));
+    // A kind the agent does not know (a misspelt `PeerAuthenticaton`)
+    // names no object it holds: the document could be the broken version
+    // of any of them.
+    if !KNOWN_KINDS.contains(&kind.as_str()) {
+        return None;
+    }
     let metadata = value.get("metadata");
     let name = text(metadata.and_then(|m| m.get("name")));
-    let namespace = if kind == "Namespace" {
+    let namespace = if matches!(kind.as_str(), "Namespace" | "Node") {
         String::new()
     } else {
-        text(metadata.and_then(|m| m.get("namespace")))
+        let ns = text(metadata.and_then(|m| m.get("namespace")));
+        if ns.is_empty() {
+            return None;
+        }
+        ns
     };
     (!kind.is_empty() && !name.is_empty()).then_some(ObjectId { kind, namespace, name })
 }
+
+/// The kinds the agent holds objects of.
+const KNOWN_KINDS: [&str; 7] = [
+    "Namespace",
+    "Pod",
+    "Service",
+    "EndpointSlice",
+    "Node",
+    "PeerAuthentication",
+    "AuthorizationPolicy",
+];
+
+/// Istio's security kinds the agent reads or knowingly leaves to L7
+/// proxies; any other kind in that group is a typo, not an unknown object.
+const ISTIO_SECURITY_KINDS: [&str; 3] = ["PeerAuthentication", "AuthorizationPolicy", "RequestAuthentication"];
 
 /// One object (not a `List`) into `out`, or why it is invalid.
 fn parse_value(value: serde_norway::Value, at: &At<'_>, out: &mut Vec<Object>) -> Result<(), ParseError> {
@@ -287,6 +315,20 @@ fn parse_value(value: serde_norway::Value, at: &At<'_>, out: &mut Vec<Object>) -
             let slice =
                 super::services::endpoint_slice_from(metadata, &value).map_err(|e| invalid(&key, e.to_string()))?;
             out.push(Object::EndpointSlice(Arc::new(slice)));
+        }
+        // A policy the agent cannot read must not vanish quietly: a typo in
+        // its kind or version would otherwise drop it (and its last good
+        // version) with only a debug line, and what it closed would open.
+        (api_version, kind)
+            if (api_version.starts_with("security.istio.io/") && !ISTIO_SECURITY_KINDS.contains(&kind))
+                || (PolicyKind::of(kind).is_some() && !policy) =>
+        {
+            return Err(invalid(
+                &key,
+                format!(
+                    "{api_version} {kind} is not a policy the agent reads (PeerAuthentication or AuthorizationPolicy of security.istio.io/v1 or v1beta1): a typo would leave it unenforced"
+                ),
+            ));
         }
         (api_version, kind) => {
             tracing::debug!(
@@ -518,7 +560,8 @@ mod tests {
             namespace: namespace.into(),
             name: name.into(),
         };
-        assert_eq!(ids, [Some(id("b", "a")), Some(id("", "c"))]);
+        // A pod without its namespace names no object: it could be any.
+        assert_eq!(ids, [Some(id("b", "a")), None]);
         let first = parsed.rejected[0].error.to_string();
         assert!(first.contains("cfg/mixed.yaml: document 2 (line 6)"), "{first}");
         // Broken YAML anywhere fails the whole file, with its line.

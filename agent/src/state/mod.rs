@@ -214,6 +214,12 @@ impl Snapshot {
     /// The enrolled pod (on any node) that owns `ip`: a destination that
     /// is reached through an HBONE tunnel. `None` also for an ambiguous
     /// IP; callers that could send plaintext use [`Snapshot::destination`].
+    /// Whether a live pod claims `ip` (one or several: a pod's address,
+    /// not an unknown one).
+    pub(crate) fn claims_ip(&self, ip: IpAddr) -> bool {
+        self.by_ip.contains_key(&ip.to_canonical())
+    }
+
     pub(crate) fn enrolled_workload(&self, ip: IpAddr) -> Option<Arc<Pod>> {
         match self.destination(ip) {
             Destination::Enrolled(pod) => Some(pod),
