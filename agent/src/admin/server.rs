@@ -409,7 +409,9 @@ mod tests {
         ] {
             assert!(node_local(ip(peer), ip(local)), "{peer} to {local}");
         }
-        let held: Vec<Place> = (0..NODE_RESERVED).filter_map(|_| places.take(node, node, false)).collect();
+        let held: Vec<Place> = (0..NODE_RESERVED)
+            .filter_map(|_| places.take(node, node, false))
+            .collect();
         assert_eq!(held.len(), NODE_RESERVED, "the node's reserve is whole");
         assert!(places.take(pod, node, false).is_none());
         drop(from_pod);

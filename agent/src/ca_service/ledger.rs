@@ -130,9 +130,15 @@ fn digest(bytes: &[u8]) -> String {
 
 /// Checks a log's chain from its first line; the first break is the error.
 pub fn verify(reader: impl std::io::Read) -> Result<Verified, Break> {
+    let mut entries = Vec::new();
+    let (lines, head) = walk(reader, |e| entries.push(e))?;
+    Ok(Verified { lines, head, entries })
+}
+
+/// Walks a log's chain, handing each entry to `each`; (lines, head).
+fn walk(reader: impl std::io::Read, mut each: impl FnMut(Entry)) -> Result<(usize, String), Break> {
     let mut reader = BufReader::new(reader);
     let mut prev = GENESIS.to_string();
-    let mut entries = Vec::new();
     let mut line = Vec::new();
     let mut n = 0;
     loop {
@@ -169,13 +175,9 @@ pub fn verify(reader: impl std::io::Read) -> Result<Verified, Break> {
             });
         }
         prev = digest(body);
-        entries.push(entry);
+        each(entry);
     }
-    Ok(Verified {
-        lines: n,
-        head: prev,
-        entries,
-    })
+    Ok((n, prev))
 }
 
 /// The log the service appends to.
@@ -184,6 +186,10 @@ pub(crate) struct Ledger {
     file: File,
     path: PathBuf,
     head: String,
+    /// A write failed and could not be undone: the file may end in a
+    /// partial line, so nothing more is appended (the service refuses
+    /// everything) until it restarts and finds the break.
+    poisoned: bool,
 }
 
 impl Ledger {
@@ -202,38 +208,48 @@ impl Ledger {
             .mode(0o640)
             .open(path)
             .map_err(io)?;
-        let head = verify(&file)
-            .map_err(|broken| LedgerError::Broken {
-                file: path.to_path_buf(),
-                broken,
-            })?
-            .head;
+        // Only the head is kept: a long log is read through, not held.
+        let (_, head) = walk(&file, |_| {}).map_err(|broken| LedgerError::Broken {
+            file: path.to_path_buf(),
+            broken,
+        })?;
         Ok(Ledger {
             file,
             path: path.to_path_buf(),
             head,
+            poisoned: false,
         })
     }
 
-    /// Appends `entry` (its `prev` set here) and syncs it to disk: a
-    /// certificate is answered only once its line is durable.
-    pub(crate) fn append(&mut self, mut entry: Entry) -> Result<(), LedgerError> {
+    /// Appends `entry` (its `prev` set here), synced to disk when `sync`
+    /// (issuances: a certificate is answered only once its line is
+    /// durable). A failed write is cut back off the file, so the chain
+    /// stays whole; if even that fails, the log takes no more lines.
+    pub(crate) fn append(&mut self, mut entry: Entry, sync: bool) -> Result<(), LedgerError> {
+        let io = |path: &Path, source| LedgerError::Io {
+            file: path.to_path_buf(),
+            source,
+        };
+        if self.poisoned {
+            let e = std::io::Error::other("an earlier write failed and could not be undone; restart to check the file");
+            return Err(io(&self.path, e));
+        }
         entry.prev = self.head.clone();
-        let mut line = serde_json::to_vec(&entry).map_err(|e| LedgerError::Io {
-            file: self.path.clone(),
-            source: std::io::Error::other(e),
-        })?;
+        let mut line = serde_json::to_vec(&entry).map_err(|e| io(&self.path, std::io::Error::other(e)))?;
         let head = digest(&line);
         line.push(b'\n');
-        // One write of the whole line: O_APPEND places it after whatever
-        // another writer appended, never inside it.
-        self.file
+        let before = self.file.metadata().map_err(|e| io(&self.path, e))?.len();
+        // One write of the whole line, appended after what is there.
+        let written = self
+            .file
             .write_all(&line)
-            .and_then(|()| self.file.sync_data())
-            .map_err(|source| LedgerError::Io {
-                file: self.path.clone(),
-                source,
-            })?;
+            .and_then(|()| if sync { self.file.sync_data() } else { Ok(()) });
+        if let Err(e) = written {
+            if self.file.set_len(before).and_then(|()| self.file.sync_data()).is_err() {
+                self.poisoned = true;
+            }
+            return Err(io(&self.path, e));
+        }
         self.head = head;
         Ok(())
     }
@@ -285,7 +301,7 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         let mut l = Ledger::open(&path).unwrap();
         for i in 0..n {
-            l.append(entry(&format!("{i:02x}"))).unwrap();
+            l.append(entry(&format!("{i:02x}")), true).unwrap();
         }
         let lines = std::fs::read_to_string(&path)
             .unwrap()
@@ -305,7 +321,7 @@ mod tests {
         let (path, lines) = log("reopen", 3);
         assert_eq!(verify_lines(&lines).unwrap().lines, 3);
         let mut l = Ledger::open(&path).unwrap();
-        l.append(entry("ff")).unwrap();
+        l.append(entry("ff"), false).unwrap();
         let v = verify(File::open(&path).unwrap()).unwrap();
         assert_eq!(v.lines, 4);
         assert_eq!(v.entries[0].prev, GENESIS);

@@ -30,6 +30,9 @@ pub(crate) struct Rate {
 struct Bucket {
     tokens: f64,
     at: Instant,
+    /// Refused since the last token taken: only the first refusal of an
+    /// episode is worth a line of the issuance log.
+    refused: bool,
 }
 
 /// One table of buckets.
@@ -60,8 +63,17 @@ impl Table {
             Bucket {
                 tokens: tokens - 1.0,
                 at: now,
+                refused: false,
             },
         );
+    }
+
+    /// Marks `key` refused; true if it was not already (a new episode).
+    fn refuse(&mut self, key: &str) -> bool {
+        match self.buckets.get_mut(key) {
+            Some(b) => !std::mem::replace(&mut b.refused, true),
+            None => true,
+        }
     }
 
     /// Drops the buckets that are full again (no recent requests); true
@@ -77,21 +89,35 @@ impl Table {
     }
 }
 
-/// Which limit refused.
+/// Which limit refused, and whether the refusal opens an episode (the
+/// key was served since its last refusal).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Limited {
     /// The caller's own bucket is empty.
-    Caller,
+    Caller {
+        /// The first refusal since the caller was last served.
+        first: bool,
+    },
     /// The node's bucket is empty.
-    Node,
+    Node {
+        /// The first refusal since the node was last served.
+        first: bool,
+    },
 }
 
 impl Limited {
     /// The refusal's reason label.
     pub(crate) fn reason(self) -> &'static str {
         match self {
-            Limited::Caller => "rate_limited_caller",
-            Limited::Node => "rate_limited_node",
+            Limited::Caller { .. } => "rate_limited_caller",
+            Limited::Node { .. } => "rate_limited_node",
+        }
+    }
+
+    /// Whether this refusal opens an episode.
+    pub(crate) fn first(self) -> bool {
+        match self {
+            Limited::Caller { first } | Limited::Node { first } => first,
         }
     }
 }
@@ -120,12 +146,14 @@ impl Limiter {
         let mut t = self.tables.lock().unwrap_or_else(|e| e.into_inner());
         let (callers, nodes) = &mut *t;
         if !callers.has(caller, now) {
-            return Err(Limited::Caller);
+            let first = callers.refuse(caller);
+            return Err(Limited::Caller { first });
         }
         if let Some(n) = node
             && !nodes.has(n, now)
         {
-            return Err(Limited::Node);
+            let first = nodes.refuse(n);
+            return Err(Limited::Node { first });
         }
         callers.take(caller, now);
         if let Some(n) = node {
@@ -155,17 +183,19 @@ mod tests {
         for _ in 0..3 {
             l.admit("a", Some("n1"), t0).unwrap();
         }
-        assert_eq!(l.admit("a", Some("n1"), t0), Err(Limited::Caller));
+        assert_eq!(l.admit("a", Some("n1"), t0), Err(Limited::Caller { first: true }));
+        assert_eq!(l.admit("a", Some("n1"), t0), Err(Limited::Caller { first: false }));
         // Another caller on the same node: the node has two left.
         l.admit("b", Some("n1"), t0).unwrap();
         l.admit("b", Some("n1"), t0).unwrap();
-        assert_eq!(l.admit("c", Some("n1"), t0), Err(Limited::Node));
+        assert_eq!(l.admit("c", Some("n1"), t0), Err(Limited::Node { first: true }));
         // Another node is served.
         l.admit("c", Some("n2"), t0).unwrap();
         // A refusal takes nothing: one second refills one of a's.
         let t1 = t0 + Duration::from_secs(1);
         l.admit("a", Some("n2"), t1).unwrap();
-        assert_eq!(l.admit("a", Some("n2"), t1), Err(Limited::Caller));
+        // Served since: a new episode.
+        assert_eq!(l.admit("a", Some("n2"), t1), Err(Limited::Caller { first: true }));
     }
 
     #[test]
@@ -185,7 +215,7 @@ mod tests {
             l.admit(&format!("c{i}"), None, t0).unwrap();
         }
         // All busy: a new caller is refused rather than grow the table.
-        assert_eq!(l.admit("new", None, t0), Err(Limited::Caller));
+        assert_eq!(l.admit("new", None, t0), Err(Limited::Caller { first: true }));
         // Once they are quiet (full again), they make room.
         l.admit("new", None, t0 + Duration::from_secs(2)).unwrap();
         assert!(l.tracked().0 <= MAX_KEYS);

@@ -135,6 +135,10 @@ struct Outcome {
     caller: Caller,
     requested: String,
     result: Result<(IstioCertificateResponse, String, i64), Refusal>,
+    /// Whether the answer gets a line of the issuance log: not before the
+    /// caller is known (anyone could flood it), and for a rate limit only
+    /// the first refusal of an episode.
+    logged: bool,
 }
 
 impl std::fmt::Debug for CaService {
@@ -307,6 +311,7 @@ impl CaService {
             caller,
             requested,
             result,
+            logged,
         } = self.decide(token, body);
         let (decision, reason, serial, not_after) = match &result {
             Ok((_, serial, not_after)) => (Decision::Issued, "ok", Some(serial.clone()), Some(*not_after)),
@@ -326,8 +331,16 @@ impl CaService {
             not_after,
             prev: String::new(),
         };
-        let logged = self.ledger.lock().unwrap_or_else(|e| e.into_inner()).append(entry);
-        let result = match (result, logged) {
+        let issued = decision == Decision::Issued;
+        let written = match logged || issued {
+            true => self
+                .ledger
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .append(entry, issued),
+            false => Ok(()),
+        };
+        let result = match (result, written) {
             (r, Ok(())) => r,
             (_, Err(e)) => {
                 tracing::error!("{e}: refusing every request until the issuance log can be written");
@@ -351,8 +364,9 @@ impl CaService {
             caller: Caller::default(),
             requested: String::new(),
             result: Err((Code::Internal, "internal", String::new())),
+            logged: false,
         };
-        out.result = self.decide_into(token, body, &mut out.caller, &mut out.requested);
+        out.result = self.decide_into(token, body, &mut out);
         out
     }
 
@@ -360,8 +374,7 @@ impl CaService {
         &self,
         token: Option<&str>,
         body: Bytes,
-        who: &mut Caller,
-        requested: &mut String,
+        out: &mut Outcome,
     ) -> Result<(IstioCertificateResponse, String, i64), Refusal> {
         let token = token.ok_or((Code::Unauthenticated, "no_token", "no bearer token".to_string()))?;
         let now = crate::identity::trust::unix_now();
@@ -375,10 +388,11 @@ impl CaService {
             verified = super::jwt::verify(token, &d.current(), &self.expected, now);
         }
         let claims = verified.map_err(|e| (Code::Unauthenticated, e.kind(), format!("token refused: {e}")))?;
-        *who = caller_of(&claims);
+        out.caller = caller_of(&claims);
+        out.logged = true;
         let req: IstioCertificateRequest =
             unframe(body).map_err(|e| (Code::InvalidArgument, "bad_request", e.to_string()))?;
-        *requested = req.impersonated().map_or_else(
+        out.requested = req.impersonated().map_or_else(
             || {
                 format!(
                     "spiffe://{}/ns/{}/sa/{}",
@@ -388,16 +402,21 @@ impl CaService {
             |r| r.chars().take(512).collect(),
         );
         let caller = format!("{}/{}", claims.namespace, claims.service_account);
-        let key = who.pod.as_deref().unwrap_or(&caller);
-        self.limiter
-            .admit(key, claims.node.as_deref(), Instant::now())
-            .map_err(|l| {
-                (
-                    Code::ResourceExhausted,
-                    l.reason(),
-                    format!("{key}: issuance rate limit reached"),
-                )
-            })?;
+        let key = out.caller.pod.clone().unwrap_or_else(|| caller.clone());
+        // The node's budget is the node agent's: a workload asking for its
+        // own identity spends only its own, so pods of a node cannot starve
+        // their agent's renewals.
+        let node_agent =
+            claims.namespace == self.rules.node_agent.0 && claims.service_account == self.rules.node_agent.1;
+        let node = claims.node.as_deref().filter(|_| node_agent);
+        if let Err(l) = self.limiter.admit(&key, node, Instant::now()) {
+            out.logged = l.first();
+            return Err((
+                Code::ResourceExhausted,
+                l.reason(),
+                format!("{key}: issuance rate limit reached"),
+            ));
+        }
         let id = authorize(&claims, req.impersonated(), &self.rules, &self.store.current())
             .map_err(|e| (Code::PermissionDenied, e.kind(), format!("{caller}: {e}")))?;
         let asked = u64::try_from(req.validity_duration).unwrap_or(0);

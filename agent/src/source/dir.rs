@@ -482,7 +482,9 @@ mod tests {
         write(
             &dir,
             "mesh.yaml",
-            &format!("{shop}---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: shop}}\n"),
+            &format!(
+                "{shop}---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: shop}}\n"
+            ),
         );
         src.refresh();
         assert!(src.errors().is_empty(), "{:?}", src.errors());
