@@ -99,8 +99,10 @@ unsafe fn steer(ctx: &SkLookupContext) -> u32 {
 /// from `nodeward.io/inbound-udp: drop`). The pod's own datagrams (from
 /// loopback or its addresses) and excluded inbound ports still pass. The
 /// kernel finds connected UDP sockets before this program runs, so the
-/// replies a pod's connected client sockets (DNS lookups) wait for are
-/// never dropped here.
+/// replies a pod's connected client sockets wait for are never dropped
+/// here; replies to an unconnected one (a resolver that `sendto`s from an
+/// unconnected socket) are, which is why the drop is opt-in. Multicast and
+/// broadcast never reach `sk_lookup`.
 #[inline(always)]
 unsafe fn udp(ctx: &SkLookupContext) -> u32 {
     let lk = unsafe { &*ctx.lookup };

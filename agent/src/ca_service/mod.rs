@@ -82,12 +82,13 @@ pub struct ServeArgs {
         default_value = "nodeward-ca.nodeward-system.svc"
     )]
     pub(crate) server_name: Vec<String>,
-    /// Readiness and `/metrics`, on localhost.
+    /// Readiness (once the view of pods is in) and `/metrics`.
     #[arg(long, env = "NODEWARD_CA_ADMIN_ADDR", default_value = "127.0.0.1:15022")]
     pub(crate) admin_addr: SocketAddr,
     /// The issuance log: one hash-chained JSON line per certificate issued
-    /// and per request refused, synced before the answer (`nodeward ca log
-    /// verify` checks it). Each replica writes its own file.
+    /// (synced before the answer) and per request refused once its token
+    /// verified (a rate-limit episode: its first refusal); `nodeward ca log
+    /// verify` checks it. Each replica writes its own file.
     #[arg(long, env = "NODEWARD_CA_ISSUANCE_LOG")]
     pub(crate) issuance_log: PathBuf,
     /// Certificates per second one caller (the pod its token is bound to,

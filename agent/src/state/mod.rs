@@ -117,9 +117,12 @@ impl Snapshot {
             .iter()
             .flat_map(|n| n.addresses.iter().map(|ip| ip.to_canonical()))
             .collect();
-        self.by_service_addr = service::targets(&self.services, &self.endpoint_slices, |ip| {
-            self.by_ip.contains_key(&ip.to_canonical())
-        });
+        self.by_service_addr = service::targets(
+            &self.services,
+            &self.endpoint_slices,
+            |ip| self.by_ip.contains_key(&ip.to_canonical()),
+            |ip| self.node_addresses.contains(&ip.to_canonical()),
+        );
         self.authz_by_ns.clear();
         for p in &self.authorization_policies {
             self.authz_by_ns

@@ -186,6 +186,7 @@ pub(crate) fn targets(
     services: &[Arc<Service>],
     slices: &[Arc<EndpointSlice>],
     is_pod_ip: impl Fn(IpAddr) -> bool,
+    is_node_ip: impl Fn(IpAddr) -> bool,
 ) -> Targets {
     let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
     for s in slices {
@@ -195,7 +196,10 @@ pub(crate) fn targets(
             .push(s);
     }
     let mut out = Targets::default();
-    let mut external: HashMap<SocketAddr, Arc<ServiceTarget>> = HashMap::new();
+    // Address -> (rank, target): a load balancer's address (written by its
+    // controller into `status`) outranks `spec.externalIPs`, which any
+    // Service author may write (CVE-2020-8554).
+    let mut external: HashMap<SocketAddr, (u8, Arc<ServiceTarget>)> = HashMap::new();
     // By `namespace/name`, so which of two claims wins does not depend on
     // the order a source lists them in.
     let mut services: Vec<&Arc<Service>> = services.iter().collect();
@@ -239,14 +243,26 @@ pub(crate) fn targets(
                     target(vip.is_ipv4(), svc.internal_local),
                 );
             }
-            for ip in svc.external_ips.iter().chain(&svc.load_balancer_ips) {
+            let ranked = svc
+                .load_balancer_ips
+                .iter()
+                .map(|ip| (0u8, ip))
+                .chain(svc.external_ips.iter().map(|ip| (1u8, ip)));
+            for (rank, ip) in ranked {
                 let addr = SocketAddr::new(ip.to_canonical(), sp.port);
                 if is_pod_ip(addr.ip()) {
                     tracing::warn!(service = %svc.key(), %addr, "Service address is a pod's IP; not resolved, the pod keeps it");
-                } else if let Some(first) = external.get(&addr).filter(|f| f.service != svc.key()) {
+                } else if is_node_ip(addr.ip()) {
+                    // A node's address stays the node's (its kubelet, its
+                    // hostNetwork pods): nodePorts are the one way a
+                    // Service is reached there.
+                    tracing::warn!(service = %svc.key(), %addr, "Service address is a node's address; not resolved, the node keeps it");
+                } else if let Some((held, first)) = external.get(&addr).filter(|(_, f)| f.service != svc.key())
+                    && *held <= rank
+                {
                     tracing::warn!(service = %svc.key(), %addr, holder = %first.service, "Service address already claimed by another Service; not resolved for this one");
                 } else {
-                    external.insert(addr, target(addr.is_ipv4(), false));
+                    external.insert(addr, (rank, target(addr.is_ipv4(), false)));
                 }
             }
             if let Some(port) = sp.node_port {
@@ -263,7 +279,7 @@ pub(crate) fn targets(
             }
         }
     }
-    for (addr, t) in external {
+    for (addr, (_, t)) in external {
         match out.by_addr.get(&addr) {
             Some(holder) => {
                 tracing::warn!(service = %t.service, %addr, holder = %holder.service, "Service address is another Service's ClusterIP; not resolved for this one");
@@ -503,7 +519,7 @@ mod tests {
 
     fn target_of(svc: Service, slices: Vec<EndpointSlice>, vip: &str) -> Arc<ServiceTarget> {
         let slices: Vec<_> = slices.into_iter().map(Arc::new).collect();
-        let t = targets(&[Arc::new(svc)], &slices, |_| true).by_addr;
+        let t = targets(&[Arc::new(svc)], &slices, |_| true, |_| false).by_addr;
         t[&vip.parse::<SocketAddr>().unwrap()].clone()
     }
 
@@ -522,6 +538,7 @@ mod tests {
             &[Arc::new(s)],
             &slices.into_iter().map(Arc::new).collect::<Vec<_>>(),
             |_| true,
+            |_| false,
         )
         .by_addr;
         let addrs = |vip: &str| -> Vec<String> {
@@ -559,12 +576,17 @@ mod tests {
             ("ExternalName", external),
             ("selector-less", manual),
         ] {
-            assert!(targets(&[Arc::new(s)], &slices, |_| false).by_addr.is_empty(), "{name}");
+            assert!(
+                targets(&[Arc::new(s)], &slices, |_| false, |_| false)
+                    .by_addr
+                    .is_empty(),
+                "{name}"
+            );
         }
         let mut manual_to_pods = svc(vec![port("", 80, "80")]);
         manual_to_pods.has_selector = false;
         assert!(
-            !targets(&[Arc::new(manual_to_pods)], &slices, |_| true)
+            !targets(&[Arc::new(manual_to_pods)], &slices, |_| true, |_| false)
                 .by_addr
                 .is_empty()
         );
@@ -669,7 +691,7 @@ mod tests {
         .into_iter()
         .map(Arc::new)
         .collect();
-        let all = targets(&[Arc::new(s)], &slices, |ip| ip.to_string() == "10.1.1.1");
+        let all = targets(&[Arc::new(s)], &slices, |ip| ip.to_string() == "10.1.1.1", |_| false);
         let at = |a: &str| all.by_addr.get(&a.parse::<SocketAddr>().unwrap()).cloned();
         let vip = at("10.96.0.10:80").unwrap();
         assert!(vip.internal_local, "the ClusterIP keeps internalTrafficPolicy");
@@ -705,11 +727,31 @@ mod tests {
         let first = mk("first", "10.96.0.1", &["192.0.2.1"]);
         // Claims the first's ClusterIP, a pod's IP, and the first's external IP.
         let thief = mk("thief", "10.96.0.2", &["10.96.0.1", "10.1.1.9", "192.0.2.1"]);
-        let all = targets(&[first, thief], &[], |ip| ip.to_string() == "10.1.1.9").by_addr;
+        let all = targets(&[first, thief], &[], |ip| ip.to_string() == "10.1.1.9", |_| false).by_addr;
         let holder = |a: &str| all.get(&a.parse::<SocketAddr>().unwrap()).map(|t| t.service.clone());
         assert_eq!(holder("10.96.0.1:80").as_deref(), Some("shop/first"));
         assert_eq!(holder("192.0.2.1:80").as_deref(), Some("shop/first"));
         assert_eq!(holder("10.1.1.9:80"), None, "the pod keeps its IP");
         assert_eq!(holder("10.96.0.2:80").as_deref(), Some("shop/thief"));
+    }
+
+    #[test]
+    fn a_load_balancers_address_outranks_external_ips_and_a_node_address_is_never_taken() {
+        let mk = |name: &str, vip: &str, external: &[&str], lb: &[&str]| {
+            let mut s = svc(vec![port("", 80, "8080")]);
+            s.name = name.into();
+            s.cluster_ips = vec![vip.parse().unwrap()];
+            s.external_ips = external.iter().map(|a| a.parse().unwrap()).collect();
+            s.load_balancer_ips = lb.iter().map(|a| a.parse().unwrap()).collect();
+            Arc::new(s)
+        };
+        // `a-thief` sorts first, and names prod's load balancer address and
+        // a node's address in its externalIPs.
+        let thief = mk("a-thief", "10.96.0.2", &["203.0.113.7", "10.0.0.5"], &[]);
+        let prod = mk("prod", "10.96.0.1", &[], &["203.0.113.7"]);
+        let all = targets(&[thief, prod], &[], |_| false, |ip| ip.to_string() == "10.0.0.5").by_addr;
+        let holder = |a: &str| all.get(&a.parse::<SocketAddr>().unwrap()).map(|t| t.service.clone());
+        assert_eq!(holder("203.0.113.7:80").as_deref(), Some("shop/prod"));
+        assert_eq!(holder("10.0.0.5:80"), None, "the node keeps its address");
     }
 }

@@ -382,7 +382,9 @@ const NS_EGRESS_ALLOW_REPORT: &str = "namespace nodeward.io/egress-allow";
 const NS_INBOUND_UDP_REPORT: &str = "namespace nodeward.io/inbound-udp";
 /// Whether inbound UDP from outside `pod` is dropped: `drop` on the pod or
 /// its namespace (the stricter wins, so a namespace's `drop` cannot be
-/// undone by a pod); a value other than `drop` or `allow` counts as `drop`
+/// undone by the annotation of a pod; the pod's `excludeInboundPorts`
+/// still reopen those ports, as they lift STRICT on them, and audit lists
+/// them as exceptions); a value other than `drop` or `allow` counts as `drop`
 /// (the owner asked for something, and dropping is the safe reading),
 /// warned about once per pod and value.
 pub(crate) fn drop_inbound_udp(pod: &Pod, ns: Option<&Namespace>) -> bool {
