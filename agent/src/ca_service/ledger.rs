@@ -251,6 +251,13 @@ impl Ledger {
             return Err(io(&self.path, e));
         }
         self.head = head;
+        // The same line on the log stream: a replica's file lives as long
+        // as its pod; the cluster's log pipeline keeps the stream.
+        tracing::info!(
+            target: "nodeward::issuance",
+            record = %String::from_utf8_lossy(&line[..line.len() - 1]),
+            "issuance record"
+        );
         Ok(())
     }
 }
