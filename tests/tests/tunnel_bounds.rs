@@ -237,29 +237,37 @@ fn closed_by_agent(s: &mut std::net::TcpStream) -> bool {
 }
 
 #[test]
-fn two_ipv6_addresses_of_one_64_share_a_per_peer_bound() {
+fn unknown_ipv6_addresses_of_one_64_share_a_per_peer_bound_and_a_known_pod_has_its_own() {
     let _g = shared();
     let long = secs(120);
     let flags = ["--max-handshakes-per-peer", "2", "--handshake-timeout", &long];
-    let Some(t) = cluster("two_ipv6_addresses_of_one_64_share_a_per_peer_bound", &flags) else {
+    let Some(t) = cluster(
+        "unknown_ipv6_addresses_of_one_64_share_a_per_peer_bound_and_a_known_pod_has_its_own",
+        &flags,
+    ) else {
         return;
     };
     let (c, d) = (t.pod("c").clone(), t.pod("d").clone());
-    // d takes a second address of its /64, as any pod given the prefix can.
-    let mut seg = d.ip6.segments();
-    seg[7] = 0x99;
-    let second = Ipv6Addr::from(seg);
-    sh(&[
-        "ip",
-        "-n",
-        &d.netns,
-        "addr",
-        "add",
-        &format!("{second}/64"),
-        "dev",
-        "eth0",
-        "nodad",
-    ]);
+    // d takes two more addresses of its /64, as a pod that answers
+    // neighbour discovery for them can; no pod owns them.
+    let extra = |last: u16| {
+        let mut seg = d.ip6.segments();
+        seg[7] = last;
+        let a = Ipv6Addr::from(seg);
+        sh(&[
+            "ip",
+            "-n",
+            &d.netns,
+            "addr",
+            "add",
+            &format!("{a}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        a
+    };
+    let (first, second) = (extra(0x98), extra(0x99));
     let from = |ip: IpAddr| {
         connect_bound(
             &d.netns,
@@ -269,9 +277,11 @@ fn two_ipv6_addresses_of_one_64_share_a_per_peer_bound() {
         )
     };
 
-    // Two silent handshakes from the first address fill the /64's bound.
-    let mut held: Vec<_> = (0..2).map(|_| from(IpAddr::V6(d.ip6)).unwrap()).collect();
-    // Another peer (d's IPv4 address) is a peer of its own.
+    // Two silent handshakes from the first unknown address fill the bound
+    // all unknown addresses of the /64 share.
+    let mut held: Vec<_> = (0..2).map(|_| from(IpAddr::V6(first)).unwrap()).collect();
+    // Other peers have their own: d's IPv4 address, and d's own IPv6
+    // address, a known pod's (pods of a node share its /64).
     let mut v4 = connect_bound(
         &d.netns,
         SocketAddr::new(IpAddr::V4(d.ip4), 0),
@@ -279,7 +289,8 @@ fn two_ipv6_addresses_of_one_64_share_a_per_peer_bound() {
         patience(Duration::from_secs(5)),
     )
     .unwrap();
-    // The second address of the same /64 is refused at once.
+    let mut own = from(IpAddr::V6(d.ip6)).unwrap();
+    // The second unknown address of the same /64 is refused at once.
     let deadline = Instant::now() + patience(Duration::from_secs(5));
     match from(IpAddr::V6(second)) {
         // Reset so soon that connect() itself saw it.
@@ -289,8 +300,7 @@ fn two_ipv6_addresses_of_one_64_share_a_per_peer_bound() {
             while !closed_by_agent(&mut s) {
                 assert!(
                     Instant::now() < deadline,
-                    "{second} was given a handshake of its own beside {}:\n{}",
-                    d.ip6,
+                    "{second} was given a handshake of its own beside {first}:\n{}",
                     t.agent(1).dump()
                 );
                 std::thread::sleep(Duration::from_millis(100));
@@ -302,6 +312,10 @@ fn two_ipv6_addresses_of_one_64_share_a_per_peer_bound() {
         "the first address's handshakes stay"
     );
     assert!(!closed_by_agent(&mut v4), "another peer's handshake stays");
+    assert!(
+        !closed_by_agent(&mut own),
+        "the known pod's own address shares no bound with unknown ones"
+    );
     let st = nodeward_testbed::admin::metrics(&t.nodes[1].netns);
     assert!(
         st.contains("reason=\"limit\",refusal=\"limit_handshakes_per_peer\""),
