@@ -458,6 +458,23 @@ fn audit_names_a_certificate_in_use_that_the_issuance_log_does_not_hold() {
     let (ok, out, _) = nodeward(&["audit", "--issuance-log", &log, "--certs", &files]);
     assert!(!ok, "the audit passed a certificate no log holds:\n{out}");
     assert!(out.contains("unlogged_certificate") && out.contains(&serial), "{out}");
+    // A forgery that reuses a logged serial: node 2's agent presents
+    // another certificate under the serial the log holds for c.
+    std::fs::write(&certs[0].0, &certs[0].1).unwrap();
+    let mut doc: Value = serde_json::from_str(&certs[1].1).unwrap();
+    let victim = doc["certificates"][0]["serial"].as_str().unwrap().to_string();
+    assert!(
+        doc["certificates"][0]["sha256"].is_string(),
+        "/certs reports no SHA-256: {doc}"
+    );
+    doc["certificates"][0]["sha256"] = nodeward::identity::ca::sha256_hex(rogue.chain[0].as_ref()).into();
+    std::fs::write(&certs[1].0, doc.to_string()).unwrap();
+    let (ok, out, _) = nodeward(&["audit", "--issuance-log", &log, "--certs", &files]);
+    assert!(!ok, "the audit passed a forgery reusing a logged serial:\n{out}");
+    assert!(
+        out.contains("reusing a logged serial") && out.contains(&victim.replace(':', "").to_lowercase()),
+        "{out}"
+    );
     // The same read from the agents' metrics endpoints.
     let (ok, out, err) = run_in(&t.nodes[0].netns, {
         let (log, addrs) = (

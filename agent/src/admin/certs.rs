@@ -30,6 +30,7 @@ pub(crate) fn dump(state: &AdminState) -> Value {
             json!({
                 "identity": c.identity.to_string(),
                 "serial": c.serial,
+                "sha256": chain.first().and_then(|l| l.get("sha256").cloned()),
                 "not_before": chain.first().and_then(|l| l.get("not_before").cloned()),
                 "not_after": unix_seconds(c.not_after),
                 "renew_at": unix_seconds(c.renew_at),
@@ -49,6 +50,7 @@ fn describe(der: &[u8]) -> Value {
             "subject": cert.subject().to_string(),
             "issuer": cert.issuer().to_string(),
             "serial": cert.raw_serial_as_string(),
+            "sha256": crate::identity::ca::sha256_hex(der),
             "not_before": cert.validity().not_before.timestamp(),
             "not_after": cert.validity().not_after.timestamp(),
         }),

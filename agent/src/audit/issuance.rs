@@ -25,6 +25,8 @@ pub(crate) struct InUse {
     pub(crate) serial: String,
     /// Where it was reported: a `/certs` file or an agent's metrics address.
     pub(crate) source: String,
+    /// The certificate's SHA-256, when the report carries it (`/certs`).
+    pub(crate) sha256: Option<String>,
 }
 
 /// Where the audit reads what is in use.
@@ -46,6 +48,9 @@ struct CertsDoc {
 struct CertsEntry {
     identity: String,
     serial: String,
+    /// The leaf's SHA-256, from agents that report it.
+    #[serde(default)]
+    sha256: Option<String>,
 }
 
 /// Serials as one form: lowercase hex without colons.
@@ -71,6 +76,7 @@ fn in_use(reported: &Reported) -> Result<Vec<InUse>, AuditError> {
             identity: c.identity,
             serial: canonical(&c.serial),
             source: file.display().to_string(),
+            sha256: c.sha256.map(|h| canonical(&h)),
         }));
     }
     for addr in &reported.metrics {
@@ -83,6 +89,7 @@ fn in_use(reported: &Reported) -> Result<Vec<InUse>, AuditError> {
             identity,
             serial: canonical(&serial),
             source: addr.to_string(),
+            sha256: None,
         }));
     }
     Ok(out)
@@ -106,8 +113,8 @@ fn from_metrics(text: &str) -> Vec<(String, String)> {
 /// issued (or issued for another identity).
 pub(crate) fn audit(logs: &[PathBuf], reported: &Reported) -> Result<Vec<Finding>, AuditError> {
     let mut findings = Vec::new();
-    // serial -> (identity, log)
-    let mut issued: HashMap<String, (String, &Path)> = HashMap::new();
+    // serial -> (identity, log, SHA-256)
+    let mut issued: HashMap<String, (String, &Path, Option<String>)> = HashMap::new();
     for log in logs {
         let file = std::fs::File::open(log).map_err(|e| AuditError::Reported {
             what: log.display().to_string(),
@@ -117,7 +124,7 @@ pub(crate) fn audit(logs: &[PathBuf], reported: &Reported) -> Result<Vec<Finding
             Ok(v) => {
                 for e in v.entries.into_iter().filter(|e| e.decision == Decision::Issued) {
                     if let Some(serial) = e.serial {
-                        issued.insert(canonical(&serial), (e.requested, log));
+                        issued.insert(canonical(&serial), (e.requested, log, e.sha256.map(|h| canonical(&h))));
                     }
                 }
             }
@@ -141,7 +148,20 @@ pub(crate) fn audit(logs: &[PathBuf], reported: &Reported) -> Result<Vec<Finding
                     c.source
                 ),
             )),
-            Some((identity, log)) if *identity != c.identity => findings.push(Finding::new(
+            Some((_, log, Some(logged))) if c.sha256.as_ref().is_some_and(|h| h != logged) => {
+                findings.push(Finding::new(
+                    Severity::High,
+                    Kind::UnloggedCertificate,
+                    object,
+                    format!(
+                        "held on {} with serial {}, but it is not the certificate {} logs under that serial (another SHA-256): a forgery reusing a logged serial",
+                        c.source,
+                        c.serial,
+                        log.display()
+                    ),
+                ))
+            }
+            Some((identity, log, _)) if *identity != c.identity => findings.push(Finding::new(
                 Severity::High,
                 Kind::UnloggedCertificate,
                 object,

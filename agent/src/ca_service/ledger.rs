@@ -76,6 +76,10 @@ pub(crate) struct Entry {
     /// Its notAfter, unix seconds, when issued.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) not_after: Option<i64>,
+    /// SHA-256 of the certificate's DER (colon-separated hex), when issued:
+    /// a forgery that reuses a logged serial has another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) sha256: Option<String>,
     /// SHA-256 (hex) of the previous line's bytes, [`GENESIS`] for the first.
     pub(crate) prev: String,
 }
@@ -299,6 +303,7 @@ mod tests {
             reason: "ok".into(),
             serial: Some(serial.into()),
             not_after: Some(1_800_000_000),
+            sha256: None,
             prev: String::new(),
         }
     }

@@ -130,11 +130,22 @@ impl PodSource {
 /// A refusal: the gRPC status, its reason label, the message.
 type Refusal = (Code, &'static str, String);
 
+/// A certificate signed for a request.
+struct Signed {
+    resp: IstioCertificateResponse,
+    /// Serial, hex.
+    serial: String,
+    /// notAfter, unix seconds.
+    not_after: i64,
+    /// SHA-256 of the leaf's DER.
+    sha256: String,
+}
+
 /// What one request came to, for its answer, its counter and its log line.
 struct Outcome {
     caller: Caller,
     requested: String,
-    result: Result<(IstioCertificateResponse, String, i64), Refusal>,
+    result: Result<Signed, Refusal>,
     /// Whether the answer gets a line of the issuance log: not before the
     /// caller is known (anyone could flood it), and for a rate limit only
     /// the first refusal of an episode.
@@ -314,7 +325,7 @@ impl CaService {
             logged,
         } = self.decide(token, body);
         let (decision, reason, serial, not_after) = match &result {
-            Ok((_, serial, not_after)) => (Decision::Issued, "ok", Some(serial.clone()), Some(*not_after)),
+            Ok(s) => (Decision::Issued, "ok", Some(s.serial.clone()), Some(s.not_after)),
             Err((_, reason, _)) => (Decision::Refused, *reason, None, None),
         };
         let entry = Entry {
@@ -329,6 +340,7 @@ impl CaService {
             reason: reason.to_string(),
             serial,
             not_after,
+            sha256: result.as_ref().ok().map(|s| s.sha256.clone()),
             prev: String::new(),
         };
         let issued = decision == Decision::Issued;
@@ -355,7 +367,7 @@ impl CaService {
             Ok(_) => self.count("issued", "ok"),
             Err((_, reason, _)) => self.count("refused", reason),
         }
-        result.map(|(resp, _, _)| resp)
+        result.map(|s| s.resp)
     }
 
     /// The decision on one request, with who asked and for what.
@@ -370,12 +382,7 @@ impl CaService {
         out
     }
 
-    fn decide_into(
-        &self,
-        token: Option<&str>,
-        body: Bytes,
-        out: &mut Outcome,
-    ) -> Result<(IstioCertificateResponse, String, i64), Refusal> {
+    fn decide_into(&self, token: Option<&str>, body: Bytes, out: &mut Outcome) -> Result<Signed, Refusal> {
         let token = token.ok_or((Code::Unauthenticated, "no_token", "no bearer token".to_string()))?;
         let now = crate::identity::trust::unix_now();
         let mut verified = super::jwt::verify(token, &self.keys.current(), &self.expected, now);
@@ -446,7 +453,12 @@ impl CaService {
         if let Some(root) = self.authority.roots().first() {
             cert_chain.push(crate::identity::ca::pem_text("CERTIFICATE", root.as_ref()));
         }
-        Ok((IstioCertificateResponse { cert_chain }, serial, not_after))
+        Ok(Signed {
+            resp: IstioCertificateResponse { cert_chain },
+            serial,
+            not_after,
+            sha256: crate::identity::ca::sha256_hex(chain[0].as_ref()),
+        })
     }
 
     async fn handle(

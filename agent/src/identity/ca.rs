@@ -143,7 +143,7 @@ pub fn hex(b: &[u8]) -> String {
 }
 
 /// SHA-256 of DER bytes, hex with colons as `openssl x509 -fingerprint` prints.
-pub(crate) fn sha256_hex(der: &[u8]) -> String {
+pub fn sha256_hex(der: &[u8]) -> String {
     let d = ring::digest::digest(&ring::digest::SHA256, der);
     d.as_ref()
         .iter()
