@@ -15,6 +15,7 @@ pub mod cluster;
 pub mod cni;
 pub mod fake_api;
 pub mod hbone;
+pub mod kube_proxy;
 pub mod loadgen;
 pub mod netns;
 pub mod sniff;

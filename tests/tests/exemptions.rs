@@ -6,7 +6,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use nodeward_testbed::netns::{nsenter, sh};
+use nodeward_testbed::netns::sh;
 use nodeward_testbed::traffic::{self, info_echo, read_greeting, round_trip, serve};
 use nodeward_testbed::{PodSpec, Topology, TopologySpec, privileged_or_skip, shared};
 
@@ -42,43 +42,9 @@ fn node_address(t: &Topology, k: usize) -> Ipv4Addr {
 /// connections are masqueraded, so `c` sees node 2's bridge address.
 fn node_port_to_c(t: &Topology) {
     let node = &t.nodes[1].netns;
-    let c = t.pod("c").v4(8080).to_string();
-    let iptables = |args: &[&str]| {
-        let out = nsenter(node, &[&["iptables", "-t", "nat"], args].concat())
-            .output()
-            .expect("run iptables");
-        assert!(
-            out.status.success(),
-            "iptables {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    let node_addr = node_address(t, 1).to_string();
-    let port = NODE_PORT.to_string();
-    iptables(&[
-        "-A",
-        "PREROUTING",
-        "-p",
-        "tcp",
-        "-d",
-        &node_addr,
-        "--dport",
-        &port,
-        "-j",
-        "DNAT",
-        "--to-destination",
-        &c,
-    ]);
-    iptables(&[
-        "-A",
-        "POSTROUTING",
-        "-m",
-        "conntrack",
-        "--ctstate",
-        "DNAT",
-        "-j",
-        "MASQUERADE",
-    ]);
+    let node_port = SocketAddr::new(node_address(t, 1).into(), NODE_PORT);
+    nodeward_testbed::kube_proxy::dnat(node, node_port, t.pod("c").v4(8080), &["PREROUTING"]);
+    nodeward_testbed::kube_proxy::masquerade_dnat(node);
 }
 
 /// Whether a connection from `netns` gets through to the app (its greeting arrives).

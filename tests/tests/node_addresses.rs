@@ -14,7 +14,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use nodeward_testbed::netns::nsenter;
+use nodeward_testbed::kube_proxy::{dnat, masquerade_dnat};
 use nodeward_testbed::sniff::{Sniffer, contains};
 use nodeward_testbed::traffic::{self, info_echo, read_greeting, round_trip, serve};
 use nodeward_testbed::{
@@ -48,42 +48,6 @@ fn build(test: &str) -> Option<Topology> {
         ],
         namespaces: vec![("mesh".into(), true), ("plain".into(), false)],
     }))
-}
-
-/// Runs `iptables -t nat ARGS` in `netns`, as kube-proxy would.
-fn nat(netns: &str, args: &[&str]) {
-    let out = nsenter(netns, &[&["iptables", "-t", "nat"], args].concat())
-        .output()
-        .expect("run iptables");
-    assert!(
-        out.status.success(),
-        "iptables {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// kube-proxy's DNAT of `dst` to `to` on a node (forwarded and local traffic).
-fn dnat(netns: &str, dst: SocketAddr, to: SocketAddr) {
-    let (ip, port, to) = (dst.ip().to_string(), dst.port().to_string(), to.to_string());
-    for chain in ["PREROUTING", "OUTPUT"] {
-        nat(
-            netns,
-            &[
-                "-A",
-                chain,
-                "-p",
-                "tcp",
-                "-d",
-                &ip,
-                "--dport",
-                &port,
-                "-j",
-                "DNAT",
-                "--to-destination",
-                &to,
-            ],
-        );
-    }
 }
 
 /// Connects and reads the greeting.
@@ -170,7 +134,12 @@ fn an_enrolled_pod_reaches_the_node_ip_of_host_network_pods_directly_and_through
     let _s4 = serve(&node.netns, direct4, info_echo);
     let _s6 = serve(&node.netns, direct6, info_echo);
     // kube-proxy for the selector-less `kubernetes` Service.
-    dnat(&node.netns, SocketAddr::new(KUBERNETES_VIP, 443), direct4);
+    dnat(
+        &node.netns,
+        SocketAddr::new(KUBERNETES_VIP, 443),
+        direct4,
+        &["PREROUTING", "OUTPUT"],
+    );
 
     for direct in [direct4, direct6] {
         let seen = wait_reach(&a.netns, direct);
@@ -229,25 +198,14 @@ fn external_ip_and_node_port_calls_reach_a_strict_pod_over_hbone_despite_kube_pr
     // nodePort on its own address, DNATed connections masqueraded.
     let external = SocketAddr::new(EXTERNAL_IP, 80);
     for node in &t.nodes {
-        dnat(&node.netns, external, c.v4(8080));
+        dnat(&node.netns, external, c.v4(8080), &["PREROUTING", "OUTPUT"]);
         dnat(
             &node.netns,
             SocketAddr::new(node.address4.into(), NODE_PORT),
             c.v4(8080),
+            &["PREROUTING", "OUTPUT"],
         );
-        nat(
-            &node.netns,
-            &[
-                "-A",
-                "POSTROUTING",
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "DNAT",
-                "-j",
-                "MASQUERADE",
-            ],
-        );
+        masquerade_dnat(&node.netns);
     }
     t.start_agents();
     let _s = serve(&c.netns, c.v4(8080), info_echo);

@@ -79,6 +79,16 @@ fn token(signer: &super::super::jwt::TokenSigner, ns: &str, sa: &str, node: &str
 
 const PEER: &str = "10.0.0.9:40000";
 
+/// A PEM CSR with no subject or extensions, over a fresh key of `alg`.
+fn new_csr(alg: &'static rcgen::SignatureAlgorithm) -> String {
+    let key = rcgen::KeyPair::generate_for(alg).unwrap();
+    rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap()
+}
+
 fn request(csr: String, impersonate: &str, validity: i64) -> Bytes {
     frame(&IstioCertificateRequest {
         csr,
@@ -134,12 +144,7 @@ fn a_csr_with_extra_sans_and_extensions_yields_only_the_spiffe_uri() {
 #[test]
 fn refusals_name_their_reason() {
     let (s, signer, d) = service("refuse");
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let csr = rcgen::CertificateParams::default()
-        .serialize_request(&key)
-        .unwrap()
-        .pem()
-        .unwrap();
+    let csr = new_csr(&rcgen::PKCS_ECDSA_P256_SHA256);
     let web = "spiffe://cluster.local/ns/shop/sa/web";
     let node2 = token(&signer, "nodeward-system", "nodeward", "node-2");
     let e = s
@@ -159,12 +164,7 @@ fn refusals_name_their_reason() {
         .create(Some(&node1), request("garbage".into(), web, 0), PEER.parse().unwrap())
         .unwrap_err();
     assert_eq!((e.0, e.1), (Code::InvalidArgument, "bad_csr"));
-    let rsa = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
-    let p384 = rcgen::CertificateParams::default()
-        .serialize_request(&rsa)
-        .unwrap()
-        .pem()
-        .unwrap();
+    let p384 = new_csr(&rcgen::PKCS_ECDSA_P384_SHA384);
     let e = s
         .create(Some(&node1), request(p384, web, 0), PEER.parse().unwrap())
         .unwrap_err();
@@ -184,12 +184,7 @@ fn every_answer_is_logged_and_a_rate_limited_node_is_refused_while_another_is_se
         a.node_burst = 2.0;
         a.node_rate = 0.001;
     });
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let csr = rcgen::CertificateParams::default()
-        .serialize_request(&key)
-        .unwrap()
-        .pem()
-        .unwrap();
+    let csr = new_csr(&rcgen::PKCS_ECDSA_P256_SHA256);
     let web = "spiffe://cluster.local/ns/shop/sa/web";
     let peer: SocketAddr = PEER.parse().unwrap();
     let node1 = token(&signer, "nodeward-system", "nodeward", "node-1");
