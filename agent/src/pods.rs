@@ -203,7 +203,7 @@ impl PodManager {
             self.revalidated = snap.generation;
             self.mesh.open.revalidate(&snap);
         }
-        let (desired, _skipped) = snap.managed_pods(&self.node);
+        let (desired, _skipped) = snap.managed_pods_given(&self.node, &self.runtime_ips());
 
         let gone: Vec<String> = self
             .active
@@ -531,7 +531,7 @@ impl PodManager {
             if !due {
                 return Err(PodError::Pending);
             }
-            let (desired, _) = snap.managed_pods(&self.node);
+            let (desired, _) = snap.managed_pods_given(&self.node, &self.runtime_ips());
             let wanted: HashSet<IpAddr> = desired
                 .values()
                 .filter(|p| !self.active.contains_key(&p.uid))

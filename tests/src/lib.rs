@@ -13,6 +13,7 @@ pub mod bpf;
 pub mod ca;
 pub mod cluster;
 pub mod cni;
+pub mod cri;
 pub mod fake_api;
 pub mod hbone;
 pub mod kube_proxy;

@@ -432,6 +432,13 @@ impl Topology {
         }
     }
 
+    /// A scratch directory of this topology's lease, `name` its suffix;
+    /// one named `cri-*` is reclaimed as a container runtime's
+    /// ([`crate::cri::reclaim`]) if a run dies.
+    pub fn scratch_dir(&self, name: &str) -> PathBuf {
+        PathBuf::from(format!("{LEASE_DIR}/{}.{name}", self.id))
+    }
+
     /// Node `k`'s running agent.
     pub fn agent(&self, k: usize) -> &Agent {
         self.nodes[k].agent.as_ref().expect("agent running")
@@ -562,6 +569,13 @@ fn reclaim(id: u32) {
         for e in rd.flatten() {
             if e.file_name().to_string_lossy().starts_with(&format!("t{id}n")) {
                 let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(LEASE_DIR) {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&format!("{id}.cri-")) {
+                crate::cri::reclaim(&e.path());
             }
         }
     }

@@ -63,13 +63,13 @@ fn stats(t: &Topology, k: usize) -> String {
     nodeward_testbed::admin::metrics(&t.nodes[k].netns)
 }
 
-/// The agent's refusal warnings for `reason`.
+/// The agent's refusal warnings for `reason`, once the first has arrived:
+/// the agent counts a refusal before it logs it, and its log reaches the
+/// test through a reader thread, so a scrape can run ahead of the log.
 fn warnings(t: &Topology, k: usize, reason: &str) -> Vec<serde_json::Value> {
-    t.agent(k)
-        .lines()
-        .into_iter()
-        .filter(|l| l["level"] == "WARN" && l["reason"] == reason)
-        .collect()
+    let is_warning = |l: &serde_json::Value| l["level"] == "WARN" && l["reason"] == reason;
+    t.agent(k).wait_log(Duration::from_secs(5), is_warning);
+    t.agent(k).lines().into_iter().filter(is_warning).collect()
 }
 
 #[test]

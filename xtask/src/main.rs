@@ -12,10 +12,15 @@
 //! build before `bpf-linker` exists, so the demo and the bench live in the
 //! testbed crate and are run from here once the prerequisites are in place.
 //! * `prereqs` — only the idempotent installs (nightly rust-src, LLVM 22
-//!   development packages, bpf-linker, iproute2, bpftool, tcpdump, iperf3).
+//!   development packages, bpf-linker, iproute2, bpftool, tcpdump, iperf3,
+//!   buildah, ...).
 //! * `vm-test` — the integration suite on other kernels, each booted under
 //!   qemu (see `vm.rs`).
+//! * `image` — the agent's container image with buildah from `scratch`
+//!   (the binaries, the shared libraries they load, a CycloneDX SBOM), as a
+//!   docker-archive in `target/image` (see `image.rs`).
 
+mod image;
 mod prereqs;
 mod vm;
 
@@ -88,6 +93,16 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Build the agent's container image with buildah, from scratch: a
+    /// docker-archive (`nodeward:latest`) and its CycloneDX SBOM.
+    Image {
+        /// The debug build instead of the release build (what the test suite uses).
+        #[arg(long)]
+        dev: bool,
+        /// Where the archive and the SBOM go [default: target/image].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Run every check and test: fmt, clippy, unit and integration tests,
     /// then a subset of the integration tests on the oldest supported kernel in a VM.
     Test {
@@ -150,6 +165,11 @@ fn main() -> Result<()> {
                 timeout,
             })
             .map(|_| ())
+        }
+        Cmd::Image { dev, out } => {
+            require_root("buildah mounts the image's root filesystem")?;
+            prereqs::ensure()?;
+            image::image(dev, out)
         }
         Cmd::Test { args } => {
             prereqs::ensure()?;

@@ -9,7 +9,8 @@ use anyhow::{Context, Result, bail};
 /// bpftool to observe attachments, tcpdump and iperf3 for later tests,
 /// iptables for the NodePort-style DNAT/MASQUERADE of the exemption tests,
 /// the reference CNI plugins (bridge, host-local, loopback) the CNI
-/// hand-off tests chain `nodeward-cni` with.
+/// hand-off tests chain `nodeward-cni` with, buildah for `cargo xtask image`
+/// (and the test that builds the image with it).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -22,6 +23,7 @@ const APT_PACKAGES: &[&str] = &[
     "iptables",
     "util-linux",
     "containernetworking-plugins",
+    "buildah",
 ];
 
 /// What `vm-test` adds: qemu (and its virtiofsd), a static busybox for the

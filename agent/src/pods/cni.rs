@@ -73,7 +73,7 @@ impl PodManager {
         };
         let level_info = !matches!(answer, Reply::Refused { .. });
         if level_info {
-            tracing::info!(pod = %request.key(), command = ?request.command, container = %request.container_id, answer = ?answer, "CNI request");
+            tracing::info!(pod = %request.key(), command = ?request.command, container = %request.container_id, netns = %request.netns.display(), uid = %request.pod_uid, answer = ?answer, "CNI request");
         } else {
             tracing::warn!(pod = %request.key(), command = ?request.command, container = %request.container_id, answer = ?answer, "CNI request refused");
         }
@@ -88,8 +88,18 @@ impl PodManager {
         snap.pods.get(&request.key()).map(|p| p.uid.clone())
     }
 
+    /// The addresses the runtime's ADDs gave pods, by UID: they stand in
+    /// for those the source has not reported yet.
+    pub(super) fn runtime_ips(&self) -> HashMap<String, Vec<IpAddr>> {
+        self.cni
+            .iter()
+            .filter(|(_, c)| !c.ips.is_empty())
+            .map(|(uid, c)| (uid.clone(), c.ips.clone()))
+            .collect()
+    }
+
     fn known(&self, uid: &str, snap: &Snapshot) -> Known {
-        let (desired, _) = snap.managed_pods(&self.node);
+        let (desired, _) = snap.managed_pods_given(&self.node, &self.runtime_ips());
         if let Some(p) = desired.get(uid) {
             return Known::Managed(p.clone());
         }

@@ -242,9 +242,38 @@ impl Snapshot {
     /// The pods this node's agent must capture, by UID, with the reasons
     /// for the pods of this node it must not.
     pub(crate) fn managed_pods(&self, node: &str) -> (HashMap<String, ManagedPod>, Vec<(String, Enrolment)>) {
+        self.managed_pods_given(node, &HashMap::new())
+    }
+
+    /// [`Snapshot::managed_pods`], with the addresses the container
+    /// runtime gave pods (by UID, from their CNI ADD) standing in for the
+    /// ones the source has not reported yet. On a real node the kubelet
+    /// reports a pod's IP to the API server only after its sandbox is up,
+    /// so for a moment the agent knows the pod but not its address; the
+    /// app may already be connecting. The source's addresses, once there,
+    /// win (a difference re-captures the pod with them).
+    pub(crate) fn managed_pods_given(
+        &self,
+        node: &str,
+        runtime_ips: &HashMap<String, Vec<IpAddr>>,
+    ) -> (HashMap<String, ManagedPod>, Vec<(String, Enrolment)>) {
         let mut managed = HashMap::new();
         let mut skipped = Vec::new();
         for pod in self.pods.values().filter(|p| p.node_name == node) {
+            let given = runtime_ips
+                .get(&pod.uid)
+                .filter(|ips| pod.ips.is_empty() && !ips.is_empty() && !pod.finished() && !pod.deleting);
+            let pod_ips = given.unwrap_or(&pod.ips);
+            let with_ips;
+            let pod = if given.is_some() {
+                with_ips = Pod {
+                    ips: pod_ips.clone(),
+                    ..(**pod).clone()
+                };
+                &with_ips
+            } else {
+                &**pod
+            };
             let enrolled = match enrolment(pod, self.namespaces.get(&pod.namespace)) {
                 // A pod being deleted whose IP a live pod already holds is
                 // gone: capturing "it" would capture the new pod under the
@@ -423,6 +452,42 @@ mod tests {
         // Still terminating with nobody else on its IP: still captured.
         let (managed, _) = snapshot(vec![old]).managed_pods("n1");
         assert!(managed.contains_key("old"));
+    }
+
+    #[test]
+    fn a_pod_the_source_knows_without_an_address_is_managed_with_the_runtimes_until_the_source_reports_one() {
+        let runtime: HashMap<String, Vec<IpAddr>> = [
+            ("pending".to_string(), vec!["10.0.0.9".parse().unwrap()]),
+            ("running".to_string(), vec!["10.0.0.8".parse().unwrap()]),
+            ("done".to_string(), vec!["10.0.0.6".parse().unwrap()]),
+        ]
+        .into();
+        let mut pending = pod("pending", "web", "Pending", false);
+        pending.ips.clear();
+        let mut done = pod("done", "web", "Succeeded", false);
+        done.ips.clear();
+        let mut gone = pod("gone", "web", "Pending", true);
+        gone.ips.clear();
+        let running = pod("running", "web", "Running", false);
+        let snap = snapshot(vec![pending.clone(), done, gone, running]);
+        let (managed, _) = snap.managed_pods_given("n2", &runtime);
+        let ips = |uid: &str| managed.get(uid).map(|p| p.ips.clone());
+        assert_eq!(
+            ips("pending"),
+            Some(vec!["10.0.0.9".parse().unwrap()]),
+            "the runtime's address stands in"
+        );
+        assert_eq!(
+            ips("running"),
+            Some(vec![IP.parse().unwrap()]),
+            "the source's address wins"
+        );
+        assert_eq!(ips("done"), None, "a finished pod is not brought back");
+        assert_eq!(ips("gone"), None, "nor one being deleted");
+        // Without the runtime's word, a pod without an address waits.
+        let (managed, skipped) = snapshot(vec![pending]).managed_pods("n2");
+        assert!(managed.is_empty());
+        assert_eq!(skipped, vec![("shop/pending".to_string(), Enrolment::NotRunning)]);
     }
 
     #[test]
