@@ -77,7 +77,10 @@ impl Agent {
         Agent::spawn(cmd, &format!("{}-ca", node.name))
     }
 
-    fn spawn(mut cmd: std::process::Command, name: &str) -> Agent {
+    /// Runs `cmd` (its stderr piped) as an agent named `name`: its log is
+    /// collected as any agent's; for an agent started some other way (from
+    /// its image, by a container runtime).
+    pub fn spawn(mut cmd: std::process::Command, name: &str) -> Agent {
         let mut child = cmd.spawn().expect("start nodeward");
         let stderr = child.stderr.take().expect("stderr");
         let log: Arc<(Mutex<Log>, Condvar)> = Arc::default();

@@ -40,6 +40,8 @@ pub struct CaService {
     pub server: Option<Agent>,
     /// Further `ca serve` flags.
     pub extra: Vec<String>,
+    /// The name its certificate carries (`--server-name`) if not its address.
+    pub server_name: Option<String>,
     /// A kubeconfig: pods and the issuer's keys come from that API server
     /// (`--source kube`, OIDC discovery) instead of the config directory
     /// and `jwks.json`.
@@ -80,6 +82,7 @@ impl CaService {
             node: 0,
             server: None,
             extra: Vec::new(),
+            server_name: None,
             api: None,
         };
         let mut pods = String::new();
@@ -198,7 +201,7 @@ impl CaService {
             "--issuer".into(),
             ISSUER.into(),
             "--server-name".into(),
-            host.to_string(),
+            self.server_name.clone().unwrap_or_else(|| host.to_string()),
             "--issuance-log".into(),
             log.display().to_string(),
         ];

@@ -120,22 +120,20 @@ impl Runtime {
     /// on bridge `bridge`, which holds `{subnet}.1`) chained by
     /// `nodeward-cni install` to the agent at `agent_socket`.
     pub fn start(dir: PathBuf, node_netns: &str, bridge: &str, subnet: &str, agent_socket: &Path) -> Runtime {
-        reclaim(&dir);
-        for d in ["cni-bin", "cni-conf", "logs", "ipam"] {
-            std::fs::create_dir_all(dir.join(d)).expect("runtime dir");
-        }
-        for plugin in ["bridge", "host-local", "loopback", "portmap"] {
-            let to = dir.join("cni-bin").join(plugin);
-            let _ = std::fs::remove_file(&to);
-            std::os::unix::fs::symlink(Path::new(crate::cni::PLUGIN_DIR).join(plugin), &to).expect("plugin link");
-        }
-        std::fs::write(
-            dir.join("cni-conf/10-bridge.conflist"),
-            serde_json::to_vec_pretty(&node_conflist(bridge, subnet, &dir.join("ipam"))).unwrap(),
-        )
-        .expect("node conflist");
+        prepare(&dir, bridge, subnet);
         install_cni(&dir, agent_socket);
-        std::fs::write(dir.join("config.toml"), config_toml(&dir)).expect("containerd config");
+        Runtime::spawn_on(dir, node_netns)
+    }
+
+    /// [`Runtime::start`] with the node's network alone in its CNI
+    /// config: something else (the image's init container) chains
+    /// `nodeward-cni` into it, which containerd picks up as it would.
+    pub fn start_uninstalled(dir: PathBuf, node_netns: &str, bridge: &str, subnet: &str) -> Runtime {
+        prepare(&dir, bridge, subnet);
+        Runtime::spawn_on(dir, node_netns)
+    }
+
+    fn spawn_on(dir: PathBuf, node_netns: &str) -> Runtime {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -149,7 +147,7 @@ impl Runtime {
         };
         r.spawn();
         for image in images() {
-            r.ctr(&["images", "import", image.to_str().unwrap()]);
+            r.import(image);
         }
         r
     }
@@ -226,6 +224,58 @@ impl Runtime {
             "ctr {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// Imports an image archive (docker or OCI) into the kubelet's namespace.
+    pub fn import(&self, archive: &Path) {
+        self.ctr(&["images", "import", archive.to_str().expect("utf-8 path")]);
+    }
+
+    /// `ctr run` of `image` as container `id` with `flags` (and `args` after
+    /// the image and id), in the foreground; its stderr is piped, so the
+    /// returned command can be spawned as an [`crate::Agent`]. The
+    /// container's task is killed when the runtime is dropped.
+    pub fn ctr_run(&self, flags: &[String], image: &str, id: &str, args: &[String]) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("--address")
+            .arg(self.socket())
+            .args(["--namespace", "k8s.io", "run", "--rm"])
+            .args(flags)
+            .arg(image)
+            .arg(id)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        cmd
+    }
+
+    /// Kills and removes the containers `ctr run` started (CRI's
+    /// sandboxes are not among them).
+    fn kill_ctr_containers(&self) {
+        let out = Command::new("ctr")
+            .arg("--address")
+            .arg(self.socket())
+            .args(["--namespace", "k8s.io", "containers", "ls", "-q"])
+            .output();
+        let ids = out
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let sandboxes: Vec<String> = self.try_list().unwrap_or_default().into_iter().map(|s| s.0).collect();
+        for id in ids.lines().filter(|id| !sandboxes.iter().any(|s| s == id)) {
+            for args in [
+                &["tasks", "kill", "-s", "SIGKILL", id][..],
+                &["tasks", "rm", "-f", id],
+                &["containers", "rm", id],
+            ] {
+                let _ = Command::new("ctr")
+                    .arg("--address")
+                    .arg(self.socket())
+                    .args(["--namespace", "k8s.io"])
+                    .args(args)
+                    .output();
+            }
+        }
     }
 
     /// SIGKILLs containerd, as a crash does; sandboxes keep running
@@ -443,6 +493,7 @@ impl Drop for Runtime {
         }
         // As the kubelet does for every pod when a node is drained.
         if self.client.is_some() {
+            self.kill_ctr_containers();
             for (id, _, _) in self.try_list().unwrap_or_default() {
                 let _ = self.stop(&id);
                 let _ = self.remove(&id);
@@ -451,6 +502,25 @@ impl Drop for Runtime {
         self.kill();
         reclaim(&self.dir);
     }
+}
+
+/// The runtime's directories, its reference plugins, the node's conflist.
+fn prepare(dir: &Path, bridge: &str, subnet: &str) {
+    reclaim(dir);
+    for d in ["cni-bin", "cni-conf", "logs", "ipam"] {
+        std::fs::create_dir_all(dir.join(d)).expect("runtime dir");
+    }
+    for plugin in ["bridge", "host-local", "loopback", "portmap"] {
+        let to = dir.join("cni-bin").join(plugin);
+        let _ = std::fs::remove_file(&to);
+        std::os::unix::fs::symlink(Path::new(crate::cni::PLUGIN_DIR).join(plugin), &to).expect("plugin link");
+    }
+    std::fs::write(
+        dir.join("cni-conf/10-bridge.conflist"),
+        serde_json::to_vec_pretty(&node_conflist(bridge, subnet, &dir.join("ipam"))).unwrap(),
+    )
+    .expect("node conflist");
+    std::fs::write(dir.join("config.toml"), config_toml(dir)).expect("containerd config");
 }
 
 /// Removes what a runtime under `dir` left: its shims (with their

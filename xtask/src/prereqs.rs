@@ -10,7 +10,9 @@ use anyhow::{Context, Result, bail};
 /// iptables for the NodePort-style DNAT/MASQUERADE of the exemption tests,
 /// the reference CNI plugins (bridge, host-local, loopback) the CNI
 /// hand-off tests chain `nodeward-cni` with, buildah for `cargo xtask image`
-/// (and the test that builds the image with it).
+/// and the runtime tests' images, containerd (with its CRI plugin) and runc
+/// for the runtime tests, a static busybox for their images, protoc for
+/// the CRI client's generated code.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -24,6 +26,10 @@ const APT_PACKAGES: &[&str] = &[
     "util-linux",
     "containernetworking-plugins",
     "buildah",
+    "containerd",
+    "runc",
+    "busybox-static",
+    "protobuf-compiler",
 ];
 
 /// What `vm-test` adds: qemu (and its virtiofsd), a static busybox for the
