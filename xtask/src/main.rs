@@ -22,6 +22,7 @@
 
 mod image;
 mod prereqs;
+mod sbom;
 mod vm;
 
 use std::path::{Path, PathBuf};
@@ -317,6 +318,12 @@ fn test(extra: &[String]) -> Result<()> {
     if nix_is_root() && extra.is_empty() {
         println!("== benchmark harness smoke run (cargo xtask bench --quick)");
         bench(true, 1, None)?;
+    }
+    if nix_is_root() {
+        // The image test runs the agent from this image; building it here
+        // keeps a cargo build from running inside the test run.
+        println!("== the agent image, debug profile (cargo xtask image --dev)");
+        image::image(true, None)?;
     }
     println!("== cargo test");
     let mut cmd = cargo();
