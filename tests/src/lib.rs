@@ -20,6 +20,7 @@ pub mod kube_proxy;
 pub mod loadgen;
 pub mod netns;
 pub mod sniff;
+pub mod tls_records;
 pub mod topology;
 pub mod traffic;
 pub mod ztunnel;
