@@ -8,6 +8,11 @@ use nodeward::identity::ca_cli;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
+    // Both rustls providers are built (the bench compares them), so
+    // rustls cannot pick a process default itself: whatever builds a TLS
+    // configuration without naming one (the Kubernetes client) gets the
+    // agent's own.
+    nodeward::identity::install_crypto_provider();
     let cli = Cli::parse();
     let result = match cli.command {
         // Flags are checked before anything starts, logging included: a

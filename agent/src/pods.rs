@@ -208,7 +208,7 @@ impl PodManager {
         let gone: Vec<String> = self
             .active
             .iter()
-            .filter(|(uid, a)| desired.get(*uid).is_none_or(|d| d.ips != a.spec.ips))
+            .filter(|(uid, a)| desired.get(*uid).is_none_or(|d| !same_addresses(&d.ips, &a.spec.ips)))
             .map(|(uid, _)| uid.clone())
             .collect();
         for uid in gone {
@@ -665,4 +665,16 @@ fn purge_connection_entries(capture: &Capture, cookie: Option<u64>) {
             let _ = capture.maps.inbound_peer.remove(&k);
         }
     }
+}
+
+/// Whether two address lists name the same addresses, in any order: the
+/// runtime's result and the API's `podIPs` may list a dual-stack pod's
+/// families in either order, which is no reason to capture it anew.
+fn same_addresses(a: &[IpAddr], b: &[IpAddr]) -> bool {
+    let set = |v: &[IpAddr]| {
+        v.iter()
+            .map(|ip| ip.to_canonical())
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    set(a) == set(b)
 }

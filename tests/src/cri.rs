@@ -191,6 +191,9 @@ impl Runtime {
         let channel = self.rt.block_on(async move {
             Endpoint::try_from("http://[::]:50051")
                 .ok()?
+                // A wedged runtime fails the call, never hangs the test (or its teardown).
+                .connect_timeout(Duration::from_secs(5))
+                .timeout(Duration::from_secs(60))
                 .connect_with_connector(tower::service_fn(move |_: Uri| {
                     let socket = socket.clone();
                     async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }

@@ -48,7 +48,9 @@ fn cert() -> &'static rcgen::CertifiedKey<rcgen::KeyPair> {
 fn tls_echo(s: TcpStream) {
     let c = cert();
     let key = rustls::pki_types::PrivateKeyDer::Pkcs8(c.signing_key.serialize_der().into());
-    let config = rustls::ServerConfig::builder()
+    let config = rustls::ServerConfig::builder_with_provider(nodeward::identity::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
         .with_no_client_auth()
         .with_single_cert(vec![c.cert.der().clone()], key)
         .unwrap();
@@ -73,7 +75,9 @@ fn tls_echo(s: TcpStream) {
 fn tls_hello(netns: &str, dst: SocketAddr) -> std::io::Result<String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert().cert.der().clone()).unwrap();
-    let config = rustls::ClientConfig::builder()
+    let config = rustls::ClientConfig::builder_with_provider(nodeward::identity::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
     let name = rustls::pki_types::ServerName::try_from(SERVER_NAME).unwrap();

@@ -55,6 +55,10 @@ fn pod_spec(ds: &DaemonSet) -> &K8sPodSpec {
 /// The image archive `cargo xtask image --dev` writes, built (again) if
 /// missing or older than the binaries under test.
 fn image_archive() -> PathBuf {
+    // `cargo xtask test` builds it before the tests and names it.
+    if let Ok(archive) = std::env::var("NODEWARD_IMAGE") {
+        return PathBuf::from(archive);
+    }
     let bin = nodeward_testbed::nodeward_bin();
     let target = bin.parent().and_then(Path::parent).expect("target dir").to_path_buf();
     let version = env!("CARGO_PKG_VERSION");
@@ -461,7 +465,7 @@ fn the_agent_from_its_image_with_the_daemonsets_settings_captures_cri_pods_with_
     };
     let probe_addr = format!("{}:{port}", probe_get.host.as_deref().unwrap_or("127.0.0.1"));
     let path = probe_get.path.clone().unwrap_or_else(|| "/".into());
-    let deadline = Instant::now() + WAIT;
+    let deadline = Instant::now() + nodeward_testbed::patience(WAIT);
     while nodeward_testbed::admin::http(&t.nodes[0].netns, &probe_addr, "GET", &path)
         .map(|(status, _)| status)
         .unwrap_or(0)
@@ -515,7 +519,7 @@ fn the_agent_from_its_image_with_the_daemonsets_settings_captures_cri_pods_with_
     let dst: SocketAddr = format!("{}:7000", server.ip).parse().unwrap();
     let _srv = serve(&server.netns, dst, info_echo);
     // Certificates come from the CA service: retry while they are issued.
-    let deadline = Instant::now() + WAIT;
+    let deadline = Instant::now() + nodeward_testbed::patience(WAIT);
     loop {
         let done = round_trip(&client.netns, dst, b"from the image").is_ok();
         std::thread::sleep(Duration::from_millis(200));

@@ -13,7 +13,7 @@ use nodeward_testbed::cri::{Runtime, Sandbox, SandboxSpec};
 use nodeward_testbed::netns::sh_out;
 use nodeward_testbed::sniff::{self, Sniffer};
 use nodeward_testbed::traffic::{self, info_echo, read_greeting, round_trip, serve};
-use nodeward_testbed::{PodSpec, Topology, TopologySpec, privileged_or_skip, shared};
+use nodeward_testbed::{PodSpec, Topology, TopologySpec, exclusive, patience, privileged_or_skip, shared};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -68,7 +68,37 @@ impl Bed {
     /// the runtime gave it an address (the kubelet runs sandboxes only for
     /// pods it read from the API).
     fn schedule(&self, k: usize, spec: &SandboxSpec) {
-        self.t.apply(&file(spec), &pod_yaml(&self.t, k, spec, None));
+        let yaml = pod_yaml(&self.t, k, spec, None);
+        // A new sandbox of a pod the API server has already: nothing to announce.
+        if self.t.config_dir.join(format!("{}.yaml", file(spec))).exists() {
+            return;
+        }
+        self.change_config(k, || self.t.apply(&file(spec), &yaml));
+    }
+
+    /// Makes a change to the config directory and waits until node `k`'s
+    /// agent has applied it (as the kubelet's watch has seen a pod before
+    /// it runs the sandbox).
+    fn change_config(&self, k: usize, change: impl FnOnce()) {
+        let agent = self.t.agent(k);
+        let applied = || {
+            agent
+                .lines()
+                .iter()
+                .filter(|l| l["message"] == "config applied")
+                .count()
+        };
+        let before = applied();
+        change();
+        let deadline = Instant::now() + patience(WAIT);
+        while applied() <= before {
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not apply a change:\n{}",
+                agent.dump()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// The pod's status once the kubelet reported the runtime's address.
@@ -80,10 +110,17 @@ impl Bed {
     /// Schedules `spec` to node `k` and runs its sandbox; waits for the agent's capture.
     fn run_pod(&self, k: usize, spec: &SandboxSpec) -> Sandbox {
         self.schedule(k, spec);
-        std::thread::sleep(Duration::from_millis(300));
         let s = self.runtimes[k]
             .run_sandbox(spec)
             .unwrap_or_else(|e| panic!("RunPodSandbox {}: {e}\n{}", spec.key(), self.t.agent(k).dump()));
+        // The runtime's ADD was answered: captured, before the sandbox ran.
+        let agent = self.t.agent(k);
+        let add = agent
+            .wait_log(WAIT, |l| {
+                l["message"] == "CNI request" && l["command"] == "Add" && l["container"] == s.id.as_str()
+            })
+            .unwrap_or_else(|| panic!("no ADD for {}:\n{}", spec.key(), agent.dump()));
+        assert_eq!(add["answer"], "Captured", "{}: {add}", spec.key());
         self.report(k, spec, &s);
         s
     }
@@ -187,7 +224,7 @@ fn a_cri_pod_is_captured_before_its_first_packet_and_crosses_to_another_nodes_po
     const MARKER: &str = "cri-first-packet-marker";
     let command = format!("echo {MARKER} | nc -w 5 {} {}", dst.ip(), dst.port());
     bed.runtimes[0].run_container(&client_spec, &client, "first", &["/bin/sh", "-c", &command]);
-    let deadline = Instant::now() + WAIT;
+    let deadline = Instant::now() + patience(WAIT);
     let output = loop {
         let out = bed.runtimes[0].container_output(&client_spec, "first");
         if out.contains(MARKER) || Instant::now() > deadline {
@@ -273,6 +310,10 @@ fn stopping_a_sandbox_releases_it_and_repeated_or_stale_dels_leave_the_live_sand
     let _ = rt.remove(&first.id);
     // containerd 1.6 sends a DEL for each stop, the repeat with an empty
     // CNI_NETNS (it removed the namespace at the first).
+    let deadline = Instant::now() + patience(WAIT);
+    while cni_requests(t, 0, &first.id).len() <= before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let stale = cni_requests(t, 0, &first.id);
     assert!(
         stale.len() > before
@@ -283,9 +324,24 @@ fn stopping_a_sandbox_releases_it_and_repeated_or_stale_dels_leave_the_live_sand
     );
     assert_captured(&second, probe, "live sandbox after stale DELs");
     assert_eq!(pinned_pods(t, 0), 1, "the live sandbox lost its pins");
+    let inbound = || {
+        agent
+            .connections()
+            .iter()
+            .filter(|l| l["direction"] == "inbound" && l["dst"] == dst.to_string().as_str())
+            .count()
+    };
+    let carried = inbound();
     let (seen, _, _) = round_trip(&d.netns, dst, b"after").expect("the live sandbox still serves");
     assert_eq!(seen.peer.ip(), d.v4(0).ip());
-    assert!(agent.wait_connection("inbound", &dst.to_string(), WAIT).is_some());
+    let deadline = Instant::now() + patience(WAIT);
+    while inbound() <= carried {
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not carry the call after the stale DELs"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // Stopping the live sandbox twice: one release, the second a no-op.
     rt.stop(&second.id).expect("StopPodSandbox");
@@ -300,7 +356,8 @@ fn stopping_a_sandbox_releases_it_and_repeated_or_stale_dels_leave_the_live_sand
 
 #[test]
 fn a_sandbox_whose_add_failed_while_the_agent_was_down_is_torn_down_and_its_retry_is_captured() {
-    let _g = shared();
+    // Alone: it diffs the machine's namespaces.
+    let _g = exclusive();
     let test = "a_sandbox_whose_add_failed_while_the_agent_was_down_is_torn_down_and_its_retry_is_captured";
     let Some(mut bed) = Bed::new(test, 1) else {
         return;
@@ -483,12 +540,18 @@ fn fifty_sandboxes_created_and_removed_leave_no_pin_map_entry_listener_or_fd_beh
         assert_captured(&sb, probe, &format!("sandbox {i}"));
         rt.stop(&sb.id).unwrap();
         rt.remove(&sb.id).unwrap();
-        t.unapply(&file(&spec));
+        bed.change_config(0, || t.unapply(&file(&spec)));
     }
-    let deadline = Instant::now() + WAIT;
+    let deadline = Instant::now() + patience(WAIT);
     loop {
         let (maps, fds) = (map_entries(t, 0), open_fds(t.agent(0).pid()));
-        let clean = pinned_pods(t, 0) == 0 && maps == maps_before && fds <= fds_before;
+        let no_more = |(name, n): &(String, usize)| {
+            maps_before
+                .iter()
+                .find(|(b, _)| b == name)
+                .is_some_and(|(_, before)| n <= before)
+        };
+        let clean = pinned_pods(t, 0) == 0 && maps.iter().all(no_more) && fds <= fds_before;
         if clean {
             break;
         }

@@ -15,6 +15,11 @@ fn run(prefix: &[&str], args: &[&str]) -> (bool, String) {
     let out = cmd
         .args(args)
         .env("NODEWARD_BPFFS", "/sys/fs/bpf")
+        // These agents run in the machine's own namespace, some at once:
+        // ports of their own, so none fails on another's operator port.
+        .env("NODEWARD_ADMIN_ADDR", "127.0.0.1:0")
+        .env("NODEWARD_METRICS_ADDR", "127.0.0.2:0")
+        .env("NODEWARD_READINESS_ADDR", "127.0.0.3:0")
         .output()
         .expect("run nodeward");
     (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())

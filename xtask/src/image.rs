@@ -36,7 +36,8 @@ const ARCHIVE_REFERENCE: &str = "nodeward:latest";
 const CONTAINER: &str = "nodeward-image-build";
 
 /// `cargo xtask image [--dev] [--out DIR]`.
-pub fn image(dev: bool, out: Option<PathBuf>) -> Result<()> {
+/// Returns the archive's path.
+pub fn image(dev: bool, out: Option<PathBuf>) -> Result<PathBuf> {
     let meta = Metadata::load()?;
     let profile = if dev { "debug" } else { "release" };
     let tag = if dev {
@@ -108,7 +109,7 @@ pub fn image(dev: bool, out: Option<PathBuf>) -> Result<()> {
         archive.display()
     );
     println!("sbom:  {} (in the image: /{SBOM_IN_IMAGE})", sbom_path.display());
-    Ok(())
+    Ok(archive)
 }
 
 /// The OCI labels.

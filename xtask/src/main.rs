@@ -170,7 +170,7 @@ fn main() -> Result<()> {
         Cmd::Image { dev, out } => {
             require_root("buildah mounts the image's root filesystem")?;
             prereqs::ensure()?;
-            image::image(dev, out)
+            image::image(dev, out).map(|_| ())
         }
         Cmd::Test { args } => {
             prereqs::ensure()?;
@@ -319,14 +319,18 @@ fn test(extra: &[String]) -> Result<()> {
         println!("== benchmark harness smoke run (cargo xtask bench --quick)");
         bench(true, 1, None)?;
     }
+    let mut image_archive = None;
     if nix_is_root() {
-        // The image test runs the agent from this image; building it here
-        // keeps a cargo build from running inside the test run.
+        // The image test runs the agent from this image (named to it, so
+        // it builds nothing itself while the tests run).
         println!("== the agent image, debug profile (cargo xtask image --dev)");
-        image::image(true, None)?;
+        image_archive = Some(image::image(true, None)?);
     }
     println!("== cargo test");
     let mut cmd = cargo();
+    if let Some(archive) = &image_archive {
+        cmd.env("NODEWARD_IMAGE", archive);
+    }
     cmd.args(["test", "--locked", "--no-fail-fast"])
         .args(extra)
         .env("NODEWARD_BIN", &bin)

@@ -173,3 +173,10 @@ mod tests {
         }
     }
 }
+
+/// Makes the agent's crypto provider ([`tls`]'s) the process default, for
+/// whatever builds a TLS configuration without naming one (the Kubernetes
+/// client): both rustls providers are built, so rustls picks none itself.
+pub fn install_crypto_provider() {
+    let _ = (*tls::provider()).clone().install_default();
+}
