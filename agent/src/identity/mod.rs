@@ -140,6 +140,13 @@ impl fmt::Display for Identity {
     }
 }
 
+/// Makes the agent's crypto provider ([`tls`]'s) the process default, for
+/// whatever builds a TLS configuration without naming one (the Kubernetes
+/// client): both rustls providers are built, so rustls picks none itself.
+pub fn install_crypto_provider() {
+    let _ = (*tls::provider()).clone().install_default();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,11 +179,4 @@ mod tests {
             assert!(Identity::parse(bad).is_err(), "{bad} accepted");
         }
     }
-}
-
-/// Makes the agent's crypto provider ([`tls`]'s) the process default, for
-/// whatever builds a TLS configuration without naming one (the Kubernetes
-/// client): both rustls providers are built, so rustls picks none itself.
-pub fn install_crypto_provider() {
-    let _ = (*tls::provider()).clone().install_default();
 }
