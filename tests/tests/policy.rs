@@ -48,7 +48,8 @@ fn reaches(t: &Topology, from: &str, dst: SocketAddr) -> bool {
 /// Waits until `from -> dst` reaches (or stops reaching) the app: policy
 /// applies within one config poll of the file changing.
 fn eventually(t: &Topology, from: &str, dst: SocketAddr, want: bool) {
-    let deadline = Instant::now() + Duration::from_secs(2);
+    // Under emulation (the VM runs) the agent applies a change many times slower.
+    let deadline = Instant::now() + nodeward_testbed::patience(Duration::from_secs(2));
     while reaches(t, from, dst) != want {
         assert!(Instant::now() < deadline, "{from} -> {dst}: expected reach={want}");
         std::thread::sleep(Duration::from_millis(100));
