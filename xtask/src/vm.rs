@@ -244,17 +244,15 @@ impl Outcome {
 
 /// Builds the integration tests; returns the executables of those named
 /// (all when none are).
+///
+/// Built with the package selection `cargo test` uses (the default
+/// members), not `--package nodeward-testbed`: features unify over the
+/// packages selected, so a narrower selection would rebuild every
+/// dependency a second time (gigabytes of target dir in a CI run that has
+/// just built them).
 fn test_binaries(names: &[String]) -> Result<Vec<PathBuf>> {
     let out = cargo()
-        .args([
-            "test",
-            "--locked",
-            "--package",
-            "nodeward-testbed",
-            "--tests",
-            "--no-run",
-            "--message-format=json",
-        ])
+        .args(["test", "--locked", "--tests", "--no-run", "--message-format=json"])
         .current_dir(root())
         .stderr(Stdio::inherit())
         .output()
@@ -265,7 +263,7 @@ fn test_binaries(names: &[String]) -> Result<Vec<PathBuf>> {
     let mut found = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         // Only what is needed from cargo's JSON: the test targets' executables.
-        if !line.contains("\"reason\":\"compiler-artifact\"") || !line.contains("\"kind\":[\"test\"]") {
+        if !is_testbed_test(line) {
             continue;
         }
         let Some(exe) = json_string(line, "executable") else {
@@ -286,6 +284,14 @@ fn test_binaries(names: &[String]) -> Result<Vec<PathBuf>> {
     }
     found.sort();
     Ok(found)
+}
+
+/// Whether one line of cargo's JSON is an integration test of the test bed
+/// (the agent's own tests and unit tests are not run in the guest).
+fn is_testbed_test(line: &str) -> bool {
+    line.contains("\"reason\":\"compiler-artifact\"")
+        && line.contains("\"kind\":[\"test\"]")
+        && line.contains("#nodeward-testbed@")
 }
 
 /// The string value of `"key":"..."` in one line of JSON (no escapes in
@@ -862,10 +868,15 @@ mod tests {
 
     #[test]
     fn cargo_json_executables_are_read() {
-        let line = r#"{"reason":"compiler-artifact","target":{"kind":["test"]},"executable":"/w/target/debug/deps/capture-84"}"#;
+        let line = r#"{"reason":"compiler-artifact","package_id":"path+file:///w/tests#nodeward-testbed@0.1.0","target":{"kind":["test"]},"executable":"/w/target/debug/deps/capture-84"}"#;
+        assert!(is_testbed_test(line));
         assert_eq!(
             json_string(line, "executable").as_deref(),
             Some("/w/target/debug/deps/capture-84")
         );
+        let agent_test = r#"{"reason":"compiler-artifact","package_id":"path+file:///w/agent#nodeward@0.1.0","target":{"kind":["test"]},"executable":"/w/target/debug/deps/cli-1"}"#;
+        assert!(!is_testbed_test(agent_test));
+        let unit_test = r#"{"reason":"compiler-artifact","package_id":"path+file:///w/tests#nodeward-testbed@0.1.0","target":{"kind":["lib"]},"executable":"/w/target/debug/deps/nodeward_testbed-1"}"#;
+        assert!(!is_testbed_test(unit_test));
     }
 }
