@@ -372,6 +372,15 @@ pub struct RunArgs {
     #[arg(long, env = "NODEWARD_EBPF_LOG")]
     pub(crate) ebpf_log: bool,
 
+    /// Join each pod-local leg (app ↔ agent on the pod's loopback) with a
+    /// sock hash and `sk_msg`, so its bytes go socket to socket without the
+    /// loopback TCP stack. Off by default: see ARCHITECTURE.md, "The
+    /// pod-local leg without TCP", for what it measured and what it costs
+    /// (an eBPF program per `sendmsg()` on those legs, and no receive-window
+    /// bound on them).
+    #[arg(long, env = "NODEWARD_LOCAL_REDIRECT")]
+    pub(crate) local_redirect: bool,
+
     /// Istio root namespace: policies there apply mesh-wide.
     #[arg(long, env = "NODEWARD_ROOT_NAMESPACE", default_value = defaults::ROOT_NAMESPACE)]
     pub(crate) root_namespace: String,

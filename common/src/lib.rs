@@ -102,6 +102,15 @@ pub mod names {
     pub const NETNS_COOKIE: &str = "NETNS_COOKIE";
     /// Loader global: network-namespace cookie of the node.
     pub const NODE_NETNS_COOKIE: &str = "NODE_NETNS_COOKIE";
+    /// Loader global: 1 when the pod-local legs are joined by sk_msg
+    /// (`--local-redirect`), so `nw_sockops` files them in `LOCAL_LEGS`.
+    pub const LOCAL_REDIRECT: &str = "LOCAL_REDIRECT";
+    /// Program: moves a pod-local leg's bytes straight to its peer socket.
+    pub const NW_LOCAL_MSG: &str = "nw_local_msg";
+    /// Map: the sockets of pod-local legs (sock hash), by their 4-tuple.
+    pub const LOCAL_LEGS: &str = "LOCAL_LEGS";
+    /// Map: pod-local sockets that once sent through TCP, and so stay on it.
+    pub const LOCAL_TCP_ONLY: &str = "LOCAL_TCP_ONLY";
     /// Map: the programs' log records (aya-log's ring buffer, pinned so
     /// every program instance writes to the one the agent reads).
     pub const EBPF_LOG: &str = "AYA_LOGS";
@@ -119,6 +128,7 @@ pub mod names {
         NW_GETSOCK4,
         NW_GETSOCK6,
         NW_SK_LOOKUP,
+        NW_LOCAL_MSG,
     ];
     /// Every map, for checks that each is in the object.
     pub const MAPS: &[&str] = &[
@@ -132,10 +142,18 @@ pub mod names {
         PROBE_SOURCES,
         POD_ADDRS,
         AGENT_SOCKETS,
+        LOCAL_LEGS,
+        LOCAL_TCP_ONLY,
         EBPF_LOG,
     ];
     /// Every loader global, for checks that each is in the object.
-    pub const GLOBALS: &[&str] = &[SOCKET_MARK, NETNS_COOKIE, NODE_NETNS_COOKIE, EBPF_LOG_LEVEL];
+    pub const GLOBALS: &[&str] = &[
+        SOCKET_MARK,
+        NETNS_COOKIE,
+        NODE_NETNS_COOKIE,
+        LOCAL_REDIRECT,
+        EBPF_LOG_LEVEL,
+    ];
 
     /// Whether two names are equal, in a `const` context (the eBPF build
     /// asserts each item's name with it).
@@ -189,6 +207,29 @@ pub struct SockKey {
     /// local port. 0 in `ORIG_DST`.
     pub app_port: u16,
     /// Explicit padding so the key has no uninitialised bytes.
+    pub pad: [u8; 4],
+}
+
+/// One TCP socket of a pod-local leg (app ↔ agent on a pod's loopback),
+/// by its own 4-tuple in its namespace: `LOCAL_LEGS` and `LOCAL_TCP_ONLY`.
+///
+/// A sender's peer is the entry whose local and remote ends are the
+/// sender's swapped, in the sender's namespace, so a redirect can only
+/// ever reach the other end of the same connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LegKey {
+    /// Network-namespace cookie.
+    pub netns: u64,
+    /// Local address, IPv4 mapped into IPv6, network-order words.
+    pub local: [u32; 4],
+    /// Remote address, same form.
+    pub remote: [u32; 4],
+    /// Local port, host byte order.
+    pub local_port: u16,
+    /// Remote port, host byte order.
+    pub remote_port: u16,
+    /// Explicit padding.
     pub pad: [u8; 4],
 }
 
@@ -279,6 +320,8 @@ mod user {
     unsafe impl aya::Pod for super::PortKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ListenerKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::LegKey {}
 }
 
 #[cfg(test)]
@@ -292,6 +335,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<SockAddr>(), 24);
         assert_eq!(core::mem::size_of::<PortKey>(), 16);
         assert_eq!(core::mem::size_of::<ListenerKey>(), 16);
+        assert_eq!(core::mem::size_of::<LegKey>(), 48);
     }
 
     #[test]

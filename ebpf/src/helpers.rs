@@ -5,7 +5,7 @@ use core::ptr::read_volatile;
 
 use nodeward_common::PortKey;
 
-use crate::maps::{AGENT_SOCKETS, EXCLUDED_PORTS, NETNS_COOKIE, NODE_NETNS_COOKIE, SOCKET_MARK};
+use crate::maps::{AGENT_SOCKETS, EXCLUDED_PORTS, LOCAL_REDIRECT, NETNS_COOKIE, NODE_NETNS_COOKIE, SOCKET_MARK};
 
 pub(crate) const AF_INET: u32 = 2;
 pub(crate) const AF_INET6: u32 = 10;
@@ -62,6 +62,23 @@ pub(crate) fn ip6_bytes(words: &[u32; 4]) -> [u8; 16] {
         i += 1;
     }
     b
+}
+
+/// A context's `remote_port` field in host byte order. The kernel keeps it
+/// in network order, in the upper half of the word on little-endian
+/// (sock_ops and sk_msg alike).
+#[inline(always)]
+pub(crate) fn ctx_remote_port(raw: u32) -> u16 {
+    let be = if raw > 0xffff { (raw >> 16) as u16 } else { raw as u16 };
+    u16::from_be(be)
+}
+
+/// Whether the pod-local legs are joined by `nw_local_msg` (loader global
+/// `LOCAL_REDIRECT`).
+#[inline(always)]
+pub(crate) fn local_redirect() -> bool {
+    // SAFETY: a plain read of a loader-initialised global.
+    unsafe { read_volatile(&LOCAL_REDIRECT) != 0 }
 }
 
 /// The agent's socket mark (loader global `SOCKET_MARK`).

@@ -14,6 +14,10 @@
 //!   `accept()` show apps the peers they would see without the mesh.
 //! * `nw_getsock4`/`nw_getsock6` (`getsock.rs`) make `getsockname()` on a
 //!   captured outbound socket show the pod's own address, not loopback.
+//! * `nw_local_msg` (`local.rs`; attached to the `LOCAL_LEGS` sock hash,
+//!   `--local-redirect` only) hands each `sendmsg()` of a pod-local leg
+//!   straight to the receive queue of the socket at its other end, so the
+//!   app ↔ agent bytes skip the loopback TCP stack.
 //! * `nw_sk_lookup` (`sk_lookup.rs`; attached to each pod's network
 //!   namespace, one instance per pod) steers every inbound TCP connection to
 //!   the agent's listeners, and drops it when the agent is not there (fail
@@ -32,6 +36,7 @@ mod connect;
 mod getpeer;
 mod getsock;
 mod helpers;
+mod local;
 mod maps;
 mod sk_lookup;
 mod sockops;

@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, SockHash},
 };
 use aya_log_ebpf::macro_support::{AYA_LOG_LEVEL, AYA_LOGS};
-use nodeward_common::{ListenerKey, PodInfo, PortKey, SockAddr, SockKey, names};
+use nodeward_common::{LegKey, ListenerKey, PodInfo, PortKey, SockAddr, SockKey, names};
 
 use crate::helpers::symbol_is;
 
@@ -26,6 +26,11 @@ pub(crate) static NETNS_COOKIE: u64 = 0;
 /// so "the node's own connection" must name the namespace.
 #[unsafe(no_mangle)]
 pub(crate) static NODE_NETNS_COOKIE: u64 = 0;
+
+/// 1 when the pod-local legs are joined by `nw_local_msg`
+/// (`--local-redirect`); set by the loader.
+#[unsafe(no_mangle)]
+pub(crate) static LOCAL_REDIRECT: u32 = 0;
 
 /// Managed pods by network-namespace cookie.
 #[map]
@@ -88,7 +93,26 @@ pub(crate) static POD_ADDRS: HashMap<[u32; 4], u8> = HashMap::pinned(16384, BPF_
 #[map]
 pub(crate) static AGENT_SOCKETS: LruHashMap<u64, u8> = LruHashMap::pinned(16384, 0);
 
+/// The sockets of pod-local legs (app ↔ agent on a pod's loopback), by
+/// their own 4-tuple, filed by `nw_sockops` when each end is established
+/// (`--local-redirect` only). `nw_local_msg` is attached to this map, so it
+/// runs for these sockets' `sendmsg()` and no other. The kernel removes a
+/// socket when it closes.
+#[map]
+pub(crate) static LOCAL_LEGS: SockHash<LegKey> = SockHash::pinned(65536, 0);
+
+/// Pod-local sockets that sent bytes through TCP because their peer was
+/// not in `LOCAL_LEGS` yet (the first write can race the peer's
+/// establishment). They stay on TCP: a later redirect would overtake the
+/// bytes still queued in TCP. LRU: an entry outlives its socket; an evicted
+/// one belongs, in all but the rarest case, to a closed connection.
+#[map]
+pub(crate) static LOCAL_TCP_ONLY: LruHashMap<LegKey, u8> = LruHashMap::pinned(65536, 0);
+
 symbol_is!(SOCKET_MARK, names::SOCKET_MARK);
+symbol_is!(LOCAL_REDIRECT, names::LOCAL_REDIRECT);
+symbol_is!(LOCAL_LEGS, names::LOCAL_LEGS);
+symbol_is!(LOCAL_TCP_ONLY, names::LOCAL_TCP_ONLY);
 symbol_is!(NETNS_COOKIE, names::NETNS_COOKIE);
 symbol_is!(NODE_NETNS_COOKIE, names::NODE_NETNS_COOKIE);
 symbol_is!(PODS, names::PODS);

@@ -54,9 +54,14 @@ enum Cmd {
         /// A/B rounds (medians are taken over them).
         #[arg(long, default_value_t = 3)]
         rounds: usize,
-        /// Only these scenario groups, comma-separated: throughput, latency, conn-rate, scale.
+        /// Only these scenario groups, comma-separated: throughput, latency, conn-rate, scale, crypto.
         #[arg(long)]
         only: Option<String>,
+        /// An extra flag for the mesh column's agents, repeatable
+        /// (`--agent-arg=--local-redirect`): an A/B of one setting is two
+        /// runs that differ only here.
+        #[arg(long = "agent-arg", allow_hyphen_values = true)]
+        agent_args: Vec<String>,
     },
     /// Build and run the agent on this host, in the host's network namespace
     /// and attached to its cgroup root, against a config directory; Ctrl-C
@@ -127,10 +132,15 @@ fn main() -> Result<()> {
             let bin = build()?;
             run(testbed_bin("nodeward-demo", false).env("NODEWARD_BIN", bin))
         }
-        Cmd::Bench { quick, rounds, only } => {
+        Cmd::Bench {
+            quick,
+            rounds,
+            only,
+            agent_args,
+        } => {
             require_root("the benchmark creates network namespaces and loads eBPF")?;
             prereqs::ensure()?;
-            bench(quick, rounds, only.as_deref())
+            bench(quick, rounds, only.as_deref(), &agent_args)
         }
         Cmd::Load {
             config_dir,
@@ -250,7 +260,7 @@ fn testbed_bin(name: &str, release: bool) -> Command {
 
 /// The benchmark: release agent and harness, or the debug build for the
 /// quick smoke run (which measures nothing, only proves the harness).
-fn bench(quick: bool, rounds: usize, only: Option<&str>) -> Result<()> {
+fn bench(quick: bool, rounds: usize, only: Option<&str>, agent_args: &[String]) -> Result<()> {
     let bin = if quick { build()? } else { build_release()? };
     let mut cmd = testbed_bin("nodeward-bench", !quick);
     cmd.arg("--").arg(format!("--rounds={rounds}"));
@@ -259,6 +269,9 @@ fn bench(quick: bool, rounds: usize, only: Option<&str>) -> Result<()> {
     }
     if let Some(only) = only {
         cmd.arg(format!("--only={only}"));
+    }
+    for a in agent_args {
+        cmd.arg(format!("--agent-arg={a}"));
     }
     run(cmd.env("NODEWARD_BIN", bin))
 }
@@ -317,7 +330,7 @@ fn test(extra: &[String]) -> Result<()> {
     }
     if nix_is_root() && extra.is_empty() {
         println!("== benchmark harness smoke run (cargo xtask bench --quick)");
-        bench(true, 1, None)?;
+        bench(true, 1, None, &[])?;
     }
     let mut image_archive = None;
     if nix_is_root() {

@@ -29,7 +29,7 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SkMsg, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use nodeward_common::{ListenerKey, PodInfo, PortKey, SockAddr, SockKey, names};
 
@@ -117,6 +117,8 @@ pub(crate) struct CaptureConfig {
     pub(crate) socket_mark: u32,
     /// Whether the programs record their rare decisions (`--ebpf-log`).
     pub(crate) ebpf_log: bool,
+    /// Whether pod-local legs are joined by `sk_msg` (`--local-redirect`).
+    pub(crate) local_redirect: bool,
 }
 
 /// The pin directory of a node.
@@ -209,6 +211,11 @@ impl Capture {
                 .try_into()
                 .map_err(|e: aya::programs::links::LinkError| refused(name, e))?;
             replace_pin(link, &dir.join("links").join(name))?;
+        }
+        if config.local_redirect {
+            // Before sockops files any socket: a socket takes the map's
+            // programs when it is filed.
+            attach_local_msg(&mut ebpf)?;
         }
         let name = names::NW_SOCKOPS;
         let prog: &mut SockOps = program(&mut ebpf, name)?;
@@ -459,6 +466,7 @@ fn load_object(
         .override_global(names::NETNS_COOKIE, &cookie, true)
         .override_global(names::NODE_NETNS_COOKIE, &node_netns, true)
         .override_global(names::EBPF_LOG_LEVEL, &level, true)
+        .override_global(names::LOCAL_REDIRECT, &u32::from(config.local_redirect), true)
         .load(EBPF_OBJECT);
     // The loader's parse of the kernel's BTF is freed by now.
     crate::memory::release_freed();
@@ -467,6 +475,40 @@ fn load_object(
         hint: "eBPF maps: hash, LRU hash, sock hash and ring buffer, kernel 5.9 or newer",
         message: error_chain(&e),
     })
+}
+
+/// Attaches `nw_local_msg` to the pinned `LOCAL_LEGS` sock hash,
+/// replacing a previous run's program there. The attachment belongs to the
+/// map (a program attached to a map has no link to pin), so it lasts as
+/// long as the pinned map; the loader's handle is forgotten so that
+/// dropping the object does not detach it.
+fn attach_local_msg(ebpf: &mut Ebpf) -> Result<(), CaptureError> {
+    let name = names::NW_LOCAL_MSG;
+    let map_err = |e: aya::maps::MapError| CaptureError::Map {
+        map: names::LOCAL_LEGS,
+        source: std::io::Error::other(error_chain(&e)),
+    };
+    // A descriptor of its own: the object keeps the map, whose descriptor
+    // the programs loaded after this one are relocated against.
+    let legs = {
+        let map = ebpf.map(names::LOCAL_LEGS).ok_or(CaptureError::Program {
+            program: name,
+            hint: "missing from the embedded object",
+            message: format!("map {} not found", names::LOCAL_LEGS),
+        })?;
+        let hash: aya::maps::SockHash<&aya::maps::MapData, nodeward_common::LegKey> =
+            aya::maps::SockHash::try_from(map).map_err(map_err)?;
+        hash.fd().try_clone().map_err(|source| CaptureError::Map {
+            map: names::LOCAL_LEGS,
+            source,
+        })?
+    };
+    let prog: &mut SkMsg = program(ebpf, name)?;
+    prog.load().map_err(|e| refused(name, e))?;
+    let id = prog.attach(&legs).map_err(|e| refused(name, e))?;
+    let link = prog.take_link(id).map_err(|e| refused(name, e))?;
+    std::mem::forget(link);
+    Ok(())
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, CaptureError>
@@ -485,6 +527,7 @@ fn hint(program: &str) -> &'static str {
     match program {
         names::NW_SK_LOOKUP => "needs BPF_PROG_TYPE_SK_LOOKUP with ingress_ifindex, Linux 5.17 or newer",
         names::NW_SOCKOPS => "needs cgroup sock_ops with bpf_get_netns_cookie, Linux 5.15 or newer",
+        names::NW_LOCAL_MSG => "needs sk_msg on a sock hash with bpf_get_netns_cookie, Linux 5.15 or newer",
         names::NW_GETPEER4 | names::NW_GETPEER6 => "needs cgroup getpeername hooks, Linux 5.8 or newer",
         names::NW_GETSOCK4 | names::NW_GETSOCK6 => "needs cgroup getsockname hooks, Linux 5.8 or newer",
         _ => "needs cgroup connect hooks with bpf_get_netns_cookie and bpf_link, Linux 5.8 or newer",
@@ -569,7 +612,9 @@ mod tests {
         for name in names::PROGRAMS {
             let s = section(name);
             assert!(
-                ["cgroup/", "sockops", "sk_lookup"].iter().any(|p| s.starts_with(p)),
+                ["cgroup/", "sockops", "sk_lookup", "sk_msg"]
+                    .iter()
+                    .any(|p| s.starts_with(p)),
                 "{name} is in section {s}, not a program's"
             );
         }

@@ -678,6 +678,7 @@ impl Config {
                 cgroup2: a.cgroup2,
                 socket_mark: a.socket_mark,
                 ebpf_log: a.ebpf_log,
+                local_redirect: a.local_redirect,
             },
             proxy: ProxyConfig {
                 socket_mark: a.socket_mark,

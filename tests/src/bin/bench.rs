@@ -39,6 +39,11 @@ struct Options {
     /// Run only these scenario groups (default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Group>,
+    /// An extra flag for the mesh column's agents, repeatable: an A/B of
+    /// one agent setting is two runs that differ only here, e.g.
+    /// `--agent-arg=--local-redirect`.
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    agent_args: Vec<String>,
 }
 
 /// Scenario groups, selectable with `--only` when working on one of them.
@@ -127,6 +132,8 @@ fn echo_service(t: &Topology) -> String {
 /// The proxies of the mode being measured: the agents (mesh) or the
 /// ztunnels (ztunnel column), for their CPU time and memory.
 struct Proxies {
+    /// Extra flags of the mesh column's agents (`--agent-arg`).
+    agent_args: Vec<String>,
     /// ztunnel's binary, when present.
     ztunnel_bin: Option<PathBuf>,
     /// The running ztunnels (ztunnel mode only).
@@ -176,8 +183,9 @@ fn set_mode(t: &mut Topology, mode: Mode, p: &mut Proxies) -> Result<()> {
     t.workloads.namespaces = vec![("mesh".into(), mode == Mode::Mesh)];
     t.write_config();
     if mode == Mode::Mesh {
+        let extra: Vec<&str> = p.agent_args.iter().map(String::as_str).collect();
         for k in 0..t.nodes.len() {
-            t.start_agent(k, &[]);
+            t.start_agent(k, &extra);
         }
         for k in 0..t.nodes.len() {
             t.wait_captured(k);
@@ -624,6 +632,7 @@ fn main() -> Result<()> {
     }
     let zt = ztunnel::binary();
     let mut proxies = Proxies {
+        agent_args: o.agent_args.clone(),
         ztunnel_bin: zt.is_file().then(|| zt.clone()),
         ztunnels: Vec::new(),
     };
@@ -705,6 +714,9 @@ fn report(s: &Samples, o: &Options, rounds: usize, ztunnel_absent: Option<&Path>
         Some(path) => println!("ztunnel: absent (binary not found at {})\n", path.display()),
         None => println!("ztunnel: one per pod, dedicated mode, in-pod redirect\n"),
     }
+    if !o.agent_args.is_empty() {
+        println!("mesh agents' extra flags: {}\n", o.agent_args.join(" "));
+    }
     println!(
         "{:<32} {:>11} {:>11} {:>11} {:>11} {:>11} {:>12} {:>11}",
         "scenario", "direct", "floor", "mesh", "ztunnel", "mesh/direct", "mesh/ztunnel", "mesh-floor"
@@ -748,7 +760,7 @@ fn report(s: &Samples, o: &Options, rounds: usize, ztunnel_absent: Option<&Path>
         Vec::new()
     };
     let out = json!({
-        "machine": machine, "rounds": rounds, "quick": o.quick,
+        "machine": machine, "rounds": rounds, "quick": o.quick, "agent_args": o.agent_args,
         "ztunnel": if ztunnel_absent.is_some() { "absent" } else { "present" },
         "results": rows,
         "targets": checks,
