@@ -8,6 +8,8 @@ pub mod ca_service;
 pub mod capture;
 pub mod cni;
 pub mod config;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod identity;
 pub mod logging;
 pub mod memory;

@@ -20,6 +20,7 @@
 //!   (the binaries, the shared libraries they load, a CycloneDX SBOM), as a
 //!   docker-archive in `target/image` (see `image.rs`).
 
+mod fuzz;
 mod image;
 mod prereqs;
 mod sbom;
@@ -111,6 +112,16 @@ enum Cmd {
     },
     /// Run every check and test: fmt, clippy, unit and integration tests,
     /// then a subset of the integration tests on the oldest supported kernel in a VM.
+    /// Run the fuzz targets in `fuzz/` (cargo-fuzz, nightly), each for a
+    /// fixed time; a crash fails and its input is kept in
+    /// `target/fuzz/artifacts/<target>/`.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Targets to run (default: all).
+        targets: Vec<String>,
+    },
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
@@ -181,6 +192,10 @@ fn main() -> Result<()> {
             require_root("buildah mounts the image's root filesystem")?;
             prereqs::ensure()?;
             image::image(dev, out).map(|_| ())
+        }
+        Cmd::Fuzz { seconds, targets } => {
+            prereqs::ensure_fuzz()?;
+            fuzz::run(seconds, &targets)
         }
         Cmd::Test { args } => {
             prereqs::ensure()?;
@@ -318,6 +333,10 @@ fn ignore_interrupts() {
     }
 }
 
+/// How long `cargo xtask test` runs each fuzz target: long enough to pass
+/// the seeds' neighbourhoods, short enough for the suite's budget.
+const FUZZ_SECONDS_IN_TEST: u64 = 20;
+
 fn test(extra: &[String]) -> Result<()> {
     println!("== cargo fmt --check");
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
@@ -327,6 +346,13 @@ fn test(extra: &[String]) -> Result<()> {
     let bin = build()?;
     if !nix_is_root() {
         println!("note: not root — integration tests that need network namespaces and eBPF will be skipped");
+    }
+    if extra.is_empty() {
+        println!(
+            "== every fuzz target for {FUZZ_SECONDS_IN_TEST} s (cargo xtask fuzz --seconds {FUZZ_SECONDS_IN_TEST})"
+        );
+        prereqs::ensure_fuzz()?;
+        fuzz::run(FUZZ_SECONDS_IN_TEST, &[])?;
     }
     if nix_is_root() && extra.is_empty() {
         println!("== benchmark harness smoke run (cargo xtask bench --quick)");

@@ -88,6 +88,16 @@ fn nightly_rust_src() -> Result<()> {
 }
 
 /// Installs what `vm-test` needs besides the build prerequisites.
+/// What `cargo xtask fuzz` needs besides [`ensure`]: cargo-fuzz (nightly
+/// is already there for the eBPF build).
+pub fn ensure_fuzz() -> Result<()> {
+    if ok(Command::new("cargo").args(["fuzz", "--version"])) {
+        return Ok(());
+    }
+    println!("installing cargo-fuzz (a minute, once)");
+    must(Command::new("cargo").args(["install", "cargo-fuzz", "--locked", "--version", "^0.13"]))
+}
+
 pub fn ensure_vm() -> Result<()> {
     ensure()?;
     apt_install(VM_PACKAGES)
