@@ -114,3 +114,47 @@ pub fn k8s_yaml(data: &[u8]) {
         _ => panic!("one text parsed once and failed once"),
     }
 }
+
+/// A gRPC body on the CA service's `CreateCertificate`, from any caller
+/// that reaches the port, and the CSR inside it.
+///
+/// Holds: an accepted message declared no more than the bound and came
+/// uncompressed; it re-frames to a body that reads back the same; and a
+/// CSR the CA accepts carries an ECDSA P-256 key whose own signature
+/// verified (the only thing the CA takes from it).
+pub fn ca_request(data: &[u8]) {
+    use crate::identity::ca_proto::{IstioCertificateRequest, MAX_MESSAGE, frame, unframe};
+    let Ok(req) = unframe::<IstioCertificateRequest>(bytes::Bytes::copy_from_slice(data)) else {
+        return;
+    };
+    assert_eq!(data[0], 0, "a compressed message was read");
+    let declared = u32::from_be_bytes([data[1], data[2], data[3], data[4]]) as usize;
+    assert!(
+        declared <= MAX_MESSAGE,
+        "a message of {declared} bytes was read past the bound"
+    );
+    let again: IstioCertificateRequest = unframe(frame(&req)).expect("a framed request reads back");
+    assert_eq!(again, req, "the request does not round-trip");
+    if let Ok(spki) = crate::identity::authority::csr_public_key(&req.csr) {
+        assert_eq!(
+            rcgen::PublicKeyData::algorithm(&spki),
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+            "a CSR with another key type was accepted"
+        );
+    }
+}
+
+/// The CA service's issuance log, read back by `nodeward ca log verify`
+/// and the audit (whoever can write the file).
+///
+/// Holds: reading ends without a panic whatever the bytes, and a log that
+/// verifies verifies again to the same head and line count.
+pub fn issuance_log(data: &[u8]) {
+    let first = crate::ca_service::ledger::verify(data);
+    let second = crate::ca_service::ledger::verify(data);
+    match (first, second) {
+        (Ok(a), Ok(b)) => assert_eq!(a, b, "two reads of one log disagree"),
+        (Err(_), Err(_)) => {}
+        _ => panic!("one log verified once and failed once"),
+    }
+}

@@ -47,13 +47,17 @@ fn bulk_source(mut s: TcpStream) {
 /// "The pod-local leg without TCP", the reason the flag is off by
 /// default): such a read is retried, and counted. Any other error fails.
 fn read_to_end(s: &mut TcpStream) -> (Vec<u8>, u32) {
+    // A read that waited its whole timeout is a real stall, not an early
+    // EAGAIN: fail then, rather than retrying for hours.
+    let timeout = s.read_timeout().ok().flatten().unwrap_or(Duration::from_secs(60));
     let (mut all, mut spurious) = (Vec::new(), 0);
     let mut buf = vec![0u8; 256 * 1024];
     loop {
+        let started = std::time::Instant::now();
         match s.read(&mut buf) {
             Ok(0) => return (all, spurious),
             Ok(n) => all.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && spurious < 1000 => spurious += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && started.elapsed() < timeout / 2 => spurious += 1,
             Err(e) => panic!("read after {} bytes and {spurious} early EAGAINs: {e}", all.len()),
         }
     }
@@ -174,8 +178,10 @@ fn local_redirect_moves_pod_bytes_without_loopback_tcp_and_keeps_them_whole() {
     let peer = format!("peer={}:", a.ip4);
     assert!(greeting.contains(&peer), "the server saw {greeting:?}, not {peer}…");
     assert_eq!(client_peer, c.v4(7002), "the client saw its peer as {client_peer}");
-    let log = t
-        .agent(0)
-        .wait_connection("outbound", &c.v4(7002).to_string(), Duration::from_secs(5));
+    let log = t.agent(0).wait_connection(
+        "outbound",
+        &c.v4(7002).to_string(),
+        nodeward_testbed::patience(Duration::from_secs(5)),
+    );
     assert!(log.is_some(), "no access-log line for the redirected connection");
 }

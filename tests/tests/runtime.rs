@@ -297,6 +297,33 @@ fn stopping_a_sandbox_releases_it_and_repeated_or_stale_dels_leave_the_live_sand
     let second = bed.run_pod(0, &spec.next_attempt());
     assert_ne!(second.netns, first.netns);
     assert_captured(&second, probe, "second sandbox");
+    // Until the kubelet reports it, the source names the first sandbox's
+    // address. The runtime's result is the pod's from the ADD on, so the
+    // report (run_pod's last step) re-captures nothing: a re-capture
+    // releases the pod first, a window in which it is not captured.
+    let after_add = |l: &serde_json::Value| l["message"] == "CNI request" && l["container"] == second.id.as_str();
+    let deadline = Instant::now() + patience(WAIT);
+    loop {
+        let lines = t.agent(0).lines();
+        let add = lines.iter().position(after_add).expect("the ADD was logged");
+        if lines[add..].iter().any(|l| l["message"] == "config applied") {
+            let released: Vec<_> = lines[add..]
+                .iter()
+                .filter(|l| l["message"] == "pod released" && l["pod"] == "mesh/p")
+                .collect();
+            assert!(
+                released.is_empty(),
+                "the source's report of the second sandbox's address re-captured the pod: {released:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the report was not applied:\n{}",
+            t.agent(0).dump()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let dst: SocketAddr = format!("{}:7000", second.ip).parse().unwrap();
     let _srv = serve(&second.netns, dst, info_echo);
     round_trip(&d.netns, dst, b"before").expect("the live sandbox serves through the agent");

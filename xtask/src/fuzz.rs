@@ -37,8 +37,13 @@ fn bin_names(manifest: &str) -> Vec<String> {
     names
 }
 
-/// Runs each of `only` (every target when empty) for `seconds`.
-pub(crate) fn run(seconds: u64, only: &[String]) -> Result<()> {
+/// Inputs up to this size: above libFuzzer's default of 4 KiB, so that the
+/// CNI line bound (16 KiB) and multi-document YAML are reached.
+const MAX_LEN: usize = 64 * 1024;
+
+/// Runs each of `only` (every target when empty) for `seconds`, with
+/// libFuzzer's `seed` when one is given (a random one otherwise).
+pub(crate) fn run(seconds: u64, seed: Option<u64>, only: &[String]) -> Result<()> {
     let all = targets()?;
     for t in only {
         if !all.contains(t) {
@@ -60,12 +65,17 @@ pub(crate) fn run(seconds: u64, only: &[String]) -> Result<()> {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
         println!("== fuzz {t}, {seconds} s");
-        let status = cargo_fuzz(&fuzz_dir)
-            .args(["run", "--dev", t])
+        let mut cmd = cargo_fuzz(&fuzz_dir);
+        cmd.args(["run", "--dev", t])
             .arg(&corpus)
             .arg(Path::new("corpus").join(t))
             .arg("--")
             .arg(format!("-max_total_time={seconds}"))
+            .arg(format!("-max_len={MAX_LEN}"));
+        if let Some(seed) = seed {
+            cmd.arg(format!("-seed={seed}"));
+        }
+        let status = cmd
             // libFuzzer wants the directory with its trailing slash.
             .arg(format!("-artifact_prefix={}/", artifacts.display()))
             .status()

@@ -4,7 +4,9 @@
 //!   node, traffic through them, a table of what was captured, fail-closed
 //!   shown live, then teardown.
 //! * `bench` — the mesh against no mesh (the testbed's `nodeward-bench`).
-//! * `test` — formatting, clippy, unit and integration tests.
+//! * `test` — formatting, clippy, every fuzz target for 20 s, unit and
+//!   integration tests, the 6.1 VM subset.
+//! * `fuzz` — the fuzz targets in `fuzz/` (see `fuzz.rs`).
 //! * `load` — build and run the agent on this host against a config
 //!   directory, attached to the host's cgroup root, for development.
 //!
@@ -110,8 +112,6 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Run every check and test: fmt, clippy, unit and integration tests,
-    /// then a subset of the integration tests on the oldest supported kernel in a VM.
     /// Run the fuzz targets in `fuzz/` (cargo-fuzz, nightly), each for a
     /// fixed time; a crash fails and its input is kept in
     /// `target/fuzz/artifacts/<target>/`.
@@ -122,6 +122,9 @@ enum Cmd {
         /// Targets to run (default: all).
         targets: Vec<String>,
     },
+    /// Run every check and test: fmt, clippy, every fuzz target briefly,
+    /// unit and integration tests, then a subset of the integration tests
+    /// on the oldest supported kernel in a VM.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
@@ -195,7 +198,7 @@ fn main() -> Result<()> {
         }
         Cmd::Fuzz { seconds, targets } => {
             prereqs::ensure_fuzz()?;
-            fuzz::run(seconds, &targets)
+            fuzz::run(seconds, None, &targets)
         }
         Cmd::Test { args } => {
             prereqs::ensure()?;
@@ -336,6 +339,8 @@ fn ignore_interrupts() {
 /// How long `cargo xtask test` runs each fuzz target: long enough to pass
 /// the seeds' neighbourhoods, short enough for the suite's budget.
 const FUZZ_SECONDS_IN_TEST: u64 = 20;
+/// The libFuzzer seed of those runs.
+const FUZZ_SEED_IN_TEST: u64 = 27_182;
 
 fn test(extra: &[String]) -> Result<()> {
     println!("== cargo fmt --check");
@@ -352,7 +357,13 @@ fn test(extra: &[String]) -> Result<()> {
             "== every fuzz target for {FUZZ_SECONDS_IN_TEST} s (cargo xtask fuzz --seconds {FUZZ_SECONDS_IN_TEST})"
         );
         prereqs::ensure_fuzz()?;
-        fuzz::run(FUZZ_SECONDS_IN_TEST, &[])?;
+        // A fixed seed: the suite's verdict must not depend on a dice roll
+        // (exploration with a fresh seed is `cargo xtask fuzz`'s job).
+        fuzz::run(FUZZ_SECONDS_IN_TEST, Some(FUZZ_SEED_IN_TEST), &[])?;
+        if std::env::var_os("CI").is_some() {
+            // Its build is several GB the rest of the run does not need.
+            let _ = std::fs::remove_dir_all(root().join("fuzz/target"));
+        }
     }
     if nix_is_root() && extra.is_empty() {
         println!("== benchmark harness smoke run (cargo xtask bench --quick)");

@@ -87,7 +87,6 @@ fn nightly_rust_src() -> Result<()> {
     Ok(())
 }
 
-/// Installs what `vm-test` needs besides the build prerequisites.
 /// What `cargo xtask fuzz` needs besides [`ensure`]: cargo-fuzz (nightly
 /// is already there for the eBPF build).
 pub fn ensure_fuzz() -> Result<()> {
@@ -98,6 +97,7 @@ pub fn ensure_fuzz() -> Result<()> {
     must(Command::new("cargo").args(["install", "cargo-fuzz", "--locked", "--version", "^0.13"]))
 }
 
+/// Installs what `vm-test` needs besides the build prerequisites.
 pub fn ensure_vm() -> Result<()> {
     ensure()?;
     apt_install(VM_PACKAGES)

@@ -160,21 +160,7 @@ impl Authority {
         lifetime: Duration,
         csr_pem: &str,
     ) -> Result<(Vec<CertificateDer<'static>>, Vec<u8>), CaError> {
-        use x509_parser::prelude::FromDer;
-        let bad = |message: String| CaError::Invalid {
-            file: "CSR".into(),
-            message,
-        };
-        let der = pem::parse(csr_pem).map_err(|e| bad(format!("not PEM: {e}")))?;
-        let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(der.contents())
-            .map_err(|e| bad(format!("not a certificate request: {e}")))?;
-        csr.verify_signature()
-            .map_err(|_| bad("signature does not verify with its own key".into()))?;
-        let spki = rcgen::SubjectPublicKeyInfo::from_der(csr.certification_request_info.subject_pki.raw)
-            .map_err(|e| bad(format!("public key: {e}")))?;
-        if rcgen::PublicKeyData::algorithm(&spki) != &rcgen::PKCS_ECDSA_P256_SHA256 {
-            return Err(bad("the key must be ECDSA P-256".into()));
-        }
+        let spki = csr_public_key(csr_pem)?;
         let now = SystemTime::now();
         let mut params = CertificateParams::default();
         base_params(&mut params);
@@ -291,6 +277,28 @@ fn verify_chain_to_roots(
             top.issuer()
         ),
     })
+}
+
+/// The public key of a PEM CSR (what a pod's agent sends the CA), once its
+/// signature verifies with that key; only ECDSA P-256 is accepted. Nothing
+/// else of the CSR is used: names come from the caller's identity.
+pub(crate) fn csr_public_key(csr_pem: &str) -> Result<rcgen::SubjectPublicKeyInfo, CaError> {
+    use x509_parser::prelude::FromDer;
+    let bad = |message: String| CaError::Invalid {
+        file: "CSR".into(),
+        message,
+    };
+    let der = pem::parse(csr_pem).map_err(|e| bad(format!("not PEM: {e}")))?;
+    let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(der.contents())
+        .map_err(|e| bad(format!("not a certificate request: {e}")))?;
+    csr.verify_signature()
+        .map_err(|_| bad("signature does not verify with its own key".into()))?;
+    let spki = rcgen::SubjectPublicKeyInfo::from_der(csr.certification_request_info.subject_pki.raw)
+        .map_err(|e| bad(format!("public key: {e}")))?;
+    if rcgen::PublicKeyData::algorithm(&spki) != &rcgen::PKCS_ECDSA_P256_SHA256 {
+        return Err(bad("the key must be ECDSA P-256".into()));
+    }
+    Ok(spki)
 }
 
 #[cfg(test)]

@@ -246,12 +246,16 @@ impl Snapshot {
     }
 
     /// [`Snapshot::managed_pods`], with the addresses the container
-    /// runtime gave pods (by UID, from their CNI ADD) standing in for the
-    /// ones the source has not reported yet. On a real node the kubelet
-    /// reports a pod's IP to the API server only after its sandbox is up,
-    /// so for a moment the agent knows the pod but not its address; the
-    /// app may already be connecting. The source's addresses, once there,
-    /// win (a difference re-captures the pod with them).
+    /// runtime gave pods' current sandboxes (by UID, from their CNI ADD)
+    /// in place of the source's. On a real node the kubelet reports a
+    /// sandbox's IP to the API server only after the sandbox is up, so for
+    /// a moment the source has no address for a new pod, or the previous
+    /// sandbox's for a pod whose sandbox was re-created; the app may
+    /// already be connecting. The runtime's result is what the namespace
+    /// holds (the API's `podIPs` are the kubelet's copy of it), so it
+    /// stands while the runtime's record of the sandbox does: a late or
+    /// stale source never re-captures the pod, which would leave it
+    /// uncaptured between release and capture.
     pub(crate) fn managed_pods_given(
         &self,
         node: &str,
@@ -262,7 +266,7 @@ impl Snapshot {
         for pod in self.pods.values().filter(|p| p.node_name == node) {
             let given = runtime_ips
                 .get(&pod.uid)
-                .filter(|ips| pod.ips.is_empty() && !ips.is_empty() && !pod.finished() && !pod.deleting);
+                .filter(|ips| !ips.is_empty() && !pod.finished() && !pod.deleting);
             let pod_ips = given.unwrap_or(&pod.ips);
             let with_ips;
             let pod = if given.is_some() {
@@ -455,7 +459,7 @@ mod tests {
     }
 
     #[test]
-    fn a_pod_the_source_knows_without_an_address_is_managed_with_the_runtimes_until_the_source_reports_one() {
+    fn a_pod_the_runtime_handed_over_is_managed_with_its_current_sandboxs_addresses_whatever_the_source_says() {
         let runtime: HashMap<String, Vec<IpAddr>> = [
             ("pending".to_string(), vec!["10.0.0.9".parse().unwrap()]),
             ("running".to_string(), vec!["10.0.0.8".parse().unwrap()]),
@@ -479,8 +483,14 @@ mod tests {
         );
         assert_eq!(
             ips("running"),
-            Some(vec![IP.parse().unwrap()]),
-            "the source's address wins"
+            Some(vec!["10.0.0.8".parse().unwrap()]),
+            "a stale address from the source (the previous sandbox's) does not win over the runtime's"
+        );
+        // Without the runtime's word the source's address is the pod's.
+        let (managed, _) = snap.managed_pods("n2");
+        assert_eq!(
+            managed.get("running").map(|p| p.ips.clone()),
+            Some(vec![IP.parse().unwrap()])
         );
         assert_eq!(ips("done"), None, "a finished pod is not brought back");
         assert_eq!(ips("gone"), None, "nor one being deleted");
