@@ -27,6 +27,7 @@ use crate::source::Assembler;
 use crate::source::dir::DirSource;
 use crate::source::kube::{KubeError, KubeSource, SourceHealth};
 use crate::state::Store;
+use crate::takeover::{ControlServer, Handed, Inherited};
 
 /// Why the agent could not start (the flags were checked before, by
 /// [`Config::from_args`]).
@@ -60,11 +61,26 @@ pub enum StartError {
     /// A signal handler could not be installed.
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
+    /// The agent running on the node did not hand it over.
+    #[error(transparent)]
+    Takeover(#[from] crate::takeover::TakeoverError),
 }
 
 /// Binds an admin listener (tokio's bind: `SO_REUSEADDR`, so a restarted
-/// agent gets its ports back at once), for the admin thread to serve.
-async fn bind(flag: &'static str, addr: std::net::SocketAddr) -> Result<std::net::TcpListener, StartError> {
+/// agent gets its ports back at once), for the admin thread to serve; or
+/// serves the one the previous agent handed over, if it listens on `addr`.
+async fn bind(
+    inherited: &mut Option<Inherited>,
+    which: Handed,
+    flag: &'static str,
+    addr: std::net::SocketAddr,
+) -> Result<std::net::TcpListener, StartError> {
+    if let Some(fd) = inherited.as_mut().and_then(|i| i.take(which)) {
+        let l = std::net::TcpListener::from(fd);
+        if l.local_addr().is_ok_and(|a| a == addr) {
+            return Ok(l);
+        }
+    }
     let err = |source| StartError::Admin { flag, addr, source };
     tokio::net::TcpListener::bind(addr)
         .await
@@ -113,11 +129,6 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             None
         }
     };
-    let listeners = Listeners {
-        readiness: bind("readiness-addr", config.readiness_addr).await?,
-        metrics: bind("metrics-addr", config.metrics_addr).await?,
-        admin: bind("admin-addr", config.admin_addr).await?,
-    };
     let metrics = Arc::new(Metrics::new());
     let readiness = Arc::new(Readiness::default());
     let ebpf = readiness.register("ebpf", "programs not attached yet");
@@ -144,6 +155,40 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let program_log = capture.take_program_log();
     let capture = Arc::new(capture);
     ebpf.ready();
+    // Everything that can fail is done: ask an agent still running on the
+    // node (a rolling upgrade) to hand it over. Its pods stay captured by
+    // its listeners until this agent's replace them, one map update each.
+    let mut inherited = crate::takeover::request(&config.node_name, capture.maps.pods.fd())?;
+    if let Some(i) = &inherited {
+        tracing::info!(
+            previous_version = %i.version,
+            handed = ?i.listeners.iter().map(|(h, _)| *h).collect::<Vec<_>>(),
+            runtime_pods = i.cni.pods.len(),
+            "taking the node over from the agent running on it"
+        );
+    }
+    let listeners = Listeners {
+        readiness: bind(
+            &mut inherited,
+            Handed::Readiness,
+            "readiness-addr",
+            config.readiness_addr,
+        )
+        .await?,
+        metrics: bind(&mut inherited, Handed::Metrics, "metrics-addr", config.metrics_addr).await?,
+        admin: bind(&mut inherited, Handed::Admin, "admin-addr", config.admin_addr).await?,
+    };
+    // Kept to hand over in turn, to the agent that takes over from this one.
+    let mut sockets: Vec<(Handed, std::os::fd::OwnedFd)> = Vec::new();
+    for (h, l) in [
+        (Handed::Readiness, &listeners.readiness),
+        (Handed::Metrics, &listeners.metrics),
+        (Handed::Admin, &listeners.admin),
+    ] {
+        if let Ok(fd) = l.try_clone() {
+            sockets.push((h, fd.into()));
+        }
+    }
     let mut sigterm = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
 
@@ -205,11 +250,29 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         captures,
         limits,
     });
-    crate::admin::server::spawn(listeners, admin, lifecycle.hard_stop.clone()).map_err(|source| StartError::Admin {
+    // The admin thread stops serving at the end, or when a new agent took
+    // its sockets.
+    let admin_stop = tokio_util::sync::CancellationToken::new();
+    {
+        let (hard, handed, admin_stop) = (
+            lifecycle.hard_stop.clone(),
+            lifecycle.handed_over.clone(),
+            admin_stop.clone(),
+        );
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = hard.cancelled() => {}
+                _ = handed.cancelled() => {}
+            }
+            admin_stop.cancel();
+        });
+    }
+    crate::admin::server::spawn(listeners, admin, admin_stop).map_err(|source| StartError::Admin {
         flag: "admin-addr",
         addr: config.admin_addr,
         source,
     })?;
+    let capture_for_handover = capture.clone();
     let mut manager = PodManager::new(
         config.node_name.clone(),
         store,
@@ -218,13 +281,50 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         lifecycle.clone(),
         mesh,
     );
+    let mut cni_task = None;
     if let Some(path) = &config.cni_socket {
-        let server = CniServer::bind(path)?;
+        let server = match inherited
+            .as_mut()
+            .and_then(|i| i.take(Handed::Cni))
+            .and_then(|fd| CniServer::inherit(path, fd))
+        {
+            Some(s) => s,
+            None => CniServer::bind(path)?,
+        };
+        if let Ok(fd) = server.share() {
+            sockets.push((Handed::Cni, fd));
+        }
         let (tx, rx) = tokio::sync::mpsc::channel(64);
-        tokio::spawn(server.run(tx, lifecycle.stop_accepting.clone()));
+        cni_task = Some(tokio::spawn(server.run(
+            tx,
+            lifecycle.stop_accepting.clone(),
+            lifecycle.handed_over.clone(),
+        )));
         manager = manager.with_cni(rx);
     }
+    if let Some(i) = inherited {
+        manager = manager.taking_over().with_cni_state(i.cni);
+        tokio::spawn(watch_predecessor(i.stream));
+    }
+    let (handover_tx, handover_rx) = tokio::sync::mpsc::channel(1);
+    manager = manager.with_handover(handover_rx);
     let manager_task = tokio::spawn(manager.run());
+    match ControlServer::bind(&config.node_name).await {
+        Ok(control) => {
+            tokio::spawn(hand_over_on_request(HandOverTo {
+                control,
+                capture: capture_for_handover,
+                manager: handover_tx,
+                lifecycle: lifecycle.clone(),
+                sockets,
+                cni_task,
+            }));
+        }
+        Err(e) => tracing::warn!(
+            "cannot listen for a successor on @{}: {e}; an upgrade of this agent restarts it instead of taking over",
+            crate::takeover::control_name(&config.node_name)
+        ),
+    }
     match &config.source {
         SourceConfig::Dir(dir) => {
             tracing::info!(node = %config.node_name, config_dir = %dir.display(), "agent running")
@@ -247,6 +347,82 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     }
     lifecycle.hard_stop.cancel();
     Ok(())
+}
+
+/// What an agent hands to the one taking over from it.
+struct HandOverTo {
+    control: ControlServer,
+    capture: Arc<Capture>,
+    /// The pod manager, asked to stop writing the maps.
+    manager: tokio::sync::mpsc::Sender<crate::pods::HandOver>,
+    lifecycle: Lifecycle,
+    /// The operator ports' and the CNI socket's listening sockets.
+    sockets: Vec<(Handed, std::os::fd::OwnedFd)>,
+    /// The CNI server, which stops accepting before its socket goes.
+    cni_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Waits for a new agent on the node to ask for it, then hands it over
+/// (`takeover`): the pod manager stops writing the maps, the operator ports
+/// and the CNI socket stop being served here and are sent, with what the
+/// runtime told this agent. This agent's open connections go on until
+/// SIGTERM drains them.
+async fn hand_over_on_request(h: HandOverTo) {
+    let Some(ours) = crate::takeover::map_id(h.capture.maps.pods.fd()) else {
+        tracing::warn!("the PODS map has no id: no successor can take over");
+        return;
+    };
+    tracing::debug!(socket = h.control.name(), "listening for a successor");
+    let successor = tokio::select! {
+        s = h.control.next_successor(ours) => s,
+        // Draining: no pod manager is left to hand anything over.
+        _ = h.lifecycle.stop_accepting.cancelled() => return,
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let asked = h.manager.send(tx).await.is_ok();
+    let cni = match tokio::time::timeout(crate::takeover::EXCHANGE_TIMEOUT / 2, rx).await {
+        Ok(Ok(state)) if asked => state,
+        _ => {
+            successor.refuse("this agent's pod manager has stopped (it is draining) or did not answer".into());
+            return;
+        }
+    };
+    h.lifecycle.handed_over.cancel();
+    if let Some(t) = h.cni_task {
+        let _ = t.await;
+    }
+    // The name is the new agent's from now on.
+    drop(h.control);
+    let version = successor.hello.version.clone();
+    let pods = h.capture.maps.pods.fd();
+    match successor.release(pods, &h.sockets, cni) {
+        Ok(stream) => {
+            tracing::info!(new_version = %version, "handed the node over to a new agent");
+            drop(h.sockets);
+            // Open until this agent exits: the new agent learns of it so.
+            h.lifecycle.hard_stop.cancelled().await;
+            drop(stream);
+        }
+        Err(e) => tracing::error!(
+            "handing the node over failed after its pods were let go: {e}; the next agent to start takes them over as after a crash"
+        ),
+    }
+}
+
+/// Logs when the agent this one took over from has exited.
+async fn watch_predecessor(stream: std::os::unix::net::UnixStream) {
+    let _ = stream.set_nonblocking(true);
+    let Ok(mut stream) = tokio::net::UnixStream::from_std(stream) else {
+        return;
+    };
+    let mut buf = [0u8; 64];
+    loop {
+        match tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    tracing::info!("the agent this one took over from has exited");
 }
 
 /// Stops accepting, waits for open connections up to `deadline`, then

@@ -30,4 +30,5 @@ mod source;
 pub mod state;
 #[cfg(not(feature = "testing"))]
 pub(crate) mod state;
+pub mod takeover;
 pub mod verify;

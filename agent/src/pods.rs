@@ -128,7 +128,17 @@ pub(crate) struct PodManager {
     /// (IPAM may have given them to a new pod whose ADD is still on its
     /// way). Kept while the config lists the pod.
     cni_awaiting_add: HashSet<String>,
+    /// Requests of a new agent to take the pods over (`takeover`): the
+    /// manager answers with what the runtime told it and stops writing to
+    /// the maps.
+    handover_rx: Option<tokio::sync::mpsc::Receiver<HandOver>>,
+    /// This agent took the node over from a running one, whose open
+    /// connections' map entries must stay.
+    took_over: bool,
 }
+
+/// A new agent's request for the pods, answered with the CNI state.
+pub(crate) type HandOver = tokio::sync::oneshot::Sender<crate::takeover::CniState>;
 
 impl PodManager {
     /// A manager for `node`.
@@ -161,7 +171,22 @@ impl PodManager {
             cni: HashMap::new(),
             cni_released: HashMap::new(),
             cni_awaiting_add: HashSet::new(),
+            handover_rx: None,
+            took_over: false,
         }
+    }
+
+    /// Answers a new agent's requests for the pods (`takeover`).
+    pub(crate) fn with_handover(mut self, requests: tokio::sync::mpsc::Receiver<HandOver>) -> Self {
+        self.handover_rx = Some(requests);
+        self
+    }
+
+    /// This agent took over from a running one, which still relays its
+    /// open connections: their map entries are not a dead run's to purge.
+    pub(crate) fn taking_over(mut self) -> Self {
+        self.took_over = true;
+        self
     }
 
     /// Reconciles on every state change and every tick until drain begins,
@@ -169,8 +194,12 @@ impl PodManager {
     pub(crate) async fn run(mut self) {
         let mut rx = self.store.subscribe();
         // Connections of a previous run died with it; their entries go
-        // before any new connection can make one.
-        purge_connection_entries(&self.capture, None);
+        // before any new connection can make one. After a takeover the
+        // previous agent still relays its connections, and removes each
+        // entry as its connection ends.
+        if !self.took_over {
+            purge_connection_entries(&self.capture, None);
+        }
         for cookie in self.capture.maps.pods.keys().unwrap_or_default() {
             if let Ok(Some(info)) = self.capture.maps.pods.get(&cookie) {
                 self.previous.insert(cookie, info);
@@ -178,6 +207,7 @@ impl PodManager {
         }
         let stop = self.lifecycle.stop_accepting.clone();
         let mut cni_rx = self.cni_rx.take();
+        let mut handover_rx = self.handover_rx.take();
         loop {
             self.reconcile().await;
             tokio::select! {
@@ -187,6 +217,13 @@ impl PodManager {
                     Some(req) => self.handle_cni(req).await,
                     None => cni_rx = None,
                 },
+                req = next_of(&mut handover_rx) => match req {
+                    Some(reply) => {
+                        let _ = reply.send(self.cni_state());
+                        return self.passive(rx, cni_rx).await;
+                    }
+                    None => handover_rx = None,
+                },
                 _ = tokio::time::sleep(TICK) => {}
             }
         }
@@ -194,6 +231,57 @@ impl PodManager {
             pods = self.active.len(),
             "stopped managing pods; capture stays attached"
         );
+    }
+
+    /// After a hand-over: the maps, listeners' slots and steering are the
+    /// new agent's, and nothing here writes them again. What stays is this
+    /// agent's open connections: policy and trust changes still sweep
+    /// them, and a pod's end still closes its own.
+    async fn passive(
+        mut self,
+        mut rx: tokio::sync::watch::Receiver<Arc<crate::state::Snapshot>>,
+        mut cni_rx: Option<tokio::sync::mpsc::Receiver<CniRequest>>,
+    ) {
+        tracing::info!(
+            pods = self.active.len(),
+            "handed the node's pods to a new agent; relaying the open connections until SIGTERM"
+        );
+        let stop = self.lifecycle.stop_accepting.clone();
+        loop {
+            let snap = self.store.current();
+            if snap.generation != self.revalidated {
+                self.revalidated = snap.generation;
+                self.mesh.open.revalidate(&snap);
+            }
+            let (desired, _) = snap.managed_pods_given(&self.node, &self.runtime_ips());
+            let identity = self.identity.clone();
+            self.active.retain(|uid, a| {
+                let kept = desired.get(uid).is_some_and(|d| same_addresses(&d.ips, &a.spec.ips));
+                if !kept {
+                    a.ctx.cancel.cancel();
+                    if let (Some(m), Some(id)) = (&identity, &a.identity) {
+                        m.release(id);
+                    }
+                }
+                kept
+            });
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                r = rx.changed() => if r.is_err() { break },
+                req = next_cni(&mut cni_rx) => match req {
+                    // Sent before the socket changed hands: the runtime
+                    // retries, and reaches the new agent.
+                    Some(req) => {
+                        let _ = req.reply.send(crate::cni::protocol::Reply::Refused {
+                            message: "this agent has handed the node to a new agent; try again".into(),
+                        });
+                    }
+                    None => cni_rx = None,
+                },
+                _ = tokio::time::sleep(TICK) => {}
+            }
+        }
+        tracing::info!(pods = self.active.len(), "stopped relaying for handed-over pods");
     }
 
     async fn reconcile(&mut self) {
@@ -269,8 +357,15 @@ impl PodManager {
             self.release(&uid, old, None);
         }
         self.scan = None;
-        self.reconcile_cni(&snap, &desired);
-        self.report_captures(&desired);
+        // Not before the first config: readiness would read "every enrolled
+        // pod captured" off an empty list (and a new agent taking over
+        // would be Ready before it had a single pod), and every pod the
+        // runtime handed over (the previous agent's, after a takeover)
+        // would look unlisted, and be let go.
+        if snap.generation > 0 {
+            self.reconcile_cni(&snap, &desired);
+            self.report_captures(&desired);
+        }
 
         // Nothing is purged before the first config is read: every pod
         // would look unmanaged, and its capture would lapse until re-adopted.
@@ -587,6 +682,11 @@ impl PodManager {
 
 /// The next CNI request, or never when the hand-off is off.
 async fn next_cni(rx: &mut Option<tokio::sync::mpsc::Receiver<CniRequest>>) -> Option<CniRequest> {
+    next_of(rx).await
+}
+
+/// The next message of an optional channel, or never without one.
+async fn next_of<T>(rx: &mut Option<tokio::sync::mpsc::Receiver<T>>) -> Option<T> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,

@@ -43,6 +43,12 @@ pub const SLOT_INBOUND_V6: u32 = 1;
 pub const SLOT_TUNNEL_V4: u32 = 2;
 /// See [`SLOT_INBOUND_V4`].
 pub const SLOT_TUNNEL_V6: u32 = 3;
+/// The outbound listener (15001 on the pod's loopback), steered by
+/// `sk_lookup` like the inbound ones, so that a new agent's listener takes
+/// over from an old one's in one map update (see ARCHITECTURE.md, upgrades).
+pub const SLOT_OUTBOUND_V4: u32 = 4;
+/// See [`SLOT_OUTBOUND_V4`].
+pub const SLOT_OUTBOUND_V6: u32 = 5;
 
 /// `PodInfo::flags`: the pod has an IPv4 address in `ipv4`.
 pub const POD_HAS_IPV4: u32 = 1;

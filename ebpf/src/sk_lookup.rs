@@ -5,18 +5,28 @@
 
 use core::ptr::read_volatile;
 
-use aya_ebpf::{bindings::sk_action, macros::sk_lookup, programs::SkLookupContext};
+use aya_ebpf::{
+    bindings::{BPF_SK_LOOKUP_F_NO_REUSEPORT, sk_action},
+    macros::sk_lookup,
+    programs::SkLookupContext,
+};
 use aya_log_ebpf::warn;
 use nodeward_common::{
-    DIRECTION_INBOUND, LOOPBACK_IFINDEX, ListenerKey, POD_DROP_INBOUND_UDP, POD_HAS_IPV4, POD_HAS_IPV6,
-    SLOT_INBOUND_V4, SLOT_INBOUND_V6, SLOT_TUNNEL_V4, SLOT_TUNNEL_V6, TUNNEL_PORT, is_v4_loopback, is_v4_mapped,
-    is_v6_loopback, map_v4, names,
+    DIRECTION_INBOUND, LOOPBACK_IFINDEX, ListenerKey, OUTBOUND_PORT, POD_DROP_INBOUND_UDP, POD_HAS_IPV4, POD_HAS_IPV6,
+    SLOT_INBOUND_V4, SLOT_INBOUND_V6, SLOT_OUTBOUND_V4, SLOT_OUTBOUND_V6, SLOT_TUNNEL_V4, SLOT_TUNNEL_V6, TUNNEL_PORT,
+    is_v4_loopback, is_v4_mapped, is_v6_loopback, map_v4, names,
 };
 
 use crate::helpers::{
     AF_INET, IPPROTO_TCP, IPPROTO_UDP, ip6_bytes, netns_cookie_const, port_excluded, read_ip6, symbol_is,
 };
 use crate::maps::{LISTENERS, PODS, PROBE_SOURCES};
+
+/// Every listener is bound with `SO_REUSEPORT`, so that an agent taking
+/// over can bind beside the one it replaces; the socket in the map is the
+/// one meant, never another of its reuseport group (which a process in
+/// the pod could join by binding the same port).
+const NO_REUSEPORT: u64 = BPF_SK_LOOKUP_F_NO_REUSEPORT as u64;
 
 #[sk_lookup]
 pub fn nw_sk_lookup(ctx: SkLookupContext) -> u32 {
@@ -38,6 +48,28 @@ unsafe fn steer(ctx: &SkLookupContext) -> u32 {
     let remote4 = unsafe { read_volatile(&lk.remote_ip4) };
     let remote6 = unsafe { read_ip6(&lk.remote_ip6) };
     let remote = if v4 { map_v4(remote4) } else { remote6 };
+    // The outbound listener: the connect hooks sent the app's connection
+    // to the pod's own loopback, port 15001. It is steered to the listener
+    // in the outbound slot, exactly as inbound ones are to theirs, so that
+    // a new agent takes over with one map update; with no listener there,
+    // the connection is refused, as it was when 15001 was unbound.
+    if lk.ingress_ifindex == LOOPBACK_IFINDEX && lk.local_port as u16 == OUTBOUND_PORT {
+        let local4 = unsafe { read_volatile(&lk.local_ip4) };
+        let local6 = unsafe { read_ip6(&lk.local_ip6) };
+        let to_loopback = if v4 {
+            is_v4_loopback(local4)
+        } else {
+            is_v6_loopback(&local6)
+        };
+        if to_loopback {
+            let slot = if v4 { SLOT_OUTBOUND_V4 } else { SLOT_OUTBOUND_V6 };
+            let key = ListenerKey { netns, slot, pad: 0 };
+            return match LISTENERS.redirect_sk_lookup(ctx, key, NO_REUSEPORT) {
+                Ok(()) => sk_action::SK_PASS,
+                Err(_) => sk_action::SK_DROP,
+            };
+        }
+    }
     // Never steer the pod's own traffic to itself, which includes the
     // agent's hop to the app: it comes from loopback or from one of the
     // pod's addresses (the kernel drops packets arriving from outside with
@@ -67,7 +99,7 @@ unsafe fn steer(ctx: &SkLookupContext) -> u32 {
         (false, false) => SLOT_INBOUND_V6,
     };
     let key = ListenerKey { netns, slot, pad: 0 };
-    match LISTENERS.redirect_sk_lookup(ctx, key, 0) {
+    match LISTENERS.redirect_sk_lookup(ctx, key, NO_REUSEPORT) {
         Ok(()) => sk_action::SK_PASS,
         // No listener: the agent is down or the pod is being set up. Never
         // let plaintext reach the app behind the agent's back.

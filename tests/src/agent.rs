@@ -47,7 +47,12 @@ impl Agent {
     }
 
     fn start_with_env(node: &Node, args: &[&str], env: &[(&str, &str)]) -> Agent {
-        let bin = crate::nodeward_bin();
+        Agent::start_bin(&crate::nodeward_bin(), node, args, env)
+    }
+
+    /// [`Agent::start_with`] running the binary `bin` (another release's,
+    /// for an upgrade or a downgrade).
+    pub fn start_bin(bin: &Path, node: &Node, args: &[&str], env: &[(&str, &str)]) -> Agent {
         let mut cmd = nsenter(&node.netns, &[bin.to_str().expect("utf-8 path")]);
         cmd.args(["run", "--node-name", &node.name])
             .args(["--log-format", "json"])

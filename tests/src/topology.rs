@@ -12,7 +12,7 @@
 //! traffic across nodes really crosses a link (`up0` in each node).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::agent::Agent;
@@ -393,6 +393,19 @@ impl Topology {
         args.extend_from_slice(extra);
         let agent = Agent::start_env(&self.nodes[k], &self.config_dir, &args, env);
         self.nodes[k].agent = Some(agent);
+    }
+
+    /// Starts a second agent on node `k` beside the running one, from
+    /// `bin`, with the running one's CA and `extra`, as a rolling update
+    /// does; returns the running one, which becomes the node's previous
+    /// agent (the new one is [`Topology::agent`] from then on).
+    pub fn start_successor(&mut self, k: usize, bin: &Path, extra: &[&str]) -> Agent {
+        let ca = self.ca_dir.to_string_lossy().into_owned();
+        let dir = self.config_dir.to_string_lossy().into_owned();
+        let mut args: Vec<&str> = vec!["--config-dir", &dir, "--ca-dir", &ca];
+        args.extend_from_slice(extra);
+        let new = Agent::start_bin(bin, &self.nodes[k], &args, &[]);
+        self.nodes[k].agent.replace(new).expect("a running agent to succeed")
     }
 
     /// The enrolled pods the config places on node `k`.

@@ -296,11 +296,21 @@ fn the_agent_has_the_three_capabilities_it_needs_and_no_more() {
     assert_eq!(pod.priority_class_name.as_deref(), Some("system-node-critical"));
     let drain = defaults::DRAIN_TIMEOUT.as_secs() as i64;
     assert!(pod.termination_grace_period_seconds.unwrap() > drain + 5);
+    // A rolling update starts the new agent beside the old one, which it
+    // takes the node over from; the old one gets SIGTERM only once the new
+    // one is Ready, which it turns once it holds every pod.
     let rolling = spec.update_strategy.as_ref().unwrap().rolling_update.as_ref().unwrap();
-    assert_eq!(
-        rolling.max_unavailable,
-        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
-    );
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    assert_eq!(rolling.max_surge, Some(IntOrString::Int(1)));
+    assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(0)));
+    let agent = container(&ds, "agent");
+    let probe = agent
+        .readiness_probe
+        .as_ref()
+        .and_then(|p| p.http_get.as_ref())
+        .unwrap();
+    assert_eq!(probe.path.as_deref(), Some("/healthz/ready"));
+    assert_eq!(probe.port, IntOrString::Int(15021));
     for c in pod.containers.iter().chain(pod.init_containers.iter().flatten()) {
         let sc = c.security_context.as_ref().unwrap();
         assert_ne!(sc.privileged, Some(true), "{}", c.name);

@@ -63,6 +63,14 @@ pub enum MapError {
     },
 }
 
+impl<K, V> BpfMap<K, V> {
+    /// The map's descriptor: what proves to another agent that this one
+    /// holds the node's pinned maps (`takeover`).
+    pub(crate) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
 impl<K: aya::Pod, V: aya::Pod> BpfMap<K, V> {
     /// Shares the map `name` as `K` to `V`, once the kernel's key and value
     /// sizes are checked to be theirs.

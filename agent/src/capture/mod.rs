@@ -8,7 +8,7 @@
 //! its namespace, with the pod's cookie compiled in as a constant (sk_lookup
 //! programs cannot ask for their namespace's cookie).
 //!
-//! Everything lives under `<bpffs>/nodeward/<node>/v1/`: `maps/`, `links/`
+//! Everything lives under `<bpffs>/nodeward/<node>/v1/` (`v1` is [`LAYOUT`]): `maps/`, `links/`
 //! and `pods/<cookie>/` (its `sk_lookup` link, `uid-<hash>/`, the pod
 //! captured there, and `sandbox-<hash>/`, the CNI sandbox it was handed
 //! over as, if it was). Links are pinned, so when the agent dies the
@@ -94,6 +94,17 @@ pub enum CaptureError {
     /// A pinned map is not what the agent expects.
     #[error(transparent)]
     MapLayout(#[from] map::MapError),
+    /// The node's pins are of a layout this agent cannot reuse.
+    #[error(
+        "bpffs pins of layout v{found} at {path}: this agent uses layout v{LAYOUT} and cannot reuse them, so it takes nothing over and the node's pods stay with the agent that pinned them; run an agent of layout v{found}, or drain the node and run `nodeward cleanup` first",
+        path = .path.display()
+    )]
+    Layout {
+        /// The other layout's directory.
+        path: PathBuf,
+        /// Its layout number.
+        found: u32,
+    },
     /// A map operation failed.
     #[error("eBPF map {map}: {source}")]
     Map {
@@ -121,9 +132,38 @@ pub(crate) struct CaptureConfig {
     pub(crate) local_redirect: bool,
 }
 
+/// The layout of the pins: the maps' names, key and value types and what
+/// the programs mean by them. An agent reuses (and takes over) only pins of
+/// its own layout; a change to any of these takes a new number.
+pub(crate) const LAYOUT: u32 = 1;
+
 /// The pin directory of a node.
 pub(crate) fn pin_dir(bpffs: &Path, node_name: &str) -> PathBuf {
-    bpffs.join("nodeward").join(node_name).join("v1")
+    bpffs.join("nodeward").join(node_name).join(format!("v{LAYOUT}"))
+}
+
+/// Refuses pins of another layout under the node's directory: neither the
+/// programs nor the agent could read the other layout's maps, so taking
+/// over would leave every pod of the node uncaptured. The agent that made
+/// them keeps the pods.
+fn check_layout(bpffs: &Path, node_name: &str) -> Result<(), CaptureError> {
+    let node_dir = bpffs.join("nodeward").join(node_name);
+    let Ok(entries) = std::fs::read_dir(&node_dir) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(n) = name.strip_prefix('v').and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if n != LAYOUT {
+            return Err(CaptureError::Layout {
+                path: e.path(),
+                found: n,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The maps the agent reads and writes.
@@ -179,6 +219,7 @@ impl Capture {
         };
         host::check_cgroup2(&cgroup)?;
         host::ensure_bpffs(&config.bpffs)?;
+        check_layout(&config.bpffs, &config.node_name)?;
         let dir = pin_dir(&config.bpffs, &config.node_name);
         for sub in ["maps", "links", "pods"] {
             std::fs::create_dir_all(dir.join(sub)).map_err(|e| CaptureError::Pin {
@@ -386,12 +427,29 @@ fn prefixed_dirs(pod_dir: &Path, prefix: &str) -> Vec<String> {
 /// Removes every pin of a node: programs detach, maps are freed. Returns
 /// whether there was anything to remove.
 pub fn cleanup(bpffs: &Path, node_name: &str) -> Result<bool, CaptureError> {
-    let dir = pin_dir(bpffs, node_name);
-    if !dir.exists() {
+    let node_dir = bpffs.join("nodeward").join(node_name);
+    // Every layout's pins: cleanup is also how a node leaves another
+    // layout's pins behind (see `check_layout`).
+    let dirs: Vec<PathBuf> = std::fs::read_dir(&node_dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .and_then(|n| n.strip_prefix('v'))
+                        .is_some_and(|n| n.parse::<u32>().is_ok())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if dirs.is_empty() {
         return Ok(false);
     }
-    remove_pins(&dir)?;
-    let _ = std::fs::remove_dir(bpffs.join("nodeward").join(node_name));
+    for dir in dirs {
+        remove_pins(&dir)?;
+    }
+    let _ = std::fs::remove_dir(&node_dir);
     Ok(true)
 }
 

@@ -85,14 +85,45 @@ impl CniServer {
         })
     }
 
+    /// Serves the socket a previous agent listened on and handed over
+    /// (`takeover`): its queue is the same, so no request is lost. `None`
+    /// if it is not bound at `path` (the flags changed): bind anew.
+    pub(crate) fn inherit(path: &Path, fd: std::os::fd::OwnedFd) -> Option<Self> {
+        let std = std::os::unix::net::UnixListener::from(fd);
+        let bound = std.local_addr().ok()?.as_pathname().map(Path::to_path_buf);
+        if bound.as_deref() != Some(path) {
+            return None;
+        }
+        std.set_nonblocking(true).ok()?;
+        Some(CniServer {
+            listener: UnixListener::from_std(std).ok()?,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// A second descriptor of the listening socket, to hand to a new agent.
+    pub(crate) fn share(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd;
+        self.listener.as_fd().try_clone_to_owned()
+    }
+
     /// Serves requests until `stop`, passing each to the pod manager
     /// through `manager`; removes the socket when it stops, so a plugin
-    /// fails at once rather than waiting on a dead listener.
-    pub(crate) async fn run(self, manager: mpsc::Sender<CniRequest>, stop: CancellationToken) {
+    /// fails at once rather than waiting on a dead listener. On
+    /// `handed_over` (a new agent serves the same socket) it only stops
+    /// accepting, and leaves the socket in place.
+    pub(crate) async fn run(
+        self,
+        manager: mpsc::Sender<CniRequest>,
+        stop: CancellationToken,
+        handed_over: CancellationToken,
+    ) {
         let permits = Arc::new(Semaphore::new(CONCURRENCY));
         tracing::info!(socket = %self.path.display(), "CNI hand-off listening");
         loop {
             let stream = tokio::select! {
+                biased;
+                _ = handed_over.cancelled() => return,
                 _ = stop.cancelled() => break,
                 r = self.listener.accept() => match r {
                     Ok((s, _)) => s,

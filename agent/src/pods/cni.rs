@@ -19,6 +19,7 @@ use crate::cni::server::CniRequest;
 use crate::netns::{self, Netns};
 use crate::state::Snapshot;
 use crate::state::workload::{Enrolment, ManagedPod, enrolment};
+use crate::takeover::{CniRecord, CniState};
 
 /// A pod whose namespace the runtime handed over.
 #[derive(Debug)]
@@ -447,6 +448,58 @@ impl PodManager {
             .filter(|(u, _)| u.as_str() != uid)
             .map(|(_, c)| c.netns.cookie())
             .collect()
+    }
+
+    /// What the runtime told this agent, for the agent taking over.
+    pub(super) fn cni_state(&self) -> CniState {
+        CniState {
+            pods: self
+                .cni
+                .iter()
+                .map(|(uid, c)| CniRecord {
+                    uid: uid.clone(),
+                    key: c.key.clone(),
+                    container_id: c.container_id.clone(),
+                    netns: c.netns.path().to_path_buf(),
+                    cookie: c.netns.cookie(),
+                    ips: c.ips.clone(),
+                    held: c.held,
+                })
+                .collect(),
+            released: self.cni_released.iter().map(|(u, c)| (u.clone(), c.clone())).collect(),
+            awaiting_add: self.cni_awaiting_add.iter().cloned().collect(),
+        }
+    }
+
+    /// Starts from what the previous agent was told (`takeover`). A record
+    /// whose path no longer opens the namespace it named is left out: that
+    /// sandbox is gone, and its pod is found by its next ADD.
+    pub(crate) fn with_cni_state(mut self, state: CniState) -> Self {
+        for r in state.pods {
+            match Netns::open(&r.netns) {
+                Ok(ns) if ns.cookie() == r.cookie => {
+                    self.cni.insert(
+                        r.uid,
+                        CniPod {
+                            key: r.key,
+                            container_id: r.container_id,
+                            netns: Arc::new(ns),
+                            ips: r.ips,
+                            held: r.held,
+                        },
+                    );
+                }
+                Ok(_) => {
+                    tracing::info!(pod = %r.key, netns = %r.netns.display(), "the runtime's namespace of this pod was replaced since its ADD; waiting for the next")
+                }
+                Err(e) => {
+                    tracing::info!(pod = %r.key, "the runtime's namespace of this pod is gone since its ADD: {e}")
+                }
+            }
+        }
+        self.cni_released.extend(state.released);
+        self.cni_awaiting_add.extend(state.awaiting_add);
+        self
     }
 
     /// Namespaces held closed: not stale, whatever a purge finds.

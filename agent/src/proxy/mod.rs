@@ -38,7 +38,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nodeward_common::{
-    INBOUND_PORT, OUTBOUND_PORT, SLOT_INBOUND_V4, SLOT_INBOUND_V6, SLOT_TUNNEL_V4, SLOT_TUNNEL_V6, TUNNEL_PORT,
+    INBOUND_PORT, OUTBOUND_PORT, SLOT_INBOUND_V4, SLOT_INBOUND_V6, SLOT_OUTBOUND_V4, SLOT_OUTBOUND_V6, SLOT_TUNNEL_V4,
+    SLOT_TUNNEL_V6, TUNNEL_PORT,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -81,6 +82,10 @@ pub(crate) struct Lifecycle {
     pub(crate) connections: TaskTracker,
     /// Every accept loop, so drain knows when no listener is left.
     pub(crate) listeners: TaskTracker,
+    /// A new agent took the node over (`takeover`): its listeners are the
+    /// pods' now, so when drain stops these accept loops they first take
+    /// what their queues still hold, instead of resetting it.
+    pub(crate) handed_over: CancellationToken,
 }
 
 /// What the proxies of all pods share: the state to find destinations in,
@@ -137,26 +142,46 @@ pub(crate) struct PodListeners {
 
 impl PodListeners {
     /// Binds 15001, 15006 and 15008 on the pod's loopback, IPv4 and (when
-    /// the pod has IPv6) IPv6, and registers the inbound ones for sk_lookup.
+    /// the pod has IPv6) IPv6, and registers them for sk_lookup.
     ///
     /// Loopback only: outbound connections reach 15001 by a rewritten
-    /// `connect()`, inbound ones reach 15006/15008 through sk_lookup, which
-    /// may hand a connection to any listener regardless of its address, so
-    /// nothing outside the pod can address these sockets directly.
+    /// `connect()`, inbound ones reach 15006/15008, all through sk_lookup,
+    /// which may hand a connection to any listener regardless of its
+    /// address, so nothing outside the pod can address these sockets
+    /// directly. Every one is bound before any is registered, and each
+    /// registration replaces one slot (an agent taking over replaces the
+    /// previous agent's listener there): a connection meets the old
+    /// listener or the new, never none.
     pub(crate) fn bind(ctx: &PodContext) -> Result<Self, NetnsError> {
         let mut l = PodListeners {
             outbound: Vec::new(),
             inbound: Vec::new(),
             tunnel: Vec::new(),
         };
-        let families: &[(IpAddr, u32, u32)] = &[
-            (IpAddr::V4(Ipv4Addr::LOCALHOST), SLOT_INBOUND_V4, SLOT_TUNNEL_V4),
-            (IpAddr::V6(Ipv6Addr::LOCALHOST), SLOT_INBOUND_V6, SLOT_TUNNEL_V6),
+        let families: &[(IpAddr, [u32; 3])] = &[
+            (
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+                [SLOT_OUTBOUND_V4, SLOT_INBOUND_V4, SLOT_TUNNEL_V4],
+            ),
+            (
+                IpAddr::V6(Ipv6Addr::LOCALHOST),
+                [SLOT_OUTBOUND_V6, SLOT_INBOUND_V6, SLOT_TUNNEL_V6],
+            ),
         ];
-        for &(ip, inbound_slot, tunnel_slot) in families {
+        let register = |slot: u32, s: &TcpListener| {
+            socket::register_listener(&ctx.capture, ctx.netns.cookie(), slot, s).map_err(|source| NetnsError::Socket {
+                path: ctx.netns.path().to_path_buf(),
+                source,
+            })
+        };
+        // Bound first, all of them, then filed: a pod is switched from a
+        // previous agent's listeners to these slot by slot, each switch one
+        // map update, and none before every socket exists.
+        let mut bound: Vec<(u32, TcpListener, Direction)> = Vec::new();
+        for &(ip, [outbound_slot, inbound_slot, tunnel_slot]) in families {
             let v6 = ip.is_ipv6();
             match socket::listen_in(&ctx.netns, SocketAddr::new(ip, OUTBOUND_PORT), ctx.config.socket_mark) {
-                Ok(s) => l.outbound.push(s),
+                Ok(s) => bound.push((outbound_slot, s, Direction::Outbound)),
                 // A namespace without IPv6 cannot have IPv6 connections either.
                 Err(e) if v6 => {
                     tracing::debug!(pod = %ctx.pod.key, "no IPv6 listeners: {e}");
@@ -164,18 +189,20 @@ impl PodListeners {
                 }
                 Err(e) => return Err(e),
             }
-            for (port, slot, list) in [
-                (INBOUND_PORT, inbound_slot, &mut l.inbound),
-                (TUNNEL_PORT, tunnel_slot, &mut l.tunnel),
+            for (port, slot, dir) in [
+                (INBOUND_PORT, inbound_slot, Direction::Inbound),
+                (TUNNEL_PORT, tunnel_slot, Direction::Tunnel),
             ] {
                 let s = socket::listen_in(&ctx.netns, SocketAddr::new(ip, port), ctx.config.socket_mark)?;
-                socket::register_listener(&ctx.capture, ctx.netns.cookie(), slot, &s).map_err(|source| {
-                    NetnsError::Socket {
-                        path: ctx.netns.path().to_path_buf(),
-                        source,
-                    }
-                })?;
-                list.push(s);
+                bound.push((slot, s, dir));
+            }
+        }
+        for (slot, s, dir) in bound {
+            register(slot, &s)?;
+            match dir {
+                Direction::Outbound => l.outbound.push(s),
+                Direction::Inbound => l.inbound.push(s),
+                Direction::Tunnel => l.tunnel.push(s),
             }
         }
         Ok(l)
@@ -199,54 +226,100 @@ impl PodListeners {
 async fn accept_loop(ctx: Arc<PodContext>, listener: TcpListener, dir: Direction) {
     loop {
         let stops = [&ctx.cancel, &ctx.lifecycle.stop_accepting];
-        let Some(accepted) = next_connection(&listener, stops).await else {
+        let Some(accepted) = next_connection(&listener, stops, &ctx.lifecycle.handed_over).await else {
+            if ctx.lifecycle.handed_over.is_cancelled() && !ctx.cancel.is_cancelled() {
+                take_backlog(&ctx, &listener, dir);
+            }
             return;
         };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
+        match accepted {
+            Ok((stream, peer)) => dispatch(&ctx, dir, stream, peer),
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
                 tracing::warn!(pod = %ctx.pod.key, direction = dir.as_str(), "accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
             }
-        };
-        // Bounds are taken before any byte is read: a refused connection
-        // is reset at once and counted, never logged one by one.
-        let limits = &ctx.mesh.limits;
-        let permit = match dir {
-            Direction::Outbound => limits
-                .connection(ctx.netns.cookie(), Side::Outbound)
-                .map(Permit::Connection),
-            Direction::Inbound => limits
-                .connection(ctx.netns.cookie(), Side::Inbound)
-                .map(Permit::Connection),
-            Direction::Tunnel => {
-                let known = ctx.mesh.store.current().claims_ip(peer.ip());
-                limits.tunnel_in(peer.ip(), known).map(Permit::Tunnel)
-            }
-        };
-        let permit = match permit {
-            Ok(p) => p,
-            Err(refusal) => {
-                refuse(&ctx, dir, &stream, peer, refusal);
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let ctx = ctx.clone();
-        ctx.lifecycle.connections.clone().spawn(async move {
-            let started = Instant::now();
-            // The permit is held until the handler is done.
-            let outcome = match (dir, permit) {
-                // A tunnel connection carries many streams; each is logged.
-                (_, Permit::Tunnel(p)) => return inbound_hbone::serve(ctx, stream, peer, p).await,
-                (Direction::Outbound, Permit::Connection(_held)) => outbound::handle(&ctx, stream, peer).await,
-                (_, Permit::Connection(_held)) => inbound_plaintext::handle(&ctx, stream, peer).await,
-            };
-            log_connection(&ctx, dir, peer, outcome, started);
-        });
+        }
     }
+}
+
+/// Handles every connection still in a listener's queue. Only for an
+/// agent whose pods a new agent took over: the queue then holds only
+/// connections that arrived before the switch, and no more come.
+fn take_backlog(ctx: &Arc<PodContext>, listener: &TcpListener, dir: Direction) {
+    let (queued, error) = queued(listener);
+    if let Some(e) = error {
+        tracing::warn!(pod = %ctx.pod.key, direction = dir.as_str(), "taking the queue: {e}");
+    }
+    let taken = queued.len();
+    for (stream, peer) in queued {
+        dispatch(ctx, dir, stream, peer);
+    }
+    if taken > 0 {
+        tracing::info!(pod = %ctx.pod.key, direction = dir.as_str(), taken, "took the connections queued before the new agent's listeners");
+    }
+}
+
+/// Every connection waiting in a (non-blocking) listener's queue, and the
+/// error that stopped the taking, if one did before the queue was empty.
+fn queued(listener: &TcpListener) -> (Vec<(TcpStream, SocketAddr)>, Option<std::io::Error>) {
+    let mut out = Vec::new();
+    loop {
+        let sock = match socket2::SockRef::from(listener).accept() {
+            Ok((sock, _)) => sock,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return (out, None),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return (out, Some(e)),
+        };
+        let std: std::net::TcpStream = sock.into();
+        let taken = std
+            .set_nonblocking(true)
+            .and_then(|()| std.peer_addr())
+            .and_then(|peer| Ok((TcpStream::from_std(std)?, peer)));
+        match taken {
+            Ok(c) => out.push(c),
+            Err(e) => return (out, Some(e)),
+        }
+    }
+}
+
+/// Takes the bounds for one accepted connection and hands it to its handler.
+fn dispatch(ctx: &Arc<PodContext>, dir: Direction, stream: TcpStream, peer: SocketAddr) {
+    // Bounds are taken before any byte is read: a refused connection
+    // is reset at once and counted, never logged one by one.
+    let limits = &ctx.mesh.limits;
+    let permit = match dir {
+        Direction::Outbound => limits
+            .connection(ctx.netns.cookie(), Side::Outbound)
+            .map(Permit::Connection),
+        Direction::Inbound => limits
+            .connection(ctx.netns.cookie(), Side::Inbound)
+            .map(Permit::Connection),
+        Direction::Tunnel => {
+            let known = ctx.mesh.store.current().claims_ip(peer.ip());
+            limits.tunnel_in(peer.ip(), known).map(Permit::Tunnel)
+        }
+    };
+    let permit = match permit {
+        Ok(p) => p,
+        Err(refusal) => {
+            refuse(ctx, dir, &stream, peer, refusal);
+            return;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let ctx = ctx.clone();
+    ctx.lifecycle.connections.clone().spawn(async move {
+        let started = Instant::now();
+        // The permit is held until the handler is done.
+        let outcome = match (dir, permit) {
+            // A tunnel connection carries many streams; each is logged.
+            (_, Permit::Tunnel(p)) => return inbound_hbone::serve(ctx, stream, peer, p).await,
+            (Direction::Outbound, Permit::Connection(_held)) => outbound::handle(&ctx, stream, peer).await,
+            (_, Permit::Connection(_held)) => inbound_plaintext::handle(&ctx, stream, peer).await,
+        };
+        log_connection(&ctx, dir, peer, outcome, started);
+    });
 }
 
 /// What an accepted connection holds while it lives.
@@ -278,10 +351,13 @@ pub(crate) fn refuse(ctx: &PodContext, dir: Direction, stream: &TcpStream, peer:
 /// could be accepted after drain began), and a connection accepted while a
 /// token fired is reset rather than handled: nothing accepted after drain
 /// began reaches an app. The listener is closed when the loop returns, which
-/// resets the backlog.
+/// resets the backlog. Once `handed_over` (a new agent has the pods), a
+/// connection accepted as drain began is one that arrived before the new
+/// agent's listeners did, and is handled like the rest of the backlog.
 async fn next_connection(
     listener: &TcpListener,
     stops: [&CancellationToken; 2],
+    handed_over: &CancellationToken,
 ) -> Option<std::io::Result<(TcpStream, SocketAddr)>> {
     let accepted = tokio::select! {
         biased;
@@ -290,6 +366,9 @@ async fn next_connection(
         a = listener.accept() => a,
     };
     if stops.iter().any(|s| s.is_cancelled()) {
+        if handed_over.is_cancelled() && !stops[0].is_cancelled() {
+            return Some(accepted);
+        }
         if let Ok((s, _)) = &accepted {
             socket::reset(s);
         }
@@ -314,6 +393,30 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    async fn after_a_hand_over_every_connection_waiting_in_the_queue_is_taken_not_reset() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let clients: Vec<std::net::TcpStream> = (0..5)
+            .map(|_| std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap())
+            .collect();
+        let (pod, drain, handed_over) = (
+            CancellationToken::new(),
+            CancellationToken::new(),
+            CancellationToken::new(),
+        );
+        drain.cancel();
+        handed_over.cancel();
+        assert!(next_connection(&listener, [&pod, &drain], &handed_over).await.is_none());
+        let (taken, error) = queued(&listener);
+        assert!(error.is_none(), "{error:?}");
+        let mut ports: Vec<u16> = taken.iter().map(|(_, peer)| peer.port()).collect();
+        let mut want: Vec<u16> = clients.iter().map(|c| c.local_addr().unwrap().port()).collect();
+        ports.sort();
+        want.sort();
+        assert_eq!(ports, want, "each queued client, once");
+        assert!(queued(&listener).0.is_empty(), "and then nothing");
+    }
+
+    #[tokio::test]
     async fn a_connection_waiting_when_drain_begins_is_not_accepted() {
         // Ready at once, both: the stop and a handshake done in the backlog.
         for _ in 0..32 {
@@ -324,7 +427,11 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
             let (pod, drain) = (CancellationToken::new(), CancellationToken::new());
             drain.cancel();
-            assert!(next_connection(&listener, [&pod, &drain]).await.is_none());
+            assert!(
+                next_connection(&listener, [&pod, &drain], &CancellationToken::new())
+                    .await
+                    .is_none()
+            );
             drop(listener);
             let mut buf = [0u8; 1];
             let r = std::io::Read::read(&mut &client, &mut buf);

@@ -128,7 +128,12 @@ pub(crate) async fn handle(
         };
         match answer {
             Ok((response, send)) => break (lease, response, send),
-            Err(e) if e.is_go_away() && attempt == 1 => lease.retire(),
+            // REFUSED_STREAM: the server did not process it (RFC 9113
+            // §8.7), which a draining agent answers to a stream sent before
+            // its GOAWAY arrived; as safe to try elsewhere as a GOAWAY.
+            Err(e) if (e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM)) && attempt == 1 => {
+                lease.retire()
+            }
             Err(_) => return refused(&down, CloseReason::TunnelRefused, None),
         }
     };

@@ -29,8 +29,12 @@ pub(crate) fn listen_in(netns: &Netns, addr: SocketAddr, mark: u32) -> Result<Tc
     if addr.is_ipv6() {
         sock.set_only_v6(true).map_err(err)?;
     }
-    // A restarted agent must rebind while its old connections linger.
+    // A restarted agent must rebind while its old connections linger, and
+    // an agent taking over binds beside the listener it replaces (every
+    // listener is reached through `sk_lookup`, which picks the one socket
+    // in `LISTENERS`, never another of its reuseport group).
     sock.set_reuse_address(true).map_err(err)?;
+    sock.set_reuse_port(true).map_err(err)?;
     sock.bind(&addr.into())
         .map_err(|e| err(io::Error::new(e.kind(), format!("bind {addr}: {e}"))))?;
     sock.listen(BACKLOG).map_err(err)?;
