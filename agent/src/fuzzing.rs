@@ -158,3 +158,125 @@ pub fn issuance_log(data: &[u8]) {
         _ => panic!("one log verified once and failed once"),
     }
 }
+
+/// A ServiceAccount token presented to the CA service (any caller), and a
+/// JWKS document as OIDC discovery returns it (the API server's).
+///
+/// Holds: no token verifies against a key whose private half nobody
+/// outside this process has (the fuzzer signs nothing: an accepted token
+/// is a forgery), and none verifies against a key set taken from the
+/// input either (a weak key or `alg` confusion that let a chosen key
+/// verify an unsigned token would); a JWKS document gets an answer.
+pub fn jwt(data: &[u8]) {
+    use crate::ca_service::jwt::{Expected, KeySet, verify};
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let (jwks, token) = text.split_once('\n').unwrap_or(("", text));
+    let expected = Expected {
+        issuer: "https://kubernetes.default.svc.cluster.local".into(),
+        audience: "istio-ca".into(),
+    };
+    let now = 1_800_000_000;
+    let r = verify(token, fuzz_keys(), &expected, now);
+    assert!(r.is_err(), "a token nobody signed was accepted: {token:?} -> {r:?}");
+    if let Ok(keys) = KeySet::parse(jwks) {
+        let r = verify(token, &keys, &expected, now);
+        assert!(
+            r.is_err(),
+            "a token verified against the input's own key set: {text:?} -> {r:?}"
+        );
+    }
+}
+
+/// A key set of one fresh P-256 key, made once per process.
+fn fuzz_keys() -> &'static crate::ca_service::jwt::KeySet {
+    use base64::Engine;
+    use ring::signature::KeyPair;
+    static KEYS: std::sync::OnceLock<crate::ca_service::jwt::KeySet> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| {
+        let rng = ring::rand::SystemRandom::new();
+        let alg = &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING;
+        let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(alg, &rng).expect("P-256 key generation");
+        let key = ring::signature::EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng).expect("generated key parses");
+        let point = key.public_key().as_ref();
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let jwks = serde_json::json!({"keys": [{
+            "kty": "EC", "crv": "P-256", "use": "sig", "kid": "fuzz",
+            "x": b64.encode(&point[1..33]), "y": b64.encode(&point[33..65]),
+        }]});
+        crate::ca_service::jwt::KeySet::parse(&jwks.to_string()).expect("the fuzz key set parses")
+    })
+}
+
+/// A CRL file (`--crl`) or a PEM certificate file (`--ca-root`, the CA
+/// directory), as whoever can write them left them.
+///
+/// Holds: a CRL is loaded only if a trusted CA signed it (here a fresh CA
+/// nobody outside this process holds the key of, so none is), and the
+/// certificates of an accepted PEM file read back the same from the PEM
+/// this agent writes for them.
+pub fn crl_pem(data: &[u8]) {
+    use std::io::Write;
+    let path = std::env::temp_dir().join(format!("nodeward-fuzz-crl-pem-{}", std::process::id()));
+    let written = std::fs::File::create(&path).and_then(|mut f| f.write_all(data));
+    if written.is_err() {
+        return;
+    }
+    if let Ok(ders) = crate::identity::trust::read_crl_ders(&path) {
+        let loaded = crate::identity::trust::validate_crls(&ders, std::slice::from_ref(fuzz_issuer()));
+        assert!(loaded.is_err(), "a CRL nobody signed was loaded");
+    }
+    if let Ok(certs) = crate::identity::ca::read_certs(&path) {
+        let pem: String = certs
+            .iter()
+            .map(|c| crate::identity::ca::pem_text("CERTIFICATE", c.as_ref()))
+            .collect();
+        let again = std::fs::write(&path, pem).map(|()| crate::identity::ca::read_certs(&path));
+        match again {
+            Ok(Ok(again)) => assert_eq!(again, certs, "certificates do not read back from their own PEM"),
+            Ok(Err(e)) => panic!("certificates written as PEM no longer read: {e}"),
+            Err(_) => {}
+        }
+    }
+}
+
+/// A CA certificate made once per process.
+fn fuzz_issuer() -> &'static rustls::pki_types::CertificateDer<'static> {
+    static ISSUER: std::sync::OnceLock<rustls::pki_types::CertificateDer<'static>> = std::sync::OnceLock::new();
+    ISSUER.get_or_init(|| {
+        let key = rcgen::KeyPair::generate().expect("key generation");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, "fuzz CA");
+        params.self_signed(&key).expect("self-signed CA").der().clone()
+    })
+}
+
+/// The head of a request on the readiness, metrics or admin port (the
+/// first from anything that reaches the node's address).
+///
+/// Holds: an accepted request line's method and path are single words of
+/// that line, the path holds no query, and every query parameter read
+/// is a piece of the query with no separator in it.
+pub fn admin_request(data: &[u8]) {
+    let head = String::from_utf8_lossy(data);
+    let Some(req) = crate::admin::server::Request::parse(&head) else {
+        return;
+    };
+    let first = head.lines().next().expect("a parsed head has a line");
+    let words: Vec<&str> = first.split_whitespace().collect();
+    assert_eq!(words.first(), Some(&req.method), "method {:?} of {first:?}", req.method);
+    assert!(!req.path.contains('?'), "path {:?} holds a query", req.path);
+    let target = words.get(1).expect("a parsed line has a target");
+    assert!(target.starts_with(req.path), "path {:?} is not {target:?}'s", req.path);
+    if let Some(q) = req.query {
+        for name in q.split('&').filter_map(|kv| kv.split_once('=').map(|(k, _)| k)) {
+            let v = req.param(name).expect("a parameter in the query is found");
+            assert!(
+                q.contains(v) && !v.contains('&'),
+                "param {name:?} read as {v:?} from {q:?}"
+            );
+        }
+    }
+}

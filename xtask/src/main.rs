@@ -122,6 +122,18 @@ enum Cmd {
         /// Targets to run (default: all).
         targets: Vec<String>,
     },
+    /// The chaos soak: eight pods on two nodes under continuous mixed
+    /// traffic while agents are killed, pods come and go, policies flip,
+    /// an identity is revoked, the CA service restarts and a broken config
+    /// file appears; stops at the first broken invariant, with its seed.
+    Soak {
+        /// How long to inject faults.
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        /// Repeat a run: the seed it printed [default: the clock].
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// Run every check and test: fmt, clippy, every fuzz target briefly,
     /// unit and integration tests, then a subset of the integration tests
     /// on the oldest supported kernel in a VM.
@@ -195,6 +207,11 @@ fn main() -> Result<()> {
             require_root("buildah mounts the image's root filesystem")?;
             prereqs::ensure()?;
             image::image(dev, out).map(|_| ())
+        }
+        Cmd::Soak { minutes, seed } => {
+            require_root("the soak creates network namespaces and loads eBPF")?;
+            prereqs::ensure()?;
+            soak(minutes, seed)
         }
         Cmd::Fuzz { seconds, targets } => {
             prereqs::ensure_fuzz()?;
@@ -294,6 +311,18 @@ fn bench(quick: bool, rounds: usize, only: Option<&str>, agent_args: &[String]) 
     run(cmd.env("NODEWARD_BIN", bin))
 }
 
+/// The chaos soak on the debug build (the suite's build; the invariants,
+/// not speed, are what it checks).
+fn soak(minutes: f64, seed: Option<u64>) -> Result<()> {
+    let bin = build()?;
+    let mut cmd = testbed_bin("nodeward-soak", false);
+    cmd.arg("--").arg(format!("--minutes={minutes}"));
+    if let Some(seed) = seed {
+        cmd.arg(format!("--seed={seed}"));
+    }
+    run(cmd.env("NODEWARD_BIN", bin))
+}
+
 /// `cargo xtask load`: the agent in the foreground on this host. Ctrl-C
 /// reaches the agent too (same process group), which drains on SIGINT as
 /// on SIGTERM; xtask waits for it to finish rather than dying first.
@@ -339,6 +368,10 @@ fn ignore_interrupts() {
 /// How long `cargo xtask test` runs each fuzz target: long enough to pass
 /// the seeds' neighbourhoods, short enough for the suite's budget.
 const FUZZ_SECONDS_IN_TEST: u64 = 20;
+/// The suite's soak: three minutes, with a fixed seed (the same faults in
+/// the same order each run; `cargo xtask soak` draws a fresh one).
+const SOAK_MINUTES_IN_TEST: f64 = 3.0;
+const SOAK_SEED_IN_TEST: u64 = 20261207;
 /// The libFuzzer seed of those runs.
 const FUZZ_SEED_IN_TEST: u64 = 27_182;
 
@@ -368,6 +401,10 @@ fn test(extra: &[String]) -> Result<()> {
     if nix_is_root() && extra.is_empty() {
         println!("== benchmark harness smoke run (cargo xtask bench --quick)");
         bench(true, 1, None, &[])?;
+    }
+    if nix_is_root() && extra.is_empty() {
+        println!("== chaos soak, {SOAK_MINUTES_IN_TEST} min (cargo xtask soak --minutes {SOAK_MINUTES_IN_TEST})");
+        soak(SOAK_MINUTES_IN_TEST, Some(SOAK_SEED_IN_TEST))?;
     }
     let mut image_archive = None;
     if nix_is_root() {

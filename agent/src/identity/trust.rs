@@ -258,7 +258,7 @@ pub fn load_crl_file(path: &Path, issuers: &[CertificateDer<'static>]) -> Result
     validate_crls(&read_crl_ders(path)?, issuers)
 }
 
-fn validate_crls(ders: &[Vec<u8>], issuers: &[CertificateDer<'static>]) -> Result<Vec<LoadedCrl>, String> {
+pub(crate) fn validate_crls(ders: &[Vec<u8>], issuers: &[CertificateDer<'static>]) -> Result<Vec<LoadedCrl>, String> {
     let mut out = Vec::new();
     for der in ders {
         let (_, parsed) = x509_parser::revocation_list::CertificateRevocationList::from_der(der)
