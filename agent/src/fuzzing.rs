@@ -280,3 +280,93 @@ pub fn admin_request(data: &[u8]) {
         }
     }
 }
+
+/// A CA service's answer to `CreateCertificate`, as the gRPC body the
+/// agent's client reads (whoever answers on `--ca-address`).
+///
+/// Holds: an answer is used only if it certifies the key the agent sent
+/// for the identity it asked, under the agent's own roots: with roots
+/// whose key stays in this process, no answer passes, however it is
+/// built; and an answer that reads re-frames to itself.
+pub fn ca_response(data: &[u8]) {
+    use crate::identity::ca_proto::{IstioCertificateResponse, frame, unframe};
+    let Ok(resp) = unframe::<IstioCertificateResponse>(bytes::Bytes::copy_from_slice(data)) else {
+        return;
+    };
+    let again: IstioCertificateResponse = unframe(frame(&resp)).expect("a framed response reads back");
+    assert_eq!(again, resp, "the response does not round-trip");
+    let id = crate::identity::Identity::new("cluster.local", "ns", "sa");
+    let key = fuzz_workload_key();
+    let r =
+        crate::identity::ca_client::check_answer(std::slice::from_ref(fuzz_issuer()), "cluster.local", &id, key, &resp);
+    assert!(r.is_err(), "an answer nobody signed was accepted: {r:?}");
+}
+
+/// The public key of a workload key made once per process.
+fn fuzz_workload_key() -> &'static [u8] {
+    static KEY: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .expect("key generation")
+            .public_key_raw()
+            .to_vec()
+    })
+}
+
+/// The socket the CNI plugin target's configs name: one that does not
+/// exist, so no run ever dials a real socket on the host.
+const NO_AGENT: &str = "/nonexistent/nodeward-fuzz/cni.sock";
+
+/// The CNI plugin's environment and stdin, as the runtime (or anything
+/// that can run the binary) passes them: `NAME=value` lines, an empty
+/// line, then the network configuration.
+///
+/// Holds: with no agent answering, no ADD or CHECK succeeds (a pod never
+/// starts uncaptured, whatever the config and environment say), the exit
+/// status is 0 only for VERSION and DEL, and stdout is always one JSON
+/// object: the result, or the spec's error with its code.
+pub fn cni_plugin(data: &[u8]) {
+    let split = data.windows(2).position(|w| w == b"\n\n");
+    let (env_part, stdin) = match split {
+        Some(i) => (&data[..i], &data[i + 2..]),
+        None => (data, &[][..]),
+    };
+    let env: std::collections::HashMap<String, String> = String::from_utf8_lossy(env_part)
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect();
+    // A config the plugin decodes names its socket; any other JSON shape
+    // could too (serde reads a struct from an array), so only objects run,
+    // with the socket replaced.
+    let stdin = match serde_json::from_slice::<serde_json::Value>(stdin) {
+        Ok(serde_json::Value::Object(mut conf)) => {
+            conf.insert("agentSocket".into(), NO_AGENT.into());
+            serde_json::to_vec(&conf).expect("a JSON object serialises")
+        }
+        Ok(_) => return,
+        Err(_) => stdin.to_vec(),
+    };
+    let out = crate::cni::plugin::run(|k| env.get(k).cloned(), &stdin[..]);
+    let command = env.get("CNI_COMMAND").map(String::as_str).unwrap_or("");
+    if out.status == 0 {
+        assert!(
+            matches!(command, "VERSION" | "DEL"),
+            "{command} succeeded with no agent: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let printed: Result<serde_json::Value, _> = serde_json::from_slice(&out.stdout);
+    match printed {
+        Ok(serde_json::Value::Object(o)) => {
+            if out.status != 0 {
+                assert!(
+                    o.get("code").is_some_and(|c| c.is_u64()),
+                    "an error without a code: {o:?}"
+                );
+            }
+        }
+        // DEL prints nothing.
+        _ if out.stdout.is_empty() && out.status == 0 => {}
+        other => panic!("stdout is not one JSON object: {other:?} ({:?})", out.stdout),
+    }
+}

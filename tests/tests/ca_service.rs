@@ -222,7 +222,9 @@ fn the_ca_service_refuses_another_nodes_pods_and_bad_tokens() {
 fn with_the_ca_service_down_tunnels_keep_working_a_new_pod_is_refused_and_renewal_resumes() {
     let _g = shared();
     let test = "with_the_ca_service_down_tunnels_keep_working_a_new_pod_is_refused_and_renewal_resumes";
-    let Some((mut t, mut ca)) = cluster(test, &["--cert-lifetime", "20s"]) else {
+    // A new pod's connections wait for its certificate up to the connect
+    // timeout, then are refused: short here, so the refusal comes soon.
+    let Some((mut t, mut ca)) = cluster(test, &["--cert-lifetime", "20s", "--connect-timeout", "2s"]) else {
         return;
     };
     wait_issued(&t, 0, &id("a"), WAIT);
@@ -285,6 +287,50 @@ fn with_the_ca_service_down_tunnels_keep_working_a_new_pod_is_refused_and_renewa
         std::thread::sleep(Duration::from_millis(100));
     }
     round_trip(&e.netns, a.v4(8081), b"now\n").expect("e reaches a once it has an identity");
+}
+
+#[test]
+fn a_new_pods_first_connections_wait_for_its_first_certificate_instead_of_being_refused() {
+    let _g = shared();
+    let test = "a_new_pods_first_connections_wait_for_its_first_certificate_instead_of_being_refused";
+    let Some((mut t, mut ca)) = cluster(test, &[]) else {
+        return;
+    };
+    wait_issued(&t, 0, &id("a"), WAIT);
+    let a = t.pod("a").clone();
+    let _sa = serve(&a.netns, a.v4(8081), info_echo);
+    // The CA service is down when the pod arrives: it is captured at once,
+    // with no certificate yet.
+    ca.kill();
+    let e = t.add_pod(1, PodSpec::new("e", "mesh"));
+    let _se = serve(&e.netns, e.v4(8082), info_echo);
+    t.write_config();
+    t.agent(1)
+        .wait_log(WAIT, |l| l["message"] == "pod captured" && l["pod"] == "mesh/e")
+        .unwrap_or_else(|| panic!("e not captured:\n{}", t.agent(1).dump()));
+    assert_eq!(
+        count_issued(&t, 1, &id("e")),
+        0,
+        "e has a certificate with the CA service down"
+    );
+    // Its first connections, out and in, are made now, and the service
+    // comes back while they wait.
+    let to_e = e.v4(8082);
+    let (en, av) = (e.netns.clone(), a.v4(8081));
+    let outbound = std::thread::spawn(move || round_trip(&en, av, b"out\n").map(|_| ()));
+    let an = a.netns.clone();
+    let inbound = std::thread::spawn(move || round_trip(&an, to_e, b"in\n").map(|_| ()));
+    std::thread::sleep(Duration::from_millis(500));
+    ca.start(&t);
+    let outbound = outbound.join().unwrap();
+    let inbound = inbound.join().unwrap();
+    assert!(
+        outbound.is_ok() && inbound.is_ok(),
+        "e's first connections were not carried once its certificate came: out {outbound:?}, in {inbound:?}\n{}\n{}",
+        t.agent(0).dump(),
+        t.agent(1).dump()
+    );
+    assert_eq!(count_issued(&t, 1, &id("e")), 1);
 }
 
 /// Runs `nodeward` with `args`; (success, stdout, stderr).

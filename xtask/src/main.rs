@@ -367,7 +367,7 @@ fn ignore_interrupts() {
 
 /// How long `cargo xtask test` runs each fuzz target: long enough to pass
 /// the seeds' neighbourhoods, short enough for the suite's budget.
-const FUZZ_SECONDS_IN_TEST: u64 = 20;
+const FUZZ_SECONDS_IN_TEST: u64 = 15;
 /// The suite's soak: three minutes, with a fixed seed (the same faults in
 /// the same order each run; `cargo xtask soak` draws a fresh one).
 const SOAK_MINUTES_IN_TEST: f64 = 3.0;
@@ -376,18 +376,23 @@ const SOAK_SEED_IN_TEST: u64 = 20261207;
 const FUZZ_SEED_IN_TEST: u64 = 27_182;
 
 fn test(extra: &[String]) -> Result<()> {
-    println!("== cargo fmt --check");
+    // Each stage says when it starts, so the suite's time can be read
+    // stage by stage from the log.
+    let began = std::time::Instant::now();
+    let at = || format!("[{:>4} s]", began.elapsed().as_secs());
+    println!("{} == cargo fmt --check", at());
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
-    println!("== cargo clippy");
+    println!("{} == cargo clippy", at());
     run(cargo().args(["clippy", "--locked", "--all-targets", "--", "-D", "warnings"]))?;
-    println!("== build");
+    println!("{} == build", at());
     let bin = build()?;
     if !nix_is_root() {
         println!("note: not root — integration tests that need network namespaces and eBPF will be skipped");
     }
     if extra.is_empty() {
         println!(
-            "== every fuzz target for {FUZZ_SECONDS_IN_TEST} s (cargo xtask fuzz --seconds {FUZZ_SECONDS_IN_TEST})"
+            "{} == every fuzz target for {FUZZ_SECONDS_IN_TEST} s (cargo xtask fuzz --seconds {FUZZ_SECONDS_IN_TEST})",
+            at()
         );
         prereqs::ensure_fuzz()?;
         // A fixed seed: the suite's verdict must not depend on a dice roll
@@ -399,21 +404,24 @@ fn test(extra: &[String]) -> Result<()> {
         }
     }
     if nix_is_root() && extra.is_empty() {
-        println!("== benchmark harness smoke run (cargo xtask bench --quick)");
+        println!("{} == benchmark harness smoke run (cargo xtask bench --quick)", at());
         bench(true, 1, None, &[])?;
     }
     if nix_is_root() && extra.is_empty() {
-        println!("== chaos soak, {SOAK_MINUTES_IN_TEST} min (cargo xtask soak --minutes {SOAK_MINUTES_IN_TEST})");
+        println!(
+            "{} == chaos soak, {SOAK_MINUTES_IN_TEST} min (cargo xtask soak --minutes {SOAK_MINUTES_IN_TEST})",
+            at()
+        );
         soak(SOAK_MINUTES_IN_TEST, Some(SOAK_SEED_IN_TEST))?;
     }
     let mut image_archive = None;
     if nix_is_root() {
         // The image test runs the agent from this image (named to it, so
         // it builds nothing itself while the tests run).
-        println!("== the agent image, debug profile (cargo xtask image --dev)");
+        println!("{} == the agent image, debug profile (cargo xtask image --dev)", at());
         image_archive = Some(image::image(true, None)?);
     }
-    println!("== cargo test");
+    println!("{} == cargo test", at());
     let mut cmd = cargo();
     if let Some(archive) = &image_archive {
         cmd.env("NODEWARD_IMAGE", archive);
@@ -424,7 +432,10 @@ fn test(extra: &[String]) -> Result<()> {
         .env("RUST_TEST_THREADS", "2");
     let (mut passed, mut failed) = run_tests(&mut cmd)?;
     if nix_is_root() && extra.is_empty() {
-        println!("== the oldest supported kernel, in a VM (cargo xtask vm-test --kernel 6.1 for all tests)");
+        println!(
+            "{} == the oldest supported kernel, in a VM (cargo xtask vm-test --kernel 6.1 for all tests)",
+            at()
+        );
         let (p, f) = vm::run_plan(&vm::Plan {
             kernels: vec![vm::OLDEST],
             tests: Vec::new(),
@@ -436,6 +447,7 @@ fn test(extra: &[String]) -> Result<()> {
         failed += f;
         // One total for the whole run, host and VM, as its last line.
         println!("tests: {passed} passed, {failed} failed");
+        println!("{} == done", at());
     }
     Ok(())
 }

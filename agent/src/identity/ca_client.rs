@@ -293,48 +293,75 @@ impl CaClient {
         self.accept(id, key, resp)
     }
 
-    /// Checks an answer: PEM certificates, a leaf for our key and `id`
-    /// that verifies against our roots; keeps the intermediates.
+    /// Checks an answer ([`check_answer`]) and keeps its intermediates.
     fn accept(&self, id: &Identity, key: KeyPair, resp: IstioCertificateResponse) -> Result<IssuedCert, IssueError> {
-        use rustls::pki_types::pem::PemObject;
-        let bad = |m: String| IssueError::BadResponse(m);
-        let mut certs: Vec<CertificateDer<'static>> = Vec::new();
-        for pem in &resp.cert_chain {
-            for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-                certs.push(c.map_err(|e| bad(format!("certificate chain: {e:?}")))?);
-            }
-        }
-        // Leaf and intermediates; the roots are ours, never the answer's.
-        certs.retain(|c| !self.roots.contains(c));
-        let leaf = certs.first().ok_or_else(|| bad("empty certificate chain".into()))?;
-        let (_, parsed) = X509Certificate::from_der(leaf.as_ref()).map_err(|e| bad(e.to_string()))?;
-        if *parsed.tbs_certificate.subject_pki.subject_public_key.data != *key.public_key_raw() {
-            return Err(bad("the leaf does not certify the key we sent".into()));
-        }
-        let mut trust = super::trust::TrustSnapshot::new(&self.config.trust_domain, self.roots.clone(), &[]);
-        trust.unknown_status = super::trust::UnknownStatus::Accept;
-        let got = super::verify::verify_peer(
-            &certs,
-            &trust,
-            super::verify::Role::Client,
-            rustls::pki_types::UnixTime::now(),
-            &super::tls::provider(),
-        )
-        .map_err(|e| bad(e.to_string()))?;
-        if &got != id {
-            return Err(bad(format!("certificate is for {got}, not {id}")));
-        }
-        let not_after =
-            SystemTime::UNIX_EPOCH + Duration::from_secs(parsed.validity().not_after.timestamp().max(0) as u64);
-        let serial = parsed.raw_serial().to_vec();
-        *self.chain.lock().unwrap_or_else(|e| e.into_inner()) = certs[1..].to_vec();
+        let answer = check_answer(&self.roots, &self.config.trust_domain, id, key.public_key_raw(), &resp)?;
+        *self.chain.lock().unwrap_or_else(|e| e.into_inner()) = answer.chain[1..].to_vec();
         Ok(IssuedCert {
-            chain: certs,
+            chain: answer.chain,
             key: PrivatePkcs8KeyDer::from(key.serialize_der()),
-            not_after,
-            serial,
+            not_after: answer.not_after,
+            serial: answer.serial,
         })
     }
+}
+
+/// A CA service's answer that passed [`check_answer`].
+#[derive(Debug)]
+pub(crate) struct CheckedAnswer {
+    /// Leaf first, then intermediates (never a root).
+    pub(crate) chain: Vec<CertificateDer<'static>>,
+    /// The leaf's expiry.
+    pub(crate) not_after: SystemTime,
+    /// The leaf's serial.
+    pub(crate) serial: Vec<u8>,
+}
+
+/// What an answer must be before it is used, decided without I/O: PEM
+/// certificates, a leaf for `public_key` (the key whose CSR was sent) and
+/// `id` that verifies against `roots` (ours, never the answer's).
+pub(crate) fn check_answer(
+    roots: &[CertificateDer<'static>],
+    trust_domain: &str,
+    id: &Identity,
+    public_key: &[u8],
+    resp: &IstioCertificateResponse,
+) -> Result<CheckedAnswer, IssueError> {
+    use rustls::pki_types::pem::PemObject;
+    let bad = |m: String| IssueError::BadResponse(m);
+    let mut certs: Vec<CertificateDer<'static>> = Vec::new();
+    for pem in &resp.cert_chain {
+        for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            certs.push(c.map_err(|e| bad(format!("certificate chain: {e:?}")))?);
+        }
+    }
+    // Leaf and intermediates; the roots are ours, never the answer's.
+    certs.retain(|c| !roots.contains(c));
+    let leaf = certs.first().ok_or_else(|| bad("empty certificate chain".into()))?;
+    let (_, parsed) = X509Certificate::from_der(leaf.as_ref()).map_err(|e| bad(e.to_string()))?;
+    if *parsed.tbs_certificate.subject_pki.subject_public_key.data != *public_key {
+        return Err(bad("the leaf does not certify the key we sent".into()));
+    }
+    let mut trust = super::trust::TrustSnapshot::new(trust_domain, roots.to_vec(), &[]);
+    trust.unknown_status = super::trust::UnknownStatus::Accept;
+    let got = super::verify::verify_peer(
+        &certs,
+        &trust,
+        super::verify::Role::Client,
+        rustls::pki_types::UnixTime::now(),
+        &super::tls::provider(),
+    )
+    .map_err(|e| bad(e.to_string()))?;
+    if &got != id {
+        return Err(bad(format!("certificate is for {got}, not {id}")));
+    }
+    let not_after = SystemTime::UNIX_EPOCH + Duration::from_secs(parsed.validity().not_after.timestamp().max(0) as u64);
+    let serial = parsed.raw_serial().to_vec();
+    Ok(CheckedAnswer {
+        chain: certs,
+        not_after,
+        serial,
+    })
 }
 
 fn grpc_error(headers: &http::HeaderMap) -> Option<IssueError> {

@@ -114,6 +114,8 @@ pub struct CertManager {
     requests: Mutex<BTreeMap<&'static str, u64>>,
     failures_total: AtomicU64,
     wake: tokio::sync::Notify,
+    /// Told whenever a certificate is stored, for [`CertManager::wait_for`].
+    issued: tokio::sync::Notify,
     /// Where signings are counted, once the agent wires its metrics in.
     metrics: std::sync::OnceLock<Arc<crate::metrics::Metrics>>,
 }
@@ -195,6 +197,7 @@ impl CertManager {
             requests: Mutex::new(BTreeMap::new()),
             failures_total: AtomicU64::new(0),
             wake: tokio::sync::Notify::new(),
+            issued: tokio::sync::Notify::new(),
             metrics: std::sync::OnceLock::new(),
         })
     }
@@ -257,6 +260,7 @@ impl CertManager {
         h.key = Some(key);
         h.info = Some(info);
         held.insert(id.clone(), h);
+        self.issued.notify_waiters();
         Ok(())
     }
 
@@ -282,6 +286,26 @@ impl CertManager {
             .unwrap_or_else(|e| e.into_inner())
             .get(id)
             .and_then(|h| h.key.clone())
+    }
+
+    /// Waits until `id` has a certificate, or `deadline`; whether it has.
+    /// A pod is captured as soon as it is found, and a CA service signs
+    /// its first certificate a moment later (or, while the service is
+    /// down, once it is back): the pod's first connections wait for it
+    /// within their own deadline rather than being refused at once.
+    pub(crate) async fn wait_for(&self, id: &Identity, deadline: tokio::time::Instant) -> bool {
+        loop {
+            let issued = self.issued.notified();
+            tokio::pin!(issued);
+            // Registered before the check, so a signing in between is seen.
+            issued.as_mut().enable();
+            if self.current(id).is_some() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, issued).await.is_err() {
+                return self.current(id).is_some();
+            }
+        }
     }
 
     /// What is held, for status output.
@@ -482,6 +506,7 @@ impl CertManager {
                     h.failures = 0;
                     h.retry_at = None;
                     h.last_error = None;
+                    self.issued.notify_waiters();
                 }
                 Err(e) => {
                     h.failures = h.failures.saturating_add(1);

@@ -172,6 +172,12 @@ pub(crate) async fn serve(ctx: Arc<PodContext>, tcp: TcpStream, peer: SocketAddr
         socket::reset(&tcp);
         return refused(CloseReason::NoIdentity, None);
     };
+    // A new pod's first tunnels can come while its first certificate is
+    // being signed: they wait for it within the handshake deadline (and
+    // fail the handshake as before if it does not come).
+    if let (Some(certs), Some(id)) = (&ctx.mesh.certs, &ctx.identity) {
+        certs.wait_for(id, deadline).await;
+    }
     let tls = match tokio::time::timeout_at(deadline, TlsAcceptor::from(tls_config).accept(tcp)).await {
         Err(_) => return refused(CloseReason::HandshakeTimeout, None),
         Ok(Err(e)) => {

@@ -45,8 +45,11 @@ pub(crate) async fn handle(
     let (Some(src_id), Some(certs)) = (ctx.identity.clone(), ctx.mesh.certs.clone()) else {
         return refused(&down, CloseReason::NoIdentity, None);
     };
-    // Its certificate not obtained yet (a CA service down or refusing).
-    if certs.current(&src_id).is_none() {
+    // Its certificate not obtained yet: a new pod's first connections wait
+    // for it, up to the connect timeout; with a CA service down or
+    // refusing past that, they are refused.
+    let by = tokio::time::Instant::now() + ctx.config.connect_timeout;
+    if !certs.wait_for(&src_id, by).await {
         return refused(&down, CloseReason::NoIdentity, None);
     }
     let Some(client_ip) = pod_ip_for(ctx, dst.ip()) else {
