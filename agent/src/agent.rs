@@ -321,8 +321,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             }));
         }
         Err(e) => tracing::warn!(
-            "cannot listen for a successor on @{}: {e}; an upgrade of this agent restarts it instead of taking over",
-            crate::takeover::control_name(&config.node_name)
+            "cannot listen for a successor on {}: {e}; an upgrade of this agent restarts it instead of taking over",
+            crate::takeover::control_path(&config.node_name).display()
         ),
     }
     match &config.source {
@@ -373,18 +373,20 @@ async fn hand_over_on_request(h: HandOverTo) {
         return;
     };
     tracing::debug!(socket = h.control.name(), "listening for a successor");
-    let successor = tokio::select! {
-        s = h.control.next_successor(ours) => s,
-        // Draining: no pod manager is left to hand anything over.
-        _ = h.lifecycle.stop_accepting.cancelled() => return,
-    };
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let asked = h.manager.send(tx).await.is_ok();
-    let cni = match tokio::time::timeout(crate::takeover::EXCHANGE_TIMEOUT / 2, rx).await {
-        Ok(Ok(state)) if asked => state,
-        _ => {
-            successor.refuse("this agent's pod manager has stopped (it is draining) or did not answer".into());
-            return;
+    let (successor, cni) = loop {
+        let successor = tokio::select! {
+            s = h.control.next_successor(ours) => s,
+            // Draining: no pod manager is left to hand anything over.
+            _ = h.lifecycle.stop_accepting.cancelled() => return,
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let asked = h.manager.send(tx).await.is_ok();
+        match tokio::time::timeout(crate::takeover::EXCHANGE_TIMEOUT / 2, rx).await {
+            Ok(Ok(state)) if asked => break (successor, state),
+            // Refused, and this agent goes on as before (the manager
+            // answers a request given up on by staying active): the next
+            // successor may ask again.
+            _ => successor.refuse("this agent's pod manager has stopped (it is draining) or did not answer".into()),
         }
     };
     h.lifecycle.handed_over.cancel();

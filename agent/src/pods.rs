@@ -218,9 +218,14 @@ impl PodManager {
                     None => cni_rx = None,
                 },
                 req = next_of(&mut handover_rx) => match req {
+                    // Passive only if the hand-over still waits for this
+                    // answer: one given up on (it timed out) leaves this
+                    // agent managing the node.
                     Some(reply) => {
-                        let _ = reply.send(self.cni_state());
-                        return self.passive(rx, cni_rx).await;
+                        if reply.send(self.cni_state()).is_ok() {
+                            return self.passive(rx, cni_rx).await;
+                        }
+                        tracing::warn!("a hand-over was given up before the pod manager answered; still managing the node");
                     }
                     None => handover_rx = None,
                 },

@@ -1,10 +1,13 @@
 //! A rolling upgrade: a new agent on the node takes it over from the one
 //! running, with no moment in which a pod's connection meets no listener.
 //!
-//! The running agent listens on an abstract Unix socket named after the
-//! node and the pin layout (`@nodeward/<node>/v1/control`). Abstract names
-//! belong to the network namespace, which both agents share (the
-//! DaemonSet's pods are `hostNetwork`), so no file needs to be shared.
+//! The running agent listens on a Unix socket named after the node and
+//! the pin layout, `/var/run/nodeward/takeover/<node>.v1.sock`: a
+//! directory of the host that only root may enter (0700), which the
+//! DaemonSet mounts (as it does for the CNI socket) and no pod can reach
+//! without a `hostPath` of its own. Not an abstract name: those belong to
+//! the network namespace, which every `hostNetwork` pod shares, and any of
+//! them could bind the name first and be talked to as the node's agent.
 //!
 //! The exchange is one message each way, a JSON line with descriptors
 //! (`SCM_RIGHTS`):
@@ -32,9 +35,9 @@
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
@@ -54,9 +57,34 @@ pub(crate) const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
 /// This build's version, exchanged for the logs.
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// The abstract socket name of a node's running agent.
-pub(crate) fn control_name(node: &str) -> String {
-    format!("nodeward/{node}/v{LAYOUT}/control")
+/// Where the node's running agent listens for a successor: root's only.
+pub(crate) const CONTROL_DIR: &str = "/var/run/nodeward/takeover";
+
+/// The control socket of a node's running agent.
+pub(crate) fn control_path(node: &str) -> PathBuf {
+    // A node name is a DNS subdomain; nothing in it may leave the directory.
+    let safe: String = node.chars().map(|c| if c == '/' { '_' } else { c }).collect();
+    Path::new(CONTROL_DIR).join(format!("{safe}.v{LAYOUT}.sock"))
+}
+
+/// The control directory, made if missing, and checked: a directory owned
+/// by root that no one else may write or enter (a socket in one anyone
+/// could write could be replaced by anyone's).
+fn control_dir(path: &Path) -> io::Result<&Path> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| io::Error::other("the control socket has no directory"))?;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    let m = std::fs::symlink_metadata(dir)?;
+    if !m.is_dir() || m.uid() != 0 || m.mode() & 0o077 != 0 {
+        return Err(io::Error::other(format!(
+            "{} is not a directory that only root may enter (owner {}, mode {:o}): refusing to use it",
+            dir.display(),
+            m.uid(),
+            m.mode() & 0o7777
+        )));
+    }
+    Ok(dir)
 }
 
 /// What a new agent sends.
@@ -153,7 +181,7 @@ pub enum TakeoverError {
     #[error("the agent running on this node refused to hand it over: {0}")]
     Refused(String),
     /// The exchange failed.
-    #[error("taking over through @{name}: {source}")]
+    #[error("taking over through {name}: {source}")]
     Io {
         /// The control socket's name.
         name: String,
@@ -161,7 +189,7 @@ pub enum TakeoverError {
         source: io::Error,
     },
     /// The other side sent something that is not the protocol.
-    #[error("taking over through @{name}: {message}")]
+    #[error("taking over through {name}: {message}")]
     Protocol {
         /// The control socket's name.
         name: String,
@@ -170,7 +198,7 @@ pub enum TakeoverError {
     },
     /// The process on the socket does not hold the node's maps.
     #[error(
-        "the process listening on @{name} does not hold this node's pinned maps, so it is no Nodeward agent of this node; nothing is taken from it"
+        "the process listening on {name} does not hold this node's pinned maps, so it is no Nodeward agent of this node; nothing is taken from it"
     )]
     NotAnAgent {
         /// The control socket's name.
@@ -250,10 +278,6 @@ pub(crate) fn map_id(fd: BorrowedFd<'_>) -> Option<u32> {
     info.lines()
         .find_map(|l| l.strip_prefix("map_id:"))
         .and_then(|v| v.trim().parse().ok())
-}
-
-fn abstract_addr(name: &str) -> io::Result<UnixAddr> {
-    UnixAddr::from_abstract_name(name.as_bytes())
 }
 
 /// Sends one JSON line with descriptors.
@@ -349,14 +373,19 @@ impl Inherited {
 /// `pods_map` (this agent's `PODS` map) that this agent holds its pins.
 /// `None`: no agent is listening (none runs, or it died): a plain start.
 pub(crate) fn request(node: &str, pods_map: BorrowedFd<'_>) -> Result<Option<Inherited>, TakeoverError> {
-    let name = control_name(node);
+    let path = control_path(node);
+    let name = path.display().to_string();
     let io_err = |source| TakeoverError::Io {
         name: name.clone(),
         source,
     };
-    let stream = match abstract_addr(&name).and_then(|a| UnixStream::connect_addr(&a)) {
+    control_dir(&path).map_err(io_err)?;
+    let stream = match UnixStream::connect(&path) {
         Ok(s) => s,
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Ok(None),
+        // None runs, or the last one is gone (its socket file stays).
+        Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound) => {
+            return Ok(None);
+        }
         Err(e) => return Err(io_err(e)),
     };
     stream.set_read_timeout(Some(EXCHANGE_TIMEOUT)).map_err(io_err)?;
@@ -405,11 +434,26 @@ impl ControlServer {
     /// Listens as `node`'s running agent. A previous agent still listening
     /// (it answers a takeover, then lets go) is waited for, briefly.
     pub(crate) async fn bind(node: &str) -> io::Result<Self> {
-        let name = control_name(node);
-        let addr = abstract_addr(&name)?;
+        let path = control_path(node);
+        let name = path.display().to_string();
+        control_dir(&path)?;
         let mut tries = 0;
         let listener = loop {
-            match UnixListener::bind_addr(&addr) {
+            // A socket file no one listens on is a previous agent's.
+            match UnixStream::connect(&path) {
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(&path)?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+                // A previous agent still listening answers a takeover, then
+                // lets go: wait for it, briefly.
+                Ok(_) if tries < 50 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                Ok(_) => return Err(io::Error::new(io::ErrorKind::AddrInUse, "another agent listens there")),
+            }
+            match UnixListener::bind(&path) {
                 Ok(l) => break l,
                 Err(e) if e.kind() == io::ErrorKind::AddrInUse && tries < 50 => {
                     tries += 1;
@@ -418,6 +462,7 @@ impl ControlServer {
                 Err(e) => return Err(e),
             }
         };
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         listener.set_nonblocking(true)?;
         Ok(ControlServer {
             listener: tokio::net::UnixListener::from_std(listener)?,

@@ -406,9 +406,8 @@ fn a_pod_the_runtime_handed_over_stays_captured_through_a_takeover_and_its_del_r
         .unwrap_or_else(|| panic!("the new agent did not get the DEL:\n{}", t.agent(0).dump()));
 }
 
-/// One takeover request to the control socket `name`, from the calling
-/// thread's network namespace, with `fd` as the map it offers: the answer
-/// line and how many descriptors came with it.
+/// One takeover request to the control socket at `name`, with `fd` as the
+/// map it offers: the answer line and how many descriptors came with it.
 fn ask_to_take_over(
     name: &str,
     fd: Option<std::os::fd::BorrowedFd<'_>>,
@@ -416,9 +415,8 @@ fn ask_to_take_over(
     use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
     use std::io::{IoSlice, IoSliceMut};
     use std::os::fd::AsRawFd;
-    use std::os::linux::net::SocketAddrExt;
-    use std::os::unix::net::{SocketAddr as UnixAddr, UnixStream};
-    let stream = UnixStream::connect_addr(&UnixAddr::from_abstract_name(name.as_bytes())?)?;
+    use std::os::unix::net::UnixStream;
+    let stream = UnixStream::connect(name)?;
     stream.set_read_timeout(Some(WAIT))?;
     let hello = b"{\"layout\":1,\"version\":\"0.0.0-impostor\"}\n";
     let raw: Vec<i32> = fd.iter().map(|f| f.as_raw_fd()).collect();
@@ -455,39 +453,84 @@ fn ask_to_take_over(
     Ok((serde_json::from_slice(&line).map_err(std::io::Error::other)?, fds))
 }
 
+/// Connects to the Unix socket at `path` from a child process running as
+/// `nobody` (65534): `Ok` if it connected, the errno otherwise. The child
+/// makes only raw system calls between `fork` and `_exit` (the test
+/// process has other threads).
+fn connect_as_nobody(path: &str) -> Result<(), nix::errno::Errno> {
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(path.as_bytes()) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: the child calls only async-signal-safe functions, then exits.
+    match unsafe { nix::unistd::fork() }.expect("fork") {
+        nix::unistd::ForkResult::Child => unsafe {
+            let code = if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setresgid(65534, 65534, 65534) != 0
+                || libc::setresuid(65534, 65534, 65534) != 0
+            {
+                255
+            } else {
+                let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+                if libc::connect(fd, &addr as *const _ as *const libc::sockaddr, len) == 0 {
+                    0
+                } else {
+                    *libc::__errno_location()
+                }
+            };
+            libc::_exit(code)
+        },
+        nix::unistd::ForkResult::Parent { child } => match nix::sys::wait::waitpid(child, None).expect("waitpid") {
+            nix::sys::wait::WaitStatus::Exited(_, 0) => Ok(()),
+            nix::sys::wait::WaitStatus::Exited(_, 255) => panic!("the child could not become nobody"),
+            nix::sys::wait::WaitStatus::Exited(_, e) => Err(nix::errno::Errno::from_raw(e)),
+            other => panic!("child: {other:?}"),
+        },
+    }
+}
+
 #[test]
-fn the_control_socket_hands_nothing_to_a_pod_or_to_a_node_process_without_the_pins() {
-    use nodeward_testbed::netns::run_in;
+fn the_control_socket_is_roots_alone_and_hands_nothing_to_a_process_without_the_pins() {
     use std::os::fd::AsFd;
     let _g = shared();
-    if !privileged_or_skip("the_control_socket_hands_nothing_to_a_pod_or_to_a_node_process_without_the_pins") {
+    if !privileged_or_skip("the_control_socket_is_roots_alone_and_hands_nothing_to_a_process_without_the_pins") {
         return;
     }
     let mut t = Topology::build(TopologySpec::two_nodes());
     t.start_agents_with(&["--drain-timeout", DRAIN]);
     let (a, c) = (t.pod("a").clone(), t.pod("c").clone());
     let _sa = serve(&a.netns, a.v4(7000), info_echo);
-    let name = format!("nodeward/{}/v1/control", t.nodes[0].name);
-    // A pod, in its own network namespace, cannot even name the socket.
-    let n = name.clone();
-    let from_pod = run_in(&a.netns, move || ask_to_take_over(&n, None).map(|_| ()));
+    let name = format!("/var/run/nodeward/takeover/{}.v1.sock", t.nodes[0].name);
+    // Only root may enter its directory or open it: a pod reaches it only
+    // with a hostPath of the host's /var/run/nodeward, which is root's.
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = std::fs::metadata("/var/run/nodeward/takeover").unwrap();
     assert_eq!(
-        from_pod.as_ref().map_err(|e| e.kind()),
-        Err(std::io::ErrorKind::ConnectionRefused),
-        "a pod reached the control socket: {from_pod:?}"
+        (dir.uid(), dir.permissions().mode() & 0o777),
+        (0, 0o700),
+        "the control directory"
     );
-    // A process on the node's network (a hostNetwork pod) reaches it, but
-    // without the node's pins it has no map to prove itself with: with
-    // none, and with a descriptor that is no map, it gets a refusal and
-    // no descriptor.
+    let sock = std::fs::metadata(&name).unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(
+        (sock.uid(), sock.permissions().mode() & 0o777),
+        (0, 0o600),
+        "the control socket"
+    );
+    assert_eq!(
+        connect_as_nobody(&name),
+        Err(nix::errno::Errno::EACCES),
+        "a process that is not root connected to the control socket"
+    );
+    // Root on the node without the node's pins has no map to prove itself
+    // with: with none, and with a descriptor that is no map, it gets a
+    // refusal and no descriptor.
     for offer in ["none", "/dev/null"] {
-        let n = name.clone();
-        let (answer, fds) = run_in(&t.nodes[0].netns, move || {
-            let file = std::fs::File::open("/dev/null").unwrap();
-            let fd = (offer != "none").then(|| file.as_fd());
-            ask_to_take_over(&n, fd)
-        })
-        .unwrap_or_else(|e| panic!("no answer with {offer}: {e}\n{}", t.agent(0).dump()));
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let fd = (offer != "none").then(|| file.as_fd());
+        let (answer, fds) = ask_to_take_over(&name, fd)
+            .unwrap_or_else(|e| panic!("no answer with {offer}: {e}\n{}", t.agent(0).dump()));
         assert_eq!(answer["answer"], "refused", "offering {offer}: {answer}");
         assert!(
             answer["reason"]

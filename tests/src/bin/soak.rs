@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -108,7 +108,7 @@ struct Shared {
     b: String,
     shop: Vec<String>,
     outcomes: Mutex<BTreeMap<String, u64>>,
-    checks: AtomicU64,
+    checks: Mutex<BTreeMap<&'static str, u64>>,
     violation: Mutex<Option<String>>,
 }
 
@@ -124,8 +124,9 @@ impl Shared {
         }
         self.stop.store(true, Ordering::SeqCst);
     }
-    fn check(&self) {
-        self.checks.fetch_add(1, Ordering::Relaxed);
+    /// One check of the invariant `what` made.
+    fn check(&self, what: &'static str) {
+        *self.checks.lock().unwrap().entry(what).or_default() += 1;
     }
 }
 
@@ -182,7 +183,7 @@ fn mesh_traffic(s: Arc<Shared>, seed: u64) {
         if from.key() == s.b && to_shop {
             let denied = Timeline::settled(&s.timeline.lock().unwrap().deny_b, start, end);
             if denied == Some(true) {
-                s.check();
+                s.check("policy: no denied connection completes");
                 if r.is_ok() {
                     s.violate(format!(
                         "{} reached {to} ({dst}) while AuthorizationPolicy shop/deny-b denied it",
@@ -216,7 +217,7 @@ fn plaintext_traffic(s: Arc<Shared>, seed: u64) {
             Timeline::settled(&s.timeline.lock().unwrap().strict_mesh, start, end)
         };
         if strict == Some(true) {
-            s.check();
+            s.check("STRICT: no plaintext answered");
             if r.is_ok() {
                 s.violate(format!(
                     "plaintext from {} reached STRICT pod {} ({})",
@@ -355,13 +356,19 @@ struct Maxima {
     fds: usize,
 }
 
-fn check_resources(t: &Topology, s: &Shared, max: &mut Maxima) {
+fn check_resources(t: &mut Topology, s: &Shared, max: &mut Maxima) {
     for k in 0..t.nodes.len() {
+        // A dead agent reads as no memory and no descriptors: say so.
+        s.check("agents stay up");
+        if t.agent_mut(k).wait_exit(Duration::ZERO).is_some() {
+            s.violate(format!("node {k}'s agent exited:\n{}", t.agent(k).dump()));
+            return;
+        }
         let a = t.agent(k);
         let (rss, n) = (a.rss_kib(), fds(a.pid()));
         max.rss_kib = max.rss_kib.max(rss);
         max.fds = max.fds.max(n);
-        s.check();
+        s.check("bounded RSS and fds");
         if rss > RSS_BOUND_KIB || n > FD_BOUND {
             s.violate(format!(
                 "node {k}'s agent holds {rss} KiB RSS and {n} fds (bounds {RSS_BOUND_KIB} KiB, {FD_BOUND})"
@@ -474,14 +481,14 @@ fn main() -> Result<()> {
         b: "mesh/b".into(),
         shop: vec!["shop/w1".into(), "shop/w2".into()],
         outcomes: Mutex::new(BTreeMap::new()),
-        checks: AtomicU64::new(0),
+        checks: Mutex::new(BTreeMap::new()),
         violation: Mutex::new(None),
     });
     // Wait for the policies and the Service to be read.
     std::thread::sleep(SETTLE);
-    // Each agent's descriptors when it (re)started, and the node's
-    // enrolled pods then.
-    let mut baseline: Vec<(usize, usize)> = (0..2)
+    // Each node's agent's descriptors at the start, idle, and the node's
+    // enrolled pods then: a restarted agent is held to the same.
+    let baseline: Vec<(usize, usize)> = (0..2)
         .map(|k| (fds(t.agent(k).pid()), t.enrolled_on(k).len()))
         .collect();
     let mut threads = Vec::new();
@@ -511,10 +518,18 @@ fn main() -> Result<()> {
     let (mut strict_on, mut deny_on) = (true, false);
     while Instant::now() < deadline && !shared.stop.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(1500 + rng.below(3000) as u64));
-        check_resources(&t, &shared, &mut max);
+        check_resources(&mut t, &shared, &mut max);
         for (k, sn) in std::mem::take(&mut sniffers).into_iter().enumerate() {
             let pcap = sn.finish();
-            shared.check();
+            shared.check("no enrolled payload in clear on the wire");
+            // Tunnels cross the link all the time: an empty capture means
+            // tcpdump saw nothing, and the check would be blind.
+            if pcap.len() < 4096 {
+                shared.violate(format!(
+                    "the capture on node {k}'s link holds {} bytes: tcpdump saw no traffic",
+                    pcap.len()
+                ));
+            }
             if contains(&pcap, MESH_MARKER) {
                 let keep = std::env::temp_dir().join(format!("nodeward-soak-{seed}-node{k}.pcap"));
                 let _ = std::fs::write(&keep, &pcap);
@@ -540,7 +555,7 @@ fn main() -> Result<()> {
                 t.agent_mut(k).kill();
                 std::thread::sleep(Duration::from_millis(500 + rng.below(1500) as u64));
                 start_agent(&mut t, k, &flags[k]);
-                shared.check();
+                shared.check("capture complete after a restart");
                 match ready_within(&t, k, RECOVERY_BOUND) {
                     Some(d) => recoveries.entry(fault).or_default().push(d),
                     None => shared.violate(format!(
@@ -550,13 +565,12 @@ fn main() -> Result<()> {
                 }
                 // Nothing the killed agent held for a pod outlives it
                 // unclaimed, and nothing is missing.
-                shared.check();
+                shared.check("no pin or map entry outlives its pod");
                 if let Err(e) = capture_matches_within(&t, k, RELEASE_BOUND) {
                     shared.violate(format!(
                         "after node {k}'s agent restarted, its capture state is off: {e}"
                     ));
                 }
-                baseline[k] = (fds(t.agent(k).pid()), t.enrolled_on(k).len());
             }
             "add-pod" => {
                 let k = rng.below(2);
@@ -566,7 +580,7 @@ fn main() -> Result<()> {
                 t.write_config();
                 servers.push(serve(&pod.netns, pod.v4(7000), info_echo));
                 let since = Instant::now();
-                shared.check();
+                shared.check("a new pod is captured");
                 match t.agent(k).wait_log(RECOVERY_BOUND, |l| {
                     l["message"] == "pod captured" && l["pod"] == pod.key().as_str()
                 }) {
@@ -583,7 +597,7 @@ fn main() -> Result<()> {
                 shared.enrolled.write().unwrap().retain(|p| p.name != name);
                 std::thread::sleep(Duration::from_millis(300));
                 t.edit_pod(&name, |_| false);
-                shared.check();
+                shared.check("no pin or map entry outlives its pod");
                 match capture_matches_within(&t, k, RELEASE_BOUND) {
                     Ok(d) => recoveries.entry(fault).or_default().push(d),
                     Err(e) => shared.violate(format!(
@@ -637,12 +651,19 @@ fn main() -> Result<()> {
                     .into_iter()
                     .filter_map(|(c, n)| c.ok().filter(|c| read_greeting(c).is_ok()).map(|c| (c, n)))
                     .collect();
+                // Nothing held is nothing checked: the victim's pods are up
+                // (no fault is running), so both connections open.
+                if held.is_empty() {
+                    shared.violate(format!(
+                        "no connection with {VICTIM} could be held to check its revocation"
+                    ));
+                }
                 for d in &deny {
                     std::fs::write(d, format!("{VICTIM}\n"))?;
                 }
                 let since = Instant::now();
                 for (mut c, n) in held {
-                    shared.check();
+                    shared.check("a revoked identity is cut within 5 s");
                     let _ = c.set_read_timeout(Some(Duration::from_millis(200)));
                     let mut cut = false;
                     while since.elapsed() < REVOCATION_BOUND + Duration::from_millis(500) {
@@ -686,7 +707,7 @@ fn main() -> Result<()> {
                 std::thread::sleep(Duration::from_millis(800 + rng.below(1000) as u64));
                 t.unapply("broken");
                 for k in 0..2 {
-                    shared.check();
+                    shared.check("bad input crashes nothing");
                     if t.agent_mut(k).wait_exit(Duration::ZERO).is_some() {
                         shared.violate(format!(
                             "node {k}'s agent exited on a broken config file:\n{}",
@@ -703,21 +724,21 @@ fn main() -> Result<()> {
         let _ = th.join();
     }
     for (k, sn) in sniffers.into_iter().enumerate() {
-        shared.check();
+        shared.check("no enrolled payload in clear on the wire");
         if contains(&sn.finish(), MESH_MARKER) {
             shared.violate(format!("an enrolled pods' payload crossed node {k}'s link in clear"));
         }
     }
-    // After the load, and the pooled tunnels' idle timeout: each agent's
-    // descriptors come back to what it held at its start, give or take
-    // the pods added on its node since (a pod's listeners and namespace).
+    // After the load, and the pooled tunnels' idle timeout: each node's
+    // agent's descriptors come back to what the first one held at the
+    // start, give or take the pods added since (listeners and namespace).
     std::thread::sleep(Duration::from_secs(8));
     if shared.violation.lock().unwrap().is_none() {
         for (k, (base, pods_then)) in baseline.iter().enumerate() {
             let pods_now = t.enrolled_on(k).len();
             let allowed = base + 8 * pods_now.saturating_sub(*pods_then) + 16;
             let n = fds(t.agent(k).pid());
-            shared.check();
+            shared.check("fds back to baseline after the load");
             if n > allowed {
                 shared.violate(format!(
                     "node {k}'s agent holds {n} fds after the load ended; {base} at its start with {pods_then} pods, {pods_now} now (allowed {allowed})"
@@ -749,7 +770,10 @@ fn main() -> Result<()> {
         })
         .sum();
     println!("  certificates issued (current agents, 40 s lifetime): {issued}");
-    println!("  invariant checks made: {}", shared.checks.load(Ordering::Relaxed));
+    println!("  invariant checks made:");
+    for (k, v) in shared.checks.lock().unwrap().iter() {
+        println!("    {k:<44} {v}");
+    }
     println!("  agents' maxima: RSS {} KiB, {} fds", max.rss_kib, max.fds);
     drop(servers);
     // The evidence: each agent's log (the current one; a killed one's
