@@ -379,14 +379,28 @@ async fn hand_over_on_request(h: HandOverTo) {
             // Draining: no pod manager is left to hand anything over.
             _ = h.lifecycle.stop_accepting.cancelled() => return,
         };
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let asked = h.manager.send(tx).await.is_ok();
-        match tokio::time::timeout(crate::takeover::EXCHANGE_TIMEOUT / 2, rx).await {
-            Ok(Ok(state)) if asked => break (successor, state),
-            // Refused, and this agent goes on as before (the manager
-            // answers a request given up on by staying active): the next
-            // successor may ask again.
-            _ => successor.refuse("this agent's pod manager has stopped (it is draining) or did not answer".into()),
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        // Never waits: a request still queued means the manager has not
+        // taken the last one yet.
+        if h.manager.try_send(tx).is_err() {
+            successor.refuse("this agent's pod manager is busy or has stopped".into());
+            continue;
+        }
+        tokio::select! {
+            r = &mut rx => match r {
+                Ok(state) => break (successor, state),
+                Err(_) => successor.refuse("this agent's pod manager has stopped (it is draining)".into()),
+            },
+            _ = tokio::time::sleep(crate::takeover::EXCHANGE_TIMEOUT / 2) => {
+                // Closed before it is given up on: either the manager's
+                // answer is already here (it went passive: hand over), or
+                // its send now fails and it stays active.
+                rx.close();
+                match rx.try_recv() {
+                    Ok(state) => break (successor, state),
+                    Err(_) => successor.refuse("this agent's pod manager did not answer in time".into()),
+                }
+            }
         }
     };
     h.lifecycle.handed_over.cancel();

@@ -64,6 +64,16 @@ pub(crate) const CONTROL_DIR: &str = "/var/run/nodeward/takeover";
 pub(crate) fn control_path(node: &str) -> PathBuf {
     // A node name is a DNS subdomain; nothing in it may leave the directory.
     let safe: String = node.chars().map(|c| if c == '/' { '_' } else { c }).collect();
+    // A socket path has 107 bytes: a long name (up to 253) keeps a prefix
+    // and a digest of the whole.
+    let safe = if safe.len() > 48 {
+        let digest = ring::digest::digest(&ring::digest::SHA256, node.as_bytes());
+        let hex: String = digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
+        let cut = (0..=32).rev().find(|i| safe.is_char_boundary(*i)).unwrap_or(0);
+        format!("{}-{hex}", &safe[..cut])
+    } else {
+        safe
+    };
     Path::new(CONTROL_DIR).join(format!("{safe}.v{LAYOUT}.sock"))
 }
 
@@ -441,7 +451,10 @@ impl ControlServer {
         let listener = loop {
             // A socket file no one listens on is a previous agent's.
             match UnixStream::connect(&path) {
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(&path)?,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => match std::fs::remove_file(&path) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                },
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
                 // A previous agent still listening answers a takeover, then
@@ -693,6 +706,22 @@ mod tests {
         drop(a);
         let e = receive(&b).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn every_node_name_gives_a_socket_path_that_fits_and_stays_in_the_directory() {
+        let long = "n".repeat(253);
+        for node in [
+            "node-1",
+            "a/../../etc",
+            long.as_str(),
+            "ünï-côdé-ünï-côdé-ünï-côdé-ünï-côdé-ünï-côdé-ünï",
+        ] {
+            let p = control_path(node);
+            assert!(p.as_os_str().len() < 108, "{node}: {}", p.display());
+            assert_eq!(p.parent(), Some(Path::new(CONTROL_DIR)), "{node}: {}", p.display());
+        }
+        assert_ne!(control_path(&long), control_path(&format!("{long}x")));
     }
 
     #[test]

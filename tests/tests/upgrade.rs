@@ -458,6 +458,7 @@ fn ask_to_take_over(
 /// makes only raw system calls between `fork` and `_exit` (the test
 /// process has other threads).
 fn connect_as_nobody(path: &str) -> Result<(), nix::errno::Errno> {
+    assert!(path.len() < 108, "{path}: too long for a socket address");
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
     for (d, s) in addr.sun_path.iter_mut().zip(path.as_bytes()) {
