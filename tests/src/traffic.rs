@@ -198,7 +198,23 @@ pub fn read_greeting(s: &TcpStream) -> io::Result<Seen> {
 /// Connects, reads the greeting, echoes `msg`, half-closes and checks the
 /// echo. Returns what the server saw and the client's own view.
 pub fn round_trip(netns: &str, dst: SocketAddr, msg: &[u8]) -> io::Result<(Seen, SocketAddr, SocketAddr)> {
-    let mut s = connect(netns, dst)?;
+    echo_checked(connect(netns, dst)?, msg)
+}
+
+/// [`round_trip`] with `timeout` on the connect and on each read: for a
+/// client that must not hang on a connection a fault left half-open.
+pub fn round_trip_within(
+    netns: &str,
+    dst: SocketAddr,
+    msg: &[u8],
+    timeout: Duration,
+) -> io::Result<(Seen, SocketAddr, SocketAddr)> {
+    let s = connect_timeout(netns, dst, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    echo_checked(s, msg)
+}
+
+fn echo_checked(mut s: TcpStream, msg: &[u8]) -> io::Result<(Seen, SocketAddr, SocketAddr)> {
     let client_peer = s.peer_addr()?;
     let client_local = s.local_addr()?;
     let seen = read_greeting(&s)?;

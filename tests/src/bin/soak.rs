@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -130,20 +130,10 @@ impl Shared {
     }
 }
 
-/// One connection: greeting, then `payload` echoed. `Ok(true)` when the
+/// One connection: greeting, then `payload` echoed; `Ok` when the
 /// server's app answered (the connection completed).
 fn exchange(netns: &str, dst: SocketAddr, payload: &[u8]) -> std::io::Result<()> {
-    let mut s = traffic::connect_timeout(netns, dst, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(3)))?;
-    read_greeting(&s)?;
-    s.write_all(payload)?;
-    s.shutdown(Shutdown::Write)?;
-    let mut back = Vec::new();
-    s.read_to_end(&mut back)?;
-    if back != payload {
-        return Err(std::io::Error::other("echo mismatch"));
-    }
-    Ok(())
+    traffic::round_trip_within(netns, dst, payload, Duration::from_secs(3)).map(|_| ())
 }
 
 fn kind(e: &std::io::Error) -> &'static str {
